@@ -1,0 +1,766 @@
+//! Every frame of SPEC.md Appendix A, with its canonical CBOR encoding.
+//!
+//! A frame is a CBOR map whose key 0 holds the frame type (SPEC.md section 4.3).
+//! [`ClientFrame`] holds types 1–63 and [`ServerFrame`] types 64–127.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cbor::{Cbor, DecodeError, DecodeLimits, MapFields, Reader, Writer, cbor_map};
+use crate::error::ErrorCode;
+use crate::identity::{DeviceCertificate, Revocation};
+use crate::ids::{
+    ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Nonce, ResumeToken, Seq, SessionId,
+    Signature, StreamId, SystemKey, UnixMs,
+};
+
+/// Conversation kinds (SPEC.md section 6.1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationKind {
+    /// A direct message between the devices of at most two systems.
+    DirectMessage,
+    /// A governed room (SPEC.md section 10).
+    Room,
+}
+
+impl Cbor for ConversationKind {
+    fn encode(&self, w: &mut Writer) {
+        w.uint(match self {
+            ConversationKind::DirectMessage => 1,
+            ConversationKind::Room => 2,
+        });
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        match r.uint()? {
+            1 => Ok(ConversationKind::DirectMessage),
+            2 => Ok(ConversationKind::Room),
+            _ => Err(DecodeError::Malformed("unknown conversation kind")),
+        }
+    }
+}
+
+/// The protocol versions a client offers: 1 to 8 entries.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(transparent)]
+pub struct Versions(Vec<u64>);
+
+impl Versions {
+    /// Wraps 1 to [`crate::limits::HELLO_VERSIONS_MAX`] versions.
+    pub fn new(v: Vec<u64>) -> Result<Self, DecodeError> {
+        if v.is_empty() || v.len() > crate::limits::HELLO_VERSIONS_MAX {
+            return Err(DecodeError::Malformed("Hello.versions must list 1 to 8 versions"));
+        }
+        Ok(Self(v))
+    }
+
+    /// The versions, as listed.
+    pub fn as_slice(&self) -> &[u64] {
+        &self.0
+    }
+}
+
+impl Cbor for Versions {
+    fn encode(&self, w: &mut Writer) {
+        self.0.encode(w);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Self::new(Vec::<u64>::decode(r)?)
+    }
+}
+
+cbor_map! {
+    /// `Hello` (type 1, SPEC.md section 5.2).
+    pub struct Hello {
+        /// Versions the client speaks.
+        1 req versions: Versions,
+        /// A resume token from an earlier `Ready`.
+        2 opt resume_token: ResumeToken,
+    }
+}
+
+cbor_map! {
+    /// `Auth` (type 2, SPEC.md section 5.3).
+    pub struct Auth {
+        /// The device certificate.
+        1 req certificate: DeviceCertificate,
+        /// The client's clock when it signed.
+        2 req time_ms: UnixMs,
+        /// Device-key signature over the auth transcript.
+        3 req signature: Signature,
+    }
+}
+
+cbor_map! {
+    /// `Heartbeat` (type 3, SPEC.md section 5.6).
+    pub struct Heartbeat {
+        /// Echoed in the `HeartbeatAck`.
+        1 req nonce: u64,
+    }
+}
+
+cbor_map! {
+    /// `CreateConversation` (type 4, SPEC.md section 6.1).
+    pub struct CreateConversation {
+        /// Request id.
+        1 req rid: u64,
+        /// The new conversation's id, chosen at random by the client.
+        2 req conversation: ConversationId,
+        /// Direct message or room.
+        3 req kind: ConversationKind,
+    }
+}
+
+cbor_map! {
+    /// `Send` (type 5, SPEC.md section 6.3).
+    pub struct Send {
+        /// Request id.
+        1 req rid: u64,
+        /// Target conversation.
+        2 req conversation: ConversationId,
+        /// Idempotency key, fixed when the message was composed.
+        3 req msg_id: MsgId,
+        /// An MLSMessage.
+        4 req payload: MlsBytes,
+        /// The Welcome for the members a Commit adds.
+        5 opt welcome: MlsBytes,
+    }
+}
+
+cbor_map! {
+    /// `Subscribe` (type 6, SPEC.md section 6.4).
+    pub struct Subscribe {
+        /// Request id.
+        1 req rid: u64,
+        /// The stream.
+        2 req stream: StreamId,
+        /// First seq wanted; default the ack cursor plus one.
+        3 opt from_seq: Seq,
+    }
+}
+
+cbor_map! {
+    /// `Continue` (type 7, SPEC.md section 6.4): ask for the next replay batch.
+    pub struct Continue {
+        /// The stream being replayed.
+        1 req stream: StreamId,
+        /// The last seq of the batch received.
+        2 req after_seq: Seq,
+    }
+}
+
+cbor_map! {
+    /// `Unsubscribe` (type 8, SPEC.md section 6.4).
+    pub struct Unsubscribe {
+        /// Request id.
+        1 req rid: u64,
+        /// The stream.
+        2 req stream: StreamId,
+    }
+}
+
+cbor_map! {
+    /// `Ack` (type 9, SPEC.md section 6.5).
+    pub struct Ack {
+        /// The stream.
+        1 req stream: StreamId,
+        /// Highest seq durably processed.
+        2 req seq: Seq,
+    }
+}
+
+cbor_map! {
+    /// `RevokeDevice` (type 10, SPEC.md section 5.9).
+    pub struct RevokeDevice {
+        /// Request id.
+        1 req rid: u64,
+        /// The signed revocation.
+        2 req revocation: Revocation,
+    }
+}
+
+cbor_map! {
+    /// `UploadKeyPackages` (type 11, SPEC.md section 8).
+    pub struct UploadKeyPackages {
+        /// Request id.
+        1 req rid: u64,
+        /// KeyPackages, each an MLSMessage.
+        2 req key_packages: Vec<MlsBytes>,
+        /// The device's last-resort KeyPackage.
+        3 opt last_resort: MlsBytes,
+    }
+}
+
+cbor_map! {
+    /// `ClaimKeyPackages` (type 12, SPEC.md section 8).
+    pub struct ClaimKeyPackages {
+        /// Request id.
+        1 req rid: u64,
+        /// The user whose devices are wanted.
+        2 req user: SystemKey,
+    }
+}
+
+cbor_map! {
+    /// `Challenge` (type 64, SPEC.md section 5.2).
+    pub struct Challenge {
+        /// The version the gateway picked.
+        1 req version: u64,
+        /// Fresh nonce for this connection.
+        2 req nonce: Nonce,
+        /// The gateway's clock.
+        3 req server_time_ms: UnixMs,
+    }
+}
+
+cbor_map! {
+    /// Limits announced in `Ready` (SPEC.md section 5.5).
+    pub struct SessionLimits {
+        /// `frame_bytes_max`.
+        1 req frame_bytes_max: u64,
+        /// `collection_len_max`.
+        2 req collection_len_max: u64,
+        /// `nesting_depth_max`.
+        3 req nesting_depth_max: u64,
+        /// `text_bytes_max`.
+        4 req text_bytes_max: u64,
+        /// `replay_batch_max`.
+        5 req replay_batch_max: u64,
+        /// `pending_sends_max`.
+        6 req pending_sends_max: u64,
+        /// `key_packages_per_upload_max`.
+        7 req key_packages_per_upload_max: u64,
+    }
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        use crate::limits::*;
+        Self {
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT as u64,
+            collection_len_max: COLLECTION_LEN_MAX_DEFAULT as u64,
+            nesting_depth_max: NESTING_DEPTH_MAX_DEFAULT as u64,
+            text_bytes_max: TEXT_BYTES_MAX_DEFAULT as u64,
+            replay_batch_max: REPLAY_BATCH_MAX_DEFAULT,
+            pending_sends_max: PENDING_SENDS_MAX_DEFAULT,
+            key_packages_per_upload_max: KEY_PACKAGES_PER_UPLOAD_MAX_DEFAULT,
+        }
+    }
+}
+
+impl SessionLimits {
+    /// The decode limits these announced limits imply.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        DecodeLimits {
+            frame_bytes_max: clamp(self.frame_bytes_max),
+            collection_len_max: clamp(self.collection_len_max),
+            nesting_depth_max: clamp(self.nesting_depth_max),
+            text_bytes_max: clamp(self.text_bytes_max),
+        }
+    }
+}
+
+cbor_map! {
+    /// `Ready` (type 65, SPEC.md section 5.5).
+    pub struct Ready {
+        /// The session.
+        1 req session_id: SessionId,
+        /// Single-use token for the next reconnect.
+        2 req resume_token: ResumeToken,
+        /// Lifetime of `resume_token`.
+        3 req resume_token_ttl_ms: u64,
+        /// The client sends a heartbeat after this much silence.
+        4 req heartbeat_interval_ms: u64,
+        /// Silence after which either side declares the connection dead.
+        5 req heartbeat_timeout_ms: u64,
+        /// Whether a resume token was accepted.
+        6 req resumed: bool,
+        /// The gateway's clock.
+        7 req server_time_ms: UnixMs,
+        /// The authenticated device.
+        8 req device: DeviceId,
+        /// Limits in force.
+        9 req limits: SessionLimits,
+    }
+}
+
+cbor_map! {
+    /// `HeartbeatAck` (type 66, SPEC.md section 5.6).
+    pub struct HeartbeatAck {
+        /// The heartbeat's nonce.
+        1 req nonce: u64,
+    }
+}
+
+cbor_map! {
+    /// `Created` (type 67, SPEC.md section 6.1).
+    pub struct Created {
+        /// Request id.
+        1 req rid: u64,
+        /// The conversation created.
+        2 req conversation: ConversationId,
+    }
+}
+
+cbor_map! {
+    /// `Accepted` (type 68, SPEC.md section 6.3): the durable acknowledgement of a `Send`.
+    pub struct Accepted {
+        /// Request id.
+        1 req rid: u64,
+        /// The conversation.
+        2 req conversation: ConversationId,
+        /// The message.
+        3 req msg_id: MsgId,
+        /// Its seq.
+        4 req seq: Seq,
+        /// True when the msg_id had already been sequenced.
+        5 req duplicate: bool,
+    }
+}
+
+cbor_map! {
+    /// `Subscribed` (type 69, SPEC.md section 6.4).
+    pub struct Subscribed {
+        /// Request id.
+        1 req rid: u64,
+        /// The stream.
+        2 req stream: StreamId,
+        /// First seq that will be replayed.
+        3 req from_seq: Seq,
+        /// Highest assigned seq (0 when empty).
+        4 req head_seq: u64,
+        /// The device's ack cursor (0 when nothing acked).
+        5 req ack_cursor: u64,
+        /// Lowest retained seq (head + 1 when empty).
+        6 req oldest_seq: u64,
+    }
+}
+
+/// What an entry carries (SPEC.md section 6.2, `kind` and the fields it implies).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(rename_all = "snake_case")]
+pub enum EntryBody {
+    /// An MLS PrivateMessage with application content.
+    Application {
+        /// The MLS epoch it was sent in.
+        epoch: Epoch,
+    },
+    /// An MLS PublicMessage Commit.
+    Commit {
+        /// The epoch the Commit was created in.
+        epoch: Epoch,
+    },
+    /// An MLS PublicMessage Proposal.
+    Proposal {
+        /// The epoch the Proposal was created in.
+        epoch: Epoch,
+    },
+    /// A Welcome in a device inbox.
+    Welcome {
+        /// The conversation it joins.
+        conversation: ConversationId,
+        /// The seq of the Commit that added the device.
+        commit_seq: Seq,
+    },
+}
+
+/// One sequenced entry of a stream (SPEC.md section 6.2).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Entry {
+    /// Position in the stream.
+    pub seq: Seq,
+    /// The sender's idempotency key.
+    pub msg_id: MsgId,
+    /// The sending device.
+    pub sender: DeviceId,
+    /// The gateway's clock when it sequenced the entry.
+    pub accepted_ms: UnixMs,
+    /// The MLSMessage.
+    pub payload: MlsBytes,
+    /// Kind and kind-specific fields.
+    pub body: EntryBody,
+}
+
+impl Cbor for Entry {
+    fn encode(&self, w: &mut Writer) {
+        let (kind, extra) = match &self.body {
+            EntryBody::Application { .. } => (1, 1),
+            EntryBody::Commit { .. } => (2, 1),
+            EntryBody::Proposal { .. } => (3, 1),
+            EntryBody::Welcome { .. } => (4, 2),
+        };
+        w.map(5 + extra);
+        w.uint(1);
+        self.seq.encode(w);
+        w.uint(2);
+        self.msg_id.encode(w);
+        w.uint(3);
+        self.sender.encode(w);
+        w.uint(4);
+        w.uint(kind);
+        w.uint(5);
+        self.accepted_ms.encode(w);
+        w.uint(6);
+        self.payload.encode(w);
+        match &self.body {
+            EntryBody::Application { epoch }
+            | EntryBody::Commit { epoch }
+            | EntryBody::Proposal { epoch } => {
+                w.uint(7);
+                epoch.encode(w);
+            }
+            EntryBody::Welcome {
+                conversation,
+                commit_seq,
+            } => {
+                w.uint(8);
+                conversation.encode(w);
+                w.uint(9);
+                commit_seq.encode(w);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mut keys = r.map()?;
+        let (mut seq, mut msg_id, mut sender, mut kind, mut accepted_ms, mut payload) =
+            (None, None, None, None, None, None);
+        let (mut epoch, mut conversation, mut commit_seq) = (None, None, None);
+        while let Some(key) = keys.next(r)? {
+            match key {
+                1 => seq = Some(Seq::decode(r)?),
+                2 => msg_id = Some(MsgId::decode(r)?),
+                3 => sender = Some(DeviceId::decode(r)?),
+                4 => kind = Some(r.uint()?),
+                5 => accepted_ms = Some(UnixMs::decode(r)?),
+                6 => payload = Some(MlsBytes::decode(r)?),
+                7 => epoch = Some(Epoch::decode(r)?),
+                8 => conversation = Some(ConversationId::decode(r)?),
+                9 => commit_seq = Some(Seq::decode(r)?),
+                _ => r.skip()?,
+            }
+        }
+        r.leave();
+        let missing = DecodeError::Malformed("entry is missing a field its kind requires");
+        let with_epoch = |e: Option<Epoch>| e.ok_or(missing.clone());
+        let body = match (kind, conversation.is_some() || commit_seq.is_some(), epoch) {
+            (Some(1), false, e) => EntryBody::Application { epoch: with_epoch(e)? },
+            (Some(2), false, e) => EntryBody::Commit { epoch: with_epoch(e)? },
+            (Some(3), false, e) => EntryBody::Proposal { epoch: with_epoch(e)? },
+            (Some(4), _, None) => EntryBody::Welcome {
+                conversation: conversation.ok_or(missing.clone())?,
+                commit_seq: commit_seq.ok_or(missing.clone())?,
+            },
+            (Some(1..=4), _, _) => {
+                return Err(DecodeError::Malformed("entry has a field its kind forbids"));
+            }
+            (Some(_), _, _) => return Err(DecodeError::Malformed("unknown entry kind")),
+            (None, _, _) => return Err(missing),
+        };
+        Ok(Entry {
+            seq: seq.ok_or(missing.clone())?,
+            msg_id: msg_id.ok_or(missing.clone())?,
+            sender: sender.ok_or(missing.clone())?,
+            accepted_ms: accepted_ms.ok_or(missing.clone())?,
+            payload: payload.ok_or(missing)?,
+            body,
+        })
+    }
+}
+
+cbor_map! {
+    /// `Batch` (type 70, SPEC.md section 6.4): a bounded slice of a replay.
+    pub struct Batch {
+        /// The stream.
+        1 req stream: StreamId,
+        /// Consecutive entries, at most `replay_batch_max`.
+        2 req entries: Vec<Entry>,
+        /// Whether more batches follow (after `Continue`).
+        3 req more: bool,
+    }
+}
+
+cbor_map! {
+    /// `Deliver` (type 71, SPEC.md section 6.4): one live entry.
+    pub struct Deliver {
+        /// The stream.
+        1 req stream: StreamId,
+        /// The entry.
+        2 req entry: Entry,
+    }
+}
+
+cbor_map! {
+    /// `ContinuityLost` (type 72, SPEC.md section 6.6).
+    pub struct ContinuityLost {
+        /// Request id of the `Subscribe`.
+        1 req rid: u64,
+        /// The stream.
+        2 req stream: StreamId,
+        /// The seq the client asked for.
+        3 req from_seq: Seq,
+        /// The lowest retained seq.
+        4 req oldest_seq: u64,
+        /// The head.
+        5 req head_seq: u64,
+    }
+}
+
+cbor_map! {
+    /// `Unsubscribed` (type 73, SPEC.md section 6.4).
+    pub struct Unsubscribed {
+        /// Request id.
+        1 req rid: u64,
+        /// The stream.
+        2 req stream: StreamId,
+    }
+}
+
+cbor_map! {
+    /// `Error` (type 74, SPEC.md section 5.9).
+    pub struct ErrorFrame {
+        /// The error code (SPEC.md section 12).
+        1 req code: ErrorCode,
+        /// The request it answers.
+        2 opt rid: u64,
+        /// When to retry, for `rate_limited`.
+        3 opt retry_after_ms: u64,
+        /// The conversation's current epoch, for `stale_commit` and `epoch_ahead`.
+        4 opt epoch: Epoch,
+        /// A seq the code refers to (for `stale_commit`, the winning Commit's).
+        5 opt seq: Seq,
+        /// Short diagnosis for humans; never payloads, keys or tokens.
+        6 opt detail: String,
+    }
+}
+
+impl Cbor for ErrorCode {
+    fn encode(&self, w: &mut Writer) {
+        w.uint(u64::from(self.value()));
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let v = u16::try_from(r.uint()?).map_err(|_| DecodeError::Malformed("error code out of range"))?;
+        Ok(ErrorCode::from_value(v))
+    }
+}
+
+cbor_map! {
+    /// `Ok` (type 75, SPEC.md section 5.9).
+    pub struct OkFrame {
+        /// Request id.
+        1 req rid: u64,
+    }
+}
+
+cbor_map! {
+    /// `KeyPackagesStored` (type 76, SPEC.md section 8).
+    pub struct KeyPackagesStored {
+        /// Request id.
+        1 req rid: u64,
+        /// KeyPackages in the device's pool (not counting the last-resort one).
+        2 req pool_count: u64,
+        /// Upload more below this.
+        3 req low_watermark: u64,
+        /// Whether a last-resort package is stored.
+        4 req last_resort_present: bool,
+        /// Whether the last-resort package was handed out since it was uploaded.
+        5 req last_resort_claimed: bool,
+    }
+}
+
+cbor_map! {
+    /// One device's package in a claim (SPEC.md section 8).
+    pub struct ClaimedKeyPackage {
+        /// The device.
+        1 req device: DeviceId,
+        /// Its KeyPackage, as an MLSMessage.
+        2 req key_package: MlsBytes,
+        /// Whether this is the device's last-resort package.
+        3 req last_resort: bool,
+    }
+}
+
+cbor_map! {
+    /// `KeyPackagesClaimed` (type 77, SPEC.md section 8).
+    pub struct KeyPackagesClaimed {
+        /// Request id.
+        1 req rid: u64,
+        /// The user.
+        2 req user: SystemKey,
+        /// One package per device that had one.
+        3 req claimed: Vec<ClaimedKeyPackage>,
+    }
+}
+
+/// Declares a frame enum over structs with their type numbers.
+macro_rules! frame_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident ($lo:literal ..= $hi:literal, other $olo:literal ..= $ohi:literal) {
+            $( $ty:literal => $variant:ident($inner:ty), )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+        #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+        #[non_exhaustive]
+        pub enum $name {
+            $( #[doc = concat!("Frame type ", stringify!($ty), ".")] $variant($inner), )*
+        }
+
+        impl $name {
+            /// Every frame type number of this direction.
+            pub const TYPES: &'static [u64] = &[$($ty),*];
+
+            /// The frame type number (envelope key 0).
+            pub fn frame_type(&self) -> u64 {
+                match self { $( $name::$variant(_) => $ty, )* }
+            }
+
+            /// The frame's name, as in SPEC.md Appendix A.
+            pub fn name(&self) -> &'static str {
+                match self { $( $name::$variant(_) => stringify!($variant), )* }
+            }
+
+            /// The canonical encoding.
+            pub fn encode(&self) -> Vec<u8> {
+                let mut w = Writer::new();
+                match self {
+                    $( $name::$variant(f) => {
+                        w.map(1 + f.field_count());
+                        w.uint(0);
+                        w.uint($ty);
+                        f.encode_fields(&mut w);
+                    } )*
+                }
+                w.into_bytes()
+            }
+
+            /// Decodes one frame from one WebSocket message, enforcing `limits`.
+            pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
+                if bytes.len() > limits.frame_bytes_max {
+                    return Err(DecodeError::TooLarge { len: bytes.len(), max: limits.frame_bytes_max });
+                }
+                let mut r = Reader::new(bytes, limits);
+                let mut keys = r.map()?;
+                if keys.next(&mut r)? != Some(0) {
+                    return Err(DecodeError::Malformed("frame type (key 0) missing"));
+                }
+                let ty = r.uint()?;
+                let frame = match ty {
+                    $( $ty => $name::$variant(<$inner as MapFields>::decode_fields(&mut r, &mut keys)?), )*
+                    $lo..=$hi => return Err(DecodeError::UnknownType(ty)),
+                    $olo..=$ohi => return Err(DecodeError::WrongDirection(ty)),
+                    _ => return Err(DecodeError::UnknownType(ty)),
+                };
+                r.leave();
+                r.finish()?;
+                Ok(frame)
+            }
+        }
+    };
+}
+
+frame_enum! {
+    /// A frame sent by a client (types 1–63).
+    pub enum ClientFrame (1..=63, other 64..=127) {
+        1 => Hello(Hello),
+        2 => Auth(Auth),
+        3 => Heartbeat(Heartbeat),
+        4 => CreateConversation(CreateConversation),
+        5 => Send(Send),
+        6 => Subscribe(Subscribe),
+        7 => Continue(Continue),
+        8 => Unsubscribe(Unsubscribe),
+        9 => Ack(Ack),
+        10 => RevokeDevice(RevokeDevice),
+        11 => UploadKeyPackages(UploadKeyPackages),
+        12 => ClaimKeyPackages(ClaimKeyPackages),
+    }
+}
+
+frame_enum! {
+    /// A frame sent by a gateway (types 64–127).
+    pub enum ServerFrame (64..=127, other 1..=63) {
+        64 => Challenge(Challenge),
+        65 => Ready(Ready),
+        66 => HeartbeatAck(HeartbeatAck),
+        67 => Created(Created),
+        68 => Accepted(Accepted),
+        69 => Subscribed(Subscribed),
+        70 => Batch(Batch),
+        71 => Deliver(Deliver),
+        72 => ContinuityLost(ContinuityLost),
+        73 => Unsubscribed(Unsubscribed),
+        74 => Error(ErrorFrame),
+        75 => Ok(OkFrame),
+        76 => KeyPackagesStored(KeyPackagesStored),
+        77 => KeyPackagesClaimed(KeyPackagesClaimed),
+    }
+}
+
+impl ClientFrame {
+    /// The request id, for frames that carry one.
+    pub fn rid(&self) -> Option<u64> {
+        match self {
+            ClientFrame::CreateConversation(f) => Some(f.rid),
+            ClientFrame::Send(f) => Some(f.rid),
+            ClientFrame::Subscribe(f) => Some(f.rid),
+            ClientFrame::Unsubscribe(f) => Some(f.rid),
+            ClientFrame::RevokeDevice(f) => Some(f.rid),
+            ClientFrame::UploadKeyPackages(f) => Some(f.rid),
+            ClientFrame::ClaimKeyPackages(f) => Some(f.rid),
+            ClientFrame::Hello(_)
+            | ClientFrame::Auth(_)
+            | ClientFrame::Heartbeat(_)
+            | ClientFrame::Continue(_)
+            | ClientFrame::Ack(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_requires_type_first() {
+        // {1: 5} with no key 0.
+        let err = ClientFrame::decode(&[0xa1, 0x01, 0x05], &DecodeLimits::default());
+        assert_eq!(err, Err(DecodeError::Malformed("frame type (key 0) missing")));
+    }
+
+    #[test]
+    fn unknown_and_wrong_direction_types() {
+        let limits = DecodeLimits::default();
+        // {0: 63}
+        assert_eq!(ClientFrame::decode(&[0xa1, 0x00, 0x18, 0x3f], &limits), Err(DecodeError::UnknownType(63)));
+        // {0: 64} sent by a client
+        assert_eq!(ClientFrame::decode(&[0xa1, 0x00, 0x18, 0x40], &limits), Err(DecodeError::WrongDirection(64)));
+        assert_eq!(ServerFrame::decode(&[0xa1, 0x00, 0x01], &limits), Err(DecodeError::WrongDirection(1)));
+        assert_eq!(ServerFrame::decode(&[0xa1, 0x00, 0x18, 0xc8], &limits), Err(DecodeError::UnknownType(200)));
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored() {
+        // Heartbeat {0: 3, 1: 7, 9: h'00'}
+        let bytes = [0xa3, 0x00, 0x03, 0x01, 0x07, 0x09, 0x41, 0x00];
+        assert_eq!(
+            ClientFrame::decode(&bytes, &DecodeLimits::default()),
+            Ok(ClientFrame::Heartbeat(Heartbeat { nonce: 7 }))
+        );
+    }
+
+    #[test]
+    fn missing_required_field_is_malformed() {
+        // Heartbeat {0: 3}
+        assert!(matches!(
+            ClientFrame::decode(&[0xa1, 0x00, 0x03], &DecodeLimits::default()),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}
