@@ -494,7 +494,7 @@ macro_rules! cbor_map {
     ) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-        #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+        #[derive(arbitrary::Arbitrary)]
         pub struct $name {
             $( $(#[$fmeta])* pub $field: $crate::cbor::cbor_map!(@ty $kind $ty), )*
         }

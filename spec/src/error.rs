@@ -65,7 +65,6 @@ macro_rules! registry {
             }
         }
 
-        #[cfg(feature = "arbitrary")]
         impl<'a> arbitrary::Arbitrary<'a> for $name {
             fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
                 Ok(Self::from_value(<$repr>::arbitrary(u)?))

@@ -10,12 +10,12 @@ use crate::error::ErrorCode;
 use crate::identity::{DeviceCertificate, Revocation};
 use crate::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Nonce, ResumeToken, Seq, SessionId,
-    Signature, StreamId, SystemKey, UnixMs,
+    ShortText, Signature, StreamId, SystemKey, UnixMs,
 };
 
 /// Conversation kinds (SPEC.md section 6.1).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
 pub enum ConversationKind {
     /// A direct message between the devices of at most two systems.
@@ -41,10 +41,23 @@ impl Cbor for ConversationKind {
 }
 
 /// The protocol versions a client offers: 1 to 8 entries.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 #[serde(transparent)]
 pub struct Versions(Vec<u64>);
+
+impl<'de> Deserialize<'de> for Versions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::new(Vec::<u64>::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'a> arbitrary::Arbitrary<'a> for Versions {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        let n = u.int_in_range(1..=crate::limits::HELLO_VERSIONS_MAX)?;
+        let v = (0..n).map(|_| u64::arbitrary(u)).collect::<arbitrary::Result<Vec<u64>>>()?;
+        Ok(Self(v))
+    }
+}
 
 impl Versions {
     /// Wraps 1 to [`crate::limits::HELLO_VERSIONS_MAX`] versions.
@@ -340,7 +353,7 @@ cbor_map! {
 
 /// What an entry carries (SPEC.md section 6.2, `kind` and the fields it implies).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryBody {
     /// An MLS PrivateMessage with application content.
@@ -369,7 +382,7 @@ pub enum EntryBody {
 
 /// One sequenced entry of a stream (SPEC.md section 6.2).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 pub struct Entry {
     /// Position in the stream.
     pub seq: Seq,
@@ -534,7 +547,7 @@ cbor_map! {
         /// A seq the code refers to (for `stale_commit`, the winning Commit's).
         5 opt seq: Seq,
         /// Short diagnosis for humans; never payloads, keys or tokens.
-        6 opt detail: String,
+        6 opt detail: ShortText,
     }
 }
 
@@ -606,7 +619,7 @@ macro_rules! frame_enum {
     ) => {
         $(#[$meta])*
         #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-        #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+        #[derive(arbitrary::Arbitrary)]
         #[non_exhaustive]
         pub enum $name {
             $( #[doc = concat!("Frame type ", stringify!($ty), ".")] $variant($inner), )*

@@ -11,7 +11,7 @@ macro_rules! fixed_bytes {
     ($(#[$meta:meta])* $name:ident, $len:literal) => {
         $(#[$meta])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+        #[derive(arbitrary::Arbitrary)]
         pub struct $name(pub [u8; $len]);
 
         impl $name {
@@ -107,7 +107,7 @@ fixed_bytes!(
 
 /// A device, globally: `system || process` (48 bytes on the wire).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 pub struct DeviceId {
     /// The device's system (user).
     pub system: SystemKey,
@@ -166,7 +166,7 @@ impl<'de> Deserialize<'de> for DeviceId {
 /// A stream the gateway sequences: a conversation's log or the device's own inbox.
 /// On the wire: an empty byte string for the inbox, 32 bytes for a conversation.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 pub enum StreamId {
     /// The authenticated device's inbox (Welcome messages).
     Inbox,
@@ -275,7 +275,6 @@ macro_rules! var_bytes {
             }
         }
 
-        #[cfg(feature = "arbitrary")]
         impl<'a> arbitrary::Arbitrary<'a> for $name {
             fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
                 let len = u.int_in_range(Self::MIN..=Self::MAX.min(Self::MIN + 256))?;
@@ -297,6 +296,61 @@ var_bytes!(
     1,
     usize::MAX
 );
+
+/// A short human-readable text (at most [`ShortText::MAX`] bytes of UTF-8), for example an
+/// error's `detail`. Never carries payloads, keys or tokens.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct ShortText(String);
+
+impl ShortText {
+    /// Longest accepted text, in bytes (the default `text_bytes_max`).
+    pub const MAX: usize = crate::limits::TEXT_BYTES_MAX_DEFAULT;
+
+    /// Wraps `text` if it fits.
+    pub fn new(text: impl Into<String>) -> Result<Self, DecodeError> {
+        let text = text.into();
+        if text.len() > Self::MAX {
+            return Err(DecodeError::LimitExceeded("text_bytes_max"));
+        }
+        Ok(Self(text))
+    }
+
+    /// Truncates `text` at a character boundary to fit.
+    pub fn truncated(text: &str) -> Self {
+        let mut end = text.len().min(Self::MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self(text[..end].to_string())
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Cbor for ShortText {
+    fn encode(&self, w: &mut Writer) {
+        w.text(&self.0);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Self::new(r.text()?)
+    }
+}
+
+impl<'de> Deserialize<'de> for ShortText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'a> arbitrary::Arbitrary<'a> for ShortText {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        Ok(Self::truncated(&String::arbitrary(u)?))
+    }
+}
 
 /// A per-stream sequence number, `1 <= seq < 2^63` (SPEC.md section 6.2).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize)]
@@ -339,7 +393,6 @@ impl Cbor for Seq {
     }
 }
 
-#[cfg(feature = "arbitrary")]
 impl<'a> arbitrary::Arbitrary<'a> for Seq {
     fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
         Ok(Seq(u.int_in_range(1..=Seq::LIMIT - 1)?))
@@ -348,7 +401,7 @@ impl<'a> arbitrary::Arbitrary<'a> for Seq {
 
 /// Milliseconds since the Unix epoch (SPEC.md section 1).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize, Default)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 #[serde(transparent)]
 pub struct UnixMs(pub u64);
 
@@ -375,7 +428,7 @@ impl Cbor for UnixMs {
 
 /// An MLS epoch (SPEC.md section 7.3).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize, Default)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(arbitrary::Arbitrary)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 

@@ -15,7 +15,8 @@
 //! - Appendix A (frames): [`frame`];
 //! - sections 5.7 and 12 (close and error codes): [`error`];
 //! - sections 5 and 6.8 (client behaviour): [`session`];
-//! - `vectors/` (test vectors): [`vectors`].
+//! - `vectors/` (test vectors): [`vectors`];
+//! - Appendix B (requirement index): [`requirements`].
 
 pub mod cbor;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod frame;
 pub mod identity;
 pub mod ids;
 pub mod limits;
+pub mod requirements;
 pub mod session;
 pub mod vectors;
 
