@@ -406,7 +406,7 @@ impl Cbor for Entry {
             EntryBody::Proposal { .. } => (3, 1),
             EntryBody::Welcome { .. } => (4, 2),
         };
-        w.map(5 + extra);
+        w.map(6 + extra);
         w.uint(1);
         self.seq.encode(w);
         w.uint(2);
