@@ -211,7 +211,11 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_value(code.value()), *code);
-            assert!(seen.insert(code.value()), "duplicate value {}", code.value());
+            assert!(
+                seen.insert(code.value()),
+                "duplicate value {}",
+                code.value()
+            );
         }
         assert_eq!(ErrorCode::from_value(777), ErrorCode::Unknown(777));
     }

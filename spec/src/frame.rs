@@ -14,8 +14,7 @@ use crate::ids::{
 };
 
 /// Conversation kinds (SPEC.md section 6.1).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
 pub enum ConversationKind {
     /// A direct message between the devices of at most two systems.
@@ -54,7 +53,9 @@ impl<'de> Deserialize<'de> for Versions {
 impl<'a> arbitrary::Arbitrary<'a> for Versions {
     fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
         let n = u.int_in_range(1..=crate::limits::HELLO_VERSIONS_MAX)?;
-        let v = (0..n).map(|_| u64::arbitrary(u)).collect::<arbitrary::Result<Vec<u64>>>()?;
+        let v = (0..n)
+            .map(|_| u64::arbitrary(u))
+            .collect::<arbitrary::Result<Vec<u64>>>()?;
         Ok(Self(v))
     }
 }
@@ -63,7 +64,9 @@ impl Versions {
     /// Wraps 1 to [`crate::limits::HELLO_VERSIONS_MAX`] versions.
     pub fn new(v: Vec<u64>) -> Result<Self, DecodeError> {
         if v.is_empty() || v.len() > crate::limits::HELLO_VERSIONS_MAX {
-            return Err(DecodeError::Malformed("Hello.versions must list 1 to 8 versions"));
+            return Err(DecodeError::Malformed(
+                "Hello.versions must list 1 to 8 versions",
+            ));
         }
         Ok(Self(v))
     }
@@ -352,8 +355,7 @@ cbor_map! {
 }
 
 /// What an entry carries (SPEC.md section 6.2, `kind` and the fields it implies).
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryBody {
     /// An MLS PrivateMessage with application content.
@@ -381,8 +383,7 @@ pub enum EntryBody {
 }
 
 /// One sequenced entry of a stream (SPEC.md section 6.2).
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
 pub struct Entry {
     /// Position in the stream.
     pub seq: Seq,
@@ -461,9 +462,15 @@ impl Cbor for Entry {
         let missing = DecodeError::Malformed("entry is missing a field its kind requires");
         let with_epoch = |e: Option<Epoch>| e.ok_or(missing.clone());
         let body = match (kind, conversation.is_some() || commit_seq.is_some(), epoch) {
-            (Some(1), false, e) => EntryBody::Application { epoch: with_epoch(e)? },
-            (Some(2), false, e) => EntryBody::Commit { epoch: with_epoch(e)? },
-            (Some(3), false, e) => EntryBody::Proposal { epoch: with_epoch(e)? },
+            (Some(1), false, e) => EntryBody::Application {
+                epoch: with_epoch(e)?,
+            },
+            (Some(2), false, e) => EntryBody::Commit {
+                epoch: with_epoch(e)?,
+            },
+            (Some(3), false, e) => EntryBody::Proposal {
+                epoch: with_epoch(e)?,
+            },
             (Some(4), _, None) => EntryBody::Welcome {
                 conversation: conversation.ok_or(missing.clone())?,
                 commit_seq: commit_seq.ok_or(missing.clone())?,
@@ -556,7 +563,8 @@ impl Cbor for ErrorCode {
         w.uint(u64::from(self.value()));
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let v = u16::try_from(r.uint()?).map_err(|_| DecodeError::Malformed("error code out of range"))?;
+        let v = u16::try_from(r.uint()?)
+            .map_err(|_| DecodeError::Malformed("error code out of range"))?;
         Ok(ErrorCode::from_value(v))
     }
 }
@@ -744,18 +752,33 @@ mod tests {
     fn envelope_requires_type_first() {
         // {1: 5} with no key 0.
         let err = ClientFrame::decode(&[0xa1, 0x01, 0x05], &DecodeLimits::default());
-        assert_eq!(err, Err(DecodeError::Malformed("frame type (key 0) missing")));
+        assert_eq!(
+            err,
+            Err(DecodeError::Malformed("frame type (key 0) missing"))
+        );
     }
 
     #[test]
     fn unknown_and_wrong_direction_types() {
         let limits = DecodeLimits::default();
         // {0: 63}
-        assert_eq!(ClientFrame::decode(&[0xa1, 0x00, 0x18, 0x3f], &limits), Err(DecodeError::UnknownType(63)));
+        assert_eq!(
+            ClientFrame::decode(&[0xa1, 0x00, 0x18, 0x3f], &limits),
+            Err(DecodeError::UnknownType(63))
+        );
         // {0: 64} sent by a client
-        assert_eq!(ClientFrame::decode(&[0xa1, 0x00, 0x18, 0x40], &limits), Err(DecodeError::WrongDirection(64)));
-        assert_eq!(ServerFrame::decode(&[0xa1, 0x00, 0x01], &limits), Err(DecodeError::WrongDirection(1)));
-        assert_eq!(ServerFrame::decode(&[0xa1, 0x00, 0x18, 0xc8], &limits), Err(DecodeError::UnknownType(200)));
+        assert_eq!(
+            ClientFrame::decode(&[0xa1, 0x00, 0x18, 0x40], &limits),
+            Err(DecodeError::WrongDirection(64))
+        );
+        assert_eq!(
+            ServerFrame::decode(&[0xa1, 0x00, 0x01], &limits),
+            Err(DecodeError::WrongDirection(1))
+        );
+        assert_eq!(
+            ServerFrame::decode(&[0xa1, 0x00, 0x18, 0xc8], &limits),
+            Err(DecodeError::UnknownType(200))
+        );
     }
 
     #[test]

@@ -81,7 +81,9 @@ impl IdentityError {
     pub fn code(self) -> ErrorCode {
         match self {
             IdentityError::BadSignature => ErrorCode::AuthCertificateInvalid,
-            IdentityError::Expired | IdentityError::InvalidValidity => ErrorCode::AuthCertificateExpired,
+            IdentityError::Expired | IdentityError::InvalidValidity => {
+                ErrorCode::AuthCertificateExpired
+            }
             IdentityError::NotYetValid => ErrorCode::AuthCertificateNotYetValid,
             IdentityError::Revoked => ErrorCode::AuthCertificateRevoked,
             IdentityError::BadTranscriptSignature => ErrorCode::AuthSignatureInvalid,
@@ -123,7 +125,8 @@ impl SystemKeyPair {
         not_after_ms: UnixMs,
     ) -> DeviceCertificate {
         let system = self.public();
-        let input = certificate_signing_input(&system, &process, &device_key, not_before_ms, not_after_ms);
+        let input =
+            certificate_signing_input(&system, &process, &device_key, not_before_ms, not_after_ms);
         DeviceCertificate {
             system,
             process,
@@ -202,7 +205,13 @@ impl DeviceCertificate {
 
     /// The bytes the system key signs (SPEC.md section 3.2).
     pub fn signing_input(&self) -> Vec<u8> {
-        certificate_signing_input(&self.system, &self.process, &self.device_key, self.not_before_ms, self.not_after_ms)
+        certificate_signing_input(
+            &self.system,
+            &self.process,
+            &self.device_key,
+            self.not_before_ms,
+            self.not_after_ms,
+        )
     }
 
     /// Checks the certificate at `now` (SPEC.md sections 3.2 and 5.4, in the order of the
@@ -214,7 +223,8 @@ impl DeviceCertificate {
         clock_skew_max_ms: u64,
         revoked_at: impl FnOnce(&DeviceId) -> Option<UnixMs>,
     ) -> Result<(), IdentityError> {
-        verify(&self.system.0, &self.signing_input(), &self.signature).map_err(|()| IdentityError::BadSignature)?;
+        verify(&self.system.0, &self.signing_input(), &self.signature)
+            .map_err(|()| IdentityError::BadSignature)?;
         if self.not_after_ms <= self.not_before_ms
             || self.not_after_ms.since(self.not_before_ms) > CERTIFICATE_LIFETIME_MAX_MS
         {
@@ -281,8 +291,13 @@ impl AuthTranscript<'_> {
     }
 
     /// Checks `signature` under `device_key`.
-    pub fn verify(&self, device_key: &DevicePublicKey, signature: &Signature) -> Result<(), IdentityError> {
-        verify(&device_key.0, &self.signing_input(), signature).map_err(|()| IdentityError::BadTranscriptSignature)
+    pub fn verify(
+        &self,
+        device_key: &DevicePublicKey,
+        signature: &Signature,
+    ) -> Result<(), IdentityError> {
+        verify(&device_key.0, &self.signing_input(), signature)
+            .map_err(|()| IdentityError::BadTranscriptSignature)
     }
 }
 
@@ -304,7 +319,11 @@ fn certificate_signing_input(
     w.into_bytes()
 }
 
-fn revocation_signing_input(system: &SystemKey, process: &ProcessId, revoked_at_ms: UnixMs) -> Vec<u8> {
+fn revocation_signing_input(
+    system: &SystemKey,
+    process: &ProcessId,
+    revoked_at_ms: UnixMs,
+) -> Vec<u8> {
     let mut w = Writer::new();
     w.array(4);
     w.text(DEVICE_REVOCATION_TAG);
@@ -336,7 +355,12 @@ mod tests {
     fn setup() -> (SystemKeyPair, DeviceKeyPair, DeviceCertificate) {
         let system = SystemKeyPair::from_seed(&[1; 32]);
         let device = DeviceKeyPair::from_seed(&[2; 32]);
-        let cert = system.issue_certificate(ProcessId([3; 16]), device.public(), UnixMs(1_000), UnixMs(10_000));
+        let cert = system.issue_certificate(
+            ProcessId([3; 16]),
+            device.public(),
+            UnixMs(1_000),
+            UnixMs(10_000),
+        );
         (system, device, cert)
     }
 
@@ -344,8 +368,14 @@ mod tests {
     fn certificate_validity_window() {
         let (_, _, cert) = setup();
         assert_eq!(cert.verify(UnixMs(5_000), 0, |_| None), Ok(()));
-        assert_eq!(cert.verify(UnixMs(10_000), 0, |_| None), Err(IdentityError::Expired));
-        assert_eq!(cert.verify(UnixMs(500), 0, |_| None), Err(IdentityError::NotYetValid));
+        assert_eq!(
+            cert.verify(UnixMs(10_000), 0, |_| None),
+            Err(IdentityError::Expired)
+        );
+        assert_eq!(
+            cert.verify(UnixMs(500), 0, |_| None),
+            Err(IdentityError::NotYetValid)
+        );
         assert_eq!(cert.verify(UnixMs(500), 500, |_| None), Ok(()));
     }
 
@@ -353,7 +383,10 @@ mod tests {
     fn tampered_certificate_is_rejected() {
         let (_, _, mut cert) = setup();
         cert.not_after_ms = UnixMs(20_000);
-        assert_eq!(cert.verify(UnixMs(5_000), 0, |_| None), Err(IdentityError::BadSignature));
+        assert_eq!(
+            cert.verify(UnixMs(5_000), 0, |_| None),
+            Err(IdentityError::BadSignature)
+        );
     }
 
     #[test]
@@ -363,7 +396,10 @@ mod tests {
         assert_eq!(rev.verify(), Ok(()));
         let at = |_: &DeviceId| Some(rev.revoked_at_ms);
         assert_eq!(cert.verify(UnixMs(5_999), 0, at), Ok(()));
-        assert_eq!(cert.verify(UnixMs(6_000), 0, at), Err(IdentityError::Revoked));
+        assert_eq!(
+            cert.verify(UnixMs(6_000), 0, at),
+            Err(IdentityError::Revoked)
+        );
     }
 
     #[test]
@@ -378,10 +414,22 @@ mod tests {
         };
         let sig = device.sign_transcript(&t);
         assert_eq!(t.verify(&cert.device_key, &sig), Ok(()));
-        let other_origin = AuthTranscript { origin: "wss://evil.example", ..t };
-        assert_eq!(other_origin.verify(&cert.device_key, &sig), Err(IdentityError::BadTranscriptSignature));
-        let other_nonce = AuthTranscript { nonce: Nonce([8; 32]), ..t };
-        assert_eq!(other_nonce.verify(&cert.device_key, &sig), Err(IdentityError::BadTranscriptSignature));
+        let other_origin = AuthTranscript {
+            origin: "wss://evil.example",
+            ..t
+        };
+        assert_eq!(
+            other_origin.verify(&cert.device_key, &sig),
+            Err(IdentityError::BadTranscriptSignature)
+        );
+        let other_nonce = AuthTranscript {
+            nonce: Nonce([8; 32]),
+            ..t
+        };
+        assert_eq!(
+            other_nonce.verify(&cert.device_key, &sig),
+            Err(IdentityError::BadTranscriptSignature)
+        );
     }
 
     #[test]

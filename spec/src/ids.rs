@@ -106,8 +106,7 @@ fixed_bytes!(
 );
 
 /// A device, globally: `system || process` (48 bytes on the wire).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, arbitrary::Arbitrary)]
 pub struct DeviceId {
     /// The device's system (user).
     pub system: SystemKey,
@@ -165,8 +164,7 @@ impl<'de> Deserialize<'de> for DeviceId {
 
 /// A stream the gateway sequences: a conversation's log or the device's own inbox.
 /// On the wire: an empty byte string for the inbox, 32 bytes for a conversation.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, arbitrary::Arbitrary)]
 pub enum StreamId {
     /// The authenticated device's inbox (Welcome messages).
     Inbox,
@@ -400,8 +398,20 @@ impl<'a> arbitrary::Arbitrary<'a> for Seq {
 }
 
 /// Milliseconds since the Unix epoch (SPEC.md section 1).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize, Default)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Debug,
+    Serialize,
+    Deserialize,
+    Default,
+    arbitrary::Arbitrary,
+)]
 #[serde(transparent)]
 pub struct UnixMs(pub u64);
 
@@ -427,8 +437,20 @@ impl Cbor for UnixMs {
 }
 
 /// An MLS epoch (SPEC.md section 7.3).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize, Default)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Debug,
+    Serialize,
+    Deserialize,
+    Default,
+    arbitrary::Arbitrary,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
@@ -450,7 +472,10 @@ mod tests {
     fn stream_id_wire_forms() {
         assert_eq!(to_vec(&StreamId::Inbox), vec![0x40]);
         let conv = StreamId::Conversation(ConversationId([7; 32]));
-        assert_eq!(from_slice::<StreamId>(&to_vec(&conv), &DecodeLimits::default()), Ok(conv));
+        assert_eq!(
+            from_slice::<StreamId>(&to_vec(&conv), &DecodeLimits::default()),
+            Ok(conv)
+        );
         // 16 bytes is neither form.
         let mut w = Writer::new();
         w.bytes(&[0; 16]);
@@ -462,7 +487,10 @@ mod tests {
         assert_eq!(Seq::new(0), None);
         assert_eq!(Seq::new(Seq::LIMIT), None);
         assert_eq!(Seq::new(Seq::LIMIT - 1).and_then(Seq::next), None);
-        assert_eq!(from_slice::<Seq>(&[0x00], &DecodeLimits::default()), Err(DecodeError::Malformed("seq out of range")));
+        assert_eq!(
+            from_slice::<Seq>(&[0x00], &DecodeLimits::default()),
+            Err(DecodeError::Malformed("seq out of range"))
+        );
     }
 
     #[test]

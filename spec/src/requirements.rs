@@ -32,7 +32,11 @@ pub fn requirements(spec: &str) -> Vec<Requirement> {
                 .rsplit_once('-')
                 .map(|(s, _)| s.to_string())
                 .unwrap_or_default();
-            out.push(Requirement { id, section, text: strip_tags(&sentence) });
+            out.push(Requirement {
+                id,
+                section,
+                text: strip_tags(&sentence),
+            });
         }
     }
     out
@@ -46,7 +50,10 @@ pub fn check(spec: &str) -> Vec<String> {
     for sentence in sentences(body) {
         let tagged = tags(&sentence);
         if has_must(&sentence) && tagged.is_empty() && !sentence.contains("BCP 14") {
-            problems.push(format!("MUST without a requirement id: {}", collapse(&sentence)));
+            problems.push(format!(
+                "MUST without a requirement id: {}",
+                collapse(&sentence)
+            ));
         }
         for id in tagged {
             if !seen.insert(id.clone()) {
@@ -55,7 +62,10 @@ pub fn check(spec: &str) -> Vec<String> {
         }
     }
     if render_index(spec) != current_index(spec).unwrap_or_default() {
-        problems.push("Appendix B is stale: run `cargo run -p confab-spec --bin confab-vectors -- --write`".into());
+        problems.push(
+            "Appendix B is stale: run `cargo run -p confab-spec --bin confab-vectors -- --write`"
+                .into(),
+        );
     }
     problems
 }
@@ -65,7 +75,13 @@ pub fn with_index(spec: &str) -> String {
     let (Some(start), Some(end)) = (spec.find(INDEX_START), spec.find(INDEX_END)) else {
         return spec.to_string();
     };
-    format!("{}{}\n{}{}", &spec[..start + INDEX_START.len()], render_index(spec), "", &spec[end..])
+    format!(
+        "{}{}\n{}{}",
+        &spec[..start + INDEX_START.len()],
+        render_index(spec),
+        "",
+        &spec[end..]
+    )
 }
 
 fn render_index(spec: &str) -> String {
@@ -101,7 +117,10 @@ fn sentences(text: &str) -> Vec<String> {
             for (i, &ch) in chars.iter().enumerate() {
                 current.push(ch);
                 let next = chars.get(i + 1).copied();
-                if ch == '.' && matches!(next, Some(' ' | '\n') | None) && !current.trim_end().ends_with("e.g.") {
+                if ch == '.'
+                    && matches!(next, Some(' ' | '\n') | None)
+                    && !current.trim_end().ends_with("e.g.")
+                {
                     out.push(std::mem::take(&mut current));
                 }
             }
@@ -182,7 +201,10 @@ mod tests {
     fn finds_untagged_must() {
         let spec = "# x\n\n## 2. A\n\nA gateway MUST do it [REQ-2-1]. A client MUST do that.\n\n## Appendix B\n";
         let problems = check(spec);
-        assert!(problems.iter().any(|p| p.contains("A client MUST do that")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("A client MUST do that")),
+            "{problems:?}"
+        );
         assert_eq!(requirements(spec)[0].id, "REQ-2-1");
         assert_eq!(requirements(spec)[0].text, "A gateway MUST do it.");
     }

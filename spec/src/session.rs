@@ -25,7 +25,9 @@ use crate::frame::{
     SessionLimits, Versions,
 };
 use crate::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair};
-use crate::ids::{ConversationId, Epoch, MlsBytes, MsgId, ResumeToken, Seq, SessionId, StreamId, UnixMs};
+use crate::ids::{
+    ConversationId, Epoch, MlsBytes, MsgId, ResumeToken, Seq, SessionId, StreamId, UnixMs,
+};
 use crate::limits;
 
 /// Settings of a client session. Defaults follow SPEC.md.
@@ -78,14 +80,24 @@ pub struct DeviceCredentials {
 }
 
 /// Names one transport connection attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    arbitrary::Arbitrary,
+)]
 #[serde(transparent)]
 pub struct ConnId(pub u64);
 
 /// Something that happened, fed to [`ClientSession::handle`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Input {
@@ -353,9 +365,18 @@ pub struct ClientSession {
 #[derive(Debug)]
 enum ConnState {
     Idle,
-    Waiting { until: UnixMs },
-    Connecting { conn: ConnId, since: UnixMs },
-    Handshake { conn: ConnId, since: UnixMs, phase: Handshake },
+    Waiting {
+        until: UnixMs,
+    },
+    Connecting {
+        conn: ConnId,
+        since: UnixMs,
+    },
+    Handshake {
+        conn: ConnId,
+        since: UnixMs,
+        phase: Handshake,
+    },
     Ready(Box<Live>),
     Stopped,
 }
@@ -489,8 +510,12 @@ impl ClientSession {
         match &self.conn {
             ConnState::Idle | ConnState::Stopped => {}
             ConnState::Waiting { until } => at(*until),
-            ConnState::Connecting { since, .. } => at(since.plus_ms(self.config.connect_timeout_ms)),
-            ConnState::Handshake { since, .. } => at(since.plus_ms(self.config.handshake_timeout_ms)),
+            ConnState::Connecting { since, .. } => {
+                at(since.plus_ms(self.config.connect_timeout_ms))
+            }
+            ConnState::Handshake { since, .. } => {
+                at(since.plus_ms(self.config.handshake_timeout_ms))
+            }
             ConnState::Ready(live) => {
                 at(live.last_sent.plus_ms(live.heartbeat_interval_ms));
                 if live.heartbeat_outstanding.is_some() {
@@ -528,16 +553,31 @@ impl ClientSession {
                 }
             }
             Input::Timeout => self.on_timeout(now),
-            Input::Send { conversation, msg_id, payload, welcome } => {
+            Input::Send {
+                conversation,
+                msg_id,
+                payload,
+                welcome,
+            } => {
                 return self.send(now, conversation, msg_id, payload, welcome);
             }
             Input::CreateConversation { conversation, kind } => {
                 if let ConnState::Ready(_) = self.conn {
                     let rid = self.rid(Request::Create);
-                    self.transmit(now, ClientFrame::CreateConversation(CreateConversation { rid, conversation, kind }));
+                    self.transmit(
+                        now,
+                        ClientFrame::CreateConversation(CreateConversation {
+                            rid,
+                            conversation,
+                            kind,
+                        }),
+                    );
                 } else {
                     // Creation is not idempotent across reconnects; the application retries.
-                    self.event(Event::RequestFailed { rid: 0, code: ErrorCode::Overloaded });
+                    self.event(Event::RequestFailed {
+                        rid: 0,
+                        code: ErrorCode::Overloaded,
+                    });
                 }
             }
             Input::Subscribe { stream, from_seq } => {
@@ -576,11 +616,17 @@ impl ClientSession {
 
     fn stop(&mut self) {
         if let Some(conn) = self.current_conn() {
-            self.outputs.push_back(Output::Close { conn, code: CloseCode::Normal.value() });
+            self.outputs.push_back(Output::Close {
+                conn,
+                code: CloseCode::Normal.value(),
+            });
         }
         self.reset_connection_state();
         self.conn = ConnState::Stopped;
-        self.event(Event::Stopped { close: None, error: None });
+        self.event(Event::Stopped {
+            close: None,
+            error: None,
+        });
     }
 
     fn connect(&mut self, now: UnixMs) {
@@ -603,12 +649,22 @@ impl ClientSession {
             return;
         }
         let offered_token = self.resume_token.is_some();
-        self.conn = ConnState::Handshake { conn, since: now, phase: Handshake::AwaitChallenge { offered_token } };
+        self.conn = ConnState::Handshake {
+            conn,
+            since: now,
+            phase: Handshake::AwaitChallenge { offered_token },
+        };
         let versions = Versions::new(self.config.versions.clone()).unwrap_or_else(|_| {
             Versions::new(vec![limits::PROTOCOL_VERSION]).expect("one version is always valid")
         });
-        let hello = Hello { versions, resume_token: self.resume_token.clone() };
-        self.outputs.push_back(Output::Transmit { conn, frame: ClientFrame::Hello(hello) });
+        let hello = Hello {
+            versions,
+            resume_token: self.resume_token.clone(),
+        };
+        self.outputs.push_back(Output::Transmit {
+            conn,
+            frame: ClientFrame::Hello(hello),
+        });
     }
 
     fn on_closed(&mut self, now: UnixMs, conn: ConnId, code: Option<u16>) {
@@ -629,13 +685,19 @@ impl ClientSession {
     /// Drops the current connection (if any) and waits a full-jitter backoff delay.
     fn schedule_reconnect(&mut self, now: UnixMs, close: Option<u16>) {
         self.reset_connection_state();
-        let exp = self.config.backoff_base_ms.saturating_mul(1u64 << self.attempt.min(20));
+        let exp = self
+            .config
+            .backoff_base_ms
+            .saturating_mul(1u64 << self.attempt.min(20));
         let ceiling = exp.min(self.config.backoff_cap_ms);
         let delay = self.rng.next_u64() % (ceiling + 1);
         self.attempt = self.attempt.saturating_add(1);
         let until = now.plus_ms(delay).max(self.not_before);
         self.conn = ConnState::Waiting { until };
-        self.event(Event::Disconnected { reconnect_at: until, close });
+        self.event(Event::Disconnected {
+            reconnect_at: until,
+            close,
+        });
     }
 
     fn reset_connection_state(&mut self) {
@@ -651,7 +713,10 @@ impl ClientSession {
     /// Closes the current connection because the gateway broke the protocol.
     fn violation(&mut self, now: UnixMs, detail: String) {
         if let Some(conn) = self.current_conn() {
-            self.outputs.push_back(Output::Close { conn, code: CloseCode::ProtocolError.value() });
+            self.outputs.push_back(Output::Close {
+                conn,
+                code: CloseCode::ProtocolError.value(),
+            });
         }
         self.event(Event::ProtocolViolation { detail });
         self.schedule_reconnect(now, None);
@@ -660,21 +725,36 @@ impl ClientSession {
     fn on_timeout(&mut self, now: UnixMs) {
         match &mut self.conn {
             ConnState::Waiting { until } if now >= *until => self.connect(now),
-            ConnState::Connecting { conn, since } if now.since(*since) >= self.config.connect_timeout_ms => {
+            ConnState::Connecting { conn, since }
+                if now.since(*since) >= self.config.connect_timeout_ms =>
+            {
                 let conn = *conn;
-                self.outputs.push_back(Output::Close { conn, code: CloseCode::Normal.value() });
+                self.outputs.push_back(Output::Close {
+                    conn,
+                    code: CloseCode::Normal.value(),
+                });
                 self.schedule_reconnect(now, None);
             }
-            ConnState::Handshake { conn, since, .. } if now.since(*since) >= self.config.handshake_timeout_ms => {
+            ConnState::Handshake { conn, since, .. }
+                if now.since(*since) >= self.config.handshake_timeout_ms =>
+            {
                 let conn = *conn;
-                self.outputs.push_back(Output::Close { conn, code: CloseCode::Normal.value() });
+                self.outputs.push_back(Output::Close {
+                    conn,
+                    code: CloseCode::Normal.value(),
+                });
                 self.schedule_reconnect(now, None);
             }
             ConnState::Ready(live) => {
                 let conn = live.conn;
-                if live.heartbeat_outstanding.is_some() && now.since(live.last_recv) >= live.heartbeat_timeout_ms {
+                if live.heartbeat_outstanding.is_some()
+                    && now.since(live.last_recv) >= live.heartbeat_timeout_ms
+                {
                     // Zombie: nothing heard since a heartbeat went out (REQ-5.6-4).
-                    self.outputs.push_back(Output::Close { conn, code: CloseCode::Normal.value() });
+                    self.outputs.push_back(Output::Close {
+                        conn,
+                        code: CloseCode::Normal.value(),
+                    });
                     self.schedule_reconnect(now, None);
                     return;
                 }
@@ -706,7 +786,11 @@ impl ClientSession {
         payload: MlsBytes,
         welcome: Option<MlsBytes>,
     ) -> Result<(), SessionError> {
-        if let Some(existing) = self.outbox.iter().find(|p| p.msg_id == msg_id && p.conversation == conversation) {
+        if let Some(existing) = self
+            .outbox
+            .iter()
+            .find(|p| p.msg_id == msg_id && p.conversation == conversation)
+        {
             return if existing.payload == payload && existing.welcome == welcome {
                 Ok(())
             } else {
@@ -716,7 +800,14 @@ impl ClientSession {
         if self.outbox.len() >= self.config.pending_sends_max {
             return Err(SessionError::OutboxFull);
         }
-        self.outbox.push(PendingSend { conversation, msg_id, payload, welcome, in_flight: None, retry_at: None });
+        self.outbox.push(PendingSend {
+            conversation,
+            msg_id,
+            payload,
+            welcome,
+            in_flight: None,
+            retry_at: None,
+        });
         if self.is_ready() {
             self.transmit_send(now, self.outbox.len() - 1);
         }
@@ -740,10 +831,19 @@ impl ClientSession {
 
     fn request_subscribe(&mut self, now: UnixMs, stream: StreamId) {
         let rid = self.rid(Request::Subscribe(stream));
-        let Some(s) = self.streams.get_mut(&stream) else { return };
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
         s.sub = Sub::Requested { rid };
         let from_seq = Some(s.next_seq);
-        self.transmit(now, ClientFrame::Subscribe(frame::Subscribe { rid, stream, from_seq }));
+        self.transmit(
+            now,
+            ClientFrame::Subscribe(frame::Subscribe {
+                rid,
+                stream,
+                from_seq,
+            }),
+        );
     }
 
     fn rid(&mut self, request: Request) -> u64 {
@@ -778,15 +878,27 @@ impl ClientSession {
                 live.last_recv = now;
                 self.on_ready_frame(now, frame);
             }
-            _ => self.violation(now, format!("{} before the transport was open", frame.name())),
+            _ => self.violation(
+                now,
+                format!("{} before the transport was open", frame.name()),
+            ),
         }
     }
 
-    fn on_handshake_frame(&mut self, now: UnixMs, conn: ConnId, phase: Handshake, frame: ServerFrame) {
+    fn on_handshake_frame(
+        &mut self,
+        now: UnixMs,
+        conn: ConnId,
+        phase: Handshake,
+        frame: ServerFrame,
+    ) {
         match (phase, frame) {
             (Handshake::AwaitChallenge { .. }, ServerFrame::Challenge(ch)) => {
                 if !self.config.versions.contains(&ch.version) {
-                    return self.violation(now, format!("gateway picked version {} we did not offer", ch.version));
+                    return self.violation(
+                        now,
+                        format!("gateway picked version {} we did not offer", ch.version),
+                    );
                 }
                 // A Challenge after a resume offer means the token was not accepted.
                 self.resume_token = None;
@@ -799,17 +911,33 @@ impl ClientSession {
                     process: self.credentials.certificate.process,
                 };
                 let signature = self.credentials.key.sign_transcript(&transcript);
-                let auth = Auth { certificate: self.credentials.certificate.clone(), time_ms, signature };
+                let auth = Auth {
+                    certificate: self.credentials.certificate.clone(),
+                    time_ms,
+                    signature,
+                };
                 if let ConnState::Handshake { phase, .. } = &mut self.conn {
                     *phase = Handshake::AwaitReady;
                 }
-                self.outputs.push_back(Output::Transmit { conn, frame: ClientFrame::Auth(auth) });
+                self.outputs.push_back(Output::Transmit {
+                    conn,
+                    frame: ClientFrame::Auth(auth),
+                });
             }
-            (Handshake::AwaitReady | Handshake::AwaitChallenge { offered_token: true }, ServerFrame::Ready(ready)) => {
+            (
+                Handshake::AwaitReady
+                | Handshake::AwaitChallenge {
+                    offered_token: true,
+                },
+                ServerFrame::Ready(ready),
+            ) => {
                 self.on_ready(now, conn, ready);
             }
             (_, ServerFrame::Error(e)) => {
-                if matches!(e.code, ErrorCode::ResumeTokenInvalid | ErrorCode::ResumeTokenReused) {
+                if matches!(
+                    e.code,
+                    ErrorCode::ResumeTokenInvalid | ErrorCode::ResumeTokenReused
+                ) {
                     self.resume_token = None;
                 } else {
                     self.last_error = Some(e.code);
@@ -836,15 +964,26 @@ impl ClientSession {
             last_recv: now,
             heartbeat_outstanding: None,
         }));
-        self.event(Event::Ready { session_id: ready.session_id, resumed: ready.resumed });
+        self.event(Event::Ready {
+            session_id: ready.session_id,
+            resumed: ready.resumed,
+        });
         // Re-establish: acks the gateway may have missed, subscriptions from where we are,
         // and every unanswered send with its original msg_id (SPEC.md 6.3).
-        let acks: Vec<(StreamId, Seq)> =
-            self.streams.iter().filter_map(|(id, s)| Seq::new(s.acked).map(|seq| (*id, seq))).collect();
+        let acks: Vec<(StreamId, Seq)> = self
+            .streams
+            .iter()
+            .filter_map(|(id, s)| Seq::new(s.acked).map(|seq| (*id, seq)))
+            .collect();
         for (stream, seq) in acks {
             self.transmit(now, ClientFrame::Ack(frame::Ack { stream, seq }));
         }
-        let wanted: Vec<StreamId> = self.streams.iter().filter(|(_, s)| s.wanted).map(|(id, _)| *id).collect();
+        let wanted: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.wanted)
+            .map(|(id, _)| *id)
+            .collect();
         for stream in wanted {
             self.request_subscribe(now, stream);
         }
@@ -878,7 +1017,9 @@ impl ClientSession {
             ServerFrame::Error(e) => self.on_error(now, e),
             ServerFrame::Created(c) => {
                 self.requests.remove(&c.rid);
-                self.event(Event::Created { conversation: c.conversation });
+                self.event(Event::Created {
+                    conversation: c.conversation,
+                });
             }
             ServerFrame::Subscribed(s) => {
                 let Some(Request::Subscribe(stream)) = self.requests.remove(&s.rid) else {
@@ -887,13 +1028,19 @@ impl ClientSession {
                 if let Some(st) = self.streams.get_mut(&stream) {
                     if st.sub == (Sub::Requested { rid: s.rid }) {
                         st.sub = Sub::Replaying;
-                        self.event(Event::Subscribed { stream, head_seq: s.head_seq, ack_cursor: s.ack_cursor });
+                        self.event(Event::Subscribed {
+                            stream,
+                            head_seq: s.head_seq,
+                            ack_cursor: s.ack_cursor,
+                        });
                     }
                 }
             }
             ServerFrame::Batch(b) => self.on_batch(now, b),
             ServerFrame::Deliver(d) => {
-                let Some(sub) = self.streams.get(&d.stream).map(|s| s.sub) else { return };
+                let Some(sub) = self.streams.get(&d.stream).map(|s| s.sub) else {
+                    return;
+                };
                 match sub {
                     Sub::Live => {
                         let _ = self.accept_entry(now, d.stream, d.entry);
@@ -901,7 +1048,11 @@ impl ClientSession {
                     // Frames of an abandoned subscription may still arrive: take the next
                     // entry in order, drop the rest silently.
                     Sub::Requested { .. } | Sub::Replaying => {
-                        if self.streams.get(&d.stream).is_some_and(|s| d.entry.seq <= s.next_seq) {
+                        if self
+                            .streams
+                            .get(&d.stream)
+                            .is_some_and(|s| d.entry.seq <= s.next_seq)
+                        {
                             let _ = self.accept_entry(now, d.stream, d.entry);
                         }
                     }
@@ -949,10 +1100,15 @@ impl ClientSession {
             }
             return;
         };
-        let transient = matches!(e.code, ErrorCode::RateLimited | ErrorCode::Overloaded | ErrorCode::InternalError);
+        let transient = matches!(
+            e.code,
+            ErrorCode::RateLimited | ErrorCode::Overloaded | ErrorCode::InternalError
+        );
         match self.requests.remove(&rid) {
             Some(Request::Send(msg_id)) => {
-                let Some(i) = self.outbox.iter().position(|p| p.msg_id == msg_id) else { return };
+                let Some(i) = self.outbox.iter().position(|p| p.msg_id == msg_id) else {
+                    return;
+                };
                 if transient {
                     let wait = e.retry_after_ms.unwrap_or(self.config.backoff_base_ms);
                     self.outbox[i].in_flight = None;
@@ -982,7 +1138,9 @@ impl ClientSession {
     }
 
     fn on_batch(&mut self, now: UnixMs, b: frame::Batch) {
-        let Some(st) = self.streams.get(&b.stream) else { return };
+        let Some(st) = self.streams.get(&b.stream) else {
+            return;
+        };
         if st.sub != Sub::Replaying {
             return; // a batch of an abandoned replay
         }
@@ -998,7 +1156,13 @@ impl ClientSession {
         }
         if b.more {
             if let Some(after_seq) = last {
-                self.transmit(now, ClientFrame::Continue(frame::Continue { stream: b.stream, after_seq }));
+                self.transmit(
+                    now,
+                    ClientFrame::Continue(frame::Continue {
+                        stream: b.stream,
+                        after_seq,
+                    }),
+                );
             }
         } else if let Some(st) = self.streams.get_mut(&b.stream) {
             st.sub = Sub::Live;
@@ -1010,7 +1174,9 @@ impl ClientSession {
     /// from `next_seq` was requested.
     fn accept_entry(&mut self, now: UnixMs, stream: StreamId, entry: Entry) -> Result<(), ()> {
         let window = self.config.dedup_window;
-        let Some(st) = self.streams.get_mut(&stream) else { return Ok(()) };
+        let Some(st) = self.streams.get_mut(&stream) else {
+            return Ok(());
+        };
         let seq = entry.seq;
         if seq < st.next_seq {
             self.event(Event::DuplicateDropped { stream, seq });
@@ -1020,7 +1186,11 @@ impl ClientSession {
             let expected = st.next_seq;
             let requested = matches!(st.sub, Sub::Requested { .. });
             if !requested {
-                self.event(Event::GapDetected { stream, expected, received: seq });
+                self.event(Event::GapDetected {
+                    stream,
+                    expected,
+                    received: seq,
+                });
                 self.request_subscribe(now, stream);
             }
             return Err(());
@@ -1030,7 +1200,11 @@ impl ClientSession {
         };
         st.next_seq = next;
         if let Some(&first_seq) = st.recent.get(&entry.msg_id) {
-            self.event(Event::DuplicateMsgId { stream, seq, first_seq });
+            self.event(Event::DuplicateMsgId {
+                stream,
+                seq,
+                first_seq,
+            });
             return Ok(());
         }
         st.recent.insert(entry.msg_id, seq);

@@ -8,7 +8,9 @@ use serde_json::{Value, json};
 
 use crate::error::ErrorCode;
 use crate::frame::*;
-use crate::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair, IdentityError, SystemKeyPair};
+use crate::identity::{
+    AuthTranscript, DeviceCertificate, DeviceKeyPair, IdentityError, SystemKeyPair,
+};
 use crate::ids::*;
 use crate::session::{ClientSession, ConnId, DeviceCredentials, Input, Output, SessionConfig};
 
@@ -73,7 +75,12 @@ fn file(name: &'static str, value: Value) -> VectorFile {
 pub fn fixture() -> (SystemKeyPair, DeviceKeyPair, DeviceCertificate) {
     let system = SystemKeyPair::from_seed(&[1; 32]);
     let device = DeviceKeyPair::from_seed(&[2; 32]);
-    let cert = system.issue_certificate(ProcessId([3; 16]), device.public(), T0, T0.plus_ms(90 * DAY_MS));
+    let cert = system.issue_certificate(
+        ProcessId([3; 16]),
+        device.public(),
+        T0,
+        T0.plus_ms(90 * DAY_MS),
+    );
     (system, device, cert)
 }
 
@@ -98,82 +105,378 @@ pub fn sample_entries() -> Vec<Entry> {
     let sender = cert.device_id();
     let conv = ConversationId([0xC0; 32]);
     vec![
-        Entry { seq: seq(1), msg_id: MsgId([0x11; 16]), sender, accepted_ms: T0, payload: mls(2, 40), body: EntryBody::Application { epoch: Epoch(3) } },
-        Entry { seq: seq(2), msg_id: MsgId([0x12; 16]), sender, accepted_ms: T0.plus_ms(1), payload: mls(1, 60), body: EntryBody::Commit { epoch: Epoch(3) } },
-        Entry { seq: seq(3), msg_id: MsgId([0x13; 16]), sender, accepted_ms: T0.plus_ms(2), payload: mls(1, 30), body: EntryBody::Proposal { epoch: Epoch(4) } },
-        Entry { seq: seq(4), msg_id: MsgId([0x14; 16]), sender, accepted_ms: T0.plus_ms(3), payload: mls(3, 80), body: EntryBody::Welcome { conversation: conv, commit_seq: seq(2) } },
+        Entry {
+            seq: seq(1),
+            msg_id: MsgId([0x11; 16]),
+            sender,
+            accepted_ms: T0,
+            payload: mls(2, 40),
+            body: EntryBody::Application { epoch: Epoch(3) },
+        },
+        Entry {
+            seq: seq(2),
+            msg_id: MsgId([0x12; 16]),
+            sender,
+            accepted_ms: T0.plus_ms(1),
+            payload: mls(1, 60),
+            body: EntryBody::Commit { epoch: Epoch(3) },
+        },
+        Entry {
+            seq: seq(3),
+            msg_id: MsgId([0x13; 16]),
+            sender,
+            accepted_ms: T0.plus_ms(2),
+            payload: mls(1, 30),
+            body: EntryBody::Proposal { epoch: Epoch(4) },
+        },
+        Entry {
+            seq: seq(4),
+            msg_id: MsgId([0x14; 16]),
+            sender,
+            accepted_ms: T0.plus_ms(3),
+            payload: mls(3, 80),
+            body: EntryBody::Welcome {
+                conversation: conv,
+                commit_seq: seq(2),
+            },
+        },
     ]
 }
 
+/// Named sample frames of both directions.
+pub struct SampleFrames {
+    /// Client frames.
+    pub client: Vec<(&'static str, ClientFrame)>,
+    /// Server frames.
+    pub server: Vec<(&'static str, ServerFrame)>,
+}
+
 /// One sample of every frame type, plus variants with optional fields.
-pub fn sample_frames() -> (Vec<(&'static str, ClientFrame)>, Vec<(&'static str, ServerFrame)>) {
+pub fn sample_frames() -> SampleFrames {
     let (system, device, cert) = fixture();
     let conv = ConversationId([0xC0; 32]);
     let stream = StreamId::Conversation(conv);
     let versions = Versions::new(vec![1]).unwrap_or_else(|_| unreachable!());
-    let transcript = AuthTranscript { version: 1, origin: ORIGIN, nonce: Nonce([0x4E; 32]), time_ms: T0.plus_ms(1_000), process: cert.process };
+    let transcript = AuthTranscript {
+        version: 1,
+        origin: ORIGIN,
+        nonce: Nonce([0x4E; 32]),
+        time_ms: T0.plus_ms(1_000),
+        process: cert.process,
+    };
     let client = vec![
-        ("hello", ClientFrame::Hello(Hello { versions: versions.clone(), resume_token: None })),
-        ("hello-resume", ClientFrame::Hello(Hello { versions: Versions::new(vec![1, 2]).unwrap_or_else(|_| unreachable!()), resume_token: Some(token()) })),
-        ("auth", ClientFrame::Auth(Auth { certificate: cert.clone(), time_ms: transcript.time_ms, signature: device.sign_transcript(&transcript) })),
+        (
+            "hello",
+            ClientFrame::Hello(Hello {
+                versions: versions.clone(),
+                resume_token: None,
+            }),
+        ),
+        (
+            "hello-resume",
+            ClientFrame::Hello(Hello {
+                versions: Versions::new(vec![1, 2]).unwrap_or_else(|_| unreachable!()),
+                resume_token: Some(token()),
+            }),
+        ),
+        (
+            "auth",
+            ClientFrame::Auth(Auth {
+                certificate: cert.clone(),
+                time_ms: transcript.time_ms,
+                signature: device.sign_transcript(&transcript),
+            }),
+        ),
         ("heartbeat", ClientFrame::Heartbeat(Heartbeat { nonce: 42 })),
-        ("create-conversation", ClientFrame::CreateConversation(CreateConversation { rid: 1, conversation: conv, kind: ConversationKind::DirectMessage })),
-        ("create-room", ClientFrame::CreateConversation(CreateConversation { rid: 2, conversation: conv, kind: ConversationKind::Room })),
-        ("send", ClientFrame::Send(Send { rid: 3, conversation: conv, msg_id: MsgId([0x11; 16]), payload: mls(2, 40), welcome: None })),
-        ("send-commit-welcome", ClientFrame::Send(Send { rid: 4, conversation: conv, msg_id: MsgId([0x12; 16]), payload: mls(1, 60), welcome: Some(mls(3, 80)) })),
-        ("subscribe", ClientFrame::Subscribe(Subscribe { rid: 5, stream, from_seq: Some(seq(1)) })),
-        ("subscribe-inbox-from-cursor", ClientFrame::Subscribe(Subscribe { rid: 6, stream: StreamId::Inbox, from_seq: None })),
-        ("continue", ClientFrame::Continue(Continue { stream, after_seq: seq(256) })),
-        ("unsubscribe", ClientFrame::Unsubscribe(Unsubscribe { rid: 7, stream })),
-        ("ack", ClientFrame::Ack(Ack { stream, seq: seq(300) })),
-        ("revoke-device", ClientFrame::RevokeDevice(RevokeDevice { rid: 8, revocation: system.revoke(ProcessId([4; 16]), T0) })),
-        ("upload-key-packages", ClientFrame::UploadKeyPackages(UploadKeyPackages { rid: 9, key_packages: vec![mls(5, 50), mls(5, 51)], last_resort: Some(mls(5, 52)) })),
-        ("upload-key-packages-query", ClientFrame::UploadKeyPackages(UploadKeyPackages { rid: 10, key_packages: vec![], last_resort: None })),
-        ("claim-key-packages", ClientFrame::ClaimKeyPackages(ClaimKeyPackages { rid: 11, user: system.public() })),
+        (
+            "create-conversation",
+            ClientFrame::CreateConversation(CreateConversation {
+                rid: 1,
+                conversation: conv,
+                kind: ConversationKind::DirectMessage,
+            }),
+        ),
+        (
+            "create-room",
+            ClientFrame::CreateConversation(CreateConversation {
+                rid: 2,
+                conversation: conv,
+                kind: ConversationKind::Room,
+            }),
+        ),
+        (
+            "send",
+            ClientFrame::Send(Send {
+                rid: 3,
+                conversation: conv,
+                msg_id: MsgId([0x11; 16]),
+                payload: mls(2, 40),
+                welcome: None,
+            }),
+        ),
+        (
+            "send-commit-welcome",
+            ClientFrame::Send(Send {
+                rid: 4,
+                conversation: conv,
+                msg_id: MsgId([0x12; 16]),
+                payload: mls(1, 60),
+                welcome: Some(mls(3, 80)),
+            }),
+        ),
+        (
+            "subscribe",
+            ClientFrame::Subscribe(Subscribe {
+                rid: 5,
+                stream,
+                from_seq: Some(seq(1)),
+            }),
+        ),
+        (
+            "subscribe-inbox-from-cursor",
+            ClientFrame::Subscribe(Subscribe {
+                rid: 6,
+                stream: StreamId::Inbox,
+                from_seq: None,
+            }),
+        ),
+        (
+            "continue",
+            ClientFrame::Continue(Continue {
+                stream,
+                after_seq: seq(256),
+            }),
+        ),
+        (
+            "unsubscribe",
+            ClientFrame::Unsubscribe(Unsubscribe { rid: 7, stream }),
+        ),
+        (
+            "ack",
+            ClientFrame::Ack(Ack {
+                stream,
+                seq: seq(300),
+            }),
+        ),
+        (
+            "revoke-device",
+            ClientFrame::RevokeDevice(RevokeDevice {
+                rid: 8,
+                revocation: system.revoke(ProcessId([4; 16]), T0),
+            }),
+        ),
+        (
+            "upload-key-packages",
+            ClientFrame::UploadKeyPackages(UploadKeyPackages {
+                rid: 9,
+                key_packages: vec![mls(5, 50), mls(5, 51)],
+                last_resort: Some(mls(5, 52)),
+            }),
+        ),
+        (
+            "upload-key-packages-query",
+            ClientFrame::UploadKeyPackages(UploadKeyPackages {
+                rid: 10,
+                key_packages: vec![],
+                last_resort: None,
+            }),
+        ),
+        (
+            "claim-key-packages",
+            ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
+                rid: 11,
+                user: system.public(),
+            }),
+        ),
     ];
     let entries = sample_entries();
     let server = vec![
-        ("challenge", ServerFrame::Challenge(Challenge { version: 1, nonce: Nonce([0x4E; 32]), server_time_ms: T0 })),
-        ("ready", ServerFrame::Ready(Ready {
-            session_id: SessionId([0x5E; 16]),
-            resume_token: token(),
-            resume_token_ttl_ms: 3_600_000,
-            heartbeat_interval_ms: 15_000,
-            heartbeat_timeout_ms: 45_000,
-            resumed: false,
-            server_time_ms: T0,
-            device: cert.device_id(),
-            limits: SessionLimits::default(),
-        })),
-        ("heartbeat-ack", ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 42 })),
-        ("created", ServerFrame::Created(Created { rid: 1, conversation: conv })),
-        ("accepted", ServerFrame::Accepted(Accepted { rid: 3, conversation: conv, msg_id: MsgId([0x11; 16]), seq: seq(1), duplicate: false })),
-        ("accepted-duplicate", ServerFrame::Accepted(Accepted { rid: 12, conversation: conv, msg_id: MsgId([0x11; 16]), seq: seq(1), duplicate: true })),
-        ("subscribed", ServerFrame::Subscribed(Subscribed { rid: 5, stream, from_seq: seq(1), head_seq: 4, ack_cursor: 0, oldest_seq: 1 })),
-        ("batch", ServerFrame::Batch(Batch { stream, entries: entries[..3].to_vec(), more: true })),
-        ("batch-empty", ServerFrame::Batch(Batch { stream, entries: vec![], more: false })),
-        ("deliver", ServerFrame::Deliver(Deliver { stream, entry: entries[0].clone() })),
-        ("deliver-welcome", ServerFrame::Deliver(Deliver { stream: StreamId::Inbox, entry: entries[3].clone() })),
-        ("continuity-lost", ServerFrame::ContinuityLost(ContinuityLost { rid: 5, stream, from_seq: seq(1), oldest_seq: 1_000, head_seq: 1_500 })),
-        ("unsubscribed", ServerFrame::Unsubscribed(Unsubscribed { rid: 7, stream })),
-        ("error-stale-commit", ServerFrame::Error(ErrorFrame { code: ErrorCode::StaleCommit, rid: Some(4), retry_after_ms: None, epoch: Some(Epoch(4)), seq: Some(seq(2)), detail: None })),
-        ("error-rate-limited", ServerFrame::Error(ErrorFrame { code: ErrorCode::RateLimited, rid: Some(11), retry_after_ms: Some(2_000), epoch: None, seq: None, detail: Some(ShortText::truncated("claims_per_target")) })),
-        ("error-connection", ServerFrame::Error(ErrorFrame { code: ErrorCode::AuthClockSkew, rid: None, retry_after_ms: None, epoch: None, seq: None, detail: None })),
+        (
+            "challenge",
+            ServerFrame::Challenge(Challenge {
+                version: 1,
+                nonce: Nonce([0x4E; 32]),
+                server_time_ms: T0,
+            }),
+        ),
+        (
+            "ready",
+            ServerFrame::Ready(Ready {
+                session_id: SessionId([0x5E; 16]),
+                resume_token: token(),
+                resume_token_ttl_ms: 3_600_000,
+                heartbeat_interval_ms: 15_000,
+                heartbeat_timeout_ms: 45_000,
+                resumed: false,
+                server_time_ms: T0,
+                device: cert.device_id(),
+                limits: SessionLimits::default(),
+            }),
+        ),
+        (
+            "heartbeat-ack",
+            ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 42 }),
+        ),
+        (
+            "created",
+            ServerFrame::Created(Created {
+                rid: 1,
+                conversation: conv,
+            }),
+        ),
+        (
+            "accepted",
+            ServerFrame::Accepted(Accepted {
+                rid: 3,
+                conversation: conv,
+                msg_id: MsgId([0x11; 16]),
+                seq: seq(1),
+                duplicate: false,
+            }),
+        ),
+        (
+            "accepted-duplicate",
+            ServerFrame::Accepted(Accepted {
+                rid: 12,
+                conversation: conv,
+                msg_id: MsgId([0x11; 16]),
+                seq: seq(1),
+                duplicate: true,
+            }),
+        ),
+        (
+            "subscribed",
+            ServerFrame::Subscribed(Subscribed {
+                rid: 5,
+                stream,
+                from_seq: seq(1),
+                head_seq: 4,
+                ack_cursor: 0,
+                oldest_seq: 1,
+            }),
+        ),
+        (
+            "batch",
+            ServerFrame::Batch(Batch {
+                stream,
+                entries: entries[..3].to_vec(),
+                more: true,
+            }),
+        ),
+        (
+            "batch-empty",
+            ServerFrame::Batch(Batch {
+                stream,
+                entries: vec![],
+                more: false,
+            }),
+        ),
+        (
+            "deliver",
+            ServerFrame::Deliver(Deliver {
+                stream,
+                entry: entries[0].clone(),
+            }),
+        ),
+        (
+            "deliver-welcome",
+            ServerFrame::Deliver(Deliver {
+                stream: StreamId::Inbox,
+                entry: entries[3].clone(),
+            }),
+        ),
+        (
+            "continuity-lost",
+            ServerFrame::ContinuityLost(ContinuityLost {
+                rid: 5,
+                stream,
+                from_seq: seq(1),
+                oldest_seq: 1_000,
+                head_seq: 1_500,
+            }),
+        ),
+        (
+            "unsubscribed",
+            ServerFrame::Unsubscribed(Unsubscribed { rid: 7, stream }),
+        ),
+        (
+            "error-stale-commit",
+            ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::StaleCommit,
+                rid: Some(4),
+                retry_after_ms: None,
+                epoch: Some(Epoch(4)),
+                seq: Some(seq(2)),
+                detail: None,
+            }),
+        ),
+        (
+            "error-rate-limited",
+            ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::RateLimited,
+                rid: Some(11),
+                retry_after_ms: Some(2_000),
+                epoch: None,
+                seq: None,
+                detail: Some(ShortText::truncated("claims_per_target")),
+            }),
+        ),
+        (
+            "error-connection",
+            ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::AuthClockSkew,
+                rid: None,
+                retry_after_ms: None,
+                epoch: None,
+                seq: None,
+                detail: None,
+            }),
+        ),
         ("ok", ServerFrame::Ok(OkFrame { rid: 8 })),
-        ("key-packages-stored", ServerFrame::KeyPackagesStored(KeyPackagesStored { rid: 9, pool_count: 2, low_watermark: 10, last_resort_present: true, last_resort_claimed: false })),
-        ("key-packages-claimed", ServerFrame::KeyPackagesClaimed(KeyPackagesClaimed { rid: 11, user: system.public(), claimed: vec![ClaimedKeyPackage { device: cert.device_id(), key_package: mls(5, 50), last_resort: false }] })),
+        (
+            "key-packages-stored",
+            ServerFrame::KeyPackagesStored(KeyPackagesStored {
+                rid: 9,
+                pool_count: 2,
+                low_watermark: 10,
+                last_resort_present: true,
+                last_resort_claimed: false,
+            }),
+        ),
+        (
+            "key-packages-claimed",
+            ServerFrame::KeyPackagesClaimed(KeyPackagesClaimed {
+                rid: 11,
+                user: system.public(),
+                claimed: vec![ClaimedKeyPackage {
+                    device: cert.device_id(),
+                    key_package: mls(5, 50),
+                    last_resort: false,
+                }],
+            }),
+        ),
     ];
-    (client, server)
+    SampleFrames { client, server }
 }
 
 fn frames() -> Value {
-    let (client, server) = sample_frames();
+    let SampleFrames { client, server } = sample_frames();
     let mut out = Vec::new();
     for (name, f) in client {
-        out.push(FrameVector { name: name.into(), direction: "client".into(), value: to_json(&f), hex: hex::encode(f.encode()) });
+        out.push(FrameVector {
+            name: name.into(),
+            direction: "client".into(),
+            value: to_json(&f),
+            hex: hex::encode(f.encode()),
+        });
     }
     for (name, f) in server {
-        out.push(FrameVector { name: name.into(), direction: "server".into(), value: to_json(&f), hex: hex::encode(f.encode()) });
+        out.push(FrameVector {
+            name: name.into(),
+            direction: "server".into(),
+            value: to_json(&f),
+            hex: hex::encode(f.encode()),
+        });
     }
     json!({
         "description": "One value of every frame type in SPEC.md Appendix A with its exact canonical CBOR encoding. Decoding `hex` must give `value`; encoding `value` must give `hex`.",
@@ -245,16 +548,27 @@ pub fn verdict(r: Result<(), IdentityError>) -> String {
 fn certificates() -> Value {
     let (system, device, cert) = fixture();
     let other = SystemKeyPair::from_seed(&[9; 32]);
-    let mut forged = other.issue_certificate(cert.process, device.public(), cert.not_before_ms, cert.not_after_ms);
+    let mut forged = other.issue_certificate(
+        cert.process,
+        device.public(),
+        cert.not_before_ms,
+        cert.not_after_ms,
+    );
     forged.system = system.public();
-    let too_long = system.issue_certificate(cert.process, device.public(), T0, T0.plus_ms(401 * DAY_MS));
+    let too_long =
+        system.issue_certificate(cert.process, device.public(), T0, T0.plus_ms(401 * DAY_MS));
     let inverted = system.issue_certificate(cert.process, device.public(), T0, T0);
     let revocation = system.revoke(cert.process, T0.plus_ms(DAY_MS));
     let cases: Vec<(&str, &DeviceCertificate, UnixMs, bool)> = vec![
         ("valid", &cert, T0.plus_ms(DAY_MS / 2), false),
         ("expired", &cert, cert.not_after_ms, false),
         ("not-yet-valid", &cert, UnixMs(T0.0 - 600_000), false),
-        ("not-yet-valid-within-skew", &cert, UnixMs(T0.0 - 200_000), false),
+        (
+            "not-yet-valid-within-skew",
+            &cert,
+            UnixMs(T0.0 - 200_000),
+            false,
+        ),
         ("bad-signature", &forged, T0.plus_ms(DAY_MS / 2), false),
         ("lifetime-too-long", &too_long, T0.plus_ms(DAY_MS), false),
         ("empty-validity", &inverted, T0, false),
@@ -308,12 +622,22 @@ pub fn verify_auth(
     clock_skew_max_ms: u64,
     revoked_at: impl FnOnce(&DeviceId) -> Option<UnixMs>,
 ) -> Result<(), ErrorCode> {
-    auth.certificate.verify(now, clock_skew_max_ms, revoked_at).map_err(IdentityError::code)?;
+    auth.certificate
+        .verify(now, clock_skew_max_ms, revoked_at)
+        .map_err(IdentityError::code)?;
     if auth.time_ms.0.abs_diff(now.0) > clock_skew_max_ms {
         return Err(ErrorCode::AuthClockSkew);
     }
-    let transcript = AuthTranscript { version, origin, nonce, time_ms: auth.time_ms, process: auth.certificate.process };
-    transcript.verify(&auth.certificate.device_key, &auth.signature).map_err(IdentityError::code)
+    let transcript = AuthTranscript {
+        version,
+        origin,
+        nonce,
+        time_ms: auth.time_ms,
+        process: auth.certificate.process,
+    };
+    transcript
+        .verify(&auth.certificate.device_key, &auth.signature)
+        .map_err(IdentityError::code)
 }
 
 fn auth() -> Value {
@@ -322,16 +646,43 @@ fn auth() -> Value {
     let now = T0.plus_ms(DAY_MS);
     let skew = crate::limits::CLOCK_SKEW_MAX_MS_DEFAULT;
     let sign = |origin: &str, nonce: Nonce, time_ms: UnixMs, key: &DeviceKeyPair| {
-        let t = AuthTranscript { version: 1, origin, nonce, time_ms, process: cert.process };
-        (t.signing_input(), Auth { certificate: cert.clone(), time_ms, signature: key.sign_transcript(&t) })
+        let t = AuthTranscript {
+            version: 1,
+            origin,
+            nonce,
+            time_ms,
+            process: cert.process,
+        };
+        (
+            t.signing_input(),
+            Auth {
+                certificate: cert.clone(),
+                time_ms,
+                signature: key.sign_transcript(&t),
+            },
+        )
     };
     let wrong_key = DeviceKeyPair::from_seed(&[7; 32]);
-    let expired_cert = system.issue_certificate(cert.process, device.public(), UnixMs(T0.0 - 2 * DAY_MS), UnixMs(T0.0 - DAY_MS));
+    let expired_cert = system.issue_certificate(
+        cert.process,
+        device.public(),
+        UnixMs(T0.0 - 2 * DAY_MS),
+        UnixMs(T0.0 - DAY_MS),
+    );
     let cases: Vec<(&str, (Vec<u8>, Auth))> = vec![
         ("valid", sign(ORIGIN, nonce, now, &device)),
-        ("valid-within-skew", sign(ORIGIN, nonce, UnixMs(now.0 - 299_000), &device)),
-        ("clock-skew", sign(ORIGIN, nonce, now.plus_ms(301_000), &device)),
-        ("other-origin", sign("wss://evil.example", nonce, now, &device)),
+        (
+            "valid-within-skew",
+            sign(ORIGIN, nonce, UnixMs(now.0 - 299_000), &device),
+        ),
+        (
+            "clock-skew",
+            sign(ORIGIN, nonce, now.plus_ms(301_000), &device),
+        ),
+        (
+            "other-origin",
+            sign("wss://evil.example", nonce, now, &device),
+        ),
         ("other-nonce", sign(ORIGIN, Nonce([0x4F; 32]), now, &device)),
         ("wrong-device-key", sign(ORIGIN, nonce, now, &wrong_key)),
         ("expired-certificate", {
@@ -379,7 +730,11 @@ pub struct SessionStep {
 /// Builds a session for the fixture device with `seed`.
 pub fn fixture_session(seed: u64) -> ClientSession {
     let (_, key, certificate) = fixture();
-    ClientSession::new(SessionConfig::new(ORIGIN), DeviceCredentials { key, certificate }, seed)
+    ClientSession::new(
+        SessionConfig::new(ORIGIN),
+        DeviceCredentials { key, certificate },
+        seed,
+    )
 }
 
 /// Runs `inputs` through a fresh fixture session and records each step.
@@ -394,15 +749,32 @@ pub fn run_session(seed: u64, inputs: Vec<(UnixMs, Input)>) -> Vec<SessionStep> 
                 outputs.push(o);
             }
             if let Err(e) = result {
-                outputs.push(Output::Event(crate::session::Event::ProtocolViolation { detail: format!("refused: {e}") }));
+                outputs.push(Output::Event(crate::session::Event::ProtocolViolation {
+                    detail: format!("refused: {e}"),
+                }));
             }
-            SessionStep { at_ms: at, input, outputs, next_timeout_ms: s.poll_timeout() }
+            SessionStep {
+                at_ms: at,
+                input,
+                outputs,
+                next_timeout_ms: s.poll_timeout(),
+            }
         })
         .collect()
 }
 
+/// A named input script for the session transcripts.
+pub struct SessionScript {
+    /// Short unique name.
+    pub name: &'static str,
+    /// What it shows.
+    pub description: &'static str,
+    /// Timed inputs.
+    pub inputs: Vec<(UnixMs, Input)>,
+}
+
 /// The input scripts of `session.json`.
-pub fn session_scripts() -> Vec<(&'static str, &'static str, Vec<(UnixMs, Input)>)> {
+pub fn session_scripts() -> Vec<SessionScript> {
     let (_, _, cert) = fixture();
     let conv = ConversationId([0xC0; 32]);
     let stream = StreamId::Conversation(conv);
@@ -427,11 +799,18 @@ pub fn session_scripts() -> Vec<(&'static str, &'static str, Vec<(UnixMs, Input)
             resumed,
             server_time_ms: T0,
             device: cert.device_id(),
-            limits: SessionLimits { replay_batch_max: 2, ..SessionLimits::default() },
+            limits: SessionLimits {
+                replay_batch_max: 2,
+                ..SessionLimits::default()
+            },
         })
     };
     let frame = |conn: ConnId, frame: ServerFrame| Input::Frame { conn, frame };
-    let challenge = ServerFrame::Challenge(Challenge { version: 1, nonce: Nonce([0x4E; 32]), server_time_ms: T0 });
+    let challenge = ServerFrame::Challenge(Challenge {
+        version: 1,
+        nonce: Nonce([0x4E; 32]),
+        server_time_ms: T0,
+    });
     let handshake = |conn: ConnId, at: u64| {
         vec![
             (t(at), Input::Connected { conn }),
@@ -442,81 +821,379 @@ pub fn session_scripts() -> Vec<(&'static str, &'static str, Vec<(UnixMs, Input)
     let mut connect_and_replay = vec![(t(0), Input::Start)];
     connect_and_replay.extend(handshake(c1, 10));
     connect_and_replay.extend([
-        (t(20), Input::Subscribe { stream, from_seq: None }),
-        (t(21), frame(c1, ServerFrame::Subscribed(Subscribed { rid: 1, stream, from_seq: seq(1), head_seq: 3, ack_cursor: 0, oldest_seq: 1 }))),
-        (t(22), frame(c1, ServerFrame::Batch(Batch { stream, entries: vec![entry(1, 1), entry(2, 2)], more: true }))),
-        (t(23), frame(c1, ServerFrame::Batch(Batch { stream, entries: vec![entry(3, 3)], more: false }))),
-        (t(24), frame(c1, ServerFrame::Deliver(Deliver { stream, entry: entry(4, 4) }))),
-        (t(25), Input::Ack { stream, seq: seq(4) }),
-        (t(26), Input::Send { conversation: conv, msg_id: MsgId([0x77; 16]), payload: mls(2, 8), welcome: None }),
-        (t(27), frame(c1, ServerFrame::Accepted(Accepted { rid: 2, conversation: conv, msg_id: MsgId([0x77; 16]), seq: seq(5), duplicate: false }))),
+        (
+            t(20),
+            Input::Subscribe {
+                stream,
+                from_seq: None,
+            },
+        ),
+        (
+            t(21),
+            frame(
+                c1,
+                ServerFrame::Subscribed(Subscribed {
+                    rid: 1,
+                    stream,
+                    from_seq: seq(1),
+                    head_seq: 3,
+                    ack_cursor: 0,
+                    oldest_seq: 1,
+                }),
+            ),
+        ),
+        (
+            t(22),
+            frame(
+                c1,
+                ServerFrame::Batch(Batch {
+                    stream,
+                    entries: vec![entry(1, 1), entry(2, 2)],
+                    more: true,
+                }),
+            ),
+        ),
+        (
+            t(23),
+            frame(
+                c1,
+                ServerFrame::Batch(Batch {
+                    stream,
+                    entries: vec![entry(3, 3)],
+                    more: false,
+                }),
+            ),
+        ),
+        (
+            t(24),
+            frame(
+                c1,
+                ServerFrame::Deliver(Deliver {
+                    stream,
+                    entry: entry(4, 4),
+                }),
+            ),
+        ),
+        (
+            t(25),
+            Input::Ack {
+                stream,
+                seq: seq(4),
+            },
+        ),
+        (
+            t(26),
+            Input::Send {
+                conversation: conv,
+                msg_id: MsgId([0x77; 16]),
+                payload: mls(2, 8),
+                welcome: None,
+            },
+        ),
+        (
+            t(27),
+            frame(
+                c1,
+                ServerFrame::Accepted(Accepted {
+                    rid: 2,
+                    conversation: conv,
+                    msg_id: MsgId([0x77; 16]),
+                    seq: seq(5),
+                    duplicate: false,
+                }),
+            ),
+        ),
     ]);
 
     let mut gaps = vec![(t(0), Input::Start)];
     gaps.extend(handshake(c1, 10));
     gaps.extend([
-        (t(20), Input::Subscribe { stream, from_seq: None }),
-        (t(21), frame(c1, ServerFrame::Subscribed(Subscribed { rid: 1, stream, from_seq: seq(1), head_seq: 0, ack_cursor: 0, oldest_seq: 1 }))),
-        (t(22), frame(c1, ServerFrame::Batch(Batch { stream, entries: vec![], more: false }))),
-        (t(23), frame(c1, ServerFrame::Deliver(Deliver { stream, entry: entry(1, 1) }))),
-        (t(24), frame(c1, ServerFrame::Deliver(Deliver { stream, entry: entry(1, 1) }))),
-        (t(25), frame(c1, ServerFrame::Deliver(Deliver { stream, entry: entry(3, 3) }))),
-        (t(26), frame(c1, ServerFrame::Deliver(Deliver { stream, entry: entry(4, 4) }))),
-        (t(27), frame(c1, ServerFrame::Subscribed(Subscribed { rid: 2, stream, from_seq: seq(2), head_seq: 4, ack_cursor: 0, oldest_seq: 1 }))),
-        (t(28), frame(c1, ServerFrame::Batch(Batch { stream, entries: vec![entry(2, 2), entry(3, 3)], more: true }))),
-        (t(29), frame(c1, ServerFrame::Batch(Batch { stream, entries: vec![entry(4, 2)], more: false }))),
+        (
+            t(20),
+            Input::Subscribe {
+                stream,
+                from_seq: None,
+            },
+        ),
+        (
+            t(21),
+            frame(
+                c1,
+                ServerFrame::Subscribed(Subscribed {
+                    rid: 1,
+                    stream,
+                    from_seq: seq(1),
+                    head_seq: 0,
+                    ack_cursor: 0,
+                    oldest_seq: 1,
+                }),
+            ),
+        ),
+        (
+            t(22),
+            frame(
+                c1,
+                ServerFrame::Batch(Batch {
+                    stream,
+                    entries: vec![],
+                    more: false,
+                }),
+            ),
+        ),
+        (
+            t(23),
+            frame(
+                c1,
+                ServerFrame::Deliver(Deliver {
+                    stream,
+                    entry: entry(1, 1),
+                }),
+            ),
+        ),
+        (
+            t(24),
+            frame(
+                c1,
+                ServerFrame::Deliver(Deliver {
+                    stream,
+                    entry: entry(1, 1),
+                }),
+            ),
+        ),
+        (
+            t(25),
+            frame(
+                c1,
+                ServerFrame::Deliver(Deliver {
+                    stream,
+                    entry: entry(3, 3),
+                }),
+            ),
+        ),
+        (
+            t(26),
+            frame(
+                c1,
+                ServerFrame::Deliver(Deliver {
+                    stream,
+                    entry: entry(4, 4),
+                }),
+            ),
+        ),
+        (
+            t(27),
+            frame(
+                c1,
+                ServerFrame::Subscribed(Subscribed {
+                    rid: 2,
+                    stream,
+                    from_seq: seq(2),
+                    head_seq: 4,
+                    ack_cursor: 0,
+                    oldest_seq: 1,
+                }),
+            ),
+        ),
+        (
+            t(28),
+            frame(
+                c1,
+                ServerFrame::Batch(Batch {
+                    stream,
+                    entries: vec![entry(2, 2), entry(3, 3)],
+                    more: true,
+                }),
+            ),
+        ),
+        (
+            t(29),
+            frame(
+                c1,
+                ServerFrame::Batch(Batch {
+                    stream,
+                    entries: vec![entry(4, 2)],
+                    more: false,
+                }),
+            ),
+        ),
     ]);
 
     let mut resume = vec![(t(0), Input::Start)];
     resume.extend(handshake(c1, 10));
     resume.extend([
-        (t(20), Input::Subscribe { stream, from_seq: Some(seq(7)) }),
-        (t(21), Input::Send { conversation: conv, msg_id: MsgId([0x77; 16]), payload: mls(2, 8), welcome: None }),
-        (t(30), Input::Closed { conn: c1, code: Some(4001) }),
-        (t(31), frame(c1, ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 1 }))),
+        (
+            t(20),
+            Input::Subscribe {
+                stream,
+                from_seq: Some(seq(7)),
+            },
+        ),
+        (
+            t(21),
+            Input::Send {
+                conversation: conv,
+                msg_id: MsgId([0x77; 16]),
+                payload: mls(2, 8),
+                welcome: None,
+            },
+        ),
+        (
+            t(30),
+            Input::Closed {
+                conn: c1,
+                code: Some(4001),
+            },
+        ),
+        (
+            t(31),
+            frame(c1, ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 1 })),
+        ),
         (t(300), Input::Timeout),
         (t(301), Input::Connected { conn: c2 }),
         (t(302), frame(c2, ready(true))),
-        (t(303), frame(c2, ServerFrame::Accepted(Accepted { rid: 4, conversation: conv, msg_id: MsgId([0x77; 16]), seq: seq(9), duplicate: true }))),
+        (
+            t(303),
+            frame(
+                c2,
+                ServerFrame::Accepted(Accepted {
+                    rid: 4,
+                    conversation: conv,
+                    msg_id: MsgId([0x77; 16]),
+                    seq: seq(9),
+                    duplicate: true,
+                }),
+            ),
+        ),
     ]);
 
     let mut zombie = vec![(t(0), Input::Start)];
     zombie.extend(handshake(c1, 10));
     zombie.extend([
         (t(15_012), Input::Timeout),
-        (t(20_000), frame(c1, ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 1 }))),
+        (
+            t(20_000),
+            frame(c1, ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 1 })),
+        ),
         (t(35_000), Input::Timeout),
         (t(79_999), Input::Timeout),
         (t(80_000), Input::Timeout),
-        (t(80_001), frame(c1, ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 2 }))),
+        (
+            t(80_001),
+            frame(c1, ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 2 })),
+        ),
     ]);
 
     let fatal = vec![
         (t(0), Input::Start),
         (t(10), Input::Connected { conn: c1 }),
         (t(11), frame(c1, challenge.clone())),
-        (t(12), frame(c1, ServerFrame::Error(ErrorFrame { code: ErrorCode::AuthCertificateRevoked, rid: None, retry_after_ms: None, epoch: None, seq: None, detail: None }))),
-        (t(13), Input::Closed { conn: c1, code: Some(4103) }),
+        (
+            t(12),
+            frame(
+                c1,
+                ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::AuthCertificateRevoked,
+                    rid: None,
+                    retry_after_ms: None,
+                    epoch: None,
+                    seq: None,
+                    detail: None,
+                }),
+            ),
+        ),
+        (
+            t(13),
+            Input::Closed {
+                conn: c1,
+                code: Some(4103),
+            },
+        ),
         (t(60_000), Input::Timeout),
     ];
 
     let mut stale = vec![(t(0), Input::Start)];
     stale.extend(handshake(c1, 10));
     stale.extend([
-        (t(20), Input::Send { conversation: conv, msg_id: MsgId([0x21; 16]), payload: mls(1, 8), welcome: None }),
-        (t(21), frame(c1, ServerFrame::Error(ErrorFrame { code: ErrorCode::StaleCommit, rid: Some(1), retry_after_ms: None, epoch: Some(Epoch(5)), seq: Some(seq(40)), detail: None }))),
-        (t(22), Input::Send { conversation: conv, msg_id: MsgId([0x22; 16]), payload: mls(2, 8), welcome: None }),
-        (t(23), frame(c1, ServerFrame::Error(ErrorFrame { code: ErrorCode::RateLimited, rid: Some(2), retry_after_ms: Some(1_000), epoch: None, seq: None, detail: None }))),
+        (
+            t(20),
+            Input::Send {
+                conversation: conv,
+                msg_id: MsgId([0x21; 16]),
+                payload: mls(1, 8),
+                welcome: None,
+            },
+        ),
+        (
+            t(21),
+            frame(
+                c1,
+                ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::StaleCommit,
+                    rid: Some(1),
+                    retry_after_ms: None,
+                    epoch: Some(Epoch(5)),
+                    seq: Some(seq(40)),
+                    detail: None,
+                }),
+            ),
+        ),
+        (
+            t(22),
+            Input::Send {
+                conversation: conv,
+                msg_id: MsgId([0x22; 16]),
+                payload: mls(2, 8),
+                welcome: None,
+            },
+        ),
+        (
+            t(23),
+            frame(
+                c1,
+                ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::RateLimited,
+                    rid: Some(2),
+                    retry_after_ms: Some(1_000),
+                    epoch: None,
+                    seq: None,
+                    detail: None,
+                }),
+            ),
+        ),
         (t(1_023), Input::Timeout),
     ]);
 
     vec![
-        ("connect-replay-live", "Handshake, replay across a batch boundary with Continue, switch to live, ack, send and accept.", connect_and_replay),
-        ("duplicates-and-gaps", "A duplicate is dropped, a gap triggers one re-subscribe from next_seq, stale frames of the old subscription are ignored, a repeated msg_id is skipped.", gaps),
-        ("resume-and-resend", "Subscription from a restored position; a zombie close (4001) schedules a jittered reconnect; stale frames of the dead connection are ignored; the resume token is offered; subscriptions and the unanswered send are re-issued with the same msg_id.", resume),
-        ("heartbeat-and-zombie", "Heartbeat after the interval, acked; a second heartbeat is not acked within heartbeat_timeout_ms, so the connection is dropped and a reconnect scheduled.", zombie),
-        ("fatal-close", "A 4103 close after an auth error stops the session: no reconnect is scheduled.", fatal),
-        ("send-rejections", "stale_commit removes the send and reports the current epoch and winning seq; rate_limited keeps it and resends after retry_after_ms.", stale),
+        SessionScript {
+            name: "connect-replay-live",
+            description: "Handshake, replay across a batch boundary with Continue, switch to live, ack, send and accept.",
+            inputs: connect_and_replay,
+        },
+        SessionScript {
+            name: "duplicates-and-gaps",
+            description: "A duplicate is dropped, a gap triggers one re-subscribe from next_seq, stale frames of the old subscription are ignored, a repeated msg_id is skipped.",
+            inputs: gaps,
+        },
+        SessionScript {
+            name: "resume-and-resend",
+            description: "Subscription from a restored position; a zombie close (4001) schedules a jittered reconnect; stale frames of the dead connection are ignored; the resume token is offered; subscriptions and the unanswered send are re-issued with the same msg_id.",
+            inputs: resume,
+        },
+        SessionScript {
+            name: "heartbeat-and-zombie",
+            description: "Heartbeat after the interval, acked; a second heartbeat is not acked within heartbeat_timeout_ms, so the connection is dropped and a reconnect scheduled.",
+            inputs: zombie,
+        },
+        SessionScript {
+            name: "fatal-close",
+            description: "A 4103 close after an auth error stops the session: no reconnect is scheduled.",
+            inputs: fatal,
+        },
+        SessionScript {
+            name: "send-rejections",
+            description: "stale_commit removes the send and reports the current epoch and winning seq; rate_limited keeps it and resends after retry_after_ms.",
+            inputs: stale,
+        },
     ]
 }
 
@@ -524,8 +1201,8 @@ fn session() -> Value {
     let seed = 7;
     let transcripts: Vec<Value> = session_scripts()
         .into_iter()
-        .map(|(name, description, inputs)| {
-            json!({ "name": name, "description": description, "steps": run_session(seed, inputs) })
+        .map(|script| {
+            json!({ "name": script.name, "description": script.description, "steps": run_session(seed, script.inputs) })
         })
         .collect();
     json!({

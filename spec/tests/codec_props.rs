@@ -5,7 +5,10 @@ use confab_spec::{ClientFrame, DecodeLimits, ServerFrame};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 2_000, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 2_000,
+        ..ProptestConfig::default()
+    }
 }
 
 proptest! {

@@ -88,7 +88,10 @@ impl Gateway {
         if let Some(ServerSub::Live { next }) = &mut self.sub {
             if *next == seq.get() {
                 *next += 1;
-                self.queue.push_back(ServerFrame::Deliver(Deliver { stream: STREAM, entry: self.log[seq.get() as usize - 1].clone() }));
+                self.queue.push_back(ServerFrame::Deliver(Deliver {
+                    stream: STREAM,
+                    entry: self.log[seq.get() as usize - 1].clone(),
+                }));
             }
         }
         seq
@@ -104,10 +107,22 @@ impl Gateway {
     fn batch_from(&mut self, from: u64) {
         let head = self.head();
         let last = head.min(from + self.batch_max as u64 - 1);
-        let entries: Vec<Entry> = if from <= head { self.log[from as usize - 1..last as usize].to_vec() } else { vec![] };
+        let entries: Vec<Entry> = if from <= head {
+            self.log[from as usize - 1..last as usize].to_vec()
+        } else {
+            vec![]
+        };
         let more = !entries.is_empty() && last < head;
-        self.sub = Some(if more { ServerSub::AwaitContinue { next: last + 1 } } else { ServerSub::Live { next: head + 1 } });
-        self.queue.push_back(ServerFrame::Batch(Batch { stream: STREAM, entries, more }));
+        self.sub = Some(if more {
+            ServerSub::AwaitContinue { next: last + 1 }
+        } else {
+            ServerSub::Live { next: head + 1 }
+        });
+        self.queue.push_back(ServerFrame::Batch(Batch {
+            stream: STREAM,
+            entries,
+            more,
+        }));
     }
 
     fn handle(&mut self, frame: ClientFrame) -> Result<(), TestCaseError> {
@@ -117,11 +132,17 @@ impl Gateway {
                 if h.resume_token.is_some() {
                     self.queue.push_back(ready(&cert, true));
                 } else {
-                    self.queue.push_back(ServerFrame::Challenge(Challenge { version: 1, nonce: Nonce([1; 32]), server_time_ms: T0 }));
+                    self.queue.push_back(ServerFrame::Challenge(Challenge {
+                        version: 1,
+                        nonce: Nonce([1; 32]),
+                        server_time_ms: T0,
+                    }));
                 }
             }
             ClientFrame::Auth(_) => self.queue.push_back(ready(&cert, false)),
-            ClientFrame::Heartbeat(h) => self.queue.push_back(ServerFrame::HeartbeatAck(HeartbeatAck { nonce: h.nonce })),
+            ClientFrame::Heartbeat(h) => self
+                .queue
+                .push_back(ServerFrame::HeartbeatAck(HeartbeatAck { nonce: h.nonce })),
             ClientFrame::Subscribe(s) => {
                 let from = s.from_seq.map_or(self.ack_cursor + 1, Seq::get);
                 prop_assert!(from <= self.head() + 1, "subscribe beyond head");
@@ -137,13 +158,22 @@ impl Gateway {
             }
             ClientFrame::Continue(c) => {
                 if let Some(ServerSub::AwaitContinue { next }) = self.sub {
-                    prop_assert_eq!(c.after_seq.get() + 1, next, "Continue names the batch's last seq");
+                    prop_assert_eq!(
+                        c.after_seq.get() + 1,
+                        next,
+                        "Continue names the batch's last seq"
+                    );
                     self.batch_from(next);
                 }
             }
             ClientFrame::Ack(a) => {
                 prop_assert!(a.seq.get() <= self.head(), "ack beyond head");
-                prop_assert!(a.seq.get() >= self.ack_cursor, "Ack frame moved backwards: {} < {}", a.seq.get(), self.ack_cursor);
+                prop_assert!(
+                    a.seq.get() >= self.ack_cursor,
+                    "Ack frame moved backwards: {} < {}",
+                    a.seq.get(),
+                    self.ack_cursor
+                );
                 self.ack_cursor = a.seq.get();
             }
             ClientFrame::Send(s) => {
@@ -155,7 +185,13 @@ impl Gateway {
                         (seq, false)
                     }
                 };
-                self.queue.push_back(ServerFrame::Accepted(Accepted { rid: s.rid, conversation: s.conversation, msg_id: s.msg_id, seq, duplicate }));
+                self.queue.push_back(ServerFrame::Accepted(Accepted {
+                    rid: s.rid,
+                    conversation: s.conversation,
+                    msg_id: s.msg_id,
+                    seq,
+                    duplicate,
+                }));
             }
             other => prop_assert!(false, "unexpected client frame {}", other.name()),
         }
@@ -173,7 +209,10 @@ fn ready(cert: &confab_spec::identity::DeviceCertificate, resumed: bool) -> Serv
         resumed,
         server_time_ms: T0,
         device: cert.device_id(),
-        limits: SessionLimits { replay_batch_max: 3, ..SessionLimits::default() },
+        limits: SessionLimits {
+            replay_batch_max: 3,
+            ..SessionLimits::default()
+        },
     })
 }
 
@@ -192,7 +231,16 @@ impl Harness {
     fn new(seed: u64) -> Self {
         Self {
             session: fixture_session(seed),
-            gw: Gateway { log: vec![], batch_max: 3, conn: None, sub: None, queue: VecDeque::new(), ack_cursor: 0, sent_ids: HashMap::new(), next_msg: 0 },
+            gw: Gateway {
+                log: vec![],
+                batch_max: 3,
+                conn: None,
+                sub: None,
+                queue: VecDeque::new(),
+                ack_cursor: 0,
+                sent_ids: HashMap::new(),
+                next_msg: 0,
+            },
             now: T0,
             delivered: vec![],
             delivered_ids: HashSet::new(),
@@ -242,16 +290,31 @@ impl Harness {
         match e {
             Event::Delivered { entry, .. } => {
                 let expected = self.delivered.last().map_or(1, |s| s.get() + 1);
-                prop_assert_eq!(entry.seq.get(), expected, "delivered seqs must be gap-free and increasing");
-                prop_assert!(self.delivered_ids.insert(entry.msg_id), "msg_id delivered twice");
-                prop_assert_eq!(&self.gw.log[entry.seq.get() as usize - 1], &entry, "delivered entry differs from the log");
+                prop_assert_eq!(
+                    entry.seq.get(),
+                    expected,
+                    "delivered seqs must be gap-free and increasing"
+                );
+                prop_assert!(
+                    self.delivered_ids.insert(entry.msg_id),
+                    "msg_id delivered twice"
+                );
+                prop_assert_eq!(
+                    &self.gw.log[entry.seq.get() as usize - 1],
+                    &entry,
+                    "delivered entry differs from the log"
+                );
                 self.delivered.push(entry.seq);
             }
-            Event::DuplicateMsgId { .. } => prop_assert!(false, "honest gateway never repeats a msg_id"),
+            Event::DuplicateMsgId { .. } => {
+                prop_assert!(false, "honest gateway never repeats a msg_id")
+            }
             Event::SendAccepted { msg_id, .. } => {
                 prop_assert!(self.accepted.insert(msg_id), "send accepted twice");
             }
-            Event::SendRejected { .. } | Event::ProtocolViolation { .. } | Event::Stopped { .. } => {
+            Event::SendRejected { .. }
+            | Event::ProtocolViolation { .. }
+            | Event::Stopped { .. } => {
                 prop_assert!(false, "unexpected event {:?}", e);
             }
             _ => {}
@@ -287,7 +350,9 @@ impl Harness {
             }
             Op::Duplicate => {
                 // TCP never repeats a frame; a faulty or multi-node gateway may repeat an entry.
-                if let (Some(conn), Some(frame @ ServerFrame::Deliver(_))) = (self.gw.conn, self.gw.queue.front().cloned()) {
+                if let (Some(conn), Some(frame @ ServerFrame::Deliver(_))) =
+                    (self.gw.conn, self.gw.queue.front().cloned())
+                {
                     self.input(Input::Frame { conn, frame })?;
                 }
             }
@@ -299,9 +364,19 @@ impl Harness {
             }
             Op::Stale(i) => {
                 // Stale entries can only follow a Ready on the same connection.
-                if let (Some(conn), false, true) = (self.gw.conn, self.gw.log.is_empty(), self.session.is_ready()) {
+                if let (Some(conn), false, true) = (
+                    self.gw.conn,
+                    self.gw.log.is_empty(),
+                    self.session.is_ready(),
+                ) {
                     let entry = self.gw.log[*i as usize % self.gw.log.len()].clone();
-                    self.input(Input::Frame { conn, frame: ServerFrame::Deliver(Deliver { stream: STREAM, entry }) })?;
+                    self.input(Input::Frame {
+                        conn,
+                        frame: ServerFrame::Deliver(Deliver {
+                            stream: STREAM,
+                            entry,
+                        }),
+                    })?;
                 }
             }
             Op::Disconnect(code) => {
@@ -314,13 +389,19 @@ impl Harness {
             Op::Tick(ms) => self.tick(u64::from(*ms))?,
             Op::AppAck => {
                 if let Some(&seq) = self.delivered.last() {
-                    self.input(Input::Ack { stream: STREAM, seq })?;
+                    self.input(Input::Ack {
+                        stream: STREAM,
+                        seq,
+                    })?;
                 }
             }
             Op::AppAckOld(i) => {
                 if !self.delivered.is_empty() {
                     let seq = self.delivered[*i as usize % self.delivered.len()];
-                    self.input(Input::Ack { stream: STREAM, seq })?;
+                    self.input(Input::Ack {
+                        stream: STREAM,
+                        seq,
+                    })?;
                 }
             }
             Op::AppSend => {
@@ -329,7 +410,15 @@ impl Harness {
                 let msg_id = MsgId(id);
                 self.app_sends.push(msg_id);
                 let payload = MlsBytes::new(id.to_vec()).expect("16 bytes");
-                let r = self.session.handle(self.now, Input::Send { conversation: CONV, msg_id, payload, welcome: None });
+                let r = self.session.handle(
+                    self.now,
+                    Input::Send {
+                        conversation: CONV,
+                        msg_id,
+                        payload,
+                        welcome: None,
+                    },
+                );
                 prop_assert!(r.is_ok(), "send refused: {r:?}");
                 self.drain()?;
             }
@@ -354,11 +443,19 @@ impl Harness {
             } else {
                 // Waiting for a reconnect or stuck in a handshake whose frame was dropped:
                 // let the session's own timers act.
-                let wake = self.session.poll_timeout().map_or(1, |t| t.since(self.now).max(1));
+                let wake = self
+                    .session
+                    .poll_timeout()
+                    .map_or(1, |t| t.since(self.now).max(1));
                 self.tick(wake)?;
             }
         }
-        prop_assert!(false, "did not catch up: delivered {} of {}", self.delivered.len(), self.gw.head());
+        prop_assert!(
+            false,
+            "did not catch up: delivered {} of {}",
+            self.delivered.len(),
+            self.gw.head()
+        );
         Ok(())
     }
 }
@@ -366,7 +463,10 @@ impl Harness {
 fn run(seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut h = Harness::new(seed);
     h.input(Input::Start)?;
-    h.input(Input::Subscribe { stream: STREAM, from_seq: None })?;
+    h.input(Input::Subscribe {
+        stream: STREAM,
+        from_seq: None,
+    })?;
     for op in ops {
         h.apply(op)?;
     }

@@ -5,7 +5,11 @@ use confab_spec::requirements::{SPEC_MD, check, requirements};
 #[test]
 fn every_must_has_a_unique_requirement_id_and_the_index_is_current() {
     let problems = check(SPEC_MD);
-    assert!(problems.is_empty(), "SPEC.md requirement problems:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "SPEC.md requirement problems:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
@@ -21,6 +25,11 @@ fn requirement_ids_name_existing_sections() {
             r.id,
             r.section
         );
-        assert!(r.text.contains("MUST"), "{} is not a MUST sentence: {}", r.id, r.text);
+        assert!(
+            r.text.contains("MUST"),
+            "{} is not a MUST sentence: {}",
+            r.id,
+            r.text
+        );
     }
 }

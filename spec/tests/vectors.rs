@@ -16,7 +16,8 @@ fn vectors_dir() -> PathBuf {
 
 fn load(name: &str) -> Value {
     let path = vectors_dir().join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
@@ -55,8 +56,14 @@ fn every_frame_type_has_a_vector() {
             }
         }
     }
-    assert_eq!(client_types.into_iter().collect::<Vec<_>>(), ClientFrame::TYPES);
-    assert_eq!(server_types.into_iter().collect::<Vec<_>>(), ServerFrame::TYPES);
+    assert_eq!(
+        client_types.into_iter().collect::<Vec<_>>(),
+        ClientFrame::TYPES
+    );
+    assert_eq!(
+        server_types.into_iter().collect::<Vec<_>>(),
+        ServerFrame::TYPES
+    );
 }
 
 #[test]
@@ -71,12 +78,20 @@ fn frames_decode_to_their_value_and_encode_to_their_bytes() {
             Some("client") => {
                 let d = ClientFrame::decode(&bytes, &DecodeLimits::default()).expect(name);
                 let f: ClientFrame = serde_json::from_value(vector["value"].clone()).expect(name);
-                (serde_json::to_value(&d).expect(name), f.encode(), d.encode())
+                (
+                    serde_json::to_value(&d).expect(name),
+                    f.encode(),
+                    d.encode(),
+                )
             }
             _ => {
                 let d = ServerFrame::decode(&bytes, &DecodeLimits::default()).expect(name);
                 let f: ServerFrame = serde_json::from_value(vector["value"].clone()).expect(name);
-                (serde_json::to_value(&d).expect(name), f.encode(), d.encode())
+                (
+                    serde_json::to_value(&d).expect(name),
+                    f.encode(),
+                    d.encode(),
+                )
             }
         };
         assert_eq!(decoded, vector["value"], "{name}: decoded value");
@@ -91,7 +106,8 @@ fn frames_are_valid_cbor_for_a_general_decoder() {
     let v = load("frames.json");
     for vector in v["vectors"].as_array().expect("vectors") {
         let bytes = unhex(&vector["hex"]);
-        let value: ciborium::Value = ciborium::de::from_reader(bytes.as_slice()).expect("ciborium decodes");
+        let value: ciborium::Value =
+            ciborium::de::from_reader(bytes.as_slice()).expect("ciborium decodes");
         assert!(value.is_map(), "{}", vector["name"]);
     }
 }
@@ -124,16 +140,33 @@ fn certificate_verdicts_hold() {
     for vector in vectors {
         let name = vector["name"].as_str().unwrap_or("?");
         let bytes = unhex(&vector["certificate_hex"]);
-        let cert: DeviceCertificate = cbor::from_slice(&bytes, &DecodeLimits::default()).expect(name);
-        assert_eq!(hex::encode(cert.signing_input()), vector["signing_input_hex"].as_str().unwrap_or(""), "{name}");
+        let cert: DeviceCertificate =
+            cbor::from_slice(&bytes, &DecodeLimits::default()).expect(name);
+        assert_eq!(
+            hex::encode(cert.signing_input()),
+            vector["signing_input_hex"].as_str().unwrap_or(""),
+            "{name}"
+        );
         let now = UnixMs(vector["now_ms"].as_u64().expect("now"));
         let revoked_at = vector["revocation"]["revoked_at_ms"].as_u64().map(UnixMs);
         let verdict = vectors::verdict(cert.verify(now, skew, |_| revoked_at));
         assert_eq!(verdict, vector["verdict"].as_str().unwrap_or(""), "{name}");
     }
-    let verdicts: Vec<&str> = vectors.iter().filter_map(|v| v["verdict"].as_str()).collect();
-    for needed in ["valid", "auth_certificate_expired", "auth_certificate_invalid", "auth_certificate_revoked", "auth_certificate_not_yet_valid"] {
-        assert!(verdicts.contains(&needed), "no certificate vector with verdict {needed}");
+    let verdicts: Vec<&str> = vectors
+        .iter()
+        .filter_map(|v| v["verdict"].as_str())
+        .collect();
+    for needed in [
+        "valid",
+        "auth_certificate_expired",
+        "auth_certificate_invalid",
+        "auth_certificate_revoked",
+        "auth_certificate_not_yet_valid",
+    ] {
+        assert!(
+            verdicts.contains(&needed),
+            "no certificate vector with verdict {needed}"
+        );
     }
 }
 
@@ -147,8 +180,12 @@ fn auth_verdicts_hold() {
     let skew = g["clock_skew_max_ms"].as_u64().expect("skew");
     for vector in v["vectors"].as_array().expect("vectors") {
         let name = vector["name"].as_str().unwrap_or("?");
-        let frame = ClientFrame::decode(&unhex(&vector["auth_frame_hex"]), &DecodeLimits::default()).expect(name);
-        let ClientFrame::Auth(auth) = frame else { panic!("{name}: not an Auth frame") };
+        let frame =
+            ClientFrame::decode(&unhex(&vector["auth_frame_hex"]), &DecodeLimits::default())
+                .expect(name);
+        let ClientFrame::Auth(auth) = frame else {
+            panic!("{name}: not an Auth frame")
+        };
         let parsed: Auth = serde_json::from_value(vector["auth"].clone()).expect(name);
         assert_eq!(parsed, auth, "{name}");
         let verdict = match vectors::verify_auth(&auth, origin, nonce, 1, now, skew, |_| None) {
@@ -168,11 +205,17 @@ fn session_transcripts_replay_exactly() {
         let steps = t["steps"].as_array().expect("steps");
         let inputs: Vec<(UnixMs, Input)> = steps
             .iter()
-            .map(|s| (UnixMs(s["at_ms"].as_u64().expect("at")), serde_json::from_value(s["input"].clone()).expect(name)))
+            .map(|s| {
+                (
+                    UnixMs(s["at_ms"].as_u64().expect("at")),
+                    serde_json::from_value(s["input"].clone()).expect(name),
+                )
+            })
             .collect();
         let replayed = vectors::run_session(seed, inputs);
         for (i, (step, expected)) in replayed.iter().zip(steps).enumerate() {
-            let expected_outputs: Vec<Output> = serde_json::from_value(expected["outputs"].clone()).expect(name);
+            let expected_outputs: Vec<Output> =
+                serde_json::from_value(expected["outputs"].clone()).expect(name);
             assert_eq!(step.outputs, expected_outputs, "{name}, step {i}");
             assert_eq!(
                 step.next_timeout_ms.map(|t| t.0),
