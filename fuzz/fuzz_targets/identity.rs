@@ -4,9 +4,9 @@
 
 use arbitrary::Arbitrary;
 use confab_spec::frame::Auth;
-use confab_spec::identity::{DeviceCertificate, Revocation};
+use confab_spec::identity::{AuthExpectation, DeviceCertificate, Revocation, verify_auth};
 use confab_spec::ids::{Nonce, UnixMs};
-use confab_spec::vectors::{ORIGIN, fixture, verify_auth};
+use confab_spec::vectors::{ORIGIN, fixture};
 use confab_spec::{DecodeLimits, cbor};
 use libfuzzer_sys::fuzz_target;
 
@@ -40,7 +40,14 @@ fuzz_target!(|case: Case<'_>| {
             assert!(!ok || cert.system != system.public() || cert.signing_input() == genuine.signing_input());
         }
         Case::Auth(auth, nonce, now) => {
-            let _ = verify_auth(&auth, ORIGIN, Nonce(nonce), 1, UnixMs(now), 300_000, |_| None);
+            let expected = AuthExpectation {
+                origin: ORIGIN,
+                nonce: Nonce(nonce),
+                version: 1,
+                now: UnixMs(now),
+                clock_skew_max_ms: 300_000,
+            };
+            let _ = verify_auth(&auth, &expected, |_| None);
         }
     }
 });

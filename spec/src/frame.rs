@@ -105,6 +105,10 @@ cbor_map! {
         2 req time_ms: UnixMs,
         /// Device-key signature over the auth transcript.
         3 req signature: Signature,
+        /// The gateway origin the client intended to reach.
+        4 req origin: ShortText,
+        /// The nonce of the `Challenge` answered.
+        5 req nonce: Nonce,
     }
 }
 

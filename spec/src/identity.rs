@@ -9,6 +9,7 @@ use rand_core::{CryptoRng, RngCore};
 
 use crate::cbor::{Writer, cbor_map};
 use crate::error::ErrorCode;
+use crate::frame::Auth;
 use crate::ids::{DeviceId, DevicePublicKey, Nonce, ProcessId, Signature, SystemKey, UnixMs};
 use crate::limits::CERTIFICATE_LIFETIME_MAX_MS;
 
@@ -299,6 +300,52 @@ impl AuthTranscript<'_> {
         verify(&device_key.0, &self.signing_input(), signature)
             .map_err(|()| IdentityError::BadTranscriptSignature)
     }
+}
+
+/// What the gateway expects of an `Auth` on one connection (SPEC.md section 5.4).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthExpectation<'a> {
+    /// The gateway's configured origin.
+    pub origin: &'a str,
+    /// The nonce this connection's `Challenge` carried (not yet used).
+    pub nonce: Nonce,
+    /// The version the `Challenge` named.
+    pub version: u64,
+    /// The gateway's clock.
+    pub now: UnixMs,
+    /// `clock_skew_max_ms`.
+    pub clock_skew_max_ms: u64,
+}
+
+/// Gateway-side verification of an `Auth` frame, in the order of the table in SPEC.md
+/// section 5.4; the first failing check names the error code.
+pub fn verify_auth(
+    auth: &Auth,
+    expected: &AuthExpectation<'_>,
+    revoked_at: impl FnOnce(&DeviceId) -> Option<UnixMs>,
+) -> Result<(), ErrorCode> {
+    auth.certificate
+        .verify(expected.now, expected.clock_skew_max_ms, revoked_at)
+        .map_err(IdentityError::code)?;
+    if auth.time_ms.0.abs_diff(expected.now.0) > expected.clock_skew_max_ms {
+        return Err(ErrorCode::AuthClockSkew);
+    }
+    if auth.nonce != expected.nonce {
+        return Err(ErrorCode::AuthNonceInvalid);
+    }
+    if auth.origin.as_str() != expected.origin {
+        return Err(ErrorCode::AuthOriginMismatch);
+    }
+    let transcript = AuthTranscript {
+        version: expected.version,
+        origin: auth.origin.as_str(),
+        nonce: auth.nonce,
+        time_ms: auth.time_ms,
+        process: auth.certificate.process,
+    };
+    transcript
+        .verify(&auth.certificate.device_key, &auth.signature)
+        .map_err(IdentityError::code)
 }
 
 fn certificate_signing_input(

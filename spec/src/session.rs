@@ -26,7 +26,8 @@ use crate::frame::{
 };
 use crate::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair};
 use crate::ids::{
-    ConversationId, Epoch, MlsBytes, MsgId, ResumeToken, Seq, SessionId, StreamId, UnixMs,
+    ConversationId, Epoch, MlsBytes, MsgId, ResumeToken, Seq, SessionId, ShortText, StreamId,
+    UnixMs,
 };
 use crate::limits;
 
@@ -903,9 +904,10 @@ impl ClientSession {
                 // A Challenge after a resume offer means the token was not accepted.
                 self.resume_token = None;
                 let time_ms = now;
+                let origin = ShortText::truncated(&self.config.origin);
                 let transcript = AuthTranscript {
                     version: ch.version,
-                    origin: &self.config.origin,
+                    origin: origin.as_str(),
                     nonce: ch.nonce,
                     time_ms,
                     process: self.credentials.certificate.process,
@@ -915,6 +917,8 @@ impl ClientSession {
                     certificate: self.credentials.certificate.clone(),
                     time_ms,
                     signature,
+                    origin,
+                    nonce: ch.nonce,
                 };
                 if let ConnState::Handshake { phase, .. } = &mut self.conn {
                     *phase = Handshake::AwaitReady;

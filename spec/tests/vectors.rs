@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use confab_spec::frame::{Auth, ClientFrame, ServerFrame};
-use confab_spec::identity::DeviceCertificate;
+use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
 use confab_spec::ids::{Nonce, UnixMs};
 use confab_spec::session::{Input, Output};
 use confab_spec::{DecodeLimits, ErrorCode, cbor, vectors};
@@ -178,6 +178,7 @@ fn auth_verdicts_hold() {
     let nonce = Nonce(unhex(&g["nonce"]).try_into().expect("32 bytes"));
     let now = UnixMs(g["now_ms"].as_u64().expect("now"));
     let skew = g["clock_skew_max_ms"].as_u64().expect("skew");
+    let mut verdicts = std::collections::BTreeSet::new();
     for vector in v["vectors"].as_array().expect("vectors") {
         let name = vector["name"].as_str().unwrap_or("?");
         let frame =
@@ -188,11 +189,32 @@ fn auth_verdicts_hold() {
         };
         let parsed: Auth = serde_json::from_value(vector["auth"].clone()).expect(name);
         assert_eq!(parsed, auth, "{name}");
-        let verdict = match vectors::verify_auth(&auth, origin, nonce, 1, now, skew, |_| None) {
+        let expected = AuthExpectation {
+            origin,
+            nonce,
+            version: 1,
+            now,
+            clock_skew_max_ms: skew,
+        };
+        let verdict = match verify_auth(&auth, &expected, |_| None) {
             Ok(()) => "valid".to_string(),
             Err(code) => code.name().to_string(),
         };
         assert_eq!(verdict, vector["verdict"].as_str().unwrap_or(""), "{name}");
+        verdicts.insert(verdict);
+    }
+    for needed in [
+        "valid",
+        "auth_clock_skew",
+        "auth_nonce_invalid",
+        "auth_origin_mismatch",
+        "auth_signature_invalid",
+        "auth_certificate_expired",
+    ] {
+        assert!(
+            verdicts.contains(needed),
+            "no auth vector with verdict {needed}"
+        );
     }
 }
 
