@@ -71,6 +71,11 @@ impl Versions {
         Ok(Self(v))
     }
 
+    /// Only the version this crate implements.
+    pub fn current() -> Self {
+        Self(vec![crate::limits::PROTOCOL_VERSION])
+    }
+
     /// The versions, as listed.
     pub fn as_slice(&self) -> &[u64] {
         &self.0

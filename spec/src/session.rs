@@ -342,6 +342,9 @@ pub enum SessionError {
     /// A message with this msg_id is pending with a different payload.
     #[error("msg_id already pending with a different payload")]
     MsgIdConflict,
+    /// The request needs an authenticated connection and is not queued.
+    #[error("not connected")]
+    NotReady,
 }
 
 /// The client session state machine.
@@ -574,11 +577,10 @@ impl ClientSession {
                         }),
                     );
                 } else {
-                    // Creation is not idempotent across reconnects; the application retries.
-                    self.event(Event::RequestFailed {
-                        rid: 0,
-                        code: ErrorCode::Overloaded,
-                    });
+                    // Creation is not idempotent across reconnects (a retry after a lost
+                    // answer meets conversation_exists), so it is not queued: the
+                    // application retries once the session is ready.
+                    return Err(SessionError::NotReady);
                 }
             }
             Input::Subscribe { stream, from_seq } => {
@@ -655,9 +657,8 @@ impl ClientSession {
             since: now,
             phase: Handshake::AwaitChallenge { offered_token },
         };
-        let versions = Versions::new(self.config.versions.clone()).unwrap_or_else(|_| {
-            Versions::new(vec![limits::PROTOCOL_VERSION]).expect("one version is always valid")
-        });
+        let versions =
+            Versions::new(self.config.versions.clone()).unwrap_or_else(|_| Versions::current());
         let hello = Hello {
             versions,
             resume_token: self.resume_token.clone(),
