@@ -1,0 +1,498 @@
+//! [`MlsEngine`] on mls-rs 0.57 with its SQLite storage provider.
+//!
+//! mls-rs keeps group state in memory and persists it only on `write_to_storage()`, which
+//! writes the group state and its epochs in one SQLite transaction. This engine calls it
+//! after every mutation and before it returns anything derived from the new state. On any
+//! failure it drops the cached group, so the next use reloads the durable state.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use mls_rs::client_builder::MlsConfig;
+use mls_rs::error::{IntoAnyError, MlsError};
+use mls_rs::group::ReceivedMessage;
+use mls_rs::identity::basic::BasicCredential;
+use mls_rs::identity::{CredentialType, SigningIdentity};
+use mls_rs::mls_rules::DefaultMlsRules;
+use mls_rs::time::MlsTime;
+use mls_rs::extension::ExtensionType;
+use mls_rs::extension::recommended::LastResortKeyPackageExt;
+use mls_rs::{CipherSuite, Client, ExtensionList, Group, IdentityProvider, MlsMessage};
+use mls_rs_core::identity::MemberValidationContext;
+use mls_rs_crypto_rustcrypto::RustCryptoProvider;
+use mls_rs_provider_sqlite::SqLiteDataStorageEngine;
+use mls_rs_provider_sqlite::connection_strategy::FileConnectionStrategy;
+
+use super::{
+    Clock, CommitOutput, EngineError, EngineKind, MlsEngine, Processed, credential_identity,
+    device_of, verify_member,
+};
+use confab_spec::ids::{ConversationId, DeviceId, UnixMs};
+use confab_spec::session::DeviceCredentials;
+
+const CIPHERSUITE: CipherSuite = CipherSuite::CURVE25519_AES128;
+
+/// The mls-rs engine of one device.
+pub struct MlsRsEngine<C: MlsConfig> {
+    client: Client<C>,
+    device: DeviceId,
+    clock: Clock,
+    groups: HashMap<ConversationId, Group<C>>,
+}
+
+/// Opens or creates the state at `path` for the device in `credentials`.
+pub fn open(
+    path: &Path,
+    credentials: DeviceCredentials,
+    clock: Clock,
+) -> Result<Box<dyn MlsEngine>, EngineError> {
+    let engine = SqLiteDataStorageEngine::new(FileConnectionStrategy::new(path))
+        .map_err(storage)?
+        .with_journal_mode(Some(mls_rs_provider_sqlite::JournalMode::Wal));
+    let certificate = credentials.certificate;
+    let identity = SigningIdentity::new(
+        BasicCredential::new(credential_identity(&certificate)).into_credential(),
+        certificate.device_key.as_bytes().to_vec().into(),
+    );
+    // mls-rs-crypto-rustcrypto takes ed25519 secret keys as seed || public key.
+    let mut secret = credentials.key.seed().to_vec();
+    secret.extend_from_slice(certificate.device_key.as_bytes());
+    let client = Client::builder()
+        .crypto_provider(RustCryptoProvider::default())
+        .identity_provider(CertificateIdentity {
+            clock: clock.clone(),
+        })
+        .group_state_storage(engine.group_state_storage().map_err(storage)?)
+        .key_package_repo(engine.key_package_storage().map_err(storage)?)
+        .mls_rules(DefaultMlsRules::default())
+        .extension_type(ExtensionType::LAST_RESORT_KEY_PACKAGE)
+        .signing_identity(identity, secret.into(), CIPHERSUITE)
+        .build();
+    Ok(Box::new(MlsRsEngine {
+        client,
+        device: certificate.device_id(),
+        clock,
+        groups: HashMap::new(),
+    }))
+}
+
+/// Validates members by their device certificates (SPEC.md 7.1).
+#[derive(Clone)]
+pub struct CertificateIdentity {
+    clock: Clock,
+}
+
+/// A member credential failed validation.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CertificateError(String);
+
+impl IntoAnyError for CertificateError {}
+
+fn identifier(identity: &SigningIdentity) -> Result<&[u8], CertificateError> {
+    identity
+        .credential
+        .as_basic()
+        .map(|b| b.identifier.as_slice())
+        .ok_or_else(|| CertificateError("not a basic credential".into()))
+}
+
+impl IdentityProvider for CertificateIdentity {
+    type Error = CertificateError;
+
+    fn validate_member(
+        &self,
+        signing_identity: &SigningIdentity,
+        timestamp: Option<MlsTime>,
+        _context: MemberValidationContext<'_>,
+    ) -> Result<(), Self::Error> {
+        let now = timestamp.map_or_else(
+            || (self.clock)(),
+            |t| UnixMs(t.seconds_since_epoch().saturating_mul(1_000)),
+        );
+        verify_member(
+            identifier(signing_identity)?,
+            signing_identity.signature_key.as_bytes(),
+            now,
+        )
+        .map(|_| ())
+        .map_err(|e| CertificateError(e.to_string()))
+    }
+
+    fn validate_external_sender(
+        &self,
+        _signing_identity: &SigningIdentity,
+        _timestamp: Option<MlsTime>,
+        _extensions: Option<&ExtensionList>,
+    ) -> Result<(), Self::Error> {
+        Err(CertificateError("Confab groups have no external senders".into()))
+    }
+
+    fn identity(
+        &self,
+        signing_identity: &SigningIdentity,
+        _extensions: &ExtensionList,
+    ) -> Result<Vec<u8>, Self::Error> {
+        device_of(identifier(signing_identity)?)
+            .map(|d| d.to_bytes().to_vec())
+            .map_err(|e| CertificateError(e.to_string()))
+    }
+
+    fn valid_successor(
+        &self,
+        predecessor: &SigningIdentity,
+        successor: &SigningIdentity,
+        _extensions: &ExtensionList,
+    ) -> Result<bool, Self::Error> {
+        let a = device_of(identifier(predecessor)?).map_err(|e| CertificateError(e.to_string()))?;
+        let b = device_of(identifier(successor)?).map_err(|e| CertificateError(e.to_string()))?;
+        Ok(a == b)
+    }
+
+    fn supported_types(&self) -> Vec<CredentialType> {
+        vec![CredentialType::BASIC]
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage(e.to_string())
+}
+
+fn map_err(e: MlsError) -> EngineError {
+    match e {
+        MlsError::InvalidEpoch | MlsError::EpochNotFound => EngineError::WrongEpoch(e.to_string()),
+        MlsError::KeyMissing(_) => EngineError::SecretReused(e.to_string()),
+        MlsError::InvalidSender | MlsError::MemberNotFound | MlsError::LeafNotFound(_) => {
+            EngineError::UnknownMember(e.to_string())
+        }
+        MlsError::IdentityProviderError(_) => EngineError::InvalidCertificate(e.to_string()),
+        MlsError::GroupNotFound => EngineError::GroupNotFound,
+        MlsError::ExistingPendingCommit => EngineError::PendingCommit,
+        MlsError::PendingCommitNotFound => EngineError::NoPendingCommit,
+        MlsError::GroupUsedAfterReInit => EngineError::Removed,
+        other => EngineError::Other(other.to_string()),
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<MlsMessage, EngineError> {
+    MlsMessage::from_bytes(bytes).map_err(|e| EngineError::Malformed(e.to_string()))
+}
+
+fn to_bytes(message: &MlsMessage) -> Result<Vec<u8>, EngineError> {
+    message.to_bytes().map_err(map_err)
+}
+
+fn roster<C: MlsConfig>(group: &Group<C>) -> Result<Vec<(u32, DeviceId)>, EngineError> {
+    group
+        .roster()
+        .members_iter()
+        .map(|m| {
+            let id = m
+                .signing_identity
+                .credential
+                .as_basic()
+                .ok_or_else(|| EngineError::InvalidCertificate("not a basic credential".into()))?;
+            Ok((m.index, device_of(&id.identifier)?))
+        })
+        .collect()
+}
+
+fn mls_time(now: UnixMs) -> MlsTime {
+    MlsTime::from_duration_since_epoch(Duration::from_millis(now.0))
+}
+
+impl<C: MlsConfig + Clone> MlsRsEngine<C> {
+    /// Runs `f` on the group, then persists it; on failure forgets the cached group.
+    fn mutate<T>(
+        &mut self,
+        id: &ConversationId,
+        f: impl FnOnce(&mut Group<C>, UnixMs) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let now = (self.clock)();
+        let result = self.load(id).and_then(|g| {
+            let value = f(g, now)?;
+            g.write_to_storage().map_err(map_err)?;
+            Ok(value)
+        });
+        if result.is_err() {
+            self.groups.remove(id);
+        }
+        result
+    }
+
+    fn load(&mut self, id: &ConversationId) -> Result<&mut Group<C>, EngineError> {
+        if !self.groups.contains_key(id) {
+            let group = self.client.load_group(&id.0).map_err(map_err)?;
+            self.groups.insert(*id, group);
+        }
+        self.groups.get_mut(id).ok_or(EngineError::GroupNotFound)
+    }
+
+    fn read<T>(
+        &self,
+        id: &ConversationId,
+        f: impl FnOnce(&Group<C>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        match self.groups.get(id) {
+            Some(g) => f(g),
+            None => f(&self.client.load_group(&id.0).map_err(map_err)?),
+        }
+    }
+}
+
+fn commit_output(output: mls_rs::group::CommitOutput) -> Result<CommitOutput, EngineError> {
+    Ok(CommitOutput {
+        commit: to_bytes(&output.commit_message)?,
+        welcome: output.welcome_messages.first().map(to_bytes).transpose()?,
+    })
+}
+
+impl<C: MlsConfig + Clone + Send> MlsEngine for MlsRsEngine<C>
+where
+    Group<C>: Send,
+    Client<C>: Send,
+{
+    fn kind(&self) -> EngineKind {
+        EngineKind::MlsRs
+    }
+
+    fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    fn key_packages(
+        &mut self,
+        count: usize,
+        last_resort: bool,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        let now = (self.clock)();
+        let mut extensions = ExtensionList::new();
+        if last_resort {
+            extensions
+                .set_from(LastResortKeyPackageExt)
+                .map_err(|e| EngineError::Other(e.to_string()))?;
+        }
+        (0..count)
+            .map(|_| {
+                let kp = self
+                    .client
+                    .generate_key_package_message(
+                        extensions.clone(),
+                        ExtensionList::new(),
+                        Some(mls_time(now)),
+                    )
+                    .map_err(map_err)?;
+                to_bytes(&kp)
+            })
+            .collect()
+    }
+
+    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        let now = (self.clock)();
+        let mut g = self
+            .client
+            .create_group_with_id(group.0.to_vec(), ExtensionList::new(), ExtensionList::new(), Some(mls_time(now)))
+            .map_err(map_err)?;
+        g.write_to_storage().map_err(map_err)?;
+        self.groups.insert(*group, g);
+        Ok(())
+    }
+
+    fn add_members(
+        &mut self,
+        group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<CommitOutput, EngineError> {
+        let messages = key_packages
+            .iter()
+            .map(|kp| parse(kp))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.mutate(group, |g, _| {
+            if g.has_pending_commit() {
+                return Err(EngineError::PendingCommit);
+            }
+            let mut builder = g.commit_builder();
+            for kp in messages {
+                builder = builder.add_member(kp).map_err(map_err)?;
+            }
+            commit_output(builder.build().map_err(map_err)?)
+        })
+    }
+
+    fn remove_members(
+        &mut self,
+        group: &ConversationId,
+        devices: &[DeviceId],
+    ) -> Result<CommitOutput, EngineError> {
+        self.mutate(group, |g, _| {
+            if g.has_pending_commit() {
+                return Err(EngineError::PendingCommit);
+            }
+            let members = roster(g)?;
+            let mut builder = g.commit_builder();
+            for d in devices {
+                let leaf = members
+                    .iter()
+                    .find(|(_, m)| m == d)
+                    .map(|(leaf, _)| *leaf)
+                    .ok_or_else(|| EngineError::UnknownMember(format!("{d:?}")))?;
+                builder = builder.remove_member(leaf).map_err(map_err)?;
+            }
+            commit_output(builder.build().map_err(map_err)?)
+        })
+    }
+
+    fn self_update(&mut self, group: &ConversationId) -> Result<CommitOutput, EngineError> {
+        self.mutate(group, |g, _| {
+            if g.has_pending_commit() {
+                return Err(EngineError::PendingCommit);
+            }
+            // A commit with no proposals carries an update path: a fresh leaf.
+            commit_output(g.commit_builder().build().map_err(map_err)?)
+        })
+    }
+
+    fn leave(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.mutate(group, |g, _| {
+            let own = g.current_member_index();
+            to_bytes(&g.propose_remove(own, vec![]).map_err(map_err)?)
+        })
+    }
+
+    fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        self.mutate(group, |g, _| {
+            if !g.has_pending_commit() {
+                return Err(EngineError::NoPendingCommit);
+            }
+            g.apply_pending_commit().map(|_| ()).map_err(map_err)
+        })
+    }
+
+    fn discard_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        self.mutate(group, |g, _| {
+            if !g.has_pending_commit() {
+                return Err(EngineError::NoPendingCommit);
+            }
+            g.clear_pending_commit();
+            Ok(())
+        })
+    }
+
+    fn has_pending_commit(&self, group: &ConversationId) -> Result<bool, EngineError> {
+        self.read(group, |g| Ok(g.has_pending_commit()))
+    }
+
+    fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError> {
+        let now = (self.clock)();
+        let message = parse(welcome)?;
+        let (mut g, _) = self
+            .client
+            .join_group(None, &message, Some(mls_time(now)))
+            .map_err(map_err)?;
+        let id = ConversationId::from_slice(g.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        g.write_to_storage().map_err(map_err)?;
+        self.groups.insert(id, g);
+        Ok(id)
+    }
+
+    fn encrypt(
+        &mut self,
+        group: &ConversationId,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, EngineError> {
+        self.mutate(group, |g, _| {
+            if g.has_pending_commit() {
+                return Err(EngineError::PendingCommit);
+            }
+            to_bytes(
+                &g.encrypt_application_message(plaintext, vec![])
+                    .map_err(map_err)?,
+            )
+        })
+    }
+
+    fn process(
+        &mut self,
+        group: &ConversationId,
+        message: &[u8],
+    ) -> Result<Processed, EngineError> {
+        let message = parse(message)?;
+        let own = self.device;
+        self.mutate(group, |g, now| {
+            let before = roster(g)?;
+            let received = g
+                .process_incoming_message_with_time(message, mls_time(now))
+                .map_err(map_err)?;
+            let member = |index: u32, roster: &[(u32, DeviceId)]| {
+                roster.iter().find(|(l, _)| *l == index).map(|(_, d)| *d)
+            };
+            match received {
+                ReceivedMessage::ApplicationMessage(app) => Ok(Processed::Application {
+                    sender: member(app.sender_index, &before)
+                        .ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
+                    plaintext: app.data().to_vec(),
+                }),
+                ReceivedMessage::Proposal(p) => Ok(Processed::Proposal {
+                    sender: match p.sender {
+                        mls_rs::group::ProposalSender::Member(i) => member(i, &before),
+                        _ => None,
+                    },
+                }),
+                ReceivedMessage::Commit(c) => {
+                    let self_removed =
+                        matches!(c.effect, mls_rs::group::CommitEffect::Removed { .. });
+                    let after = if self_removed { Vec::new() } else { roster(g)? };
+                    let added = after
+                        .iter()
+                        .filter(|a| !before.contains(a))
+                        .map(|(_, d)| *d)
+                        .collect();
+                    let removed = before
+                        .iter()
+                        .filter(|b| !after.contains(b) && (!self_removed || b.1 != own))
+                        .map(|(_, d)| *d)
+                        .collect();
+                    Ok(Processed::Commit {
+                        sender: member(c.committer, &before),
+                        epoch: g.current_epoch(),
+                        added,
+                        removed,
+                        self_removed,
+                    })
+                }
+                _ => Err(EngineError::Malformed("not a group message".into())),
+            }
+        })
+    }
+
+    fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError> {
+        self.read(group, |g| Ok(g.current_epoch()))
+    }
+
+    fn epoch_authenticator(&self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.read(group, |g| {
+            Ok(g.epoch_authenticator().map_err(map_err)?.as_bytes().to_vec())
+        })
+    }
+
+    fn export_secret(
+        &self,
+        group: &ConversationId,
+        label: &str,
+        context: &[u8],
+        len: usize,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.read(group, |g| {
+            Ok(g.export_secret(label.as_bytes(), context, len)
+                .map_err(map_err)?
+                .as_bytes()
+                .to_vec())
+        })
+    }
+
+    fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError> {
+        self.read(group, roster)
+    }
+}

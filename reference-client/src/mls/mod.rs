@@ -1,0 +1,288 @@
+//! The MLS engine layer: one trait, [`MlsEngine`], with two implementations, openmls
+//! ([`openmls_engine::OpenMlsEngine`]) and mls-rs ([`mlsrs_engine::MlsRsEngine`]).
+//!
+//! Both engines follow SPEC.md section 7.1: ciphersuite 0x0001, handshake messages as
+//! PublicMessage, application messages as PrivateMessage, the ratchet tree in every
+//! Welcome, and a basic credential whose identity is the member's device certificate
+//! (deterministic CBOR, SPEC.md section 3.2) with the device key as leaf signature key.
+//! Every Add and every Welcome is checked with [`verify_member`].
+//!
+//! State lives in one SQLite file per device. Every operation that changes state writes it
+//! durably before it returns success, so no ciphertext derived from a state can leave the
+//! process before that state is on disk, and a reloaded engine never reuses a secret.
+
+pub mod mlsrs_engine;
+pub mod openmls_engine;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use confab_spec::cbor;
+use confab_spec::identity::{DeviceCertificate, IdentityError};
+use confab_spec::ids::{ConversationId, DeviceId, UnixMs};
+use confab_spec::session::DeviceCredentials;
+
+/// The clock the engines validate certificates and lifetimes against.
+pub type Clock = Arc<dyn Fn() -> UnixMs + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        UnixMs(ms)
+    })
+}
+
+/// Which implementation backs an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// openmls 0.9.
+    OpenMls,
+    /// mls-rs 0.57.
+    MlsRs,
+}
+
+impl EngineKind {
+    /// Both engines.
+    pub const ALL: [EngineKind; 2] = [EngineKind::OpenMls, EngineKind::MlsRs];
+
+    /// The name used on command lines: `openmls` or `mls-rs`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::OpenMls => "openmls",
+            EngineKind::MlsRs => "mls-rs",
+        }
+    }
+
+    /// Parses `openmls` or `mls-rs`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "openmls" => Some(EngineKind::OpenMls),
+            "mls-rs" | "mlsrs" => Some(EngineKind::MlsRs),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Opens (creating if needed) the engine state of one device at `path`.
+pub fn open_engine(
+    kind: EngineKind,
+    path: &Path,
+    credentials: DeviceCredentials,
+    clock: Clock,
+) -> Result<Box<dyn MlsEngine>, EngineError> {
+    Ok(match kind {
+        EngineKind::OpenMls => Box::new(openmls_engine::OpenMlsEngine::open(
+            path,
+            credentials,
+            clock,
+        )?),
+        EngineKind::MlsRs => mlsrs_engine::open(path, credentials, clock)?,
+    })
+}
+
+/// A Commit created by this device, pending until the gateway sequences it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutput {
+    /// The Commit, an MLSMessage (PublicMessage).
+    pub commit: Vec<u8>,
+    /// The Welcome for added members, an MLSMessage, when the Commit adds anyone.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// What processing an incoming message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed {
+    /// An application message.
+    Application {
+        /// The sending device.
+        sender: DeviceId,
+        /// The plaintext.
+        plaintext: Vec<u8>,
+    },
+    /// A Commit by another member, merged: the group is now at `epoch`.
+    Commit {
+        /// The committer, when it is a member.
+        sender: Option<DeviceId>,
+        /// The new epoch.
+        epoch: u64,
+        /// Devices added.
+        added: Vec<DeviceId>,
+        /// Devices removed.
+        removed: Vec<DeviceId>,
+        /// Whether this device was removed (the group is no longer usable).
+        self_removed: bool,
+    },
+    /// A proposal, stored for a later Commit.
+    Proposal {
+        /// The proposer, when it is a member.
+        sender: Option<DeviceId>,
+    },
+}
+
+/// Errors of the engine layer. The cases the protocol must tell apart are variants of
+/// their own; engine-specific detail is kept as text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The message is for another epoch than the one the group can process it in.
+    #[error("wrong epoch: {0}")]
+    WrongEpoch(String),
+    /// The message would reuse (or needs) a secret already consumed; a replay, or a sender
+    /// that restored a stale snapshot.
+    #[error("secret reused: {0}")]
+    SecretReused(String),
+    /// The sender is not a member of the group.
+    #[error("unknown member: {0}")]
+    UnknownMember(String),
+    /// A member's credential is not a valid device certificate for its key.
+    #[error("invalid member certificate: {0}")]
+    InvalidCertificate(String),
+    /// No such group in this engine's state.
+    #[error("group not found")]
+    GroupNotFound,
+    /// The group has a pending Commit; merge or discard it first.
+    #[error("a commit is pending")]
+    PendingCommit,
+    /// There is no pending Commit to merge or discard.
+    #[error("no pending commit")]
+    NoPendingCommit,
+    /// The bytes are not a valid MLS message of the expected kind.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// This device is no longer a member of the group.
+    #[error("removed from the group")]
+    Removed,
+    /// The message is this device's own; it is recognised by its msg_id, not processed.
+    #[error("own message")]
+    OwnMessage,
+    /// The state store failed; nothing was changed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Any other engine failure; nothing was changed.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One MLS implementation holding the state of one device.
+///
+/// Every mutating method either returns `Ok` after its new state is durable, or returns
+/// an error and leaves the durable state as it was.
+pub trait MlsEngine: Send {
+    /// Which implementation this is.
+    fn kind(&self) -> EngineKind;
+
+    /// The device this engine acts for.
+    fn device(&self) -> DeviceId;
+
+    /// Generates `count` KeyPackages (MLSMessage bytes). With `last_resort`, each carries
+    /// the `last_resort` extension and may be used to join more than once.
+    fn key_packages(&mut self, count: usize, last_resort: bool)
+    -> Result<Vec<Vec<u8>>, EngineError>;
+
+    /// Creates a group with `group` as group id and this device as its only member.
+    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError>;
+
+    /// Creates a pending Commit adding the owners of `key_packages`, with its Welcome.
+    fn add_members(
+        &mut self,
+        group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<CommitOutput, EngineError>;
+
+    /// Creates a pending Commit removing `devices`.
+    fn remove_members(
+        &mut self,
+        group: &ConversationId,
+        devices: &[DeviceId],
+    ) -> Result<CommitOutput, EngineError>;
+
+    /// Creates a pending Commit that updates this device's leaf (post-compromise security).
+    fn self_update(&mut self, group: &ConversationId) -> Result<CommitOutput, EngineError>;
+
+    /// Creates a proposal to remove this device; another member commits it.
+    fn leave(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError>;
+
+    /// Merges this device's pending Commit after the gateway echoed it (SPEC.md 7.4).
+    fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError>;
+
+    /// Discards this device's pending Commit after the gateway rejected it.
+    fn discard_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError>;
+
+    /// Whether a Commit of this device is pending in `group`.
+    fn has_pending_commit(&self, group: &ConversationId) -> Result<bool, EngineError>;
+
+    /// Joins a group from a Welcome; returns its id.
+    fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError>;
+
+    /// Encrypts an application message (a PrivateMessage).
+    fn encrypt(&mut self, group: &ConversationId, plaintext: &[u8]) -> Result<Vec<u8>, EngineError>;
+
+    /// Processes a message from another member: decrypts it, or merges its Commit, or
+    /// stores its proposal.
+    fn process(&mut self, group: &ConversationId, message: &[u8]) -> Result<Processed, EngineError>;
+
+    /// The group's current epoch.
+    fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError>;
+
+    /// The epoch authenticator (RFC 9420 section 8.7); equal at every member.
+    fn epoch_authenticator(&self, group: &ConversationId) -> Result<Vec<u8>, EngineError>;
+
+    /// An exported secret (RFC 9420 section 8.5).
+    fn export_secret(
+        &self,
+        group: &ConversationId,
+        label: &str,
+        context: &[u8],
+        len: usize,
+    ) -> Result<Vec<u8>, EngineError>;
+
+    /// The members, as (leaf index, device), by leaf index.
+    fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError>;
+}
+
+/// The credential identity of a device: its certificate in deterministic CBOR.
+pub fn credential_identity(certificate: &DeviceCertificate) -> Vec<u8> {
+    cbor::to_vec(certificate)
+}
+
+/// Checks a member's credential (SPEC.md 7.1, REQ-7.1-3): the identity is a device
+/// certificate valid at `now` whose device key is the leaf's signature key. Returns the
+/// device it names.
+pub fn verify_member(
+    identity: &[u8],
+    signature_key: &[u8],
+    now: UnixMs,
+) -> Result<DeviceId, EngineError> {
+    let certificate: DeviceCertificate =
+        cbor::from_slice(identity, &confab_spec::DecodeLimits::default()).map_err(|e| {
+            EngineError::InvalidCertificate(format!("credential is not a certificate: {e}"))
+        })?;
+    certificate
+        .verify(now, confab_spec::limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| None)
+        .map_err(|e: IdentityError| EngineError::InvalidCertificate(e.to_string()))?;
+    if certificate.device_key.as_bytes().as_slice() != signature_key {
+        return Err(EngineError::InvalidCertificate(
+            "leaf signature key is not the certificate's device key".into(),
+        ));
+    }
+    Ok(certificate.device_id())
+}
+
+/// The device named by a credential identity, without checking validity (for members
+/// already admitted).
+pub fn device_of(identity: &[u8]) -> Result<DeviceId, EngineError> {
+    let certificate: DeviceCertificate =
+        cbor::from_slice(identity, &confab_spec::DecodeLimits::default()).map_err(|e| {
+            EngineError::InvalidCertificate(format!("credential is not a certificate: {e}"))
+        })?;
+    Ok(certificate.device_id())
+}

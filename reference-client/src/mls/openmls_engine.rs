@@ -1,0 +1,585 @@
+//! [`MlsEngine`] on openmls 0.9 with its SQLite storage provider.
+//!
+//! openmls writes through its `StorageProvider` during every operation. This engine wraps
+//! each operation in one SQLite transaction on the same connection (`BEGIN IMMEDIATE` …
+//! `COMMIT`), so an operation's writes land together or not at all; on failure it rolls
+//! back and drops the cached group, which is reloaded from disk on next use.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ed25519_dalek::Signer as _;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_rust_crypto::RustCrypto;
+use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
+use openmls_traits::signatures::{Signer, SignerError};
+
+use super::{
+    Clock, CommitOutput, EngineError, EngineKind, MlsEngine, Processed, credential_identity,
+    device_of, verify_member,
+};
+use confab_spec::ids::{ConversationId, DeviceId};
+use confab_spec::session::DeviceCredentials;
+
+const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// Past epochs whose application messages can still be decrypted (SPEC.md REQ-7.2-3).
+const MAX_PAST_EPOCHS: usize = 8;
+
+/// The openmls engine of one device.
+pub struct OpenMlsEngine {
+    conn: Connection,
+    crypto: RustCrypto,
+    signer: DeviceSigner,
+    credential: CredentialWithKey,
+    device: DeviceId,
+    clock: Clock,
+    groups: HashMap<ConversationId, MlsGroup>,
+}
+
+/// The serde codec openmls' SQLite provider stores values with.
+#[derive(Default)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
+}
+
+struct Provider<'a> {
+    crypto: &'a RustCrypto,
+    storage: SqliteStorageProvider<JsonCodec, &'a Connection>,
+}
+
+impl<'a> OpenMlsProvider for Provider<'a> {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, &'a Connection>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        self.crypto
+    }
+}
+
+/// The device key as openmls' signer.
+struct DeviceSigner(ed25519_dalek::SigningKey);
+
+impl Signer for DeviceSigner {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, SignerError> {
+        Ok(self.0.sign(payload).to_bytes().to_vec())
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+impl OpenMlsEngine {
+    /// Opens or creates the state at `path` for the device in `credentials`.
+    pub fn open(
+        path: &Path,
+        credentials: DeviceCredentials,
+        clock: Clock,
+    ) -> Result<Self, EngineError> {
+        let mut conn = Connection::open(path).map_err(storage)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .map_err(storage)?;
+        SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
+            .run_migrations()
+            .map_err(|e| EngineError::Storage(e.to_string()))?;
+        let certificate = credentials.certificate;
+        let signing_key = ed25519_dalek::SigningKey::from_bytes(&credentials.key.seed());
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(credential_identity(&certificate)).into(),
+            signature_key: certificate.device_key.as_bytes().to_vec().into(),
+        };
+        Ok(Self {
+            conn,
+            crypto: RustCrypto::default(),
+            signer: DeviceSigner(signing_key),
+            credential,
+            device: certificate.device_id(),
+            clock,
+            groups: HashMap::new(),
+        })
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage(e.to_string())
+}
+
+/// Everything an operation needs, borrowed for the length of one transaction.
+struct Ctx<'a> {
+    provider: &'a Provider<'a>,
+    signer: &'a DeviceSigner,
+    credential: &'a CredentialWithKey,
+    groups: &'a mut HashMap<ConversationId, MlsGroup>,
+    now: confab_spec::ids::UnixMs,
+}
+
+impl Ctx<'_> {
+    fn group(&mut self, id: &ConversationId) -> Result<&mut MlsGroup, EngineError> {
+        if !self.groups.contains_key(id) {
+            let group = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&id.0))
+                .map_err(storage)?
+                .ok_or(EngineError::GroupNotFound)?;
+            self.groups.insert(*id, group);
+        }
+        self.groups.get_mut(id).ok_or(EngineError::GroupNotFound)
+    }
+}
+
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .build()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .build()
+}
+
+fn serialize(message: &MlsMessageOut) -> Result<Vec<u8>, EngineError> {
+    message
+        .tls_serialize_detached()
+        .map_err(|e| EngineError::Other(format!("serialize: {e}")))
+}
+
+fn parse(bytes: &[u8]) -> Result<MlsMessageIn, EngineError> {
+    MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| EngineError::Malformed(e.to_string()))
+}
+
+fn identity_of(credential: &Credential) -> Result<Vec<u8>, EngineError> {
+    BasicCredential::try_from(credential.clone())
+        .map(|c| c.identity().to_vec())
+        .map_err(|e| EngineError::InvalidCertificate(format!("not a basic credential: {e}")))
+}
+
+fn check_leaf(leaf: &LeafNode, now: confab_spec::ids::UnixMs) -> Result<DeviceId, EngineError> {
+    verify_member(
+        &identity_of(leaf.credential())?,
+        leaf.signature_key().as_slice(),
+        now,
+    )
+}
+
+fn member_devices(group: &MlsGroup) -> Result<Vec<(u32, DeviceId)>, EngineError> {
+    group
+        .members()
+        .map(|m| Ok((m.index.u32(), device_of(&identity_of(&m.credential)?)?)))
+        .collect()
+}
+
+fn other(context: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Other(format!("{context}: {e}"))
+}
+
+fn commit_output(
+    commit: &MlsMessageOut,
+    welcome: Option<MlsMessageOut>,
+) -> Result<CommitOutput, EngineError> {
+    Ok(CommitOutput {
+        commit: serialize(commit)?,
+        welcome: welcome.as_ref().map(serialize).transpose()?,
+    })
+}
+
+fn map_process_error<E: std::fmt::Display>(e: ProcessMessageError<E>) -> EngineError {
+    use openmls::prelude::ValidationError as V;
+    match &e {
+        ProcessMessageError::ValidationError(V::WrongEpoch | V::NoPastEpochData) => {
+            EngineError::WrongEpoch(e.to_string())
+        }
+        ProcessMessageError::ValidationError(V::UnknownMember) => {
+            EngineError::UnknownMember(e.to_string())
+        }
+        ProcessMessageError::ValidationError(V::UnableToDecrypt(inner))
+            if inner.to_string().contains("deleted to preserve forward secrecy") =>
+        {
+            EngineError::SecretReused(e.to_string())
+        }
+        ProcessMessageError::ValidationError(V::WrongGroupId) => {
+            EngineError::Malformed(e.to_string())
+        }
+        _ => EngineError::Other(format!("process: {e}")),
+    }
+}
+
+impl OpenMlsEngine {
+    /// Runs `f` inside one SQLite transaction; on failure rolls back and forgets `group`'s
+    /// cached state so that it is reloaded from disk.
+    fn with_tx<T>(
+        &mut self,
+        group: Option<&ConversationId>,
+        f: impl FnOnce(&mut Ctx<'_>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(storage)?;
+        let provider = Provider {
+            crypto: &self.crypto,
+            storage: SqliteStorageProvider::new(&self.conn),
+        };
+        let mut ctx = Ctx {
+            provider: &provider,
+            signer: &self.signer,
+            credential: &self.credential,
+            groups: &mut self.groups,
+            now: (self.clock)(),
+        };
+        let result = f(&mut ctx).and_then(|v| {
+            self.conn.execute_batch("COMMIT").map_err(storage)?;
+            Ok(v)
+        });
+        if result.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            match group {
+                Some(g) => {
+                    self.groups.remove(g);
+                }
+                None => self.groups.clear(),
+            }
+        }
+        result
+    }
+
+    /// Reads a group without caching it (for `&self` accessors).
+    fn read<T>(
+        &self,
+        id: &ConversationId,
+        f: impl FnOnce(&MlsGroup) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if let Some(g) = self.groups.get(id) {
+            return f(g);
+        }
+        let storage = SqliteStorageProvider::<JsonCodec, &Connection>::new(&self.conn);
+        let group = MlsGroup::load(&storage, &GroupId::from_slice(&id.0))
+            .map_err(self::storage)?
+            .ok_or(EngineError::GroupNotFound)?;
+        f(&group)
+    }
+}
+
+impl MlsEngine for OpenMlsEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::OpenMls
+    }
+
+    fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    fn key_packages(
+        &mut self,
+        count: usize,
+        last_resort: bool,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.with_tx(None, |ctx| {
+            (0..count)
+                .map(|_| {
+                    let mut builder = KeyPackage::builder();
+                    if last_resort {
+                        builder = builder.mark_as_last_resort();
+                    }
+                    let bundle = builder
+                        .build(CIPHERSUITE, ctx.provider, ctx.signer, ctx.credential.clone())
+                        .map_err(|e| other("key package", e))?;
+                    serialize(&MlsMessageOut::from(bundle.key_package().clone()))
+                })
+                .collect()
+        })
+    }
+
+    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let g = MlsGroup::new_with_group_id(
+                ctx.provider,
+                ctx.signer,
+                &create_config(),
+                GroupId::from_slice(&group.0),
+                ctx.credential.clone(),
+            )
+            .map_err(|e| other("create group", e))?;
+            ctx.groups.insert(*group, g);
+            Ok(())
+        })
+    }
+
+    fn add_members(
+        &mut self,
+        group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<CommitOutput, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let now = ctx.now;
+            let crypto = ctx.provider.crypto();
+            let kps = key_packages
+                .iter()
+                .map(|bytes| {
+                    let MlsMessageBodyIn::KeyPackage(kp) = parse(bytes)?.extract() else {
+                        return Err(EngineError::Malformed("not a KeyPackage".into()));
+                    };
+                    let kp = kp
+                        .validate(crypto, ProtocolVersion::Mls10)
+                        .map_err(|e| EngineError::Malformed(format!("key package: {e}")))?;
+                    check_leaf(kp.leaf_node(), now)?;
+                    Ok(kp)
+                })
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_some() {
+                return Err(EngineError::PendingCommit);
+            }
+            let (commit, welcome, _) = g
+                .add_members(provider, signer, &kps)
+                .map_err(|e| other("add members", e))?;
+            commit_output(&commit, Some(welcome))
+        })
+    }
+
+    fn remove_members(
+        &mut self,
+        group: &ConversationId,
+        devices: &[DeviceId],
+    ) -> Result<CommitOutput, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_some() {
+                return Err(EngineError::PendingCommit);
+            }
+            let members = member_devices(g)?;
+            let leaves = devices
+                .iter()
+                .map(|d| {
+                    members
+                        .iter()
+                        .find(|(_, m)| m == d)
+                        .map(|(leaf, _)| LeafNodeIndex::new(*leaf))
+                        .ok_or_else(|| EngineError::UnknownMember(format!("{d:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let (commit, welcome, _) = g
+                .remove_members(provider, signer, &leaves)
+                .map_err(|e| other("remove members", e))?;
+            commit_output(&commit, welcome)
+        })
+    }
+
+    fn self_update(&mut self, group: &ConversationId) -> Result<CommitOutput, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_some() {
+                return Err(EngineError::PendingCommit);
+            }
+            let bundle = g
+                .self_update(provider, signer, LeafNodeParameters::default())
+                .map_err(|e| other("self update", e))?;
+            commit_output(bundle.commit(), bundle.to_welcome_msg())
+        })
+    }
+
+    fn leave(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            let proposal = g
+                .leave_group(provider, signer)
+                .map_err(|e| other("leave", e))?;
+            serialize(&proposal)
+        })
+    }
+
+    fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_none() {
+                return Err(EngineError::NoPendingCommit);
+            }
+            g.merge_pending_commit(provider)
+                .map_err(|e| other("merge pending commit", e))
+        })
+    }
+
+    fn discard_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_none() {
+                return Err(EngineError::NoPendingCommit);
+            }
+            g.clear_pending_commit(provider.storage())
+                .map_err(|e| other("discard pending commit", e))
+        })
+    }
+
+    fn has_pending_commit(&self, group: &ConversationId) -> Result<bool, EngineError> {
+        self.read(group, |g| Ok(g.pending_commit().is_some()))
+    }
+
+    fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError> {
+        self.with_tx(None, |ctx| {
+            let MlsMessageBodyIn::Welcome(welcome) = parse(welcome)?.extract() else {
+                return Err(EngineError::Malformed("not a Welcome".into()));
+            };
+            let staged = StagedWelcome::new_from_welcome(ctx.provider, &join_config(), welcome, None)
+                .map_err(|e| other("welcome", e))?;
+            for member in staged.members() {
+                verify_member(
+                    &identity_of(&member.credential)?,
+                    &member.signature_key,
+                    ctx.now,
+                )?;
+            }
+            let g = staged
+                .into_group(ctx.provider)
+                .map_err(|e| other("join", e))?;
+            let id = ConversationId::from_slice(g.group_id().as_slice())
+                .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+            ctx.groups.insert(id, g);
+            Ok(id)
+        })
+    }
+
+    fn encrypt(
+        &mut self,
+        group: &ConversationId,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_some() {
+                return Err(EngineError::PendingCommit);
+            }
+            let message = g
+                .create_message(provider, signer, plaintext)
+                .map_err(|e| other("encrypt", e))?;
+            serialize(&message)
+        })
+    }
+
+    fn process(
+        &mut self,
+        group: &ConversationId,
+        message: &[u8],
+    ) -> Result<Processed, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let now = ctx.now;
+            let provider = ctx.provider;
+            let protocol = parse(message)?
+                .try_into_protocol_message()
+                .map_err(|e| EngineError::Malformed(e.to_string()))?;
+            let g = ctx.group(group)?;
+            if !g.is_active() {
+                return Err(EngineError::Removed);
+            }
+            let processed = g
+                .process_message(provider, protocol)
+                .map_err(map_process_error)?;
+            let sender = device_of(&identity_of(processed.credential())?).ok();
+            match processed.into_content() {
+                ProcessedMessageContent::ApplicationMessage(app) => Ok(Processed::Application {
+                    sender: sender.ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
+                    plaintext: app.into_bytes(),
+                }),
+                ProcessedMessageContent::ProposalMessage(p) => {
+                    g.store_pending_proposal(provider.storage(), *p)
+                        .map_err(storage)?;
+                    Ok(Processed::Proposal { sender })
+                }
+                ProcessedMessageContent::ExternalJoinProposalMessage(p) => {
+                    g.store_pending_proposal(provider.storage(), *p)
+                        .map_err(storage)?;
+                    Ok(Processed::Proposal { sender: None })
+                }
+                ProcessedMessageContent::OwnPendingCommit
+                | ProcessedMessageContent::OwnPrivateMessage { .. } => Err(EngineError::OwnMessage),
+                ProcessedMessageContent::StagedCommitMessage(staged) => {
+                    let added = staged
+                        .add_proposals()
+                        .map(|add| check_leaf(add.add_proposal().key_package().leaf_node(), now))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if let Some(leaf) = staged.update_path_leaf_node() {
+                        check_leaf(leaf, now)?;
+                    }
+                    let members = member_devices(g)?;
+                    let removed = staged
+                        .remove_proposals()
+                        .filter_map(|r| {
+                            let leaf = r.remove_proposal().removed().u32();
+                            members.iter().find(|(l, _)| *l == leaf).map(|(_, d)| *d)
+                        })
+                        .collect();
+                    let self_removed = staged.self_removed();
+                    g.merge_staged_commit(provider, *staged)
+                        .map_err(|e| other("merge commit", e))?;
+                    Ok(Processed::Commit {
+                        sender,
+                        epoch: g.epoch().as_u64(),
+                        added,
+                        removed,
+                        self_removed,
+                    })
+                }
+            }
+        })
+    }
+
+    fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError> {
+        self.read(group, |g| Ok(g.epoch().as_u64()))
+    }
+
+    fn epoch_authenticator(&self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.read(group, |g| Ok(g.epoch_authenticator().as_slice().to_vec()))
+    }
+
+    fn export_secret(
+        &self,
+        group: &ConversationId,
+        label: &str,
+        context: &[u8],
+        len: usize,
+    ) -> Result<Vec<u8>, EngineError> {
+        let crypto = &self.crypto;
+        self.read(group, |g| {
+            g.export_secret(crypto, label, context, len)
+                .map_err(|e| other("export secret", e))
+        })
+    }
+
+    fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError> {
+        self.read(group, member_devices)
+    }
+}
