@@ -286,3 +286,33 @@ pub fn device_of(identity: &[u8]) -> Result<DeviceId, EngineError> {
         })?;
     Ok(certificate.device_id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
+    use confab_spec::ids::ProcessId;
+
+    #[test]
+    fn verify_member_checks_certificate_and_key() {
+        let system = SystemKeyPair::from_seed(&[1; 32]);
+        let key = DeviceKeyPair::from_seed(&[2; 32]);
+        let cert = system.issue_certificate(ProcessId([3; 16]), key.public(), UnixMs(1_000), UnixMs(100_000));
+        let identity = credential_identity(&cert);
+        let device = verify_member(&identity, key.public().as_bytes(), UnixMs(50_000));
+        assert_eq!(device, Ok(cert.device_id()));
+        let other = DeviceKeyPair::from_seed(&[4; 32]);
+        assert!(matches!(
+            verify_member(&identity, other.public().as_bytes(), UnixMs(50_000)),
+            Err(EngineError::InvalidCertificate(_))
+        ));
+        assert!(matches!(
+            verify_member(&identity, key.public().as_bytes(), UnixMs(200_000)),
+            Err(EngineError::InvalidCertificate(_))
+        ));
+        assert!(matches!(
+            verify_member(b"not cbor", key.public().as_bytes(), UnixMs(50_000)),
+            Err(EngineError::InvalidCertificate(_))
+        ));
+    }
+}
