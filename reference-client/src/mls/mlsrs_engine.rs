@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use mls_rs::client_builder::MlsConfig;
 use mls_rs::error::{IntoAnyError, MlsError};
+use mls_rs::extension::ExtensionType;
+use mls_rs::extension::recommended::LastResortKeyPackageExt;
 use mls_rs::group::ReceivedMessage;
 use mls_rs::identity::basic::BasicCredential;
 use mls_rs::identity::{CredentialType, SigningIdentity};
 use mls_rs::mls_rules::DefaultMlsRules;
 use mls_rs::time::MlsTime;
-use mls_rs::extension::ExtensionType;
-use mls_rs::extension::recommended::LastResortKeyPackageExt;
 use mls_rs::{CipherSuite, Client, ExtensionList, Group, IdentityProvider, MlsMessage};
 use mls_rs_core::identity::MemberValidationContext;
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
@@ -126,7 +126,9 @@ impl IdentityProvider for CertificateIdentity {
         _timestamp: Option<MlsTime>,
         _extensions: Option<&ExtensionList>,
     ) -> Result<(), Self::Error> {
-        Err(CertificateError("Confab groups have no external senders".into()))
+        Err(CertificateError(
+            "Confab groups have no external senders".into(),
+        ))
     }
 
     fn identity(
@@ -188,11 +190,10 @@ fn roster<C: MlsConfig>(group: &Group<C>) -> Result<Vec<(u32, DeviceId)>, Engine
         .roster()
         .members_iter()
         .map(|m| {
-            let id = m
-                .signing_identity
-                .credential
-                .as_basic()
-                .ok_or_else(|| EngineError::InvalidCertificate("not a basic credential".into()))?;
+            let id =
+                m.signing_identity.credential.as_basic().ok_or_else(|| {
+                    EngineError::InvalidCertificate("not a basic credential".into())
+                })?;
             Ok((m.index, device_of(&id.identifier)?))
         })
         .collect()
@@ -292,7 +293,12 @@ where
         let now = (self.clock)();
         let mut g = self
             .client
-            .create_group_with_id(group.0.to_vec(), ExtensionList::new(), ExtensionList::new(), Some(mls_time(now)))
+            .create_group_with_id(
+                group.0.to_vec(),
+                ExtensionList::new(),
+                ExtensionList::new(),
+                Some(mls_time(now)),
+            )
             .map_err(map_err)?;
         g.write_to_storage().map_err(map_err)?;
         self.groups.insert(*group, g);
@@ -473,7 +479,10 @@ where
 
     fn epoch_authenticator(&self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
         self.read(group, |g| {
-            Ok(g.epoch_authenticator().map_err(map_err)?.as_bytes().to_vec())
+            Ok(g.epoch_authenticator()
+                .map_err(map_err)?
+                .as_bytes()
+                .to_vec())
         })
     }
 

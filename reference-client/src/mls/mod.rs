@@ -185,8 +185,11 @@ pub trait MlsEngine: Send {
 
     /// Generates `count` KeyPackages (MLSMessage bytes). With `last_resort`, each carries
     /// the `last_resort` extension and may be used to join more than once.
-    fn key_packages(&mut self, count: usize, last_resort: bool)
-    -> Result<Vec<Vec<u8>>, EngineError>;
+    fn key_packages(
+        &mut self,
+        count: usize,
+        last_resort: bool,
+    ) -> Result<Vec<Vec<u8>>, EngineError>;
 
     /// Creates a group with `group` as group id and this device as its only member.
     fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError>;
@@ -224,11 +227,13 @@ pub trait MlsEngine: Send {
     fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError>;
 
     /// Encrypts an application message (a PrivateMessage).
-    fn encrypt(&mut self, group: &ConversationId, plaintext: &[u8]) -> Result<Vec<u8>, EngineError>;
+    fn encrypt(&mut self, group: &ConversationId, plaintext: &[u8])
+    -> Result<Vec<u8>, EngineError>;
 
     /// Processes a message from another member: decrypts it, or merges its Commit, or
     /// stores its proposal.
-    fn process(&mut self, group: &ConversationId, message: &[u8]) -> Result<Processed, EngineError>;
+    fn process(&mut self, group: &ConversationId, message: &[u8])
+    -> Result<Processed, EngineError>;
 
     /// The group's current epoch.
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError>;
@@ -267,7 +272,9 @@ pub fn verify_member(
             EngineError::InvalidCertificate(format!("credential is not a certificate: {e}"))
         })?;
     certificate
-        .verify(now, confab_spec::limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| None)
+        .verify(now, confab_spec::limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| {
+            None
+        })
         .map_err(|e: IdentityError| EngineError::InvalidCertificate(e.to_string()))?;
     if certificate.device_key.as_bytes().as_slice() != signature_key {
         return Err(EngineError::InvalidCertificate(
@@ -297,7 +304,12 @@ mod tests {
     fn verify_member_checks_certificate_and_key() {
         let system = SystemKeyPair::from_seed(&[1; 32]);
         let key = DeviceKeyPair::from_seed(&[2; 32]);
-        let cert = system.issue_certificate(ProcessId([3; 16]), key.public(), UnixMs(1_000), UnixMs(100_000));
+        let cert = system.issue_certificate(
+            ProcessId([3; 16]),
+            key.public(),
+            UnixMs(1_000),
+            UnixMs(100_000),
+        );
         let identity = credential_identity(&cert);
         let device = verify_member(&identity, key.public().as_bytes(), UnixMs(50_000));
         assert_eq!(device, Ok(cert.device_id()));

@@ -217,7 +217,9 @@ fn map_process_error<E: std::fmt::Display>(e: ProcessMessageError<E>) -> EngineE
             EngineError::UnknownMember(e.to_string())
         }
         ProcessMessageError::ValidationError(V::UnableToDecrypt(inner))
-            if inner.to_string().contains("deleted to preserve forward secrecy") =>
+            if inner
+                .to_string()
+                .contains("deleted to preserve forward secrecy") =>
         {
             EngineError::SecretReused(e.to_string())
         }
@@ -305,7 +307,12 @@ impl MlsEngine for OpenMlsEngine {
                         builder = builder.mark_as_last_resort();
                     }
                     let bundle = builder
-                        .build(CIPHERSUITE, ctx.provider, ctx.signer, ctx.credential.clone())
+                        .build(
+                            CIPHERSUITE,
+                            ctx.provider,
+                            ctx.signer,
+                            ctx.credential.clone(),
+                        )
                         .map_err(|e| other("key package", e))?;
                     serialize(&MlsMessageOut::from(bundle.key_package().clone()))
                 })
@@ -452,8 +459,9 @@ impl MlsEngine for OpenMlsEngine {
             let MlsMessageBodyIn::Welcome(welcome) = parse(welcome)?.extract() else {
                 return Err(EngineError::Malformed("not a Welcome".into()));
             };
-            let staged = StagedWelcome::new_from_welcome(ctx.provider, &join_config(), welcome, None)
-                .map_err(|e| other("welcome", e))?;
+            let staged =
+                StagedWelcome::new_from_welcome(ctx.provider, &join_config(), welcome, None)
+                    .map_err(|e| other("welcome", e))?;
             for member in staged.members() {
                 verify_member(
                     &identity_of(&member.credential)?,

@@ -51,7 +51,12 @@ impl Device {
     ) -> Self {
         let path = dir.path().join(format!("device-{seed}-{}.db", kind.name()));
         let engine = open_engine(kind, &path, credentials.clone(), clock()).expect("open engine");
-        Self { credentials, kind, path, engine: Some(engine) }
+        Self {
+            credentials,
+            kind,
+            path,
+            engine: Some(engine),
+        }
     }
 
     pub fn id(&self) -> DeviceId {
@@ -70,7 +75,8 @@ impl Device {
     pub fn reload(&mut self) {
         self.engine = None;
         self.engine = Some(
-            open_engine(self.kind, &self.path, self.credentials.clone(), clock()).expect("reopen engine"),
+            open_engine(self.kind, &self.path, self.credentials.clone(), clock())
+                .expect("reopen engine"),
         );
     }
 }
@@ -93,13 +99,31 @@ pub fn assert_agree(devices: &[&Device], group: &ConversationId) {
     let first = devices[0].get();
     let epoch = first.epoch(group).expect("epoch");
     let auth = first.epoch_authenticator(group).expect("authenticator");
-    let export = first.export_secret(group, "confab test", b"ctx", 32).expect("export");
+    let export = first
+        .export_secret(group, "confab test", b"ctx", 32)
+        .expect("export");
     let members = first.members(group).expect("members");
     for d in &devices[1..] {
         let e = d.get();
         assert_eq!(e.epoch(group).expect("epoch"), epoch, "{} epoch", d.kind);
-        assert_eq!(e.epoch_authenticator(group).expect("auth"), auth, "{} authenticator at epoch {epoch}", d.kind);
-        assert_eq!(e.export_secret(group, "confab test", b"ctx", 32).expect("export"), export, "{} exporter", d.kind);
-        assert_eq!(e.members(group).expect("members"), members, "{} roster", d.kind);
+        assert_eq!(
+            e.epoch_authenticator(group).expect("auth"),
+            auth,
+            "{} authenticator at epoch {epoch}",
+            d.kind
+        );
+        assert_eq!(
+            e.export_secret(group, "confab test", b"ctx", 32)
+                .expect("export"),
+            export,
+            "{} exporter",
+            d.kind
+        );
+        assert_eq!(
+            e.members(group).expect("members"),
+            members,
+            "{} roster",
+            d.kind
+        );
     }
 }
