@@ -170,6 +170,7 @@ fn map_err(e: MlsError) -> EngineError {
         }
         MlsError::IdentityProviderError(_) => EngineError::InvalidCertificate(e.to_string()),
         MlsError::GroupNotFound => EngineError::GroupNotFound,
+        MlsError::InvalidSignature => EngineError::Malformed(e.to_string()),
         MlsError::ExistingPendingCommit => EngineError::PendingCommit,
         MlsError::PendingCommitNotFound => EngineError::NoPendingCommit,
         MlsError::GroupUsedAfterReInit => EngineError::Removed,
