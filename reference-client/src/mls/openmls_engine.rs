@@ -533,7 +533,7 @@ impl MlsEngine for OpenMlsEngine {
                     Ok(Processed::Proposal { sender: None })
                 }
                 ProcessedMessageContent::OwnPendingCommit
-                | ProcessedMessageContent::OwnPrivateMessage { .. } => Err(EngineError::OwnMessage),
+                | ProcessedMessageContent::OwnPrivateMessage => Err(EngineError::OwnMessage),
                 ProcessedMessageContent::StagedCommitMessage(staged) => {
                     let added = staged
                         .add_proposals()
