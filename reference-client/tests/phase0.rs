@@ -38,8 +38,12 @@ fn thousand_messages_with_random_reloads_in_every_pairing() {
             let kp = b.engine().key_packages(1, false).expect("kp");
             let out = a.engine().add_members(&GROUP, &kp).expect("add");
             a.reload(); // reload with a pending commit
-            a.engine().merge_pending_commit(&GROUP).expect("merge after reload");
-            b.engine().join(out.welcome.as_deref().expect("welcome")).expect("join");
+            a.engine()
+                .merge_pending_commit(&GROUP)
+                .expect("merge after reload");
+            b.engine()
+                .join(out.welcome.as_deref().expect("welcome"))
+                .expect("join");
         }
         let (mut reloads, mut commits) = (0, 0);
         for i in 0..1_000u32 {
@@ -59,7 +63,10 @@ fn thousand_messages_with_random_reloads_in_every_pairing() {
                     reloads += 1;
                 }
                 sender.engine().merge_pending_commit(&GROUP).expect("merge");
-                assert!(matches!(receiver.engine().process(&GROUP, &out.commit), Ok(Processed::Commit { .. })));
+                assert!(matches!(
+                    receiver.engine().process(&GROUP, &out.commit),
+                    Ok(Processed::Commit { .. })
+                ));
                 commits += 1;
                 assert_agree(&[&devices[0], &devices[1]], &GROUP);
                 continue;
@@ -71,7 +78,10 @@ fn thousand_messages_with_random_reloads_in_every_pairing() {
             }
         }
         assert_agree(&[&devices[0], &devices[1]], &GROUP);
-        assert!(reloads > 150 && commits == 20, "{ka}/{kb}: {reloads} reloads, {commits} commits");
+        assert!(
+            reloads > 150 && commits == 20,
+            "{ka}/{kb}: {reloads} reloads, {commits} commits"
+        );
     }
 }
 
@@ -98,17 +108,28 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn kind(flag: bool) -> EngineKind {
-    if flag { EngineKind::OpenMls } else { EngineKind::MlsRs }
+    if flag {
+        EngineKind::OpenMls
+    } else {
+        EngineKind::MlsRs
+    }
 }
 
 /// Applies `commit` from `members[committer]` everywhere: the committer merges on echo,
 /// the others process it.
 fn fan_out_commit(members: &mut [Device], committer: usize, commit: &[u8]) {
-    members[committer].engine().merge_pending_commit(&GROUP).expect("merge on echo");
+    members[committer]
+        .engine()
+        .merge_pending_commit(&GROUP)
+        .expect("merge on echo");
     for (i, m) in members.iter_mut().enumerate() {
         if i != committer {
             let r = m.engine().process(&GROUP, commit);
-            assert!(matches!(r, Ok(Processed::Commit { .. })), "{} failed to process a commit: {r:?}", m.kind);
+            assert!(
+                matches!(r, Ok(Processed::Commit { .. })),
+                "{} failed to process a commit: {r:?}",
+                m.kind
+            );
         }
     }
 }
@@ -116,21 +137,39 @@ fn fan_out_commit(members: &mut [Device], committer: usize, commit: &[u8]) {
 fn run(first: bool, second: bool, ops: &[Op]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut next_seed = 3u8;
-    let mut members = vec![Device::new(&dir, 1, kind(first)), Device::new(&dir, 2, kind(second))];
+    let mut members = vec![
+        Device::new(&dir, 1, kind(first)),
+        Device::new(&dir, 2, kind(second)),
+    ];
     members[0].engine().create_group(&GROUP).expect("create");
     let kp = members[1].engine().key_packages(1, false).expect("kp");
     let out = members[0].engine().add_members(&GROUP, &kp).expect("add");
-    members[0].engine().merge_pending_commit(&GROUP).expect("merge");
-    members[1].engine().join(out.welcome.as_deref().expect("welcome")).expect("join");
+    members[0]
+        .engine()
+        .merge_pending_commit(&GROUP)
+        .expect("merge");
+    members[1]
+        .engine()
+        .join(out.welcome.as_deref().expect("welcome"))
+        .expect("join");
     for op in ops {
         let n = members.len();
         match *op {
             Op::Send(s) => {
                 let s = s as usize % n;
-                let ct = members[s].engine().encrypt(&GROUP, b"payload").expect("encrypt");
+                let ct = members[s]
+                    .engine()
+                    .encrypt(&GROUP, b"payload")
+                    .expect("encrypt");
                 for (i, m) in members.iter_mut().enumerate() {
                     if i != s {
-                        assert!(matches!(m.engine().process(&GROUP, &ct), Ok(Processed::Application { .. })), "decryption failure");
+                        assert!(
+                            matches!(
+                                m.engine().process(&GROUP, &ct),
+                                Ok(Processed::Application { .. })
+                            ),
+                            "decryption failure"
+                        );
                     }
                 }
             }
@@ -149,7 +188,10 @@ fn run(first: bool, second: bool, ops: &[Op]) {
                 let kp = joiner.engine().key_packages(1, false).expect("kp");
                 let out = members[c].engine().add_members(&GROUP, &kp).expect("add");
                 fan_out_commit(&mut members, c, &out.commit);
-                joiner.engine().join(out.welcome.as_deref().expect("welcome")).expect("join");
+                joiner
+                    .engine()
+                    .join(out.welcome.as_deref().expect("welcome"))
+                    .expect("join");
                 members.push(joiner);
             }
             Op::Remove(c, r) => {
@@ -159,7 +201,10 @@ fn run(first: bool, second: bool, ops: &[Op]) {
                 let c = c as usize % n;
                 let r = (c + 1 + r as usize % (n - 1)) % n;
                 let victim = members[r].id();
-                let out = members[c].engine().remove_members(&GROUP, &[victim]).expect("remove");
+                let out = members[c]
+                    .engine()
+                    .remove_members(&GROUP, &[victim])
+                    .expect("remove");
                 fan_out_commit(&mut members, c, &out.commit);
                 let removed = members.remove(r);
                 drop(removed);
@@ -177,7 +222,10 @@ fn run(first: bool, second: bool, ops: &[Op]) {
                 // Both commit in the same epoch; the gateway accepts a's.
                 let winner = members[a].engine().self_update(&GROUP).expect("a commits");
                 let _loser = members[b].engine().self_update(&GROUP).expect("b commits");
-                members[b].engine().discard_pending_commit(&GROUP).expect("b discards on stale_commit");
+                members[b]
+                    .engine()
+                    .discard_pending_commit(&GROUP)
+                    .expect("b discards on stale_commit");
                 fan_out_commit(&mut members, a, &winner.commit);
             }
         }

@@ -13,6 +13,7 @@
 //! - section 4.2 (CBOR rules) and 4.4 (limits): [`cbor`], [`limits`];
 //! - section 4.6 (identifiers): [`ids`];
 //! - Appendix A (frames): [`frame`];
+//! - section 7.2 (what the gateway reads of MLS): [`mls_framing`];
 //! - sections 5.7 and 12 (close and error codes): [`error`];
 //! - sections 5 and 6.8 (client behaviour): [`session`];
 //! - `vectors/` (test vectors): [`vectors`];
@@ -24,6 +25,7 @@ pub mod frame;
 pub mod identity;
 pub mod ids;
 pub mod limits;
+pub mod mls_framing;
 pub mod requirements;
 pub mod session;
 pub mod vectors;

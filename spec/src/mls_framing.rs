@@ -1,0 +1,267 @@
+//! What the gateway reads of an MLSMessage (SPEC.md section 7.2): the header of RFC 9420
+//! section 6, without keys and without decrypting anything.
+//!
+//! ```text
+//! MLSMessage   = version(u16) wire_format(u16) body
+//! PublicMessage body:  group_id<V> epoch(u64) sender authenticated_data<V> content_type(u8) ...
+//! PrivateMessage body: group_id<V> epoch(u64) content_type(u8) ...
+//! Sender       = sender_type(u8) [leaf_index(u32) | sender_index(u32) | -]
+//! ```
+//!
+//! `<V>` is the MLS variable-length vector (RFC 9420 section 2.1.2): a 1, 2 or 4 byte
+//! length whose top two bits give its size, in its shortest form.
+
+/// `mls10`, the only protocol version.
+pub const MLS_VERSION_1_0: u16 = 1;
+
+/// The MLSMessage wire formats (RFC 9420 section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WireFormat {
+    /// `mls_public_message` (1).
+    PublicMessage,
+    /// `mls_private_message` (2).
+    PrivateMessage,
+    /// `mls_welcome` (3).
+    Welcome,
+    /// `mls_group_info` (4).
+    GroupInfo,
+    /// `mls_key_package` (5).
+    KeyPackage,
+    /// Any other value.
+    Other(u16),
+}
+
+impl WireFormat {
+    fn from_u16(v: u16) -> Self {
+        match v {
+            1 => WireFormat::PublicMessage,
+            2 => WireFormat::PrivateMessage,
+            3 => WireFormat::Welcome,
+            4 => WireFormat::GroupInfo,
+            5 => WireFormat::KeyPackage,
+            other => WireFormat::Other(other),
+        }
+    }
+}
+
+/// Content types of framed messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ContentType {
+    /// `application` (1).
+    Application,
+    /// `proposal` (2).
+    Proposal,
+    /// `commit` (3).
+    Commit,
+}
+
+/// The sender of a PublicMessage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sender {
+    /// A member at this leaf index.
+    Member(u32),
+    /// An external sender at this index of the `external_senders` extension.
+    External(u32),
+    /// A new member proposing its own Add.
+    NewMemberProposal,
+    /// A new member joining by external Commit.
+    NewMemberCommit,
+}
+
+/// The framing fields of a PublicMessage or PrivateMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Framing {
+    /// PublicMessage or PrivateMessage.
+    pub wire_format: WireFormat,
+    /// The MLS group id.
+    pub group_id: Vec<u8>,
+    /// The epoch the message was sent in.
+    pub epoch: u64,
+    /// The content type.
+    pub content_type: ContentType,
+    /// The sender, for a PublicMessage (a PrivateMessage encrypts it).
+    pub sender: Option<Sender>,
+}
+
+/// The result of peeking at an MLSMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peek {
+    /// A PublicMessage or PrivateMessage.
+    Framed(Framing),
+    /// A Welcome, GroupInfo or KeyPackage (or an unknown wire format), body unread.
+    Unframed(WireFormat),
+}
+
+/// Why the bytes are not an MLSMessage the gateway can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeekError {
+    /// The input ends inside a field.
+    #[error("truncated MLS message")]
+    Truncated,
+    /// The version is not mls10.
+    #[error("unsupported MLS version {0}")]
+    Version(u16),
+    /// A vector length uses the reserved prefix or a longer form than needed.
+    #[error("invalid variable-length integer")]
+    VarInt,
+    /// An unknown content type or sender type.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+/// Reads the MLSMessage header of `bytes` (SPEC.md section 7.2).
+pub fn peek(bytes: &[u8]) -> Result<Peek, PeekError> {
+    let mut r = Cursor { bytes, pos: 0 };
+    let version = r.u16()?;
+    if version != MLS_VERSION_1_0 {
+        return Err(PeekError::Version(version));
+    }
+    let wire_format = WireFormat::from_u16(r.u16()?);
+    match wire_format {
+        WireFormat::PublicMessage => {
+            let group_id = r.vector()?.to_vec();
+            let epoch = r.u64()?;
+            let sender = match r.u8()? {
+                1 => Sender::Member(r.u32()?),
+                2 => Sender::External(r.u32()?),
+                3 => Sender::NewMemberProposal,
+                4 => Sender::NewMemberCommit,
+                _ => return Err(PeekError::Invalid("sender type")),
+            };
+            let _authenticated_data = r.vector()?;
+            let content_type = content_type(r.u8()?)?;
+            Ok(Peek::Framed(Framing {
+                wire_format,
+                group_id,
+                epoch,
+                content_type,
+                sender: Some(sender),
+            }))
+        }
+        WireFormat::PrivateMessage => {
+            let group_id = r.vector()?.to_vec();
+            let epoch = r.u64()?;
+            let content_type = content_type(r.u8()?)?;
+            Ok(Peek::Framed(Framing {
+                wire_format,
+                group_id,
+                epoch,
+                content_type,
+                sender: None,
+            }))
+        }
+        other => Ok(Peek::Unframed(other)),
+    }
+}
+
+fn content_type(v: u8) -> Result<ContentType, PeekError> {
+    match v {
+        1 => Ok(ContentType::Application),
+        2 => Ok(ContentType::Proposal),
+        3 => Ok(ContentType::Commit),
+        _ => Err(PeekError::Invalid("content type")),
+    }
+}
+
+/// A bounds-checked reader of TLS-presentation-language fields.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PeekError> {
+        let end = self.pos.checked_add(n).ok_or(PeekError::Truncated)?;
+        let out = self.bytes.get(self.pos..end).ok_or(PeekError::Truncated)?;
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, PeekError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, PeekError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, PeekError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, PeekError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    /// An MLS variable-length vector: its length, then that many bytes.
+    fn vector(&mut self) -> Result<&'a [u8], PeekError> {
+        let first = self.u8()?;
+        let len = match first >> 6 {
+            0 => u32::from(first & 0x3f),
+            1 => {
+                let v = (u32::from(first & 0x3f) << 8) | u32::from(self.u8()?);
+                if v < 64 {
+                    return Err(PeekError::VarInt);
+                }
+                v
+            }
+            2 => {
+                let rest = self.take(3)?;
+                let v = (u32::from(first & 0x3f) << 24)
+                    | (u32::from(rest[0]) << 16)
+                    | (u32::from(rest[1]) << 8)
+                    | u32::from(rest[2]);
+                if v < 16_384 {
+                    return Err(PeekError::VarInt);
+                }
+                v
+            }
+            _ => return Err(PeekError::VarInt),
+        };
+        self.take(len as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_private_message_header() {
+        let mut m = vec![0, 1, 0, 2, 3, 0xAA, 0xBB, 0xCC];
+        m.extend_from_slice(&7u64.to_be_bytes());
+        m.push(1);
+        let p = peek(&m).expect("peek");
+        assert_eq!(
+            p,
+            Peek::Framed(Framing {
+                wire_format: WireFormat::PrivateMessage,
+                group_id: vec![0xAA, 0xBB, 0xCC],
+                epoch: 7,
+                content_type: ContentType::Application,
+                sender: None,
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_truncation_bad_version_and_long_varints() {
+        assert_eq!(peek(&[0, 1, 0]), Err(PeekError::Truncated));
+        assert_eq!(peek(&[0, 2, 0, 1]), Err(PeekError::Version(2)));
+        // group_id length 3 encoded in two bytes.
+        assert_eq!(
+            peek(&[0, 1, 0, 2, 0x40, 3, 1, 2, 3]),
+            Err(PeekError::VarInt)
+        );
+        assert_eq!(peek(&[0, 1, 0, 2, 0xC0]), Err(PeekError::VarInt));
+        assert_eq!(peek(&[0, 1, 0, 3]), Ok(Peek::Unframed(WireFormat::Welcome)));
+    }
+}
