@@ -200,6 +200,14 @@ fn roster<C: MlsConfig>(group: &Group<C>) -> Result<Vec<(u32, DeviceId)>, Engine
         .collect()
 }
 
+fn leaf_of<C: MlsConfig>(group: &Group<C>, device: &DeviceId) -> Result<u32, EngineError> {
+    roster(group)?
+        .into_iter()
+        .find(|(_, d)| d == device)
+        .map(|(leaf, _)| leaf)
+        .ok_or_else(|| EngineError::UnknownMember(format!("{device:?}")))
+}
+
 fn mls_time(now: UnixMs) -> MlsTime {
     MlsTime::from_duration_since_epoch(Duration::from_millis(now.0))
 }
@@ -336,14 +344,12 @@ where
             if g.has_pending_commit() {
                 return Err(EngineError::PendingCommit);
             }
-            let members = roster(g)?;
+            let leaves = devices
+                .iter()
+                .map(|d| leaf_of(g, d))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut builder = g.commit_builder();
-            for d in devices {
-                let leaf = members
-                    .iter()
-                    .find(|(_, m)| m == d)
-                    .map(|(leaf, _)| *leaf)
-                    .ok_or_else(|| EngineError::UnknownMember(format!("{d:?}")))?;
+            for leaf in leaves {
                 builder = builder.remove_member(leaf).map_err(map_err)?;
             }
             commit_output(builder.build().map_err(map_err)?)
@@ -364,6 +370,57 @@ where
         self.mutate(group, |g, _| {
             let own = g.current_member_index();
             to_bytes(&g.propose_remove(own, vec![]).map_err(map_err)?)
+        })
+    }
+
+    fn propose_add(
+        &mut self,
+        group: &ConversationId,
+        key_package: &[u8],
+    ) -> Result<Vec<u8>, EngineError> {
+        let kp = parse(key_package)?;
+        self.mutate(group, |g, _| to_bytes(&g.propose_add(kp, vec![]).map_err(map_err)?))
+    }
+
+    fn propose_remove(
+        &mut self,
+        group: &ConversationId,
+        device: &DeviceId,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.mutate(group, |g, _| {
+            let leaf = leaf_of(g, device)?;
+            to_bytes(&g.propose_remove(leaf, vec![]).map_err(map_err)?)
+        })
+    }
+
+    fn propose_update(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.mutate(group, |g, _| to_bytes(&g.propose_update(vec![]).map_err(map_err)?))
+    }
+
+    fn commit(
+        &mut self,
+        group: &ConversationId,
+        adds: &[Vec<u8>],
+        removes: &[DeviceId],
+        _force_path: bool,
+    ) -> Result<CommitOutput, EngineError> {
+        let adds = adds.iter().map(|kp| parse(kp)).collect::<Result<Vec<_>, _>>()?;
+        self.mutate(group, |g, _| {
+            if g.has_pending_commit() {
+                return Err(EngineError::PendingCommit);
+            }
+            let leaves = removes
+                .iter()
+                .map(|d| leaf_of(g, d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut builder = g.commit_builder();
+            for kp in adds {
+                builder = builder.add_member(kp).map_err(map_err)?;
+            }
+            for leaf in leaves {
+                builder = builder.remove_member(leaf).map_err(map_err)?;
+            }
+            commit_output(builder.build().map_err(map_err)?)
         })
     }
 

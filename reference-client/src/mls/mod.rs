@@ -214,6 +214,33 @@ pub trait MlsEngine: Send {
     /// Creates a proposal to remove this device; another member commits it.
     fn leave(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError>;
 
+    /// Proposes adding the owner of `key_package` (a PublicMessage proposal). Confab's
+    /// gateway refuses Commits that carry proposals by reference (SPEC.md REQ-7.3-3); the
+    /// proposal operations exist for cross-checks against the IETF interop scenarios.
+    fn propose_add(&mut self, group: &ConversationId, key_package: &[u8])
+    -> Result<Vec<u8>, EngineError>;
+
+    /// Proposes removing `device`.
+    fn propose_remove(
+        &mut self,
+        group: &ConversationId,
+        device: &DeviceId,
+    ) -> Result<Vec<u8>, EngineError>;
+
+    /// Proposes an update of this device's own leaf.
+    fn propose_update(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError>;
+
+    /// Creates a pending Commit of every proposal received or sent in this epoch, plus
+    /// `adds` and `removes` by value. `force_path` asks for an update path even when the
+    /// proposals do not need one (mls-rs decides by itself and may omit it).
+    fn commit(
+        &mut self,
+        group: &ConversationId,
+        adds: &[Vec<u8>],
+        removes: &[DeviceId],
+        force_path: bool,
+    ) -> Result<CommitOutput, EngineError>;
+
     /// Merges this device's pending Commit after the gateway echoed it (SPEC.md 7.4).
     fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError>;
 

@@ -186,6 +186,29 @@ fn check_leaf(leaf: &LeafNode, now: confab_spec::ids::UnixMs) -> Result<DeviceId
     )
 }
 
+fn parse_key_package(
+    provider: &Provider<'_>,
+    bytes: &[u8],
+    now: confab_spec::ids::UnixMs,
+) -> Result<KeyPackage, EngineError> {
+    let MlsMessageBodyIn::KeyPackage(kp) = parse(bytes)?.extract() else {
+        return Err(EngineError::Malformed("not a KeyPackage".into()));
+    };
+    let kp = kp
+        .validate(provider.crypto(), ProtocolVersion::Mls10)
+        .map_err(|e| EngineError::Malformed(format!("key package: {e}")))?;
+    check_leaf(kp.leaf_node(), now)?;
+    Ok(kp)
+}
+
+fn leaf_of(group: &MlsGroup, device: &DeviceId) -> Result<LeafNodeIndex, EngineError> {
+    member_devices(group)?
+        .into_iter()
+        .find(|(_, d)| d == device)
+        .map(|(leaf, _)| LeafNodeIndex::new(leaf))
+        .ok_or_else(|| EngineError::UnknownMember(format!("{device:?}")))
+}
+
 fn member_devices(group: &MlsGroup) -> Result<Vec<(u32, DeviceId)>, EngineError> {
     group
         .members()
@@ -341,21 +364,10 @@ impl MlsEngine for OpenMlsEngine {
         key_packages: &[Vec<u8>],
     ) -> Result<CommitOutput, EngineError> {
         self.with_tx(Some(group), |ctx| {
-            let now = ctx.now;
-            let crypto = ctx.provider.crypto();
             let kps = key_packages
                 .iter()
-                .map(|bytes| {
-                    let MlsMessageBodyIn::KeyPackage(kp) = parse(bytes)?.extract() else {
-                        return Err(EngineError::Malformed("not a KeyPackage".into()));
-                    };
-                    let kp = kp
-                        .validate(crypto, ProtocolVersion::Mls10)
-                        .map_err(|e| EngineError::Malformed(format!("key package: {e}")))?;
-                    check_leaf(kp.leaf_node(), now)?;
-                    Ok(kp)
-                })
-                .collect::<Result<Vec<_>, EngineError>>()?;
+                .map(|kp| parse_key_package(ctx.provider, kp, ctx.now))
+                .collect::<Result<Vec<_>, _>>()?;
             let provider = ctx.provider;
             let signer = ctx.signer;
             let g = ctx.group(group)?;
@@ -381,16 +393,9 @@ impl MlsEngine for OpenMlsEngine {
             if g.pending_commit().is_some() {
                 return Err(EngineError::PendingCommit);
             }
-            let members = member_devices(g)?;
             let leaves = devices
                 .iter()
-                .map(|d| {
-                    members
-                        .iter()
-                        .find(|(_, m)| m == d)
-                        .map(|(leaf, _)| LeafNodeIndex::new(*leaf))
-                        .ok_or_else(|| EngineError::UnknownMember(format!("{d:?}")))
-                })
+                .map(|d| leaf_of(g, d))
                 .collect::<Result<Vec<_>, _>>()?;
             let (commit, welcome, _) = g
                 .remove_members(provider, signer, &leaves)
@@ -423,6 +428,90 @@ impl MlsEngine for OpenMlsEngine {
                 .leave_group(provider, signer)
                 .map_err(|e| other("leave", e))?;
             serialize(&proposal)
+        })
+    }
+
+    fn propose_add(
+        &mut self,
+        group: &ConversationId,
+        key_package: &[u8],
+    ) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let kp = parse_key_package(ctx.provider, key_package, ctx.now)?;
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            let (msg, _) = g
+                .propose_add_member(provider, signer, &kp)
+                .map_err(|e| other("propose add", e))?;
+            serialize(&msg)
+        })
+    }
+
+    fn propose_remove(
+        &mut self,
+        group: &ConversationId,
+        device: &DeviceId,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            let leaf = leaf_of(g, device)?;
+            let (msg, _) = g
+                .propose_remove_member(provider, signer, leaf)
+                .map_err(|e| other("propose remove", e))?;
+            serialize(&msg)
+        })
+    }
+
+    fn propose_update(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            let (msg, _) = g
+                .propose_self_update(provider, signer, LeafNodeParameters::default())
+                .map_err(|e| other("propose update", e))?;
+            serialize(&msg)
+        })
+    }
+
+    fn commit(
+        &mut self,
+        group: &ConversationId,
+        adds: &[Vec<u8>],
+        removes: &[DeviceId],
+        force_path: bool,
+    ) -> Result<CommitOutput, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let kps = adds
+                .iter()
+                .map(|kp| parse_key_package(ctx.provider, kp, ctx.now))
+                .collect::<Result<Vec<_>, _>>()?;
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            if g.pending_commit().is_some() {
+                return Err(EngineError::PendingCommit);
+            }
+            let leaves = removes
+                .iter()
+                .map(|d| leaf_of(g, d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let bundle = g
+                .commit_builder()
+                .consume_proposal_store(true)
+                .force_self_update(force_path)
+                .propose_adds(kps)
+                .propose_removals(leaves)
+                .load_psks(provider.storage())
+                .map_err(|e| other("commit", e))?
+                .build(provider.rand(), provider.crypto(), signer, |_| true)
+                .map_err(|e| other("commit", e))?
+                .stage_commit(provider)
+                .map_err(|e| other("commit", e))?;
+            commit_output(bundle.commit(), bundle.to_welcome_msg())
         })
     }
 
