@@ -379,7 +379,9 @@ where
         key_package: &[u8],
     ) -> Result<Vec<u8>, EngineError> {
         let kp = parse(key_package)?;
-        self.mutate(group, |g, _| to_bytes(&g.propose_add(kp, vec![]).map_err(map_err)?))
+        self.mutate(group, |g, _| {
+            to_bytes(&g.propose_add(kp, vec![]).map_err(map_err)?)
+        })
     }
 
     fn propose_remove(
@@ -394,7 +396,9 @@ where
     }
 
     fn propose_update(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
-        self.mutate(group, |g, _| to_bytes(&g.propose_update(vec![]).map_err(map_err)?))
+        self.mutate(group, |g, _| {
+            to_bytes(&g.propose_update(vec![]).map_err(map_err)?)
+        })
     }
 
     fn commit(
@@ -404,7 +408,10 @@ where
         removes: &[DeviceId],
         _force_path: bool,
     ) -> Result<CommitOutput, EngineError> {
-        let adds = adds.iter().map(|kp| parse(kp)).collect::<Result<Vec<_>, _>>()?;
+        let adds = adds
+            .iter()
+            .map(|kp| parse(kp))
+            .collect::<Result<Vec<_>, _>>()?;
         self.mutate(group, |g, _| {
             if g.has_pending_commit() {
                 return Err(EngineError::PendingCommit);

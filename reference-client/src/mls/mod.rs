@@ -217,8 +217,11 @@ pub trait MlsEngine: Send {
     /// Proposes adding the owner of `key_package` (a PublicMessage proposal). Confab's
     /// gateway refuses Commits that carry proposals by reference (SPEC.md REQ-7.3-3); the
     /// proposal operations exist for cross-checks against the IETF interop scenarios.
-    fn propose_add(&mut self, group: &ConversationId, key_package: &[u8])
-    -> Result<Vec<u8>, EngineError>;
+    fn propose_add(
+        &mut self,
+        group: &ConversationId,
+        key_package: &[u8],
+    ) -> Result<Vec<u8>, EngineError>;
 
     /// Proposes removing `device`.
     fn propose_remove(

@@ -1,0 +1,494 @@
+//! The MLS cross-check harness behind `confab-mls-interop`: runs the IETF interop scenario
+//! scripts (`mls-interop-scenarios/CONFIG-FORMAT.md`) with every actor played by one of
+//! the engines, in every assignment (or a seeded sample), and after every group-changing
+//! step verifies the common state: every member has the same epoch authenticator, and a
+//! message from each member decrypts at every other member.
+//!
+//! A step whose action the harness does not drive yet is reported as `unsupported` with
+//! the reason, and the run stops there; it is never skipped silently.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use serde_json::Value;
+
+use crate::mls::{EngineKind, MlsEngine, Processed, open_engine, system_clock};
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::{ConversationId, DeviceId, ProcessId, UnixMs};
+use confab_spec::session::DeviceCredentials;
+
+/// The group every script works on.
+const GROUP: ConversationId = ConversationId([0x1e; 32]);
+/// Most assignments `all` enumerates before it samples.
+pub const ALL_ASSIGNMENTS_MAX: usize = 64;
+
+/// One named script of a config file.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// `file/name`.
+    pub name: String,
+    /// The actions, in order.
+    pub actions: Vec<Value>,
+}
+
+/// How actors are mapped to engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignMode {
+    /// Every assignment, up to [`ALL_ASSIGNMENTS_MAX`], then a seeded sample of that many.
+    All,
+    /// `N` seeded random assignments.
+    Random(usize),
+}
+
+/// The outcome of one script under one assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step ran and every check held.
+    Passed,
+    /// A step failed.
+    Failed {
+        /// The step index.
+        step: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The run stopped at a step the harness or an engine does not support.
+    Unsupported {
+        /// The step index.
+        step: usize,
+        /// The action name.
+        action: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Reads a config file: `{"scripts": {"name": [actions...]}}`.
+pub fn load_config(path: &Path) -> Result<Vec<Script>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("config");
+    let scripts = json
+        .get("scripts")
+        .and_then(Value::as_object)
+        .ok_or_else(|| format!("{}: no \"scripts\" object", path.display()))?;
+    scripts
+        .iter()
+        .map(|(name, actions)| {
+            let actions = actions
+                .as_array()
+                .ok_or_else(|| format!("{file}/{name}: actions must be an array"))?
+                .clone();
+            Ok(Script {
+                name: format!("{file}/{name}"),
+                actions,
+            })
+        })
+        .collect()
+}
+
+/// The actors of a script, in order of first appearance.
+pub fn actors(script: &Script) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |v: &Value| {
+        if let Some(s) = v.as_str() {
+            if !out.iter().any(|a| a == s) {
+                out.push(s.to_string());
+            }
+        }
+    };
+    for a in &script.actions {
+        for key in ["actor", "joiner", "removed"] {
+            add(&a[key]);
+        }
+        for key in ["members", "joiners", "clients"] {
+            if let Some(list) = a[key].as_array() {
+                list.iter().for_each(&mut add);
+            }
+        }
+    }
+    out
+}
+
+/// The assignments to run for `actors` over `engines`.
+pub fn assignments(
+    actors: &[String],
+    engines: &[EngineKind],
+    mode: AssignMode,
+    seed: u64,
+) -> Vec<BTreeMap<String, EngineKind>> {
+    let n = actors.len();
+    let total = engines.len().checked_pow(n as u32);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let pick = |index: usize| -> BTreeMap<String, EngineKind> {
+        let mut rest = index;
+        actors
+            .iter()
+            .map(|a| {
+                let e = engines[rest % engines.len()];
+                rest /= engines.len();
+                (a.clone(), e)
+            })
+            .collect()
+    };
+    let random = |rng: &mut ChaCha8Rng| -> BTreeMap<String, EngineKind> {
+        actors
+            .iter()
+            .map(|a| (a.clone(), engines[rng.next_u32() as usize % engines.len()]))
+            .collect()
+    };
+    match (mode, total) {
+        (AssignMode::All, Some(t)) if t <= ALL_ASSIGNMENTS_MAX => (0..t).map(pick).collect(),
+        (AssignMode::All, _) => (0..ALL_ASSIGNMENTS_MAX).map(|_| random(&mut rng)).collect(),
+        (AssignMode::Random(k), _) => (0..k).map(|_| random(&mut rng)).collect(),
+    }
+}
+
+/// What a step left in the transcript for later steps to point at.
+enum Output {
+    None,
+    KeyPackage(Vec<u8>),
+    Proposal { bytes: Vec<u8>, proposer: String },
+    Ciphertext { bytes: Vec<u8>, plaintext: Vec<u8> },
+}
+
+struct Actor {
+    engine: Box<dyn MlsEngine>,
+    device: DeviceId,
+}
+
+/// Runs one script under one assignment, with engine state in `dir`.
+pub fn run_script(
+    script: &Script,
+    assignment: &BTreeMap<String, EngineKind>,
+    dir: &Path,
+) -> Outcome {
+    let mut run = Run {
+        assignment,
+        dir,
+        actors: HashMap::new(),
+        members: Vec::new(),
+        outputs: Vec::new(),
+        next_seed: 1,
+    };
+    for (step, action) in script.actions.iter().enumerate() {
+        let name = action["action"].as_str().unwrap_or("?").to_string();
+        match run.step(action) {
+            Ok(out) => run.outputs.push(out),
+            Err(StepError::Unsupported(reason)) => {
+                return Outcome::Unsupported {
+                    step,
+                    action: name,
+                    reason,
+                };
+            }
+            Err(StepError::Failed(reason)) => {
+                return Outcome::Failed {
+                    step,
+                    reason: format!("{name}: {reason}"),
+                };
+            }
+        }
+    }
+    Outcome::Passed
+}
+
+enum StepError {
+    Unsupported(String),
+    Failed(String),
+}
+
+fn fail(e: impl std::fmt::Display) -> StepError {
+    StepError::Failed(e.to_string())
+}
+
+struct Run<'a> {
+    assignment: &'a BTreeMap<String, EngineKind>,
+    dir: &'a Path,
+    actors: HashMap<String, Actor>,
+    members: Vec<String>,
+    outputs: Vec<Output>,
+    next_seed: u64,
+}
+
+impl Run<'_> {
+    fn step(&mut self, a: &Value) -> Result<Output, StepError> {
+        let action = a["action"].as_str().unwrap_or("");
+        let actor = a["actor"].as_str().unwrap_or("").to_string();
+        match action {
+            "createGroup" => {
+                self.new_client(&actor)?;
+                self.engine(&actor)?.create_group(&GROUP).map_err(fail)?;
+                self.members = vec![actor.clone()];
+                let invited = strings(&a["members"]);
+                if !invited.is_empty() {
+                    let mut kps = Vec::new();
+                    for m in &invited {
+                        self.new_client(m)?;
+                        kps.extend(self.engine(m)?.key_packages(1, false).map_err(fail)?);
+                    }
+                    let out = self.engine(&actor)?.add_members(&GROUP, &kps).map_err(fail)?;
+                    self.engine(&actor)?.merge_pending_commit(&GROUP).map_err(fail)?;
+                    let welcome = out.welcome.ok_or_else(|| fail("add produced no Welcome"))?;
+                    for m in &invited {
+                        self.engine(m)?.join(&welcome).map_err(fail)?;
+                        self.members.push(m.clone());
+                    }
+                }
+                self.verify()?;
+                Ok(Output::None)
+            }
+            "createKeyPackage" => {
+                self.new_client(&actor)?;
+                let kp = self.engine(&actor)?.key_packages(1, false).map_err(fail)?;
+                Ok(Output::KeyPackage(kp.into_iter().next().unwrap_or_default()))
+            }
+            "addProposal" => {
+                let kp = self.key_package(&a["keyPackage"])?;
+                let bytes = self.engine(&actor)?.propose_add(&GROUP, &kp).map_err(fail)?;
+                Ok(Output::Proposal { bytes, proposer: actor })
+            }
+            "removeProposal" => {
+                let removed = self.device(a["removed"].as_str().unwrap_or(""))?;
+                let bytes = self.engine(&actor)?.propose_remove(&GROUP, &removed).map_err(fail)?;
+                Ok(Output::Proposal { bytes, proposer: actor })
+            }
+            "updateProposal" => {
+                let bytes = self.engine(&actor)?.propose_update(&GROUP).map_err(fail)?;
+                Ok(Output::Proposal { bytes, proposer: actor })
+            }
+            "fullCommit" => self.full_commit(&actor, a),
+            "protect" => {
+                let plaintext = a["plaintext"].as_str().unwrap_or("").as_bytes().to_vec();
+                let bytes = self.engine(&actor)?.encrypt(&GROUP, &plaintext).map_err(fail)?;
+                Ok(Output::Ciphertext { bytes, plaintext })
+            }
+            "unprotect" => {
+                let index = a["ciphertext"].as_u64().unwrap_or(u64::MAX) as usize;
+                let Some(Output::Ciphertext { bytes, plaintext }) = self.outputs.get(index) else {
+                    return Err(fail(format!("step {index} is not a protect")));
+                };
+                let (bytes, plaintext) = (bytes.clone(), plaintext.clone());
+                match self.engine(&actor)?.process(&GROUP, &bytes).map_err(fail)? {
+                    Processed::Application { plaintext: got, .. } if got == plaintext => Ok(Output::None),
+                    other => Err(fail(format!("unprotect gave {other:?}"))),
+                }
+            }
+            "installExternalPSK" | "externalPSKProposal" | "resumptionPSKProposal" => Err(StepError::Unsupported(
+                "PSKs are not driven by the harness yet (both engines implement them; the engine trait has no PSK operations)".into(),
+            )),
+            "groupContextExtensionsProposal" => Err(StepError::Unsupported(
+                "group context extension proposals are not driven by the harness yet".into(),
+            )),
+            "externalJoin" => Err(StepError::Unsupported(
+                "external joins (GroupInfo + external Commit) are not driven by the harness yet".into(),
+            )),
+            "addExternalSigner" | "externalSignerProposal" | "newMemberAddProposal" => Err(StepError::Unsupported(
+                "external senders and new-member proposals are not driven by the harness yet (Confab groups have no external senders)".into(),
+            )),
+            "branch" => Err(StepError::Unsupported(
+                "branch: unsupported by openmls 0.9 (no public branch API); mls-rs has one, but the harness does not drive it for mls-rs-only assignments yet".into(),
+            )),
+            "reinit" => Err(StepError::Unsupported(
+                "reinit: unsupported by openmls 0.9 (no public ReInit API); mls-rs has one, but the harness does not drive it for mls-rs-only assignments yet".into(),
+            )),
+            other => Err(StepError::Unsupported(format!("unknown action {other:?}"))),
+        }
+    }
+
+    fn full_commit(&mut self, actor: &str, a: &Value) -> Result<Output, StepError> {
+        // Proposals by reference reach every member except their proposer.
+        for index in a["byReference"].as_array().into_iter().flatten() {
+            let index = index.as_u64().unwrap_or(u64::MAX) as usize;
+            let Some(Output::Proposal { bytes, proposer }) = self.outputs.get(index) else {
+                return Err(fail(format!("step {index} is not a proposal")));
+            };
+            let (bytes, proposer) = (bytes.clone(), proposer.clone());
+            for m in self.members.clone() {
+                if m != proposer {
+                    self.engine(&m)?
+                        .process(&GROUP, &bytes)
+                        .map_err(|e| fail(format!("{m} processing proposal {index}: {e}")))?;
+                }
+            }
+        }
+        let (mut adds, mut removes) = (Vec::new(), Vec::new());
+        for p in a["byValue"].as_array().into_iter().flatten() {
+            match p["proposalType"].as_str() {
+                Some("add") => adds.push(self.key_package(&p["keyPackage"])?),
+                Some("remove") => removes.push(self.device(p["removed"].as_str().unwrap_or(""))?),
+                other => {
+                    return Err(StepError::Unsupported(format!(
+                        "{} proposals by value are not driven by the harness yet",
+                        other.unwrap_or("?")
+                    )));
+                }
+            }
+        }
+        let force_path = a["force_path"].as_bool().unwrap_or(false);
+        let out = self
+            .engine(actor)?
+            .commit(&GROUP, &adds, &removes, force_path)
+            .map_err(fail)?;
+        self.engine(actor)?
+            .merge_pending_commit(&GROUP)
+            .map_err(fail)?;
+        let mut removed_members = Vec::new();
+        for m in self.members.clone() {
+            if m == actor {
+                continue;
+            }
+            match self
+                .engine(&m)?
+                .process(&GROUP, &out.commit)
+                .map_err(|e| fail(format!("{m}: {e}")))?
+            {
+                Processed::Commit {
+                    self_removed: true, ..
+                } => removed_members.push(m),
+                Processed::Commit { .. } => {}
+                other => return Err(fail(format!("{m}: commit processed as {other:?}"))),
+            }
+        }
+        // Removals by reference or by value: drop whoever the commit removed.
+        let roster = self.engine(actor)?.members(&GROUP).map_err(fail)?;
+        self.members.retain(|m| {
+            self.actors
+                .get(m)
+                .is_some_and(|x| roster.iter().any(|(_, d)| *d == x.device))
+        });
+        for m in removed_members {
+            if self.members.contains(&m) {
+                return Err(fail(format!(
+                    "{m} was told it was removed but is still in the roster"
+                )));
+            }
+        }
+        for j in strings(&a["joiners"]) {
+            let welcome = out
+                .welcome
+                .clone()
+                .ok_or_else(|| fail("commit with joiners produced no Welcome"))?;
+            self.engine(&j)?
+                .join(&welcome)
+                .map_err(|e| fail(format!("{j} joining: {e}")))?;
+            self.members.push(j);
+        }
+        self.verify()?;
+        Ok(Output::None)
+    }
+
+    /// Every member has the same epoch authenticator, and a message from each member
+    /// decrypts at every other member.
+    fn verify(&mut self) -> Result<(), StepError> {
+        let members = self.members.clone();
+        let mut auth: Option<(String, Vec<u8>)> = None;
+        for m in &members {
+            let a = self.engine(m)?.epoch_authenticator(&GROUP).map_err(fail)?;
+            match &auth {
+                None => auth = Some((m.clone(), a)),
+                Some((first, expected)) if *expected != a => {
+                    return Err(fail(format!(
+                        "epoch authenticator of {m} differs from {first}'s: fork"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        for sender in &members {
+            let text = format!("verify from {sender}").into_bytes();
+            let ct = self.engine(sender)?.encrypt(&GROUP, &text).map_err(fail)?;
+            for receiver in members.iter().filter(|r| *r != sender) {
+                match self
+                    .engine(receiver)?
+                    .process(&GROUP, &ct)
+                    .map_err(|e| fail(format!("{receiver} decrypting {sender}: {e}")))?
+                {
+                    Processed::Application { plaintext, .. } if plaintext == text => {}
+                    other => return Err(fail(format!("{receiver} got {other:?} from {sender}"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn new_client(&mut self, actor: &str) -> Result<(), StepError> {
+        let kind = *self
+            .assignment
+            .get(actor)
+            .ok_or_else(|| fail(format!("actor {actor} has no engine")))?;
+        let seed = self.next_seed;
+        self.next_seed += 1;
+        let mut s = [0u8; 32];
+        s[..8].copy_from_slice(&seed.to_be_bytes());
+        let system = SystemKeyPair::from_seed(&s);
+        s[31] = 1;
+        let key = DeviceKeyPair::from_seed(&s);
+        let mut p = [0u8; 16];
+        p[..8].copy_from_slice(&seed.to_be_bytes());
+        let now = system_clock()();
+        let certificate = system.issue_certificate(
+            ProcessId(p),
+            key.public(),
+            UnixMs(now.0.saturating_sub(3_600_000)),
+            now.plus_ms(7 * 24 * 3_600_000),
+        );
+        let device = certificate.device_id();
+        let path = self.dir.join(format!("{actor}-{seed}.db"));
+        let engine = open_engine(
+            kind,
+            &path,
+            DeviceCredentials { key, certificate },
+            system_clock(),
+        )
+        .map_err(fail)?;
+        self.actors
+            .insert(actor.to_string(), Actor { engine, device });
+        Ok(())
+    }
+
+    fn engine(&mut self, actor: &str) -> Result<&mut (dyn MlsEngine + 'static), StepError> {
+        self.actors
+            .get_mut(actor)
+            .map(|a| a.engine.as_mut())
+            .ok_or_else(|| fail(format!("actor {actor} has no client yet")))
+    }
+
+    fn device(&self, actor: &str) -> Result<DeviceId, StepError> {
+        self.actors
+            .get(actor)
+            .map(|a| a.device)
+            .ok_or_else(|| fail(format!("actor {actor} has no client yet")))
+    }
+
+    fn key_package(&self, index: &Value) -> Result<Vec<u8>, StepError> {
+        let index = index.as_u64().unwrap_or(u64::MAX) as usize;
+        match self.outputs.get(index) {
+            Some(Output::KeyPackage(kp)) => Ok(kp.clone()),
+            _ => Err(fail(format!("step {index} is not a createKeyPackage"))),
+        }
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Formats an assignment as `alice=openmls, bob=mls-rs`.
+pub fn describe(assignment: &BTreeMap<String, EngineKind>) -> String {
+    assignment
+        .iter()
+        .map(|(a, e)| format!("{a}={e}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
