@@ -61,7 +61,12 @@ fn device(dir: &tempfile::TempDir, kind: EngineKind, seed: u32) -> Dev {
     let path = dir.path().join(format!("{}-{seed}.db", kind.name()));
     let creds = credentials(seed);
     let engine = open_engine(kind, &path, creds.clone(), system_clock()).expect("open");
-    Dev { kind, path, creds, engine }
+    Dev {
+        kind,
+        path,
+        creds,
+        engine,
+    }
 }
 
 fn group_id(n: u64) -> ConversationId {
@@ -71,7 +76,13 @@ fn group_id(n: u64) -> ConversationId {
 }
 
 /// A group of `size` members created by `creator`; returns the other members.
-fn build_group(dir: &tempfile::TempDir, creator: &mut Dev, id: &ConversationId, size: u32, kind: EngineKind) -> Vec<Dev> {
+fn build_group(
+    dir: &tempfile::TempDir,
+    creator: &mut Dev,
+    id: &ConversationId,
+    size: u32,
+    kind: EngineKind,
+) -> Vec<Dev> {
     creator.engine.create_group(id).expect("create");
     let mut members = Vec::new();
     let mut seed = 10_000;
@@ -112,10 +123,13 @@ fn benches(c: &mut Criterion) {
     let aead = Aes128Gcm::new_from_slice(&[9; 16]).expect("key");
     c.bench_function("floor/ed25519_sign_verify+aes128gcm_seal_open_1KiB", |b| {
         b.iter(|| {
-            let ct = aead.encrypt(Nonce::from_slice(&[1; 12]), payload.as_slice()).expect("seal");
+            let ct = aead
+                .encrypt(Nonce::from_slice(&[1; 12]), payload.as_slice())
+                .expect("seal");
             let sig = key.sign(&ct);
             verifying.verify(&ct, &sig).expect("verify");
-            aead.decrypt(Nonce::from_slice(&[1; 12]), ct.as_slice()).expect("open")
+            aead.decrypt(Nonce::from_slice(&[1; 12]), ct.as_slice())
+                .expect("open")
         })
     });
 
@@ -153,7 +167,10 @@ fn benches(c: &mut Criterion) {
                         let kps: Vec<Vec<u8>> = (0..count)
                             .flat_map(|_| {
                                 seed += 1;
-                                device(&dir, kind, seed).engine.key_packages(1, false).expect("kp")
+                                device(&dir, kind, seed)
+                                    .engine
+                                    .key_packages(1, false)
+                                    .expect("kp")
                             })
                             .collect();
                         let start = std::time::Instant::now();
@@ -182,7 +199,8 @@ fn benches(c: &mut Criterion) {
         });
         c.bench_function(&format!("{name}/persist_reload"), |bench| {
             bench.iter(|| {
-                a.engine = open_engine(a.kind, &a.path, a.creds.clone(), system_clock()).expect("reopen");
+                a.engine =
+                    open_engine(a.kind, &a.path, a.creds.clone(), system_clock()).expect("reopen");
                 a.engine.epoch(&pair).expect("load")
             })
         });
@@ -192,7 +210,9 @@ fn benches(c: &mut Criterion) {
         let mut creator = device(&dir, kind, 3);
         let _followers = build_group(&dir, &mut creator, &big, 1_000, kind);
         let mut commit_group = c.benchmark_group(format!("{name}/commit_in_1000"));
-        commit_group.sample_size(10).measurement_time(Duration::from_secs(20));
+        commit_group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(20));
         commit_group.bench_function("self_update", |bench| {
             bench.iter(|| {
                 creator.engine.self_update(&big).expect("commit");
@@ -205,9 +225,10 @@ fn benches(c: &mut Criterion) {
 
 /// Prints every benchmark's median with its ratio to the floor, engines side by side.
 fn ratio_table() {
-    let root = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| {
-        format!("{}/../target", env!("CARGO_MANIFEST_DIR"))
-    }))
+    let root = PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR"))),
+    )
     .join("criterion");
     let median = |id: &str| -> Option<f64> {
         let text = std::fs::read_to_string(root.join(id).join("new/estimates.json")).ok()?;
@@ -220,7 +241,10 @@ fn ratio_table() {
         eprintln!("no floor measurement found under {}", root.display());
         return;
     };
-    println!("\nfloor (Ed25519 sign+verify + AES-128-GCM seal+open, 1 KiB): {:.1} µs\n", floor / 1e3);
+    println!(
+        "\nfloor (Ed25519 sign+verify + AES-128-GCM seal+open, 1 KiB): {:.1} µs\n",
+        floor / 1e3
+    );
     println!("| operation | openmls | ×floor | mls-rs | ×floor |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     let ops = [

@@ -20,13 +20,15 @@ use mls_rs::mls_rules::DefaultMlsRules;
 use mls_rs::time::MlsTime;
 use mls_rs::{CipherSuite, Client, ExtensionList, Group, IdentityProvider, MlsMessage};
 use mls_rs_core::identity::MemberValidationContext;
+use mls_rs_core::psk::{ExternalPskId, PreSharedKey};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 use mls_rs_provider_sqlite::SqLiteDataStorageEngine;
 use mls_rs_provider_sqlite::connection_strategy::FileConnectionStrategy;
+use mls_rs_provider_sqlite::storage::SqLitePreSharedKeyStorage;
 
 use super::{
-    Clock, CommitOutput, EngineError, EngineKind, MlsEngine, Processed, credential_identity,
-    device_of, verify_member,
+    Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
+    credential_identity, device_of, verify_member,
 };
 use confab_spec::ids::{ConversationId, DeviceId, UnixMs};
 use confab_spec::session::DeviceCredentials;
@@ -36,6 +38,7 @@ const CIPHERSUITE: CipherSuite = CipherSuite::CURVE25519_AES128;
 /// The mls-rs engine of one device.
 pub struct MlsRsEngine<C: MlsConfig> {
     client: Client<C>,
+    psks: SqLitePreSharedKeyStorage,
     device: DeviceId,
     clock: Clock,
     groups: HashMap<ConversationId, Group<C>>,
@@ -50,6 +53,7 @@ pub fn open(
     let engine = SqLiteDataStorageEngine::new(FileConnectionStrategy::new(path))
         .map_err(storage)?
         .with_journal_mode(Some(mls_rs_provider_sqlite::JournalMode::Wal));
+    let psks = engine.pre_shared_key_storage().map_err(storage)?;
     let certificate = credentials.certificate;
     let identity = SigningIdentity::new(
         BasicCredential::new(credential_identity(&certificate)).into_credential(),
@@ -65,12 +69,14 @@ pub fn open(
         })
         .group_state_storage(engine.group_state_storage().map_err(storage)?)
         .key_package_repo(engine.key_package_storage().map_err(storage)?)
+        .psk_store(psks.clone())
         .mls_rules(DefaultMlsRules::default())
         .extension_type(ExtensionType::LAST_RESORT_KEY_PACKAGE)
         .signing_identity(identity, secret.into(), CIPHERSUITE)
         .build();
     Ok(Box::new(MlsRsEngine {
         client,
+        psks,
         device: certificate.device_id(),
         clock,
         groups: HashMap::new(),
@@ -206,6 +212,17 @@ fn leaf_of<C: MlsConfig>(group: &Group<C>, device: &DeviceId) -> Result<u32, Eng
         .find(|(_, d)| d == device)
         .map(|(leaf, _)| leaf)
         .ok_or_else(|| EngineError::UnknownMember(format!("{device:?}")))
+}
+
+fn extension_list(list: &[(u16, Vec<u8>)]) -> ExtensionList {
+    let mut out = ExtensionList::new();
+    for (ty, data) in list {
+        out.set(mls_rs::Extension::new(
+            ExtensionType::new(*ty),
+            data.clone(),
+        ));
+    }
+    out
 }
 
 fn mls_time(now: UnixMs) -> MlsTime {
@@ -406,6 +423,7 @@ where
         group: &ConversationId,
         adds: &[Vec<u8>],
         removes: &[DeviceId],
+        extra: &[ExtraProposal],
         _force_path: bool,
     ) -> Result<CommitOutput, EngineError> {
         let adds = adds
@@ -427,7 +445,47 @@ where
             for leaf in leaves {
                 builder = builder.remove_member(leaf).map_err(map_err)?;
             }
+            for p in extra {
+                builder = match p {
+                    ExtraProposal::ExternalPsk(id) => builder
+                        .add_external_psk(ExternalPskId::new(id.clone()))
+                        .map_err(map_err)?,
+                    ExtraProposal::ResumptionPsk(epoch) => {
+                        builder.add_resumption_psk(*epoch).map_err(map_err)?
+                    }
+                    ExtraProposal::GroupContextExtensions(list) => builder
+                        .set_group_context_ext(extension_list(list))
+                        .map_err(map_err)?,
+                };
+            }
             commit_output(builder.build().map_err(map_err)?)
+        })
+    }
+
+    fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
+        self.psks
+            .insert(id, &PreSharedKey::new(secret.to_vec()))
+            .map_err(storage)
+    }
+
+    fn propose_extra(
+        &mut self,
+        group: &ConversationId,
+        proposal: &ExtraProposal,
+    ) -> Result<Vec<u8>, EngineError> {
+        let proposal = proposal.clone();
+        self.mutate(group, |g, _| {
+            let msg = match proposal {
+                ExtraProposal::ExternalPsk(id) => {
+                    g.propose_external_psk(ExternalPskId::new(id), vec![])
+                }
+                ExtraProposal::ResumptionPsk(epoch) => g.propose_resumption_psk(epoch, vec![]),
+                ExtraProposal::GroupContextExtensions(list) => {
+                    g.propose_group_context_extensions(extension_list(&list), vec![])
+                }
+            }
+            .map_err(map_err)?;
+            to_bytes(&msg)
         })
     }
 

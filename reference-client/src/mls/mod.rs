@@ -98,6 +98,18 @@ pub struct CommitOutput {
     pub welcome: Option<Vec<u8>>,
 }
 
+/// Proposals beyond Add and Remove that the IETF interop scenarios exercise. Confab itself
+/// does not use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtraProposal {
+    /// An external PSK, installed beforehand with [`MlsEngine::install_external_psk`].
+    ExternalPsk(Vec<u8>),
+    /// The resumption PSK of an earlier epoch of the same group.
+    ResumptionPsk(u64),
+    /// Replace the group context extensions with these `(type, data)` pairs.
+    GroupContextExtensions(Vec<(u16, Vec<u8>)>),
+}
+
 /// What processing an incoming message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed {
@@ -241,8 +253,19 @@ pub trait MlsEngine: Send {
         group: &ConversationId,
         adds: &[Vec<u8>],
         removes: &[DeviceId],
+        extra: &[ExtraProposal],
         force_path: bool,
     ) -> Result<CommitOutput, EngineError>;
+
+    /// Stores an external PSK under `id`.
+    fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError>;
+
+    /// Proposes a PSK or a group context extensions change (a PublicMessage proposal).
+    fn propose_extra(
+        &mut self,
+        group: &ConversationId,
+        proposal: &ExtraProposal,
+    ) -> Result<Vec<u8>, EngineError>;
 
     /// Merges this device's pending Commit after the gateway echoed it (SPEC.md 7.4).
     fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError>;

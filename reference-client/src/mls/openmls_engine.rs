@@ -11,13 +11,14 @@ use std::path::Path;
 use ed25519_dalek::Signer as _;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
+use openmls::schedule::psk::{ExternalPsk, PreSharedKeyId, Psk, ResumptionPsk, ResumptionPskUsage};
 use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::signatures::{Signer, SignerError};
 
 use super::{
-    Clock, CommitOutput, EngineError, EngineKind, MlsEngine, Processed, credential_identity,
-    device_of, verify_member,
+    Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
+    credential_identity, device_of, verify_member,
 };
 use confab_spec::ids::{ConversationId, DeviceId};
 use confab_spec::session::DeviceCredentials;
@@ -151,6 +152,7 @@ fn create_config() -> MlsGroupCreateConfig {
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
+        .number_of_resumption_psks(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -159,6 +161,7 @@ fn join_config() -> MlsGroupJoinConfig {
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
+        .number_of_resumption_psks(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -199,6 +202,53 @@ fn parse_key_package(
         .map_err(|e| EngineError::Malformed(format!("key package: {e}")))?;
     check_leaf(kp.leaf_node(), now)?;
     Ok(kp)
+}
+
+/// A PSK id with a fresh nonce for an [`ExtraProposal`] PSK.
+fn psk_id(
+    provider: &Provider<'_>,
+    group: &GroupId,
+    psk: &ExtraProposal,
+) -> Result<PreSharedKeyId, EngineError> {
+    let psk = match psk {
+        ExtraProposal::ExternalPsk(id) => Psk::External(ExternalPsk::new(id.clone())),
+        ExtraProposal::ResumptionPsk(epoch) => Psk::Resumption(ResumptionPsk::new(
+            ResumptionPskUsage::Application,
+            group.clone(),
+            GroupEpoch::from(*epoch),
+        )),
+        ExtraProposal::GroupContextExtensions(_) => {
+            return Err(EngineError::Other("not a PSK".into()));
+        }
+    };
+    PreSharedKeyId::new(CIPHERSUITE, provider.rand(), psk).map_err(|e| other("psk id", e))
+}
+
+/// Group context extensions from `(type, data)` pairs, parsed into openmls' typed ones.
+fn context_extensions(list: &[(u16, Vec<u8>)]) -> Result<Extensions<GroupContext>, EngineError> {
+    let extensions = list
+        .iter()
+        .map(|(ty, data)| {
+            let mut bytes = ty.to_be_bytes().to_vec();
+            bytes.extend(mls_vector_length(data.len()));
+            bytes.extend_from_slice(data);
+            Extension::tls_deserialize_exact(bytes.as_slice())
+                .map_err(|e| EngineError::Malformed(format!("extension {ty}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Extensions::from_vec(extensions).map_err(|e| EngineError::Malformed(e.to_string()))
+}
+
+/// The MLS variable-length vector prefix for `len` bytes (RFC 9420 section 2.1.2).
+fn mls_vector_length(len: usize) -> Vec<u8> {
+    match len {
+        0..=63 => vec![len as u8],
+        64..=16_383 => vec![0x40 | (len >> 8) as u8, len as u8],
+        _ => {
+            let v = (len as u32) | 0x8000_0000;
+            v.to_be_bytes().to_vec()
+        }
+    }
 }
 
 fn leaf_of(group: &MlsGroup, device: &DeviceId) -> Result<LeafNodeIndex, EngineError> {
@@ -482,6 +532,7 @@ impl MlsEngine for OpenMlsEngine {
         group: &ConversationId,
         adds: &[Vec<u8>],
         removes: &[DeviceId],
+        extra: &[ExtraProposal],
         force_path: bool,
     ) -> Result<CommitOutput, EngineError> {
         self.with_tx(Some(group), |ctx| {
@@ -499,12 +550,24 @@ impl MlsEngine for OpenMlsEngine {
                 .iter()
                 .map(|d| leaf_of(g, d))
                 .collect::<Result<Vec<_>, _>>()?;
-            let bundle = g
+            let group_id = g.group_id().clone();
+            let mut builder = g
                 .commit_builder()
                 .consume_proposal_store(true)
                 .force_self_update(force_path)
                 .propose_adds(kps)
-                .propose_removals(leaves)
+                .propose_removals(leaves);
+            for p in extra {
+                builder = match p {
+                    ExtraProposal::GroupContextExtensions(list) => builder
+                        .propose_group_context_extensions(context_extensions(list)?)
+                        .map_err(|e| other("commit", e))?,
+                    psk => builder.add_proposal(Proposal::PreSharedKey(Box::new(
+                        PreSharedKeyProposal::new(psk_id(provider, &group_id, psk)?),
+                    ))),
+                };
+            }
+            let bundle = builder
                 .load_psks(provider.storage())
                 .map_err(|e| other("commit", e))?
                 .build(provider.rand(), provider.crypto(), signer, |_| true)
@@ -512,6 +575,37 @@ impl MlsEngine for OpenMlsEngine {
                 .stage_commit(provider)
                 .map_err(|e| other("commit", e))?;
             commit_output(bundle.commit(), bundle.to_welcome_msg())
+        })
+    }
+
+    fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
+        self.with_tx(None, |ctx| {
+            PreSharedKeyId::external(id.to_vec(), vec![0; 32])
+                .store(ctx.provider, secret)
+                .map_err(|e| other("store psk", e))
+        })
+    }
+
+    fn propose_extra(
+        &mut self,
+        group: &ConversationId,
+        proposal: &ExtraProposal,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            let (msg, _) = match proposal {
+                ExtraProposal::GroupContextExtensions(list) => g
+                    .propose_group_context_extensions(provider, context_extensions(list)?, signer)
+                    .map_err(|e| other("propose extensions", e))?,
+                psk => {
+                    let id = psk_id(provider, g.group_id(), psk)?;
+                    g.propose_pre_shared_key(provider, signer, id)
+                        .map_err(|e| other("propose psk", e))?
+                }
+            };
+            serialize(&msg)
         })
     }
 
