@@ -165,6 +165,7 @@ enum Output {
 struct Actor {
     engine: Box<dyn MlsEngine>,
     device: DeviceId,
+    credentials: DeviceCredentials,
 }
 
 /// Runs one script under one assignment, with engine state in `dir`.
@@ -180,6 +181,7 @@ pub fn run_script(
         members: Vec::new(),
         outputs: Vec::new(),
         psk_proposals: Vec::new(),
+        psks: Vec::new(),
         next_seed: 1,
     };
     for (step, action) in script.actions.iter().enumerate() {
@@ -220,6 +222,7 @@ struct Run<'a> {
     members: Vec<String>,
     outputs: Vec<Output>,
     psk_proposals: Vec<usize>,
+    psks: Vec<(Vec<u8>, Vec<u8>)>,
     next_seed: u64,
 }
 
@@ -290,6 +293,7 @@ impl Run<'_> {
                 let step = self.outputs.len();
                 let id = format!("psk-{step}").into_bytes();
                 let secret = [step as u8; 32];
+                self.psks.push((id.clone(), secret.to_vec()));
                 for client in strings(&a["clients"]) {
                     self.engine(&client)?.install_external_psk(&id, &secret).map_err(fail)?;
                 }
@@ -303,9 +307,7 @@ impl Run<'_> {
                 let bytes = self.engine(&actor)?.propose_extra(&GROUP, &proposal).map_err(fail)?;
                 Ok(Output::Proposal { bytes, proposer: actor })
             }
-            "externalJoin" => Err(StepError::Unsupported(
-                "external joins (GroupInfo + external Commit) are not driven by the harness yet".into(),
-            )),
+            "externalJoin" => self.external_join(&actor, a),
             "addExternalSigner" | "externalSignerProposal" | "newMemberAddProposal" => Err(StepError::Unsupported(
                 "external senders and new-member proposals are not driven by the harness yet (Confab groups have no external senders)".into(),
             )),
@@ -441,6 +443,78 @@ impl Run<'_> {
         Ok(Output::None)
     }
 
+    fn external_join(&mut self, actor: &str, a: &Value) -> Result<Output, StepError> {
+        if a["externalTree"].as_bool() == Some(true) {
+            return Err(StepError::Unsupported(
+                "out-of-band ratchet tree: Confab always sends the tree in-band (SPEC.md 7.1)"
+                    .into(),
+            ));
+        }
+        let joiner = a["joiner"].as_str().unwrap_or("").to_string();
+        let info = self.engine(actor)?.group_info(&GROUP).map_err(fail)?;
+        let remove_prior = if a["removePrior"].as_bool() == Some(true) {
+            let prior = self.device(&joiner)?;
+            let roster = self.engine(actor)?.members(&GROUP).map_err(fail)?;
+            let leaf = roster
+                .iter()
+                .find(|(_, d)| *d == prior)
+                .map(|(leaf, _)| *leaf)
+                .ok_or_else(|| fail(format!("{joiner} has no prior leaf")))?;
+            // The same device identity rejoins from fresh state.
+            let credentials = self.credentials(&joiner)?;
+            self.new_client_with(&joiner, credentials)?;
+            Some(leaf)
+        } else {
+            self.new_client(&joiner)?;
+            None
+        };
+        let mut psks = Vec::new();
+        for index in a["psks"].as_array().into_iter().flatten() {
+            let index = index.as_u64().unwrap_or(u64::MAX) as usize;
+            let Some(Output::Psk(id)) = self.outputs.get(index) else {
+                return Err(fail(format!("step {index} is not an installExternalPSK")));
+            };
+            let id = id.clone();
+            let secret = self
+                .psks
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, s)| s.clone())
+                .ok_or_else(|| fail("unknown PSK"))?;
+            self.engine(&joiner)?
+                .install_external_psk(&id, &secret)
+                .map_err(fail)?;
+            psks.push(id);
+        }
+        let (_, commit) = self
+            .engine(&joiner)?
+            .join_external(&info, remove_prior, &psks)
+            .map_err(|e| fail(format!("{joiner} joining externally: {e}")))?;
+        let processors = match a["members"].as_array() {
+            Some(_) => strings(&a["members"]),
+            None => self
+                .members
+                .iter()
+                .filter(|m| **m != joiner)
+                .cloned()
+                .collect(),
+        };
+        for m in &processors {
+            match self
+                .engine(m)?
+                .process(&GROUP, &commit)
+                .map_err(|e| fail(format!("{m} processing the external commit: {e}")))?
+            {
+                Processed::Commit { .. } => {}
+                other => return Err(fail(format!("{m}: external commit processed as {other:?}"))),
+            }
+        }
+        self.members.retain(|m| processors.contains(m));
+        self.members.push(joiner);
+        self.verify()?;
+        Ok(Output::None)
+    }
+
     /// Every member has the same epoch authenticator, and a message from each member
     /// decrypts at every other member.
     fn verify(&mut self) -> Result<(), StepError> {
@@ -476,10 +550,6 @@ impl Run<'_> {
     }
 
     fn new_client(&mut self, actor: &str) -> Result<(), StepError> {
-        let kind = *self
-            .assignment
-            .get(actor)
-            .ok_or_else(|| fail(format!("actor {actor} has no engine")))?;
         let seed = self.next_seed;
         self.next_seed += 1;
         let mut s = [0u8; 32];
@@ -496,18 +566,40 @@ impl Run<'_> {
             UnixMs(now.0.saturating_sub(3_600_000)),
             now.plus_ms(7 * 24 * 3_600_000),
         );
-        let device = certificate.device_id();
-        let path = self.dir.join(format!("{actor}-{seed}.db"));
-        let engine = open_engine(
-            kind,
-            &path,
-            DeviceCredentials { key, certificate },
-            system_clock(),
-        )
-        .map_err(fail)?;
-        self.actors
-            .insert(actor.to_string(), Actor { engine, device });
+        self.new_client_with(actor, DeviceCredentials { key, certificate })
+    }
+
+    /// Opens a fresh engine for `actor` with `credentials`, replacing its current client.
+    fn new_client_with(
+        &mut self,
+        actor: &str,
+        credentials: DeviceCredentials,
+    ) -> Result<(), StepError> {
+        let kind = *self
+            .assignment
+            .get(actor)
+            .ok_or_else(|| fail(format!("actor {actor} has no engine")))?;
+        let n = self.next_seed;
+        self.next_seed += 1;
+        let device = credentials.certificate.device_id();
+        let path = self.dir.join(format!("{actor}-{n}.db"));
+        let engine = open_engine(kind, &path, credentials.clone(), system_clock()).map_err(fail)?;
+        self.actors.insert(
+            actor.to_string(),
+            Actor {
+                engine,
+                device,
+                credentials,
+            },
+        );
         Ok(())
+    }
+
+    fn credentials(&self, actor: &str) -> Result<DeviceCredentials, StepError> {
+        self.actors
+            .get(actor)
+            .map(|a| a.credentials.clone())
+            .ok_or_else(|| fail(format!("actor {actor} has no client yet")))
     }
 
     fn engine(&mut self, actor: &str) -> Result<&mut (dyn MlsEngine + 'static), StepError> {

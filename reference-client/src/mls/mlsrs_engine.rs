@@ -462,6 +462,37 @@ where
         })
     }
 
+    fn group_info(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.mutate(group, |g, _| {
+            to_bytes(
+                &g.group_info_message_allowing_ext_commit(true)
+                    .map_err(map_err)?,
+            )
+        })
+    }
+
+    fn join_external(
+        &mut self,
+        group_info: &[u8],
+        remove_prior: Option<u32>,
+        psks: &[Vec<u8>],
+    ) -> Result<(ConversationId, Vec<u8>), EngineError> {
+        let info = parse(group_info)?;
+        let mut builder = self.client.external_commit_builder().map_err(map_err)?;
+        if let Some(leaf) = remove_prior {
+            builder = builder.with_removal(leaf);
+        }
+        for id in psks {
+            builder = builder.with_external_psk(ExternalPskId::new(id.clone()));
+        }
+        let (mut g, commit) = builder.build(info).map_err(map_err)?;
+        let id = ConversationId::from_slice(g.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        g.write_to_storage().map_err(map_err)?;
+        self.groups.insert(id, g);
+        Ok((id, to_bytes(&commit)?))
+    }
+
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
         self.psks
             .insert(id, &PreSharedKey::new(secret.to_vec()))

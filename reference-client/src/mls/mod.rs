@@ -267,6 +267,21 @@ pub trait MlsEngine: Send {
         proposal: &ExtraProposal,
     ) -> Result<Vec<u8>, EngineError>;
 
+    /// Exports a GroupInfo (MLSMessage) with the ratchet tree and `external_pub`, so that
+    /// a device can join by external Commit. Interop scenarios only.
+    fn group_info(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError>;
+
+    /// Joins by external Commit from `group_info`, removing the member at
+    /// `remove_prior` (this device's earlier leaf) and mixing in the external PSKs
+    /// `psks`. The Commit is merged at once; returns the group and the Commit for the
+    /// members. Interop scenarios only.
+    fn join_external(
+        &mut self,
+        group_info: &[u8],
+        remove_prior: Option<u32>,
+        psks: &[Vec<u8>],
+    ) -> Result<(ConversationId, Vec<u8>), EngineError>;
+
     /// Merges this device's pending Commit after the gateway echoed it (SPEC.md 7.4).
     fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError>;
 

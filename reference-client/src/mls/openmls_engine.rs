@@ -578,6 +578,67 @@ impl MlsEngine for OpenMlsEngine {
         })
     }
 
+    fn group_info(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            let g = ctx.group(group)?;
+            let info = g
+                .export_group_info(provider.crypto(), signer, true)
+                .map_err(|e| other("group info", e))?;
+            serialize(&info)
+        })
+    }
+
+    fn join_external(
+        &mut self,
+        group_info: &[u8],
+        _remove_prior: Option<u32>,
+        psks: &[Vec<u8>],
+    ) -> Result<(ConversationId, Vec<u8>), EngineError> {
+        // openmls removes an existing member with our credential by itself.
+        self.with_tx(None, |ctx| {
+            let MlsMessageBodyIn::GroupInfo(info) = parse(group_info)?.extract() else {
+                return Err(EngineError::Malformed("not a GroupInfo".into()));
+            };
+            let group_id = info.group_id().clone();
+            let mut psk_proposals = Vec::new();
+            for id in psks {
+                let psk = ExtraProposal::ExternalPsk(id.clone());
+                psk_proposals.push(PreSharedKeyProposal::new(psk_id(
+                    ctx.provider,
+                    &group_id,
+                    &psk,
+                )?));
+            }
+            let (mut g, bundle) = MlsGroup::external_commit_builder()
+                .with_config(join_config())
+                .build_group(ctx.provider, info, ctx.credential.clone())
+                .map_err(|e| other("external commit", e))?
+                .add_psk_proposals(psk_proposals)
+                .load_psks(ctx.provider.storage())
+                .map_err(|e| other("external commit", e))?
+                .build(
+                    ctx.provider.rand(),
+                    ctx.provider.crypto(),
+                    ctx.signer,
+                    |_| true,
+                )
+                .map_err(|e| other("external commit", e))?
+                .finalize(ctx.provider)
+                .map_err(|e| other("external commit", e))?;
+            let commit = serialize(bundle.commit())?;
+            if g.pending_commit().is_some() {
+                g.merge_pending_commit(ctx.provider)
+                    .map_err(|e| other("merge external commit", e))?;
+            }
+            let id = ConversationId::from_slice(g.group_id().as_slice())
+                .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+            ctx.groups.insert(id, g);
+            Ok((id, commit))
+        })
+    }
+
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
         self.with_tx(None, |ctx| {
             PreSharedKeyId::external(id.to_vec(), vec![0; 32])
