@@ -312,3 +312,29 @@ impl ConversationIdExt {
         confab_spec::ids::ConversationId([0x99; 32])
     }
 }
+
+#[test]
+fn a_last_resort_key_package_admits_its_owner_to_two_groups() {
+    use confab_spec::ids::ConversationId;
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = Device::new(&dir, 1, ka);
+        let mut b = Device::new(&dir, 2, kb);
+        let kp = b.engine().key_packages(1, true).expect("last resort");
+        for g in [ConversationId([1; 32]), ConversationId([2; 32])] {
+            a.engine().create_group(&g).expect("create");
+            let out = a
+                .engine()
+                .add_members(&g, &kp)
+                .unwrap_or_else(|e| panic!("{ka}->{kb}: add: {e}"));
+            a.engine().merge_pending_commit(&g).expect("merge");
+            let joined = b.engine().join(out.welcome.as_deref().expect("welcome"));
+            assert_eq!(
+                joined,
+                Ok(g),
+                "{ka}->{kb}: joining with a reused last-resort package"
+            );
+            assert_agree(&[&a, &b], &g);
+        }
+    }
+}

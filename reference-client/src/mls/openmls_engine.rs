@@ -377,7 +377,16 @@ impl MlsEngine for OpenMlsEngine {
                 .map(|_| {
                     let mut builder = KeyPackage::builder();
                     if last_resort {
-                        builder = builder.mark_as_last_resort();
+                        // A KeyPackage extension must be listed in its leaf's capabilities.
+                        builder = builder.mark_as_last_resort().leaf_node_capabilities(
+                            Capabilities::new(
+                                None,
+                                None,
+                                Some(&[ExtensionType::LastResort]),
+                                None,
+                                None,
+                            ),
+                        );
                     }
                     let bundle = builder
                         .build(
