@@ -309,7 +309,7 @@ impl Run<'_> {
             }
             "externalJoin" => self.external_join(&actor, a),
             "addExternalSigner" | "externalSignerProposal" | "newMemberAddProposal" => Err(StepError::Unsupported(
-                "external senders and new-member proposals are not driven by the harness yet (Confab groups have no external senders)".into(),
+                "outside the Confab MLS profile: Confab groups have no external senders or new-member proposals, and both engines are configured to reject them (SPEC.md 7.1)".into(),
             )),
             "branch" => Err(StepError::Unsupported(
                 "branch: unsupported by openmls 0.9 (no public branch API); mls-rs has one, but the harness does not drive it for mls-rs-only assignments yet".into(),
@@ -339,7 +339,7 @@ impl Run<'_> {
         }
         if a["external_tree"].as_bool() == Some(true) || a["externalTree"].as_bool() == Some(true) {
             return Err(StepError::Unsupported(
-                "out-of-band ratchet tree: Confab always sends the tree in-band (SPEC.md 7.1)"
+                "outside the Confab MLS profile: the ratchet tree is always sent in-band (SPEC.md 7.1)"
                     .into(),
             ));
         }
@@ -446,7 +446,7 @@ impl Run<'_> {
     fn external_join(&mut self, actor: &str, a: &Value) -> Result<Output, StepError> {
         if a["externalTree"].as_bool() == Some(true) {
             return Err(StepError::Unsupported(
-                "out-of-band ratchet tree: Confab always sends the tree in-band (SPEC.md 7.1)"
+                "outside the Confab MLS profile: the ratchet tree is always sent in-band (SPEC.md 7.1)"
                     .into(),
             ));
         }
