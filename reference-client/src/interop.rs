@@ -309,7 +309,7 @@ impl Run<'_> {
             }
             "externalJoin" => self.external_join(&actor, a),
             "addExternalSigner" | "externalSignerProposal" | "newMemberAddProposal" => Err(StepError::Unsupported(
-                "outside the Confab MLS profile: Confab groups have no external senders or new-member proposals, and both engines are configured to reject them (SPEC.md 7.1)".into(),
+                "outside the Confab MLS profile: Confab groups have no external senders or new-member proposals (SPEC.md 7.1); the mls-rs engine rejects external senders outright".into(),
             )),
             "branch" => Err(StepError::Unsupported(
                 "branch: unsupported by openmls 0.9 (no public branch API); mls-rs has one, but the harness does not drive it for mls-rs-only assignments yet".into(),
