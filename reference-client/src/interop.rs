@@ -182,6 +182,7 @@ pub fn run_script(
         outputs: Vec::new(),
         psk_proposals: Vec::new(),
         psks: Vec::new(),
+        group: GROUP,
         next_seed: 1,
     };
     for (step, action) in script.actions.iter().enumerate() {
@@ -223,17 +224,21 @@ struct Run<'a> {
     outputs: Vec<Output>,
     psk_proposals: Vec<usize>,
     psks: Vec<(Vec<u8>, Vec<u8>)>,
+    group: ConversationId,
     next_seed: u64,
 }
 
 impl Run<'_> {
     fn step(&mut self, a: &Value) -> Result<Output, StepError> {
+        let group = self.group;
         let action = a["action"].as_str().unwrap_or("");
         let actor = a["actor"].as_str().unwrap_or("").to_string();
         match action {
             "createGroup" => {
+                self.group = GROUP;
+                let group = GROUP;
                 self.new_client(&actor)?;
-                self.engine(&actor)?.create_group(&GROUP).map_err(fail)?;
+                self.engine(&actor)?.create_group(&group).map_err(fail)?;
                 self.members = vec![actor.clone()];
                 let invited = strings(&a["members"]);
                 if !invited.is_empty() {
@@ -242,8 +247,8 @@ impl Run<'_> {
                         self.new_client(m)?;
                         kps.extend(self.engine(m)?.key_packages(1, false).map_err(fail)?);
                     }
-                    let out = self.engine(&actor)?.add_members(&GROUP, &kps).map_err(fail)?;
-                    self.engine(&actor)?.merge_pending_commit(&GROUP).map_err(fail)?;
+                    let out = self.engine(&actor)?.add_members(&group, &kps).map_err(fail)?;
+                    self.engine(&actor)?.merge_pending_commit(&group).map_err(fail)?;
                     let welcome = out.welcome.ok_or_else(|| fail("add produced no Welcome"))?;
                     for m in &invited {
                         self.engine(m)?.join(&welcome).map_err(fail)?;
@@ -260,22 +265,22 @@ impl Run<'_> {
             }
             "addProposal" => {
                 let kp = self.key_package(&a["keyPackage"])?;
-                let bytes = self.engine(&actor)?.propose_add(&GROUP, &kp).map_err(fail)?;
+                let bytes = self.engine(&actor)?.propose_add(&group, &kp).map_err(fail)?;
                 Ok(Output::Proposal { bytes, proposer: actor })
             }
             "removeProposal" => {
                 let removed = self.device(a["removed"].as_str().unwrap_or(""))?;
-                let bytes = self.engine(&actor)?.propose_remove(&GROUP, &removed).map_err(fail)?;
+                let bytes = self.engine(&actor)?.propose_remove(&group, &removed).map_err(fail)?;
                 Ok(Output::Proposal { bytes, proposer: actor })
             }
             "updateProposal" => {
-                let bytes = self.engine(&actor)?.propose_update(&GROUP).map_err(fail)?;
+                let bytes = self.engine(&actor)?.propose_update(&group).map_err(fail)?;
                 Ok(Output::Proposal { bytes, proposer: actor })
             }
             "fullCommit" => self.full_commit(&actor, a),
             "protect" => {
                 let plaintext = a["plaintext"].as_str().unwrap_or("").as_bytes().to_vec();
-                let bytes = self.engine(&actor)?.encrypt(&GROUP, &plaintext).map_err(fail)?;
+                let bytes = self.engine(&actor)?.encrypt(&group, &plaintext).map_err(fail)?;
                 Ok(Output::Ciphertext { bytes, plaintext })
             }
             "unprotect" => {
@@ -284,7 +289,7 @@ impl Run<'_> {
                     return Err(fail(format!("step {index} is not a protect")));
                 };
                 let (bytes, plaintext) = (bytes.clone(), plaintext.clone());
-                match self.engine(&actor)?.process(&GROUP, &bytes).map_err(fail)? {
+                match self.engine(&actor)?.process(&group, &bytes).map_err(fail)? {
                     Processed::Application { plaintext: got, .. } if got == plaintext => Ok(Output::None),
                     other => Err(fail(format!("unprotect gave {other:?}"))),
                 }
@@ -304,24 +309,21 @@ impl Run<'_> {
                 if action != "groupContextExtensionsProposal" {
                     self.psk_proposals.push(self.outputs.len());
                 }
-                let bytes = self.engine(&actor)?.propose_extra(&GROUP, &proposal).map_err(fail)?;
+                let bytes = self.engine(&actor)?.propose_extra(&group, &proposal).map_err(fail)?;
                 Ok(Output::Proposal { bytes, proposer: actor })
             }
             "externalJoin" => self.external_join(&actor, a),
             "addExternalSigner" | "externalSignerProposal" | "newMemberAddProposal" => Err(StepError::Unsupported(
                 "outside the Confab MLS profile: Confab groups have no external senders or new-member proposals (SPEC.md 7.1); the mls-rs engine rejects external senders outright".into(),
             )),
-            "branch" => Err(StepError::Unsupported(
-                "branch: unsupported by openmls 0.9 (no public branch API); mls-rs has one, but the harness does not drive it for mls-rs-only assignments yet".into(),
-            )),
-            "reinit" => Err(StepError::Unsupported(
-                "reinit: unsupported by openmls 0.9 (no public ReInit API); mls-rs has one, but the harness does not drive it for mls-rs-only assignments yet".into(),
-            )),
+            "branch" => self.branch(&actor, a),
+            "reinit" => self.reinit(a),
             other => Err(StepError::Unsupported(format!("unknown action {other:?}"))),
         }
     }
 
     fn full_commit(&mut self, actor: &str, a: &Value) -> Result<Output, StepError> {
+        let group = self.group;
         // Proposals by reference reach every member except their proposer.
         for index in a["byReference"].as_array().into_iter().flatten() {
             let index = index.as_u64().unwrap_or(u64::MAX) as usize;
@@ -332,7 +334,7 @@ impl Run<'_> {
             for m in self.members.clone() {
                 if m != proposer {
                     self.engine(&m)?
-                        .process(&GROUP, &bytes)
+                        .process(&group, &bytes)
                         .map_err(|e| fail(format!("{m} processing proposal {index}: {e}")))?;
                 }
             }
@@ -379,10 +381,10 @@ impl Run<'_> {
         let force_path = a["force_path"].as_bool().unwrap_or(false);
         let out = self
             .engine(actor)?
-            .commit(&GROUP, &adds, &removes, &extra, force_path)
+            .commit(&group, &adds, &removes, &extra, force_path)
             .map_err(fail)?;
         self.engine(actor)?
-            .merge_pending_commit(&GROUP)
+            .merge_pending_commit(&group)
             .map_err(fail)?;
         // The script names the members that process the Commit; members it removes
         // need not (they may lack its PSKs).
@@ -402,7 +404,7 @@ impl Run<'_> {
             }
             match self
                 .engine(&m)?
-                .process(&GROUP, &out.commit)
+                .process(&group, &out.commit)
                 .map_err(|e| fail(format!("{m}: {e}")))?
             {
                 Processed::Commit {
@@ -416,7 +418,7 @@ impl Run<'_> {
         // script leaves out stop following), minus whoever the Commit removed.
         self.members
             .retain(|m| m == actor || processors.contains(m));
-        let roster = self.engine(actor)?.members(&GROUP).map_err(fail)?;
+        let roster = self.engine(actor)?.members(&group).map_err(fail)?;
         self.members.retain(|m| {
             self.actors
                 .get(m)
@@ -444,6 +446,7 @@ impl Run<'_> {
     }
 
     fn external_join(&mut self, actor: &str, a: &Value) -> Result<Output, StepError> {
+        let group = self.group;
         if a["externalTree"].as_bool() == Some(true) {
             return Err(StepError::Unsupported(
                 "outside the Confab MLS profile: the ratchet tree is always sent in-band (SPEC.md 7.1)"
@@ -451,10 +454,10 @@ impl Run<'_> {
             ));
         }
         let joiner = a["joiner"].as_str().unwrap_or("").to_string();
-        let info = self.engine(actor)?.group_info(&GROUP).map_err(fail)?;
+        let info = self.engine(actor)?.group_info(&group).map_err(fail)?;
         let remove_prior = if a["removePrior"].as_bool() == Some(true) {
             let prior = self.device(&joiner)?;
-            let roster = self.engine(actor)?.members(&GROUP).map_err(fail)?;
+            let roster = self.engine(actor)?.members(&group).map_err(fail)?;
             let leaf = roster
                 .iter()
                 .find(|(_, d)| *d == prior)
@@ -502,7 +505,7 @@ impl Run<'_> {
         for m in &processors {
             match self
                 .engine(m)?
-                .process(&GROUP, &commit)
+                .process(&group, &commit)
                 .map_err(|e| fail(format!("{m} processing the external commit: {e}")))?
             {
                 Processed::Commit { .. } => {}
@@ -515,13 +518,157 @@ impl Run<'_> {
         Ok(Output::None)
     }
 
+    /// Fails with the reason when any of `actors` is played by openmls, which has no
+    /// public branch or ReInit API.
+    fn require_mls_rs(&self, actors: &[String], what: &str) -> Result<(), StepError> {
+        if actors
+            .iter()
+            .any(|a| self.assignment.get(a) == Some(&EngineKind::OpenMls))
+        {
+            return Err(StepError::Unsupported(format!(
+                "{what}: unsupported by openmls 0.9 (no public API); runs only when every participant is played by mls-rs"
+            )));
+        }
+        Ok(())
+    }
+
+    fn branch(&mut self, actor: &str, a: &Value) -> Result<Output, StepError> {
+        let group = self.group;
+        if a["externalTree"].as_bool() == Some(true) {
+            return Err(StepError::Unsupported(
+                "outside the Confab MLS profile: the ratchet tree is always sent in-band (SPEC.md 7.1)".into(),
+            ));
+        }
+        if a["extensions"].is_array() {
+            return Err(StepError::Unsupported(
+                "branch with new group context extensions: mls-rs' public branch API takes none, and openmls has no branch API".into(),
+            ));
+        }
+        let members = strings(&a["members"]);
+        let mut participants = vec![actor.to_string()];
+        participants.extend(members.iter().cloned());
+        self.require_mls_rs(&participants, "branch")?;
+        let mut kps = Vec::new();
+        for m in &members {
+            kps.extend(self.engine(m)?.key_packages(1, false).map_err(fail)?);
+        }
+        let mut sub = group;
+        sub.0[0] ^= 0xB0;
+        let welcome = self
+            .engine(actor)?
+            .branch(&group, &sub, &kps)
+            .map_err(fail)?;
+        for m in &members {
+            let joined = self
+                .engine(m)?
+                .join_branch(&group, &welcome)
+                .map_err(|e| fail(format!("{m} joining the branch: {e}")))?;
+            if joined != sub {
+                return Err(fail(format!("{m} joined {joined:?}, not the branch")));
+            }
+        }
+        self.group = sub;
+        self.members = participants;
+        self.verify()?;
+        Ok(Output::None)
+    }
+
+    fn reinit(&mut self, a: &Value) -> Result<Output, StepError> {
+        let group = self.group;
+        if a["changeCiphersuite"].as_bool() == Some(true) {
+            return Err(StepError::Unsupported(
+                "outside the Confab MLS profile: ciphersuite 0x0001 is the only one (SPEC.md 7.1)"
+                    .into(),
+            ));
+        }
+        if a["externalTree"].as_bool() == Some(true) {
+            return Err(StepError::Unsupported(
+                "outside the Confab MLS profile: the ratchet tree is always sent in-band (SPEC.md 7.1)".into(),
+            ));
+        }
+        let role = |k: &str| a[k].as_str().unwrap_or("").to_string();
+        let (proposer, committer, welcomer) =
+            (role("proposer"), role("committer"), role("welcomer"));
+        let mut participants: Vec<String> = Vec::new();
+        for p in [proposer.clone(), committer.clone(), welcomer.clone()]
+            .into_iter()
+            .chain(strings(&a["members"]))
+        {
+            if !participants.contains(&p) {
+                participants.push(p);
+            }
+        }
+        self.require_mls_rs(&participants, "reinit")?;
+        if a["changeGroupID"].as_bool() != Some(true) {
+            return Err(StepError::Unsupported(
+                "reinit keeping the group id: unsupported by mls-rs 0.57 in practice (the welcomer's ReinitClient::commit fails with InvalidEpoch), and openmls has no ReInit API".into(),
+            ));
+        }
+        let mut new_group = group;
+        new_group.0[0] ^= 0x5E;
+        let extensions = match a["extensions"].as_array() {
+            Some(_) => match self.extra_proposal("groupContextExtensionsProposal", a)? {
+                ExtraProposal::GroupContextExtensions(list) => list,
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        let proposal = self
+            .engine(&proposer)?
+            .propose_reinit(&group, &new_group, &extensions)
+            .map_err(|e| fail(format!("{proposer} proposing: {e}")))?;
+        for p in participants.iter().filter(|p| **p != proposer) {
+            self.engine(p)?
+                .process(&group, &proposal)
+                .map_err(|e| fail(format!("{p} processing the ReInit proposal: {e}")))?;
+        }
+        let out = self
+            .engine(&committer)?
+            .commit(&group, &[], &[], &[], false)
+            .map_err(|e| fail(format!("{committer} committing: {e}")))?;
+        self.engine(&committer)?
+            .merge_pending_commit(&group)
+            .map_err(|e| fail(format!("{committer} merging: {e}")))?;
+        for p in participants.iter().filter(|p| **p != committer) {
+            self.engine(p)?
+                .process(&group, &out.commit)
+                .map_err(|e| fail(format!("{p} processing the ReInit commit: {e}")))?;
+        }
+        let mut kps = Vec::new();
+        for p in participants.iter().filter(|p| **p != welcomer) {
+            kps.push(
+                self.engine(p)?
+                    .reinit_key_package(&group)
+                    .map_err(|e| fail(format!("{p} making a KeyPackage: {e}")))?,
+            );
+        }
+        let (id, welcome) = self
+            .engine(&welcomer)?
+            .reinit_commit(&group, &kps)
+            .map_err(|e| fail(format!("{welcomer} creating the new group: {e}")))?;
+        for p in participants.iter().filter(|p| **p != welcomer) {
+            let joined = self
+                .engine(p)?
+                .reinit_join(&group, &welcome)
+                .map_err(|e| fail(format!("{p} joining the re-initialised group: {e}")))?;
+            if joined != id {
+                return Err(fail(format!("{p} joined {joined:?}, not {id:?}")));
+            }
+        }
+        self.group = id;
+        self.members = participants;
+        self.verify()?;
+        Ok(Output::None)
+    }
+
     /// Every member has the same epoch authenticator, and a message from each member
     /// decrypts at every other member.
     fn verify(&mut self) -> Result<(), StepError> {
+        let group = self.group;
         let members = self.members.clone();
         let mut auth: Option<(String, Vec<u8>)> = None;
         for m in &members {
-            let a = self.engine(m)?.epoch_authenticator(&GROUP).map_err(fail)?;
+            let a = self.engine(m)?.epoch_authenticator(&group).map_err(fail)?;
             match &auth {
                 None => auth = Some((m.clone(), a)),
                 Some((first, expected)) if *expected != a => {
@@ -534,11 +681,11 @@ impl Run<'_> {
         }
         for sender in &members {
             let text = format!("verify from {sender}").into_bytes();
-            let ct = self.engine(sender)?.encrypt(&GROUP, &text).map_err(fail)?;
+            let ct = self.engine(sender)?.encrypt(&group, &text).map_err(fail)?;
             for receiver in members.iter().filter(|r| *r != sender) {
                 match self
                     .engine(receiver)?
-                    .process(&GROUP, &ct)
+                    .process(&group, &ct)
                     .map_err(|e| fail(format!("{receiver} decrypting {sender}: {e}")))?
                 {
                     Processed::Application { plaintext, .. } if plaintext == text => {}

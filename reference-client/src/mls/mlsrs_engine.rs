@@ -24,7 +24,7 @@ use mls_rs_core::psk::{ExternalPskId, PreSharedKey};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 use mls_rs_provider_sqlite::SqLiteDataStorageEngine;
 use mls_rs_provider_sqlite::connection_strategy::FileConnectionStrategy;
-use mls_rs_provider_sqlite::storage::SqLitePreSharedKeyStorage;
+use mls_rs_provider_sqlite::storage::{SqLiteGroupStateStorage, SqLitePreSharedKeyStorage};
 
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
@@ -39,6 +39,7 @@ const CIPHERSUITE: CipherSuite = CipherSuite::CURVE25519_AES128;
 pub struct MlsRsEngine<C: MlsConfig> {
     client: Client<C>,
     psks: SqLitePreSharedKeyStorage,
+    group_states: SqLiteGroupStateStorage,
     device: DeviceId,
     clock: Clock,
     groups: HashMap<ConversationId, Group<C>>,
@@ -54,6 +55,7 @@ pub fn open(
         .map_err(storage)?
         .with_journal_mode(Some(mls_rs_provider_sqlite::JournalMode::Wal));
     let psks = engine.pre_shared_key_storage().map_err(storage)?;
+    let group_states = engine.group_state_storage().map_err(storage)?;
     let certificate = credentials.certificate;
     let identity = SigningIdentity::new(
         BasicCredential::new(credential_identity(&certificate)).into_credential(),
@@ -67,7 +69,7 @@ pub fn open(
         .identity_provider(CertificateIdentity {
             clock: clock.clone(),
         })
-        .group_state_storage(engine.group_state_storage().map_err(storage)?)
+        .group_state_storage(group_states.clone())
         .key_package_repo(engine.key_package_storage().map_err(storage)?)
         .psk_store(psks.clone())
         .mls_rules(DefaultMlsRules::default())
@@ -77,6 +79,7 @@ pub fn open(
     Ok(Box::new(MlsRsEngine {
         client,
         psks,
+        group_states,
         device: certificate.device_id(),
         clock,
         groups: HashMap::new(),
@@ -246,6 +249,19 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
             self.groups.remove(id);
         }
         result
+    }
+
+    /// A group re-initialised under its old id starts from epoch 0 again: its old epochs
+    /// must go before the new state is written.
+    fn replace_state(
+        &mut self,
+        old: &ConversationId,
+        new: &ConversationId,
+    ) -> Result<(), EngineError> {
+        if old == new {
+            self.group_states.delete_group(&old.0).map_err(storage)?;
+        }
+        Ok(())
     }
 
     fn load(&mut self, id: &ConversationId) -> Result<&mut Group<C>, EngineError> {
@@ -491,6 +507,131 @@ where
         g.write_to_storage().map_err(map_err)?;
         self.groups.insert(id, g);
         Ok((id, to_bytes(&commit)?))
+    }
+
+    fn branch(
+        &mut self,
+        group: &ConversationId,
+        new_group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<Vec<u8>, EngineError> {
+        let kps = key_packages
+            .iter()
+            .map(|k| parse(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut sub, welcomes) = self
+            .load(group)?
+            .branch(new_group.0.to_vec(), kps, None)
+            .map_err(map_err)?;
+        sub.write_to_storage().map_err(map_err)?;
+        self.groups.insert(*new_group, sub);
+        welcomes
+            .first()
+            .map(to_bytes)
+            .transpose()?
+            .ok_or_else(|| EngineError::Other("branch produced no Welcome".into()))
+    }
+
+    fn join_branch(
+        &mut self,
+        group: &ConversationId,
+        welcome: &[u8],
+    ) -> Result<ConversationId, EngineError> {
+        let welcome = parse(welcome)?;
+        let (mut sub, _) = self
+            .load(group)?
+            .join_subgroup(&welcome, None, None)
+            .map_err(map_err)?;
+        let id = ConversationId::from_slice(sub.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        sub.write_to_storage().map_err(map_err)?;
+        self.groups.insert(id, sub);
+        Ok(id)
+    }
+
+    fn propose_reinit(
+        &mut self,
+        group: &ConversationId,
+        new_group: &ConversationId,
+        extensions: &[(u16, Vec<u8>)],
+    ) -> Result<Vec<u8>, EngineError> {
+        let extensions = extension_list(extensions);
+        let new_id = new_group.0.to_vec();
+        self.mutate(group, |g, _| {
+            to_bytes(
+                &g.propose_reinit(
+                    Some(new_id),
+                    mls_rs::ProtocolVersion::MLS_10,
+                    CIPHERSUITE,
+                    extensions,
+                    vec![],
+                )
+                .map_err(map_err)?,
+            )
+        })
+    }
+
+    fn reinit_key_package(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        // The ReInit client consumes the group; the durable state stays on disk.
+        self.load(group)?;
+        let g = self
+            .groups
+            .remove(group)
+            .ok_or(EngineError::GroupNotFound)?;
+        let client = g.get_reinit_client(None, None).map_err(map_err)?;
+        to_bytes(&client.generate_key_package(None).map_err(map_err)?)
+    }
+
+    fn reinit_commit(
+        &mut self,
+        group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<(ConversationId, Vec<u8>), EngineError> {
+        let kps = key_packages
+            .iter()
+            .map(|k| parse(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.load(group)?;
+        let g = self
+            .groups
+            .remove(group)
+            .ok_or(EngineError::GroupNotFound)?;
+        let client = g.get_reinit_client(None, None).map_err(map_err)?;
+        let (mut new, welcomes) = client
+            .commit(kps, ExtensionList::new(), None)
+            .map_err(map_err)?;
+        let id = ConversationId::from_slice(new.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        self.replace_state(group, &id)?;
+        new.write_to_storage().map_err(map_err)?;
+        self.groups.insert(id, new);
+        let welcome = welcomes
+            .first()
+            .map(to_bytes)
+            .transpose()?
+            .ok_or_else(|| EngineError::Other("reinit produced no Welcome".into()))?;
+        Ok((id, welcome))
+    }
+
+    fn reinit_join(
+        &mut self,
+        group: &ConversationId,
+        welcome: &[u8],
+    ) -> Result<ConversationId, EngineError> {
+        let welcome = parse(welcome)?;
+        self.load(group)?;
+        let g = self
+            .groups
+            .remove(group)
+            .ok_or(EngineError::GroupNotFound)?;
+        let client = g.get_reinit_client(None, None).map_err(map_err)?;
+        let (mut new, _) = client.join(&welcome, None, None).map_err(map_err)?;
+        let id = ConversationId::from_slice(new.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        self.replace_state(group, &id)?;
+        new.write_to_storage().map_err(map_err)?;
+        self.groups.insert(id, new);
+        Ok(id)
     }
 
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {

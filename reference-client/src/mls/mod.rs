@@ -173,6 +173,9 @@ pub enum EngineError {
     /// This device is no longer a member of the group.
     #[error("removed from the group")]
     Removed,
+    /// The engine does not implement this operation.
+    #[error("unsupported by {0}")]
+    Unsupported(&'static str),
     /// The message is this device's own; it is recognised by its msg_id, not processed.
     #[error("own message")]
     OwnMessage,
@@ -281,6 +284,49 @@ pub trait MlsEngine: Send {
         remove_prior: Option<u32>,
         psks: &[Vec<u8>],
     ) -> Result<(ConversationId, Vec<u8>), EngineError>;
+
+    /// Creates a subgroup `new_group` of this group (RFC 9420 section 11.3) with the
+    /// members owning `key_packages`; returns its Welcome. Interop scenarios only.
+    fn branch(
+        &mut self,
+        group: &ConversationId,
+        new_group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<Vec<u8>, EngineError>;
+
+    /// Joins a subgroup of `group` from its Welcome.
+    fn join_branch(
+        &mut self,
+        group: &ConversationId,
+        welcome: &[u8],
+    ) -> Result<ConversationId, EngineError>;
+
+    /// Proposes re-initialising `group` as `new_group` with these group context extensions
+    /// (RFC 9420 section 11.2). Interop scenarios only.
+    fn propose_reinit(
+        &mut self,
+        group: &ConversationId,
+        new_group: &ConversationId,
+        extensions: &[(u16, Vec<u8>)],
+    ) -> Result<Vec<u8>, EngineError>;
+
+    /// After a ReInit Commit: a KeyPackage for the re-initialised group.
+    fn reinit_key_package(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError>;
+
+    /// After a ReInit Commit: creates the re-initialised group with the members' new
+    /// KeyPackages; returns its id and Welcome.
+    fn reinit_commit(
+        &mut self,
+        group: &ConversationId,
+        key_packages: &[Vec<u8>],
+    ) -> Result<(ConversationId, Vec<u8>), EngineError>;
+
+    /// After a ReInit Commit: joins the re-initialised group from its Welcome.
+    fn reinit_join(
+        &mut self,
+        group: &ConversationId,
+        welcome: &[u8],
+    ) -> Result<ConversationId, EngineError>;
 
     /// Merges this device's pending Commit after the gateway echoed it (SPEC.md 7.4).
     fn merge_pending_commit(&mut self, group: &ConversationId) -> Result<(), EngineError>;

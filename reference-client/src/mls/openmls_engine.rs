@@ -27,6 +27,9 @@ const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA2
 /// Past epochs whose application messages can still be decrypted (SPEC.md REQ-7.2-3).
 const MAX_PAST_EPOCHS: usize = 8;
 
+/// openmls 0.9 has no public API for subgroup branching or ReInit.
+const NO_RESUMPTION: &str = "openmls 0.9 (no public branch or ReInit API)";
+
 /// The openmls engine of one device.
 pub struct OpenMlsEngine {
     conn: Connection,
@@ -646,6 +649,52 @@ impl MlsEngine for OpenMlsEngine {
             ctx.groups.insert(id, g);
             Ok((id, commit))
         })
+    }
+
+    fn branch(
+        &mut self,
+        _group: &ConversationId,
+        _new_group: &ConversationId,
+        _key_packages: &[Vec<u8>],
+    ) -> Result<Vec<u8>, EngineError> {
+        Err(EngineError::Unsupported(NO_RESUMPTION))
+    }
+
+    fn join_branch(
+        &mut self,
+        _group: &ConversationId,
+        _welcome: &[u8],
+    ) -> Result<ConversationId, EngineError> {
+        Err(EngineError::Unsupported(NO_RESUMPTION))
+    }
+
+    fn propose_reinit(
+        &mut self,
+        _group: &ConversationId,
+        _new_group: &ConversationId,
+        _extensions: &[(u16, Vec<u8>)],
+    ) -> Result<Vec<u8>, EngineError> {
+        Err(EngineError::Unsupported(NO_RESUMPTION))
+    }
+
+    fn reinit_key_package(&mut self, _group: &ConversationId) -> Result<Vec<u8>, EngineError> {
+        Err(EngineError::Unsupported(NO_RESUMPTION))
+    }
+
+    fn reinit_commit(
+        &mut self,
+        _group: &ConversationId,
+        _key_packages: &[Vec<u8>],
+    ) -> Result<(ConversationId, Vec<u8>), EngineError> {
+        Err(EngineError::Unsupported(NO_RESUMPTION))
+    }
+
+    fn reinit_join(
+        &mut self,
+        _group: &ConversationId,
+        _welcome: &[u8],
+    ) -> Result<ConversationId, EngineError> {
+        Err(EngineError::Unsupported(NO_RESUMPTION))
     }
 
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
