@@ -352,20 +352,7 @@ where
         group: &ConversationId,
         key_packages: &[Vec<u8>],
     ) -> Result<CommitOutput, EngineError> {
-        let messages = key_packages
-            .iter()
-            .map(|kp| parse(kp))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.mutate(group, |g, _| {
-            if g.has_pending_commit() {
-                return Err(EngineError::PendingCommit);
-            }
-            let mut builder = g.commit_builder();
-            for kp in messages {
-                builder = builder.add_member(kp).map_err(map_err)?;
-            }
-            commit_output(builder.build().map_err(map_err)?)
-        })
+        self.commit(group, key_packages, &[], &[], false)
     }
 
     fn remove_members(
@@ -373,30 +360,12 @@ where
         group: &ConversationId,
         devices: &[DeviceId],
     ) -> Result<CommitOutput, EngineError> {
-        self.mutate(group, |g, _| {
-            if g.has_pending_commit() {
-                return Err(EngineError::PendingCommit);
-            }
-            let leaves = devices
-                .iter()
-                .map(|d| leaf_of(g, d))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut builder = g.commit_builder();
-            for leaf in leaves {
-                builder = builder.remove_member(leaf).map_err(map_err)?;
-            }
-            commit_output(builder.build().map_err(map_err)?)
-        })
+        self.commit(group, &[], devices, &[], false)
     }
 
     fn self_update(&mut self, group: &ConversationId) -> Result<CommitOutput, EngineError> {
-        self.mutate(group, |g, _| {
-            if g.has_pending_commit() {
-                return Err(EngineError::PendingCommit);
-            }
-            // A commit with no proposals carries an update path: a fresh leaf.
-            commit_output(g.commit_builder().build().map_err(map_err)?)
-        })
+        // A commit with no proposals carries an update path: a fresh leaf.
+        self.commit(group, &[], &[], &[], true)
     }
 
     fn leave(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {

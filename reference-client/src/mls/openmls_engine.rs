@@ -138,6 +138,19 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The group, which must have no pending Commit (SPEC.md 7.4: nothing new is sent
+    /// while a Commit of this device awaits its echo).
+    fn group_without_pending_commit(
+        &mut self,
+        id: &ConversationId,
+    ) -> Result<&mut MlsGroup, EngineError> {
+        let g = self.group(id)?;
+        if g.pending_commit().is_some() {
+            return Err(EngineError::PendingCommit);
+        }
+        Ok(g)
+    }
+
     fn group(&mut self, id: &ConversationId) -> Result<&mut MlsGroup, EngineError> {
         if !self.groups.contains_key(id) {
             let group = MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&id.0))
@@ -432,10 +445,7 @@ impl MlsEngine for OpenMlsEngine {
                 .collect::<Result<Vec<_>, _>>()?;
             let provider = ctx.provider;
             let signer = ctx.signer;
-            let g = ctx.group(group)?;
-            if g.pending_commit().is_some() {
-                return Err(EngineError::PendingCommit);
-            }
+            let g = ctx.group_without_pending_commit(group)?;
             let (commit, welcome, _) = g
                 .add_members(provider, signer, &kps)
                 .map_err(|e| other("add members", e))?;
@@ -451,10 +461,7 @@ impl MlsEngine for OpenMlsEngine {
         self.with_tx(Some(group), |ctx| {
             let provider = ctx.provider;
             let signer = ctx.signer;
-            let g = ctx.group(group)?;
-            if g.pending_commit().is_some() {
-                return Err(EngineError::PendingCommit);
-            }
+            let g = ctx.group_without_pending_commit(group)?;
             let leaves = devices
                 .iter()
                 .map(|d| leaf_of(g, d))
@@ -470,10 +477,7 @@ impl MlsEngine for OpenMlsEngine {
         self.with_tx(Some(group), |ctx| {
             let provider = ctx.provider;
             let signer = ctx.signer;
-            let g = ctx.group(group)?;
-            if g.pending_commit().is_some() {
-                return Err(EngineError::PendingCommit);
-            }
+            let g = ctx.group_without_pending_commit(group)?;
             let bundle = g
                 .self_update(provider, signer, LeafNodeParameters::default())
                 .map_err(|e| other("self update", e))?;
@@ -554,10 +558,7 @@ impl MlsEngine for OpenMlsEngine {
                 .collect::<Result<Vec<_>, _>>()?;
             let provider = ctx.provider;
             let signer = ctx.signer;
-            let g = ctx.group(group)?;
-            if g.pending_commit().is_some() {
-                return Err(EngineError::PendingCommit);
-            }
+            let g = ctx.group_without_pending_commit(group)?;
             let leaves = removes
                 .iter()
                 .map(|d| leaf_of(g, d))
@@ -789,10 +790,7 @@ impl MlsEngine for OpenMlsEngine {
         self.with_tx(Some(group), |ctx| {
             let provider = ctx.provider;
             let signer = ctx.signer;
-            let g = ctx.group(group)?;
-            if g.pending_commit().is_some() {
-                return Err(EngineError::PendingCommit);
-            }
+            let g = ctx.group_without_pending_commit(group)?;
             let message = g
                 .create_message(provider, signer, plaintext)
                 .map_err(|e| other("encrypt", e))?;
