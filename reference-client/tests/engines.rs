@@ -77,15 +77,7 @@ fn rejected_commit_is_discarded_and_the_winner_applies() {
     // and processes A's (SPEC.md 7.4).
     for (ka, kb) in pairings() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut a = Device::new(&dir, 1, ka);
-        let mut b = Device::new(&dir, 2, kb);
-        a.engine().create_group(&GROUP).expect("create");
-        let kp = b.engine().key_packages(1, false).expect("kp");
-        let out = a.engine().add_members(&GROUP, &kp).expect("add");
-        a.engine().merge_pending_commit(&GROUP).expect("merge");
-        b.engine()
-            .join(out.welcome.as_deref().expect("welcome"))
-            .expect("join");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
 
         let winner = a.engine().self_update(&GROUP).expect("a commits");
         let _loser = b.engine().self_update(&GROUP).expect("b commits");
@@ -182,15 +174,7 @@ fn three_members_add_remove_and_removed_member_cannot_read() {
 fn typed_errors_wrong_epoch_and_secret_reuse() {
     for (ka, kb) in pairings() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut a = Device::new(&dir, 1, ka);
-        let mut b = Device::new(&dir, 2, kb);
-        a.engine().create_group(&GROUP).expect("create");
-        let kp = b.engine().key_packages(1, false).expect("kp");
-        let out = a.engine().add_members(&GROUP, &kp).expect("add");
-        a.engine().merge_pending_commit(&GROUP).expect("merge");
-        b.engine()
-            .join(out.welcome.as_deref().expect("welcome"))
-            .expect("join");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
 
         // Replaying an application message needs a consumed secret.
         let ct = a.engine().encrypt(&GROUP, b"once").expect("encrypt");

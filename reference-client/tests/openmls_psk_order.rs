@@ -11,15 +11,7 @@ use confab_client::mls::{EngineKind, ExtraProposal, Processed};
 use support::*;
 
 fn setup(dir: &tempfile::TempDir, committer: EngineKind, receiver: EngineKind) -> (Device, Device) {
-    let mut a = Device::new(dir, 1, committer);
-    let mut b = Device::new(dir, 2, receiver);
-    a.engine().create_group(&GROUP).expect("create");
-    let kp = b.engine().key_packages(1, false).expect("kp");
-    let out = a.engine().add_members(&GROUP, &kp).expect("add");
-    a.engine().merge_pending_commit(&GROUP).expect("merge");
-    b.engine()
-        .join(out.welcome.as_deref().expect("welcome"))
-        .expect("join");
+    let (mut a, mut b) = two_member_group(dir, committer, receiver);
     for (id, secret) in [(b"p1", [1u8; 32]), (b"p2", [2u8; 32])] {
         a.engine().install_external_psk(id, &secret).expect("psk");
         b.engine().install_external_psk(id, &secret).expect("psk");

@@ -83,6 +83,24 @@ impl Device {
 
 pub const GROUP: ConversationId = ConversationId([0x42; 32]);
 
+/// `a` (seed 1) creates GROUP and adds `b` (seed 2), which joins: a two-member group.
+pub fn two_member_group(
+    dir: &tempfile::TempDir,
+    ka: EngineKind,
+    kb: EngineKind,
+) -> (Device, Device) {
+    let mut a = Device::new(dir, 1, ka);
+    let mut b = Device::new(dir, 2, kb);
+    a.engine().create_group(&GROUP).expect("create");
+    let kp = b.engine().key_packages(1, false).expect("kp");
+    let out = a.engine().add_members(&GROUP, &kp).expect("add");
+    a.engine().merge_pending_commit(&GROUP).expect("merge");
+    b.engine()
+        .join(out.welcome.as_deref().expect("welcome"))
+        .expect("join");
+    (a, b)
+}
+
 /// Every engine pairing, openmls and mls-rs in both directions.
 pub fn pairings() -> Vec<(EngineKind, EngineKind)> {
     let mut out = Vec::new();
