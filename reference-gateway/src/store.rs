@@ -1,0 +1,170 @@
+//! The gateway's durable state (SPEC.md section 6 and 7): conversations, their rosters and
+//! epochs, the per-stream logs with dense seqs, msg_id de-duplication, device inboxes and
+//! ack cursors.
+//!
+//! [`Store`] is the one interface; [`sqlite::SqliteStore`] is the embedded default. Every
+//! mutating call is one storage transaction: when it returns `Ok`, its effect is durable
+//! (SPEC.md REQ-6.3-1), and when it returns an error nothing changed.
+
+pub mod sqlite;
+
+use confab_spec::frame::{ConversationKind, Entry};
+use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
+
+/// A stream the gateway sequences (SPEC.md section 6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamKey {
+    /// A conversation's log.
+    Conversation(ConversationId),
+    /// A device's inbox.
+    Inbox(DeviceId),
+}
+
+/// What a conversation looks like now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationState {
+    /// Direct message or room.
+    pub kind: ConversationKind,
+    /// The current MLS epoch (0 at creation).
+    pub epoch: Epoch,
+    /// The seq of the Commit that opened the current epoch (0 before the first Commit).
+    pub epoch_seq: u64,
+    /// The highest seq (0 when empty).
+    pub head_seq: u64,
+    /// The lowest retained seq (head + 1 when empty).
+    pub oldest_seq: u64,
+}
+
+/// What the sender's MLS message is, as the gateway read it (SPEC.md section 7.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendKind {
+    /// An application message (PrivateMessage) sent in `epoch`.
+    Application {
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// A standalone proposal sent in `epoch`.
+    Proposal {
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// A Commit created in `epoch`, with the membership change it makes.
+    Commit {
+        /// Its epoch.
+        epoch: Epoch,
+        /// Leaves it removes.
+        removed_leaves: Vec<u32>,
+        /// Devices it adds, in proposal order; they take the leftmost free leaves.
+        added: Vec<DeviceId>,
+        /// The Welcome for the added devices.
+        welcome: Option<MlsBytes>,
+    },
+}
+
+/// A message to sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendRequest {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The sending device (a member).
+    pub sender: DeviceId,
+    /// The client's idempotency key.
+    pub msg_id: MsgId,
+    /// The MLSMessage.
+    pub payload: MlsBytes,
+    /// What it is.
+    pub kind: AppendKind,
+    /// The gateway's clock.
+    pub now: UnixMs,
+}
+
+/// The outcome of [`Store::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Sequenced at `seq`; for a Commit, Welcomes went to the inboxes in the same
+    /// transaction.
+    Appended {
+        /// Its seq.
+        seq: Seq,
+    },
+    /// The msg_id was already sequenced with the same sender and payload.
+    Duplicate {
+        /// The original seq.
+        seq: Seq,
+    },
+    /// The msg_id was used with another sender or payload (`msg_id_conflict`).
+    Conflict,
+    /// A Commit for an epoch already decided (`stale_commit`).
+    StaleCommit {
+        /// The current epoch.
+        epoch: Epoch,
+        /// The seq of the Commit that opened it.
+        epoch_seq: u64,
+    },
+    /// A message for an epoch not reached yet (`epoch_ahead`).
+    EpochAhead {
+        /// The current epoch.
+        epoch: Epoch,
+    },
+    /// A Commit that adds devices without a Welcome, or a Welcome without adds.
+    WelcomeMismatch,
+    /// The sender is not a member (`not_member`).
+    NotMember,
+    /// No such conversation (`conversation_not_found`).
+    NotFound,
+}
+
+/// Storage failures. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("storage: {0}")]
+    Database(String),
+    /// Stored data does not decode (corruption or a newer schema).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// The gateway's durable state.
+pub trait Store: Send {
+    /// Creates a conversation with `creator` at leaf 0, epoch 0. `false` if the id is taken.
+    fn create_conversation(
+        &mut self,
+        id: &ConversationId,
+        kind: ConversationKind,
+        creator: &DeviceId,
+        now: UnixMs,
+    ) -> Result<bool, StoreError>;
+
+    /// The conversation's state, if it exists.
+    fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationState>, StoreError>;
+
+    /// The roster: (leaf, device), by leaf.
+    fn roster(&self, id: &ConversationId) -> Result<Vec<(u32, DeviceId)>, StoreError>;
+
+    /// Sequences one message (SPEC.md sections 6.3, 7.2, 7.3, 7.5, 7.6), atomically.
+    fn append(&mut self, request: &AppendRequest) -> Result<AppendOutcome, StoreError>;
+
+    /// Up to `limit` entries of `stream` from `from_seq`, in seq order.
+    fn read(
+        &self,
+        stream: &StreamKey,
+        from_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
+
+    /// The stream's head seq and oldest retained seq.
+    fn bounds(&self, stream: &StreamKey) -> Result<(u64, u64), StoreError>;
+
+    /// Moves `device`'s cursor on `stream` to `max(cursor, seq)` and returns the new
+    /// cursor; `None`, changing nothing, when `seq` is beyond the head (REQ-6.5-2).
+    fn ack(
+        &mut self,
+        stream: &StreamKey,
+        device: &DeviceId,
+        seq: Seq,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// `device`'s cursor on `stream` (0 when it never acked).
+    fn cursor(&self, stream: &StreamKey, device: &DeviceId) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,544 @@
+//! [`Store`] on SQLite, the embedded default: one file, WAL journal, `synchronous=FULL`
+//! (an acknowledged entry survives a crash of the process and, on hardware that honours
+//! fsync, a power loss). Each mutating call runs in one `BEGIN IMMEDIATE` transaction.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
+
+use super::{
+    AppendKind, AppendOutcome, AppendRequest, ConversationState, Store, StoreError, StreamKey,
+};
+use confab_spec::frame::{ConversationKind, Entry, EntryBody};
+use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS conversations (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    epoch_seq INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS roster (
+    conversation BLOB NOT NULL,
+    leaf INTEGER NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (conversation, leaf)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS roster_device ON roster (conversation, device);
+CREATE TABLE IF NOT EXISTS streams (
+    stream BLOB PRIMARY KEY,
+    head_seq INTEGER NOT NULL,
+    oldest_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    stream BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    msg_id BLOB NOT NULL,
+    sender BLOB NOT NULL,
+    kind INTEGER NOT NULL,
+    epoch INTEGER,
+    conversation BLOB,
+    commit_seq INTEGER,
+    accepted_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    payload_hash BLOB NOT NULL,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS entries_msg_id ON entries (stream, msg_id);
+CREATE TABLE IF NOT EXISTS cursors (
+    stream BLOB NOT NULL,
+    device BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (stream, device)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+";
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        Ok(Self { conn })
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn stream_key(s: &StreamKey) -> Vec<u8> {
+    match s {
+        StreamKey::Conversation(c) => [&[1u8][..], &c.0].concat(),
+        StreamKey::Inbox(d) => [&[2u8][..], &d.to_bytes()].concat(),
+    }
+}
+
+fn kind_code(kind: ConversationKind) -> i64 {
+    match kind {
+        ConversationKind::DirectMessage => 1,
+        ConversationKind::Room => 2,
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn seq_of(v: i64) -> Result<Seq, StoreError> {
+    u64::try_from(v)
+        .ok()
+        .and_then(Seq::new)
+        .ok_or_else(|| StoreError::Corrupt(format!("seq {v}")))
+}
+
+fn device_of(bytes: &[u8]) -> Result<DeviceId, StoreError> {
+    DeviceId::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+struct NewEntry<'a> {
+    msg_id: &'a MsgId,
+    sender: &'a DeviceId,
+    kind: i64,
+    epoch: Option<Epoch>,
+    conversation: Option<ConversationId>,
+    commit_seq: Option<i64>,
+    now: UnixMs,
+    payload: &'a [u8],
+}
+
+/// Appends one entry to `stream` inside the open transaction; returns its seq. The seq is
+/// the stream's head plus one, read and written in the same transaction (REQ-6.2-1).
+fn push(
+    tx: &rusqlite::Transaction<'_>,
+    stream: &[u8],
+    entry: &NewEntry<'_>,
+) -> Result<i64, StoreError> {
+    let head: Option<i64> = tx
+        .query_row(
+            "SELECT head_seq FROM streams WHERE stream = ?1",
+            [stream],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)?;
+    let seq = head.unwrap_or(0) + 1;
+    match head {
+        Some(_) => tx.execute(
+            "UPDATE streams SET head_seq = ?2 WHERE stream = ?1",
+            params![stream, seq],
+        ),
+        None => tx.execute(
+            "INSERT INTO streams (stream, head_seq, oldest_seq) VALUES (?1, ?2, 1)",
+            params![stream, seq],
+        ),
+    }
+    .map_err(db)?;
+    tx.execute(
+        "INSERT INTO entries (stream, seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload, payload_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            stream,
+            seq,
+            entry.msg_id.0.as_slice(),
+            entry.sender.to_bytes().as_slice(),
+            entry.kind,
+            entry.epoch.map(|e| to_i64(e.0)),
+            entry.conversation.map(|c| c.0.to_vec()),
+            entry.commit_seq,
+            to_i64(entry.now.0),
+            entry.payload,
+            Sha256::digest(entry.payload).as_slice(),
+        ],
+    )
+    .map_err(db)?;
+    Ok(seq)
+}
+
+type EntryRow = (
+    i64,
+    Vec<u8>,
+    Vec<u8>,
+    i64,
+    Option<i64>,
+    Option<Vec<u8>>,
+    Option<i64>,
+    i64,
+    Vec<u8>,
+);
+
+fn entry_of(row: EntryRow) -> Result<Entry, StoreError> {
+    let (seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload) = row;
+    let corrupt = |what: &str| StoreError::Corrupt(what.to_string());
+    let epoch = || {
+        epoch
+            .map(|e| Epoch(e as u64))
+            .ok_or_else(|| corrupt("entry without epoch"))
+    };
+    let body = match kind {
+        1 => EntryBody::Application { epoch: epoch()? },
+        2 => EntryBody::Commit { epoch: epoch()? },
+        3 => EntryBody::Proposal { epoch: epoch()? },
+        4 => EntryBody::Welcome {
+            conversation: ConversationId::from_slice(
+                &conversation.ok_or_else(|| corrupt("welcome without conversation"))?,
+            )
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            commit_seq: seq_of(commit_seq.ok_or_else(|| corrupt("welcome without commit seq"))?)?,
+        },
+        other => return Err(StoreError::Corrupt(format!("entry kind {other}"))),
+    };
+    Ok(Entry {
+        seq: seq_of(seq)?,
+        msg_id: MsgId::from_slice(&msg_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        sender: device_of(&sender)?,
+        accepted_ms: UnixMs(accepted_ms as u64),
+        payload: MlsBytes::new(payload).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        body,
+    })
+}
+
+impl Store for SqliteStore {
+    fn create_conversation(
+        &mut self,
+        id: &ConversationId,
+        kind: ConversationKind,
+        creator: &DeviceId,
+        now: UnixMs,
+    ) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, 0, 0, ?3)",
+                params![id.0.as_slice(), kind_code(kind), to_i64(now.0)],
+            )
+            .map_err(db)?;
+        if inserted == 1 {
+            tx.execute(
+                "INSERT INTO roster (conversation, leaf, device) VALUES (?1, 0, ?2)",
+                params![id.0.as_slice(), creator.to_bytes().as_slice()],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(inserted == 1)
+    }
+
+    fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationState>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT kind, epoch, epoch_seq FROM conversations WHERE id = ?1",
+                [id.0.as_slice()],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db)?;
+        let Some((kind, epoch, epoch_seq)) = row else {
+            return Ok(None);
+        };
+        let (head_seq, oldest_seq) = self.bounds(&StreamKey::Conversation(*id))?;
+        Ok(Some(ConversationState {
+            kind: if kind == 2 {
+                ConversationKind::Room
+            } else {
+                ConversationKind::DirectMessage
+            },
+            epoch: Epoch(epoch as u64),
+            epoch_seq: epoch_seq as u64,
+            head_seq,
+            oldest_seq,
+        }))
+    }
+
+    fn roster(&self, id: &ConversationId) -> Result<Vec<(u32, DeviceId)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT leaf, device FROM roster WHERE conversation = ?1 ORDER BY leaf")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([id.0.as_slice()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(db)?;
+        rows.map(|row| {
+            let (leaf, device) = row.map_err(db)?;
+            Ok((leaf as u32, device_of(&device)?))
+        })
+        .collect()
+    }
+
+    fn append(&mut self, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+        let conv = request.conversation;
+        let stream = stream_key(&StreamKey::Conversation(conv));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let state: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT epoch, epoch_seq FROM conversations WHERE id = ?1",
+                [conv.0.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let Some((epoch, epoch_seq)) = state else {
+            return Ok(AppendOutcome::NotFound);
+        };
+        let epoch = epoch as u64;
+        // Idempotency first (SPEC.md 6.3): a resent accepted Commit is a duplicate, not stale.
+        let existing: Option<(i64, Vec<u8>, Vec<u8>)> = tx
+            .query_row(
+                "SELECT seq, sender, payload_hash FROM entries WHERE stream = ?1 AND msg_id = ?2",
+                params![stream, request.msg_id.0.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        if let Some((seq, sender, hash)) = existing {
+            let same = sender == request.sender.to_bytes()
+                && hash == Sha256::digest(request.payload.as_bytes()).as_slice();
+            return Ok(if same {
+                AppendOutcome::Duplicate { seq: seq_of(seq)? }
+            } else {
+                AppendOutcome::Conflict
+            });
+        }
+        let member: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM roster WHERE conversation = ?1 AND device = ?2)",
+                params![conv.0.as_slice(), request.sender.to_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if !member {
+            return Ok(AppendOutcome::NotMember);
+        }
+        let (kind, msg_epoch) = match &request.kind {
+            AppendKind::Application { epoch } => (1, *epoch),
+            AppendKind::Commit { epoch, .. } => (2, *epoch),
+            AppendKind::Proposal { epoch } => (3, *epoch),
+        };
+        if msg_epoch.0 > epoch {
+            return Ok(AppendOutcome::EpochAhead {
+                epoch: Epoch(epoch),
+            });
+        }
+        // Application messages of older epochs stay deliverable (REQ-7.2-3); handshake
+        // messages of older epochs are stale (REQ-7.3-2).
+        let is_handshake = !matches!(request.kind, AppendKind::Application { .. });
+        if is_handshake && msg_epoch.0 < epoch {
+            return Ok(AppendOutcome::StaleCommit {
+                epoch: Epoch(epoch),
+                epoch_seq: epoch_seq as u64,
+            });
+        }
+        if let AppendKind::Commit { added, welcome, .. } = &request.kind {
+            if added.is_empty() != welcome.is_none() {
+                return Ok(AppendOutcome::WelcomeMismatch);
+            }
+        }
+        let seq = push(
+            &tx,
+            &stream,
+            &NewEntry {
+                msg_id: &request.msg_id,
+                sender: &request.sender,
+                kind,
+                epoch: Some(msg_epoch),
+                conversation: None,
+                commit_seq: None,
+                now: request.now,
+                payload: request.payload.as_bytes(),
+            },
+        )?;
+        if let AppendKind::Commit {
+            removed_leaves,
+            added,
+            welcome,
+            ..
+        } = &request.kind
+        {
+            // One Commit per epoch, decided in this transaction (REQ-7.3-1).
+            tx.execute(
+                "UPDATE conversations SET epoch = epoch + 1, epoch_seq = ?2 WHERE id = ?1",
+                params![conv.0.as_slice(), seq],
+            )
+            .map_err(db)?;
+            // RFC 9420 12.3: removals blank leaves, then adds take the leftmost blanks.
+            for leaf in removed_leaves {
+                tx.execute(
+                    "DELETE FROM roster WHERE conversation = ?1 AND leaf = ?2",
+                    params![conv.0.as_slice(), i64::from(*leaf)],
+                )
+                .map_err(db)?;
+            }
+            let mut taken: Vec<i64> = {
+                let mut stmt = tx
+                    .prepare_cached("SELECT leaf FROM roster WHERE conversation = ?1")
+                    .map_err(db)?;
+                let leaves = stmt
+                    .query_map([conv.0.as_slice()], |r| r.get(0))
+                    .map_err(db)?;
+                leaves.collect::<Result<_, _>>().map_err(db)?
+            };
+            for device in added {
+                let mut leaf = 0i64;
+                while taken.contains(&leaf) {
+                    leaf += 1;
+                }
+                taken.push(leaf);
+                tx.execute(
+                    "INSERT INTO roster (conversation, leaf, device) VALUES (?1, ?2, ?3)",
+                    params![conv.0.as_slice(), leaf, device.to_bytes().as_slice()],
+                )
+                .map_err(db)?;
+                // The Welcome reaches each added device with its Commit (REQ-7.5-1).
+                if let Some(welcome) = welcome {
+                    push(
+                        &tx,
+                        &stream_key(&StreamKey::Inbox(*device)),
+                        &NewEntry {
+                            msg_id: &request.msg_id,
+                            sender: &request.sender,
+                            kind: 4,
+                            epoch: None,
+                            conversation: Some(conv),
+                            commit_seq: Some(seq),
+                            now: request.now,
+                            payload: welcome.as_bytes(),
+                        },
+                    )?;
+                }
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(AppendOutcome::Appended { seq: seq_of(seq)? })
+    }
+
+    fn read(
+        &self,
+        stream: &StreamKey,
+        from_seq: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload
+                 FROM entries WHERE stream = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    stream_key(stream),
+                    to_i64(from_seq.get()),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                    ))
+                },
+            )
+            .map_err(db)?;
+        rows.map(|row| entry_of(row.map_err(db)?)).collect()
+    }
+
+    fn bounds(&self, stream: &StreamKey) -> Result<(u64, u64), StoreError> {
+        let row: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT head_seq, oldest_seq FROM streams WHERE stream = ?1",
+                [stream_key(stream)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(row.map_or((0, 1), |(h, o)| (h as u64, o as u64)))
+    }
+
+    fn ack(
+        &mut self,
+        stream: &StreamKey,
+        device: &DeviceId,
+        seq: Seq,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = stream_key(stream);
+        let device = device.to_bytes();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let head: i64 = tx
+            .query_row(
+                "SELECT head_seq FROM streams WHERE stream = ?1",
+                [&key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?
+            .unwrap_or(0);
+        if to_i64(seq.get()) > head {
+            return Ok(None);
+        }
+        // Cursors only move forward (REQ-6.5-1).
+        tx.execute(
+            "INSERT INTO cursors (stream, device, seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (stream, device) DO UPDATE SET seq = max(seq, excluded.seq)",
+            params![key, device.as_slice(), to_i64(seq.get())],
+        )
+        .map_err(db)?;
+        let cursor: i64 = tx
+            .query_row(
+                "SELECT seq FROM cursors WHERE stream = ?1 AND device = ?2",
+                params![key, device.as_slice()],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Some(cursor as u64))
+    }
+
+    fn cursor(&self, stream: &StreamKey, device: &DeviceId) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM cursors WHERE stream = ?1 AND device = ?2",
+                params![stream_key(stream), device.to_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(v.map_or(0, |v| v as u64))
+    }
+}
