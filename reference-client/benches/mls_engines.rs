@@ -86,8 +86,10 @@ fn build_group(
     creator.engine.create_group(id).expect("create");
     let mut members = Vec::new();
     let mut seed = 1_000_000;
-    while (members.len() as u32) + 1 < size {
-        let batch = (size - 1 - members.len() as u32).min(100);
+    let mut added = 0u32;
+    while added + 1 < size {
+        let batch = (size - 1 - added).min(100);
+        added += batch;
         let mut kps = Vec::new();
         let mut joiners = Vec::new();
         for _ in 0..batch {
@@ -111,6 +113,8 @@ fn build_group(
             members.push(first);
         }
     }
+    let roster = creator.engine.members(id).expect("members");
+    assert_eq!(roster.len(), size as usize, "the group has {size} members");
     members
 }
 
