@@ -399,3 +399,59 @@ fn welcome_vectors_decrypt_in_mls_rs() {
     }
     assert!(run >= 1, "no welcome vector with ciphersuite 1");
 }
+
+/// The gateway's Commit reader (`mls_framing::commit_contents`) agrees with mls-rs on the
+/// proposals of every PublicMessage Commit in messages.json.
+#[test]
+fn commit_contents_agree_with_mls_rs() {
+    use confab_spec::mls_framing::{CommitProposal, commit_contents};
+    use mls_rs::group::proposal::Proposal;
+    let Some(vectors) = load("messages.json") else {
+        return;
+    };
+    let (mut proposals_seen, mut references_seen) = (0, 0);
+    for (i, v) in vectors.iter().enumerate() {
+        let bytes = unhex(&v["public_message_commit"]);
+        let ours = commit_contents(&bytes).unwrap_or_else(|e| panic!("vector {i}: {e}"));
+        references_seen += ours.by_reference;
+        let theirs = mls_rs::MlsMessage::from_bytes(&bytes).expect("decode");
+        assert_eq!(
+            ours.by_reference,
+            theirs.proposals_by_reference().len(),
+            "vector {i}: references"
+        );
+        let by_value = theirs.proposals_by_value();
+        assert_eq!(
+            ours.by_value.len(),
+            by_value.len(),
+            "vector {i}: proposals by value"
+        );
+        for (mine, theirs) in ours.by_value.iter().zip(by_value) {
+            match (mine, theirs) {
+                (CommitProposal::Add { identity, .. }, Proposal::Add(add)) => {
+                    let expected = add
+                        .key_package()
+                        .signing_identity()
+                        .credential
+                        .as_basic()
+                        .map(|b| b.identifier.clone())
+                        .unwrap_or_default();
+                    assert_eq!(identity, &expected, "vector {i}: add identity");
+                }
+                (CommitProposal::Remove { leaf }, Proposal::Remove(r)) => {
+                    assert_eq!(*leaf, r.to_remove(), "vector {i}: removed leaf");
+                }
+                (CommitProposal::Other { .. }, Proposal::Add(_) | Proposal::Remove(_)) => {
+                    panic!("vector {i}: an add or remove read as another type");
+                }
+                _ => {}
+            }
+            proposals_seen += 1;
+        }
+    }
+    eprintln!("{proposals_seen} proposals by value and {references_seen} by reference compared");
+    assert!(
+        proposals_seen + references_seen > 0,
+        "the vectors exercised no proposal at all"
+    );
+}

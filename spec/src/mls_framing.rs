@@ -114,7 +114,11 @@ pub enum PeekError {
 
 /// Reads the MLSMessage header of `bytes` (SPEC.md section 7.2).
 pub fn peek(bytes: &[u8]) -> Result<Peek, PeekError> {
-    let mut r = Cursor { bytes, pos: 0 };
+    peek_framing(&mut Cursor { bytes, pos: 0 })
+}
+
+/// Reads the header, leaving the cursor after the framing fields.
+fn peek_framing(r: &mut Cursor<'_>) -> Result<Peek, PeekError> {
     let version = r.u16()?;
     if version != MLS_VERSION_1_0 {
         return Err(PeekError::Version(version));
@@ -155,6 +159,167 @@ pub fn peek(bytes: &[u8]) -> Result<Peek, PeekError> {
         }
         other => Ok(Peek::Unframed(other)),
     }
+}
+
+/// A proposal carried by value in a Commit, as far as the gateway needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitProposal {
+    /// Add: the credential of the KeyPackage's leaf.
+    Add {
+        /// The credential type (1 = basic).
+        credential_type: u16,
+        /// For a basic credential, its identity; empty otherwise.
+        identity: Vec<u8>,
+    },
+    /// Remove the member at this leaf.
+    Remove {
+        /// The leaf index.
+        leaf: u32,
+    },
+    /// Any other proposal type (update, PSK, ReInit, external init, group context
+    /// extensions), identified by its type.
+    Other {
+        /// The proposal type.
+        proposal_type: u16,
+    },
+}
+
+/// The proposals of a PublicMessage Commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitContents {
+    /// The framing of the message.
+    pub framing: Framing,
+    /// Proposals carried by value, in order.
+    pub by_value: Vec<CommitProposal>,
+    /// How many proposals are carried by reference.
+    pub by_reference: usize,
+}
+
+/// Reads a PublicMessage Commit's proposals (SPEC.md 7.3 and 7.6): what it adds (by the
+/// credential in each KeyPackage), what it removes (by leaf), and whether it refers to any
+/// proposal by reference.
+pub fn commit_contents(bytes: &[u8]) -> Result<CommitContents, PeekError> {
+    let mut r = Cursor { bytes, pos: 0 };
+    let framing = match peek_framing(&mut r)? {
+        Peek::Framed(f)
+            if f.wire_format == WireFormat::PublicMessage
+                && f.content_type == ContentType::Commit =>
+        {
+            f
+        }
+        _ => return Err(PeekError::Invalid("not a PublicMessage Commit")),
+    };
+    let proposals = r.vector()?;
+    let mut p = Cursor {
+        bytes: proposals,
+        pos: 0,
+    };
+    let (mut by_value, mut by_reference) = (Vec::new(), 0);
+    while p.pos < proposals.len() {
+        match p.u8()? {
+            1 => by_value.push(proposal(&mut p)?),
+            2 => {
+                p.vector()?;
+                by_reference += 1;
+            }
+            _ => return Err(PeekError::Invalid("proposal-or-ref type")),
+        }
+    }
+    Ok(CommitContents {
+        framing,
+        by_value,
+        by_reference,
+    })
+}
+
+fn proposal(r: &mut Cursor<'_>) -> Result<CommitProposal, PeekError> {
+    let proposal_type = r.u16()?;
+    match proposal_type {
+        // add: KeyPackage
+        1 => {
+            let _version = r.u16()?;
+            let _cipher_suite = r.u16()?;
+            let _init_key = r.vector()?;
+            let (credential_type, identity) = leaf_node(r)?;
+            let _extensions = r.vector()?;
+            let _signature = r.vector()?;
+            Ok(CommitProposal::Add {
+                credential_type,
+                identity,
+            })
+        }
+        // update: LeafNode
+        2 => {
+            leaf_node(r)?;
+            Ok(CommitProposal::Other { proposal_type })
+        }
+        // remove: uint32
+        3 => Ok(CommitProposal::Remove { leaf: r.u32()? }),
+        // psk: PreSharedKeyID
+        4 => {
+            match r.u8()? {
+                1 => {
+                    r.vector()?;
+                }
+                2 => {
+                    r.u8()?;
+                    r.vector()?;
+                    r.u64()?;
+                }
+                _ => return Err(PeekError::Invalid("psk type")),
+            }
+            r.vector()?;
+            Ok(CommitProposal::Other { proposal_type })
+        }
+        // reinit: group_id, version, cipher_suite, extensions
+        5 => {
+            r.vector()?;
+            r.u16()?;
+            r.u16()?;
+            r.vector()?;
+            Ok(CommitProposal::Other { proposal_type })
+        }
+        // external_init: kem_output; group_context_extensions: extensions
+        6 | 7 => {
+            r.vector()?;
+            Ok(CommitProposal::Other { proposal_type })
+        }
+        _ => Err(PeekError::Invalid("proposal type")),
+    }
+}
+
+/// Reads a LeafNode; returns its credential type and, for a basic credential, identity.
+fn leaf_node(r: &mut Cursor<'_>) -> Result<(u16, Vec<u8>), PeekError> {
+    let _encryption_key = r.vector()?;
+    let _signature_key = r.vector()?;
+    let credential_type = r.u16()?;
+    let identity = match credential_type {
+        1 => r.vector()?.to_vec(),
+        // x509: a vector of certificates, each a vector.
+        2 => {
+            r.vector()?;
+            Vec::new()
+        }
+        _ => return Err(PeekError::Invalid("credential type")),
+    };
+    // Capabilities: versions, cipher_suites, extensions, proposals, credentials.
+    for _ in 0..5 {
+        r.vector()?;
+    }
+    match r.u8()? {
+        1 => {
+            r.u64()?;
+            r.u64()?;
+        }
+        2 => {}
+        3 => {
+            r.vector()?;
+        }
+        _ => return Err(PeekError::Invalid("leaf node source")),
+    }
+    let _extensions = r.vector()?;
+    let _signature = r.vector()?;
+    Ok((credential_type, identity))
 }
 
 fn content_type(v: u8) -> Result<ContentType, PeekError> {

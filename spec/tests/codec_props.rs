@@ -76,6 +76,16 @@ proptest! {
         }
     }
 
+    /// The gateway's MLS readers never panic on hostile bytes, including bytes that start
+    /// like a PublicMessage Commit.
+    #[test]
+    fn mls_readers_never_panic(tail in prop::collection::vec(any::<u8>(), 0..512), header in any::<bool>()) {
+        let mut bytes = if header { vec![0, 1, 0, 1] } else { vec![] };
+        bytes.extend_from_slice(&tail);
+        let _ = confab_spec::mls_framing::peek(&bytes);
+        let _ = confab_spec::mls_framing::commit_contents(&bytes);
+    }
+
     /// A frame larger than frame_bytes_max is refused before it is parsed.
     #[test]
     fn oversize_frames_are_refused(extra in 1usize..64) {
