@@ -1,0 +1,666 @@
+//! The gateway's per-connection protocol logic, sans-IO (SPEC.md sections 4–7): it takes
+//! one WebSocket message and returns the frames to send and whether to close. The network
+//! shell (axum) and the simulator drive it; a fan-out hub calls
+//! [`Connection::on_appended`] on every connection when a stream grows.
+//!
+//! Not yet here (issue 4 continues): resume tokens (a `Hello` with a token is answered
+//! `resume_token_invalid` and a fresh challenge, as SPEC.md 5.5 allows for unknown
+//! tokens), revocations, the KeyPackage directory, retention.
+
+use std::collections::HashMap;
+
+use confab_spec::error::{CloseCode, ErrorCode};
+use confab_spec::frame::{
+    self, Accepted, Batch, ClientFrame, ContinuityLost, Created, Deliver, ErrorFrame, HeartbeatAck,
+    Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
+};
+use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
+use confab_spec::ids::{
+    DeviceId, Epoch, Nonce, ResumeToken, Seq, SessionId, ShortText, StreamId, UnixMs,
+};
+use confab_spec::limits;
+use confab_spec::mls_framing::{self, CommitProposal, ContentType, Peek, Sender, WireFormat};
+
+use crate::store::{AppendKind, AppendOutcome, AppendRequest, Store, StoreError, StreamKey};
+
+/// Settings the handler enforces and announces.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The gateway's origin, as clients sign it (SPEC.md 5.3).
+    pub origin: String,
+    /// `heartbeat_interval_ms`.
+    pub heartbeat_interval_ms: u64,
+    /// `heartbeat_timeout_ms`.
+    pub heartbeat_timeout_ms: u64,
+    /// `clock_skew_max_ms`.
+    pub clock_skew_max_ms: u64,
+    /// `resume_token_ttl_ms`.
+    pub resume_token_ttl_ms: u64,
+    /// Limits announced in `Ready` and enforced on decode.
+    pub limits: SessionLimits,
+    /// `pre_auth_frames_max`.
+    pub pre_auth_frames_max: u64,
+}
+
+impl GatewayConfig {
+    /// Defaults of SPEC.md for `origin`.
+    pub fn new(origin: impl Into<String>) -> Self {
+        Self {
+            origin: origin.into(),
+            heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
+            heartbeat_timeout_ms: limits::HEARTBEAT_TIMEOUT_MS_DEFAULT,
+            clock_skew_max_ms: limits::CLOCK_SKEW_MAX_MS_DEFAULT,
+            resume_token_ttl_ms: 3_600_000,
+            limits: SessionLimits::default(),
+            pre_auth_frames_max: limits::PRE_AUTH_FRAMES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// What the network shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this frame.
+    Send(ServerFrame),
+    /// Close the connection with this code (after sending what precedes it).
+    Close(CloseCode),
+    /// A stream grew to `seq`: the hub calls `on_appended` on every connection.
+    Appended {
+        /// The stream.
+        stream: StreamKey,
+        /// Its new head.
+        seq: Seq,
+    },
+}
+
+/// Randomness the handler needs (nonces, session ids, tokens), injected for determinism.
+pub trait Entropy {
+    /// Fills `out` with random bytes.
+    fn fill(&mut self, out: &mut [u8]);
+}
+
+#[derive(Debug)]
+enum State {
+    Opened,
+    Challenged { version: u64, nonce: Nonce },
+    Ready { device: DeviceId },
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    /// A batch ending at `next - 1` awaits the client's `Continue`.
+    AwaitContinue { next: u64 },
+    /// Replay is done; entries from `next` are delivered as they arrive.
+    Live { next: u64 },
+}
+
+/// The server side of one connection.
+pub struct Connection {
+    state: State,
+    frames_before_ready: u64,
+    subscriptions: HashMap<StreamKey, Sub>,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Connection {
+    /// A freshly upgraded connection.
+    pub fn new() -> Self {
+        Self {
+            state: State::Opened,
+            frames_before_ready: 0,
+            subscriptions: HashMap::new(),
+        }
+    }
+
+    /// The authenticated device, once `Ready` was sent.
+    pub fn device(&self) -> Option<DeviceId> {
+        match self.state {
+            State::Ready { device } => Some(device),
+            _ => None,
+        }
+    }
+
+    /// Handles one binary WebSocket message.
+    pub fn handle(
+        &mut self,
+        config: &GatewayConfig,
+        store: &mut dyn Store,
+        entropy: &mut dyn Entropy,
+        now: UnixMs,
+        message: &[u8],
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if matches!(self.state, State::Closed) {
+            return out;
+        }
+        let ready = matches!(self.state, State::Ready { .. });
+        if !ready {
+            self.frames_before_ready += 1;
+            if self.frames_before_ready > config.pre_auth_frames_max {
+                return self.close(out, CloseCode::PreAuthFlood);
+            }
+        }
+        let frame = match ClientFrame::decode(message, &config.limits.decode_limits()) {
+            Ok(f) => f,
+            Err(e) => {
+                out.push(error(e.code(), None, Some(&e.to_string())));
+                if e.code() == ErrorCode::FrameTooLarge {
+                    return self.close(out, CloseCode::FrameTooLarge);
+                }
+                if !ready {
+                    return self.close(out, CloseCode::ProtocolError);
+                }
+                return out;
+            }
+        };
+        let result = match (&self.state, frame) {
+            (State::Opened, ClientFrame::Hello(hello)) => {
+                self.on_hello(entropy, now, &hello, &mut out)
+            }
+            (State::Challenged { version, nonce }, ClientFrame::Auth(auth)) => {
+                let (version, nonce) = (*version, *nonce);
+                self.on_auth(config, entropy, now, version, nonce, &auth, &mut out)
+            }
+            (State::Ready { device }, frame) => {
+                let device = *device;
+                self.on_ready_frame(config, store, now, device, frame, &mut out)
+            }
+            (_, frame) => {
+                out.push(error(
+                    ErrorCode::UnexpectedFrame,
+                    frame.rid(),
+                    Some(&format!("{} is not allowed now", frame.name())),
+                ));
+                if ready {
+                    Ok(())
+                } else {
+                    return self.close(out, CloseCode::ProtocolError);
+                }
+            }
+        };
+        if let Err(e) = result {
+            // The store failed: nothing changed; the client retries.
+            out.push(error(ErrorCode::InternalError, None, Some(&e.to_string())));
+        }
+        out
+    }
+
+    /// A stream grew: deliver what a live subscription has not seen yet, in seq order.
+    pub fn on_appended(
+        &mut self,
+        config: &GatewayConfig,
+        store: &dyn Store,
+        stream: &StreamKey,
+    ) -> Result<Vec<Action>, StoreError> {
+        let mut out = Vec::new();
+        let Some(Sub::Live { next }) = self.subscriptions.get(stream).copied() else {
+            return Ok(out);
+        };
+        let Some(from) = Seq::new(next) else {
+            return Ok(out);
+        };
+        let entries = store.read(stream, from, config.limits.replay_batch_max as usize)?;
+        let mut next = next;
+        for entry in entries {
+            if entry.seq.get() != next {
+                break;
+            }
+            next += 1;
+            out.push(Action::Send(ServerFrame::Deliver(Deliver {
+                stream: wire_stream(stream),
+                entry,
+            })));
+        }
+        self.subscriptions.insert(*stream, Sub::Live { next });
+        Ok(out)
+    }
+
+    fn close(&mut self, mut out: Vec<Action>, code: CloseCode) -> Vec<Action> {
+        self.state = State::Closed;
+        out.push(Action::Close(code));
+        out
+    }
+
+    fn on_hello(
+        &mut self,
+        entropy: &mut dyn Entropy,
+        now: UnixMs,
+        hello: &frame::Hello,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let Some(version) = hello
+            .versions
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|v| *v == limits::PROTOCOL_VERSION)
+            .max()
+        else {
+            out.push(error(ErrorCode::UnsupportedVersion, None, None));
+            let taken = std::mem::take(out);
+            *out = self.close(taken, CloseCode::UnsupportedVersion);
+            return Ok(());
+        };
+        if hello.resume_token.is_some() {
+            out.push(error(ErrorCode::ResumeTokenInvalid, None, None));
+        }
+        let mut nonce = [0u8; 32];
+        entropy.fill(&mut nonce);
+        let nonce = Nonce(nonce);
+        self.state = State::Challenged { version, nonce };
+        out.push(Action::Send(ServerFrame::Challenge(frame::Challenge {
+            version,
+            nonce,
+            server_time_ms: now,
+        })));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_auth(
+        &mut self,
+        config: &GatewayConfig,
+        entropy: &mut dyn Entropy,
+        now: UnixMs,
+        version: u64,
+        nonce: Nonce,
+        auth: &frame::Auth,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let expected = AuthExpectation {
+            origin: &config.origin,
+            nonce,
+            version,
+            now,
+            clock_skew_max_ms: config.clock_skew_max_ms,
+        };
+        if let Err(code) = verify_auth(auth, &expected, |_| None) {
+            out.push(error(code, None, None));
+            let taken = std::mem::take(out);
+            *out = self.close(taken, CloseCode::AuthFailed);
+            return Ok(());
+        }
+        let device = auth.certificate.device_id();
+        let mut session = [0u8; 16];
+        entropy.fill(&mut session);
+        let mut token = vec![0u8; 32];
+        entropy.fill(&mut token);
+        let resume_token = ResumeToken::new(token)
+            .map_err(|e| StoreError::Corrupt(format!("resume token: {e}")))?;
+        self.state = State::Ready { device };
+        out.push(Action::Send(ServerFrame::Ready(Ready {
+            session_id: SessionId(session),
+            resume_token,
+            resume_token_ttl_ms: config.resume_token_ttl_ms,
+            heartbeat_interval_ms: config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: config.heartbeat_timeout_ms,
+            resumed: false,
+            server_time_ms: now,
+            device,
+            limits: config.limits.clone(),
+        })));
+        Ok(())
+    }
+
+    fn on_ready_frame(
+        &mut self,
+        config: &GatewayConfig,
+        store: &mut dyn Store,
+        now: UnixMs,
+        device: DeviceId,
+        frame: ClientFrame,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        match frame {
+            ClientFrame::Heartbeat(h) => {
+                out.push(Action::Send(ServerFrame::HeartbeatAck(HeartbeatAck {
+                    nonce: h.nonce,
+                })));
+            }
+            ClientFrame::CreateConversation(c) => {
+                if store.create_conversation(&c.conversation, c.kind, &device, now)? {
+                    out.push(Action::Send(ServerFrame::Created(Created {
+                        rid: c.rid,
+                        conversation: c.conversation,
+                    })));
+                } else {
+                    out.push(error(ErrorCode::ConversationExists, Some(c.rid), None));
+                }
+            }
+            ClientFrame::Send(s) => self.on_send(store, now, device, s, out)?,
+            ClientFrame::Subscribe(s) => self.on_subscribe(config, store, device, s, out)?,
+            ClientFrame::Continue(c) => {
+                let stream = stream_key(&c.stream, device);
+                match self.subscriptions.get(&stream) {
+                    Some(Sub::AwaitContinue { next }) if c.after_seq.get() + 1 == *next => {
+                        let next = *next;
+                        self.batch(config, store, stream, next, out)?;
+                    }
+                    _ => out.push(error(ErrorCode::NotSubscribed, None, None)),
+                }
+            }
+            ClientFrame::Unsubscribe(u) => {
+                self.subscriptions.remove(&stream_key(&u.stream, device));
+                out.push(Action::Send(ServerFrame::Unsubscribed(Unsubscribed {
+                    rid: u.rid,
+                    stream: u.stream,
+                })));
+            }
+            ClientFrame::Ack(a) => {
+                let stream = stream_key(&a.stream, device);
+                if let Some(code) = self.read_access(store, &stream, device)? {
+                    out.push(error(code, None, None));
+                } else if store.ack(&stream, &device, a.seq)?.is_none() {
+                    out.push(error(ErrorCode::SeqOutOfRange, None, None));
+                }
+            }
+            other => out.push(error(
+                ErrorCode::UnexpectedFrame,
+                other.rid(),
+                Some(&format!(
+                    "{} is not implemented by this gateway yet",
+                    other.name()
+                )),
+            )),
+        }
+        Ok(())
+    }
+
+    fn on_send(
+        &mut self,
+        store: &mut dyn Store,
+        now: UnixMs,
+        device: DeviceId,
+        s: frame::Send,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let rid = Some(s.rid);
+        let kind = match classify(store, &s, device, now)? {
+            Ok(kind) => kind,
+            Err((code, epoch, seq)) => {
+                out.push(Action::Send(ServerFrame::Error(ErrorFrame {
+                    code,
+                    rid,
+                    retry_after_ms: None,
+                    epoch,
+                    seq,
+                    detail: None,
+                })));
+                return Ok(());
+            }
+        };
+        let outcome = store.append(&AppendRequest {
+            conversation: s.conversation,
+            sender: device,
+            msg_id: s.msg_id,
+            payload: s.payload,
+            kind: kind.clone(),
+            now,
+        })?;
+        let accepted = |seq: Seq, duplicate: bool| {
+            Action::Send(ServerFrame::Accepted(Accepted {
+                rid: s.rid,
+                conversation: s.conversation,
+                msg_id: s.msg_id,
+                seq,
+                duplicate,
+            }))
+        };
+        match outcome {
+            AppendOutcome::Appended { seq } => {
+                out.push(accepted(seq, false));
+                out.push(Action::Appended {
+                    stream: StreamKey::Conversation(s.conversation),
+                    seq,
+                });
+                if let AppendKind::Commit { added, .. } = kind {
+                    for d in added {
+                        let (head, _) = store.bounds(&StreamKey::Inbox(d))?;
+                        if let Some(seq) = Seq::new(head) {
+                            out.push(Action::Appended {
+                                stream: StreamKey::Inbox(d),
+                                seq,
+                            });
+                        }
+                    }
+                }
+            }
+            AppendOutcome::Duplicate { seq } => out.push(accepted(seq, true)),
+            AppendOutcome::Conflict => out.push(error(ErrorCode::MsgIdConflict, rid, None)),
+            AppendOutcome::StaleCommit { epoch, epoch_seq } => {
+                out.push(Action::Send(ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::StaleCommit,
+                    rid,
+                    retry_after_ms: None,
+                    epoch: Some(epoch),
+                    seq: Seq::new(epoch_seq),
+                    detail: None,
+                })))
+            }
+            AppendOutcome::EpochAhead { epoch } => {
+                out.push(Action::Send(ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::EpochAhead,
+                    rid,
+                    retry_after_ms: None,
+                    epoch: Some(epoch),
+                    seq: None,
+                    detail: None,
+                })))
+            }
+            AppendOutcome::WelcomeMismatch => {
+                out.push(error(ErrorCode::WelcomeMismatch, rid, None))
+            }
+            AppendOutcome::NotMember => out.push(error(ErrorCode::NotMember, rid, None)),
+            AppendOutcome::NotFound => out.push(error(ErrorCode::ConversationNotFound, rid, None)),
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(
+        &mut self,
+        config: &GatewayConfig,
+        store: &mut dyn Store,
+        device: DeviceId,
+        s: frame::Subscribe,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let stream = stream_key(&s.stream, device);
+        if let Some(code) = self.read_access(store, &stream, device)? {
+            out.push(error(code, Some(s.rid), None));
+            return Ok(());
+        }
+        let (head, oldest) = store.bounds(&stream)?;
+        let cursor = store.cursor(&stream, &device)?;
+        let from = s.from_seq.map_or(cursor + 1, Seq::get);
+        if from > head + 1 {
+            out.push(error(ErrorCode::SeqOutOfRange, Some(s.rid), None));
+            return Ok(());
+        }
+        let Some(from_seq) = Seq::new(from) else {
+            out.push(error(ErrorCode::SeqOutOfRange, Some(s.rid), None));
+            return Ok(());
+        };
+        // A restart discards the old subscription's state (REQ-6.4-5).
+        self.subscriptions.remove(&stream);
+        if from < oldest {
+            out.push(Action::Send(ServerFrame::ContinuityLost(ContinuityLost {
+                rid: s.rid,
+                stream: s.stream,
+                from_seq,
+                oldest_seq: oldest,
+                head_seq: head,
+            })));
+            return Ok(());
+        }
+        out.push(Action::Send(ServerFrame::Subscribed(Subscribed {
+            rid: s.rid,
+            stream: s.stream,
+            from_seq,
+            head_seq: head,
+            ack_cursor: cursor,
+            oldest_seq: oldest,
+        })));
+        self.batch(config, store, stream, from, out)
+    }
+
+    /// Sends the next replay batch from `from` (SPEC.md 6.4) and records what follows.
+    fn batch(
+        &mut self,
+        config: &GatewayConfig,
+        store: &dyn Store,
+        stream: StreamKey,
+        from: u64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let max = config.limits.replay_batch_max.max(1) as usize;
+        let entries = match Seq::new(from) {
+            Some(from) => store.read(&stream, from, max)?,
+            None => Vec::new(),
+        };
+        let (head, _) = store.bounds(&stream)?;
+        let last = entries.last().map_or(from - 1, |e| e.seq.get());
+        let more = !entries.is_empty() && last < head;
+        self.subscriptions.insert(
+            stream,
+            if more {
+                Sub::AwaitContinue { next: last + 1 }
+            } else {
+                Sub::Live { next: last + 1 }
+            },
+        );
+        out.push(Action::Send(ServerFrame::Batch(Batch {
+            stream: wire_stream(&stream),
+            entries,
+            more,
+        })));
+        Ok(())
+    }
+
+    /// `None` when `device` may read `stream`, else the error code.
+    fn read_access(
+        &self,
+        store: &dyn Store,
+        stream: &StreamKey,
+        device: DeviceId,
+    ) -> Result<Option<ErrorCode>, StoreError> {
+        match stream {
+            StreamKey::Inbox(_) => Ok(None),
+            StreamKey::Conversation(c) => {
+                if store.conversation(c)?.is_none() {
+                    return Ok(Some(ErrorCode::ConversationNotFound));
+                }
+                let member = store.roster(c)?.iter().any(|(_, d)| *d == device);
+                Ok((!member).then_some(ErrorCode::NotMember))
+            }
+        }
+    }
+}
+
+type Refusal = (ErrorCode, Option<Epoch>, Option<Seq>);
+
+/// Applies SPEC.md 7.2 to a `Send`: what the payload is, or why it is refused.
+fn classify(
+    store: &dyn Store,
+    s: &frame::Send,
+    device: DeviceId,
+    now: UnixMs,
+) -> Result<Result<AppendKind, Refusal>, StoreError> {
+    let refuse = |code| Ok(Err((code, None, None)));
+    let framing = match mls_framing::peek(s.payload.as_bytes()) {
+        Ok(Peek::Framed(f)) => f,
+        Ok(Peek::Unframed(_)) => return refuse(ErrorCode::MlsWireFormatNotAllowed),
+        Err(_) => return refuse(ErrorCode::MlsMalformed),
+    };
+    if framing.group_id != s.conversation.0 {
+        return refuse(ErrorCode::MlsGroupMismatch);
+    }
+    let epoch = Epoch(framing.epoch);
+    match (framing.wire_format, framing.content_type) {
+        (WireFormat::PrivateMessage, ContentType::Application) => {
+            Ok(Ok(AppendKind::Application { epoch }))
+        }
+        (WireFormat::PublicMessage, ContentType::Proposal | ContentType::Commit) => {
+            // The PublicMessage sender must be the sending device's own leaf (406).
+            let roster = store.roster(&s.conversation)?;
+            let own_leaf = roster.iter().find(|(_, d)| *d == device).map(|(l, _)| *l);
+            if own_leaf.is_some() && framing.sender != own_leaf.map(Sender::Member) {
+                return refuse(ErrorCode::MlsSenderMismatch);
+            }
+            if framing.content_type == ContentType::Proposal {
+                return Ok(Ok(AppendKind::Proposal { epoch }));
+            }
+            let contents = match mls_framing::commit_contents(s.payload.as_bytes()) {
+                Ok(c) => c,
+                Err(_) => return refuse(ErrorCode::MlsMalformed),
+            };
+            if contents.by_reference > 0 {
+                return refuse(ErrorCode::MlsCommitByReference);
+            }
+            let mut added = Vec::new();
+            let mut removed_leaves = Vec::new();
+            for p in contents.by_value {
+                match p {
+                    CommitProposal::Add {
+                        credential_type: 1,
+                        identity,
+                    } => {
+                        let Ok(cert) = confab_spec::cbor::from_slice::<DeviceCertificate>(
+                            &identity,
+                            &confab_spec::DecodeLimits::default(),
+                        ) else {
+                            return refuse(ErrorCode::MlsMalformed);
+                        };
+                        if cert
+                            .verify(now, limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| None)
+                            .is_err()
+                        {
+                            return refuse(ErrorCode::MlsMalformed);
+                        }
+                        added.push(cert.device_id());
+                    }
+                    CommitProposal::Add { .. } => return refuse(ErrorCode::MlsMalformed),
+                    CommitProposal::Remove { leaf } => removed_leaves.push(leaf),
+                    CommitProposal::Other { .. } => {}
+                }
+            }
+            Ok(Ok(AppendKind::Commit {
+                epoch,
+                removed_leaves,
+                added,
+                welcome: s.welcome.clone(),
+            }))
+        }
+        _ => refuse(ErrorCode::MlsWireFormatNotAllowed),
+    }
+}
+
+fn stream_key(stream: &StreamId, device: DeviceId) -> StreamKey {
+    match stream {
+        StreamId::Inbox => StreamKey::Inbox(device),
+        StreamId::Conversation(c) => StreamKey::Conversation(*c),
+    }
+}
+
+fn wire_stream(stream: &StreamKey) -> StreamId {
+    match stream {
+        StreamKey::Inbox(_) => StreamId::Inbox,
+        StreamKey::Conversation(c) => StreamId::Conversation(*c),
+    }
+}
+
+fn error(code: ErrorCode, rid: Option<u64>, detail: Option<&str>) -> Action {
+    Action::Send(ServerFrame::Error(ErrorFrame {
+        code,
+        rid,
+        retry_after_ms: None,
+        epoch: None,
+        seq: None,
+        detail: detail.map(ShortText::truncated),
+    }))
+}

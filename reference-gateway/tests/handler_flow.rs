@@ -1,0 +1,564 @@
+//! The gateway's connection handler end to end with real MLS from both engines (every
+//! pairing): handshake, conversation creation, a Commit with its Welcome delivered through
+//! the inbox, live delivery through the hub call, echo with seq, duplicate resend, a commit
+//! race with stale_commit naming the winner, replay across batch boundaries with Continue,
+//! membership and auth rejections, and hostile bytes before authentication.
+
+use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
+use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::store::sqlite::SqliteStore;
+use confab_gateway::store::{Store, StreamKey};
+use confab_spec::error::{CloseCode, ErrorCode};
+use confab_spec::frame::*;
+use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::*;
+use confab_spec::session::DeviceCredentials;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+const ORIGIN: &str = "wss://gateway.test";
+const CONV: ConversationId = ConversationId([0x44; 32]);
+
+struct Rng(ChaCha8Rng);
+impl Entropy for Rng {
+    fn fill(&mut self, out: &mut [u8]) {
+        self.0.fill_bytes(out);
+    }
+}
+
+struct Client {
+    creds: DeviceCredentials,
+    conn: Connection,
+    engine: Box<dyn MlsEngine>,
+    next_rid: u64,
+}
+
+struct World {
+    config: GatewayConfig,
+    store: SqliteStore,
+    rng: Rng,
+    now: UnixMs,
+    _dir: tempfile::TempDir,
+}
+
+fn credentials(seed: u8) -> DeviceCredentials {
+    let system = SystemKeyPair::from_seed(&[seed; 32]);
+    let key = DeviceKeyPair::from_seed(&[seed.wrapping_add(50); 32]);
+    let now = system_clock()();
+    let certificate = system.issue_certificate(
+        ProcessId([seed; 16]),
+        key.public(),
+        UnixMs(now.0 - 3_600_000),
+        now.plus_ms(86_400_000),
+    );
+    DeviceCredentials { key, certificate }
+}
+
+impl World {
+    fn new(replay_batch_max: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
+        let mut config = GatewayConfig::new(ORIGIN);
+        config.limits.replay_batch_max = replay_batch_max;
+        Self {
+            config,
+            store,
+            rng: Rng(ChaCha8Rng::seed_from_u64(9)),
+            now: system_clock()(),
+            _dir: dir,
+        }
+    }
+
+    fn send(&mut self, c: &mut Client, frame: ClientFrame) -> Vec<Action> {
+        c.conn.handle(
+            &self.config,
+            &mut self.store,
+            &mut self.rng,
+            self.now,
+            &frame.encode(),
+        )
+    }
+
+    fn client(&mut self, seed: u8, kind: EngineKind, dir: &tempfile::TempDir) -> Client {
+        let creds = credentials(seed);
+        let engine = open_engine(
+            kind,
+            &dir.path().join(format!("c{seed}.db")),
+            creds.clone(),
+            system_clock(),
+        )
+        .expect("engine");
+        let mut c = Client {
+            creds,
+            conn: Connection::new(),
+            engine,
+            next_rid: 1,
+        };
+        let out = self.send(
+            &mut c,
+            ClientFrame::Hello(Hello {
+                versions: Versions::current(),
+                resume_token: None,
+            }),
+        );
+        let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+            panic!("expected Challenge, got {out:?}")
+        };
+        let auth = auth_for(&c.creds, ORIGIN, ch.nonce, self.now);
+        let out = self.send(&mut c, ClientFrame::Auth(auth));
+        assert!(
+            matches!(out.first(), Some(Action::Send(ServerFrame::Ready(r))) if r.device == c.creds.certificate.device_id()),
+            "{out:?}"
+        );
+        c
+    }
+
+    /// Runs the hub: every client gets `on_appended` for every grown stream.
+    fn fan_out(
+        &mut self,
+        actions: &[Action],
+        clients: &mut [&mut Client],
+    ) -> Vec<Vec<ServerFrame>> {
+        let mut delivered = vec![Vec::new(); clients.len()];
+        for a in actions {
+            if let Action::Appended { stream, .. } = a {
+                for (i, c) in clients.iter_mut().enumerate() {
+                    let own = match stream {
+                        StreamKey::Inbox(d) => Some(*d) == c.conn.device(),
+                        StreamKey::Conversation(_) => true,
+                    };
+                    if own {
+                        for out in c
+                            .conn
+                            .on_appended(&self.config, &self.store, stream)
+                            .expect("hub")
+                        {
+                            if let Action::Send(f) = out {
+                                delivered[i].push(f);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        delivered
+    }
+}
+
+fn auth_for(creds: &DeviceCredentials, origin: &str, nonce: Nonce, now: UnixMs) -> Auth {
+    let transcript = AuthTranscript {
+        version: 1,
+        origin,
+        nonce,
+        time_ms: now,
+        process: creds.certificate.process,
+    };
+    Auth {
+        certificate: creds.certificate.clone(),
+        time_ms: now,
+        signature: creds.key.sign_transcript(&transcript),
+        origin: ShortText::truncated(origin),
+        nonce,
+    }
+}
+
+fn frames(actions: &[Action]) -> Vec<ServerFrame> {
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Send(f) = a {
+                Some(f.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn error_code(actions: &[Action]) -> Option<ErrorCode> {
+    frames(actions).into_iter().find_map(|f| {
+        if let ServerFrame::Error(e) = f {
+            Some(e.code)
+        } else {
+            None
+        }
+    })
+}
+
+fn send_mls(
+    w: &mut World,
+    c: &mut Client,
+    id: u8,
+    payload: Vec<u8>,
+    welcome: Option<Vec<u8>>,
+) -> Vec<Action> {
+    let rid = c.next_rid;
+    c.next_rid += 1;
+    w.send(
+        c,
+        ClientFrame::Send(Send {
+            rid,
+            conversation: CONV,
+            msg_id: MsgId([id; 16]),
+            payload: MlsBytes::new(payload).expect("payload"),
+            welcome: welcome.map(|w| MlsBytes::new(w).expect("welcome")),
+        }),
+    )
+}
+
+fn accepted_seq(actions: &[Action]) -> Option<(u64, bool)> {
+    frames(actions).into_iter().find_map(|f| {
+        if let ServerFrame::Accepted(a) = f {
+            Some((a.seq.get(), a.duplicate))
+        } else {
+            None
+        }
+    })
+}
+
+#[test]
+fn dm_flow_in_every_engine_pairing() {
+    for ka in EngineKind::ALL {
+        for kb in EngineKind::ALL {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut w = World::new(2);
+            let mut a = w.client(1, ka, &dir);
+            let mut b = w.client(2, kb, &dir);
+
+            let out = w.send(
+                &mut a,
+                ClientFrame::CreateConversation(CreateConversation {
+                    rid: 1,
+                    conversation: CONV,
+                    kind: ConversationKind::DirectMessage,
+                }),
+            );
+            assert!(
+                matches!(frames(&out)[..], [ServerFrame::Created(_)]),
+                "{out:?}"
+            );
+            let again = w.send(
+                &mut a,
+                ClientFrame::CreateConversation(CreateConversation {
+                    rid: 2,
+                    conversation: CONV,
+                    kind: ConversationKind::DirectMessage,
+                }),
+            );
+            assert_eq!(error_code(&again), Some(ErrorCode::ConversationExists));
+            a.engine.create_group(&CONV).expect("create");
+
+            // A adds B: the Commit is sequenced and the Welcome lands in B's inbox.
+            let kp = b.engine.key_packages(1, false).expect("kp");
+            let add = a.engine.add_members(&CONV, &kp).expect("add");
+            let out = send_mls(&mut w, &mut a, 1, add.commit.clone(), add.welcome.clone());
+            assert_eq!(accepted_seq(&out), Some((1, false)), "{ka}->{kb}: {out:?}");
+            a.engine.merge_pending_commit(&CONV).expect("merge on echo");
+            let dup = send_mls(&mut w, &mut a, 1, add.commit.clone(), add.welcome.clone());
+            assert_eq!(
+                accepted_seq(&dup),
+                Some((1, true)),
+                "a resend is a duplicate"
+            );
+            let out = w.send(
+                &mut b,
+                ClientFrame::Subscribe(Subscribe {
+                    rid: 1,
+                    stream: StreamId::Inbox,
+                    from_seq: None,
+                }),
+            );
+            let welcome = frames(&out)
+                .into_iter()
+                .find_map(|f| match f {
+                    ServerFrame::Batch(batch) => batch.entries.into_iter().next(),
+                    _ => None,
+                })
+                .expect("a Welcome in the inbox");
+            let EntryBody::Welcome {
+                conversation,
+                commit_seq,
+            } = welcome.body
+            else {
+                panic!("not a welcome")
+            };
+            assert_eq!((conversation, commit_seq.get()), (CONV, 1));
+            b.engine.join(welcome.payload.as_bytes()).expect("join");
+
+            // B follows live from after the Commit.
+            let out = w.send(
+                &mut b,
+                ClientFrame::Subscribe(Subscribe {
+                    rid: 2,
+                    stream: StreamId::Conversation(CONV),
+                    from_seq: Seq::new(2),
+                }),
+            );
+            assert!(
+                matches!(frames(&out)[..], [ServerFrame::Subscribed(_), ServerFrame::Batch(ref bt)] if bt.entries.is_empty() && !bt.more),
+                "{out:?}"
+            );
+            let ct = a.engine.encrypt(&CONV, b"hi b").expect("encrypt");
+            let out = send_mls(&mut w, &mut a, 2, ct, None);
+            assert_eq!(accepted_seq(&out), Some((2, false)));
+            let delivered = w.fan_out(&out, &mut [&mut a, &mut b]);
+            let ServerFrame::Deliver(d) = &delivered[1][0] else {
+                panic!("B got {:?}", delivered[1])
+            };
+            assert_eq!(d.entry.seq.get(), 2);
+            assert!(matches!(
+                b.engine.process(&CONV, d.entry.payload.as_bytes()),
+                Ok(confab_client::mls::Processed::Application { .. })
+            ));
+
+            // Commit race: both update in epoch 1; A's wins, B learns the winner's seq.
+            let wa = a.engine.self_update(&CONV).expect("a commits");
+            let wb = b.engine.self_update(&CONV).expect("b commits");
+            let out = send_mls(&mut w, &mut a, 3, wa.commit.clone(), None);
+            assert_eq!(accepted_seq(&out), Some((3, false)));
+            let out = send_mls(&mut w, &mut b, 4, wb.commit.clone(), None);
+            let stale = frames(&out)
+                .into_iter()
+                .find_map(|f| {
+                    if let ServerFrame::Error(e) = f {
+                        Some(e)
+                    } else {
+                        None
+                    }
+                })
+                .expect("stale");
+            assert_eq!(
+                (stale.code, stale.epoch, stale.seq.map(Seq::get)),
+                (ErrorCode::StaleCommit, Some(Epoch(2)), Some(3))
+            );
+            a.engine.merge_pending_commit(&CONV).expect("a merges");
+            b.engine.discard_pending_commit(&CONV).expect("b discards");
+            b.engine
+                .process(&CONV, &wa.commit)
+                .expect("b applies the winner");
+            assert_eq!(
+                a.engine.epoch_authenticator(&CONV),
+                b.engine.epoch_authenticator(&CONV)
+            );
+
+            // A message with a payload for another group is refused.
+            let mut bogus = a.engine.encrypt(&CONV, b"x").expect("encrypt");
+            bogus[6] ^= 0xFF; // inside the group id
+            assert_eq!(
+                error_code(&send_mls(&mut w, &mut a, 9, bogus, None)),
+                Some(ErrorCode::MlsGroupMismatch)
+            );
+
+            // A stranger can neither read nor write.
+            let mut c = w.client(3, ka, &dir);
+            let out = w.send(
+                &mut c,
+                ClientFrame::Subscribe(Subscribe {
+                    rid: 1,
+                    stream: StreamId::Conversation(CONV),
+                    from_seq: None,
+                }),
+            );
+            assert_eq!(error_code(&out), Some(ErrorCode::NotMember));
+            let ct = a.engine.encrypt(&CONV, b"y").expect("encrypt");
+            assert_eq!(
+                error_code(&send_mls(&mut w, &mut c, 10, ct, None)),
+                Some(ErrorCode::NotMember)
+            );
+        }
+    }
+}
+
+#[test]
+fn replay_crosses_batch_boundaries_with_continue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = World::new(2);
+    let mut a = w.client(1, EngineKind::MlsRs, &dir);
+    w.send(
+        &mut a,
+        ClientFrame::CreateConversation(CreateConversation {
+            rid: 1,
+            conversation: CONV,
+            kind: ConversationKind::Room,
+        }),
+    );
+    a.engine.create_group(&CONV).expect("create");
+    for i in 0..5u8 {
+        let ct = a.engine.encrypt(&CONV, &[i]).expect("encrypt");
+        assert_eq!(
+            accepted_seq(&send_mls(&mut w, &mut a, i, ct, None)),
+            Some((u64::from(i) + 1, false))
+        );
+    }
+    let mut seen = Vec::new();
+    let mut out = w.send(
+        &mut a,
+        ClientFrame::Subscribe(Subscribe {
+            rid: 2,
+            stream: StreamId::Conversation(CONV),
+            from_seq: None,
+        }),
+    );
+    loop {
+        let batch = frames(&out)
+            .into_iter()
+            .find_map(|f| {
+                if let ServerFrame::Batch(b) = f {
+                    Some(b)
+                } else {
+                    None
+                }
+            })
+            .expect("batch");
+        assert!(batch.entries.len() <= 2, "replay_batch_max");
+        seen.extend(batch.entries.iter().map(|e| e.seq.get()));
+        if !batch.more {
+            break;
+        }
+        // A second Continue for the same batch is refused.
+        let after_seq = batch.entries.last().expect("entries").seq;
+        out = w.send(
+            &mut a,
+            ClientFrame::Continue(Continue {
+                stream: StreamId::Conversation(CONV),
+                after_seq,
+            }),
+        );
+        let wrong = w.send(
+            &mut a,
+            ClientFrame::Continue(Continue {
+                stream: StreamId::Conversation(CONV),
+                after_seq,
+            }),
+        );
+        if !frames(&out)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Batch(b) if !b.more))
+        {
+            assert_eq!(error_code(&wrong), Some(ErrorCode::NotSubscribed));
+        }
+    }
+    assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+    // Acks move the cursor; beyond the head is refused.
+    assert_eq!(
+        error_code(&w.send(
+            &mut a,
+            ClientFrame::Ack(Ack {
+                stream: StreamId::Conversation(CONV),
+                seq: Seq::new(3).expect("seq")
+            })
+        )),
+        None
+    );
+    assert_eq!(
+        w.store
+            .cursor(
+                &StreamKey::Conversation(CONV),
+                &a.creds.certificate.device_id()
+            )
+            .expect("cursor"),
+        3
+    );
+    assert_eq!(
+        error_code(&w.send(
+            &mut a,
+            ClientFrame::Ack(Ack {
+                stream: StreamId::Conversation(CONV),
+                seq: Seq::new(9).expect("seq")
+            })
+        )),
+        Some(ErrorCode::SeqOutOfRange)
+    );
+}
+
+#[test]
+fn auth_rejections_close_with_their_codes() {
+    let mut w = World::new(256);
+    let creds = credentials(1);
+    for (origin, nonce_ok, time_offset, expected) in [
+        (
+            "wss://other.test",
+            true,
+            0i64,
+            ErrorCode::AuthOriginMismatch,
+        ),
+        (ORIGIN, false, 0, ErrorCode::AuthNonceInvalid),
+        (ORIGIN, true, 400_000, ErrorCode::AuthClockSkew),
+    ] {
+        let mut conn = Connection::new();
+        let out = conn.handle(
+            &w.config,
+            &mut w.store,
+            &mut w.rng,
+            w.now,
+            &ClientFrame::Hello(Hello {
+                versions: Versions::current(),
+                resume_token: None,
+            })
+            .encode(),
+        );
+        let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+            panic!("{out:?}")
+        };
+        let nonce = if nonce_ok { ch.nonce } else { Nonce([0; 32]) };
+        let time = UnixMs((w.now.0 as i64 + time_offset) as u64);
+        let auth = auth_for(&creds, origin, nonce, time);
+        let out = conn.handle(
+            &w.config,
+            &mut w.store,
+            &mut w.rng,
+            w.now,
+            &ClientFrame::Auth(auth).encode(),
+        );
+        assert_eq!(error_code(&out), Some(expected));
+        assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
+    }
+    // Garbage before authentication: an error, then a protocol-error close.
+    let mut conn = Connection::new();
+    let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &[0xff, 0x00]);
+    assert_eq!(error_code(&out), Some(ErrorCode::MalformedFrame));
+    assert_eq!(out.last(), Some(&Action::Close(CloseCode::ProtocolError)));
+    // Too many frames before Ready.
+    let mut conn = Connection::new();
+    let hello = ClientFrame::Hello(Hello {
+        versions: Versions::current(),
+        resume_token: None,
+    })
+    .encode();
+    let mut closed = None;
+    for _ in 0..10 {
+        let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &hello);
+        if let Some(Action::Close(code)) = out.last() {
+            closed = Some(*code);
+            break;
+        }
+    }
+    assert!(matches!(
+        closed,
+        Some(CloseCode::ProtocolError | CloseCode::PreAuthFlood)
+    ));
+}
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Arbitrary messages never panic the handler, and a closed connection stays closed.
+        #[test]
+        fn arbitrary_messages_never_panic(messages in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..12)) {
+            let mut w = World::new(256);
+            let mut conn = Connection::new();
+            let mut closed = false;
+            for m in messages {
+                let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &m);
+                if closed {
+                    prop_assert!(out.is_empty(), "a closed connection answered");
+                }
+                closed |= out.iter().any(|a| matches!(a, Action::Close(_)));
+            }
+        }
+    }
+}
