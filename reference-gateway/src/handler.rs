@@ -126,6 +126,11 @@ impl Connection {
         }
     }
 
+    /// The streams this connection follows.
+    pub fn subscribed_streams(&self) -> Vec<StreamKey> {
+        self.subscriptions.keys().copied().collect()
+    }
+
     /// Handles one binary WebSocket message.
     pub fn handle(
         &mut self,

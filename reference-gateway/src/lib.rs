@@ -6,8 +6,12 @@
 //! - [`handler`]: the sans-IO per-connection protocol logic (handshake, heartbeats,
 //!   conversations, sends with the MLS delivery rules, subscribe/replay/live, acks).
 //!
-//! The axum WebSocket shell, the fan-out hub, resume tokens, retention and metrics come
-//! with the rest of issue 4.
+//! - [`server`]: the axum shell (`/v1/ws`, `/healthz`, `/v1/info`), the wake-up hub, the
+//!   auth and heartbeat deadlines, and graceful shutdown.
+//!
+//! Resume tokens, retention, revocations, the KeyPackage directory and metrics come with
+//! the rest of issue 4 and issue 5.
 
 pub mod handler;
+pub mod server;
 pub mod store;

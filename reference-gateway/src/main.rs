@@ -1,41 +1,156 @@
 //! `confab-gateway`: the Confab reference gateway.
 //!
-//! The server itself lands with the gateway issue (sessions, durable log, resume and
-//! replay, commit sequencing). Until then this binary states what is coming and which
-//! parts of the protocol already exist, so the README's first command works today.
+//! ```text
+//! confab-gateway serve [--config FILE] [--listen ADDR] [--db PATH] [--origin ORIGIN]
+//! ```
+//!
+//! Settings come from a TOML file, then environment variables, then flags, each
+//! overriding the one before.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: confab-gateway serve [--config FILE] [--listen ADDR] [--db PATH_OR_URL]
+use clap::{Parser, Subcommand};
+use confab_gateway::handler::GatewayConfig;
+use confab_gateway::server;
+use confab_gateway::store::sqlite::SqliteStore;
 
-The reference gateway is not implemented yet. What exists today:
-  spec/SPEC.md        the normative protocol, version 1
-  confab-spec         typed frames, strict CBOR codec, identity, client session
-  vectors/            test vectors for other implementations
+/// The Confab reference gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-Coming with the gateway: GET /v1/ws, /healthz, /metrics, /v1/info on an embedded
-SQLite store (WAL), with PostgreSQL for several nodes.";
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the protocol at /v1/ws, plus /healthz and /v1/info.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML file with any of: listen, db, origin, heartbeat_interval_ms,
+    /// heartbeat_timeout_ms, replay_batch_max.
+    #[arg(long, env = "CONFAB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "CONFAB_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// SQLite database file, created and migrated on first start [default: confab-gateway.db].
+    #[arg(long, env = "CONFAB_DB")]
+    db: Option<PathBuf>,
+    /// The origin clients sign, as they reach this gateway (for example
+    /// wss://chat.example.org) [default: ws://LISTEN].
+    #[arg(long, env = "CONFAB_ORIGIN")]
+    origin: Option<String>,
+}
+
+/// The TOML file's settings.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    db: Option<PathBuf>,
+    origin: Option<String>,
+    heartbeat_interval_ms: Option<u64>,
+    heartbeat_timeout_ms: Option<u64>,
+    replay_batch_max: Option<u64>,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("serve") => {
-            println!(
-                "confab-gateway {}: protocol version {}",
-                env!("CARGO_PKG_VERSION"),
-                confab_spec::limits::PROTOCOL_VERSION
-            );
-            println!("{USAGE}");
-            ExitCode::SUCCESS
+    let Cli {
+        command: Command::Serve(args),
+    } = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let file = match &args.config {
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| toml::from_str::<FileConfig>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: config {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let db = args
+        .db
+        .or(file.db)
+        .unwrap_or_else(|| PathBuf::from("confab-gateway.db"));
+    let origin = args
+        .origin
+        .or(file.origin)
+        .unwrap_or_else(|| format!("ws://{listen}"));
+    let mut config = GatewayConfig::new(origin);
+    if let Some(v) = file.heartbeat_interval_ms {
+        config.heartbeat_interval_ms = v;
+    }
+    if let Some(v) = file.heartbeat_timeout_ms {
+        config.heartbeat_timeout_ms = v;
+    }
+    if let Some(v) = file.replay_batch_max {
+        config.limits.replay_batch_max = v;
+    }
+    let store = match SqliteStore::open(&db) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: database {}: {e}", db.display());
+            return ExitCode::FAILURE;
         }
-        Some("--help" | "-h" | "help") | None => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: runtime: {e}");
+            return ExitCode::FAILURE;
         }
-        Some(other) => {
-            eprintln!("confab-gateway: unknown command `{other}`\n\n{USAGE}");
-            ExitCode::from(2)
+    };
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        tracing::info!(%listen, db = %db.display(), origin = %config.origin, "confab-gateway listening");
+        server::serve(listener, config, store, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: closing sessions with 4000");
 }

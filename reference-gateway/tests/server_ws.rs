@@ -1,0 +1,153 @@
+//! The gateway over real WebSockets on loopback: health and info endpoints, the handshake,
+//! a heartbeat, a text message closing with 4100, and shutdown closing sessions with 4000.
+
+use confab_gateway::handler::GatewayConfig;
+use confab_gateway::server;
+use confab_gateway::store::sqlite::SqliteStore;
+use confab_spec::frame::*;
+use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::*;
+use confab_spec::{DecodeLimits, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+async fn next_frame(
+    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+) -> Message {
+    tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("timely")
+        .expect("open")
+        .expect("ok")
+}
+
+#[tokio::test]
+async fn handshake_heartbeat_and_close_codes_over_websockets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let origin = format!("ws://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(
+        listener,
+        GatewayConfig::new(origin.clone()),
+        store,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    assert!(http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    let info = http_get(addr, "/v1/info").await;
+    assert!(
+        info.contains("\"frame_bytes_max\":1048576") && info.contains(&origin),
+        "{info}"
+    );
+
+    // Handshake.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{origin}/v1/ws"))
+        .await
+        .expect("ws");
+    ws.send(Message::Binary(
+        ClientFrame::Hello(Hello {
+            versions: Versions::current(),
+            resume_token: None,
+        })
+        .encode()
+        .into(),
+    ))
+    .await
+    .expect("hello");
+    let Message::Binary(b) = next_frame(&mut ws).await else {
+        panic!("binary expected")
+    };
+    let Ok(ServerFrame::Challenge(ch)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
+        panic!("challenge expected")
+    };
+    let system = SystemKeyPair::from_seed(&[1; 32]);
+    let key = DeviceKeyPair::from_seed(&[2; 32]);
+    let now = ch.server_time_ms;
+    let cert = system.issue_certificate(
+        ProcessId([3; 16]),
+        key.public(),
+        UnixMs(now.0 - 1_000),
+        now.plus_ms(3_600_000),
+    );
+    let transcript = AuthTranscript {
+        version: 1,
+        origin: &origin,
+        nonce: ch.nonce,
+        time_ms: now,
+        process: cert.process,
+    };
+    let auth = Auth {
+        certificate: cert.clone(),
+        time_ms: now,
+        signature: key.sign_transcript(&transcript),
+        origin: ShortText::truncated(&origin),
+        nonce: ch.nonce,
+    };
+    ws.send(Message::Binary(ClientFrame::Auth(auth).encode().into()))
+        .await
+        .expect("auth");
+    let Message::Binary(b) = next_frame(&mut ws).await else {
+        panic!("binary expected")
+    };
+    let Ok(ServerFrame::Ready(ready)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
+        panic!("ready expected")
+    };
+    assert_eq!(ready.device, cert.device_id());
+
+    // Heartbeat.
+    ws.send(Message::Binary(
+        ClientFrame::Heartbeat(Heartbeat { nonce: 77 })
+            .encode()
+            .into(),
+    ))
+    .await
+    .expect("hb");
+    let Message::Binary(b) = next_frame(&mut ws).await else {
+        panic!("binary expected")
+    };
+    assert_eq!(
+        ServerFrame::decode(&b, &DecodeLimits::default()),
+        Ok(ServerFrame::HeartbeatAck(HeartbeatAck { nonce: 77 }))
+    );
+
+    // A text message is a protocol error: close 4100.
+    let (mut ws2, _) = tokio_tungstenite::connect_async(format!("{origin}/v1/ws"))
+        .await
+        .expect("ws2");
+    ws2.send(Message::Text("hello".into())).await.expect("text");
+    match next_frame(&mut ws2).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4100),
+        other => panic!("expected close 4100, got {other:?}"),
+    }
+
+    // Shutdown closes the live session with 4000 (reconnect).
+    let _ = stop_tx.send(());
+    match next_frame(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4000),
+        other => panic!("expected close 4000, got {other:?}"),
+    }
+    drop(ws);
+    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("server stops")
+        .expect("join")
+        .expect("serve");
+}
