@@ -251,17 +251,22 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         result
     }
 
-    /// A group re-initialised under its old id starts from epoch 0 again: its old epochs
-    /// must go before the new state is written.
-    fn replace_state(
+    /// Persists a group this device just created or joined and caches it; returns its id.
+    /// A group re-initialised under the id of the group it `replaces` starts from epoch 0
+    /// again, so the old epochs are deleted before the new state is written.
+    fn adopt(
         &mut self,
-        old: &ConversationId,
-        new: &ConversationId,
-    ) -> Result<(), EngineError> {
-        if old == new {
-            self.group_states.delete_group(&old.0).map_err(storage)?;
+        mut group: Group<C>,
+        replaces: Option<&ConversationId>,
+    ) -> Result<ConversationId, EngineError> {
+        let id = ConversationId::from_slice(group.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        if replaces == Some(&id) {
+            self.group_states.delete_group(&id.0).map_err(storage)?;
         }
-        Ok(())
+        group.write_to_storage().map_err(map_err)?;
+        self.groups.insert(id, group);
+        Ok(id)
     }
 
     fn load(&mut self, id: &ConversationId) -> Result<&mut Group<C>, EngineError> {
@@ -333,7 +338,7 @@ where
 
     fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
         let now = (self.clock)();
-        let mut g = self
+        let g = self
             .client
             .create_group_with_id(
                 group.0.to_vec(),
@@ -342,9 +347,7 @@ where
                 Some(mls_time(now)),
             )
             .map_err(map_err)?;
-        g.write_to_storage().map_err(map_err)?;
-        self.groups.insert(*group, g);
-        Ok(())
+        self.adopt(g, None).map(|_| ())
     }
 
     fn add_members(
@@ -470,12 +473,9 @@ where
         for id in psks {
             builder = builder.with_external_psk(ExternalPskId::new(id.clone()));
         }
-        let (mut g, commit) = builder.build(info).map_err(map_err)?;
-        let id = ConversationId::from_slice(g.group_id())
-            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-        g.write_to_storage().map_err(map_err)?;
-        self.groups.insert(id, g);
-        Ok((id, to_bytes(&commit)?))
+        let (g, commit) = builder.build(info).map_err(map_err)?;
+        let commit = to_bytes(&commit)?;
+        Ok((self.adopt(g, None)?, commit))
     }
 
     fn branch(
@@ -488,12 +488,11 @@ where
             .iter()
             .map(|k| parse(k))
             .collect::<Result<Vec<_>, _>>()?;
-        let (mut sub, welcomes) = self
+        let (sub, welcomes) = self
             .load(group)?
             .branch(new_group.0.to_vec(), kps, None)
             .map_err(map_err)?;
-        sub.write_to_storage().map_err(map_err)?;
-        self.groups.insert(*new_group, sub);
+        self.adopt(sub, None)?;
         welcomes
             .first()
             .map(to_bytes)
@@ -507,15 +506,11 @@ where
         welcome: &[u8],
     ) -> Result<ConversationId, EngineError> {
         let welcome = parse(welcome)?;
-        let (mut sub, _) = self
+        let (sub, _) = self
             .load(group)?
             .join_subgroup(&welcome, None, None)
             .map_err(map_err)?;
-        let id = ConversationId::from_slice(sub.group_id())
-            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-        sub.write_to_storage().map_err(map_err)?;
-        self.groups.insert(id, sub);
-        Ok(id)
+        self.adopt(sub, None)
     }
 
     fn propose_reinit(
@@ -566,14 +561,10 @@ where
             .remove(group)
             .ok_or(EngineError::GroupNotFound)?;
         let client = g.get_reinit_client(None, None).map_err(map_err)?;
-        let (mut new, welcomes) = client
+        let (new, welcomes) = client
             .commit(kps, ExtensionList::new(), None)
             .map_err(map_err)?;
-        let id = ConversationId::from_slice(new.group_id())
-            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-        self.replace_state(group, &id)?;
-        new.write_to_storage().map_err(map_err)?;
-        self.groups.insert(id, new);
+        let id = self.adopt(new, Some(group))?;
         let welcome = welcomes
             .first()
             .map(to_bytes)
@@ -594,13 +585,8 @@ where
             .remove(group)
             .ok_or(EngineError::GroupNotFound)?;
         let client = g.get_reinit_client(None, None).map_err(map_err)?;
-        let (mut new, _) = client.join(&welcome, None, None).map_err(map_err)?;
-        let id = ConversationId::from_slice(new.group_id())
-            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-        self.replace_state(group, &id)?;
-        new.write_to_storage().map_err(map_err)?;
-        self.groups.insert(id, new);
-        Ok(id)
+        let (new, _) = client.join(&welcome, None, None).map_err(map_err)?;
+        self.adopt(new, Some(group))
     }
 
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
@@ -656,15 +642,11 @@ where
     fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError> {
         let now = (self.clock)();
         let message = parse(welcome)?;
-        let (mut g, _) = self
+        let (g, _) = self
             .client
             .join_group(None, &message, Some(mls_time(now)))
             .map_err(map_err)?;
-        let id = ConversationId::from_slice(g.group_id())
-            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-        g.write_to_storage().map_err(map_err)?;
-        self.groups.insert(id, g);
-        Ok(id)
+        self.adopt(g, None)
     }
 
     fn encrypt(

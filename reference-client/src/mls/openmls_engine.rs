@@ -138,6 +138,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Caches a group this device just joined; returns its id.
+    fn adopt(&mut self, group: MlsGroup) -> Result<ConversationId, EngineError> {
+        let id = ConversationId::from_slice(group.group_id().as_slice())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        self.groups.insert(id, group);
+        Ok(id)
+    }
+
     /// The group, which must have no pending Commit (SPEC.md 7.4: nothing new is sent
     /// while a Commit of this device awaits its echo).
     fn group_without_pending_commit(
@@ -645,9 +653,7 @@ impl MlsEngine for OpenMlsEngine {
                 g.merge_pending_commit(ctx.provider)
                     .map_err(|e| other("merge external commit", e))?;
             }
-            let id = ConversationId::from_slice(g.group_id().as_slice())
-                .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-            ctx.groups.insert(id, g);
+            let id = ctx.adopt(g)?;
             Ok((id, commit))
         })
     }
@@ -775,9 +781,7 @@ impl MlsEngine for OpenMlsEngine {
             let g = staged
                 .into_group(ctx.provider)
                 .map_err(|e| other("join", e))?;
-            let id = ConversationId::from_slice(g.group_id().as_slice())
-                .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
-            ctx.groups.insert(id, g);
+            let id = ctx.adopt(g)?;
             Ok(id)
         })
     }
