@@ -3,9 +3,8 @@
 //! shell (axum) and the simulator drive it; a fan-out hub calls
 //! [`Connection::on_appended`] on every connection when a stream grows.
 //!
-//! Not yet here (issue 4 continues): resume tokens (a `Hello` with a token is answered
-//! `resume_token_invalid` and a fresh challenge, as SPEC.md 5.5 allows for unknown
-//! tokens), revocations, the KeyPackage directory, retention.
+//! Not yet here (issue 4 continues): revocations (so a resumed session is not yet checked
+//! against them), one session per device, the KeyPackage directory, retention.
 
 use std::collections::HashMap;
 
@@ -21,7 +20,10 @@ use confab_spec::ids::{
 use confab_spec::limits;
 use confab_spec::mls_framing::{self, CommitProposal, ContentType, Peek, Sender, WireFormat};
 
-use crate::store::{AppendKind, AppendOutcome, AppendRequest, Store, StoreError, StreamKey};
+use crate::store::{
+    AppendKind, AppendOutcome, AppendRequest, IssuedToken, Redeemed, Store, StoreError, StreamKey,
+};
+use sha2::{Digest, Sha256};
 
 /// Settings the handler enforces and announces.
 #[derive(Debug, Clone)]
@@ -166,11 +168,11 @@ impl Connection {
         };
         let result = match (&self.state, frame) {
             (State::Opened, ClientFrame::Hello(hello)) => {
-                self.on_hello(entropy, now, &hello, &mut out)
+                self.on_hello(config, store, entropy, now, &hello, &mut out)
             }
             (State::Challenged { version, nonce }, ClientFrame::Auth(auth)) => {
                 let (version, nonce) = (*version, *nonce);
-                self.on_auth(config, entropy, now, version, nonce, &auth, &mut out)
+                self.on_auth(config, store, entropy, now, version, nonce, &auth, &mut out)
             }
             (State::Ready { device }, frame) => {
                 let device = *device;
@@ -234,6 +236,8 @@ impl Connection {
 
     fn on_hello(
         &mut self,
+        config: &GatewayConfig,
+        store: &mut dyn Store,
         entropy: &mut dyn Entropy,
         now: UnixMs,
         hello: &frame::Hello,
@@ -252,9 +256,35 @@ impl Connection {
             *out = self.close(taken, CloseCode::UnsupportedVersion);
             return Ok(());
         };
-        if hello.resume_token.is_some() {
-            out.push(error(ErrorCode::ResumeTokenInvalid, None, None));
+        if let Some(token) = &hello.resume_token {
+            let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            match store.redeem_token(&hash, now)? {
+                Redeemed::Valid(t) if now >= t.certificate_not_after => {
+                    // The certificate expired since the token was issued (REQ-5.5-6).
+                    out.push(error(ErrorCode::AuthCertificateExpired, None, None));
+                    let taken = std::mem::take(out);
+                    *out = self.close(taken, CloseCode::AuthFailed);
+                    return Ok(());
+                }
+                Redeemed::Valid(t) => {
+                    return self.ready(
+                        config,
+                        store,
+                        entropy,
+                        now,
+                        t.device,
+                        t.session,
+                        t.family,
+                        t.certificate_not_after,
+                        true,
+                        out,
+                    );
+                }
+                Redeemed::Reused => out.push(error(ErrorCode::ResumeTokenReused, None, None)),
+                Redeemed::Invalid => out.push(error(ErrorCode::ResumeTokenInvalid, None, None)),
+            }
         }
+        // No token, or a rejected one: a fresh challenge on the same connection (REQ-5.5-5).
         let mut nonce = [0u8; 32];
         entropy.fill(&mut nonce);
         let nonce = Nonce(nonce);
@@ -267,10 +297,53 @@ impl Connection {
         Ok(())
     }
 
+    /// Enters `ready`: issues the next resume token of `family` and sends `Ready`.
+    #[allow(clippy::too_many_arguments)]
+    fn ready(
+        &mut self,
+        config: &GatewayConfig,
+        store: &mut dyn Store,
+        entropy: &mut dyn Entropy,
+        now: UnixMs,
+        device: DeviceId,
+        session: [u8; 16],
+        family: [u8; 16],
+        certificate_not_after: UnixMs,
+        resumed: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let mut token = vec![0u8; 32];
+        entropy.fill(&mut token);
+        store.issue_token(&IssuedToken {
+            hash: Sha256::digest(&token).into(),
+            device,
+            session,
+            family,
+            expires: now.plus_ms(config.resume_token_ttl_ms),
+            certificate_not_after,
+        })?;
+        let resume_token = ResumeToken::new(token)
+            .map_err(|e| StoreError::Corrupt(format!("resume token: {e}")))?;
+        self.state = State::Ready { device };
+        out.push(Action::Send(ServerFrame::Ready(Ready {
+            session_id: SessionId(session),
+            resume_token,
+            resume_token_ttl_ms: config.resume_token_ttl_ms,
+            heartbeat_interval_ms: config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: config.heartbeat_timeout_ms,
+            resumed,
+            server_time_ms: now,
+            device,
+            limits: config.limits.clone(),
+        })));
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn on_auth(
         &mut self,
         config: &GatewayConfig,
+        store: &mut dyn Store,
         entropy: &mut dyn Entropy,
         now: UnixMs,
         version: u64,
@@ -291,26 +364,14 @@ impl Connection {
             *out = self.close(taken, CloseCode::AuthFailed);
             return Ok(());
         }
-        let device = auth.certificate.device_id();
-        let mut session = [0u8; 16];
+        let (mut session, mut family) = ([0u8; 16], [0u8; 16]);
         entropy.fill(&mut session);
-        let mut token = vec![0u8; 32];
-        entropy.fill(&mut token);
-        let resume_token = ResumeToken::new(token)
-            .map_err(|e| StoreError::Corrupt(format!("resume token: {e}")))?;
-        self.state = State::Ready { device };
-        out.push(Action::Send(ServerFrame::Ready(Ready {
-            session_id: SessionId(session),
-            resume_token,
-            resume_token_ttl_ms: config.resume_token_ttl_ms,
-            heartbeat_interval_ms: config.heartbeat_interval_ms,
-            heartbeat_timeout_ms: config.heartbeat_timeout_ms,
-            resumed: false,
-            server_time_ms: now,
-            device,
-            limits: config.limits.clone(),
-        })));
-        Ok(())
+        entropy.fill(&mut family);
+        let device = auth.certificate.device_id();
+        let not_after = auth.certificate.not_after_ms;
+        self.ready(
+            config, store, entropy, now, device, session, family, not_after, false, out,
+        )
     }
 
     fn on_ready_frame(

@@ -167,4 +167,39 @@ pub trait Store: Send {
 
     /// `device`'s cursor on `stream` (0 when it never acked).
     fn cursor(&self, stream: &StreamKey, device: &DeviceId) -> Result<u64, StoreError>;
+
+    /// Stores a resume token by its hash (SPEC.md 5.5). Tokens of one `family` descend from
+    /// one authentication; reuse of any of them revokes the family.
+    fn issue_token(&mut self, token: &IssuedToken) -> Result<(), StoreError>;
+
+    /// Redeems a token: marks it used and returns what it was bound to, atomically.
+    fn redeem_token(&mut self, hash: &[u8; 32], now: UnixMs) -> Result<Redeemed, StoreError>;
+}
+
+/// A resume token as stored: only its hash, never the token (REQ-5.5-7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// SHA-256 of the token.
+    pub hash: [u8; 32],
+    /// The device it is bound to.
+    pub device: DeviceId,
+    /// The session it resumes.
+    pub session: [u8; 16],
+    /// The chain of tokens it belongs to.
+    pub family: [u8; 16],
+    /// When it stops working.
+    pub expires: UnixMs,
+    /// When the device's certificate expires (checked again on resume, REQ-5.5-6).
+    pub certificate_not_after: UnixMs,
+}
+
+/// The outcome of [`Store::redeem_token`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeemed {
+    /// Valid and now used.
+    Valid(IssuedToken),
+    /// Already used: the whole family is now revoked (`resume_token_reused`).
+    Reused,
+    /// Unknown, expired or revoked (`resume_token_invalid`).
+    Invalid,
 }

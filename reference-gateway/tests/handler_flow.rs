@@ -562,3 +562,98 @@ mod hostile {
         }
     }
 }
+
+#[test]
+fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
+    let mut w = World::new(256);
+    let creds = credentials(1);
+    let hello = |token: Option<ResumeToken>| {
+        ClientFrame::Hello(Hello {
+            versions: Versions::current(),
+            resume_token: token,
+        })
+        .encode()
+    };
+    let handle = |w: &mut World, conn: &mut Connection, bytes: &[u8]| {
+        conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, bytes)
+    };
+    // A full authentication yields the first token.
+    let mut conn = Connection::new();
+    let out = handle(&mut w, &mut conn, &hello(None));
+    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+        panic!("{out:?}")
+    };
+    let now = w.now;
+    let out = handle(
+        &mut w,
+        &mut conn,
+        &ClientFrame::Auth(auth_for(&creds, ORIGIN, ch.nonce, now)).encode(),
+    );
+    let Some(Action::Send(ServerFrame::Ready(first))) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    assert!(!first.resumed);
+
+    // Resuming with it: the same session, a new token.
+    let mut conn = Connection::new();
+    let out = handle(&mut w, &mut conn, &hello(Some(first.resume_token.clone())));
+    let Some(Action::Send(ServerFrame::Ready(second))) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    assert!(second.resumed);
+    assert_eq!(second.session_id, first.session_id);
+    assert_eq!(second.device, creds.certificate.device_id());
+    assert_ne!(
+        second.resume_token, first.resume_token,
+        "tokens rotate on every use"
+    );
+    assert_eq!(conn.device(), Some(creds.certificate.device_id()));
+
+    // Reusing the first token: resume_token_reused, then a fresh challenge.
+    let mut conn = Connection::new();
+    let out = handle(&mut w, &mut conn, &hello(Some(first.resume_token.clone())));
+    assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenReused));
+    assert!(matches!(
+        frames(&out).last(),
+        Some(ServerFrame::Challenge(_))
+    ));
+    // ... and the token issued in its place is revoked with it.
+    let mut conn = Connection::new();
+    let out = handle(&mut w, &mut conn, &hello(Some(second.resume_token.clone())));
+    assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
+    assert!(matches!(
+        frames(&out).last(),
+        Some(ServerFrame::Challenge(_))
+    ));
+    assert_eq!(conn.device(), None);
+
+    // An unknown token is invalid.
+    let mut conn = Connection::new();
+    let out = handle(
+        &mut w,
+        &mut conn,
+        &hello(Some(ResumeToken::new(vec![9; 32]).expect("token"))),
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
+
+    // Tokens expire.
+    w.config.resume_token_ttl_ms = 1_000;
+    let mut conn = Connection::new();
+    let out = handle(&mut w, &mut conn, &hello(None));
+    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+        panic!("{out:?}")
+    };
+    let now = w.now;
+    let out = handle(
+        &mut w,
+        &mut conn,
+        &ClientFrame::Auth(auth_for(&creds, ORIGIN, ch.nonce, now)).encode(),
+    );
+    let Some(Action::Send(ServerFrame::Ready(ready))) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    w.now = w.now.plus_ms(1_001);
+    let mut conn = Connection::new();
+    let out = handle(&mut w, &mut conn, &hello(Some(ready.resume_token)));
+    assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
+}

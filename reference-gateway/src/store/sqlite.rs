@@ -8,7 +8,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AppendKind, AppendOutcome, AppendRequest, ConversationState, Store, StoreError, StreamKey,
+    AppendKind, AppendOutcome, AppendRequest, ConversationState, IssuedToken, Redeemed, Store,
+    StoreError, StreamKey,
 };
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
@@ -59,6 +60,17 @@ CREATE TABLE IF NOT EXISTS cursors (
     seq INTEGER NOT NULL,
     PRIMARY KEY (stream, device)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS resume_tokens (
+    hash BLOB PRIMARY KEY,
+    device BLOB NOT NULL,
+    session BLOB NOT NULL,
+    family BLOB NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    certificate_not_after_ms INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    revoked INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS resume_tokens_family ON resume_tokens (family);
 PRAGMA user_version = 1;
 ";
 
@@ -540,5 +552,74 @@ impl Store for SqliteStore {
             .optional()
             .map_err(db)?;
         Ok(v.map_or(0, |v| v as u64))
+    }
+
+    fn issue_token(&mut self, t: &IssuedToken) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO resume_tokens (hash, device, session, family, expires_ms, certificate_not_after_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.hash.as_slice(),
+                    t.device.to_bytes().as_slice(),
+                    t.session.as_slice(),
+                    t.family.as_slice(),
+                    to_i64(t.expires.0),
+                    to_i64(t.certificate_not_after.0)
+                ],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn redeem_token(&mut self, hash: &[u8; 32], now: UnixMs) -> Result<Redeemed, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        type Row = (Vec<u8>, Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+        let row: Option<Row> = tx
+            .query_row(
+                "SELECT device, session, family, expires_ms, certificate_not_after_ms, used, revoked
+                 FROM resume_tokens WHERE hash = ?1",
+                [hash.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let Some((device, session, family, expires, not_after, used, revoked)) = row else {
+            return Ok(Redeemed::Invalid);
+        };
+        let outcome = if revoked != 0 || to_i64(now.0) >= expires {
+            Redeemed::Invalid
+        } else if used != 0 {
+            // Reuse: revoke the chain, including the token issued in its place (REQ-5.5-3).
+            tx.execute(
+                "UPDATE resume_tokens SET revoked = 1 WHERE family = ?1",
+                [&family],
+            )
+            .map_err(db)?;
+            Redeemed::Reused
+        } else {
+            tx.execute(
+                "UPDATE resume_tokens SET used = 1 WHERE hash = ?1",
+                [hash.as_slice()],
+            )
+            .map_err(db)?;
+            let fixed = |v: &[u8]| -> Result<[u8; 16], StoreError> {
+                v.try_into()
+                    .map_err(|_| StoreError::Corrupt("token binding".into()))
+            };
+            Redeemed::Valid(IssuedToken {
+                hash: *hash,
+                device: device_of(&device)?,
+                session: fixed(&session)?,
+                family: fixed(&family)?,
+                expires: UnixMs(expires as u64),
+                certificate_not_after: UnixMs(not_after as u64),
+            })
+        };
+        tx.commit().map_err(db)?;
+        Ok(outcome)
     }
 }
