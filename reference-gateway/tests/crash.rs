@@ -172,9 +172,8 @@ async fn acknowledged_sends_survive_sigkill() {
             queue.push(MsgId(id));
         }
         pending = queue.clone();
-        let mut sent = 0;
         for (rid, msg_id) in queue.iter().enumerate() {
-            if sent == kill_after && cycle + 1 < CYCLES {
+            if rid as u32 == kill_after && cycle + 1 < CYCLES {
                 break;
             }
             let frame = ClientFrame::Send(Send {
@@ -191,7 +190,6 @@ async fn acknowledged_sends_survive_sigkill() {
             {
                 break;
             }
-            sent += 1;
             match recv(&mut ws).await {
                 Some(ServerFrame::Accepted(a)) => {
                     if let Some(prev) = acked.insert(a.msg_id, a.seq.get()) {
