@@ -18,7 +18,7 @@ use rand_core::{RngCore, SeedableRng};
 use tokio_tungstenite::tungstenite::Message;
 
 const CONV: ConversationId = ConversationId([0x5A; 32]);
-const CYCLES: usize = 12;
+const CYCLES: usize = 60;
 const SENDS_PER_CYCLE_MAX: u32 = 40;
 
 type Ws =
