@@ -7,7 +7,9 @@
 //! entries: a connection pulls what it has not delivered from the store, so a lagging
 //! receiver loses nothing; it re-checks all its subscriptions instead.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,10 +19,10 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use confab_spec::error::CloseCode;
-use confab_spec::ids::UnixMs;
+use confab_spec::ids::{DeviceId, UnixMs};
 use confab_spec::limits;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
 use crate::store::StreamKey;
@@ -34,6 +36,9 @@ pub struct Shared {
     pub store: Mutex<SqliteStore>,
     hub: broadcast::Sender<StreamKey>,
     shutdown: watch::Receiver<bool>,
+    /// The live session of each device: a newer one supersedes it (REQ-5.5-9).
+    sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<()>)>>,
+    next_connection: AtomicU64,
 }
 
 /// Bound of the hub's wake-up queue per receiver; a receiver that lags re-checks all its
@@ -55,6 +60,8 @@ pub async fn serve(
         store: Mutex::new(store),
         hub,
         shutdown: stop_rx,
+        sessions: Mutex::new(HashMap::new()),
+        next_connection: AtomicU64::new(1),
     });
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -160,7 +167,36 @@ fn pull(shared: &Shared, conn: &mut Connection, streams: &[StreamKey]) -> Vec<Ac
     out
 }
 
-async fn connection(mut socket: WebSocket, shared: Arc<Shared>) {
+async fn connection(socket: WebSocket, shared: Arc<Shared>) {
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let mut device = None;
+    run_connection(socket, &shared, id, &mut device).await;
+    // Forget this session unless a newer one already took the device's place.
+    if let (Some(d), Ok(mut sessions)) = (device, shared.sessions.lock()) {
+        if sessions.get(&d).is_some_and(|(owner, _)| *owner == id) {
+            sessions.remove(&d);
+        }
+    }
+}
+
+/// Makes this connection the device's session; a previous one is told to close with 4104.
+fn register(shared: &Shared, id: u64, device: DeviceId) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    if let Ok(mut sessions) = shared.sessions.lock() {
+        if let Some((_, older)) = sessions.insert(device, (id, tx)) {
+            let _ = older.send(());
+        }
+    }
+    rx
+}
+
+async fn run_connection(
+    mut socket: WebSocket,
+    shared: &Shared,
+    id: u64,
+    registered: &mut Option<DeviceId>,
+) {
+    let mut superseded: Option<oneshot::Receiver<()>> = None;
     let mut conn = Connection::new();
     let mut hub = shared.hub.subscribe();
     let mut shutdown = shared.shutdown.clone();
@@ -174,9 +210,18 @@ async fn connection(mut socket: WebSocket, shared: Arc<Shared>) {
         } else {
             last_frame + heartbeat_timeout
         };
+        if registered.is_none() {
+            if let Some(device) = conn.device() {
+                *registered = Some(device);
+                superseded = Some(register(shared, id, device));
+            }
+        }
         let code = tokio::select! {
             biased;
             _ = shutdown.changed() => Some(CloseCode::ServerRestart),
+            Ok(()) = async { match superseded.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
+                Some(CloseCode::SessionSuperseded)
+            }
             _ = tokio::time::sleep_until(deadline) => Some(if conn.device().is_none() {
                 CloseCode::AuthTimeout
             } else {
@@ -189,7 +234,7 @@ async fn connection(mut socket: WebSocket, shared: Arc<Shared>) {
                         Ok(mut store) => conn.handle(&shared.config, &mut *store, &mut OsEntropy, now(), &bytes),
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
-                    match apply(&mut socket, &shared, actions).await {
+                    match apply(&mut socket, shared, actions).await {
                         Ok(code) => code,
                         Err(_) => return,
                     }
@@ -206,8 +251,8 @@ async fn connection(mut socket: WebSocket, shared: Arc<Shared>) {
                     Err(broadcast::error::RecvError::Lagged(_)) => conn.subscribed_streams(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let actions = pull(&shared, &mut conn, &streams);
-                match apply(&mut socket, &shared, actions).await {
+                let actions = pull(shared, &mut conn, &streams);
+                match apply(&mut socket, shared, actions).await {
                     Ok(code) => code,
                     Err(_) => return,
                 }

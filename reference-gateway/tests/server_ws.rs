@@ -1,5 +1,6 @@
 //! The gateway over real WebSockets on loopback: health and info endpoints, the handshake,
-//! a heartbeat, a text message closing with 4100, and shutdown closing sessions with 4000.
+//! a heartbeat, a text message closing with 4100, a newer session of the same device
+//! superseding the older one with 4104, and shutdown closing sessions with 4000.
 
 use confab_gateway::handler::GatewayConfig;
 use confab_gateway::server;
@@ -32,6 +33,63 @@ async fn next_frame(
         .expect("ok")
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects and authenticates the device `key` of `system`; returns the socket and Ready.
+async fn handshake(origin: &str, system: &SystemKeyPair, key: &DeviceKeyPair) -> (Ws, Ready) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{origin}/v1/ws"))
+        .await
+        .expect("ws");
+    ws.send(Message::Binary(
+        ClientFrame::Hello(Hello {
+            versions: Versions::current(),
+            resume_token: None,
+        })
+        .encode()
+        .into(),
+    ))
+    .await
+    .expect("hello");
+    let Message::Binary(b) = next_frame(&mut ws).await else {
+        panic!("binary expected")
+    };
+    let Ok(ServerFrame::Challenge(ch)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
+        panic!("challenge expected")
+    };
+    let now = ch.server_time_ms;
+    let cert = system.issue_certificate(
+        ProcessId([3; 16]),
+        key.public(),
+        UnixMs(now.0 - 1_000),
+        now.plus_ms(3_600_000),
+    );
+    let transcript = AuthTranscript {
+        version: 1,
+        origin,
+        nonce: ch.nonce,
+        time_ms: now,
+        process: cert.process,
+    };
+    let auth = Auth {
+        certificate: cert,
+        time_ms: now,
+        signature: key.sign_transcript(&transcript),
+        origin: ShortText::truncated(origin),
+        nonce: ch.nonce,
+    };
+    ws.send(Message::Binary(ClientFrame::Auth(auth).encode().into()))
+        .await
+        .expect("auth");
+    let Message::Binary(b) = next_frame(&mut ws).await else {
+        panic!("binary expected")
+    };
+    let Ok(ServerFrame::Ready(ready)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
+        panic!("ready expected")
+    };
+    (ws, ready)
+}
+
 #[tokio::test]
 async fn handshake_heartbeat_and_close_codes_over_websockets() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -59,58 +117,10 @@ async fn handshake_heartbeat_and_close_codes_over_websockets() {
     );
 
     // Handshake.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{origin}/v1/ws"))
-        .await
-        .expect("ws");
-    ws.send(Message::Binary(
-        ClientFrame::Hello(Hello {
-            versions: Versions::current(),
-            resume_token: None,
-        })
-        .encode()
-        .into(),
-    ))
-    .await
-    .expect("hello");
-    let Message::Binary(b) = next_frame(&mut ws).await else {
-        panic!("binary expected")
-    };
-    let Ok(ServerFrame::Challenge(ch)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
-        panic!("challenge expected")
-    };
     let system = SystemKeyPair::from_seed(&[1; 32]);
     let key = DeviceKeyPair::from_seed(&[2; 32]);
-    let now = ch.server_time_ms;
-    let cert = system.issue_certificate(
-        ProcessId([3; 16]),
-        key.public(),
-        UnixMs(now.0 - 1_000),
-        now.plus_ms(3_600_000),
-    );
-    let transcript = AuthTranscript {
-        version: 1,
-        origin: &origin,
-        nonce: ch.nonce,
-        time_ms: now,
-        process: cert.process,
-    };
-    let auth = Auth {
-        certificate: cert.clone(),
-        time_ms: now,
-        signature: key.sign_transcript(&transcript),
-        origin: ShortText::truncated(&origin),
-        nonce: ch.nonce,
-    };
-    ws.send(Message::Binary(ClientFrame::Auth(auth).encode().into()))
-        .await
-        .expect("auth");
-    let Message::Binary(b) = next_frame(&mut ws).await else {
-        panic!("binary expected")
-    };
-    let Ok(ServerFrame::Ready(ready)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
-        panic!("ready expected")
-    };
-    assert_eq!(ready.device, cert.device_id());
+    let (mut ws, ready) = handshake(&origin, &system, &key).await;
+    assert_eq!(ready.device.system, system.public());
 
     // Heartbeat.
     ws.send(Message::Binary(
@@ -137,6 +147,16 @@ async fn handshake_heartbeat_and_close_codes_over_websockets() {
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4100),
         other => panic!("expected close 4100, got {other:?}"),
     }
+
+    // A newer session of the same device supersedes this one: 4104.
+    let (mut ws, _) = {
+        let newer = handshake(&origin, &system, &key).await;
+        match next_frame(&mut ws).await {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4104),
+            other => panic!("expected close 4104, got {other:?}"),
+        }
+        newer
+    };
 
     // Shutdown closes the live session with 4000 (reconnect).
     let _ = stop_tx.send(());
