@@ -269,6 +269,17 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         Ok(id)
     }
 
+    /// The ReInit client of a group whose ReInit Commit was applied. It consumes the cached
+    /// group; the durable state stays on disk until the new group replaces it.
+    fn reinit_client(
+        &mut self,
+        id: &ConversationId,
+    ) -> Result<mls_rs::group::ReinitClient<C>, EngineError> {
+        self.load(id)?;
+        let g = self.groups.remove(id).ok_or(EngineError::GroupNotFound)?;
+        g.get_reinit_client(None, None).map_err(map_err)
+    }
+
     fn load(&mut self, id: &ConversationId) -> Result<&mut Group<C>, EngineError> {
         if !self.groups.contains_key(id) {
             let group = self.client.load_group(&id.0).map_err(map_err)?;
@@ -292,8 +303,13 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
 fn commit_output(output: mls_rs::group::CommitOutput) -> Result<CommitOutput, EngineError> {
     Ok(CommitOutput {
         commit: to_bytes(&output.commit_message)?,
-        welcome: output.welcome_messages.first().map(to_bytes).transpose()?,
+        welcome: first_welcome(&output.welcome_messages)?,
     })
+}
+
+/// The single Welcome mls-rs produces (`single_welcome_message` is on), if any.
+fn first_welcome(welcomes: &[MlsMessage]) -> Result<Option<Vec<u8>>, EngineError> {
+    welcomes.first().map(to_bytes).transpose()
 }
 
 impl<C: MlsConfig + Clone + Send> MlsEngine for MlsRsEngine<C>
@@ -493,10 +509,7 @@ where
             .branch(new_group.0.to_vec(), kps, None)
             .map_err(map_err)?;
         self.adopt(sub, None)?;
-        welcomes
-            .first()
-            .map(to_bytes)
-            .transpose()?
+        first_welcome(&welcomes)?
             .ok_or_else(|| EngineError::Other("branch produced no Welcome".into()))
     }
 
@@ -536,13 +549,7 @@ where
     }
 
     fn reinit_key_package(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
-        // The ReInit client consumes the group; the durable state stays on disk.
-        self.load(group)?;
-        let g = self
-            .groups
-            .remove(group)
-            .ok_or(EngineError::GroupNotFound)?;
-        let client = g.get_reinit_client(None, None).map_err(map_err)?;
+        let client = self.reinit_client(group)?;
         to_bytes(&client.generate_key_package(None).map_err(map_err)?)
     }
 
@@ -555,20 +562,12 @@ where
             .iter()
             .map(|k| parse(k))
             .collect::<Result<Vec<_>, _>>()?;
-        self.load(group)?;
-        let g = self
-            .groups
-            .remove(group)
-            .ok_or(EngineError::GroupNotFound)?;
-        let client = g.get_reinit_client(None, None).map_err(map_err)?;
+        let client = self.reinit_client(group)?;
         let (new, welcomes) = client
             .commit(kps, ExtensionList::new(), None)
             .map_err(map_err)?;
         let id = self.adopt(new, Some(group))?;
-        let welcome = welcomes
-            .first()
-            .map(to_bytes)
-            .transpose()?
+        let welcome = first_welcome(&welcomes)?
             .ok_or_else(|| EngineError::Other("reinit produced no Welcome".into()))?;
         Ok((id, welcome))
     }
@@ -579,12 +578,7 @@ where
         welcome: &[u8],
     ) -> Result<ConversationId, EngineError> {
         let welcome = parse(welcome)?;
-        self.load(group)?;
-        let g = self
-            .groups
-            .remove(group)
-            .ok_or(EngineError::GroupNotFound)?;
-        let client = g.get_reinit_client(None, None).map_err(map_err)?;
+        let client = self.reinit_client(group)?;
         let (new, _) = client.join(&welcome, None, None).map_err(map_err)?;
         self.adopt(new, Some(group))
     }
