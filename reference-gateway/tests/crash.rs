@@ -8,21 +8,21 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod support;
+
+use confab_spec::ServerFrame;
 use confab_spec::frame::*;
-use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::*;
-use confab_spec::{DecodeLimits, ServerFrame};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
+use support::{Ws, authenticate, recv};
 use tokio_tungstenite::tungstenite::Message;
 
 const CONV: ConversationId = ConversationId([0x5A; 32]);
 const CYCLES: usize = 60;
 const SENDS_PER_CYCLE_MAX: u32 = 40;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -53,13 +53,6 @@ async fn connect(port: u16) -> Ws {
     panic!("gateway did not come up");
 }
 
-async fn recv(ws: &mut Ws) -> Option<ServerFrame> {
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Binary(b)))) => ServerFrame::decode(&b, &DecodeLimits::default()).ok(),
-        _ => None,
-    }
-}
-
 /// A PrivateMessage header for CONV at epoch 0, with `body` as ciphertext. The gateway reads
 /// only the framing (SPEC.md 7.2).
 fn private_message(body: &[u8]) -> MlsBytes {
@@ -70,53 +63,6 @@ fn private_message(body: &[u8]) -> MlsBytes {
     m.extend_from_slice(&[0, 0, body.len() as u8]);
     m.extend_from_slice(body);
     MlsBytes::new(m).expect("bytes")
-}
-
-async fn authenticate(
-    ws: &mut Ws,
-    port: u16,
-    system: &SystemKeyPair,
-    key: &DeviceKeyPair,
-) -> Option<()> {
-    ws.send(Message::Binary(
-        ClientFrame::Hello(Hello {
-            versions: Versions::current(),
-            resume_token: None,
-        })
-        .encode()
-        .into(),
-    ))
-    .await
-    .ok()?;
-    let Some(ServerFrame::Challenge(ch)) = recv(ws).await else {
-        return None;
-    };
-    let origin = format!("ws://127.0.0.1:{port}");
-    let now = ch.server_time_ms;
-    let cert = system.issue_certificate(
-        ProcessId([1; 16]),
-        key.public(),
-        UnixMs(now.0 - 60_000),
-        now.plus_ms(3_600_000),
-    );
-    let t = AuthTranscript {
-        version: 1,
-        origin: &origin,
-        nonce: ch.nonce,
-        time_ms: now,
-        process: cert.process,
-    };
-    let auth = Auth {
-        certificate: cert,
-        time_ms: now,
-        signature: key.sign_transcript(&t),
-        origin: ShortText::truncated(&origin),
-        nonce: ch.nonce,
-    };
-    ws.send(Message::Binary(ClientFrame::Auth(auth).encode().into()))
-        .await
-        .ok()?;
-    matches!(recv(ws).await, Some(ServerFrame::Ready(_))).then_some(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +81,11 @@ async fn acknowledged_sends_survive_sigkill() {
     for cycle in 0..CYCLES {
         let mut gateway = start(&db, port);
         let mut ws = connect(port).await;
-        if authenticate(&mut ws, port, &system, &key).await.is_none() {
+        let origin = format!("ws://127.0.0.1:{port}");
+        if authenticate(&mut ws, &origin, &system, &key)
+            .await
+            .is_none()
+        {
             let _ = gateway.kill();
             let _ = gateway.wait();
             continue;

@@ -4,13 +4,15 @@
 //! race with stale_commit naming the winner, replay across batch boundaries with Continue,
 //! membership and auth rejections, and hostile bytes before authentication.
 
+mod support;
+
 use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
 use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{Store, StreamKey};
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::*;
-use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::*;
 use confab_spec::session::DeviceCredentials;
 use rand_chacha::ChaCha8Rng;
@@ -146,20 +148,7 @@ impl World {
 }
 
 fn auth_for(creds: &DeviceCredentials, origin: &str, nonce: Nonce, now: UnixMs) -> Auth {
-    let transcript = AuthTranscript {
-        version: 1,
-        origin,
-        nonce,
-        time_ms: now,
-        process: creds.certificate.process,
-    };
-    Auth {
-        certificate: creds.certificate.clone(),
-        time_ms: now,
-        signature: creds.key.sign_transcript(&transcript),
-        origin: ShortText::truncated(origin),
-        nonce,
-    }
+    support::sign_auth(creds.certificate.clone(), &creds.key, origin, nonce, now)
 }
 
 fn frames(actions: &[Action]) -> Vec<ServerFrame> {

@@ -2,14 +2,16 @@
 //! a heartbeat, a text message closing with 4100, a newer session of the same device
 //! superseding the older one with 4104, and shutdown closing sessions with 4000.
 
+mod support;
+
 use confab_gateway::handler::GatewayConfig;
 use confab_gateway::server;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_spec::frame::*;
-use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
-use confab_spec::ids::*;
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::{DecodeLimits, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
+use support::{Ws, authenticate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -33,60 +35,14 @@ async fn next_frame(
         .expect("ok")
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Connects and authenticates the device `key` of `system`; returns the socket and Ready.
 async fn handshake(origin: &str, system: &SystemKeyPair, key: &DeviceKeyPair) -> (Ws, Ready) {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{origin}/v1/ws"))
         .await
         .expect("ws");
-    ws.send(Message::Binary(
-        ClientFrame::Hello(Hello {
-            versions: Versions::current(),
-            resume_token: None,
-        })
-        .encode()
-        .into(),
-    ))
-    .await
-    .expect("hello");
-    let Message::Binary(b) = next_frame(&mut ws).await else {
-        panic!("binary expected")
-    };
-    let Ok(ServerFrame::Challenge(ch)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
-        panic!("challenge expected")
-    };
-    let now = ch.server_time_ms;
-    let cert = system.issue_certificate(
-        ProcessId([3; 16]),
-        key.public(),
-        UnixMs(now.0 - 1_000),
-        now.plus_ms(3_600_000),
-    );
-    let transcript = AuthTranscript {
-        version: 1,
-        origin,
-        nonce: ch.nonce,
-        time_ms: now,
-        process: cert.process,
-    };
-    let auth = Auth {
-        certificate: cert,
-        time_ms: now,
-        signature: key.sign_transcript(&transcript),
-        origin: ShortText::truncated(origin),
-        nonce: ch.nonce,
-    };
-    ws.send(Message::Binary(ClientFrame::Auth(auth).encode().into()))
+    let ready = authenticate(&mut ws, origin, system, key)
         .await
-        .expect("auth");
-    let Message::Binary(b) = next_frame(&mut ws).await else {
-        panic!("binary expected")
-    };
-    let Ok(ServerFrame::Ready(ready)) = ServerFrame::decode(&b, &DecodeLimits::default()) else {
-        panic!("ready expected")
-    };
+        .expect("handshake");
     (ws, ready)
 }
 

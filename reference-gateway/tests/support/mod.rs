@@ -1,0 +1,82 @@
+//! Client-side helpers shared by the gateway's tests: signing an `Auth` and the WebSocket
+//! handshake.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use confab_spec::frame::{Auth, ClientFrame, Hello, Ready, Versions};
+use confab_spec::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::{Nonce, ProcessId, ShortText, UnixMs};
+use confab_spec::{DecodeLimits, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A client WebSocket.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// An `Auth` for `certificate`, signed by `key` over the transcript of SPEC.md 5.3.
+pub fn sign_auth(
+    certificate: DeviceCertificate,
+    key: &DeviceKeyPair,
+    origin: &str,
+    nonce: Nonce,
+    time_ms: UnixMs,
+) -> Auth {
+    let transcript = AuthTranscript {
+        version: 1,
+        origin,
+        nonce,
+        time_ms,
+        process: certificate.process,
+    };
+    Auth {
+        certificate,
+        time_ms,
+        signature: key.sign_transcript(&transcript),
+        origin: ShortText::truncated(origin),
+        nonce,
+    }
+}
+
+/// The next binary frame, decoded; `None` on anything else or after 5 s.
+pub async fn recv(ws: &mut Ws) -> Option<ServerFrame> {
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => ServerFrame::decode(&b, &DecodeLimits::default()).ok(),
+        _ => None,
+    }
+}
+
+/// Hello, Challenge, Auth, Ready for device `key` (process 3) of `system`, with a
+/// certificate valid around the gateway's clock. `None` if any step fails.
+pub async fn authenticate(
+    ws: &mut Ws,
+    origin: &str,
+    system: &SystemKeyPair,
+    key: &DeviceKeyPair,
+) -> Option<Ready> {
+    let hello = ClientFrame::Hello(Hello {
+        versions: Versions::current(),
+        resume_token: None,
+    });
+    ws.send(Message::Binary(hello.encode().into())).await.ok()?;
+    let Some(ServerFrame::Challenge(ch)) = recv(ws).await else {
+        return None;
+    };
+    let now = ch.server_time_ms;
+    let certificate = system.issue_certificate(
+        ProcessId([3; 16]),
+        key.public(),
+        UnixMs(now.0 - 60_000),
+        now.plus_ms(3_600_000),
+    );
+    let auth = sign_auth(certificate, key, origin, ch.nonce, now);
+    ws.send(Message::Binary(ClientFrame::Auth(auth).encode().into()))
+        .await
+        .ok()?;
+    match recv(ws).await {
+        Some(ServerFrame::Ready(ready)) => Some(ready),
+        _ => None,
+    }
+}
