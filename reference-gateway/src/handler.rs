@@ -3,15 +3,15 @@
 //! shell (axum) and the simulator drive it; a fan-out hub calls
 //! [`Connection::on_appended`] on every connection when a stream grows.
 //!
-//! Not yet here (issue 4 continues): revocations (so a resumed session is not yet checked
-//! against them), one session per device, the KeyPackage directory, retention.
+//! The KeyPackage directory (SPEC.md section 8) comes with issue 5; its frames are answered
+//! `unexpected_frame` until then.
 
 use std::collections::HashMap;
 
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
     self, Accepted, Batch, ClientFrame, ContinuityLost, Created, Deliver, ErrorFrame, HeartbeatAck,
-    Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
+    OkFrame, Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
 };
 use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
 use confab_spec::ids::{
@@ -21,8 +21,10 @@ use confab_spec::limits;
 use confab_spec::mls_framing::{self, CommitProposal, ContentType, Peek, Sender, WireFormat};
 
 use crate::store::{
-    AppendKind, AppendOutcome, AppendRequest, IssuedToken, Redeemed, Store, StoreError, StreamKey,
+    AppendKind, AppendOutcome, AppendRequest, IssuedToken, Redeemed, RetentionPolicy, Store,
+    StoreError, StreamKey,
 };
+use crate::telemetry;
 use sha2::{Digest, Sha256};
 
 /// Settings the handler enforces and announces.
@@ -42,6 +44,24 @@ pub struct GatewayConfig {
     pub limits: SessionLimits,
     /// `pre_auth_frames_max`.
     pub pre_auth_frames_max: u64,
+    /// `retention_ms` and `retention_unacked_ms` (SPEC.md 6.7).
+    pub retention: RetentionPolicy,
+    /// How often the gateway runs retention.
+    pub gc_interval_ms: u64,
+    /// Frames a session's outbound queue holds before the session is closed with 4002
+    /// (SPEC.md 6.4).
+    pub outbound_queue_max: usize,
+    /// `connects_per_ip` (SPEC.md 11).
+    pub connects_per_ip: RateLimit,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_minute` per minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained rate, per minute (at least 1).
+    pub per_minute: u32,
+    /// Bucket size (at least 1).
+    pub burst: u32,
 }
 
 impl GatewayConfig {
@@ -55,6 +75,13 @@ impl GatewayConfig {
             resume_token_ttl_ms: 3_600_000,
             limits: SessionLimits::default(),
             pre_auth_frames_max: limits::PRE_AUTH_FRAMES_MAX_DEFAULT,
+            retention: RetentionPolicy::default(),
+            gc_interval_ms: 60_000,
+            outbound_queue_max: 1_024,
+            connects_per_ip: RateLimit {
+                per_minute: 20,
+                burst: 40,
+            },
         }
     }
 }
@@ -72,6 +99,11 @@ pub enum Action {
         stream: StreamKey,
         /// Its new head.
         seq: Seq,
+    },
+    /// A revocation of `device` was stored: close its sessions with 4105 (REQ-3.3-3).
+    Revoked {
+        /// The revoked device.
+        device: DeviceId,
     },
 }
 
@@ -92,9 +124,9 @@ enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sub {
     /// A batch ending at `next - 1` awaits the client's `Continue`.
-    AwaitContinue { next: u64 },
+    AwaitContinue { rid: u64, next: u64 },
     /// Replay is done; entries from `next` are delivered as they arrive.
-    Live { next: u64 },
+    Live { rid: u64, next: u64 },
 }
 
 /// The server side of one connection.
@@ -206,12 +238,15 @@ impl Connection {
         stream: &StreamKey,
     ) -> Result<Vec<Action>, StoreError> {
         let mut out = Vec::new();
-        let Some(Sub::Live { next }) = self.subscriptions.get(stream).copied() else {
+        let Some(Sub::Live { rid, next }) = self.subscriptions.get(stream).copied() else {
             return Ok(out);
         };
         let Some(from) = Seq::new(next) else {
             return Ok(out);
         };
+        if self.lost_continuity(store, *stream, rid, from, &mut out)? {
+            return Ok(out);
+        }
         let entries = store.read(stream, from, config.limits.replay_batch_max as usize)?;
         let mut next = next;
         for entry in entries {
@@ -224,8 +259,34 @@ impl Connection {
                 entry,
             })));
         }
-        self.subscriptions.insert(*stream, Sub::Live { next });
+        telemetry::live_delivered(out.len());
+        self.subscriptions.insert(*stream, Sub::Live { rid, next });
         Ok(out)
+    }
+
+    /// Retention deleted entries this subscription still needed: answers `ContinuityLost`
+    /// and ends the subscription (REQ-6.6-1).
+    fn lost_continuity(
+        &mut self,
+        store: &dyn Store,
+        stream: StreamKey,
+        rid: u64,
+        from_seq: Seq,
+        out: &mut Vec<Action>,
+    ) -> Result<bool, StoreError> {
+        let (head_seq, oldest_seq) = store.bounds(&stream)?;
+        if from_seq.get() >= oldest_seq {
+            return Ok(false);
+        }
+        self.subscriptions.remove(&stream);
+        out.push(Action::Send(ServerFrame::ContinuityLost(ContinuityLost {
+            rid,
+            stream: wire_stream(&stream),
+            from_seq,
+            oldest_seq,
+            head_seq,
+        })));
+        Ok(true)
     }
 
     fn close(&mut self, mut out: Vec<Action>, code: CloseCode) -> Vec<Action> {
@@ -258,12 +319,16 @@ impl Connection {
         };
         if let Some(token) = &hello.resume_token {
             let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            telemetry::reconnect();
             match store.redeem_token(&hash, now)? {
                 Redeemed::Valid(t) if now >= t.certificate_not_after => {
                     // The certificate expired since the token was issued (REQ-5.5-6).
-                    out.push(error(ErrorCode::AuthCertificateExpired, None, None));
-                    let taken = std::mem::take(out);
-                    *out = self.close(taken, CloseCode::AuthFailed);
+                    self.reject_auth(out, ErrorCode::AuthCertificateExpired);
+                    return Ok(());
+                }
+                Redeemed::Valid(t) if store.revoked_at(&t.device)?.is_some_and(|at| at <= now) => {
+                    // The device was revoked since the token was issued (REQ-5.5-6).
+                    self.reject_auth(out, ErrorCode::AuthCertificateRevoked);
                     return Ok(());
                 }
                 Redeemed::Valid(t) => {
@@ -280,8 +345,14 @@ impl Connection {
                         out,
                     );
                 }
-                Redeemed::Reused => out.push(error(ErrorCode::ResumeTokenReused, None, None)),
-                Redeemed::Invalid => out.push(error(ErrorCode::ResumeTokenInvalid, None, None)),
+                Redeemed::Reused => {
+                    telemetry::auth_rejected(ErrorCode::ResumeTokenReused);
+                    out.push(error(ErrorCode::ResumeTokenReused, None, None));
+                }
+                Redeemed::Invalid => {
+                    telemetry::auth_rejected(ErrorCode::ResumeTokenInvalid);
+                    out.push(error(ErrorCode::ResumeTokenInvalid, None, None));
+                }
             }
         }
         // No token, or a rejected one: a fresh challenge on the same connection (REQ-5.5-5).
@@ -325,6 +396,7 @@ impl Connection {
         let resume_token = ResumeToken::new(token)
             .map_err(|e| StoreError::Corrupt(format!("resume token: {e}")))?;
         self.state = State::Ready { device };
+        telemetry::session_ready(resumed);
         out.push(Action::Send(ServerFrame::Ready(Ready {
             session_id: SessionId(session),
             resume_token,
@@ -358,10 +430,9 @@ impl Connection {
             now,
             clock_skew_max_ms: config.clock_skew_max_ms,
         };
-        if let Err(code) = verify_auth(auth, &expected, |_| None) {
-            out.push(error(code, None, None));
-            let taken = std::mem::take(out);
-            *out = self.close(taken, CloseCode::AuthFailed);
+        let revoked = store.revoked_at(&auth.certificate.device_id())?;
+        if let Err(code) = verify_auth(auth, &expected, |_| revoked) {
+            self.reject_auth(out, code);
             return Ok(());
         }
         let (mut session, mut family) = ([0u8; 16], [0u8; 16]);
@@ -372,6 +443,14 @@ impl Connection {
         self.ready(
             config, store, entropy, now, device, session, family, not_after, false, out,
         )
+    }
+
+    /// Answers `code` and closes with 4103 (SPEC.md 5.4, 5.5).
+    fn reject_auth(&mut self, out: &mut Vec<Action>, code: ErrorCode) {
+        telemetry::auth_rejected(code);
+        out.push(error(code, None, None));
+        let taken = std::mem::take(out);
+        *out = self.close(taken, CloseCode::AuthFailed);
     }
 
     fn on_ready_frame(
@@ -404,9 +483,9 @@ impl Connection {
             ClientFrame::Continue(c) => {
                 let stream = stream_key(&c.stream, device);
                 match self.subscriptions.get(&stream) {
-                    Some(Sub::AwaitContinue { next }) if c.after_seq.get() + 1 == *next => {
-                        let next = *next;
-                        self.batch(config, store, stream, next, out)?;
+                    Some(Sub::AwaitContinue { rid, next }) if c.after_seq.get() + 1 == *next => {
+                        let (rid, next) = (*rid, *next);
+                        self.batch(config, store, stream, rid, next, out)?;
                     }
                     _ => out.push(error(ErrorCode::NotSubscribed, None, None)),
                 }
@@ -424,6 +503,26 @@ impl Connection {
                     out.push(error(code, None, None));
                 } else if store.ack(&stream, &device, a.seq)?.is_none() {
                     out.push(error(ErrorCode::SeqOutOfRange, None, None));
+                } else {
+                    telemetry::acked();
+                }
+            }
+            ClientFrame::RevokeDevice(r) => {
+                let revoked = r.revocation.device_id();
+                if r.revocation.system != device.system {
+                    out.push(error(ErrorCode::Forbidden, Some(r.rid), None));
+                } else if r.revocation.verify().is_err() {
+                    out.push(error(ErrorCode::AuthCertificateInvalid, Some(r.rid), None));
+                } else {
+                    store.store_revocation(&r.revocation, now)?;
+                    telemetry::revocation_stored();
+                    out.push(Action::Send(ServerFrame::Ok(OkFrame { rid: r.rid })));
+                    out.push(Action::Revoked { device: revoked });
+                    if revoked == device {
+                        out.push(error(ErrorCode::AuthCertificateRevoked, None, None));
+                        let taken = std::mem::take(out);
+                        *out = self.close(taken, CloseCode::DeviceRevoked);
+                    }
                 }
             }
             other => out.push(error(
@@ -478,8 +577,21 @@ impl Connection {
                 duplicate,
             }))
         };
+        if matches!(kind, AppendKind::Commit { .. }) {
+            telemetry::commit(match outcome {
+                AppendOutcome::Appended { .. } => "accepted",
+                AppendOutcome::Duplicate { .. } => "duplicate",
+                AppendOutcome::StaleCommit { .. } => "stale",
+                _ => "rejected",
+            });
+        }
         match outcome {
             AppendOutcome::Appended { seq } => {
+                telemetry::appended(match kind {
+                    AppendKind::Application { .. } => "application",
+                    AppendKind::Proposal { .. } => "proposal",
+                    AppendKind::Commit { .. } => "commit",
+                });
                 out.push(accepted(seq, false));
                 out.push(Action::Appended {
                     stream: StreamKey::Conversation(s.conversation),
@@ -572,7 +684,7 @@ impl Connection {
             ack_cursor: cursor,
             oldest_seq: oldest,
         })));
-        self.batch(config, store, stream, from, out)
+        self.batch(config, store, stream, s.rid, from, out)
     }
 
     /// Sends the next replay batch from `from` (SPEC.md 6.4) and records what follows.
@@ -581,23 +693,35 @@ impl Connection {
         config: &GatewayConfig,
         store: &dyn Store,
         stream: StreamKey,
+        rid: u64,
         from: u64,
         out: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let max = config.limits.replay_batch_max.max(1) as usize;
-        let entries = match Seq::new(from) {
-            Some(from) => store.read(&stream, from, max)?,
-            None => Vec::new(),
+        let Some(from_seq) = Seq::new(from) else {
+            return Ok(());
         };
+        // Retention may have passed the replay while it waited for `Continue`.
+        if self.lost_continuity(store, stream, rid, from_seq, out)? {
+            return Ok(());
+        }
+        let entries = store.read(&stream, from_seq, max)?;
+        telemetry::replay_batch(entries.len());
         let (head, _) = store.bounds(&stream)?;
         let last = entries.last().map_or(from - 1, |e| e.seq.get());
         let more = !entries.is_empty() && last < head;
         self.subscriptions.insert(
             stream,
             if more {
-                Sub::AwaitContinue { next: last + 1 }
+                Sub::AwaitContinue {
+                    rid,
+                    next: last + 1,
+                }
             } else {
-                Sub::Live { next: last + 1 }
+                Sub::Live {
+                    rid,
+                    next: last + 1,
+                }
             },
         );
         out.push(Action::Send(ServerFrame::Batch(Batch {
@@ -682,8 +806,9 @@ fn classify(
                         ) else {
                             return refuse(ErrorCode::MlsMalformed);
                         };
+                        let revoked = store.revoked_at(&cert.device_id())?;
                         if cert
-                            .verify(now, limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| None)
+                            .verify(now, limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| revoked)
                             .is_err()
                         {
                             return refuse(ErrorCode::MlsMalformed);

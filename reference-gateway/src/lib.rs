@@ -15,3 +15,4 @@
 pub mod handler;
 pub mod server;
 pub mod store;
+pub mod telemetry;

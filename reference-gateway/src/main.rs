@@ -26,14 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the protocol at /v1/ws, plus /healthz and /v1/info.
+    /// Serve the protocol at /v1/ws, plus /healthz, /metrics and /v1/info.
     Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TOML file with any of: listen, db, origin, heartbeat_interval_ms,
-    /// heartbeat_timeout_ms, replay_batch_max.
+    /// TOML file with any of: listen, db, origin, log_format, heartbeat_interval_ms,
+    /// heartbeat_timeout_ms, replay_batch_max, retention_ms, retention_unacked_ms,
+    /// gc_interval_ms, outbound_queue_max, connects_per_ip_per_minute,
+    /// connects_per_ip_burst (README, "Configuration").
     #[arg(long, env = "CONFAB_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -46,6 +48,17 @@ struct ServeArgs {
     /// wss://chat.example.org) [default: ws://LISTEN].
     #[arg(long, env = "CONFAB_ORIGIN")]
     origin: Option<String>,
+    /// Log format: `pretty` (for people) or `json` (one object per line) [default: pretty].
+    /// Logs never hold payloads, keys or tokens. Verbosity comes from RUST_LOG.
+    #[arg(long, env = "CONFAB_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Pretty,
+    Json,
 }
 
 /// The TOML file's settings.
@@ -55,20 +68,22 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     db: Option<PathBuf>,
     origin: Option<String>,
+    log_format: Option<LogFormat>,
     heartbeat_interval_ms: Option<u64>,
     heartbeat_timeout_ms: Option<u64>,
     replay_batch_max: Option<u64>,
+    retention_ms: Option<u64>,
+    retention_unacked_ms: Option<u64>,
+    gc_interval_ms: Option<u64>,
+    outbound_queue_max: Option<usize>,
+    connects_per_ip_per_minute: Option<u32>,
+    connects_per_ip_burst: Option<u32>,
 }
 
 fn main() -> ExitCode {
     let Cli {
         command: Command::Serve(args),
     } = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let file = match &args.config {
         Some(path) => match std::fs::read_to_string(path)
             .map_err(|e| e.to_string())
@@ -82,6 +97,19 @@ fn main() -> ExitCode {
         },
         None => FileConfig::default(),
     };
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args
+        .log_format
+        .or(file.log_format)
+        .unwrap_or(LogFormat::Pretty)
+    {
+        LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
     let listen = args
         .listen
         .or(file.listen)
@@ -104,6 +132,38 @@ fn main() -> ExitCode {
     if let Some(v) = file.replay_batch_max {
         config.limits.replay_batch_max = v;
     }
+    if let Some(v) = file.retention_ms {
+        config.retention.retention_ms = v;
+    }
+    if let Some(v) = file.retention_unacked_ms {
+        config.retention.retention_unacked_ms = v;
+    }
+    if config.retention.retention_unacked_ms < config.retention.retention_ms {
+        eprintln!("error: retention_unacked_ms must not be less than retention_ms");
+        return ExitCode::from(2);
+    }
+    if let Some(v) = file.gc_interval_ms {
+        config.gc_interval_ms = v.max(1);
+    }
+    if let Some(v) = file.outbound_queue_max {
+        config.outbound_queue_max = v.max(1);
+    }
+    if let Some(v) = file.connects_per_ip_per_minute {
+        config.connects_per_ip.per_minute = v.max(1);
+    }
+    if let Some(v) = file.connects_per_ip_burst {
+        config.connects_per_ip.burst = v.max(1);
+    }
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            confab_gateway::telemetry::describe();
+            Some(handle)
+        }
+        Err(e) => {
+            eprintln!("error: metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let store = match SqliteStore::open(&db) {
         Ok(s) => s,
         Err(e) => {
@@ -121,7 +181,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         tracing::info!(%listen, db = %db.display(), origin = %config.origin, "confab-gateway listening");
-        server::serve(listener, config, store, shutdown_signal()).await
+        server::serve(listener, config, store, metrics, shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

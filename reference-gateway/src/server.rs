@@ -1,7 +1,13 @@
 //! The network shell: an axum server that runs [`crate::handler::Connection`] over
-//! WebSockets at `/v1/ws`, serves `/healthz` and `/v1/info`, wakes subscribed connections
-//! when a stream grows, enforces the auth and heartbeat deadlines, and closes every
-//! session with 4000 on shutdown.
+//! WebSockets at `/v1/ws`, serves `/healthz`, `/metrics` and `/v1/info`, wakes subscribed
+//! connections when a stream grows, enforces the auth and heartbeat deadlines, the
+//! per-address connect limit and the bounded outbound queue, runs retention, closes the
+//! sessions of revoked devices with 4105, and closes every session with 4000 on shutdown.
+//!
+//! Each connection is two tasks: the actor, which reads frames, runs the handler and puts
+//! outgoing frames on a bounded queue without ever waiting for the network, and the writer,
+//! which drains that queue into the socket. A full queue closes the session with 4002
+//! (SPEC.md REQ-6.4-7); a slow socket therefore delays only its own writer.
 //!
 //! The fan-out hub is a `tokio::sync::broadcast` of stream keys. It carries wake-ups, not
 //! entries: a connection pulls what it has not delivered from the store, so a lagging
@@ -9,24 +15,32 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::response::{IntoResponse, Json};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use confab_spec::error::CloseCode;
+use confab_spec::error::{CloseCode, ErrorCode};
+use confab_spec::frame::{ErrorFrame, ServerFrame};
 use confab_spec::ids::{DeviceId, UnixMs};
 use confab_spec::limits;
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
-use crate::store::StreamKey;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store as _, StreamKey};
+use crate::telemetry;
 
 /// State shared by every connection.
 pub struct Shared {
@@ -36,25 +50,38 @@ pub struct Shared {
     pub store: Mutex<SqliteStore>,
     hub: broadcast::Sender<StreamKey>,
     shutdown: watch::Receiver<bool>,
-    /// The live session of each device: a newer one supersedes it (REQ-5.5-9).
-    sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<()>)>>,
+    /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
+    sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
     next_connection: AtomicU64,
+    connects: DefaultKeyedRateLimiter<IpAddr>,
+    metrics: Option<PrometheusHandle>,
 }
 
 /// Bound of the hub's wake-up queue per receiver; a receiver that lags re-checks all its
 /// subscriptions.
 const HUB_CAPACITY: usize = 1_024;
 
+/// How long a closing connection may take to flush its queue and close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Where `/metrics` reads from: `None` serves 404.
+pub type MetricsHandle = Option<PrometheusHandle>;
+
 /// Runs the gateway on `listener` until `shutdown` resolves, then closes every session
-/// with 4000 (SPEC.md REQ-5.7-3).
+/// with 4000 (SPEC.md REQ-5.7-3). `metrics` renders `/metrics`.
 pub async fn serve(
     listener: TcpListener,
     config: GatewayConfig,
     store: SqliteStore,
+    metrics: MetricsHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (hub, _) = broadcast::channel(HUB_CAPACITY);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let quota = Quota::per_minute(
+        NonZeroU32::new(config.connects_per_ip.per_minute.max(1)).unwrap_or(NonZeroU32::MIN),
+    )
+    .allow_burst(NonZeroU32::new(config.connects_per_ip.burst.max(1)).unwrap_or(NonZeroU32::MIN));
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
@@ -62,18 +89,81 @@ pub async fn serve(
         shutdown: stop_rx,
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
+        connects: RateLimiter::keyed(quota),
+        metrics,
     });
+    let gc = tokio::spawn(retention(shared.clone()));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_page))
         .route("/v1/info", get(info))
         .route("/v1/ws", get(upgrade))
         .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
+    gc.abort();
+    result
+}
+
+/// Runs retention every `gc_interval_ms` (SPEC.md 6.7), in slices so that the store lock
+/// is never held for long, and forgets idle per-address rate-limit state.
+async fn retention(shared: Arc<Shared>) {
+    const SLICE: u64 = 10_000;
+    let mut shutdown = shared.shutdown.clone();
+    let interval = Duration::from_millis(shared.config.gc_interval_ms.max(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        loop {
+            let report = match shared.store.lock() {
+                Ok(mut store) => store.collect_garbage(&shared.config.retention, now(), SLICE),
+                Err(_) => return,
+            };
+            match report {
+                Ok(report) => {
+                    telemetry::gc_deleted(report.entries_deleted);
+                    if report.entries_deleted > 0 {
+                        tracing::info!(
+                            entries = report.entries_deleted,
+                            streams = report.streams_advanced,
+                            tokens = report.tokens_deleted,
+                            "retention"
+                        );
+                    }
+                    if !report.more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention failed; retrying next interval");
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        shared.connects.retain_recent();
+        shared.connects.shrink_to_fit();
+    }
+}
+
+async fn metrics_page(State(shared): State<Arc<Shared>>) -> Response {
+    match &shared.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
 }
 
 async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -86,6 +176,10 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "auth_timeout_ms": limits::AUTH_TIMEOUT_MS_DEFAULT,
         "clock_skew_max_ms": c.clock_skew_max_ms,
         "resume_token_ttl_ms": c.resume_token_ttl_ms,
+        "retention_ms": c.retention.retention_ms,
+        "retention_unacked_ms": c.retention.retention_unacked_ms,
+        "gc_interval_ms": c.gc_interval_ms,
+        "outbound_queue_max": c.outbound_queue_max,
         "limits": {
             "frame_bytes_max": c.limits.frame_bytes_max,
             "collection_len_max": c.limits.collection_len_max,
@@ -96,10 +190,44 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "key_packages_per_upload_max": c.limits.key_packages_per_upload_max,
             "pre_auth_frames_max": c.pre_auth_frames_max,
         },
+        "rate_limits": {
+            "connects_per_ip": {
+                "per_minute": c.connects_per_ip.per_minute,
+                "burst": c.connects_per_ip.burst,
+            },
+        },
     }))
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// Refuses a connection over `connects_per_ip` with 429 before the upgrade (SPEC.md 11).
+fn rate_limited(retry_after: Duration) -> Response {
+    telemetry::rate_limited("connects_per_ip");
+    let retry_after_ms = u64::try_from(retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(
+            header::RETRY_AFTER,
+            retry_after_ms.div_ceil(1_000).to_string(),
+        )],
+        Json(serde_json::json!({
+            "code": ErrorCode::RateLimited.value(),
+            "retry_after_ms": retry_after_ms,
+        })),
+    )
+        .into_response()
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    if let Err(not_until) = shared.connects.check_key(&peer.ip()) {
+        let clock = governor::clock::DefaultClock::default();
+        return rate_limited(not_until.wait_time_from(clock.now()));
+    }
     let max = usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX);
     ws.read_buffer_size(4_096)
         .max_message_size(max)
@@ -124,79 +252,178 @@ fn now() -> UnixMs {
     )
 }
 
-async fn close(socket: &mut WebSocket, code: CloseCode) {
-    let frame = CloseFrame {
-        code: code.value(),
-        reason: code.name().into(),
-    };
-    let _ = socket.send(Message::Close(Some(frame))).await;
+/// What the actor hands the writer.
+enum Outbound {
+    /// A binary frame.
+    Frame(Vec<u8>),
+    /// Flush what is queued, send this close code and stop.
+    Close(CloseCode),
 }
 
-/// Sends the handler's frames; returns the close code if it asked to close.
-async fn apply(
-    socket: &mut WebSocket,
-    shared: &Shared,
-    actions: Vec<Action>,
-) -> Result<Option<CloseCode>, axum::Error> {
+/// The writer task: drains the queue into the socket until a close or a broken socket.
+async fn writer(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Outbound>,
+) {
+    while let Some(item) = queue.recv().await {
+        let message = match item {
+            Outbound::Frame(bytes) => Message::Binary(bytes.into()),
+            Outbound::Close(code) => {
+                telemetry::closed(code);
+                tracing::debug!(code = code.value(), "closing session");
+                let frame = CloseFrame {
+                    code: code.value(),
+                    reason: code.name().into(),
+                };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                return;
+            }
+        };
+        if sink.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The actor's side of the queue.
+struct Outbox {
+    queue: mpsc::Sender<Outbound>,
+    /// A close reserved at creation, so that a full queue can still be closed with 4002.
+    close: Option<mpsc::OwnedPermit<Outbound>>,
+}
+
+impl Outbox {
+    /// Queues one frame; `Err` with 4002 when the queue is full (REQ-6.4-7).
+    fn frame(&mut self, frame: &ServerFrame) -> Result<(), CloseCode> {
+        if let ServerFrame::Error(ErrorFrame { code, .. }) = frame {
+            telemetry::error_sent(*code);
+        }
+        match self.queue.try_send(Outbound::Frame(frame.encode())) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(CloseCode::SlowConsumer),
+            // The writer is gone: the socket broke.
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(CloseCode::ServerRestart),
+        }
+    }
+
+    /// Queues the close; frames queued before it are flushed first.
+    fn close(&mut self, code: CloseCode) {
+        if let Some(permit) = self.close.take() {
+            permit.send(Outbound::Close(code));
+        }
+    }
+}
+
+/// Queues the handler's frames and performs its other actions; the close code, if the
+/// handler asked to close or the queue overflowed.
+fn apply(shared: &Shared, outbox: &mut Outbox, actions: Vec<Action>) -> Option<CloseCode> {
     for action in actions {
         match action {
-            Action::Send(frame) => socket.send(Message::Binary(frame.encode().into())).await?,
-            Action::Close(code) => return Ok(Some(code)),
+            Action::Send(frame) => {
+                if let Err(code) = outbox.frame(&frame) {
+                    return Some(code);
+                }
+            }
+            Action::Close(code) => return Some(code),
             Action::Appended { stream, .. } => {
                 let _ = shared.hub.send(stream);
             }
-        }
-    }
-    Ok(None)
-}
-
-/// Delivers everything new on `streams` to a live subscription of `conn`.
-fn pull(shared: &Shared, conn: &mut Connection, streams: &[StreamKey]) -> Vec<Action> {
-    let Ok(store) = shared.store.lock() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for stream in streams {
-        loop {
-            match conn.on_appended(&shared.config, &*store, stream) {
-                Ok(actions) if !actions.is_empty() => out.extend(actions),
-                _ => break,
+            Action::Revoked { device } => {
+                // Close the device's session, wherever it is (REQ-3.3-3).
+                if let Ok(mut sessions) = shared.sessions.lock() {
+                    if let Some((_, session)) = sessions.remove(&device) {
+                        let _ = session.send(CloseCode::DeviceRevoked);
+                    }
+                }
             }
         }
     }
-    out
+    None
+}
+
+/// Delivers everything new on `streams` to the live subscriptions of `conn`, one bounded
+/// read at a time, so that a far-behind subscription fills the queue (and is closed with
+/// 4002) instead of memory.
+fn pull(
+    shared: &Shared,
+    conn: &mut Connection,
+    outbox: &mut Outbox,
+    streams: &[StreamKey],
+) -> Option<CloseCode> {
+    for stream in streams {
+        loop {
+            let actions = match shared.store.lock() {
+                Ok(store) => conn.on_appended(&shared.config, &*store, stream),
+                Err(_) => return Some(CloseCode::Overloaded),
+            };
+            match actions {
+                Ok(actions) if !actions.is_empty() => {
+                    if let Some(code) = apply(shared, outbox, actions) {
+                        return Some(code);
+                    }
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "live delivery read failed");
+                    return Some(CloseCode::Overloaded);
+                }
+            }
+        }
+    }
+    None
 }
 
 async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    telemetry::connections_open(1.0);
+    let (sink, stream) = socket.split();
+    let (queue, outbound) = mpsc::channel(shared.config.outbound_queue_max.max(1) + 1);
+    let writer = tokio::spawn(writer(sink, outbound));
+    let close = queue.clone().try_reserve_owned().ok();
+    let mut outbox = Outbox { queue, close };
     let mut device = None;
-    run_connection(socket, &shared, id, &mut device).await;
+    let code = run_connection(stream, &shared, id, &mut device, &mut outbox).await;
+    if let Some(code) = code {
+        outbox.close(code);
+    }
+    drop(outbox);
+    // Flush and close within the grace period; a socket that does not drain is dropped.
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     // Forget this session unless a newer one already took the device's place.
     if let (Some(d), Ok(mut sessions)) = (device, shared.sessions.lock()) {
         if sessions.get(&d).is_some_and(|(owner, _)| *owner == id) {
             sessions.remove(&d);
         }
     }
+    telemetry::connections_open(-1.0);
 }
 
 /// Makes this connection the device's session; a previous one is told to close with 4104.
-fn register(shared: &Shared, id: u64, device: DeviceId) -> oneshot::Receiver<()> {
+fn register(shared: &Shared, id: u64, device: DeviceId) -> oneshot::Receiver<CloseCode> {
     let (tx, rx) = oneshot::channel();
     if let Ok(mut sessions) = shared.sessions.lock() {
         if let Some((_, older)) = sessions.insert(device, (id, tx)) {
-            let _ = older.send(());
+            let _ = older.send(CloseCode::SessionSuperseded);
         }
     }
     rx
 }
 
+/// The actor: returns the close code to send, or `None` when the peer went away.
 async fn run_connection(
-    mut socket: WebSocket,
+    mut socket: futures_util::stream::SplitStream<WebSocket>,
     shared: &Shared,
     id: u64,
     registered: &mut Option<DeviceId>,
-) {
-    let mut superseded: Option<oneshot::Receiver<()>> = None;
+    outbox: &mut Outbox,
+) -> Option<CloseCode> {
+    let mut kicked: Option<oneshot::Receiver<CloseCode>> = None;
     let mut conn = Connection::new();
     let mut hub = shared.hub.subscribe();
     let mut shutdown = shared.shutdown.clone();
@@ -213,35 +440,43 @@ async fn run_connection(
         if registered.is_none() {
             if let Some(device) = conn.device() {
                 *registered = Some(device);
-                superseded = Some(register(shared, id, device));
+                kicked = Some(register(shared, id, device));
             }
         }
         let code = tokio::select! {
             biased;
             _ = shutdown.changed() => Some(CloseCode::ServerRestart),
-            Ok(()) = async { match superseded.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
-                Some(CloseCode::SessionSuperseded)
+            Ok(code) = async { match kicked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
+                if code == CloseCode::DeviceRevoked {
+                    let frame = ServerFrame::Error(ErrorFrame {
+                        code: ErrorCode::AuthCertificateRevoked,
+                        rid: None,
+                        retry_after_ms: None,
+                        epoch: None,
+                        seq: None,
+                        detail: None,
+                    });
+                    let _ = outbox.frame(&frame);
+                }
+                Some(code)
             }
             _ = tokio::time::sleep_until(deadline) => Some(if conn.device().is_none() {
                 CloseCode::AuthTimeout
             } else {
                 CloseCode::HeartbeatTimeout
             }),
-            message = socket.recv() => match message {
+            message = socket.next() => match message {
                 Some(Ok(Message::Binary(bytes))) => {
                     last_frame = tokio::time::Instant::now();
                     let actions = match shared.store.lock() {
                         Ok(mut store) => conn.handle(&shared.config, &mut *store, &mut OsEntropy, now(), &bytes),
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
-                    match apply(&mut socket, shared, actions).await {
-                        Ok(code) => code,
-                        Err(_) => return,
-                    }
+                    apply(shared, outbox, actions)
                 }
                 Some(Ok(Message::Text(_))) => Some(CloseCode::ProtocolError),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
-                Some(Ok(Message::Close(_))) | None => return,
+                Some(Ok(Message::Close(_))) | None => return None,
                 // An oversize message or a broken socket.
                 Some(Err(_)) => Some(CloseCode::FrameTooLarge),
             },
@@ -249,18 +484,13 @@ async fn run_connection(
                 let streams = match woken {
                     Ok(stream) => vec![stream],
                     Err(broadcast::error::RecvError::Lagged(_)) => conn.subscribed_streams(),
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 };
-                let actions = pull(shared, &mut conn, &streams);
-                match apply(&mut socket, shared, actions).await {
-                    Ok(code) => code,
-                    Err(_) => return,
-                }
+                pull(shared, &mut conn, outbox, &streams)
             }
         };
-        if let Some(code) = code {
-            close(&mut socket, code).await;
-            return;
+        if code.is_some() {
+            return code;
         }
     }
 }

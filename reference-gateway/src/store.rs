@@ -9,6 +9,7 @@
 pub mod sqlite;
 
 use confab_spec::frame::{ConversationKind, Entry};
+use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
 
 /// A stream the gateway sequences (SPEC.md section 6.2).
@@ -174,6 +175,62 @@ pub trait Store: Send {
 
     /// Redeems a token: marks it used and returns what it was bound to, atomically.
     fn redeem_token(&mut self, hash: &[u8; 32], now: UnixMs) -> Result<Redeemed, StoreError>;
+
+    /// Stores a revocation whose signature the caller verified (SPEC.md 3.3). It takes
+    /// effect at `min(revoked_at_ms, now)`; a later revocation of the same device never
+    /// moves that time forward. Returns the effective time. Revocations are never deleted.
+    fn store_revocation(
+        &mut self,
+        revocation: &Revocation,
+        now: UnixMs,
+    ) -> Result<UnixMs, StoreError>;
+
+    /// When `device` was revoked, if it was.
+    fn revoked_at(&self, device: &DeviceId) -> Result<Option<UnixMs>, StoreError>;
+
+    /// Deletes what SPEC.md 6.7 allows: for each stream, the longest prefix of entries that
+    /// are older than `retention_ms` and either acknowledged by every current member device
+    /// or older than `retention_unacked_ms`, at most `max_entries` entries in all; and resume
+    /// tokens past their expiry. Each stream's deletion is one transaction.
+    fn collect_garbage(
+        &mut self,
+        policy: &RetentionPolicy,
+        now: UnixMs,
+        max_entries: u64,
+    ) -> Result<GcReport, StoreError>;
+}
+
+/// How long entries are kept (SPEC.md 6.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// `retention_ms`: no entry is deleted before this age.
+    pub retention_ms: u64,
+    /// `retention_unacked_ms`: after this age an entry is deleted even if a member device
+    /// never acknowledged it.
+    pub retention_unacked_ms: u64,
+}
+
+impl Default for RetentionPolicy {
+    /// SPEC.md's defaults: 30 and 90 days.
+    fn default() -> Self {
+        Self {
+            retention_ms: 30 * 86_400_000,
+            retention_unacked_ms: 90 * 86_400_000,
+        }
+    }
+}
+
+/// What one [`Store::collect_garbage`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries deleted.
+    pub entries_deleted: u64,
+    /// Streams whose `oldest_seq` advanced.
+    pub streams_advanced: u64,
+    /// Expired resume tokens deleted.
+    pub tokens_deleted: u64,
+    /// `true` when the pass stopped at `max_entries` and more may be deletable now.
+    pub more: bool,
 }
 
 /// A resume token as stored: only its hash, never the token (REQ-5.5-7).

@@ -60,6 +60,7 @@ async fn handshake_heartbeat_and_close_codes_over_websockets() {
         listener,
         GatewayConfig::new(origin.clone()),
         store,
+        None,
         async {
             let _ = stop_rx.await;
         },

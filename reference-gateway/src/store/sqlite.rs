@@ -8,10 +8,11 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AppendKind, AppendOutcome, AppendRequest, ConversationState, IssuedToken, Redeemed, Store,
-    StoreError, StreamKey,
+    AppendKind, AppendOutcome, AppendRequest, ConversationState, GcReport, IssuedToken, Redeemed,
+    RetentionPolicy, Store, StoreError, StreamKey,
 };
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
+use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
 
 /// The SQLite store.
@@ -71,7 +72,14 @@ CREATE TABLE IF NOT EXISTS resume_tokens (
     revoked INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS resume_tokens_family ON resume_tokens (family);
-PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS revocations (
+    system BLOB NOT NULL,
+    process BLOB NOT NULL,
+    effective_ms INTEGER NOT NULL,
+    revocation BLOB NOT NULL,
+    PRIMARY KEY (system, process)
+) WITHOUT ROWID;
+PRAGMA user_version = 2;
 ";
 
 impl SqliteStore {
@@ -621,5 +629,150 @@ impl Store for SqliteStore {
         };
         tx.commit().map_err(db)?;
         Ok(outcome)
+    }
+
+    fn store_revocation(
+        &mut self,
+        revocation: &Revocation,
+        now: UnixMs,
+    ) -> Result<UnixMs, StoreError> {
+        let effective = to_i64(revocation.revoked_at_ms.0.min(now.0));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute(
+            "INSERT INTO revocations (system, process, effective_ms, revocation) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (system, process) DO UPDATE SET
+                 revocation = CASE WHEN excluded.effective_ms < effective_ms THEN excluded.revocation ELSE revocation END,
+                 effective_ms = min(effective_ms, excluded.effective_ms)",
+            params![
+                revocation.system.0.as_slice(),
+                revocation.process.0.as_slice(),
+                effective,
+                confab_spec::cbor::to_vec(revocation),
+            ],
+        )
+        .map_err(db)?;
+        let stored: i64 = tx
+            .query_row(
+                "SELECT effective_ms FROM revocations WHERE system = ?1 AND process = ?2",
+                params![
+                    revocation.system.0.as_slice(),
+                    revocation.process.0.as_slice()
+                ],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(UnixMs(stored as u64))
+    }
+
+    fn revoked_at(&self, device: &DeviceId) -> Result<Option<UnixMs>, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT effective_ms FROM revocations WHERE system = ?1 AND process = ?2",
+                params![device.system.0.as_slice(), device.process.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(v.map(|v| UnixMs(v as u64)))
+    }
+
+    fn collect_garbage(
+        &mut self,
+        policy: &RetentionPolicy,
+        now: UnixMs,
+        max_entries: u64,
+    ) -> Result<GcReport, StoreError> {
+        let mut report = GcReport::default();
+        // Entries accepted before these times pass condition 1 / the unacked bound.
+        let aged = to_i64(now.0.saturating_sub(policy.retention_ms));
+        let abandoned = to_i64(now.0.saturating_sub(policy.retention_unacked_ms));
+        let streams: Vec<(Vec<u8>, i64, i64)> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT stream, head_seq, oldest_seq FROM streams WHERE oldest_seq <= head_seq",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)?
+        };
+        for (stream, head, oldest) in streams {
+            let budget = to_i64(max_entries.saturating_sub(report.entries_deleted));
+            if budget == 0 {
+                report.more = true;
+                break;
+            }
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            // The lowest cursor among the devices that must have acknowledged an entry.
+            let acked_by_all: i64 = match stream.first() {
+                Some(1) => tx
+                    .query_row(
+                        "SELECT coalesce(min(coalesce(c.seq, 0)), ?2) FROM roster r
+                         LEFT JOIN cursors c ON c.stream = ?1 AND c.device = r.device
+                         WHERE r.conversation = ?3",
+                        params![stream, head, &stream[1..]],
+                        |r| r.get(0),
+                    )
+                    .map_err(db)?,
+                Some(2) => tx
+                    .query_row(
+                        "SELECT coalesce(max(seq), 0) FROM cursors WHERE stream = ?1 AND device = ?2",
+                        params![stream, &stream[1..]],
+                        |r| r.get(0),
+                    )
+                    .map_err(db)?,
+                _ => return Err(StoreError::Corrupt("stream key".into())),
+            };
+            // The first entry that must stay; everything before it goes (a prefix, 6.7).
+            let limit = (oldest + budget).min(head + 1);
+            let keep: Option<i64> = tx
+                .query_row(
+                    "SELECT seq FROM entries WHERE stream = ?1 AND seq >= ?2 AND seq < ?3
+                     AND NOT (accepted_ms < ?4 AND (seq <= ?5 OR accepted_ms < ?6))
+                     ORDER BY seq LIMIT 1",
+                    params![stream, oldest, limit, aged, acked_by_all, abandoned],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            let new_oldest = keep.unwrap_or(limit);
+            if new_oldest > oldest {
+                let deleted = tx
+                    .execute(
+                        "DELETE FROM entries WHERE stream = ?1 AND seq < ?2",
+                        params![stream, new_oldest],
+                    )
+                    .map_err(db)?;
+                tx.execute(
+                    "UPDATE streams SET oldest_seq = ?2 WHERE stream = ?1",
+                    params![stream, new_oldest],
+                )
+                .map_err(db)?;
+                report.entries_deleted += deleted as u64;
+                report.streams_advanced += 1;
+                if keep.is_none() && limit <= head {
+                    report.more = true;
+                }
+            }
+            tx.commit().map_err(db)?;
+        }
+        report.tokens_deleted = self
+            .conn
+            .execute(
+                "DELETE FROM resume_tokens WHERE expires_ms <= ?1",
+                [to_i64(now.0)],
+            )
+            .map_err(db)? as u64;
+        Ok(report)
     }
 }
