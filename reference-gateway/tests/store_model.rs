@@ -1,12 +1,16 @@
 //! The SQLite store against a small in-memory model of SPEC.md sections 6 and 7, over
-//! random operation sequences including reopening the database: every outcome must match
-//! the model, seqs stay dense, a msg_id is sequenced once, one Commit is accepted per
-//! epoch, Welcomes reach exactly the devices a Commit adds, and cursors never go back.
+//! random operation sequences including reopening the database and retention passes:
+//! every outcome must match the model, seqs stay dense, a msg_id is sequenced once while
+//! its entry is retained, one Commit is accepted per epoch, Welcomes reach exactly the
+//! devices a Commit adds, cursors never go back, and retention deletes exactly the prefix
+//! SPEC.md 6.7 allows (never an entry a current member has not acked within its bound).
 
 use std::collections::{BTreeMap, HashMap};
 
 use confab_gateway::store::sqlite::SqliteStore;
-use confab_gateway::store::{AppendKind, AppendOutcome, AppendRequest, Store, StreamKey};
+use confab_gateway::store::{
+    AppendKind, AppendOutcome, AppendRequest, RetentionPolicy, Store, StreamKey,
+};
 use confab_spec::frame::{ConversationKind, EntryBody};
 use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, ProcessId, Seq, SystemKey, UnixMs,
@@ -37,20 +41,37 @@ enum Op {
         remove: Option<u8>,
         add: bool,
     },
+    /// One device acks `head - back` (beyond the head when `back < 0`).
     Ack {
         device: u8,
-        seq: u8,
+        back: i8,
+    },
+    /// Every member acks `head - back`.
+    AckAll {
+        back: u8,
     },
     Reopen,
+    /// A retention pass at `step + advance`.
+    Gc {
+        advance: u8,
+    },
 }
+
+/// The model's retention: short enough that random runs reach both bounds.
+const POLICY: RetentionPolicy = RetentionPolicy {
+    retention_ms: 3,
+    retention_unacked_ms: 12,
+};
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0u8..6, 0u8..24, 0u8..2, -1i8..=1).prop_map(|(sender, msg, variant, epoch_delta)| Op::App { sender, msg, variant, epoch_delta }),
         3 => (0u8..6, 0u8..24, -1i8..=1, proptest::option::of(0u8..6), any::<bool>())
             .prop_map(|(sender, msg, epoch_delta, remove, add)| Op::Commit { sender, msg, epoch_delta, remove, add }),
-        2 => (0u8..8, 0u8..40).prop_map(|(device, seq)| Op::Ack { device, seq }),
+        3 => (0u8..8, -3i8..12).prop_map(|(device, back)| Op::Ack { device, back }),
+        1 => (0u8..6).prop_map(|back| Op::AckAll { back }),
         1 => Just(Op::Reopen),
+        2 => (0u8..30).prop_map(|advance| Op::Gc { advance }),
     ]
 }
 
@@ -58,9 +79,13 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     epoch: u64,
     epoch_seq: u64,
-    log: Vec<(MsgId, DeviceId, Vec<u8>)>,
+    /// Every entry ever sequenced, with its accept time; seq = index + 1.
+    log: Vec<(MsgId, DeviceId, Vec<u8>, u64)>,
+    /// The lowest retained seq.
+    oldest: u64,
     roster: BTreeMap<u32, DeviceId>,
-    inbox: HashMap<DeviceId, Vec<u64>>,
+    /// Per device: (commit seq, accept time) of each Welcome, and how many were deleted.
+    inbox: HashMap<DeviceId, (Vec<(u64, u64)>, usize)>,
     cursors: HashMap<DeviceId, u64>,
     next_device: u8,
 }
@@ -86,6 +111,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     );
     let mut m = Model {
         next_device: 10,
+        oldest: 1,
         ..Model::default()
     };
     m.roster.insert(0, creator);
@@ -95,21 +121,76 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 drop(store);
                 store = SqliteStore::open(&path).expect("reopen");
             }
-            Op::Ack { device: d, seq } => {
-                let dev = device(*d);
-                let Some(seq) = Seq::new(u64::from(*seq)) else {
-                    continue;
-                };
-                let got = store
-                    .ack(&StreamKey::Conversation(CONV), &dev, seq)
-                    .expect("ack");
+            Op::Gc { advance } => {
+                let now = step as u64 + u64::from(*advance);
+                let report = store
+                    .collect_garbage(&POLICY, UnixMs(now), 1_000)
+                    .expect("gc");
+                let aged = now.saturating_sub(POLICY.retention_ms);
+                let abandoned = now.saturating_sub(POLICY.retention_unacked_ms);
                 let head = m.log.len() as u64;
-                let expected = (seq.get() <= head).then(|| {
-                    let c = m.cursors.entry(dev).or_insert(0);
-                    *c = (*c).max(seq.get());
-                    *c
-                });
-                prop_assert_eq!(got, expected, "step {}: ack", step);
+                let acked_by_all = m
+                    .roster
+                    .values()
+                    .map(|d| m.cursors.get(d).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(head);
+                let before = m.oldest;
+                while m.oldest <= head {
+                    let accepted = m.log[m.oldest as usize - 1].3;
+                    let deletable =
+                        accepted < aged && (m.oldest <= acked_by_all || accepted < abandoned);
+                    if !deletable {
+                        break;
+                    }
+                    m.oldest += 1;
+                }
+                let mut deleted = m.oldest - before;
+                for (welcomes, gone) in m.inbox.values_mut() {
+                    // Nobody acks inboxes here: only the unacked bound frees them.
+                    while *gone < welcomes.len()
+                        && welcomes[*gone].1 < aged
+                        && welcomes[*gone].1 < abandoned
+                    {
+                        *gone += 1;
+                        deleted += 1;
+                    }
+                }
+                prop_assert_eq!(report.entries_deleted, deleted, "step {}: gc", step);
+                prop_assert!(!report.more);
+            }
+            Op::Ack { .. } | Op::AckAll { .. } => {
+                let head = m.log.len() as u64;
+                let members: Vec<DeviceId> = m.roster.values().copied().collect();
+                let acks: Vec<(DeviceId, i64)> = match op {
+                    // Mostly members, sometimes a device that is not one.
+                    Op::Ack { device: d, back } => vec![(
+                        members
+                            .get(*d as usize % (members.len() + 1))
+                            .copied()
+                            .unwrap_or(device(*d + 100)),
+                        head as i64 - i64::from(*back),
+                    )],
+                    Op::AckAll { back } => members
+                        .iter()
+                        .map(|d| (*d, head as i64 - i64::from(*back)))
+                        .collect(),
+                    _ => vec![],
+                };
+                for (dev, seq) in acks {
+                    let Some(seq) = u64::try_from(seq).ok().and_then(Seq::new) else {
+                        continue;
+                    };
+                    let got = store
+                        .ack(&StreamKey::Conversation(CONV), &dev, seq)
+                        .expect("ack");
+                    let expected = (seq.get() <= head).then(|| {
+                        let c = m.cursors.entry(dev).or_insert(0);
+                        *c = (*c).max(seq.get());
+                        *c
+                    });
+                    prop_assert_eq!(got, expected, "step {}: ack", step);
+                }
             }
             Op::App {
                 sender,
@@ -177,49 +258,53 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 };
                 let got = store.append(&request).expect("append");
                 // The model's decision, in SPEC.md's order.
-                let expected =
-                    if let Some(pos) = m.log.iter().position(|(id, _, _)| *id == msg_id(*msg)) {
-                        let (_, s, p) = &m.log[pos];
-                        if *s == sender && *p == payload {
-                            AppendOutcome::Duplicate {
-                                seq: Seq::new(pos as u64 + 1).expect("seq"),
-                            }
-                        } else {
-                            AppendOutcome::Conflict
-                        }
-                    } else if !members.contains(&sender) {
-                        AppendOutcome::NotMember
-                    } else if epoch > m.epoch {
-                        AppendOutcome::EpochAhead {
-                            epoch: Epoch(m.epoch),
-                        }
-                    } else if is_commit && epoch < m.epoch {
-                        AppendOutcome::StaleCommit {
-                            epoch: Epoch(m.epoch),
-                            epoch_seq: m.epoch_seq,
+                let retained = m.oldest as usize - 1;
+                let expected = if let Some(pos) = m.log[retained..]
+                    .iter()
+                    .position(|(id, _, _, _)| *id == msg_id(*msg))
+                    .map(|p| p + retained)
+                {
+                    let (_, s, p, _) = &m.log[pos];
+                    if *s == sender && *p == payload {
+                        AppendOutcome::Duplicate {
+                            seq: Seq::new(pos as u64 + 1).expect("seq"),
                         }
                     } else {
-                        m.log.push((msg_id(*msg), sender, payload));
-                        let seq = m.log.len() as u64;
-                        if is_commit {
-                            m.epoch += 1;
-                            m.epoch_seq = seq;
-                            for l in &removed_leaves {
-                                m.roster.remove(l);
-                            }
-                            for d in &added {
-                                let leaf = (0u32..)
-                                    .find(|l| !m.roster.contains_key(l))
-                                    .expect("a free leaf");
-                                m.roster.insert(leaf, *d);
-                                m.inbox.entry(*d).or_default().push(seq);
-                                m.next_device += 1;
-                            }
+                        AppendOutcome::Conflict
+                    }
+                } else if !members.contains(&sender) {
+                    AppendOutcome::NotMember
+                } else if epoch > m.epoch {
+                    AppendOutcome::EpochAhead {
+                        epoch: Epoch(m.epoch),
+                    }
+                } else if is_commit && epoch < m.epoch {
+                    AppendOutcome::StaleCommit {
+                        epoch: Epoch(m.epoch),
+                        epoch_seq: m.epoch_seq,
+                    }
+                } else {
+                    m.log.push((msg_id(*msg), sender, payload, step as u64));
+                    let seq = m.log.len() as u64;
+                    if is_commit {
+                        m.epoch += 1;
+                        m.epoch_seq = seq;
+                        for l in &removed_leaves {
+                            m.roster.remove(l);
                         }
-                        AppendOutcome::Appended {
-                            seq: Seq::new(seq).expect("seq"),
+                        for d in &added {
+                            let leaf = (0u32..)
+                                .find(|l| !m.roster.contains_key(l))
+                                .expect("a free leaf");
+                            m.roster.insert(leaf, *d);
+                            m.inbox.entry(*d).or_default().0.push((seq, step as u64));
+                            m.next_device += 1;
                         }
-                    };
+                    }
+                    AppendOutcome::Appended {
+                        seq: Seq::new(seq).expect("seq"),
+                    }
+                };
                 prop_assert_eq!(&got, &expected, "step {}: append {:?}", step, op);
             }
         }
@@ -227,21 +312,34 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         let log = store
             .read(&StreamKey::Conversation(CONV), Seq::FIRST, 10_000)
             .expect("read");
-        prop_assert_eq!(log.len(), m.log.len());
+        let retained = &m.log[m.oldest as usize - 1..];
+        prop_assert_eq!(log.len(), retained.len());
         for (i, e) in log.iter().enumerate() {
-            prop_assert_eq!(e.seq.get(), i as u64 + 1, "dense seqs");
-            prop_assert_eq!(e.msg_id, m.log[i].0);
-            prop_assert_eq!(e.payload.as_bytes(), m.log[i].2.as_slice());
+            prop_assert_eq!(e.seq.get(), m.oldest + i as u64, "dense seqs");
+            prop_assert_eq!(e.msg_id, retained[i].0);
+            prop_assert_eq!(e.payload.as_bytes(), retained[i].2.as_slice());
         }
+        prop_assert_eq!(
+            store
+                .bounds(&StreamKey::Conversation(CONV))
+                .expect("bounds"),
+            (m.log.len() as u64, m.oldest)
+        );
         let state = store.conversation(&CONV).expect("state").expect("exists");
         prop_assert_eq!(
-            (state.epoch.0, state.epoch_seq, state.head_seq),
-            (m.epoch, m.epoch_seq, m.log.len() as u64)
+            (
+                state.epoch.0,
+                state.epoch_seq,
+                state.head_seq,
+                state.oldest_seq
+            ),
+            (m.epoch, m.epoch_seq, m.log.len() as u64, m.oldest)
         );
         let roster: BTreeMap<u32, DeviceId> =
             store.roster(&CONV).expect("roster").into_iter().collect();
         prop_assert_eq!(&roster, &m.roster);
-        for (d, seqs) in &m.inbox {
+        for (d, (welcomes, gone)) in &m.inbox {
+            let seqs: Vec<u64> = welcomes[*gone..].iter().map(|(s, _)| *s).collect();
             let inbox = store
                 .read(&StreamKey::Inbox(*d), Seq::FIRST, 100)
                 .expect("inbox");
@@ -255,7 +353,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     _ => 0,
                 })
                 .collect();
-            prop_assert_eq!(&got, seqs, "welcomes of {:?}", d);
+            prop_assert_eq!(&got, &seqs, "welcomes of {:?}", d);
         }
         for (d, c) in &m.cursors {
             prop_assert_eq!(
@@ -323,4 +421,110 @@ fn acknowledged_entries_survive_reopening() {
             .expect("bounds"),
         (100, 1)
     );
+}
+
+#[test]
+fn retention_runs_in_bounded_slices_and_only_advances_oldest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = SqliteStore::open(&dir.path().join("gw.db")).expect("open");
+    let creator = device(0);
+    store
+        .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
+        .expect("create");
+    for n in 0..25u8 {
+        store
+            .append(&AppendRequest {
+                conversation: CONV,
+                sender: creator,
+                msg_id: msg_id(n),
+                payload: MlsBytes::new(vec![n]).expect("bytes"),
+                kind: AppendKind::Application { epoch: Epoch(0) },
+                now: UnixMs(10),
+            })
+            .expect("append");
+    }
+    let stream = StreamKey::Conversation(CONV);
+    store
+        .ack(&stream, &creator, Seq::new(25).expect("seq"))
+        .expect("ack");
+    let policy = RetentionPolicy {
+        retention_ms: 5,
+        retention_unacked_ms: 1_000,
+    };
+    // Not old enough yet: nothing goes, however acked.
+    let report = store.collect_garbage(&policy, UnixMs(15), 10).expect("gc");
+    assert_eq!((report.entries_deleted, report.more), (0, false));
+    let mut oldest = vec![];
+    for _ in 0..3 {
+        let report = store.collect_garbage(&policy, UnixMs(16), 10).expect("gc");
+        oldest.push((
+            report.entries_deleted,
+            report.more,
+            store.bounds(&stream).expect("b"),
+        ));
+    }
+    assert_eq!(
+        oldest,
+        vec![
+            (10, true, (25, 11)),
+            (10, true, (25, 21)),
+            (5, false, (25, 26))
+        ]
+    );
+    // The head survives an emptied log: the next entry is 26, not 1.
+    let next = store
+        .append(&AppendRequest {
+            conversation: CONV,
+            sender: creator,
+            msg_id: msg_id(200),
+            payload: MlsBytes::new(vec![200]).expect("bytes"),
+            kind: AppendKind::Application { epoch: Epoch(0) },
+            now: UnixMs(17),
+        })
+        .expect("append");
+    assert_eq!(
+        next,
+        AppendOutcome::Appended {
+            seq: Seq::new(26).expect("seq")
+        }
+    );
+}
+
+#[test]
+fn revocations_take_effect_no_later_than_when_stored() {
+    use confab_spec::identity::SystemKeyPair;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = SqliteStore::open(&dir.path().join("gw.db")).expect("open");
+    let system = SystemKeyPair::from_seed(&[3; 32]);
+    let process = ProcessId([4; 16]);
+    let revoked = DeviceId {
+        system: system.public(),
+        process,
+    };
+    assert_eq!(store.revoked_at(&revoked).expect("lookup"), None);
+    // Dated in the future: effective when stored.
+    let at = store
+        .store_revocation(&system.revoke(process, UnixMs(5_000)), UnixMs(1_000))
+        .expect("store");
+    assert_eq!(at, UnixMs(1_000));
+    // A later one never moves it forward; an earlier one moves it back.
+    let later = store
+        .store_revocation(&system.revoke(process, UnixMs(9_000)), UnixMs(9_500))
+        .expect("store");
+    assert_eq!(later, UnixMs(1_000));
+    let earlier = store
+        .store_revocation(&system.revoke(process, UnixMs(400)), UnixMs(9_600))
+        .expect("store");
+    assert_eq!(earlier, UnixMs(400));
+    drop(store);
+    let store = SqliteStore::open(&dir.path().join("gw.db")).expect("reopen");
+    assert_eq!(
+        store.revoked_at(&revoked).expect("lookup"),
+        Some(UnixMs(400))
+    );
+    let other = DeviceId {
+        system: system.public(),
+        process: ProcessId([5; 16]),
+    };
+    assert_eq!(store.revoked_at(&other).expect("lookup"), None);
 }
