@@ -646,3 +646,302 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
     let out = handle(&mut w, &mut conn, &hello(Some(ready.resume_token)));
     assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
 }
+
+/// Authenticates `creds` on a fresh connection; the Ready.
+fn authenticate(w: &mut World, creds: &DeviceCredentials) -> (Connection, Ready) {
+    let mut conn = Connection::new();
+    let hello = ClientFrame::Hello(Hello {
+        versions: Versions::current(),
+        resume_token: None,
+    });
+    let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &hello.encode());
+    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+        panic!("{out:?}")
+    };
+    let auth = auth_for(creds, ORIGIN, ch.nonce, w.now);
+    let out = conn.handle(
+        &w.config,
+        &mut w.store,
+        &mut w.rng,
+        w.now,
+        &ClientFrame::Auth(auth).encode(),
+    );
+    let Some(Action::Send(ServerFrame::Ready(ready))) = out.first().cloned() else {
+        panic!("{out:?}")
+    };
+    (conn, ready)
+}
+
+/// Hello then Auth with `auth` built from the challenge; the handler's answer to Auth.
+fn try_auth(w: &mut World, make: impl FnOnce(Nonce) -> Auth) -> Vec<Action> {
+    let mut conn = Connection::new();
+    let hello = ClientFrame::Hello(Hello {
+        versions: Versions::current(),
+        resume_token: None,
+    });
+    let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &hello.encode());
+    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+        panic!("{out:?}")
+    };
+    let auth = make(ch.nonce);
+    conn.handle(
+        &w.config,
+        &mut w.store,
+        &mut w.rng,
+        w.now,
+        &ClientFrame::Auth(auth).encode(),
+    )
+}
+
+#[test]
+fn certificate_rejections_have_their_codes() {
+    let mut w = World::new(256);
+    let system = SystemKeyPair::from_seed(&[21; 32]);
+    let key = DeviceKeyPair::from_seed(&[22; 32]);
+    let now = w.now;
+    let hour = 3_600_000;
+    let cert = |from: UnixMs, to: UnixMs| {
+        system.issue_certificate(ProcessId([23; 16]), key.public(), from, to)
+    };
+    let cases: Vec<(confab_spec::identity::DeviceCertificate, ErrorCode)> = vec![
+        (
+            cert(UnixMs(now.0 - 2 * hour), UnixMs(now.0 - hour)),
+            ErrorCode::AuthCertificateExpired,
+        ),
+        (
+            cert(now.plus_ms(2 * hour), now.plus_ms(3 * hour)),
+            ErrorCode::AuthCertificateNotYetValid,
+        ),
+        (
+            {
+                let mut c = cert(UnixMs(now.0 - hour), now.plus_ms(hour));
+                c.not_after_ms = now.plus_ms(2 * hour);
+                c
+            },
+            ErrorCode::AuthCertificateInvalid,
+        ),
+    ];
+    for (certificate, expected) in cases {
+        let out = try_auth(&mut w, |nonce| {
+            support::sign_auth(certificate.clone(), &key, ORIGIN, nonce, now)
+        });
+        assert_eq!(error_code(&out), Some(expected));
+        assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
+    }
+    // A transcript signed by another key than the certificate names.
+    let good = cert(UnixMs(now.0 - hour), now.plus_ms(hour));
+    let other = DeviceKeyPair::from_seed(&[24; 32]);
+    let out = try_auth(&mut w, |nonce| {
+        support::sign_auth(good.clone(), &other, ORIGIN, nonce, now)
+    });
+    assert_eq!(error_code(&out), Some(ErrorCode::AuthSignatureInvalid));
+    assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
+    // And the same certificate with the right key is accepted.
+    let out = try_auth(&mut w, |nonce| {
+        support::sign_auth(good.clone(), &key, ORIGIN, nonce, now)
+    });
+    assert!(
+        matches!(out.first(), Some(Action::Send(ServerFrame::Ready(_)))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn revocation_is_checked_on_auth_and_resume_and_closes_the_device() {
+    let mut w = World::new(256);
+    let system = SystemKeyPair::from_seed(&[31; 32]);
+    let now = w.now;
+    let device = |process: u8| {
+        let key = DeviceKeyPair::from_seed(&[process; 32]);
+        let certificate = system.issue_certificate(
+            ProcessId([process; 16]),
+            key.public(),
+            UnixMs(now.0 - 3_600_000),
+            now.plus_ms(3_600_000),
+        );
+        DeviceCredentials { key, certificate }
+    };
+    let (laptop, phone) = (device(1), device(2));
+    let (mut laptop_conn, _) = authenticate(&mut w, &laptop);
+    let (_, phone_ready) = authenticate(&mut w, &phone);
+    let phone_id = phone.certificate.device_id();
+    let revoke =
+        |w: &mut World, conn: &mut Connection, revocation: confab_spec::identity::Revocation| {
+            conn.handle(
+                &w.config,
+                &mut w.store,
+                &mut w.rng,
+                w.now,
+                &ClientFrame::RevokeDevice(RevokeDevice { rid: 7, revocation }).encode(),
+            )
+        };
+
+    // Another system's device: forbidden, nothing stored.
+    let stranger = SystemKeyPair::from_seed(&[32; 32]);
+    let out = revoke(
+        &mut w,
+        &mut laptop_conn,
+        stranger.revoke(ProcessId([2; 16]), now),
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::Forbidden));
+    // A forged signature: auth_certificate_invalid, nothing stored.
+    let mut forged = system.revoke(ProcessId([2; 16]), now);
+    forged.revoked_at_ms = UnixMs(now.0 - 1);
+    let out = revoke(&mut w, &mut laptop_conn, forged);
+    assert_eq!(error_code(&out), Some(ErrorCode::AuthCertificateInvalid));
+    assert_eq!(w.store.revoked_at(&phone_id).expect("lookup"), None);
+
+    // The laptop revokes the phone: Ok, and the shell is told to close the phone's session.
+    let out = revoke(
+        &mut w,
+        &mut laptop_conn,
+        system.revoke(ProcessId([2; 16]), now),
+    );
+    assert!(
+        frames(&out).contains(&ServerFrame::Ok(OkFrame { rid: 7 })),
+        "{out:?}"
+    );
+    assert!(out.contains(&Action::Revoked { device: phone_id }));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Close(_))),
+        "the laptop stays"
+    );
+
+    // The phone can neither authenticate nor resume.
+    let out = try_auth(&mut w, |nonce| auth_for(&phone, ORIGIN, nonce, now));
+    assert_eq!(error_code(&out), Some(ErrorCode::AuthCertificateRevoked));
+    assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
+    let mut conn = Connection::new();
+    let out = conn.handle(
+        &w.config,
+        &mut w.store,
+        &mut w.rng,
+        w.now,
+        &ClientFrame::Hello(Hello {
+            versions: Versions::current(),
+            resume_token: Some(phone_ready.resume_token),
+        })
+        .encode(),
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::AuthCertificateRevoked));
+    assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
+
+    // A device that revokes itself is closed with 4105 after the Ok.
+    let out = revoke(
+        &mut w,
+        &mut laptop_conn,
+        system.revoke(ProcessId([1; 16]), now),
+    );
+    assert!(frames(&out).contains(&ServerFrame::Ok(OkFrame { rid: 7 })));
+    assert_eq!(error_code(&out), Some(ErrorCode::AuthCertificateRevoked));
+    assert_eq!(out.last(), Some(&Action::Close(CloseCode::DeviceRevoked)));
+}
+
+#[test]
+fn retention_behind_a_subscription_answers_continuity_lost() {
+    for kind in EngineKind::ALL {
+        continuity_lost_with(kind);
+    }
+}
+
+fn continuity_lost_with(kind: EngineKind) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = World::new(2);
+    let mut a = w.client(1, kind, &dir);
+    w.send(
+        &mut a,
+        ClientFrame::CreateConversation(CreateConversation {
+            rid: 1,
+            conversation: CONV,
+            kind: ConversationKind::Room,
+        }),
+    );
+    a.engine.create_group(&CONV).expect("create");
+    for i in 0..5u8 {
+        let ct = a.engine.encrypt(&CONV, &[i]).expect("encrypt");
+        assert!(accepted_seq(&send_mls(&mut w, &mut a, i, ct, None)).is_some());
+    }
+    let stream = StreamId::Conversation(CONV);
+    let subscribe = |w: &mut World, a: &mut Client, from: Option<u64>| {
+        w.send(
+            a,
+            ClientFrame::Subscribe(Subscribe {
+                rid: 40,
+                stream,
+                from_seq: from.and_then(Seq::new),
+            }),
+        )
+    };
+    let out = subscribe(&mut w, &mut a, None);
+    assert!(
+        frames(&out)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Batch(b) if b.more && b.entries.len() == 2))
+    );
+    // Retention with zero bounds deletes everything while the replay waits for Continue.
+    let policy = confab_gateway::store::RetentionPolicy {
+        retention_ms: 0,
+        retention_unacked_ms: 0,
+    };
+    let report = w
+        .store
+        .collect_garbage(&policy, w.now.plus_ms(1), 1_000)
+        .expect("gc");
+    assert_eq!(report.entries_deleted, 5);
+    let lost = |from: u64| {
+        ServerFrame::ContinuityLost(ContinuityLost {
+            rid: 40,
+            stream,
+            from_seq: Seq::new(from).expect("seq"),
+            oldest_seq: 6,
+            head_seq: 5,
+        })
+    };
+    let out = w.send(
+        &mut a,
+        ClientFrame::Continue(Continue {
+            stream,
+            after_seq: Seq::new(2).expect("seq"),
+        }),
+    );
+    assert_eq!(frames(&out), vec![lost(3)]);
+    // The subscription ended: a second Continue is not_subscribed.
+    let out = w.send(
+        &mut a,
+        ClientFrame::Continue(Continue {
+            stream,
+            after_seq: Seq::new(2).expect("seq"),
+        }),
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::NotSubscribed));
+    // From the cursor (0) or from 1: continuity lost, never a silent start at 6.
+    assert_eq!(frames(&subscribe(&mut w, &mut a, None)), vec![lost(1)]);
+    assert_eq!(frames(&subscribe(&mut w, &mut a, Some(4))), vec![lost(4)]);
+    // From the oldest retained seq: subscribed, live.
+    let out = subscribe(&mut w, &mut a, Some(6));
+    assert!(
+        matches!(frames(&out).first(), Some(ServerFrame::Subscribed(s)) if s.oldest_seq == 6 && s.head_seq == 5)
+    );
+    // A live subscription that retention passes hears continuity-lost on the next wake-up.
+    for i in 10..12u8 {
+        let ct = a.engine.encrypt(&CONV, &[i]).expect("encrypt");
+        assert!(accepted_seq(&send_mls(&mut w, &mut a, i, ct, None)).is_some());
+    }
+    w.store
+        .collect_garbage(&policy, w.now.plus_ms(1), 1_000)
+        .expect("gc");
+    let out = a
+        .conn
+        .on_appended(&w.config, &w.store, &StreamKey::Conversation(CONV))
+        .expect("hub");
+    assert_eq!(
+        frames(&out),
+        vec![ServerFrame::ContinuityLost(ContinuityLost {
+            rid: 40,
+            stream,
+            from_seq: Seq::new(6).expect("seq"),
+            oldest_seq: 8,
+            head_seq: 7,
+        })]
+    );
+}
