@@ -51,6 +51,9 @@ pub struct GatewayConfig {
     /// Frames a session's outbound queue holds before the session is closed with 4002
     /// (SPEC.md 6.4).
     pub outbound_queue_max: usize,
+    /// Bytes a session's outbound queue holds before the session is closed with 4002; at
+    /// least twice `frame_bytes_max`.
+    pub outbound_queue_bytes_max: usize,
     /// `connects_per_ip` (SPEC.md 11).
     pub connects_per_ip: RateLimit,
 }
@@ -78,6 +81,7 @@ impl GatewayConfig {
             retention: RetentionPolicy::default(),
             gc_interval_ms: 60_000,
             outbound_queue_max: 1_024,
+            outbound_queue_bytes_max: 8 * 1_048_576,
             connects_per_ip: RateLimit {
                 per_minute: 20,
                 burst: 40,
@@ -247,7 +251,12 @@ impl Connection {
         if self.lost_continuity(store, *stream, rid, from, &mut out)? {
             return Ok(out);
         }
-        let entries = store.read(stream, from, config.limits.replay_batch_max as usize)?;
+        let entries = store.read(
+            stream,
+            from,
+            config.limits.replay_batch_max as usize,
+            batch_bytes_max(config),
+        )?;
         let mut next = next;
         for entry in entries {
             if entry.seq.get() != next {
@@ -478,7 +487,9 @@ impl Connection {
                     out.push(error(ErrorCode::ConversationExists, Some(c.rid), None));
                 }
             }
-            ClientFrame::Send(s) => self.on_send(store, now, device, s, out)?,
+            ClientFrame::Send(s) => {
+                self.on_send(store, config.limits.frame_bytes_max, now, device, s, out)?
+            }
             ClientFrame::Subscribe(s) => self.on_subscribe(config, store, device, s, out)?,
             ClientFrame::Continue(c) => {
                 let stream = stream_key(&c.stream, device);
@@ -540,12 +551,24 @@ impl Connection {
     fn on_send(
         &mut self,
         store: &mut dyn Store,
+        config_frame_bytes_max: u64,
         now: UnixMs,
         device: DeviceId,
         s: frame::Send,
         out: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let rid = Some(s.rid);
+        let payload_max = limits::payload_bytes_max(
+            usize::try_from(config_frame_bytes_max).unwrap_or(usize::MAX),
+        );
+        if s.payload.as_bytes().len() > payload_max
+            || s.welcome
+                .as_ref()
+                .is_some_and(|w| w.as_bytes().len() > payload_max)
+        {
+            out.push(error(ErrorCode::PayloadTooLarge, rid, None));
+            return Ok(());
+        }
         let kind = match classify(store, &s, device, now)? {
             Ok(kind) => kind,
             Err((code, epoch, seq)) => {
@@ -705,7 +728,7 @@ impl Connection {
         if self.lost_continuity(store, stream, rid, from_seq, out)? {
             return Ok(());
         }
-        let entries = store.read(&stream, from_seq, max)?;
+        let entries = store.read(&stream, from_seq, max, batch_bytes_max(config))?;
         telemetry::replay_batch(entries.len());
         let (head, _) = store.bounds(&stream)?;
         let last = entries.last().map_or(from - 1, |e| e.seq.get());
@@ -829,6 +852,13 @@ fn classify(
         }
         _ => refuse(ErrorCode::MlsWireFormatNotAllowed),
     }
+}
+
+/// The entry bytes one `Batch` may carry so that it fits in `frame_bytes_max`.
+fn batch_bytes_max(config: &GatewayConfig) -> usize {
+    usize::try_from(config.limits.frame_bytes_max)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(limits::FRAME_ENVELOPE_BYTES_MAX)
 }
 
 fn stream_key(stream: &StreamId, device: DeviceId) -> StreamKey {

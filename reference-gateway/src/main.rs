@@ -34,7 +34,7 @@ enum Command {
 struct ServeArgs {
     /// TOML file with any of: listen, db, origin, log_format, heartbeat_interval_ms,
     /// heartbeat_timeout_ms, replay_batch_max, retention_ms, retention_unacked_ms,
-    /// gc_interval_ms, outbound_queue_max, connects_per_ip_per_minute,
+    /// gc_interval_ms, outbound_queue_max, outbound_queue_bytes_max, connects_per_ip_per_minute,
     /// connects_per_ip_burst (README, "Configuration").
     #[arg(long, env = "CONFAB_CONFIG")]
     config: Option<PathBuf>,
@@ -76,6 +76,7 @@ struct FileConfig {
     retention_unacked_ms: Option<u64>,
     gc_interval_ms: Option<u64>,
     outbound_queue_max: Option<usize>,
+    outbound_queue_bytes_max: Option<usize>,
     connects_per_ip_per_minute: Option<u32>,
     connects_per_ip_burst: Option<u32>,
 }
@@ -147,6 +148,9 @@ fn main() -> ExitCode {
     }
     if let Some(v) = file.outbound_queue_max {
         config.outbound_queue_max = v.max(1);
+    }
+    if let Some(v) = file.outbound_queue_bytes_max {
+        config.outbound_queue_bytes_max = v;
     }
     if let Some(v) = file.connects_per_ip_per_minute {
         config.connects_per_ip.per_minute = v.max(1);

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,7 +62,7 @@ pub struct Shared {
 const HUB_CAPACITY: usize = 1_024;
 
 /// How long a closing connection may take to flush its queue and close frame.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Where `/metrics` reads from: `None` serves 404.
 pub type MetricsHandle = Option<PrometheusHandle>;
@@ -180,6 +180,7 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "retention_unacked_ms": c.retention.retention_unacked_ms,
         "gc_interval_ms": c.gc_interval_ms,
         "outbound_queue_max": c.outbound_queue_max,
+        "outbound_queue_bytes_max": c.outbound_queue_bytes_max,
         "limits": {
             "frame_bytes_max": c.limits.frame_bytes_max,
             "collection_len_max": c.limits.collection_len_max,
@@ -189,6 +190,9 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "pending_sends_max": c.limits.pending_sends_max,
             "key_packages_per_upload_max": c.limits.key_packages_per_upload_max,
             "pre_auth_frames_max": c.pre_auth_frames_max,
+            "payload_bytes_max": limits::payload_bytes_max(
+                usize::try_from(c.limits.frame_bytes_max).unwrap_or(usize::MAX)
+            ),
         },
         "rate_limits": {
             "connects_per_ip": {
@@ -260,14 +264,40 @@ enum Outbound {
     Close(CloseCode),
 }
 
-/// The writer task: drains the queue into the socket until a close or a broken socket.
+/// The writer task: drains the queue into the socket until a close or a broken socket. An
+/// `abort` (a slow consumer) skips what is still queued and closes at once.
 async fn writer(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Outbound>,
+    queued_bytes: Arc<AtomicUsize>,
+    abort: oneshot::Receiver<CloseCode>,
 ) {
-    while let Some(item) = queue.recv().await {
+    let mut abort = Some(abort);
+    loop {
+        let item = tokio::select! {
+            biased;
+            code = async {
+                match abort.as_mut() {
+                    Some(rx) => rx.await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => match code {
+                Some(code) => Outbound::Close(code),
+                None => {
+                    abort = None;
+                    continue;
+                }
+            },
+            item = queue.recv() => match item {
+                Some(item) => item,
+                None => return,
+            },
+        };
         let message = match item {
-            Outbound::Frame(bytes) => Message::Binary(bytes.into()),
+            Outbound::Frame(bytes) => {
+                queued_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+                Message::Binary(bytes.into())
+            }
             Outbound::Close(code) => {
                 telemetry::closed(code);
                 tracing::debug!(code = code.value(), "closing session");
@@ -288,8 +318,13 @@ async fn writer(
 /// The actor's side of the queue.
 struct Outbox {
     queue: mpsc::Sender<Outbound>,
-    /// A close reserved at creation, so that a full queue can still be closed with 4002.
+    /// A close reserved at creation: it goes after the frames already queued.
     close: Option<mpsc::OwnedPermit<Outbound>>,
+    /// A close that skips the queue, for a slow consumer whose queue is full.
+    abort: Option<oneshot::Sender<CloseCode>>,
+    /// Bytes in the queue now, and the most it may hold.
+    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes_max: usize,
 }
 
 impl Outbox {
@@ -298,7 +333,12 @@ impl Outbox {
         if let ServerFrame::Error(ErrorFrame { code, .. }) = frame {
             telemetry::error_sent(*code);
         }
-        match self.queue.try_send(Outbound::Frame(frame.encode())) {
+        let bytes = frame.encode();
+        let len = bytes.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.queued_bytes_max {
+            return Err(CloseCode::SlowConsumer);
+        }
+        match self.queue.try_send(Outbound::Frame(bytes)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(CloseCode::SlowConsumer),
             // The writer is gone: the socket broke.
@@ -306,8 +346,15 @@ impl Outbox {
         }
     }
 
-    /// Queues the close; frames queued before it are flushed first.
+    /// Queues the close; frames queued before it are flushed first, except for a slow
+    /// consumer, which the client recovers from by replay.
     fn close(&mut self, code: CloseCode) {
+        if code == CloseCode::SlowConsumer {
+            if let Some(abort) = self.abort.take() {
+                let _ = abort.send(code);
+                return;
+            }
+        }
         if let Some(permit) = self.close.take() {
             permit.send(Outbound::Close(code));
         }
@@ -376,25 +423,47 @@ fn pull(
 async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     telemetry::connections_open(1.0);
-    let (sink, stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let (queue, outbound) = mpsc::channel(shared.config.outbound_queue_max.max(1) + 1);
-    let writer = tokio::spawn(writer(sink, outbound));
+    let (abort, abort_rx) = oneshot::channel();
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(writer(sink, outbound, queued_bytes.clone(), abort_rx));
     let close = queue.clone().try_reserve_owned().ok();
-    let mut outbox = Outbox { queue, close };
+    let mut outbox = Outbox {
+        queue,
+        close,
+        abort: Some(abort),
+        queued_bytes,
+        queued_bytes_max: shared
+            .config
+            .outbound_queue_bytes_max
+            .max(2 * usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX)),
+    };
     let mut device = None;
-    let code = run_connection(stream, &shared, id, &mut device, &mut outbox).await;
+    let code = run_connection(&mut stream, &shared, id, &mut device, &mut outbox).await;
+    let closing = code.is_some();
     if let Some(code) = code {
         outbox.close(code);
     }
     drop(outbox);
-    // Flush and close within the grace period; a socket that does not drain is dropped.
+    // The closing handshake (RFC 6455 7.1.1), within the grace period: the writer flushes
+    // and sends the close frame while unread input is discarded up to the peer's close, so
+    // that the close is not turned into a TCP reset that would destroy it. A socket that
+    // does not drain in time is dropped.
     let mut writer = writer;
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
+    let drain = async {
+        while closing {
+            match stream.next().await {
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    let flushed = async {
+        let _ = (&mut writer).await;
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, async { tokio::join!(flushed, drain) }).await;
+    writer.abort();
     // Forget this session unless a newer one already took the device's place.
     if let (Some(d), Ok(mut sessions)) = (device, shared.sessions.lock()) {
         if sessions.get(&d).is_some_and(|(owner, _)| *owner == id) {
@@ -417,7 +486,7 @@ fn register(shared: &Shared, id: u64, device: DeviceId) -> oneshot::Receiver<Clo
 
 /// The actor: returns the close code to send, or `None` when the peer went away.
 async fn run_connection(
-    mut socket: futures_util::stream::SplitStream<WebSocket>,
+    socket: &mut futures_util::stream::SplitStream<WebSocket>,
     shared: &Shared,
     id: u64,
     registered: &mut Option<DeviceId>,

@@ -146,12 +146,15 @@ pub trait Store: Send {
     /// Sequences one message (SPEC.md sections 6.3, 7.2, 7.3, 7.5, 7.6), atomically.
     fn append(&mut self, request: &AppendRequest) -> Result<AppendOutcome, StoreError>;
 
-    /// Up to `limit` entries of `stream` from `from_seq`, in seq order.
+    /// Up to `limit` entries of `stream` from `from_seq`, in seq order, stopping before
+    /// the entries' size would pass `max_bytes`; the first entry is always returned. An
+    /// entry's size is its payload plus `limits::ENTRY_FRAMING_BYTES_MAX`.
     fn read(
         &self,
         stream: &StreamKey,
         from_seq: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
     /// The stream's head seq and oldest retained seq.

@@ -310,7 +310,12 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         }
         // The whole durable state matches the model after every step.
         let log = store
-            .read(&StreamKey::Conversation(CONV), Seq::FIRST, 10_000)
+            .read(
+                &StreamKey::Conversation(CONV),
+                Seq::FIRST,
+                10_000,
+                usize::MAX,
+            )
             .expect("read");
         let retained = &m.log[m.oldest as usize - 1..];
         prop_assert_eq!(log.len(), retained.len());
@@ -341,7 +346,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         for (d, (welcomes, gone)) in &m.inbox {
             let seqs: Vec<u64> = welcomes[*gone..].iter().map(|(s, _)| *s).collect();
             let inbox = store
-                .read(&StreamKey::Inbox(*d), Seq::FIRST, 100)
+                .read(&StreamKey::Inbox(*d), Seq::FIRST, 100, usize::MAX)
                 .expect("inbox");
             let got: Vec<u64> = inbox
                 .iter()
@@ -407,7 +412,12 @@ fn acknowledged_entries_survive_reopening() {
     }
     let store = SqliteStore::open(&path).expect("reopen");
     let log = store
-        .read(&StreamKey::Conversation(CONV), Seq::FIRST, 1_000)
+        .read(
+            &StreamKey::Conversation(CONV),
+            Seq::FIRST,
+            1_000,
+            usize::MAX,
+        )
         .expect("read");
     assert_eq!(log.len(), 100);
     assert!(

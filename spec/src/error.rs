@@ -122,6 +122,8 @@ registry! {
         SeqOutOfRange = 305 => "seq_out_of_range",
         /// `Continue` for a stream with no replay in progress.
         NotSubscribed = 306 => "not_subscribed",
+        /// The payload or Welcome is larger than `payload_bytes_max`.
+        PayloadTooLarge = 307 => "payload_too_large",
         /// The payload is not a parseable MLSMessage.
         MlsMalformed = 400 => "mls_malformed",
         /// The MLS group id is not the conversation id.

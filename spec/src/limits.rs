@@ -7,6 +7,16 @@ pub const PROTOCOL_VERSION: u64 = 1;
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 1_048_576;
 /// Smallest `frame_bytes_max` a gateway may announce.
 pub const FRAME_BYTES_MAX_MINIMUM: usize = 65_536;
+/// The most bytes an entry's encoding adds to its payload (SPEC.md 4.4).
+pub const ENTRY_FRAMING_BYTES_MAX: usize = 256;
+/// The most bytes a `Batch` or `Deliver` frame adds to its entries (SPEC.md 4.4).
+pub const FRAME_ENVELOPE_BYTES_MAX: usize = 256;
+
+/// `payload_bytes_max` for a `frame_bytes_max`: the largest MLS payload or Welcome a
+/// gateway accepts, so that every entry fits in one `Deliver` or `Batch` (SPEC.md 4.4).
+pub fn payload_bytes_max(frame_bytes_max: usize) -> usize {
+    frame_bytes_max.saturating_sub(ENTRY_FRAMING_BYTES_MAX + FRAME_ENVELOPE_BYTES_MAX)
+}
 /// Default `collection_len_max`.
 pub const COLLECTION_LEN_MAX_DEFAULT: usize = 1_024;
 /// Default `nesting_depth_max`.

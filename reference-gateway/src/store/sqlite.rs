@@ -461,6 +461,7 @@ impl Store for SqliteStore {
         stream: &StreamKey,
         from_seq: Seq,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Entry>, StoreError> {
         let mut stmt = self
             .conn
@@ -491,7 +492,17 @@ impl Store for SqliteStore {
                 },
             )
             .map_err(db)?;
-        rows.map(|row| entry_of(row.map_err(db)?)).collect()
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            let entry = entry_of(row.map_err(db)?)?;
+            bytes += entry.payload.as_bytes().len() + confab_spec::limits::ENTRY_FRAMING_BYTES_MAX;
+            if bytes > max_bytes && !entries.is_empty() {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
     }
 
     fn bounds(&self, stream: &StreamKey) -> Result<(u64, u64), StoreError> {

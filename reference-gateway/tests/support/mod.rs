@@ -56,6 +56,17 @@ pub async fn authenticate(
     system: &SystemKeyPair,
     key: &DeviceKeyPair,
 ) -> Option<Ready> {
+    authenticate_process(ws, origin, system, key, ProcessId([3; 16])).await
+}
+
+/// [`authenticate`] for the device `process` of `system`.
+pub async fn authenticate_process(
+    ws: &mut Ws,
+    origin: &str,
+    system: &SystemKeyPair,
+    key: &DeviceKeyPair,
+    process: ProcessId,
+) -> Option<Ready> {
     let hello = ClientFrame::Hello(Hello {
         versions: Versions::current(),
         resume_token: None,
@@ -66,7 +77,7 @@ pub async fn authenticate(
     };
     let now = ch.server_time_ms;
     let certificate = system.issue_certificate(
-        ProcessId([3; 16]),
+        process,
         key.public(),
         UnixMs(now.0 - 60_000),
         now.plus_ms(3_600_000),
