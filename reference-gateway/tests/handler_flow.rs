@@ -945,3 +945,99 @@ fn continuity_lost_with(kind: EngineKind) {
         })]
     );
 }
+
+#[test]
+fn batches_fit_in_frame_bytes_max_and_oversize_payloads_are_refused() {
+    for kind in EngineKind::ALL {
+        byte_bounds_with(kind);
+    }
+}
+
+fn byte_bounds_with(kind: EngineKind) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = World::new(256);
+    w.config.limits.frame_bytes_max = confab_spec::limits::FRAME_BYTES_MAX_MINIMUM as u64;
+    let frame_max = confab_spec::limits::FRAME_BYTES_MAX_MINIMUM;
+    let payload_max = confab_spec::limits::payload_bytes_max(frame_max);
+    let mut a = w.client(1, kind, &dir);
+    w.send(
+        &mut a,
+        ClientFrame::CreateConversation(CreateConversation {
+            rid: 1,
+            conversation: CONV,
+            kind: ConversationKind::Room,
+        }),
+    );
+    a.engine.create_group(&CONV).expect("create");
+    // Five entries of about 30 KB: at most two fit in one Batch.
+    for i in 0..5u8 {
+        let ct = a.engine.encrypt(&CONV, &vec![i; 30_000]).expect("encrypt");
+        assert!(accepted_seq(&send_mls(&mut w, &mut a, i, ct, None)).is_some());
+    }
+    // A payload just over payload_bytes_max, in a frame under frame_bytes_max: refused with
+    // payload_too_large, and nothing is stored.
+    // (The size is checked before the MLS framing, so trailing bytes do not matter.)
+    let mut over = a.engine.encrypt(&CONV, b"x").expect("encrypt");
+    over.resize(payload_max + 1, 0);
+    let out = send_mls(&mut w, &mut a, 99, over, None);
+    assert_eq!(error_code(&out), Some(ErrorCode::PayloadTooLarge));
+    assert!(
+        !out.iter().any(|x| matches!(x, Action::Close(_))),
+        "not fatal"
+    );
+    // A large one under the bound is accepted, and replayed alone in a frame that fits
+    // (mls-rs pads to steps, so "large" is the largest step under the bound).
+    let exact = ciphertext_in(&mut *a.engine, payload_max / 2..=payload_max);
+    assert_eq!(
+        accepted_seq(&send_mls(&mut w, &mut a, 100, exact, None)),
+        Some((6, false))
+    );
+
+    let stream = StreamId::Conversation(CONV);
+    let mut out = w.send(
+        &mut a,
+        ClientFrame::Subscribe(Subscribe {
+            rid: 2,
+            stream,
+            from_seq: None,
+        }),
+    );
+    let mut seen = Vec::new();
+    loop {
+        let batch = frames(&out)
+            .into_iter()
+            .find_map(|f| match f {
+                ServerFrame::Batch(b) => Some(b),
+                _ => None,
+            })
+            .expect("batch");
+        let encoded = ServerFrame::Batch(batch.clone()).encode().len();
+        assert!(encoded <= frame_max, "a Batch of {encoded} bytes");
+        assert!(!batch.entries.is_empty());
+        assert!(batch.entries.len() <= 2);
+        seen.extend(batch.entries.iter().map(|e| e.seq.get()));
+        if !batch.more {
+            break;
+        }
+        let after_seq = batch.entries.last().expect("entries").seq;
+        out = w.send(
+            &mut a,
+            ClientFrame::Continue(Continue { stream, after_seq }),
+        );
+    }
+    assert_eq!(seen, vec![1, 2, 3, 4, 5, 6]);
+}
+
+/// An application message whose ciphertext length falls in `range` (padding makes the
+/// overhead vary, so search downwards from the top of the range).
+fn ciphertext_in(engine: &mut dyn MlsEngine, range: std::ops::RangeInclusive<usize>) -> Vec<u8> {
+    let mut plaintext = *range.end();
+    loop {
+        let ct = engine.encrypt(&CONV, &vec![7; plaintext]).expect("encrypt");
+        if range.contains(&ct.len()) {
+            return ct;
+        }
+        let step = ct.len().saturating_sub(*range.end()).max(1);
+        plaintext = plaintext.checked_sub(step).expect("a plaintext that fits");
+    }
+}
