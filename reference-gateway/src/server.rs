@@ -452,10 +452,12 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     // does not drain in time is dropped.
     let mut writer = writer;
     let drain = async {
-        while closing {
-            match stream.next().await {
-                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
-                Some(Ok(_)) => {}
+        if !closing {
+            return;
+        }
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
             }
         }
     };

@@ -1,0 +1,273 @@
+//! Replay throughput: a device subscribes to a conversation with a backlog of 10,000
+//! entries and drives the replay with `Continue` through the gateway's connection handler
+//! on the SQLite store, with every frame encoded as the network shell would send it. The
+//! baseline, measured in the same run, is SQLite alone reading the same rows in the same
+//! pages. After criterion's output a table prints entries per second and the ratio.
+//!
+//! ```text
+//! cargo bench -p confab-gateway --bench replay
+//! ```
+//!
+//! The database lives in /dev/shm when it exists, so the figures measure the gateway and
+//! SQLite, not the disk.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::store::sqlite::SqliteStore;
+use confab_gateway::store::{AppendKind, AppendRequest, Store};
+use confab_spec::frame::*;
+use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::*;
+use criterion::{Criterion, Throughput};
+
+const ORIGIN: &str = "wss://bench.test";
+const CONV: ConversationId = ConversationId([0x42; 32]);
+const BACKLOG: u64 = 10_000;
+const PAYLOAD: usize = 256;
+
+struct Counter(u64);
+impl Entropy for Counter {
+    fn fill(&mut self, out: &mut [u8]) {
+        for b in out.iter_mut() {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1);
+            *b = (self.0 >> 33) as u8;
+        }
+    }
+}
+
+fn scratch() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn now() -> UnixMs {
+    UnixMs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64,
+    )
+}
+
+/// An authenticated connection of the conversation's creator.
+fn ready(config: &GatewayConfig, store: &mut SqliteStore, entropy: &mut Counter) -> Connection {
+    let system = SystemKeyPair::from_seed(&[1; 32]);
+    let key = DeviceKeyPair::from_seed(&[2; 32]);
+    let t = now();
+    let certificate = system.issue_certificate(
+        ProcessId([3; 16]),
+        key.public(),
+        UnixMs(t.0 - 60_000),
+        t.plus_ms(3_600_000),
+    );
+    let mut conn = Connection::new();
+    let hello = ClientFrame::Hello(Hello {
+        versions: Versions::current(),
+        resume_token: None,
+    });
+    let out = conn.handle(config, store, entropy, t, &hello.encode());
+    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+        panic!("challenge expected")
+    };
+    let transcript = AuthTranscript {
+        version: 1,
+        origin: ORIGIN,
+        nonce: ch.nonce,
+        time_ms: t,
+        process: certificate.process,
+    };
+    let auth = Auth {
+        certificate,
+        time_ms: t,
+        signature: key.sign_transcript(&transcript),
+        origin: ShortText::truncated(ORIGIN),
+        nonce: ch.nonce,
+    };
+    let out = conn.handle(config, store, entropy, t, &ClientFrame::Auth(auth).encode());
+    assert!(matches!(
+        out.first(),
+        Some(Action::Send(ServerFrame::Ready(_)))
+    ));
+    conn
+}
+
+/// Replays the whole backlog through the handler; returns the entries delivered.
+fn replay(config: &GatewayConfig, store: &mut SqliteStore, conn: &mut Connection) -> u64 {
+    let stream = StreamId::Conversation(CONV);
+    let mut out = conn.handle(
+        config,
+        store,
+        &mut Counter(1),
+        now(),
+        &ClientFrame::Subscribe(Subscribe {
+            rid: 1,
+            stream,
+            from_seq: Seq::new(1),
+        })
+        .encode(),
+    );
+    let mut delivered = 0;
+    loop {
+        let mut next = None;
+        for action in &out {
+            if let Action::Send(frame) = action {
+                let bytes = frame.encode();
+                std::hint::black_box(&bytes);
+                if let ServerFrame::Batch(b) = frame {
+                    delivered += b.entries.len() as u64;
+                    if b.more {
+                        next = b.entries.last().map(|e| e.seq);
+                    }
+                }
+            }
+        }
+        let Some(after_seq) = next else {
+            return delivered;
+        };
+        out = conn.handle(
+            config,
+            store,
+            &mut Counter(1),
+            now(),
+            &ClientFrame::Continue(Continue { stream, after_seq }).encode(),
+        );
+    }
+}
+
+/// SQLite alone: the same rows, in pages of `replay_batch_max`.
+fn baseline(db: &rusqlite::Connection, page: i64) -> u64 {
+    let mut stmt = db
+        .prepare_cached(
+            "SELECT seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload
+             FROM entries WHERE stream = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+        )
+        .expect("prepare");
+    let key = [&[1u8][..], &CONV.0].concat();
+    let mut from = 1i64;
+    let mut read = 0u64;
+    loop {
+        type Row = (
+            i64,
+            Vec<u8>,
+            Vec<u8>,
+            i64,
+            Option<i64>,
+            Option<Vec<u8>>,
+            Option<i64>,
+            i64,
+            Vec<u8>,
+        );
+        let rows: Vec<Row> = stmt
+            .query_map(rusqlite::params![key, from, page], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let Some(last) = rows.last() else {
+            return read;
+        };
+        from = last.0 + 1;
+        read += rows.len() as u64;
+        std::hint::black_box(&rows);
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let dir = scratch();
+    let path = dir.path().join("gw.db");
+    let config = GatewayConfig::new(ORIGIN);
+    let mut store = SqliteStore::open(&path).expect("store");
+    let mut entropy = Counter(7);
+    let mut conn = ready(&config, &mut store, &mut entropy);
+    let creator = conn.device().expect("device");
+    store
+        .create_conversation(&CONV, ConversationKind::Room, &creator, now())
+        .expect("create");
+    for i in 0..BACKLOG {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&i.to_be_bytes());
+        store
+            .append(&AppendRequest {
+                conversation: CONV,
+                sender: creator,
+                msg_id: MsgId(id),
+                payload: MlsBytes::new(vec![(i % 251) as u8; PAYLOAD]).expect("payload"),
+                kind: AppendKind::Application { epoch: Epoch(0) },
+                now: now(),
+            })
+            .expect("append");
+    }
+    let mut group = c.benchmark_group("replay");
+    group
+        .throughput(Throughput::Elements(BACKLOG))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
+    group.bench_function("gateway_handler_10k", |b| {
+        b.iter(|| assert_eq!(replay(&config, &mut store, &mut conn), BACKLOG))
+    });
+    let raw = rusqlite::Connection::open(&path).expect("raw");
+    let page = config.limits.replay_batch_max as i64;
+    group.bench_function("sqlite_baseline_10k", |b| {
+        b.iter(|| assert_eq!(baseline(&raw, page), BACKLOG))
+    });
+    group.finish();
+}
+
+fn table() {
+    let root = PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR"))),
+    )
+    .join("criterion");
+    let median = |id: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(root.join(id).join("new/estimates.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["median"]["point_estimate"].as_f64()
+    };
+    let (Some(gateway), Some(sqlite)) = (
+        median("replay/gateway_handler_10k"),
+        median("replay/sqlite_baseline_10k"),
+    ) else {
+        eprintln!("no replay measurements under {}", root.display());
+        return;
+    };
+    let rate = |ns: f64| BACKLOG as f64 / (ns / 1e9);
+    println!("\n| replay of {BACKLOG} entries of {PAYLOAD} B | median | entries/s | ×SQLite |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "| SQLite alone (baseline) | {:.1} ms | {:.0} | 1.0 |",
+        sqlite / 1e6,
+        rate(sqlite)
+    );
+    println!(
+        "| gateway handler (subscribe, batches, Continue, encode) | {:.1} ms | {:.0} | {:.2} |",
+        gateway / 1e6,
+        rate(gateway),
+        gateway / sqlite
+    );
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+    table();
+}
