@@ -1,16 +1,18 @@
 //! # confab-gateway
 //!
-//! The Confab reference gateway. Today:
+//! The Confab reference gateway:
 //! - [`store`]: the durable state that sequences conversation logs and device inboxes
-//!   (SPEC.md sections 6 and 7), with SQLite as the embedded default;
-//! - [`handler`]: the sans-IO per-connection protocol logic (handshake, heartbeats,
-//!   conversations, sends with the MLS delivery rules, subscribe/replay/live, acks).
+//!   (SPEC.md sections 6 and 7), resume tokens, revocations and retention, with SQLite as
+//!   the embedded default;
+//! - [`handler`]: the sans-IO per-connection protocol logic (handshake, resume,
+//!   revocations, conversations, sends with the MLS delivery rules, subscribe/replay/live,
+//!   acks, continuity-lost);
+//! - [`server`]: the axum shell (`/v1/ws`, `/healthz`, `/metrics`, `/v1/info`), the wake-up
+//!   hub, bounded outbound queues, the auth and heartbeat deadlines, the per-address connect
+//!   limit, retention runs and graceful shutdown;
+//! - [`telemetry`]: the metrics.
 //!
-//! - [`server`]: the axum shell (`/v1/ws`, `/healthz`, `/v1/info`), the wake-up hub, the
-//!   auth and heartbeat deadlines, and graceful shutdown.
-//!
-//! Resume tokens, retention, revocations, the KeyPackage directory and metrics come with
-//! the rest of issue 4 and issue 5.
+//! The KeyPackage directory comes with issue 5.
 
 pub mod handler;
 pub mod server;
