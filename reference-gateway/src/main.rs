@@ -185,7 +185,16 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         tracing::info!(%listen, db = %db.display(), origin = %config.origin, "confab-gateway listening");
-        server::serve(listener, config, store, metrics, shutdown_signal()).await
+        server::serve(
+            listener,
+            config,
+            store,
+            server::Environment {
+                metrics,
+                ..server::Environment::default()
+            },
+            shutdown_signal(),
+        ).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,7 +34,6 @@ use confab_spec::limits;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
@@ -55,6 +54,74 @@ pub struct Shared {
     next_connection: AtomicU64,
     connects: DefaultKeyedRateLimiter<IpAddr>,
     metrics: Option<PrometheusHandle>,
+    clock: WallClock,
+    entropy: EntropySource,
+}
+
+/// The gateway's wall clock (`UnixMs` for certificates, tokens and `accepted_ms`).
+pub type WallClock = Arc<dyn Fn() -> UnixMs + Send + Sync>;
+
+/// Where nonces, session ids and resume tokens come from.
+pub type EntropySource = Arc<dyn Fn(&mut [u8]) + Send + Sync>;
+
+/// What the embedding process provides besides the protocol settings. The defaults are
+/// the system clock, the OS's randomness and no metrics; the simulator passes a simulated
+/// clock and seeded randomness, so that one seed reproduces a run.
+#[derive(Clone)]
+pub struct Environment {
+    /// Renders `/metrics`; `None` serves 404.
+    pub metrics: MetricsHandle,
+    /// The wall clock.
+    pub clock: WallClock,
+    /// Randomness.
+    pub entropy: EntropySource,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self {
+            metrics: None,
+            clock: Arc::new(system_now),
+            entropy: Arc::new(|out: &mut [u8]| {
+                use rand_core::RngCore as _;
+                rand_core::OsRng.fill_bytes(out);
+            }),
+        }
+    }
+}
+
+/// The peer's socket address, as the connect limit reads it.
+#[derive(Clone, Copy, Debug)]
+struct PeerAddr(SocketAddr);
+
+/// Any listener with socket addresses (TCP, or simulated TCP in the simulator), so that
+/// [`PeerAddr`] can be read from every accepted connection.
+struct PeerListener<L>(L);
+
+impl<L> axum::serve::Listener for PeerListener<L>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    type Io = L::Io;
+    type Addr = SocketAddr;
+
+    fn accept(&mut self) -> impl Future<Output = (Self::Io, Self::Addr)> + Send {
+        self.0.accept()
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PeerListener<L>>>
+    for PeerAddr
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, PeerListener<L>>) -> Self {
+        Self(*stream.remote_addr())
+    }
 }
 
 /// Bound of the hub's wake-up queue per receiver; a receiver that lags re-checks all its
@@ -67,15 +134,19 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Where `/metrics` reads from: `None` serves 404.
 pub type MetricsHandle = Option<PrometheusHandle>;
 
-/// Runs the gateway on `listener` until `shutdown` resolves, then closes every session
-/// with 4000 (SPEC.md REQ-5.7-3). `metrics` renders `/metrics`.
-pub async fn serve(
-    listener: TcpListener,
+/// Runs the gateway on `listener` (a TCP listener, or any transport with socket addresses)
+/// until `shutdown` resolves, then closes every session with 4000 (SPEC.md REQ-5.7-3).
+/// Timers use only `tokio::time`; the wall clock and randomness come from `env`.
+pub async fn serve<L>(
+    listener: L,
     config: GatewayConfig,
     store: SqliteStore,
-    metrics: MetricsHandle,
+    env: Environment,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
     let (hub, _) = broadcast::channel(HUB_CAPACITY);
     let (stop_tx, stop_rx) = watch::channel(false);
     let quota = Quota::per_minute(
@@ -90,7 +161,9 @@ pub async fn serve(
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
         connects: RateLimiter::keyed(quota),
-        metrics,
+        metrics: env.metrics,
+        clock: env.clock,
+        entropy: env.entropy,
     });
     let gc = tokio::spawn(retention(shared.clone()));
     let app = Router::new()
@@ -100,8 +173,8 @@ pub async fn serve(
         .route("/v1/ws", get(upgrade))
         .with_state(shared);
     let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        PeerListener(listener),
+        app.into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown.await;
@@ -120,12 +193,15 @@ async fn retention(shared: Arc<Shared>) {
     let interval = Duration::from_millis(shared.config.gc_interval_ms.max(1));
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(interval) => {}
         }
         loop {
             let report = match shared.store.lock() {
-                Ok(mut store) => store.collect_garbage(&shared.config.retention, now(), SLICE),
+                Ok(mut store) => {
+                    store.collect_garbage(&shared.config.retention, (shared.clock)(), SLICE)
+                }
                 Err(_) => return,
             };
             match report {
@@ -225,7 +301,7 @@ fn rate_limited(retry_after: Duration) -> Response {
 
 async fn upgrade(
     ws: WebSocketUpgrade,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
     if let Err(not_until) = shared.connects.check_key(&peer.ip()) {
@@ -239,16 +315,17 @@ async fn upgrade(
         .on_upgrade(move |socket| connection(socket, shared))
 }
 
-struct OsEntropy;
+/// [`Entropy`] from the environment's source.
+struct EnvEntropy<'a>(&'a EntropySource);
 
-impl Entropy for OsEntropy {
+impl Entropy for EnvEntropy<'_> {
     fn fill(&mut self, out: &mut [u8]) {
-        use rand_core::RngCore as _;
-        rand_core::OsRng.fill_bytes(out);
+        (self.0)(out);
     }
 }
 
-fn now() -> UnixMs {
+/// The system's wall clock.
+pub fn system_now() -> UnixMs {
     UnixMs(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -540,7 +617,7 @@ async fn run_connection(
                 Some(Ok(Message::Binary(bytes))) => {
                     last_frame = tokio::time::Instant::now();
                     let actions = match shared.store.lock() {
-                        Ok(mut store) => conn.handle(&shared.config, &mut *store, &mut OsEntropy, now(), &bytes),
+                        Ok(mut store) => conn.handle(&shared.config, &mut *store, &mut EnvEntropy(&shared.entropy), (shared.clock)(), &bytes),
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
                     apply(shared, outbox, actions)

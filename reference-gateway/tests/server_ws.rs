@@ -62,7 +62,7 @@ async fn handshake_heartbeat_and_close_codes_over_websockets() {
         listener,
         GatewayConfig::new(origin.clone()),
         store,
-        None,
+        server::Environment::default(),
         async {
             let _ = stop_rx.await;
         },
@@ -168,7 +168,10 @@ async fn start(edit: impl FnOnce(&mut GatewayConfig)) -> Running {
         listener,
         config,
         store,
-        Some(metrics_handle()),
+        server::Environment {
+            metrics: Some(metrics_handle()),
+            ..server::Environment::default()
+        },
         async {
             let _ = stop_rx.await;
         },
