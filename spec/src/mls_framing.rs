@@ -288,10 +288,23 @@ fn proposal(r: &mut Cursor<'_>) -> Result<CommitProposal, PeekError> {
     }
 }
 
+/// The fields of a LeafNode the gateway reads.
+struct LeafFields {
+    signature_key: Vec<u8>,
+    credential_type: u16,
+    identity: Vec<u8>,
+    lifetime: Option<(u64, u64)>,
+}
+
 /// Reads a LeafNode; returns its credential type and, for a basic credential, identity.
 fn leaf_node(r: &mut Cursor<'_>) -> Result<(u16, Vec<u8>), PeekError> {
+    let leaf = leaf_node_fields(r)?;
+    Ok((leaf.credential_type, leaf.identity))
+}
+
+fn leaf_node_fields(r: &mut Cursor<'_>) -> Result<LeafFields, PeekError> {
     let _encryption_key = r.vector()?;
-    let _signature_key = r.vector()?;
+    let signature_key = r.vector()?.to_vec();
     let credential_type = r.u16()?;
     let identity = match credential_type {
         1 => r.vector()?.to_vec(),
@@ -306,20 +319,113 @@ fn leaf_node(r: &mut Cursor<'_>) -> Result<(u16, Vec<u8>), PeekError> {
     for _ in 0..5 {
         r.vector()?;
     }
-    match r.u8()? {
-        1 => {
-            r.u64()?;
-            r.u64()?;
-        }
-        2 => {}
+    let lifetime = match r.u8()? {
+        1 => Some((r.u64()?, r.u64()?)),
+        2 => None,
         3 => {
             r.vector()?;
+            None
         }
         _ => return Err(PeekError::Invalid("leaf node source")),
-    }
+    };
     let _extensions = r.vector()?;
     let _signature = r.vector()?;
-    Ok((credential_type, identity))
+    Ok(LeafFields {
+        signature_key,
+        credential_type,
+        identity,
+        lifetime,
+    })
+}
+
+/// What the gateway checks of an uploaded KeyPackage (SPEC.md section 8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageInfo {
+    /// The ciphersuite.
+    pub cipher_suite: u16,
+    /// The leaf's credential type (1 basic, 2 x509).
+    pub credential_type: u16,
+    /// A basic credential's identity (empty for others).
+    pub identity: Vec<u8>,
+    /// The leaf's signature public key.
+    pub signature_key: Vec<u8>,
+    /// The leaf's lifetime `(not_before, not_after)` in seconds since the Unix epoch, when
+    /// its source is `key_package`.
+    pub lifetime: Option<(u64, u64)>,
+    /// `KeyPackageTBS`: the bytes the KeyPackage's signature covers.
+    pub tbs: Vec<u8>,
+    /// The KeyPackage's signature.
+    pub signature: Vec<u8>,
+}
+
+impl KeyPackageInfo {
+    /// Checks the KeyPackage's Ed25519 signature by its own leaf's signature key
+    /// (`SignWithLabel(., "KeyPackageTBS", KeyPackageTBS)`, RFC 9420 sections 5.1.2 and
+    /// 10), with strict verification.
+    pub fn verify_signature(&self) -> bool {
+        let Ok(key) = <[u8; 32]>::try_from(self.signature_key.as_slice()) else {
+            return false;
+        };
+        let Ok(signature) = <[u8; 64]>::try_from(self.signature.as_slice()) else {
+            return false;
+        };
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
+            return false;
+        };
+        let mut content = Vec::with_capacity(self.tbs.len() + 32);
+        push_vector(&mut content, b"MLS 1.0 KeyPackageTBS");
+        push_vector(&mut content, &self.tbs);
+        key.verify_strict(&content, &ed25519_dalek::Signature::from_bytes(&signature))
+            .is_ok()
+    }
+}
+
+/// Reads an MLSMessage carrying a KeyPackage, which must be the whole of `bytes`.
+pub fn key_package(bytes: &[u8]) -> Result<KeyPackageInfo, PeekError> {
+    let r = &mut Cursor { bytes, pos: 0 };
+    let version = r.u16()?;
+    if version != MLS_VERSION_1_0 {
+        return Err(PeekError::Version(version));
+    }
+    if WireFormat::from_u16(r.u16()?) != WireFormat::KeyPackage {
+        return Err(PeekError::Invalid("wire format (not a KeyPackage)"));
+    }
+    let start = r.pos;
+    let kp_version = r.u16()?;
+    if kp_version != MLS_VERSION_1_0 {
+        return Err(PeekError::Version(kp_version));
+    }
+    let cipher_suite = r.u16()?;
+    let _init_key = r.vector()?;
+    let leaf = leaf_node_fields(r)?;
+    let _extensions = r.vector()?;
+    let tbs = bytes[start..r.pos].to_vec();
+    let signature = r.vector()?.to_vec();
+    if r.pos != bytes.len() {
+        return Err(PeekError::Invalid("trailing bytes after the KeyPackage"));
+    }
+    Ok(KeyPackageInfo {
+        cipher_suite,
+        credential_type: leaf.credential_type,
+        identity: leaf.identity,
+        signature_key: leaf.signature_key,
+        lifetime: leaf.lifetime,
+        tbs,
+        signature,
+    })
+}
+
+/// Appends an MLS variable-length vector holding `data` (at most 2^30 - 1 bytes).
+fn push_vector(out: &mut Vec<u8>, data: &[u8]) {
+    let len = data.len();
+    if len < 64 {
+        out.push(len as u8);
+    } else if len < 16_384 {
+        out.extend_from_slice(&(0x4000u16 | len as u16).to_be_bytes());
+    } else {
+        out.extend_from_slice(&(0x8000_0000u32 | len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(data);
 }
 
 fn content_type(v: u8) -> Result<ContentType, PeekError> {

@@ -79,11 +79,18 @@ proptest! {
     /// The gateway's MLS readers never panic on hostile bytes, including bytes that start
     /// like a PublicMessage Commit.
     #[test]
-    fn mls_readers_never_panic(tail in prop::collection::vec(any::<u8>(), 0..512), header in any::<bool>()) {
-        let mut bytes = if header { vec![0, 1, 0, 1] } else { vec![] };
+    fn mls_readers_never_panic(tail in prop::collection::vec(any::<u8>(), 0..512), header in 0u8..3) {
+        let mut bytes = match header {
+            0 => vec![],
+            1 => vec![0, 1, 0, 1],
+            _ => vec![0, 1, 0, 5, 0, 1],
+        };
         bytes.extend_from_slice(&tail);
         let _ = confab_spec::mls_framing::peek(&bytes);
         let _ = confab_spec::mls_framing::commit_contents(&bytes);
+        if let Ok(kp) = confab_spec::mls_framing::key_package(&bytes) {
+            let _ = kp.verify_signature();
+        }
     }
 
     /// A frame larger than frame_bytes_max is refused before it is parsed.
