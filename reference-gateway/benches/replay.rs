@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{AppendKind, AppendRequest, Store};
 use confab_spec::frame::*;
@@ -57,7 +58,12 @@ fn now() -> UnixMs {
 }
 
 /// An authenticated connection of the conversation's creator.
-fn ready(config: &GatewayConfig, store: &mut SqliteStore, entropy: &mut Counter) -> Connection {
+fn ready(
+    config: &GatewayConfig,
+    store: &mut SqliteStore,
+    limiters: &RateLimiters,
+    entropy: &mut Counter,
+) -> Connection {
     let system = SystemKeyPair::from_seed(&[1; 32]);
     let key = DeviceKeyPair::from_seed(&[2; 32]);
     let t = now();
@@ -72,7 +78,7 @@ fn ready(config: &GatewayConfig, store: &mut SqliteStore, entropy: &mut Counter)
         versions: Versions::current(),
         resume_token: None,
     });
-    let out = conn.handle(config, store, entropy, t, &hello.encode());
+    let out = conn.handle(config, store, limiters, entropy, t, &hello.encode());
     let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
         panic!("challenge expected")
     };
@@ -90,7 +96,14 @@ fn ready(config: &GatewayConfig, store: &mut SqliteStore, entropy: &mut Counter)
         origin: ShortText::truncated(ORIGIN),
         nonce: ch.nonce,
     };
-    let out = conn.handle(config, store, entropy, t, &ClientFrame::Auth(auth).encode());
+    let out = conn.handle(
+        config,
+        store,
+        limiters,
+        entropy,
+        t,
+        &ClientFrame::Auth(auth).encode(),
+    );
     assert!(matches!(
         out.first(),
         Some(Action::Send(ServerFrame::Ready(_)))
@@ -99,11 +112,17 @@ fn ready(config: &GatewayConfig, store: &mut SqliteStore, entropy: &mut Counter)
 }
 
 /// Replays the whole backlog through the handler; returns the entries delivered.
-fn replay(config: &GatewayConfig, store: &mut SqliteStore, conn: &mut Connection) -> u64 {
+fn replay(
+    config: &GatewayConfig,
+    store: &mut SqliteStore,
+    limiters: &RateLimiters,
+    conn: &mut Connection,
+) -> u64 {
     let stream = StreamId::Conversation(CONV);
     let mut out = conn.handle(
         config,
         store,
+        limiters,
         &mut Counter(1),
         now(),
         &ClientFrame::Subscribe(Subscribe {
@@ -134,6 +153,7 @@ fn replay(config: &GatewayConfig, store: &mut SqliteStore, conn: &mut Connection
         out = conn.handle(
             config,
             store,
+            limiters,
             &mut Counter(1),
             now(),
             &ClientFrame::Continue(Continue { stream, after_seq }).encode(),
@@ -196,7 +216,8 @@ fn benches(c: &mut Criterion) {
     let config = GatewayConfig::new(ORIGIN);
     let mut store = SqliteStore::open(&path).expect("store");
     let mut entropy = Counter(7);
-    let mut conn = ready(&config, &mut store, &mut entropy);
+    let limiters = RateLimiters::new(&config);
+    let mut conn = ready(&config, &mut store, &limiters, &mut entropy);
     let creator = conn.device().expect("device");
     store
         .create_conversation(&CONV, ConversationKind::Room, &creator, now())
@@ -221,7 +242,7 @@ fn benches(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
     group.bench_function("gateway_handler_10k", |b| {
-        b.iter(|| assert_eq!(replay(&config, &mut store, &mut conn), BACKLOG))
+        b.iter(|| assert_eq!(replay(&config, &mut store, &limiters, &mut conn), BACKLOG))
     });
     let raw = rusqlite::Connection::open(&path).expect("raw");
     let page = config.limits.replay_batch_max as i64;

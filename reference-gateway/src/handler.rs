@@ -3,26 +3,27 @@
 //! shell (axum) and the simulator drive it; a fan-out hub calls
 //! [`Connection::on_appended`] on every connection when a stream grows.
 //!
-//! The KeyPackage directory (SPEC.md section 8) comes with issue 5; its frames are answered
-//! `unexpected_frame` until then.
 
 use std::collections::HashMap;
 
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
-    self, Accepted, Batch, ClientFrame, ContinuityLost, Created, Deliver, ErrorFrame, HeartbeatAck,
-    OkFrame, Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
+    self, Accepted, Batch, ClaimedKeyPackage, ClientFrame, ContinuityLost, Created, Deliver,
+    ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored, OkFrame, Ready, ServerFrame,
+    SessionLimits, Subscribed, Unsubscribed,
 };
 use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
 use confab_spec::ids::{
-    DeviceId, Epoch, Nonce, ResumeToken, Seq, SessionId, ShortText, StreamId, UnixMs,
+    DeviceId, Epoch, MlsBytes, Nonce, ResumeToken, Seq, SessionId, ShortText, StreamId, UnixMs,
 };
 use confab_spec::limits;
 use confab_spec::mls_framing::{self, CommitProposal, ContentType, Peek, Sender, WireFormat};
 
+pub use crate::rate::RateLimit;
+use crate::rate::RateLimiters;
 use crate::store::{
-    AppendKind, AppendOutcome, AppendRequest, IssuedToken, Redeemed, RetentionPolicy, Store,
-    StoreError, StreamKey,
+    AppendKind, AppendOutcome, AppendRequest, IssuedToken, PoolStatus, Redeemed, RetentionPolicy,
+    Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use crate::telemetry;
 use sha2::{Digest, Sha256};
@@ -56,15 +57,15 @@ pub struct GatewayConfig {
     pub outbound_queue_bytes_max: usize,
     /// `connects_per_ip` (SPEC.md 11).
     pub connects_per_ip: RateLimit,
-}
-
-/// A token bucket: `burst` requests at once, refilled at `per_minute` per minute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Sustained rate, per minute (at least 1).
-    pub per_minute: u32,
-    /// Bucket size (at least 1).
-    pub burst: u32,
+    /// `claims_per_claimer` (SPEC.md 11).
+    pub claims_per_claimer: RateLimit,
+    /// `claims_per_target` (SPEC.md 11).
+    pub claims_per_target: RateLimit,
+    /// `key_package_low_watermark`: the pool size below which the owner should upload
+    /// more (SPEC.md 8).
+    pub key_package_low_watermark: u64,
+    /// `key_package_pool_max`: the most packages a device's pool holds (SPEC.md 8).
+    pub key_package_pool_max: u64,
 }
 
 impl GatewayConfig {
@@ -86,6 +87,16 @@ impl GatewayConfig {
                 per_minute: 20,
                 burst: 40,
             },
+            claims_per_claimer: RateLimit {
+                per_minute: 30,
+                burst: 30,
+            },
+            claims_per_target: RateLimit {
+                per_minute: 60,
+                burst: 60,
+            },
+            key_package_low_watermark: 10,
+            key_package_pool_max: 200,
         }
     }
 }
@@ -174,6 +185,7 @@ impl Connection {
         &mut self,
         config: &GatewayConfig,
         store: &mut dyn Store,
+        limiters: &RateLimiters,
         entropy: &mut dyn Entropy,
         now: UnixMs,
         message: &[u8],
@@ -212,7 +224,7 @@ impl Connection {
             }
             (State::Ready { device }, frame) => {
                 let device = *device;
-                self.on_ready_frame(config, store, now, device, frame, &mut out)
+                self.on_ready_frame(config, store, limiters, now, device, frame, &mut out)
             }
             (_, frame) => {
                 out.push(error(
@@ -462,10 +474,12 @@ impl Connection {
         *out = self.close(taken, CloseCode::AuthFailed);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_ready_frame(
         &mut self,
         config: &GatewayConfig,
         store: &mut dyn Store,
+        limiters: &RateLimiters,
         now: UnixMs,
         device: DeviceId,
         frame: ClientFrame,
@@ -535,6 +549,47 @@ impl Connection {
                         *out = self.close(taken, CloseCode::DeviceRevoked);
                     }
                 }
+            }
+            ClientFrame::UploadKeyPackages(u) => {
+                on_upload(config, store, now, device, u, out)?;
+            }
+            ClientFrame::ClaimKeyPackages(c) => {
+                let limited = limiters
+                    .claims_per_claimer
+                    .check(&device, now)
+                    .and_then(|()| limiters.claims_per_target.check(&c.user, now));
+                if let Err(retry_after_ms) = limited {
+                    out.push(Action::Send(ServerFrame::Error(ErrorFrame {
+                        code: ErrorCode::RateLimited,
+                        rid: Some(c.rid),
+                        retry_after_ms: Some(retry_after_ms),
+                        epoch: None,
+                        seq: None,
+                        detail: None,
+                    })));
+                    return Ok(());
+                }
+                let claimed = store.claim_key_packages(&c.user, &device, now)?;
+                if claimed.is_empty() {
+                    out.push(error(ErrorCode::NoKeyPackages, Some(c.rid), None));
+                    return Ok(());
+                }
+                let mut packages = Vec::with_capacity(claimed.len());
+                for p in claimed {
+                    packages.push(ClaimedKeyPackage {
+                        device: p.device,
+                        key_package: MlsBytes::new(p.key_package)
+                            .map_err(|e| StoreError::Corrupt(format!("key package: {e}")))?,
+                        last_resort: p.last_resort,
+                    });
+                }
+                out.push(Action::Send(ServerFrame::KeyPackagesClaimed(
+                    KeyPackagesClaimed {
+                        rid: c.rid,
+                        user: c.user,
+                        claimed: packages,
+                    },
+                )));
             }
             other => out.push(error(
                 ErrorCode::UnexpectedFrame,
@@ -773,6 +828,125 @@ impl Connection {
             }
         }
     }
+}
+
+/// `UploadKeyPackages` (SPEC.md section 8): validates every package, then stores them all
+/// or none.
+fn on_upload(
+    config: &GatewayConfig,
+    store: &mut dyn Store,
+    now: UnixMs,
+    device: DeviceId,
+    u: frame::UploadKeyPackages,
+    out: &mut Vec<Action>,
+) -> Result<(), StoreError> {
+    let rid = Some(u.rid);
+    if u.key_packages.len() as u64 > config.limits.key_packages_per_upload_max {
+        out.push(error(
+            ErrorCode::KeyPackageInvalid,
+            rid,
+            Some("more packages than key_packages_per_upload_max"),
+        ));
+        return Ok(());
+    }
+    let revoked = store.revoked_at(&device)?;
+    let mut packages = Vec::with_capacity(u.key_packages.len());
+    for (i, bytes) in u.key_packages.iter().enumerate() {
+        match validate_key_package(bytes.as_bytes(), device, now, revoked) {
+            Ok(p) => packages.push(p),
+            Err(why) => {
+                out.push(error(
+                    ErrorCode::KeyPackageInvalid,
+                    rid,
+                    Some(&format!("key package {i}: {why}")),
+                ));
+                return Ok(());
+            }
+        }
+    }
+    let last_resort = match &u.last_resort {
+        Some(bytes) => match validate_key_package(bytes.as_bytes(), device, now, revoked) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                out.push(error(
+                    ErrorCode::KeyPackageInvalid,
+                    rid,
+                    Some(&format!("last-resort key package: {why}")),
+                ));
+                return Ok(());
+            }
+        },
+        None => None,
+    };
+    let stored = |status: PoolStatus| {
+        Action::Send(ServerFrame::KeyPackagesStored(KeyPackagesStored {
+            rid: u.rid,
+            pool_count: status.pool_count,
+            low_watermark: config.key_package_low_watermark,
+            last_resort_present: status.last_resort_present,
+            last_resort_claimed: status.last_resort_claimed,
+        }))
+    };
+    match store.upload_key_packages(
+        &device,
+        &packages,
+        last_resort.as_ref(),
+        config.key_package_pool_max,
+        now,
+    )? {
+        UploadOutcome::Stored(status) => out.push(stored(status)),
+        UploadOutcome::PoolFull(_) => out.push(error(
+            ErrorCode::KeyPackagePoolFull,
+            rid,
+            Some("the pool would pass key_package_pool_max"),
+        )),
+    }
+    Ok(())
+}
+
+/// REQ-8-1: the package parses, uses ciphersuite 1, is signed by its leaf's key, and its
+/// credential is a certificate of the uploading device, valid now and for that key; its
+/// lifetime contains now.
+fn validate_key_package(
+    bytes: &[u8],
+    device: DeviceId,
+    now: UnixMs,
+    revoked: Option<UnixMs>,
+) -> Result<StoredKeyPackage, &'static str> {
+    let kp = mls_framing::key_package(bytes).map_err(|_| "does not parse")?;
+    if kp.cipher_suite != 1 {
+        return Err("ciphersuite is not 0x0001");
+    }
+    if kp.credential_type != 1 {
+        return Err("credential is not basic");
+    }
+    let cert = confab_spec::cbor::from_slice::<DeviceCertificate>(
+        &kp.identity,
+        &confab_spec::DecodeLimits::default(),
+    )
+    .map_err(|_| "credential is not a device certificate")?;
+    if cert.device_id() != device {
+        return Err("credential names another device");
+    }
+    if kp.signature_key != cert.device_key.0 {
+        return Err("leaf signature key is not the certificate's device key");
+    }
+    cert.verify(now, limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| revoked)
+        .map_err(|_| "certificate is not valid now")?;
+    let now_s = now.0 / 1_000;
+    let Some((not_before, not_after)) = kp.lifetime else {
+        return Err("leaf has no lifetime");
+    };
+    if now_s < not_before || now_s >= not_after {
+        return Err("lifetime does not contain now");
+    }
+    if !kp.verify_signature() {
+        return Err("signature does not verify");
+    }
+    Ok(StoredKeyPackage {
+        bytes: bytes.to_vec(),
+        not_after_s: not_after,
+    })
 }
 
 type Refusal = (ErrorCode, Option<Epoch>, Option<Seq>);

@@ -10,11 +10,11 @@
 //! - [`server`]: the axum shell (`/v1/ws`, `/healthz`, `/metrics`, `/v1/info`), the wake-up
 //!   hub, bounded outbound queues, the auth and heartbeat deadlines, the per-address connect
 //!   limit, retention runs and graceful shutdown;
+//! - [`rate`]: the rate limits;
 //! - [`telemetry`]: the metrics.
-//!
-//! The KeyPackage directory comes with issue 5.
 
 pub mod handler;
+pub mod rate;
 pub mod server;
 pub mod store;
 pub mod telemetry;

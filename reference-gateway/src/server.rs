@@ -15,8 +15,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,11 +31,11 @@ use confab_spec::frame::{ErrorFrame, ServerFrame};
 use confab_spec::ids::{DeviceId, UnixMs};
 use confab_spec::limits;
 use futures_util::{SinkExt, StreamExt};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
+use crate::rate::RateLimiters;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store as _, StreamKey};
 use crate::telemetry;
@@ -52,7 +51,7 @@ pub struct Shared {
     /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
     sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
     next_connection: AtomicU64,
-    connects: DefaultKeyedRateLimiter<IpAddr>,
+    limiters: RateLimiters,
     metrics: Option<PrometheusHandle>,
     clock: WallClock,
     entropy: EntropySource,
@@ -149,10 +148,7 @@ where
 {
     let (hub, _) = broadcast::channel(HUB_CAPACITY);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let quota = Quota::per_minute(
-        NonZeroU32::new(config.connects_per_ip.per_minute.max(1)).unwrap_or(NonZeroU32::MIN),
-    )
-    .allow_burst(NonZeroU32::new(config.connects_per_ip.burst.max(1)).unwrap_or(NonZeroU32::MIN));
+    let limiters = RateLimiters::new(&config);
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
@@ -160,7 +156,7 @@ where
         shutdown: stop_rx,
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
-        connects: RateLimiter::keyed(quota),
+        limiters,
         metrics: env.metrics,
         clock: env.clock,
         entropy: env.entropy,
@@ -226,8 +222,7 @@ async fn retention(shared: Arc<Shared>) {
             }
             tokio::task::yield_now().await;
         }
-        shared.connects.retain_recent();
-        shared.connects.shrink_to_fit();
+        shared.limiters.forget_idle();
     }
 }
 
@@ -270,21 +265,14 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
                 usize::try_from(c.limits.frame_bytes_max).unwrap_or(usize::MAX)
             ),
         },
-        "rate_limits": {
-            "connects_per_ip": {
-                "per_minute": c.connects_per_ip.per_minute,
-                "burst": c.connects_per_ip.burst,
-            },
-        },
+        "rate_limits": shared.limiters.announce(),
+        "key_package_low_watermark": c.key_package_low_watermark,
+        "key_package_pool_max": c.key_package_pool_max,
     }))
 }
 
 /// Refuses a connection over `connects_per_ip` with 429 before the upgrade (SPEC.md 11).
-fn rate_limited(retry_after: Duration) -> Response {
-    telemetry::rate_limited("connects_per_ip");
-    let retry_after_ms = u64::try_from(retry_after.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
+fn rate_limited(retry_after_ms: u64) -> Response {
     (
         StatusCode::TOO_MANY_REQUESTS,
         [(
@@ -304,9 +292,12 @@ async fn upgrade(
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
-    if let Err(not_until) = shared.connects.check_key(&peer.ip()) {
-        let clock = governor::clock::DefaultClock::default();
-        return rate_limited(not_until.wait_time_from(clock.now()));
+    if let Err(retry_after_ms) = shared
+        .limiters
+        .connects_per_ip
+        .check(&peer.ip(), (shared.clock)())
+    {
+        return rate_limited(retry_after_ms);
     }
     let max = usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX);
     ws.read_buffer_size(4_096)
@@ -617,7 +608,7 @@ async fn run_connection(
                 Some(Ok(Message::Binary(bytes))) => {
                     last_frame = tokio::time::Instant::now();
                     let actions = match shared.store.lock() {
-                        Ok(mut store) => conn.handle(&shared.config, &mut *store, &mut EnvEntropy(&shared.entropy), (shared.clock)(), &bytes),
+                        Ok(mut store) => conn.handle(&shared.config, &mut *store, &shared.limiters, &mut EnvEntropy(&shared.entropy), (shared.clock)(), &bytes),
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
                     apply(shared, outbox, actions)

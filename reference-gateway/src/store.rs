@@ -10,7 +10,7 @@ pub mod sqlite;
 
 use confab_spec::frame::{ConversationKind, Entry};
 use confab_spec::identity::Revocation;
-use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
+use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 
 /// A stream the gateway sequences (SPEC.md section 6.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -201,6 +201,69 @@ pub trait Store: Send {
         now: UnixMs,
         max_entries: u64,
     ) -> Result<GcReport, StoreError>;
+
+    /// Adds validated KeyPackages to `device`'s pool and, when given, replaces its
+    /// last-resort package (SPEC.md section 8), atomically. Packages past their lifetime
+    /// are dropped first. Refused, changing nothing, when the pool would hold more than
+    /// `pool_max`.
+    fn upload_key_packages(
+        &mut self,
+        device: &DeviceId,
+        packages: &[StoredKeyPackage],
+        last_resort: Option<&StoredKeyPackage>,
+        pool_max: u64,
+        now: UnixMs,
+    ) -> Result<UploadOutcome, StoreError>;
+
+    /// Claims one package for each device of `user` other than `claimer` that is not
+    /// revoked, in one transaction (REQ-8-2): the oldest live pool package, removed, or else
+    /// the live last-resort package, kept and marked claimed (REQ-8-3). Ordered by device.
+    fn claim_key_packages(
+        &mut self,
+        user: &SystemKey,
+        claimer: &DeviceId,
+        now: UnixMs,
+    ) -> Result<Vec<ClaimedPackage>, StoreError>;
+}
+
+/// A KeyPackage the handler validated, with the end of its lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKeyPackage {
+    /// The MLSMessage bytes.
+    pub bytes: Vec<u8>,
+    /// The leaf's `not_after`, in seconds since the Unix epoch.
+    pub not_after_s: u64,
+}
+
+/// A device's pool as its owner sees it (`KeyPackagesStored`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Live packages in the pool, not counting the last-resort one.
+    pub pool_count: u64,
+    /// Whether a live last-resort package is stored.
+    pub last_resort_present: bool,
+    /// Whether it was handed out since it was uploaded.
+    pub last_resort_claimed: bool,
+}
+
+/// The outcome of [`Store::upload_key_packages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// Stored; the pool now.
+    Stored(PoolStatus),
+    /// The pool would pass `pool_max`; nothing was stored.
+    PoolFull(PoolStatus),
+}
+
+/// One device's package handed out by a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedPackage {
+    /// The device.
+    pub device: DeviceId,
+    /// Its KeyPackage.
+    pub key_package: Vec<u8>,
+    /// Whether it is the device's last-resort package.
+    pub last_resort: bool,
 }
 
 /// How long entries are kept (SPEC.md 6.7).

@@ -8,6 +8,7 @@ mod support;
 
 use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
 use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{Store, StreamKey};
 use confab_spec::error::{CloseCode, ErrorCode};
@@ -37,6 +38,7 @@ struct Client {
 
 struct World {
     config: GatewayConfig,
+    limiters: RateLimiters,
     store: SqliteStore,
     rng: Rng,
     now: UnixMs,
@@ -63,6 +65,7 @@ impl World {
         let mut config = GatewayConfig::new(ORIGIN);
         config.limits.replay_batch_max = replay_batch_max;
         Self {
+            limiters: RateLimiters::new(&config),
             config,
             store,
             rng: Rng(ChaCha8Rng::seed_from_u64(9)),
@@ -75,6 +78,7 @@ impl World {
         c.conn.handle(
             &self.config,
             &mut self.store,
+            &self.limiters,
             &mut self.rng,
             self.now,
             &frame.encode(),
@@ -478,6 +482,7 @@ fn auth_rejections_close_with_their_codes() {
         let out = conn.handle(
             &w.config,
             &mut w.store,
+            &w.limiters,
             &mut w.rng,
             w.now,
             &ClientFrame::Hello(Hello {
@@ -495,6 +500,7 @@ fn auth_rejections_close_with_their_codes() {
         let out = conn.handle(
             &w.config,
             &mut w.store,
+            &w.limiters,
             &mut w.rng,
             w.now,
             &ClientFrame::Auth(auth).encode(),
@@ -504,7 +510,14 @@ fn auth_rejections_close_with_their_codes() {
     }
     // Garbage before authentication: an error, then a protocol-error close.
     let mut conn = Connection::new();
-    let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &[0xff, 0x00]);
+    let out = conn.handle(
+        &w.config,
+        &mut w.store,
+        &w.limiters,
+        &mut w.rng,
+        w.now,
+        &[0xff, 0x00],
+    );
     assert_eq!(error_code(&out), Some(ErrorCode::MalformedFrame));
     assert_eq!(out.last(), Some(&Action::Close(CloseCode::ProtocolError)));
     // Too many frames before Ready.
@@ -516,7 +529,14 @@ fn auth_rejections_close_with_their_codes() {
     .encode();
     let mut closed = None;
     for _ in 0..10 {
-        let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &hello);
+        let out = conn.handle(
+            &w.config,
+            &mut w.store,
+            &w.limiters,
+            &mut w.rng,
+            w.now,
+            &hello,
+        );
         if let Some(Action::Close(code)) = out.last() {
             closed = Some(*code);
             break;
@@ -542,7 +562,7 @@ mod hostile {
             let mut conn = Connection::new();
             let mut closed = false;
             for m in messages {
-                let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &m);
+                let out = conn.handle(&w.config, &mut w.store, &w.limiters, &mut w.rng, w.now, &m);
                 if closed {
                     prop_assert!(out.is_empty(), "a closed connection answered");
                 }
@@ -564,7 +584,14 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
         .encode()
     };
     let handle = |w: &mut World, conn: &mut Connection, bytes: &[u8]| {
-        conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, bytes)
+        conn.handle(
+            &w.config,
+            &mut w.store,
+            &w.limiters,
+            &mut w.rng,
+            w.now,
+            bytes,
+        )
     };
     // A full authentication yields the first token.
     let mut conn = Connection::new();
@@ -654,7 +681,14 @@ fn authenticate(w: &mut World, creds: &DeviceCredentials) -> (Connection, Ready)
         versions: Versions::current(),
         resume_token: None,
     });
-    let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &hello.encode());
+    let out = conn.handle(
+        &w.config,
+        &mut w.store,
+        &w.limiters,
+        &mut w.rng,
+        w.now,
+        &hello.encode(),
+    );
     let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
         panic!("{out:?}")
     };
@@ -662,6 +696,7 @@ fn authenticate(w: &mut World, creds: &DeviceCredentials) -> (Connection, Ready)
     let out = conn.handle(
         &w.config,
         &mut w.store,
+        &w.limiters,
         &mut w.rng,
         w.now,
         &ClientFrame::Auth(auth).encode(),
@@ -679,7 +714,14 @@ fn try_auth(w: &mut World, make: impl FnOnce(Nonce) -> Auth) -> Vec<Action> {
         versions: Versions::current(),
         resume_token: None,
     });
-    let out = conn.handle(&w.config, &mut w.store, &mut w.rng, w.now, &hello.encode());
+    let out = conn.handle(
+        &w.config,
+        &mut w.store,
+        &w.limiters,
+        &mut w.rng,
+        w.now,
+        &hello.encode(),
+    );
     let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
         panic!("{out:?}")
     };
@@ -687,6 +729,7 @@ fn try_auth(w: &mut World, make: impl FnOnce(Nonce) -> Auth) -> Vec<Action> {
     conn.handle(
         &w.config,
         &mut w.store,
+        &w.limiters,
         &mut w.rng,
         w.now,
         &ClientFrame::Auth(auth).encode(),
@@ -770,6 +813,7 @@ fn revocation_is_checked_on_auth_and_resume_and_closes_the_device() {
             conn.handle(
                 &w.config,
                 &mut w.store,
+                &w.limiters,
                 &mut w.rng,
                 w.now,
                 &ClientFrame::RevokeDevice(RevokeDevice { rid: 7, revocation }).encode(),
@@ -815,6 +859,7 @@ fn revocation_is_checked_on_auth_and_resume_and_closes_the_device() {
     let out = conn.handle(
         &w.config,
         &mut w.store,
+        &w.limiters,
         &mut w.rng,
         w.now,
         &ClientFrame::Hello(Hello {
@@ -1208,6 +1253,262 @@ mod frame_sequences {
                     prop_assert_eq!(e.seq.get(), i as u64 + 1, "dense log");
                 }
             }
+        }
+    }
+}
+
+mod directory {
+    use super::*;
+    use confab_gateway::rate::RateLimit;
+
+    fn device_of(system: &SystemKeyPair, process: u8, now: UnixMs) -> DeviceCredentials {
+        let key = DeviceKeyPair::from_seed(&[process.wrapping_add(100); 32]);
+        let certificate = system.issue_certificate(
+            ProcessId([process; 16]),
+            key.public(),
+            UnixMs(now.0 - 3_600_000),
+            now.plus_ms(86_400_000),
+        );
+        DeviceCredentials { key, certificate }
+    }
+
+    fn upload(
+        w: &mut World,
+        conn: &mut Connection,
+        packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Vec<ServerFrame> {
+        let frame = ClientFrame::UploadKeyPackages(UploadKeyPackages {
+            rid: 5,
+            key_packages: packages
+                .into_iter()
+                .map(|p| MlsBytes::new(p).expect("bytes"))
+                .collect(),
+            last_resort: last_resort.map(|p| MlsBytes::new(p).expect("bytes")),
+        });
+        frames(&conn.handle(
+            &w.config,
+            &mut w.store,
+            &w.limiters,
+            &mut w.rng,
+            w.now,
+            &frame.encode(),
+        ))
+    }
+
+    fn claim(w: &mut World, conn: &mut Connection, user: SystemKey) -> Vec<ServerFrame> {
+        let frame = ClientFrame::ClaimKeyPackages(ClaimKeyPackages { rid: 6, user });
+        frames(&conn.handle(
+            &w.config,
+            &mut w.store,
+            &w.limiters,
+            &mut w.rng,
+            w.now,
+            &frame.encode(),
+        ))
+    }
+
+    fn status(frames: &[ServerFrame]) -> Option<(u64, bool, bool)> {
+        frames.iter().find_map(|f| match f {
+            ServerFrame::KeyPackagesStored(s) => {
+                Some((s.pool_count, s.last_resort_present, s.last_resort_claimed))
+            }
+            _ => None,
+        })
+    }
+
+    fn claimed(frames: &[ServerFrame]) -> Vec<(DeviceId, bool)> {
+        frames
+            .iter()
+            .find_map(|f| match f {
+                ServerFrame::KeyPackagesClaimed(c) => Some(
+                    c.claimed
+                        .iter()
+                        .map(|p| {
+                            // What is handed out is what the device uploaded: it reads, and
+                            // its credential names the device it is filed under.
+                            let kp =
+                                confab_spec::mls_framing::key_package(p.key_package.as_bytes())
+                                    .expect("a KeyPackage");
+                            let cert: confab_spec::identity::DeviceCertificate =
+                                confab_spec::cbor::from_slice(
+                                    &kp.identity,
+                                    &confab_spec::DecodeLimits::default(),
+                                )
+                                .expect("certificate");
+                            assert_eq!(cert.device_id(), p.device);
+                            (p.device, p.last_resort)
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    fn error_of(frames: &[ServerFrame]) -> Option<(ErrorCode, Option<u64>)> {
+        frames.iter().find_map(|f| match f {
+            ServerFrame::Error(e) => Some((e.code, e.retry_after_ms)),
+            _ => None,
+        })
+    }
+
+    /// SPEC.md section 8 with real KeyPackages from both engines: validation of every
+    /// upload, one-time claims, the last-resort fallback and its signal to the owner, the
+    /// claimer never served its own package, revocation, and the per-claimer limit that
+    /// stops a drainer while another contact still gets the last-resort package.
+    #[test]
+    fn uploads_claims_last_resort_and_limits_with_both_engines() {
+        for (ka, kb) in [
+            (EngineKind::OpenMls, EngineKind::MlsRs),
+            (EngineKind::MlsRs, EngineKind::OpenMls),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut w = World::new(256);
+            w.config.limits.key_packages_per_upload_max = 3;
+            w.config.claims_per_claimer = RateLimit {
+                per_minute: 1,
+                burst: 5,
+            };
+            w.config.claims_per_target = RateLimit {
+                per_minute: 1,
+                burst: 8,
+            };
+            w.limiters = RateLimiters::new(&w.config);
+            let now = w.now;
+            let user = SystemKeyPair::from_seed(&[70; 32]);
+            let (u1, u2) = (device_of(&user, 1, now), device_of(&user, 2, now));
+            let mut e1 = open_engine(ka, &dir.path().join("u1.db"), u1.clone(), system_clock())
+                .expect("engine");
+            let mut e2 = open_engine(kb, &dir.path().join("u2.db"), u2.clone(), system_clock())
+                .expect("engine");
+            let (mut c1, _) = authenticate(&mut w, &u1);
+            let (mut c2, _) = authenticate(&mut w, &u2);
+            let (mut drainer, _) = authenticate(&mut w, &credentials(80));
+            let (mut friend, _) = authenticate(&mut w, &credentials(81));
+
+            // Invalid uploads are refused whole, with the reason, and store nothing.
+            let other = e2.key_packages(1, false).expect("kp");
+            let mine = e1.key_packages(4, false).expect("kp");
+            let refused = [
+                (vec![mine[0].clone(), other[0].clone()], "another device"),
+                (
+                    vec![mine[0][..mine[0].len() - 3].to_vec()],
+                    "does not parse",
+                ),
+                (
+                    {
+                        let mut t = mine[0].clone();
+                        let n = t.len();
+                        t[n - 1] ^= 1;
+                        vec![t]
+                    },
+                    "signature",
+                ),
+                (mine.clone(), "key_packages_per_upload_max"),
+            ];
+            for (packages, why) in refused {
+                let out = upload(&mut w, &mut c1, packages, None);
+                assert_eq!(
+                    error_of(&out).map(|e| e.0),
+                    Some(ErrorCode::KeyPackageInvalid),
+                    "{why}"
+                );
+                let detail = out.iter().find_map(|f| match f {
+                    ServerFrame::Error(e) => e.detail.as_ref().map(|d| d.as_str().to_owned()),
+                    _ => None,
+                });
+                assert!(detail.is_some_and(|d| d.contains(why)), "{why}");
+            }
+            assert_eq!(
+                status(&upload(&mut w, &mut c1, vec![], None)),
+                Some((0, false, false))
+            );
+
+            // u1: two packages and a last-resort one; u2: one package.
+            let last = e1.key_packages(1, true).expect("last resort").remove(0);
+            let out = upload(&mut w, &mut c1, mine[..2].to_vec(), Some(last));
+            assert_eq!(status(&out), Some((2, true, false)));
+            assert!(
+                out.iter().any(
+                    |f| matches!(f, ServerFrame::KeyPackagesStored(s) if s.low_watermark == 10)
+                )
+            );
+            assert_eq!(
+                status(&upload(&mut w, &mut c2, other, None)),
+                Some((1, false, false))
+            );
+
+            let (d1, d2) = (u1.certificate.device_id(), u2.certificate.device_id());
+            let mut expected = vec![(d1, false), (d2, false)];
+            expected.sort();
+            assert_eq!(
+                claimed(&claim(&mut w, &mut drainer, user.public())),
+                expected
+            );
+            assert_eq!(
+                claimed(&claim(&mut w, &mut drainer, user.public())),
+                vec![(d1, false)]
+            );
+            // The pool is empty: the last-resort package, kept for the next claimer.
+            assert_eq!(
+                claimed(&claim(&mut w, &mut drainer, user.public())),
+                vec![(d1, true)]
+            );
+            assert_eq!(
+                claimed(&claim(&mut w, &mut drainer, user.public())),
+                vec![(d1, true)]
+            );
+            assert_eq!(
+                status(&upload(&mut w, &mut c1, vec![], None)),
+                Some((0, true, true))
+            );
+            // u2 asks for its own user's other devices: never itself.
+            assert_eq!(
+                claimed(&claim(&mut w, &mut c2, user.public())),
+                vec![(d1, true)]
+            );
+
+            // The drainer's fifth claim is its last; the sixth is limited, with a wait.
+            assert_eq!(
+                claimed(&claim(&mut w, &mut drainer, user.public())),
+                vec![(d1, true)]
+            );
+            let out = claim(&mut w, &mut drainer, user.public());
+            let (code, retry) = error_of(&out).expect("limited");
+            assert_eq!(code, ErrorCode::RateLimited);
+            assert!(retry.is_some_and(|ms| ms > 0 && ms <= 60_000), "{retry:?}");
+            // A legitimate contact still gets a package.
+            assert_eq!(
+                claimed(&claim(&mut w, &mut friend, user.public())),
+                vec![(d1, true)]
+            );
+
+            // A fresh last-resort upload clears the signal.
+            let fresh = e1.key_packages(1, true).expect("last resort").remove(0);
+            assert_eq!(
+                status(&upload(&mut w, &mut c1, vec![], Some(fresh))),
+                Some((0, true, false))
+            );
+
+            // Revoking u1 takes its packages out of the directory; nobody is left.
+            let out = c2.handle(
+                &w.config,
+                &mut w.store,
+                &w.limiters,
+                &mut w.rng,
+                w.now,
+                &ClientFrame::RevokeDevice(RevokeDevice {
+                    rid: 7,
+                    revocation: user.revoke(ProcessId([1; 16]), now),
+                })
+                .encode(),
+            );
+            assert!(frames(&out).contains(&ServerFrame::Ok(OkFrame { rid: 7 })));
+            assert_eq!(
+                error_of(&claim(&mut w, &mut friend, user.public())).map(|e| e.0),
+                Some(ErrorCode::NoKeyPackages)
+            );
         }
     }
 }

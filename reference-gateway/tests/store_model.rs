@@ -538,3 +538,106 @@ fn revocations_take_effect_no_later_than_when_stored() {
     };
     assert_eq!(store.revoked_at(&other).expect("lookup"), None);
 }
+
+#[test]
+fn concurrent_claims_never_hand_out_a_package_twice() {
+    use confab_gateway::store::{StoredKeyPackage, UploadOutcome};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.db");
+    let owner = device(1);
+    let now = UnixMs(1_000_000);
+    {
+        let mut store = SqliteStore::open(&path).expect("open");
+        let packages: Vec<StoredKeyPackage> = (0..60u16)
+            .map(|i| StoredKeyPackage {
+                bytes: i.to_be_bytes().to_vec(),
+                not_after_s: 10_000,
+            })
+            .collect();
+        let last = StoredKeyPackage {
+            bytes: b"last".to_vec(),
+            not_after_s: 10_000,
+        };
+        let outcome = store
+            .upload_key_packages(&owner, &packages, Some(&last), 100, now)
+            .expect("upload");
+        assert!(
+            matches!(outcome, UploadOutcome::Stored(s) if s.pool_count == 60 && s.last_resort_present)
+        );
+    }
+    // Four claimers, each with its own connection to the database, race for the pool.
+    let claims: Vec<Vec<(Vec<u8>, bool)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4u8)
+            .map(|t| {
+                let path = path.clone();
+                scope.spawn(move || {
+                    let mut store = SqliteStore::open(&path).expect("open");
+                    (0..20)
+                        .flat_map(|_| {
+                            store
+                                .claim_key_packages(&owner.system, &device(50 + t), now)
+                                .expect("claim")
+                        })
+                        .map(|c| (c.key_package, c.last_resort))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("join"))
+            .collect()
+    });
+    let all: Vec<(Vec<u8>, bool)> = claims.into_iter().flatten().collect();
+    assert_eq!(all.len(), 80, "every claim found a package");
+    let pooled: std::collections::HashSet<&Vec<u8>> = all
+        .iter()
+        .filter(|(_, last)| !last)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(
+        pooled.len(),
+        60,
+        "each pool package handed out exactly once"
+    );
+    assert_eq!(all.iter().filter(|(_, last)| !last).count(), 60);
+    assert!(
+        all.iter()
+            .filter(|(_, last)| *last)
+            .all(|(p, _)| p == b"last")
+    );
+    // The owner sees the pool empty and the last-resort package claimed.
+    let mut store = SqliteStore::open(&path).expect("open");
+    let status = store
+        .upload_key_packages(&owner, &[], None, 100, now)
+        .expect("status");
+    assert!(matches!(
+        status,
+        UploadOutcome::Stored(s) if s.pool_count == 0 && s.last_resort_present && s.last_resort_claimed
+    ));
+    // Expired packages are never handed out; the claimer itself is never served.
+    store
+        .upload_key_packages(
+            &owner,
+            &[StoredKeyPackage {
+                bytes: b"old".to_vec(),
+                not_after_s: 1_001,
+            }],
+            None,
+            100,
+            now,
+        )
+        .expect("upload");
+    let later = UnixMs(1_002_000);
+    let claimed = store
+        .claim_key_packages(&owner.system, &device(9), later)
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert!(claimed[0].last_resort);
+    assert!(
+        store
+            .claim_key_packages(&owner.system, &owner, later)
+            .expect("claim")
+            .is_empty()
+    );
+}

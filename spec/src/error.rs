@@ -144,6 +144,8 @@ registry! {
         KeyPackageInvalid = 500 => "key_package_invalid",
         /// The target user has no KeyPackages.
         NoKeyPackages = 501 => "no_key_packages",
+        /// The device's pool would pass `key_package_pool_max`.
+        KeyPackagePoolFull = 502 => "key_package_pool_full",
         /// Retry after `retry_after_ms`.
         RateLimited = 900 => "rate_limited",
         /// The gateway cannot serve the request now.

@@ -8,12 +8,13 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AppendKind, AppendOutcome, AppendRequest, ConversationState, GcReport, IssuedToken, Redeemed,
-    RetentionPolicy, Store, StoreError, StreamKey,
+    AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, GcReport,
+    IssuedToken, PoolStatus, Redeemed, RetentionPolicy, Store, StoreError, StoredKeyPackage,
+    StreamKey, UploadOutcome,
 };
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;
-use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, UnixMs};
+use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -79,7 +80,23 @@ CREATE TABLE IF NOT EXISTS revocations (
     revocation BLOB NOT NULL,
     PRIMARY KEY (system, process)
 ) WITHOUT ROWID;
-PRAGMA user_version = 2;
+CREATE TABLE IF NOT EXISTS key_packages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    system BLOB NOT NULL,
+    process BLOB NOT NULL,
+    not_after_s INTEGER NOT NULL,
+    package BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS key_packages_device ON key_packages (system, process, id);
+CREATE TABLE IF NOT EXISTS last_resort_key_packages (
+    system BLOB NOT NULL,
+    process BLOB NOT NULL,
+    not_after_s INTEGER NOT NULL,
+    package BLOB NOT NULL,
+    claimed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (system, process)
+) WITHOUT ROWID;
+PRAGMA user_version = 3;
 ";
 
 impl SqliteStore {
@@ -87,6 +104,9 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(db)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .map_err(db)?;
+        // Another process (a backup, an operator's query) may hold the write lock briefly.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(Self { conn })
@@ -675,6 +695,17 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .map_err(db)?;
+        // A revoked device's packages are never handed out again (REQ-8-7).
+        for table in ["key_packages", "last_resort_key_packages"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE system = ?1 AND process = ?2"),
+                params![
+                    revocation.system.0.as_slice(),
+                    revocation.process.0.as_slice()
+                ],
+            )
+            .map_err(db)?;
+        }
         tx.commit().map_err(db)?;
         Ok(UnixMs(stored as u64))
     }
@@ -786,4 +817,161 @@ impl Store for SqliteStore {
             .map_err(db)? as u64;
         Ok(report)
     }
+
+    fn upload_key_packages(
+        &mut self,
+        device: &DeviceId,
+        packages: &[StoredKeyPackage],
+        last_resort: Option<&StoredKeyPackage>,
+        pool_max: u64,
+        now: UnixMs,
+    ) -> Result<UploadOutcome, StoreError> {
+        let (system, process) = (device.system.0.as_slice(), device.process.0.as_slice());
+        let now_s = to_i64(now.0 / 1_000);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute(
+            "DELETE FROM key_packages WHERE system = ?1 AND process = ?2 AND not_after_s <= ?3",
+            params![system, process, now_s],
+        )
+        .map_err(db)?;
+        let status = pool_status(&tx, system, process, now_s)?;
+        if status.pool_count + packages.len() as u64 > pool_max {
+            return Ok(UploadOutcome::PoolFull(status));
+        }
+        for p in packages {
+            tx.execute(
+                "INSERT INTO key_packages (system, process, not_after_s, package) VALUES (?1, ?2, ?3, ?4)",
+                params![system, process, to_i64(p.not_after_s), p.bytes],
+            )
+            .map_err(db)?;
+        }
+        if let Some(p) = last_resort {
+            tx.execute(
+                "INSERT INTO last_resort_key_packages (system, process, not_after_s, package, claimed)
+                 VALUES (?1, ?2, ?3, ?4, 0)
+                 ON CONFLICT (system, process) DO UPDATE SET
+                     not_after_s = excluded.not_after_s, package = excluded.package, claimed = 0",
+                params![system, process, to_i64(p.not_after_s), p.bytes],
+            )
+            .map_err(db)?;
+        }
+        let status = pool_status(&tx, system, process, now_s)?;
+        tx.commit().map_err(db)?;
+        Ok(UploadOutcome::Stored(status))
+    }
+
+    fn claim_key_packages(
+        &mut self,
+        user: &SystemKey,
+        claimer: &DeviceId,
+        now: UnixMs,
+    ) -> Result<Vec<ClaimedPackage>, StoreError> {
+        let now_s = to_i64(now.0 / 1_000);
+        let system = user.0.as_slice();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute(
+            "DELETE FROM key_packages WHERE system = ?1 AND not_after_s <= ?2",
+            params![system, now_s],
+        )
+        .map_err(db)?;
+        let processes: Vec<Vec<u8>> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT process FROM key_packages WHERE system = ?1
+                     UNION SELECT process FROM last_resort_key_packages WHERE system = ?1 AND not_after_s > ?2
+                     ORDER BY 1",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![system, now_s], |r| r.get(0))
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)?
+        };
+        let mut claimed = Vec::new();
+        for process in processes {
+            let device = device_of(&[system, process.as_slice()].concat())?;
+            if device == *claimer {
+                continue;
+            }
+            let pooled: Option<(i64, Vec<u8>)> = tx
+                .query_row(
+                    "SELECT id, package FROM key_packages WHERE system = ?1 AND process = ?2
+                     ORDER BY id LIMIT 1",
+                    params![system, process],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some((id, package)) = pooled {
+                // Claim and delete in one transaction (REQ-8-2).
+                tx.execute("DELETE FROM key_packages WHERE id = ?1", [id])
+                    .map_err(db)?;
+                claimed.push(ClaimedPackage {
+                    device,
+                    key_package: package,
+                    last_resort: false,
+                });
+                continue;
+            }
+            let last: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT package FROM last_resort_key_packages
+                     WHERE system = ?1 AND process = ?2 AND not_after_s > ?3",
+                    params![system, process, now_s],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some(package) = last {
+                tx.execute(
+                    "UPDATE last_resort_key_packages SET claimed = 1 WHERE system = ?1 AND process = ?2",
+                    params![system, process],
+                )
+                .map_err(db)?;
+                claimed.push(ClaimedPackage {
+                    device,
+                    key_package: package,
+                    last_resort: true,
+                });
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(claimed)
+    }
+}
+
+/// A device's pool inside an open transaction.
+fn pool_status(
+    tx: &rusqlite::Transaction<'_>,
+    system: &[u8],
+    process: &[u8],
+    now_s: i64,
+) -> Result<PoolStatus, StoreError> {
+    let pool_count: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM key_packages WHERE system = ?1 AND process = ?2 AND not_after_s > ?3",
+            params![system, process, now_s],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    let last: Option<i64> = tx
+        .query_row(
+            "SELECT claimed FROM last_resort_key_packages
+             WHERE system = ?1 AND process = ?2 AND not_after_s > ?3",
+            params![system, process, now_s],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)?;
+    Ok(PoolStatus {
+        pool_count: pool_count as u64,
+        last_resort_present: last.is_some(),
+        last_resort_claimed: last.is_some_and(|c| c != 0),
+    })
 }
