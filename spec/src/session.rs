@@ -409,6 +409,7 @@ enum Request {
     Send(MsgId),
     Subscribe(StreamId),
     Create,
+    Other,
 }
 
 #[derive(Debug)]
@@ -533,6 +534,25 @@ impl ClientSession {
             }
         }
         t
+    }
+
+    /// Sends a request the session does not track itself (the KeyPackage directory,
+    /// revocations): `make` builds the frame around the rid the session assigns, which is
+    /// returned. The answer arrives as [`Event::Response`] carrying that rid, or as
+    /// [`Event::RequestFailed`]. Like `CreateConversation`, a request is not queued across
+    /// reconnects: it needs a ready session, and a request lost with its connection is
+    /// answered by neither event, so the application retries after the next `Ready`.
+    pub fn request(
+        &mut self,
+        now: UnixMs,
+        make: impl FnOnce(u64) -> ClientFrame,
+    ) -> Result<u64, SessionError> {
+        if !self.is_ready() {
+            return Err(SessionError::NotReady);
+        }
+        let rid = self.rid(Request::Other);
+        self.transmit(now, make(rid));
+        Ok(rid)
     }
 
     /// Feeds one input at `now`. Application inputs may be refused with a [`SessionError`];
@@ -1136,7 +1156,7 @@ impl ClientSession {
                 }
                 self.event(Event::RequestFailed { rid, code: e.code });
             }
-            Some(Request::Create) | None => {
+            Some(Request::Create | Request::Other) | None => {
                 self.event(Event::RequestFailed { rid, code: e.code });
             }
         }

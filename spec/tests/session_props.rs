@@ -510,3 +510,108 @@ fn a_long_chaotic_run_converges() {
         panic!("{e}");
     }
 }
+
+/// `ClientSession::request` (the directory and revocations): refused before `Ready`, then
+/// sent with a fresh rid whose answer, or error, comes back as an event naming that rid.
+#[test]
+fn requests_carry_the_assigned_rid_to_their_answer() {
+    use confab_spec::error::ErrorCode;
+    use confab_spec::session::SessionError;
+    let (system, _, cert) = fixture();
+    let mut s = fixture_session(1);
+    let claim = |rid| {
+        ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
+            rid,
+            user: system.public(),
+        })
+    };
+    assert_eq!(s.request(T0, claim), Err(SessionError::NotReady));
+    s.handle(T0, Input::Start).expect("start");
+    let Some(Output::Connect { conn }) = s.poll_output() else {
+        panic!("connect expected")
+    };
+    s.handle(T0, Input::Connected { conn }).expect("connected");
+    let challenge = ServerFrame::Challenge(Challenge {
+        version: 1,
+        nonce: Nonce([5; 32]),
+        server_time_ms: T0,
+    });
+    s.handle(
+        T0,
+        Input::Frame {
+            conn,
+            frame: challenge,
+        },
+    )
+    .expect("challenge");
+    s.handle(
+        T0,
+        Input::Frame {
+            conn,
+            frame: ready(&cert, false),
+        },
+    )
+    .expect("ready");
+    while s.poll_output().is_some() {}
+    assert!(s.is_ready());
+
+    let first = s.request(T0, claim).expect("sent");
+    let second = s.request(T0, claim).expect("sent");
+    assert_ne!(first, second);
+    let mut sent = vec![];
+    while let Some(out) = s.poll_output() {
+        if let Output::Transmit {
+            frame: ClientFrame::ClaimKeyPackages(c),
+            ..
+        } = out
+        {
+            sent.push(c.rid);
+        }
+    }
+    assert_eq!(sent, vec![first, second]);
+    let answer = ServerFrame::KeyPackagesClaimed(KeyPackagesClaimed {
+        rid: first,
+        user: system.public(),
+        claimed: vec![],
+    });
+    s.handle(
+        T0,
+        Input::Frame {
+            conn,
+            frame: answer.clone(),
+        },
+    )
+    .expect("answer");
+    let refusal = ServerFrame::Error(ErrorFrame {
+        code: ErrorCode::RateLimited,
+        rid: Some(second),
+        retry_after_ms: Some(2_000),
+        epoch: None,
+        seq: None,
+        detail: None,
+    });
+    s.handle(
+        T0,
+        Input::Frame {
+            conn,
+            frame: refusal,
+        },
+    )
+    .expect("error");
+    let events: Vec<Event> = std::iter::from_fn(|| s.poll_output())
+        .filter_map(|o| match o {
+            Output::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Response { frame: answer },
+            Event::RequestFailed {
+                rid: second,
+                code: ErrorCode::RateLimited
+            },
+        ]
+    );
+}
