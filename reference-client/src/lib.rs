@@ -7,5 +7,6 @@
 pub mod identity;
 pub mod interop;
 pub mod mls;
+pub mod store;
 
 pub use confab_spec::session;

@@ -1,0 +1,508 @@
+//! The client's local state besides the MLS groups (which the engine layer keeps): the
+//! identity, contacts, conversations, per-stream cursors, the outbox and received
+//! messages, in one SQLite file (WAL, `synchronous=FULL`).
+//!
+//! Each method is one transaction. [`ClientStore::deliver`] records a processed entry and
+//! moves the stream's cursor together, so that an entry is acknowledged to the gateway only
+//! after its effect is durable (SPEC.md REQ-6.5-3), and a replayed entry is recognised as a
+//! duplicate (REQ-6.8-1).
+
+use std::path::Path;
+
+use confab_spec::frame::ConversationKind;
+use confab_spec::ids::{ConversationId, DeviceId, MsgId, Seq, StreamId, SystemKey, UnixMs};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// Local storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("local database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A stored value does not decode (corruption, or a newer version of confab).
+    #[error("local database holds an unreadable {0}")]
+    Corrupt(&'static str),
+    /// A contact name or key is already taken.
+    #[error("{0} is already a contact")]
+    ContactExists(String),
+}
+
+/// The identity of this installation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredIdentity {
+    /// The system key's seed, on devices that hold it (the first device, or an import).
+    pub system_seed: Option<[u8; 32]>,
+    /// The system (user).
+    pub system: SystemKey,
+    /// This device's key seed.
+    pub device_seed: [u8; 32],
+    /// This device's certificate, deterministic CBOR.
+    pub certificate: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredIdentity")
+            .field("system", &self.system)
+            .field("holds_system_key", &self.system_seed.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A conversation this device is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationRecord {
+    /// Its id (the MLS group id).
+    pub id: ConversationId,
+    /// DM or room.
+    pub kind: ConversationKind,
+    /// For a DM, the other user.
+    pub peer: Option<SystemKey>,
+}
+
+/// A message composed here and not yet accepted by the gateway. Its `msg_id` and payload
+/// are fixed when it is composed, so every retry is the same `Send` (SPEC.md REQ-6.3-4).
+#[derive(Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// The idempotency key.
+    pub msg_id: MsgId,
+    /// Where it goes.
+    pub conversation: ConversationId,
+    /// The MLSMessage.
+    pub payload: Vec<u8>,
+    /// The Welcome of a Commit that adds devices.
+    pub welcome: Option<Vec<u8>>,
+    /// The plaintext of an application message, kept to show one's own message (a sender
+    /// cannot decrypt its own PrivateMessage).
+    pub plaintext: Option<Vec<u8>>,
+    /// When it was composed.
+    pub composed: UnixMs,
+}
+
+impl std::fmt::Debug for OutboxItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the plaintext or the payload.
+        f.debug_struct("OutboxItem")
+            .field("msg_id", &self.msg_id)
+            .field("conversation", &self.conversation)
+            .field("payload_len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message shown to the user.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// Its seq in the conversation's log.
+    pub seq: Seq,
+    /// The sending device.
+    pub sender: DeviceId,
+    /// Its msg_id.
+    pub msg_id: MsgId,
+    /// When the gateway sequenced it.
+    pub accepted: UnixMs,
+    /// The plaintext.
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("conversation", &self.conversation)
+            .field("seq", &self.seq)
+            .field("sender", &self.sender)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stream's position: the next seq to process and the last acknowledged one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The next seq this device expects.
+    pub next_seq: Seq,
+    /// The highest seq acknowledged to the gateway.
+    pub acked: u64,
+}
+
+/// The client's SQLite store.
+pub struct ClientStore {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    system_seed BLOB,
+    system BLOB NOT NULL,
+    device_seed BLOB NOT NULL,
+    certificate BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contacts (
+    name TEXT PRIMARY KEY,
+    system BLOB NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    peer BLOB
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    stream BLOB PRIMARY KEY,
+    next_seq INTEGER NOT NULL,
+    acked INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    msg_id BLOB PRIMARY KEY,
+    conversation BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    welcome BLOB,
+    plaintext BLOB,
+    composed_ms INTEGER NOT NULL,
+    position INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    sender BLOB NOT NULL,
+    msg_id BLOB NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+";
+
+fn stream_key(stream: &StreamId) -> Vec<u8> {
+    match stream {
+        StreamId::Inbox => vec![2],
+        StreamId::Conversation(c) => [&[1u8][..], &c.0].concat(),
+    }
+}
+
+fn array<const N: usize>(v: Vec<u8>, what: &'static str) -> Result<[u8; N], StoreError> {
+    v.try_into().map_err(|_| StoreError::Corrupt(what))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl ClientStore {
+    /// Opens (creating and migrating) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// The identity, once `init` stored one.
+    pub fn identity(&self) -> Result<Option<StoredIdentity>, StoreError> {
+        let row: Option<(Option<Vec<u8>>, Vec<u8>, Vec<u8>, Vec<u8>)> = self
+            .conn
+            .query_row(
+                "SELECT system_seed, system, device_seed, certificate FROM identity WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((system_seed, system, device_seed, certificate)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(StoredIdentity {
+            system_seed: system_seed.map(|s| array(s, "system key")).transpose()?,
+            system: SystemKey(array(system, "system")?),
+            device_seed: array(device_seed, "device key")?,
+            certificate,
+        }))
+    }
+
+    /// Stores the identity, replacing any (a renewed certificate).
+    pub fn set_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO identity (id, system_seed, system, device_seed, certificate)
+             VALUES (1, ?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET system_seed = excluded.system_seed,
+                 system = excluded.system, device_seed = excluded.device_seed,
+                 certificate = excluded.certificate",
+            params![
+                identity.system_seed.map(|s| s.to_vec()),
+                identity.system.0.as_slice(),
+                identity.device_seed.as_slice(),
+                identity.certificate,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Adds a contact under a local name.
+    pub fn add_contact(&mut self, name: &str, system: &SystemKey) -> Result<(), StoreError> {
+        match self.conn.execute(
+            "INSERT INTO contacts (name, system) VALUES (?1, ?2)",
+            params![name, system.0.as_slice()],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::ContactExists(name.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a contact; `false` if there was none of that name.
+    pub fn remove_contact(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM contacts WHERE name = ?1", [name])?
+            == 1)
+    }
+
+    /// The contacts, by name.
+    pub fn contacts(&self) -> Result<Vec<(String, SystemKey)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, system FROM contacts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        rows.map(|row| {
+            let (name, system) = row?;
+            Ok((name, SystemKey(array(system, "contact key")?)))
+        })
+        .collect()
+    }
+
+    /// Records a conversation; `false` if it was known.
+    pub fn add_conversation(&mut self, c: &ConversationRecord) -> Result<bool, StoreError> {
+        let kind = match c.kind {
+            ConversationKind::DirectMessage => 1,
+            ConversationKind::Room => 2,
+        };
+        Ok(self.conn.execute(
+            "INSERT OR IGNORE INTO conversations (id, kind, peer) VALUES (?1, ?2, ?3)",
+            params![c.id.0.as_slice(), kind, c.peer.map(|p| p.0.to_vec())],
+        )? == 1)
+    }
+
+    /// The conversations.
+    pub fn conversations(&self) -> Result<Vec<ConversationRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, kind, peer FROM conversations ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, kind, peer) = row?;
+            Ok(ConversationRecord {
+                id: ConversationId(array(id, "conversation id")?),
+                kind: if kind == 2 {
+                    ConversationKind::Room
+                } else {
+                    ConversationKind::DirectMessage
+                },
+                peer: peer.map(|p| array(p, "peer").map(SystemKey)).transpose()?,
+            })
+        })
+        .collect()
+    }
+
+    /// A stream's cursor, if this device ever processed or acknowledged anything on it.
+    pub fn cursor(&self, stream: &StreamId) -> Result<Option<Cursor>, StoreError> {
+        let row: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT next_seq, acked FROM cursors WHERE stream = ?1",
+                [stream_key(stream)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(next, acked)| {
+            Ok(Cursor {
+                next_seq: u64::try_from(next)
+                    .ok()
+                    .and_then(Seq::new)
+                    .ok_or(StoreError::Corrupt("cursor"))?,
+                acked: acked as u64,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records that the entry `seq` of `stream` was processed, with the message it held if
+    /// any, and moves the stream's `next_seq` past it, in one transaction. `false`, changing
+    /// nothing, when `seq` was already processed (a duplicate).
+    pub fn deliver(
+        &mut self,
+        stream: &StreamId,
+        seq: Seq,
+        message: Option<&Message>,
+    ) -> Result<bool, StoreError> {
+        let key = stream_key(stream);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let next: Option<i64> = tx
+            .query_row(
+                "SELECT next_seq FROM cursors WHERE stream = ?1",
+                [&key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if next.is_some_and(|n| to_i64(seq.get()) < n) {
+            return Ok(false);
+        }
+        if let Some(m) = message {
+            tx.execute(
+                "INSERT OR IGNORE INTO messages (conversation, seq, sender, msg_id, accepted_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    m.conversation.0.as_slice(),
+                    to_i64(m.seq.get()),
+                    m.sender.to_bytes().as_slice(),
+                    m.msg_id.0.as_slice(),
+                    to_i64(m.accepted.0),
+                    m.body,
+                ],
+            )?;
+            // One's own message is no longer waiting.
+            tx.execute(
+                "DELETE FROM outbox WHERE msg_id = ?1",
+                [m.msg_id.0.as_slice()],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
+             ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+            params![key, to_i64(seq.get() + 1)],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Records that `seq` was acknowledged (never moves back, REQ-6.8-3).
+    pub fn set_acked(&mut self, stream: &StreamId, seq: Seq) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, ?3)
+             ON CONFLICT (stream) DO UPDATE SET acked = max(acked, excluded.acked)",
+            params![stream_key(stream), to_i64(seq.get() + 1), to_i64(seq.get())],
+        )?;
+        Ok(())
+    }
+
+    /// Puts a composed message in the outbox, before its first send.
+    pub fn outbox_put(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO outbox (msg_id, conversation, payload, welcome, plaintext, composed_ms, position)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT coalesce(max(position), 0) + 1 FROM outbox))",
+            params![
+                item.msg_id.0.as_slice(),
+                item.conversation.0.as_slice(),
+                item.payload,
+                item.welcome,
+                item.plaintext,
+                to_i64(item.composed.0),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a message from the outbox (accepted, or given up); `false` if absent.
+    pub fn outbox_remove(&mut self, msg_id: &MsgId) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM outbox WHERE msg_id = ?1",
+            [msg_id.0.as_slice()],
+        )? == 1)
+    }
+
+    /// The outbox, in the order messages were composed.
+    pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT msg_id, conversation, payload, welcome, plaintext, composed_ms
+             FROM outbox ORDER BY position",
+        )?;
+        type Row = (
+            Vec<u8>,
+            Vec<u8>,
+            Vec<u8>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            i64,
+        );
+        let rows = stmt.query_map([], |r| -> rusqlite::Result<Row> {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (msg_id, conversation, payload, welcome, plaintext, composed) = row?;
+            Ok(OutboxItem {
+                msg_id: MsgId(array(msg_id, "msg_id")?),
+                conversation: ConversationId(array(conversation, "conversation id")?),
+                payload,
+                welcome,
+                plaintext,
+                composed: UnixMs(composed as u64),
+            })
+        })
+        .collect()
+    }
+
+    /// Messages of `conversation` with seq above `after`, oldest first, at most `limit`.
+    pub fn messages(
+        &self,
+        conversation: &ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, sender, msg_id, accepted_ms, body FROM messages
+             WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                conversation.0.as_slice(),
+                to_i64(after),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            },
+        )?;
+        rows.map(|row| {
+            let (seq, sender, msg_id, accepted, body) = row?;
+            Ok(Message {
+                conversation: *conversation,
+                seq: u64::try_from(seq)
+                    .ok()
+                    .and_then(Seq::new)
+                    .ok_or(StoreError::Corrupt("seq"))?,
+                sender: DeviceId::from_slice(&sender).map_err(|_| StoreError::Corrupt("sender"))?,
+                msg_id: MsgId(array(msg_id, "msg_id")?),
+                accepted: UnixMs(accepted as u64),
+                body,
+            })
+        })
+        .collect()
+    }
+}

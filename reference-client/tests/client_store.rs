@@ -1,0 +1,176 @@
+//! The client's local store against a model, over random sequences of deliveries
+//! (in order, replayed, out of order), acks, outbox puts and reopenings: a seq is recorded
+//! once, the cursor only moves forward, a duplicate changes nothing, one's own delivered
+//! message leaves the outbox, and everything survives reopening the file.
+
+use std::collections::BTreeMap;
+
+use confab_client::store::{
+    ClientStore, ConversationRecord, Message, OutboxItem, StoreError, StoredIdentity,
+};
+use confab_spec::frame::ConversationKind;
+use confab_spec::ids::{
+    ConversationId, DeviceId, MsgId, ProcessId, Seq, StreamId, SystemKey, UnixMs,
+};
+use proptest::prelude::*;
+
+const CONV: ConversationId = ConversationId([9; 32]);
+const STREAM: StreamId = StreamId::Conversation(CONV);
+
+fn sender() -> DeviceId {
+    DeviceId {
+        system: SystemKey([1; 32]),
+        process: ProcessId([2; 16]),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deliver { seq: u8, with_message: bool },
+    Ack { seq: u8 },
+    Compose { id: u8 },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (1u8..30, any::<bool>()).prop_map(|(seq, with_message)| Op::Deliver { seq, with_message }),
+        2 => (1u8..30).prop_map(|seq| Op::Ack { seq }),
+        2 => (0u8..30).prop_map(|id| Op::Compose { id }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn message(seq: u8) -> Message {
+    Message {
+        conversation: CONV,
+        seq: Seq::new(u64::from(seq)).expect("seq"),
+        sender: sender(),
+        msg_id: MsgId([seq; 16]),
+        accepted: UnixMs(1_000 + u64::from(seq)),
+        body: vec![seq; 3],
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_model(ops in prop::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("confab.db");
+        let mut store = ClientStore::open(&path).expect("open");
+        let (mut next, mut acked) = (1u64, 0u64);
+        let mut messages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut outbox: Vec<u8> = Vec::new();
+        for op in &ops {
+            match *op {
+                Op::Deliver { seq, with_message } => {
+                    let m = message(seq);
+                    let fresh = store
+                        .deliver(&STREAM, m.seq, with_message.then_some(&m))
+                        .expect("deliver");
+                    prop_assert_eq!(fresh, u64::from(seq) >= next, "duplicate detection");
+                    if fresh {
+                        next = u64::from(seq) + 1;
+                        if with_message {
+                            messages.entry(u64::from(seq)).or_insert(m.body.clone());
+                            outbox.retain(|id| *id != seq);
+                        }
+                    }
+                }
+                Op::Ack { seq } => {
+                    // A client acks only what it processed (REQ-6.5-3).
+                    if next > 1 {
+                        let seq = u64::from(seq).min(next - 1);
+                        store.set_acked(&STREAM, Seq::new(seq).expect("seq")).expect("ack");
+                        acked = acked.max(seq);
+                    }
+                }
+                Op::Compose { id } => {
+                    store.outbox_put(&OutboxItem {
+                        msg_id: MsgId([id; 16]),
+                        conversation: CONV,
+                        payload: vec![id],
+                        welcome: None,
+                        plaintext: Some(vec![id]),
+                        composed: UnixMs(5),
+                    }).expect("put");
+                    if !outbox.contains(&id) {
+                        outbox.push(id);
+                    }
+                }
+                Op::Reopen => {
+                    drop(store);
+                    store = ClientStore::open(&path).expect("reopen");
+                }
+            }
+            if let Some(c) = store.cursor(&STREAM).expect("cursor") {
+                prop_assert_eq!(c.acked, acked);
+            }
+            let stored: BTreeMap<u64, Vec<u8>> = store
+                .messages(&CONV, 0, 1_000)
+                .expect("messages")
+                .into_iter()
+                .map(|m| (m.seq.get(), m.body))
+                .collect();
+            prop_assert_eq!(&stored, &messages);
+            let ids: Vec<u8> = store.outbox().expect("outbox").iter().map(|o| o.msg_id.0[0]).collect();
+            prop_assert_eq!(&ids, &outbox, "outbox order and removal");
+        }
+    }
+}
+
+#[test]
+fn identity_contacts_and_conversations_persist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("confab.db");
+    let identity = StoredIdentity {
+        system_seed: Some([4; 32]),
+        system: SystemKey([5; 32]),
+        device_seed: [6; 32],
+        certificate: vec![7; 40],
+    };
+    {
+        let mut store = ClientStore::open(&path).expect("open");
+        assert_eq!(store.identity().expect("identity"), None);
+        store.set_identity(&identity).expect("set");
+        store.add_contact("bob", &SystemKey([8; 32])).expect("bob");
+        assert!(matches!(
+            store.add_contact("bob", &SystemKey([9; 32])),
+            Err(StoreError::ContactExists(name)) if name == "bob"
+        ));
+        assert!(matches!(
+            store.add_contact("bobby", &SystemKey([8; 32])),
+            Err(StoreError::ContactExists(_))
+        ));
+        store
+            .add_contact("alice", &SystemKey([3; 32]))
+            .expect("alice");
+        let dm = ConversationRecord {
+            id: CONV,
+            kind: ConversationKind::DirectMessage,
+            peer: Some(SystemKey([8; 32])),
+        };
+        assert!(store.add_conversation(&dm).expect("add"));
+        assert!(!store.add_conversation(&dm).expect("again"));
+    }
+    let mut store = ClientStore::open(&path).expect("reopen");
+    assert_eq!(store.identity().expect("identity"), Some(identity.clone()));
+    // Debug output never shows the keys.
+    let shown = format!("{identity:?}");
+    assert!(
+        !shown.contains("[4, 4") && !shown.contains("6, 6"),
+        "{shown}"
+    );
+    assert_eq!(
+        store.contacts().expect("contacts"),
+        vec![
+            ("alice".to_owned(), SystemKey([3; 32])),
+            ("bob".to_owned(), SystemKey([8; 32]))
+        ]
+    );
+    assert!(store.remove_contact("alice").expect("remove"));
+    assert!(!store.remove_contact("alice").expect("again"));
+    assert_eq!(store.conversations().expect("conversations").len(), 1);
+}
