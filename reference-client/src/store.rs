@@ -201,7 +201,8 @@ impl ClientStore {
 
     /// The identity, once `init` stored one.
     pub fn identity(&self) -> Result<Option<StoredIdentity>, StoreError> {
-        let row: Option<(Option<Vec<u8>>, Vec<u8>, Vec<u8>, Vec<u8>)> = self
+        type Row = (Option<Vec<u8>>, Vec<u8>, Vec<u8>, Vec<u8>);
+        let row: Option<Row> = self
             .conn
             .query_row(
                 "SELECT system_seed, system, device_seed, certificate FROM identity WHERE id = 1",
