@@ -8,5 +8,6 @@ pub mod identity;
 pub mod interop;
 pub mod mls;
 pub mod store;
+pub mod transport;
 
 pub use confab_spec::session;

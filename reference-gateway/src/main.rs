@@ -35,7 +35,9 @@ struct ServeArgs {
     /// TOML file with any of: listen, db, origin, log_format, heartbeat_interval_ms,
     /// heartbeat_timeout_ms, replay_batch_max, retention_ms, retention_unacked_ms,
     /// gc_interval_ms, outbound_queue_max, outbound_queue_bytes_max, connects_per_ip_per_minute,
-    /// connects_per_ip_burst (README, "Configuration").
+    /// connects_per_ip_burst, claims_per_claimer_per_minute, claims_per_claimer_burst,
+    /// claims_per_target_per_minute, claims_per_target_burst, key_package_low_watermark,
+    /// key_package_pool_max (README, "Configuration").
     #[arg(long, env = "CONFAB_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -79,6 +81,12 @@ struct FileConfig {
     outbound_queue_bytes_max: Option<usize>,
     connects_per_ip_per_minute: Option<u32>,
     connects_per_ip_burst: Option<u32>,
+    claims_per_claimer_per_minute: Option<u32>,
+    claims_per_claimer_burst: Option<u32>,
+    claims_per_target_per_minute: Option<u32>,
+    claims_per_target_burst: Option<u32>,
+    key_package_low_watermark: Option<u64>,
+    key_package_pool_max: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -157,6 +165,24 @@ fn main() -> ExitCode {
     }
     if let Some(v) = file.connects_per_ip_burst {
         config.connects_per_ip.burst = v.max(1);
+    }
+    if let Some(v) = file.claims_per_claimer_per_minute {
+        config.claims_per_claimer.per_minute = v.max(1);
+    }
+    if let Some(v) = file.claims_per_claimer_burst {
+        config.claims_per_claimer.burst = v.max(1);
+    }
+    if let Some(v) = file.claims_per_target_per_minute {
+        config.claims_per_target.per_minute = v.max(1);
+    }
+    if let Some(v) = file.claims_per_target_burst {
+        config.claims_per_target.burst = v.max(1);
+    }
+    if let Some(v) = file.key_package_low_watermark {
+        config.key_package_low_watermark = v;
+    }
+    if let Some(v) = file.key_package_pool_max {
+        config.key_package_pool_max = v.max(1);
     }
     let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => {

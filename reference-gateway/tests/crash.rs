@@ -5,7 +5,6 @@
 //! dense seqs.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod support;
@@ -17,29 +16,12 @@ use confab_spec::ids::*;
 use futures_util::SinkExt;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
-use support::{Ws, authenticate, recv};
+use support::{Ws, authenticate, free_port, private_message, recv, start_gateway as start};
 use tokio_tungstenite::tungstenite::Message;
 
 const CONV: ConversationId = ConversationId([0x5A; 32]);
 const CYCLES: usize = 60;
 const SENDS_PER_CYCLE_MAX: u32 = 40;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
-fn start(db: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_confab-gateway"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-        .arg(db)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn confab-gateway")
-}
 
 async fn connect(port: u16) -> Ws {
     for _ in 0..200 {
@@ -51,18 +33,6 @@ async fn connect(port: u16) -> Ws {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("gateway did not come up");
-}
-
-/// A PrivateMessage header for CONV at epoch 0, with `body` as ciphertext. The gateway reads
-/// only the framing (SPEC.md 7.2).
-fn private_message(body: &[u8]) -> MlsBytes {
-    let mut m = vec![0, 1, 0, 2, 32];
-    m.extend_from_slice(&CONV.0);
-    m.extend_from_slice(&0u64.to_be_bytes());
-    m.push(1);
-    m.extend_from_slice(&[0, 0, body.len() as u8]);
-    m.extend_from_slice(body);
-    MlsBytes::new(m).expect("bytes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +100,7 @@ async fn acknowledged_sends_survive_sigkill() {
                 rid: rid as u64,
                 conversation: CONV,
                 msg_id: *msg_id,
-                payload: private_message(&msg_id.0),
+                payload: private_message(CONV, &msg_id.0),
                 welcome: None,
             });
             if ws
@@ -157,7 +127,7 @@ async fn acknowledged_sends_survive_sigkill() {
                     rid: 999,
                     conversation: CONV,
                     msg_id: *msg_id,
-                    payload: private_message(&msg_id.0),
+                    payload: private_message(CONV, &msg_id.0),
                     welcome: None,
                 });
                 let _ = ws.send(Message::Binary(frame.encode().into())).await;

@@ -91,3 +91,37 @@ pub async fn authenticate_process(
         _ => None,
     }
 }
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// Starts the real `confab-gateway` binary on `port` with the database `db`.
+pub fn start_gateway(db: &std::path::Path, port: u16) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_confab-gateway"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn confab-gateway")
+}
+
+/// A PrivateMessage header for `conversation` at epoch 0, with `body` (under 256 bytes) as
+/// ciphertext. The gateway reads only the framing (SPEC.md 7.2).
+pub fn private_message(
+    conversation: confab_spec::ids::ConversationId,
+    body: &[u8],
+) -> confab_spec::ids::MlsBytes {
+    let mut m = vec![0, 1, 0, 2, 32];
+    m.extend_from_slice(&conversation.0);
+    m.extend_from_slice(&0u64.to_be_bytes());
+    m.push(1);
+    m.extend_from_slice(&[0, 0, body.len() as u8]);
+    m.extend_from_slice(body);
+    confab_spec::ids::MlsBytes::new(m).expect("bytes")
+}

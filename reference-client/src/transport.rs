@@ -1,0 +1,185 @@
+//! Runs a sans-IO [`ClientSession`] over a real WebSocket (tokio-tungstenite): connects when
+//! the session asks, feeds it every received message, timer and close, and writes what it
+//! transmits. The application owns the [`Transport`] and calls [`Transport::next_event`]
+//! in a loop; between events it gives the session inputs through [`Transport::session`].
+//!
+//! Only `ws://` URLs are supported for now (no TLS in the build); a `wss://` URL fails to
+//! connect with an error the session reports as a disconnect, and is retried with backoff.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use confab_spec::ids::UnixMs;
+use confab_spec::limits;
+use confab_spec::session::{ClientSession, ConnId, Event, Input, Output};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+type Connecting = Pin<Box<dyn Future<Output = Result<Ws, String>> + Send>>;
+
+/// The wall clock the session runs on.
+pub fn system_now() -> UnixMs {
+    UnixMs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
+/// A [`ClientSession`] connected to one gateway URL.
+pub struct Transport {
+    session: ClientSession,
+    url: String,
+    socket: Option<(ConnId, Ws)>,
+    connecting: Option<(ConnId, Connecting)>,
+}
+
+impl Transport {
+    /// A transport for `session` to the gateway at `url` (`ws://HOST:PORT/v1/ws`). Nothing
+    /// happens until the session is started (`Input::Start`) and `next_event` is called.
+    pub fn new(session: ClientSession, url: impl Into<String>) -> Self {
+        Self {
+            session,
+            url: url.into(),
+            socket: None,
+            connecting: None,
+        }
+    }
+
+    /// The session, to give it inputs (sends, subscriptions, acks, requests).
+    pub fn session(&mut self) -> &mut ClientSession {
+        &mut self.session
+    }
+
+    /// The gateway URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Performs I/O until the session has something to say, and returns it.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            while let Some(output) = self.session.poll_output() {
+                match output {
+                    Output::Event(event) => return event,
+                    Output::Connect { conn } => self.connect(conn),
+                    Output::Transmit { conn, frame } => {
+                        let Some((current, ws)) = self.socket.as_mut() else {
+                            continue;
+                        };
+                        if *current != conn {
+                            continue;
+                        }
+                        if ws
+                            .send(Message::Binary(frame.encode().into()))
+                            .await
+                            .is_err()
+                        {
+                            self.socket = None;
+                            self.input(Input::Closed { conn, code: None });
+                        }
+                    }
+                    Output::Close { conn, code } => {
+                        if let Some((current, mut ws)) = self.socket.take() {
+                            if current == conn {
+                                let frame = CloseFrame {
+                                    code: code.into(),
+                                    reason: "".into(),
+                                };
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    ws.close(Some(frame)),
+                                )
+                                .await;
+                            } else {
+                                self.socket = Some((current, ws));
+                            }
+                        }
+                    }
+                    // A newer session crate may add outputs; there is nothing to do for
+                    // one this transport does not know.
+                    _ => {}
+                }
+            }
+            self.wait().await;
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        // Transport inputs are never refused; application inputs do not pass here.
+        let _ = self.session.handle(system_now(), input);
+    }
+
+    fn connect(&mut self, conn: ConnId) {
+        self.socket = None;
+        let url = self.url.clone();
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(limits::FRAME_BYTES_MAX_DEFAULT))
+            .max_frame_size(Some(limits::FRAME_BYTES_MAX_DEFAULT));
+        self.connecting = Some((
+            conn,
+            Box::pin(async move {
+                tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+                    .await
+                    .map(|(ws, _)| ws)
+                    .map_err(|e| e.to_string())
+            }),
+        ));
+    }
+
+    /// Waits for one thing to happen: the connection attempt ends, a message or close
+    /// arrives, or the session's timer fires.
+    async fn wait(&mut self) {
+        let sleep = match self.session.poll_timeout() {
+            Some(at) => Duration::from_millis(at.0.saturating_sub(system_now().0)),
+            None => Duration::from_secs(3_600),
+        };
+        tokio::select! {
+            biased;
+            result = async {
+                match self.connecting.as_mut() {
+                    Some((_, attempt)) => attempt.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some((conn, _)) = self.connecting.take() else { return };
+                match result {
+                    Ok(ws) => {
+                        self.socket = Some((conn, ws));
+                        self.input(Input::Connected { conn });
+                    }
+                    Err(_) => self.input(Input::Closed { conn, code: None }),
+                }
+            }
+            message = async {
+                match self.socket.as_mut() {
+                    Some((_, ws)) => ws.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some((conn, _)) = self.socket.as_ref().map(|(c, _)| (*c, ())) else { return };
+                match message {
+                    Some(Ok(Message::Binary(bytes))) => {
+                        self.input(Input::Bytes { conn, bytes: bytes.to_vec() });
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        self.socket = None;
+                        let code = frame.map(|f| u16::from(f.code));
+                        self.input(Input::Closed { conn, code });
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => {
+                        self.socket = None;
+                        self.input(Input::Closed { conn, code: None });
+                    }
+                }
+            }
+            _ = tokio::time::sleep(sleep) => self.input(Input::Timeout),
+        }
+    }
+}
