@@ -4,6 +4,7 @@
 //! ([`mls`]: openmls and mls-rs behind one trait), the local store, and the `confab` CLI.
 //! It drives the sans-IO [`confab_spec::session::ClientSession`].
 
+pub mod app;
 pub mod identity;
 pub mod interop;
 pub mod mls;

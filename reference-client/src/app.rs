@@ -1,0 +1,445 @@
+//! The client application: one device's [`Transport`] (session + WebSocket), MLS engine and
+//! local [`ClientStore`], tied together. Every `async` method pumps the transport while it
+//! waits, so incoming entries are processed whenever the application waits for anything.
+//!
+//! What it does (issue 5, first part): keep the KeyPackage pool topped up, create a DM
+//! (claim, create the group, add, send the Commit with its Welcome, apply the Commit when
+//! the gateway echoes it), send text through the outbox, and receive: join from Welcomes
+//! in the inbox, decrypt or apply conversation entries, record them with the cursor in one
+//! transaction, then acknowledge (SPEC.md REQ-6.5-3).
+//!
+//! Not yet: stale-commit retries, multi-device fan-in of one's own other devices, the
+//! crash window between the engine's state and the store (see the issue notes).
+
+use std::collections::{HashMap, HashSet};
+
+use confab_spec::error::ErrorCode;
+use confab_spec::frame::{
+    ClaimKeyPackages, ClientFrame, ConversationKind, Entry, EntryBody, KeyPackagesStored,
+    ServerFrame, UploadKeyPackages,
+};
+use confab_spec::ids::{
+    ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, StreamId, SystemKey,
+};
+use confab_spec::session::{Event, Input, SessionError};
+use rand_core::RngCore as _;
+
+use crate::mls::{EngineError, MlsEngine, Processed};
+use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
+use crate::transport::{Transport, system_now};
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The MLS engine failed.
+    #[error("MLS: {0}")]
+    Engine(#[from] EngineError),
+    /// The local database failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The session refused the input (for example, not connected yet).
+    #[error("session: {0}")]
+    Session(#[from] SessionError),
+    /// The gateway refused the request.
+    #[error("the gateway refused the request: {0:?}")]
+    Refused(ErrorCode),
+    /// The gateway refused a send.
+    #[error("the gateway refused the message: {code:?}")]
+    SendRefused {
+        /// Why.
+        code: ErrorCode,
+        /// For `stale_commit`: the current epoch.
+        epoch: Option<Epoch>,
+        /// For `stale_commit`: the seq of the Commit that opened it.
+        seq: Option<Seq>,
+    },
+    /// The peer has no device with a KeyPackage.
+    #[error("the user has no KeyPackages: none of their devices can be added now")]
+    NoKeyPackages,
+    /// The gateway answered with something else than the request calls for.
+    #[error("unexpected answer from the gateway")]
+    Unexpected,
+}
+
+/// What the KeyPackage pool looks like after [`Client::top_up_key_packages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolReport {
+    /// Packages in the pool now.
+    pub pool_count: u64,
+    /// Packages uploaded by this call.
+    pub uploaded: u64,
+    /// Whether the last-resort package was replaced (it was used, or missing).
+    pub last_resort_rotated: bool,
+}
+
+/// One device's client.
+pub struct Client {
+    transport: Transport,
+    engine: Box<dyn MlsEngine>,
+    store: ClientStore,
+    device: DeviceId,
+    ready: bool,
+    responses: HashMap<u64, Result<ServerFrame, ErrorCode>>,
+    sends: HashMap<MsgId, Result<Seq, ClientError>>,
+    created: HashSet<ConversationId>,
+    received: Vec<Message>,
+}
+
+impl Client {
+    /// A client for the device `engine` acts for.
+    pub fn new(transport: Transport, engine: Box<dyn MlsEngine>, store: ClientStore) -> Self {
+        let device = engine.device();
+        Self {
+            transport,
+            engine,
+            store,
+            device,
+            ready: false,
+            responses: HashMap::new(),
+            sends: HashMap::new(),
+            created: HashSet::new(),
+            received: Vec::new(),
+        }
+    }
+
+    /// This device.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// The MLS engine (read-only: epochs, members, authenticators).
+    pub fn engine(&self) -> &dyn MlsEngine {
+        &*self.engine
+    }
+
+    /// The local store.
+    pub fn store(&self) -> &ClientStore {
+        &self.store
+    }
+
+    /// Messages received (or echoed back) since the last call, in delivery order.
+    pub fn take_received(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.received)
+    }
+
+    /// Connects, and follows the inbox and every known conversation from its cursor.
+    pub async fn connect(&mut self) -> Result<(), ClientError> {
+        self.input(Input::Start)?;
+        self.follow(StreamId::Inbox)?;
+        for c in self.store.conversations()? {
+            self.follow(StreamId::Conversation(c.id))?;
+        }
+        while !self.ready {
+            self.pump().await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the transport once: waits for one event and handles it.
+    pub async fn pump(&mut self) -> Result<(), ClientError> {
+        let event = self.transport.next_event().await;
+        self.on_event(event)
+    }
+
+    /// Keeps at least `target` KeyPackages in the pool (uploading when it fell below the
+    /// gateway's low watermark) and a last-resort package that nobody used yet.
+    pub async fn top_up_key_packages(&mut self, target: u64) -> Result<PoolReport, ClientError> {
+        let status = self.upload(Vec::new(), None).await?;
+        let mut report = PoolReport {
+            pool_count: status.pool_count,
+            uploaded: 0,
+            last_resort_rotated: false,
+        };
+        let missing = if status.pool_count < status.low_watermark.max(1) {
+            target.saturating_sub(status.pool_count)
+        } else {
+            0
+        };
+        let rotate = !status.last_resort_present || status.last_resort_claimed;
+        if missing == 0 && !rotate {
+            return Ok(report);
+        }
+        let packages = self.engine.key_packages(missing as usize, false)?;
+        let last = if rotate {
+            self.engine.key_packages(1, true)?.pop()
+        } else {
+            None
+        };
+        let status = self.upload(packages, last).await?;
+        report.pool_count = status.pool_count;
+        report.uploaded = missing;
+        report.last_resort_rotated = rotate;
+        Ok(report)
+    }
+
+    /// Creates a DM with `peer`: claims a KeyPackage of every device of theirs, makes the
+    /// group, and commits the Add with its Welcome; the Commit is applied once the gateway
+    /// accepted it (SPEC.md 7.4).
+    pub async fn create_dm(&mut self, peer: SystemKey) -> Result<ConversationId, ClientError> {
+        let claimed = match self
+            .request(|rid| ClientFrame::ClaimKeyPackages(ClaimKeyPackages { rid, user: peer }))
+            .await?
+        {
+            ServerFrame::KeyPackagesClaimed(c) => c.claimed,
+            _ => return Err(ClientError::Unexpected),
+        };
+        let packages: Vec<Vec<u8>> = claimed
+            .iter()
+            .map(|p| p.key_package.as_bytes().to_vec())
+            .collect();
+        if packages.is_empty() {
+            return Err(ClientError::NoKeyPackages);
+        }
+        let mut id = [0u8; 32];
+        rand_core::OsRng.fill_bytes(&mut id);
+        let conversation = ConversationId(id);
+        self.input(Input::CreateConversation {
+            conversation,
+            kind: ConversationKind::DirectMessage,
+        })?;
+        while !self.created.remove(&conversation) {
+            self.pump().await?;
+        }
+        self.engine.create_group(&conversation)?;
+        let add = self.engine.add_members(&conversation, &packages)?;
+        self.store.add_conversation(&ConversationRecord {
+            id: conversation,
+            kind: ConversationKind::DirectMessage,
+            peer: Some(peer),
+        })?;
+        let sent = self.send(conversation, add.commit, add.welcome, None).await;
+        match sent {
+            Ok(_) => self.engine.merge_pending_commit(&conversation)?,
+            Err(e) => {
+                self.engine.discard_pending_commit(&conversation)?;
+                return Err(e);
+            }
+        }
+        self.follow(StreamId::Conversation(conversation))?;
+        Ok(conversation)
+    }
+
+    /// Sends `text` to `conversation`; returns its seq once the gateway accepted it.
+    pub async fn send_text(
+        &mut self,
+        conversation: ConversationId,
+        text: &[u8],
+    ) -> Result<Seq, ClientError> {
+        let payload = self.engine.encrypt(&conversation, text)?;
+        self.send(conversation, payload, None, Some(text.to_vec()))
+            .await
+    }
+
+    /// Composes a message into the outbox (its msg_id fixed now, REQ-6.3-4), hands it to
+    /// the session and waits for the gateway's answer.
+    async fn send(
+        &mut self,
+        conversation: ConversationId,
+        payload: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        plaintext: Option<Vec<u8>>,
+    ) -> Result<Seq, ClientError> {
+        let mut id = [0u8; 16];
+        rand_core::OsRng.fill_bytes(&mut id);
+        let msg_id = MsgId(id);
+        self.store.outbox_put(&OutboxItem {
+            msg_id,
+            conversation,
+            payload: payload.clone(),
+            welcome: welcome.clone(),
+            plaintext,
+            composed: system_now(),
+        })?;
+        let bytes = |b: Vec<u8>| {
+            MlsBytes::new(b).map_err(|_| ClientError::Refused(ErrorCode::PayloadTooLarge))
+        };
+        self.input(Input::Send {
+            conversation,
+            msg_id,
+            payload: bytes(payload)?,
+            welcome: welcome.map(bytes).transpose()?,
+        })?;
+        loop {
+            if let Some(result) = self.sends.remove(&msg_id) {
+                if result.is_err() {
+                    self.store.outbox_remove(&msg_id)?;
+                }
+                return result;
+            }
+            self.pump().await?;
+        }
+    }
+
+    async fn upload(
+        &mut self,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<KeyPackagesStored, ClientError> {
+        let wrap = |b: Vec<u8>| MlsBytes::new(b).map_err(|_| ClientError::Unexpected);
+        let key_packages = key_packages
+            .into_iter()
+            .map(wrap)
+            .collect::<Result<Vec<_>, _>>()?;
+        let last_resort = last_resort.map(wrap).transpose()?;
+        match self
+            .request(move |rid| {
+                ClientFrame::UploadKeyPackages(UploadKeyPackages {
+                    rid,
+                    key_packages,
+                    last_resort,
+                })
+            })
+            .await?
+        {
+            ServerFrame::KeyPackagesStored(s) => Ok(s),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    async fn request(
+        &mut self,
+        make: impl FnOnce(u64) -> ClientFrame,
+    ) -> Result<ServerFrame, ClientError> {
+        while !self.ready {
+            self.pump().await?;
+        }
+        let rid = self.transport.session().request(system_now(), make)?;
+        loop {
+            if let Some(answer) = self.responses.remove(&rid) {
+                return answer.map_err(|code| match code {
+                    ErrorCode::NoKeyPackages => ClientError::NoKeyPackages,
+                    code => ClientError::Refused(code),
+                });
+            }
+            self.pump().await?;
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Result<(), ClientError> {
+        Ok(self.transport.session().handle(system_now(), input)?)
+    }
+
+    fn follow(&mut self, stream: StreamId) -> Result<(), ClientError> {
+        let from_seq = self.store.cursor(&stream)?.map(|c| c.next_seq);
+        self.input(Input::Subscribe { stream, from_seq })
+    }
+
+    fn on_event(&mut self, event: Event) -> Result<(), ClientError> {
+        match event {
+            Event::Ready { .. } => self.ready = true,
+            Event::Disconnected { .. } | Event::Stopped { .. } => self.ready = false,
+            Event::Created { conversation } => {
+                self.created.insert(conversation);
+            }
+            Event::Response { frame } => {
+                if let Some(rid) = response_rid(&frame) {
+                    self.responses.insert(rid, Ok(frame));
+                }
+            }
+            Event::RequestFailed { rid, code } => {
+                self.responses.insert(rid, Err(code));
+            }
+            Event::SendAccepted { msg_id, seq, .. } => {
+                self.sends.insert(msg_id, Ok(seq));
+            }
+            Event::SendRejected {
+                msg_id,
+                code,
+                epoch,
+                seq,
+                ..
+            } => {
+                self.sends
+                    .insert(msg_id, Err(ClientError::SendRefused { code, epoch, seq }));
+            }
+            Event::Delivered { stream, entry } => self.on_entry(stream, entry)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Processes one delivered entry, records it with the cursor, then acknowledges it.
+    fn on_entry(&mut self, stream: StreamId, entry: Entry) -> Result<(), ClientError> {
+        let seq = entry.seq;
+        let mut message = None;
+        match (stream, &entry.body) {
+            (
+                StreamId::Inbox,
+                EntryBody::Welcome {
+                    conversation,
+                    commit_seq,
+                },
+            ) => {
+                match self.engine.join(entry.payload.as_bytes()) {
+                    Ok(group) if group == *conversation => {
+                        self.store.add_conversation(&ConversationRecord {
+                            id: group,
+                            kind: ConversationKind::DirectMessage,
+                            peer: Some(entry.sender.system),
+                        })?;
+                        // The group starts after the Commit that added this device.
+                        let from_seq = Seq::new(commit_seq.get() + 1);
+                        self.input(Input::Subscribe {
+                            stream: StreamId::Conversation(group),
+                            from_seq,
+                        })?;
+                    }
+                    // A Welcome this device cannot use (for example, its KeyPackage was
+                    // already consumed) is recorded as processed so it is not retried.
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            (StreamId::Conversation(c), EntryBody::Application { .. }) => {
+                let body = if entry.sender == self.device {
+                    // One's own message: the plaintext kept in the outbox.
+                    self.store
+                        .outbox()?
+                        .into_iter()
+                        .find(|o| o.msg_id == entry.msg_id)
+                        .and_then(|o| o.plaintext)
+                } else {
+                    match self.engine.process(&c, entry.payload.as_bytes()) {
+                        Ok(Processed::Application { plaintext, .. }) => Some(plaintext),
+                        _ => None,
+                    }
+                };
+                message = body.map(|body| Message {
+                    conversation: c,
+                    seq,
+                    sender: entry.sender,
+                    msg_id: entry.msg_id,
+                    accepted: entry.accepted_ms,
+                    body,
+                });
+            }
+            (StreamId::Conversation(c), EntryBody::Commit { .. } | EntryBody::Proposal { .. }) => {
+                if entry.sender == self.device {
+                    // Applied when the gateway accepted it; after a crash in between, now.
+                    if self.engine.has_pending_commit(&c)? {
+                        self.engine.merge_pending_commit(&c)?;
+                    }
+                } else {
+                    let _ = self.engine.process(&c, entry.payload.as_bytes())?;
+                }
+            }
+            _ => {}
+        }
+        if self.store.deliver(&stream, seq, message.as_ref())? {
+            if let Some(m) = message {
+                self.received.push(m);
+            }
+        }
+        self.input(Input::Ack { stream, seq })?;
+        self.store.set_acked(&stream, seq)?;
+        Ok(())
+    }
+}
+
+fn response_rid(frame: &ServerFrame) -> Option<u64> {
+    match frame {
+        ServerFrame::Ok(f) => Some(f.rid),
+        ServerFrame::KeyPackagesStored(f) => Some(f.rid),
+        ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
+        _ => None,
+    }
+}
