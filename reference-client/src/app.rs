@@ -56,6 +56,9 @@ pub enum ClientError {
     /// The peer has no device with a KeyPackage.
     #[error("the user has no KeyPackages: none of their devices can be added now")]
     NoKeyPackages,
+    /// The gateway could not be reached (connection attempts failed before any `Ready`).
+    #[error("cannot reach the gateway after {0} attempts")]
+    Unreachable(u32),
     /// The gateway answered with something else than the request calls for.
     #[error("unexpected answer from the gateway")]
     Unexpected,
@@ -83,7 +86,13 @@ pub struct Client {
     sends: HashMap<MsgId, Result<Seq, ClientError>>,
     created: HashSet<ConversationId>,
     received: Vec<Message>,
+    followed: HashSet<StreamId>,
+    live: HashSet<StreamId>,
+    failed_attempts: u32,
 }
+
+/// Connection attempts [`Client::connect`] makes before it reports the gateway unreachable.
+pub const CONNECT_ATTEMPTS: u32 = 3;
 
 impl Client {
     /// A client for the device `engine` acts for.
@@ -99,6 +108,9 @@ impl Client {
             sends: HashMap::new(),
             created: HashSet::new(),
             received: Vec::new(),
+            followed: HashSet::new(),
+            live: HashSet::new(),
+            failed_attempts: 0,
         }
     }
 
@@ -122,7 +134,9 @@ impl Client {
         std::mem::take(&mut self.received)
     }
 
-    /// Connects, and follows the inbox and every known conversation from its cursor.
+    /// Connects, and follows the inbox and every known conversation from its cursor. Gives
+    /// up with [`ClientError::Unreachable`] after [`CONNECT_ATTEMPTS`] failed attempts;
+    /// once connected, the session reconnects by itself.
     pub async fn connect(&mut self) -> Result<(), ClientError> {
         self.input(Input::Start)?;
         self.follow(StreamId::Inbox)?;
@@ -130,9 +144,27 @@ impl Client {
             self.follow(StreamId::Conversation(c.id))?;
         }
         while !self.ready {
+            if self.failed_attempts >= CONNECT_ATTEMPTS {
+                self.input(Input::Stop)?;
+                return Err(ClientError::Unreachable(self.failed_attempts));
+            }
             self.pump().await?;
         }
         Ok(())
+    }
+
+    /// Pumps until every followed stream (the inbox, every conversation, and those joined
+    /// meanwhile) has replayed to its head and is live: the device has caught up.
+    pub async fn sync(&mut self) -> Result<(), ClientError> {
+        while !self.ready || !self.followed.is_subset(&self.live) {
+            self.pump().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the session is connected and authenticated.
+    pub fn is_ready(&self) -> bool {
+        self.ready
     }
 
     /// Runs the transport once: waits for one event and handles it.
@@ -242,6 +274,7 @@ impl Client {
         let mut id = [0u8; 16];
         rand_core::OsRng.fill_bytes(&mut id);
         let msg_id = MsgId(id);
+        let has_plaintext = plaintext.is_some();
         self.store.outbox_put(&OutboxItem {
             msg_id,
             conversation,
@@ -261,7 +294,9 @@ impl Client {
         })?;
         loop {
             if let Some(result) = self.sends.remove(&msg_id) {
-                if result.is_err() {
+                // An accepted handshake message has nothing left to show; an application
+                // message waits in the outbox for its echo (its plaintext is shown then).
+                if result.is_err() || !has_plaintext {
                     self.store.outbox_remove(&msg_id)?;
                 }
                 return result;
@@ -321,13 +356,31 @@ impl Client {
 
     fn follow(&mut self, stream: StreamId) -> Result<(), ClientError> {
         let from_seq = self.store.cursor(&stream)?.map(|c| c.next_seq);
+        self.subscribe(stream, from_seq)
+    }
+
+    fn subscribe(&mut self, stream: StreamId, from_seq: Option<Seq>) -> Result<(), ClientError> {
+        self.followed.insert(stream);
+        self.live.remove(&stream);
         self.input(Input::Subscribe { stream, from_seq })
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), ClientError> {
         match event {
-            Event::Ready { .. } => self.ready = true,
-            Event::Disconnected { .. } | Event::Stopped { .. } => self.ready = false,
+            Event::Ready { .. } => {
+                self.ready = true;
+                self.failed_attempts = 0;
+            }
+            Event::Disconnected { .. } | Event::Stopped { .. } => {
+                if !self.ready {
+                    self.failed_attempts += 1;
+                }
+                self.ready = false;
+                self.live.clear();
+            }
+            Event::Live { stream } => {
+                self.live.insert(stream);
+            }
             Event::Created { conversation } => {
                 self.created.insert(conversation);
             }
@@ -379,10 +432,7 @@ impl Client {
                         })?;
                         // The group starts after the Commit that added this device.
                         let from_seq = Seq::new(commit_seq.get() + 1);
-                        self.input(Input::Subscribe {
-                            stream: StreamId::Conversation(group),
-                            from_seq,
-                        })?;
+                        self.subscribe(StreamId::Conversation(group), from_seq)?;
                     }
                     // A Welcome this device cannot use (for example, its KeyPackage was
                     // already consumed) is recorded as processed so it is not retried.

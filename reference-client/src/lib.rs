@@ -5,6 +5,7 @@
 //! It drives the sans-IO [`confab_spec::session::ClientSession`].
 
 pub mod app;
+pub mod home;
 pub mod identity;
 pub mod interop;
 pub mod mls;

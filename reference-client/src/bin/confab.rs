@@ -1,0 +1,393 @@
+//! `confab`: chat from the command line.
+//!
+//! ```text
+//! confab [--home DIR] [--server URL] [--engine openmls|mls-rs] [--json] <command>
+//!   init [--import BACKUP]     create an identity (or import a Polycentric one) and this device
+//!   whoami                     your user key (give it to contacts) and this device
+//!   contacts add NAME KEY | list | remove NAME
+//!   dm NAME                    start a DM with a contact
+//!   send NAME|CONVERSATION TEXT
+//!   read [NAME|CONVERSATION]   catch up and print messages
+//!   watch                      print messages as they arrive; survives reconnects
+//!   status                     connection, KeyPackage pool, pending outbox
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use confab_client::app::{Client, ClientError};
+use confab_client::home::{Home, HomeError, Settings};
+use confab_client::store::Message;
+use confab_spec::ids::{ConversationId, SystemKey};
+
+/// Confab: end-to-end-encrypted chat on MLS for Polycentric identities.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// State directory of this device [default: $CONFAB_HOME, else ~/.confab].
+    #[arg(long, global = true, env = "CONFAB_HOME")]
+    home: Option<PathBuf>,
+    /// The gateway's WebSocket URL [default: the one given at init, else
+    /// ws://127.0.0.1:8080/v1/ws].
+    #[arg(long, global = true, env = "CONFAB_SERVER")]
+    server: Option<String>,
+    /// MLS engine for a new device (init only): openmls or mls-rs [default: openmls].
+    #[arg(long, global = true)]
+    engine: Option<String>,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an identity and this device, or import an identity with --import.
+    Init {
+        /// A Polycentric backup string (polycentric://…).
+        #[arg(long)]
+        import: Option<String>,
+    },
+    /// Show your user key (share it with contacts) and this device.
+    Whoami,
+    /// Manage contacts.
+    Contacts {
+        #[command(subcommand)]
+        action: ContactsAction,
+    },
+    /// Start a DM with a contact.
+    Dm {
+        /// The contact's name.
+        name: String,
+    },
+    /// Send a message.
+    Send {
+        /// A contact with a DM, or a conversation id (hex).
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Catch up and print messages.
+    Read {
+        /// A contact with a DM, or a conversation id (hex) [default: all].
+        conversation: Option<String>,
+    },
+    /// Print messages as they arrive (Ctrl-C stops).
+    Watch,
+    /// Show the connection, the KeyPackage pool and the outbox.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ContactsAction {
+    /// Add a contact: a name of your choice and their user key (from `confab whoami`).
+    Add { name: String, key: String },
+    /// List contacts.
+    List,
+    /// Remove a contact.
+    Remove { name: String },
+}
+
+/// A user error, printed without a backtrace.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Home(#[from] HomeError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Store(#[from] confab_client::store::StoreError),
+    #[error("cannot reach the gateway at {0} (is it running? is --server right?)")]
+    Unreachable(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+const DEFAULT_SERVER: &str = "ws://127.0.0.1:8080/v1/ws";
+/// KeyPackages kept in the directory for others to start DMs.
+const POOL_TARGET: u64 = 20;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let home = Home::new(cli.home.clone().unwrap_or_else(default_home));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, home)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".confab")
+}
+
+fn hex_key(key: &SystemKey) -> String {
+    hex::encode(key.0)
+}
+
+fn parse_key(s: &str) -> Result<SystemKey, CliError> {
+    let bytes = hex::decode(s.trim())
+        .map_err(|_| CliError::Usage(format!("{s:?} is not a user key (64 hex digits)")))?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| CliError::Usage(format!("{s:?} is not a user key (64 hex digits)")))?;
+    Ok(SystemKey(key))
+}
+
+/// Connects within 10 s, or says the gateway is unreachable.
+async fn connect(home: &Home, server: Option<&str>) -> Result<Client, CliError> {
+    let mut client = home.client(server)?;
+    let url = server
+        .map(str::to_owned)
+        .or_else(|| home.settings().ok().map(|s| s.server))
+        .unwrap_or_default();
+    match tokio::time::timeout(Duration::from_secs(10), client.connect()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(ClientError::Unreachable(_))) | Err(_) => return Err(CliError::Unreachable(url)),
+        Ok(Err(e)) => return Err(e.into()),
+    }
+    match tokio::time::timeout(Duration::from_secs(30), client.sync()).await {
+        Ok(result) => result?,
+        Err(_) => return Err(CliError::Unreachable(url)),
+    }
+    Ok(client)
+}
+
+/// A conversation named by a contact (its DM) or by its id.
+fn conversation(client: &Client, name: &str) -> Result<ConversationId, CliError> {
+    let store = client.store();
+    if let Some((_, key)) = store.contacts()?.into_iter().find(|(n, _)| n == name) {
+        return store
+            .conversations()?
+            .into_iter()
+            .find(|c| c.peer == Some(key))
+            .map(|c| c.id)
+            .ok_or_else(|| {
+                CliError::Usage(format!("no DM with {name} yet: run `confab dm {name}`"))
+            });
+    }
+    let bytes = hex::decode(name)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{name:?} is neither a contact nor a conversation id"
+            ))
+        })?;
+    Ok(ConversationId(bytes))
+}
+
+fn sender_name(client: &Client, m: &Message) -> String {
+    if m.sender.system == client.device().system {
+        return "me".into();
+    }
+    client
+        .store()
+        .contacts()
+        .ok()
+        .and_then(|c| c.into_iter().find(|(_, k)| *k == m.sender.system))
+        .map_or_else(|| hex_key(&m.sender.system)[..12].to_owned(), |(n, _)| n)
+}
+
+fn print_message(client: &Client, m: &Message, json: bool) {
+    let from = sender_name(client, m);
+    let text = String::from_utf8_lossy(&m.body);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "conversation": hex::encode(m.conversation.0),
+                "seq": m.seq.get(),
+                "from": from,
+                "accepted_ms": m.accepted.0,
+                "text": text,
+            })
+        );
+    } else {
+        println!("[{}] {from}: {text}", m.seq.get());
+    }
+}
+
+async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
+    let server = cli.server.as_deref();
+    match cli.command {
+        Command::Init { import } => {
+            let settings = Settings {
+                server: server.unwrap_or(DEFAULT_SERVER).to_owned(),
+                engine: cli.engine.unwrap_or_else(|| "openmls".into()),
+            };
+            let identity = home.init(import.as_deref(), &settings)?;
+            let mut client = connect(&home, None).await?;
+            let pool = client.top_up_key_packages(POOL_TARGET).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"user": hex_key(&identity.system), "key_packages": pool.pool_count})
+                );
+            } else {
+                println!("created your identity in {}", home.dir().display());
+                println!(
+                    "your user key (give it to your contacts): {}",
+                    hex_key(&identity.system)
+                );
+                println!("{} KeyPackages published", pool.pool_count);
+            }
+        }
+        Command::Whoami => {
+            let (identity, credentials) = home.identity()?;
+            let device = credentials.certificate.device_id();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"user": hex_key(&identity.system), "device": hex::encode(device.process.0)})
+                );
+            } else {
+                println!("user   {}", hex_key(&identity.system));
+                println!("device {}", hex::encode(device.process.0));
+            }
+        }
+        Command::Contacts { action } => {
+            home.identity()?;
+            let mut store = home.local_store()?;
+            match action {
+                ContactsAction::Add { name, key } => {
+                    store.add_contact(&name, &parse_key(&key)?)?;
+                    if !cli.json {
+                        println!("added {name}");
+                    }
+                }
+                ContactsAction::List => {
+                    for (name, key) in store.contacts()? {
+                        if cli.json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"name": name, "user": hex_key(&key)})
+                            );
+                        } else {
+                            println!("{name}\t{}", hex_key(&key));
+                        }
+                    }
+                }
+                ContactsAction::Remove { name } => {
+                    if !store.remove_contact(&name)? {
+                        return Err(CliError::Usage(format!("no contact named {name}")));
+                    }
+                }
+            }
+        }
+        Command::Dm { name } => {
+            let mut client = connect(&home, server).await?;
+            let key = client
+                .store()
+                .contacts()?
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, k)| k)
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "no contact named {name}: `confab contacts add {name} KEY`"
+                    ))
+                })?;
+            if let Some(existing) = client
+                .store()
+                .conversations()?
+                .into_iter()
+                .find(|c| c.peer == Some(key))
+            {
+                println!("{}", hex::encode(existing.id.0));
+                return Ok(());
+            }
+            let dm = client.create_dm(key).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(dm.0), "with": name})
+                );
+            } else {
+                println!("{}", hex::encode(dm.0));
+            }
+        }
+        Command::Send { to, text } => {
+            let mut client = connect(&home, server).await?;
+            let dm = conversation(&client, &to)?;
+            let seq = client.send_text(dm, text.as_bytes()).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(dm.0), "seq": seq.get()})
+                );
+            }
+        }
+        Command::Read {
+            conversation: which,
+        } => {
+            let mut client = connect(&home, server).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            let wanted = which.map(|w| conversation(&client, &w)).transpose()?;
+            for c in client.store().conversations()? {
+                if wanted.is_some_and(|w| w != c.id) {
+                    continue;
+                }
+                for m in client.store().messages(&c.id, 0, usize::MAX)? {
+                    print_message(&client, &m, cli.json);
+                }
+            }
+        }
+        Command::Watch => {
+            let mut client = connect(&home, server).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            client.take_received();
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    result = client.pump() => result?,
+                }
+                for m in client.take_received() {
+                    print_message(&client, &m, cli.json);
+                }
+            }
+        }
+        Command::Status => {
+            let mut client = connect(&home, server).await?;
+            let pool = client.top_up_key_packages(POOL_TARGET).await?;
+            let outbox = client.store().outbox()?.len();
+            let conversations = client.store().conversations()?.len();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"connected": client.is_ready(), "key_packages": pool.pool_count,
+                        "uploaded": pool.uploaded, "outbox": outbox, "conversations": conversations})
+                );
+            } else {
+                println!("connected      {}", client.is_ready());
+                println!(
+                    "key packages   {} (uploaded {} now)",
+                    pool.pool_count, pool.uploaded
+                );
+                println!("outbox         {outbox} pending");
+                println!("conversations  {conversations}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! A device's state directory (`confab --home DIR`): `settings.toml` (gateway URL, MLS
+//! engine), `confab.db` (identity, contacts, conversations, cursors, outbox, messages) and
+//! `mls.db` (the MLS engine's state).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use confab_spec::identity::{DeviceCertificate, DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::{ProcessId, UnixMs};
+use confab_spec::session::{ClientSession, DeviceCredentials, SessionConfig};
+use rand_core::RngCore as _;
+
+use crate::app::Client;
+use crate::identity::{ImportError, import_backup};
+use crate::mls::{EngineError, EngineKind, open_engine, system_clock};
+use crate::store::{ClientStore, StoreError, StoredIdentity};
+use crate::transport::{Transport, system_now};
+
+/// How long a device certificate issued by `init` is valid (SPEC.md 3.2 recommends 90 days
+/// or less).
+pub const CERTIFICATE_LIFETIME_MS: u64 = 90 * 86_400_000;
+
+/// What `settings.toml` holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Settings {
+    /// The gateway's WebSocket URL, e.g. `ws://127.0.0.1:8080/v1/ws`.
+    pub server: String,
+    /// `openmls` or `mls-rs`.
+    pub engine: String,
+}
+
+/// Why the state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// `init` has not been run for this directory.
+    #[error("no identity in {0}: run `confab init` first")]
+    NotInitialised(PathBuf),
+    /// `init` was run already.
+    #[error("{0} already holds an identity; use another --home to create a second one")]
+    AlreadyInitialised(PathBuf),
+    /// The backup string was refused.
+    #[error("cannot import the identity: {0}")]
+    Import(#[from] ImportError),
+    /// An unknown engine name.
+    #[error("unknown MLS engine {0:?}: use openmls or mls-rs")]
+    Engine(String),
+    /// The directory or a file in it cannot be used.
+    #[error("{path}: {error}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What failed.
+        error: String,
+    },
+    /// The local database failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The MLS state failed to open.
+    #[error("MLS state: {0}")]
+    Mls(#[from] EngineError),
+    /// The stored certificate does not decode.
+    #[error("the stored device certificate is unreadable")]
+    Certificate,
+}
+
+/// A state directory.
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    /// The directory `dir` (not touched until used).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, path: &Path, e: impl std::fmt::Display) -> HomeError {
+        HomeError::Io {
+            path: path.to_path_buf(),
+            error: e.to_string(),
+        }
+    }
+
+    /// The local store (created if missing).
+    pub fn local_store(&self) -> Result<ClientStore, HomeError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
+        Ok(ClientStore::open(&self.dir.join("confab.db"))?)
+    }
+
+    /// Creates the identity: a new system key, or the one in a Polycentric `backup`, and a
+    /// key, process id and certificate for this device.
+    pub fn init(
+        &self,
+        backup: Option<&str>,
+        settings: &Settings,
+    ) -> Result<StoredIdentity, HomeError> {
+        EngineKind::parse(&settings.engine)
+            .ok_or_else(|| HomeError::Engine(settings.engine.clone()))?;
+        let mut store = self.local_store()?;
+        if store.identity()?.is_some() {
+            return Err(HomeError::AlreadyInitialised(self.dir.clone()));
+        }
+        let system = match backup {
+            Some(b) => import_backup(b)?,
+            None => SystemKeyPair::generate(&mut rand_core::OsRng),
+        };
+        let device = DeviceKeyPair::generate(&mut rand_core::OsRng);
+        let mut process = [0u8; 16];
+        rand_core::OsRng.fill_bytes(&mut process);
+        let now = system_now();
+        let certificate = system.issue_certificate(
+            ProcessId(process),
+            device.public(),
+            UnixMs(now.0.saturating_sub(60_000)),
+            now.plus_ms(CERTIFICATE_LIFETIME_MS),
+        );
+        let identity = StoredIdentity {
+            system_seed: Some(system.seed()),
+            system: system.public(),
+            device_seed: device.seed(),
+            certificate: confab_spec::cbor::to_vec(&certificate),
+        };
+        let path = self.dir.join("settings.toml");
+        let text = toml::to_string(settings).map_err(|e| self.io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| self.io(&path, e))?;
+        store.set_identity(&identity)?;
+        Ok(identity)
+    }
+
+    /// The stored settings.
+    pub fn settings(&self) -> Result<Settings, HomeError> {
+        let path = self.dir.join("settings.toml");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|_| HomeError::NotInitialised(self.dir.clone()))?;
+        toml::from_str(&text).map_err(|e| self.io(&path, e))
+    }
+
+    /// The identity and this device's credentials.
+    pub fn identity(&self) -> Result<(StoredIdentity, DeviceCredentials), HomeError> {
+        let identity = self
+            .local_store()?
+            .identity()?
+            .ok_or_else(|| HomeError::NotInitialised(self.dir.clone()))?;
+        let certificate: DeviceCertificate = confab_spec::cbor::from_slice(
+            &identity.certificate,
+            &confab_spec::DecodeLimits::default(),
+        )
+        .map_err(|_| HomeError::Certificate)?;
+        let credentials = DeviceCredentials {
+            key: DeviceKeyPair::from_seed(&identity.device_seed),
+            certificate,
+        };
+        Ok((identity, credentials))
+    }
+
+    /// A client for this device, talking to `server` (or the stored one).
+    pub fn client(&self, server: Option<&str>) -> Result<Client, HomeError> {
+        let settings = self.settings()?;
+        let (_, credentials) = self.identity()?;
+        let kind = EngineKind::parse(&settings.engine)
+            .ok_or_else(|| HomeError::Engine(settings.engine.clone()))?;
+        let engine = open_engine(
+            kind,
+            &self.dir.join("mls.db"),
+            credentials.clone(),
+            system_clock(),
+        )?;
+        let url = server.unwrap_or(&settings.server).to_owned();
+        let mut config = SessionConfig::new(origin_of(&url));
+        config.connect_timeout_ms = Duration::from_secs(5).as_millis() as u64;
+        let mut seed = [0u8; 8];
+        rand_core::OsRng.fill_bytes(&mut seed);
+        let session = ClientSession::new(config, credentials, u64::from_le_bytes(seed));
+        Ok(Client::new(
+            Transport::new(session, url),
+            engine,
+            self.local_store()?,
+        ))
+    }
+}
+
+/// The origin a client signs for a gateway URL: scheme, host and port, without the path
+/// (`ws://127.0.0.1:8080/v1/ws` → `ws://127.0.0.1:8080`).
+pub fn origin_of(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => url[..after_scheme + i].to_owned(),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_drop_the_path() {
+        assert_eq!(
+            origin_of("ws://127.0.0.1:8080/v1/ws"),
+            "ws://127.0.0.1:8080"
+        );
+        assert_eq!(
+            origin_of("wss://chat.example.org/v1/ws"),
+            "wss://chat.example.org"
+        );
+        assert_eq!(origin_of("ws://host:1"), "ws://host:1");
+    }
+}

@@ -1,0 +1,184 @@
+//! The `confab` CLI end to end: two identities in two `--home` directories on one machine
+//! (one openmls, one mls-rs device) and a real gateway. They exchange a DM; one side is
+//! closed while the other writes, the gateway restarts, and the closed side catches up in
+//! order with no duplicates. User errors print a sentence, not a backtrace.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use confab_gateway::handler::GatewayConfig;
+use confab_gateway::server;
+use confab_gateway::store::sqlite::SqliteStore;
+
+/// A gateway on `addr` in a thread of its own; stops when the sender is dropped or fired.
+fn gateway(
+    db: &Path,
+    addr: SocketAddr,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let db = db.to_path_buf();
+    let (up, is_up) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+            let _ = up.send(());
+            let store = SqliteStore::open(&db).expect("store");
+            let _ = server::serve(
+                listener,
+                GatewayConfig::new(format!("ws://{addr}")),
+                store,
+                server::Environment::default(),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+        });
+    });
+    is_up.recv().expect("gateway up");
+    (stop, thread)
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn confab(home: &Path, server: &str, args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("--home")
+        .arg(home)
+        .args(["--server", server])
+        .args(args)
+        .output()
+        .expect("run confab");
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok(home: &Path, server: &str, args: &[&str]) -> String {
+    let out = confab(home, server, args);
+    assert!(
+        out.ok,
+        "confab {args:?} failed: {}{}",
+        out.stdout, out.stderr
+    );
+    out.stdout
+}
+
+fn user_key(home: &Path, server: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(home, server, &["--json", "whoami"])).expect("json");
+    v["user"].as_str().expect("user").to_owned()
+}
+
+/// `read --json` as (seq, from, text).
+fn read(home: &Path, server: &str) -> Vec<(u64, String, String)> {
+    ok(home, server, &["--json", "read"])
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (
+                v["seq"].as_u64().expect("seq"),
+                v["from"].as_str().expect("from").to_owned(),
+                v["text"].as_str().expect("text").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_homes_chat_through_a_gateway_that_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let server = format!("ws://{addr}/v1/ws");
+    let db = dir.path().join("gateway.db");
+    let (stop, thread) = gateway(&db, addr);
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+
+    assert!(ok(&alice, &server, &["init"]).contains("KeyPackages published"));
+    ok(&bob, &server, &["--engine", "mls-rs", "init"]);
+    let (ka, kb) = (user_key(&alice, &server), user_key(&bob, &server));
+    ok(&alice, &server, &["contacts", "add", "bob", &kb]);
+    ok(&bob, &server, &["contacts", "add", "alice", &ka]);
+    let dm = ok(&alice, &server, &["dm", "bob"]);
+    assert_eq!(dm.trim().len(), 64, "a conversation id: {dm}");
+    ok(&alice, &server, &["send", "bob", "hello bob"]);
+    assert_eq!(
+        read(&bob, &server),
+        vec![(2, "alice".into(), "hello bob".into())]
+    );
+    ok(&bob, &server, &["send", "alice", "hi alice"]);
+
+    // Bob is closed (no process runs for him) while Alice writes; the gateway restarts.
+    for text in ["one", "two", "three"] {
+        ok(&alice, &server, &["send", "bob", text]);
+    }
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+    let (stop, thread) = gateway(&db, addr);
+
+    let expected: Vec<(u64, String, String)> = vec![
+        (2, "alice".into(), "hello bob".into()),
+        (3, "me".into(), "hi alice".into()),
+        (4, "alice".into(), "one".into()),
+        (5, "alice".into(), "two".into()),
+        (6, "alice".into(), "three".into()),
+    ];
+    assert_eq!(read(&bob, &server), expected, "in order, once each");
+    // Reading again changes nothing: no duplicates.
+    assert_eq!(read(&bob, &server), expected);
+    let alice_view = read(&alice, &server);
+    assert_eq!(alice_view.len(), 5);
+    assert_eq!(alice_view[1], (3, "bob".into(), "hi alice".into()));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&alice, &server, &["--json", "status"])).expect("json");
+    assert_eq!(status["outbox"], 0, "nothing left unsent: {status}");
+    assert_eq!(status["connected"], true);
+
+    // User errors: one sentence on stderr, exit code 1, no backtrace.
+    let nobody = dir.path().join("nobody");
+    let out = confab(&nobody, &server, &["read"]);
+    assert!(
+        !out.ok && out.stderr.contains("confab init"),
+        "{}",
+        out.stderr
+    );
+    let out = confab(&alice, &server, &["dm", "carol"]);
+    assert!(
+        !out.ok && out.stderr.contains("no contact named carol"),
+        "{}",
+        out.stderr
+    );
+    let out = confab(&alice, "ws://127.0.0.1:1/v1/ws", &["read"]);
+    assert!(
+        !out.ok && out.stderr.contains("cannot reach the gateway"),
+        "{}",
+        out.stderr
+    );
+    let out = confab(&alice, &server, &["contacts", "add", "x", "nothex"]);
+    assert!(
+        !out.ok && out.stderr.contains("not a user key"),
+        "{}",
+        out.stderr
+    );
+    for out in [
+        confab(&nobody, &server, &["read"]),
+        confab(&alice, &server, &["dm", "carol"]),
+    ] {
+        assert!(!out.stderr.contains("panicked") && !out.stderr.contains("backtrace"));
+    }
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+}
