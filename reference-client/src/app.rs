@@ -89,10 +89,14 @@ pub struct Client {
     followed: HashSet<StreamId>,
     live: HashSet<StreamId>,
     failed_attempts: u32,
+    lost_commit_races: u32,
 }
 
 /// Connection attempts [`Client::connect`] makes before it reports the gateway unreachable.
 pub const CONNECT_ATTEMPTS: u32 = 3;
+
+/// Times [`Client::update`] tries to commit before it gives up on losing races.
+pub const COMMIT_ATTEMPTS: u32 = 8;
 
 impl Client {
     /// A client for the device `engine` acts for.
@@ -111,12 +115,18 @@ impl Client {
             followed: HashSet::new(),
             live: HashSet::new(),
             failed_attempts: 0,
+            lost_commit_races: 0,
         }
     }
 
     /// This device.
     pub fn device(&self) -> DeviceId {
         self.device
+    }
+
+    /// How many of this client's Commits lost a race (`stale_commit`) and were retried.
+    pub fn lost_commit_races(&self) -> u32 {
+        self.lost_commit_races
     }
 
     /// The MLS engine (read-only: epochs, members, authenticators).
@@ -249,6 +259,43 @@ impl Client {
         }
         self.follow(StreamId::Conversation(conversation))?;
         Ok(conversation)
+    }
+
+    /// Commits an update of this device's leaf (fresh keys). When another member's Commit
+    /// wins the epoch (`stale_commit`), this device discards its own, processes the winner
+    /// and tries again on top of it (SPEC.md 7.3, 7.4), up to [`COMMIT_ATTEMPTS`] times.
+    pub async fn update(&mut self, conversation: ConversationId) -> Result<Seq, ClientError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let commit = self.engine.self_update(&conversation)?;
+            match self.send(conversation, commit.commit, None, None).await {
+                Ok(seq) => {
+                    self.engine.merge_pending_commit(&conversation)?;
+                    return Ok(seq);
+                }
+                Err(ClientError::SendRefused {
+                    code: ErrorCode::StaleCommit,
+                    epoch: Some(epoch),
+                    ..
+                }) if attempts < COMMIT_ATTEMPTS => {
+                    self.lost_commit_races += 1;
+                    if self.engine.has_pending_commit(&conversation)? {
+                        self.engine.discard_pending_commit(&conversation)?;
+                    }
+                    // The winner arrives on the subscription: wait until it is applied.
+                    while self.engine.epoch(&conversation)? < epoch.0 {
+                        self.pump().await?;
+                    }
+                }
+                Err(e) => {
+                    if self.engine.has_pending_commit(&conversation)? {
+                        self.engine.discard_pending_commit(&conversation)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Sends `text` to `conversation`; returns its seq once the gateway accepted it.
@@ -469,6 +516,13 @@ impl Client {
                         self.engine.merge_pending_commit(&c)?;
                     }
                 } else {
+                    // The gateway accepted this Commit for the epoch: a pending Commit of
+                    // our own for the same epoch has lost and is discarded (SPEC.md 7.3).
+                    if matches!(entry.body, EntryBody::Commit { .. })
+                        && self.engine.has_pending_commit(&c)?
+                    {
+                        self.engine.discard_pending_commit(&c)?;
+                    }
                     let _ = self.engine.process(&c, entry.payload.as_bytes())?;
                 }
             }

@@ -1,8 +1,9 @@
 //! MVP-1's core flow with the reference client (`confab_client::app`) against the gateway
 //! over real WebSockets, in every engine pairing: Bob keeps KeyPackages in the directory,
 //! Alice creates a DM (claim, create, add, Commit + Welcome, apply on acceptance), both
-//! exchange messages; each side stores both messages in order, and both agree on the
-//! epoch authenticator.
+//! exchange messages, both commit an update in the same epoch (one wins, the other retries
+//! on top of it); each side stores the same messages at the same seqs, and both agree on
+//! the epoch and its authenticator.
 
 use std::time::Duration;
 
@@ -116,7 +117,37 @@ async fn a_dm_in_every_engine_pairing() {
         receive(&mut bob, &mut bob_seen, 2).await;
         assert_eq!(bob_seen, vec![b"hi bob".to_vec(), b"hi alice".to_vec()]);
 
-        // Both stores hold the same two messages at the same seqs; both groups agree.
+        // A commit race: both update in the same epoch; one wins, the other retries on top,
+        // and both end in the same epoch with the same authenticator.
+        let (ua, ub) = tokio::join!(alice.update(dm), bob.update(dm));
+        let (ua, ub) = (ua.expect("alice's update"), ub.expect("bob's update"));
+        assert_ne!(ua, ub);
+        assert_eq!(
+            alice.lost_commit_races() + bob.lost_commit_races(),
+            1,
+            "{ka}/{kb}: both committed in epoch 1, one lost and retried"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while alice.engine().epoch(&dm).expect("epoch") < 3 {
+            tokio::time::timeout_at(deadline, alice.pump())
+                .await
+                .expect("timely")
+                .expect("pump");
+        }
+        while bob.engine().epoch(&dm).expect("epoch") < 3 {
+            tokio::time::timeout_at(deadline, bob.pump())
+                .await
+                .expect("timely")
+                .expect("pump");
+        }
+        assert_eq!(alice.engine().epoch(&dm).expect("epoch"), 3, "{ka}/{kb}");
+        assert_eq!(bob.engine().epoch(&dm).expect("epoch"), 3, "{ka}/{kb}");
+        // Messages still flow after the race.
+        alice.send_text(dm, b"after the race").await.expect("send");
+        receive(&mut bob, &mut bob_seen, 3).await;
+        assert_eq!(bob_seen[2], b"after the race".to_vec());
+
+        // Both stores hold the same messages at the same seqs; both groups agree.
         let stored = |c: &Client| -> Vec<(u64, Vec<u8>)> {
             c.store()
                 .messages(&dm, 0, 100)
@@ -125,11 +156,18 @@ async fn a_dm_in_every_engine_pairing() {
                 .map(|m| (m.seq.get(), m.body))
                 .collect()
         };
+        receive(&mut alice, &mut alice_seen, 3).await;
+        let mine = stored(&alice);
         assert_eq!(
-            stored(&alice),
-            vec![(2, b"hi bob".to_vec()), (3, b"hi alice".to_vec())]
+            mine,
+            vec![
+                (2, b"hi bob".to_vec()),
+                (3, b"hi alice".to_vec()),
+                (6, b"after the race".to_vec())
+            ],
+            "the two updates are seqs 4 and 5"
         );
-        assert_eq!(stored(&alice), stored(&bob));
+        assert_eq!(mine, stored(&bob));
         assert_eq!(
             alice.engine().epoch_authenticator(&dm).expect("auth"),
             bob.engine().epoch_authenticator(&dm).expect("auth")
