@@ -100,6 +100,12 @@ async fn a_dm_in_every_engine_pairing() {
         let again = bob.top_up_key_packages(5).await.expect("top up");
         assert_eq!((again.uploaded, again.last_resort_rotated), (0, false));
 
+        // A user with no KeyPackages cannot be added, and says so.
+        let stranger = SystemKeyPair::from_seed(&[99; 32]).public();
+        assert!(matches!(
+            alice.create_dm(stranger).await,
+            Err(confab_client::app::ClientError::NoKeyPackages)
+        ));
         let dm = alice.create_dm(bob_system.public()).await.expect("dm");
         let seq = alice.send_text(dm, b"hi bob").await.expect("send");
         assert_eq!(seq.get(), 2, "the Commit is seq 1, the message seq 2");
