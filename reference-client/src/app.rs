@@ -509,6 +509,14 @@ impl Client {
                     body,
                 });
             }
+            (
+                StreamId::Conversation(c),
+                EntryBody::Commit { epoch } | EntryBody::Proposal { epoch },
+            ) if epoch.0 < self.engine.epoch(&c)? => {
+                // The group is past this epoch: the entry was applied before the store
+                // recorded it (a crash between the two). Applying it again would fail and
+                // stall the stream; it is recorded as processed.
+            }
             (StreamId::Conversation(c), EntryBody::Commit { .. } | EntryBody::Proposal { .. }) => {
                 if entry.sender == self.device {
                     // Applied when the gateway accepted it; after a crash in between, now.

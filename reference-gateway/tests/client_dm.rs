@@ -178,6 +178,34 @@ async fn a_dm_in_every_engine_pairing() {
             alice.engine().epoch_authenticator(&dm).expect("auth"),
             bob.engine().epoch_authenticator(&dm).expect("auth")
         );
+        // A crash between the engine and the local store: Bob's MLS state has applied
+        // everything, but his store's cursor is back at seq 2. On reconnecting he replays
+        // entries his group has already consumed; he must record them and go on, not
+        // stall on them, and later messages must still decrypt.
+        drop(bob);
+        let bob_db = rusqlite::Connection::open(dir.path().join("confab-20.db")).expect("bob's db");
+        bob_db
+            .execute(
+                "UPDATE cursors SET next_seq = 2, acked = 1 WHERE length(stream) = 33",
+                [],
+            )
+            .expect("rewind");
+        drop(bob_db);
+        let (mut bob, _) = client(dir.path(), &origin, 20, kb);
+        tokio::time::timeout(Duration::from_secs(20), bob.connect())
+            .await
+            .expect("timely")
+            .expect("bob reconnects");
+        tokio::time::timeout(Duration::from_secs(20), bob.sync())
+            .await
+            .expect("timely")
+            .expect("bob catches up without stalling");
+        assert_eq!(bob.engine().epoch(&dm).expect("epoch"), 3);
+        alice.send_text(dm, b"after the crash").await.expect("send");
+        let mut again = Vec::new();
+        receive(&mut bob, &mut again, 1).await;
+        assert_eq!(again, vec![b"after the crash".to_vec()], "{ka}/{kb}");
+
         let _ = stop.send(());
         drop((alice, bob));
         let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
