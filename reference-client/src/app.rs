@@ -2,14 +2,16 @@
 //! local [`ClientStore`], tied together. Every `async` method pumps the transport while it
 //! waits, so incoming entries are processed whenever the application waits for anything.
 //!
-//! What it does (issue 5, first part): keep the KeyPackage pool topped up, create a DM
-//! (claim, create the group, add, send the Commit with its Welcome, apply the Commit when
-//! the gateway echoes it), send text through the outbox, and receive: join from Welcomes
-//! in the inbox, decrypt or apply conversation entries, record them with the cursor in one
-//! transaction, then acknowledge (SPEC.md REQ-6.5-3).
+//! What it does: keep the KeyPackage pool topped up (rotating a used last-resort package),
+//! create a DM (claim, create the group, add, send the Commit with its Welcome, apply the
+//! Commit when the gateway accepts it), commit updates with retries after a lost race,
+//! send text through the outbox, and receive: join from Welcomes in the inbox, decrypt or
+//! apply conversation entries, record them with the cursor in one transaction, then
+//! acknowledge (SPEC.md REQ-6.5-3).
 //!
-//! Not yet: stale-commit retries, multi-device fan-in of one's own other devices, the
-//! crash window between the engine's state and the store (see the issue notes).
+//! Not yet: one's own other devices in DMs (multi-device), and application messages
+//! decrypted before a crash but not yet recorded (their secrets are consumed; they are
+//! recorded as processed without a body). See issue 5's notes.
 
 use std::collections::{HashMap, HashSet};
 

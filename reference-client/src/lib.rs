@@ -1,8 +1,13 @@
 //! # confab-client
 //!
-//! The Confab reference client: identity and device keys, the MLS engine layer
-//! ([`mls`]: openmls and mls-rs behind one trait), the local store, and the `confab` CLI.
-//! It drives the sans-IO [`confab_spec::session::ClientSession`].
+//! The Confab reference client:
+//! - [`identity`]: Polycentric identity import;
+//! - [`mls`]: the MLS engine layer (openmls and mls-rs behind one trait);
+//! - [`store`]: local state (contacts, conversations, cursors, outbox, messages);
+//! - [`transport`]: the sans-IO [`confab_spec::session::ClientSession`] over a WebSocket;
+//! - [`app`]: the client application tying them together;
+//! - [`home`]: a device's state directory, used by the `confab` CLI (`src/bin/confab.rs`);
+//! - [`interop`]: the IETF interop scenario harness.
 
 pub mod app;
 pub mod home;
