@@ -937,7 +937,10 @@ fn validate_key_package(
     let Some((not_before, not_after)) = kp.lifetime else {
         return Err("leaf has no lifetime");
     };
-    if now_s < not_before || now_s >= not_after {
+    // A device whose clock runs ahead makes packages that start "in the future"; the same
+    // skew as for certificates is allowed (SPEC.md 8).
+    let skew_s = limits::CLOCK_SKEW_MAX_MS_DEFAULT / 1_000;
+    if now_s.saturating_add(skew_s) < not_before || now_s >= not_after {
         return Err("lifetime does not contain now");
     }
     if !kp.verify_signature() {

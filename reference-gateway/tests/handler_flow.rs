@@ -1266,7 +1266,7 @@ mod directory {
         let certificate = system.issue_certificate(
             ProcessId([process; 16]),
             key.public(),
-            UnixMs(now.0 - 3_600_000),
+            UnixMs(now.0 - 3 * 3_600_000),
             now.plus_ms(86_400_000),
         );
         DeviceCredentials { key, certificate }
@@ -1387,6 +1387,10 @@ mod directory {
             let (mut drainer, _) = authenticate(&mut w, &credentials(80));
             let (mut friend, _) = authenticate(&mut w, &credentials(81));
 
+            // The gateway's clock runs 100 s behind the devices': packages that start "in
+            // the future" by less than clock_skew_max_ms are accepted.
+            w.now = UnixMs(now.0 - 100_000);
+
             // Invalid uploads are refused whole, with the reason, and store nothing.
             let other = e2.key_packages(1, false).expect("kp");
             let mine = e1.key_packages(4, false).expect("kp");
@@ -1483,6 +1487,22 @@ mod directory {
                 claimed(&claim(&mut w, &mut friend, user.public())),
                 vec![(d1, true)]
             );
+
+            // Far beyond the allowed skew (engines backdate `not_before` by up to an hour),
+            // a package's lifetime has not started yet.
+            w.now = UnixMs(now.0 - 2 * 3_600_000);
+            let early = e1.key_packages(1, false).expect("kp");
+            let out = upload(&mut w, &mut c1, early, None);
+            assert_eq!(
+                error_of(&out).map(|e| e.0),
+                Some(ErrorCode::KeyPackageInvalid)
+            );
+            assert!(
+                out.iter().any(|f| matches!(f, ServerFrame::Error(e)
+                    if e.detail.as_ref().is_some_and(|d| d.as_str().contains("lifetime")))),
+                "{out:?}"
+            );
+            w.now = UnixMs(now.0 - 100_000);
 
             // A fresh last-resort upload clears the signal.
             let fresh = e1.key_packages(1, true).expect("last resort").remove(0);
