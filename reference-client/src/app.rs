@@ -434,7 +434,7 @@ impl Client {
                 self.created.insert(conversation);
             }
             Event::Response { frame } => {
-                if let Some(rid) = response_rid(&frame) {
+                if let Some(rid) = frame.rid() {
                     self.responses.insert(rid, Ok(frame));
                 }
             }
@@ -491,11 +491,7 @@ impl Client {
             (StreamId::Conversation(c), EntryBody::Application { .. }) => {
                 let body = if entry.sender == self.device {
                     // One's own message: the plaintext kept in the outbox.
-                    self.store
-                        .outbox()?
-                        .into_iter()
-                        .find(|o| o.msg_id == entry.msg_id)
-                        .and_then(|o| o.plaintext)
+                    self.store.outbox_plaintext(&entry.msg_id)?
                 } else {
                     match self.engine.process(&c, entry.payload.as_bytes()) {
                         Ok(Processed::Application { plaintext, .. }) => Some(plaintext),
@@ -546,14 +542,5 @@ impl Client {
         self.input(Input::Ack { stream, seq })?;
         self.store.set_acked(&stream, seq)?;
         Ok(())
-    }
-}
-
-fn response_rid(frame: &ServerFrame) -> Option<u64> {
-    match frame {
-        ServerFrame::Ok(f) => Some(f.rid),
-        ServerFrame::KeyPackagesStored(f) => Some(f.rid),
-        ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
-        _ => None,
     }
 }

@@ -425,6 +425,19 @@ impl ClientStore {
         )? == 1)
     }
 
+    /// The plaintext kept with an outbox message, if it is still there and has one.
+    pub fn outbox_plaintext(&self, msg_id: &MsgId) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT plaintext FROM outbox WHERE msg_id = ?1",
+                [msg_id.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(row.flatten())
+    }
+
     /// The outbox, in the order messages were composed.
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         let mut stmt = self.conn.prepare_cached(

@@ -560,12 +560,9 @@ impl Connection {
                     .and_then(|()| limiters.claims_per_target.check(&c.user, now));
                 if let Err(retry_after_ms) = limited {
                     out.push(Action::Send(ServerFrame::Error(ErrorFrame {
-                        code: ErrorCode::RateLimited,
                         rid: Some(c.rid),
                         retry_after_ms: Some(retry_after_ms),
-                        epoch: None,
-                        seq: None,
-                        detail: None,
+                        ..ErrorFrame::new(ErrorCode::RateLimited)
                     })));
                     return Ok(());
                 }
@@ -1054,11 +1051,8 @@ fn wire_stream(stream: &StreamKey) -> StreamId {
 
 fn error(code: ErrorCode, rid: Option<u64>, detail: Option<&str>) -> Action {
     Action::Send(ServerFrame::Error(ErrorFrame {
-        code,
         rid,
-        retry_after_ms: None,
-        epoch: None,
-        seq: None,
         detail: detail.map(ShortText::truncated),
+        ..ErrorFrame::new(code)
     }))
 }

@@ -587,14 +587,8 @@ async fn run_connection(
             _ = shutdown.changed() => Some(CloseCode::ServerRestart),
             Ok(code) = async { match kicked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
                 if code == CloseCode::DeviceRevoked {
-                    let frame = ServerFrame::Error(ErrorFrame {
-                        code: ErrorCode::AuthCertificateRevoked,
-                        rid: None,
-                        retry_after_ms: None,
-                        epoch: None,
-                        seq: None,
-                        detail: None,
-                    });
+                    let frame =
+                        ServerFrame::Error(ErrorFrame::new(ErrorCode::AuthCertificateRevoked));
                     let _ = outbox.frame(&frame);
                 }
                 Some(code)

@@ -94,29 +94,13 @@ impl World {
             system_clock(),
         )
         .expect("engine");
-        let mut c = Client {
+        let (conn, _) = authenticate(self, &creds);
+        Client {
             creds,
-            conn: Connection::new(),
+            conn,
             engine,
             next_rid: 1,
-        };
-        let out = self.send(
-            &mut c,
-            ClientFrame::Hello(Hello {
-                versions: Versions::current(),
-                resume_token: None,
-            }),
-        );
-        let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-            panic!("expected Challenge, got {out:?}")
-        };
-        let auth = auth_for(&c.creds, ORIGIN, ch.nonce, self.now);
-        let out = self.send(&mut c, ClientFrame::Auth(auth));
-        assert!(
-            matches!(out.first(), Some(Action::Send(ServerFrame::Ready(r))) if r.device == c.creds.certificate.device_id()),
-            "{out:?}"
-        );
-        c
+        }
     }
 
     /// Runs the hub: every client gets `on_appended` for every grown stream.
@@ -478,33 +462,11 @@ fn auth_rejections_close_with_their_codes() {
         (ORIGIN, false, 0, ErrorCode::AuthNonceInvalid),
         (ORIGIN, true, 400_000, ErrorCode::AuthClockSkew),
     ] {
-        let mut conn = Connection::new();
-        let out = conn.handle(
-            &w.config,
-            &mut w.store,
-            &w.limiters,
-            &mut w.rng,
-            w.now,
-            &ClientFrame::Hello(Hello {
-                versions: Versions::current(),
-                resume_token: None,
-            })
-            .encode(),
-        );
-        let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-            panic!("{out:?}")
-        };
-        let nonce = if nonce_ok { ch.nonce } else { Nonce([0; 32]) };
         let time = UnixMs((w.now.0 as i64 + time_offset) as u64);
-        let auth = auth_for(&creds, origin, nonce, time);
-        let out = conn.handle(
-            &w.config,
-            &mut w.store,
-            &w.limiters,
-            &mut w.rng,
-            w.now,
-            &ClientFrame::Auth(auth).encode(),
-        );
+        let out = try_auth(&mut w, |challenge| {
+            let nonce = if nonce_ok { challenge } else { Nonce([0; 32]) };
+            auth_for(&creds, origin, nonce, time)
+        });
         assert_eq!(error_code(&out), Some(expected));
         assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
     }
@@ -594,20 +556,7 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
         )
     };
     // A full authentication yields the first token.
-    let mut conn = Connection::new();
-    let out = handle(&mut w, &mut conn, &hello(None));
-    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-        panic!("{out:?}")
-    };
-    let now = w.now;
-    let out = handle(
-        &mut w,
-        &mut conn,
-        &ClientFrame::Auth(auth_for(&creds, ORIGIN, ch.nonce, now)).encode(),
-    );
-    let Some(Action::Send(ServerFrame::Ready(first))) = out.first().cloned() else {
-        panic!("{out:?}")
-    };
+    let (_, first) = authenticate(&mut w, &creds);
     assert!(!first.resumed);
 
     // Resuming with it: the same session, a new token.
@@ -654,29 +603,20 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
 
     // Tokens expire.
     w.config.resume_token_ttl_ms = 1_000;
-    let mut conn = Connection::new();
-    let out = handle(&mut w, &mut conn, &hello(None));
-    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-        panic!("{out:?}")
-    };
-    let now = w.now;
-    let out = handle(
-        &mut w,
-        &mut conn,
-        &ClientFrame::Auth(auth_for(&creds, ORIGIN, ch.nonce, now)).encode(),
-    );
-    let Some(Action::Send(ServerFrame::Ready(ready))) = out.first().cloned() else {
-        panic!("{out:?}")
-    };
+    let (_, ready) = authenticate(&mut w, &creds);
     w.now = w.now.plus_ms(1_001);
     let mut conn = Connection::new();
     let out = handle(&mut w, &mut conn, &hello(Some(ready.resume_token)));
     assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
 }
 
-/// Authenticates `creds` on a fresh connection; the Ready.
-fn authenticate(w: &mut World, creds: &DeviceCredentials) -> (Connection, Ready) {
-    let mut conn = Connection::new();
+/// Hello on `conn`, then the Auth that `make` builds from the challenge's nonce; the
+/// handler's answer to the Auth.
+fn handshake(
+    w: &mut World,
+    conn: &mut Connection,
+    make: impl FnOnce(Nonce) -> Auth,
+) -> Vec<Action> {
     let hello = ClientFrame::Hello(Hello {
         versions: Versions::current(),
         resume_token: None,
@@ -690,40 +630,7 @@ fn authenticate(w: &mut World, creds: &DeviceCredentials) -> (Connection, Ready)
         &hello.encode(),
     );
     let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-        panic!("{out:?}")
-    };
-    let auth = auth_for(creds, ORIGIN, ch.nonce, w.now);
-    let out = conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
-        &ClientFrame::Auth(auth).encode(),
-    );
-    let Some(Action::Send(ServerFrame::Ready(ready))) = out.first().cloned() else {
-        panic!("{out:?}")
-    };
-    (conn, ready)
-}
-
-/// Hello then Auth with `auth` built from the challenge; the handler's answer to Auth.
-fn try_auth(w: &mut World, make: impl FnOnce(Nonce) -> Auth) -> Vec<Action> {
-    let mut conn = Connection::new();
-    let hello = ClientFrame::Hello(Hello {
-        versions: Versions::current(),
-        resume_token: None,
-    });
-    let out = conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
-        &hello.encode(),
-    );
-    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-        panic!("{out:?}")
+        panic!("expected Challenge, got {out:?}")
     };
     let auth = make(ch.nonce);
     conn.handle(
@@ -734,6 +641,23 @@ fn try_auth(w: &mut World, make: impl FnOnce(Nonce) -> Auth) -> Vec<Action> {
         w.now,
         &ClientFrame::Auth(auth).encode(),
     )
+}
+
+/// [`handshake`] on a fresh connection.
+fn try_auth(w: &mut World, make: impl FnOnce(Nonce) -> Auth) -> Vec<Action> {
+    handshake(w, &mut Connection::new(), make)
+}
+
+/// Authenticates `creds` on a fresh connection; the connection and its Ready.
+fn authenticate(w: &mut World, creds: &DeviceCredentials) -> (Connection, Ready) {
+    let mut conn = Connection::new();
+    let now = w.now;
+    let out = handshake(w, &mut conn, |nonce| auth_for(creds, ORIGIN, nonce, now));
+    let Some(Action::Send(ServerFrame::Ready(ready))) = out.first().cloned() else {
+        panic!("expected Ready, got {out:?}")
+    };
+    assert_eq!(ready.device, creds.certificate.device_id());
+    (conn, ready)
 }
 
 #[test]

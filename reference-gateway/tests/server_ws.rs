@@ -50,23 +50,13 @@ async fn handshake(origin: &str, system: &SystemKeyPair, key: &DeviceKeyPair) ->
 
 #[tokio::test]
 async fn handshake_heartbeat_and_close_codes_over_websockets() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let origin = format!("ws://{addr}");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(
-        listener,
-        GatewayConfig::new(origin.clone()),
-        store,
-        server::Environment::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let Running {
+        addr,
+        origin,
+        stop: stop_tx,
+        server,
+        _dir,
+    } = start(|_| {}).await;
 
     assert!(http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
     let info = http_get(addr, "/v1/info").await;

@@ -94,6 +94,25 @@ fn msg_id(n: u8) -> MsgId {
     MsgId([n; 16])
 }
 
+/// Appends an application message `n` (msg_id and payload both from `n`) by `sender`.
+fn append_application(
+    store: &mut SqliteStore,
+    sender: &DeviceId,
+    n: u8,
+    now: UnixMs,
+) -> AppendOutcome {
+    store
+        .append(&AppendRequest {
+            conversation: CONV,
+            sender: *sender,
+            msg_id: msg_id(n),
+            payload: MlsBytes::new(vec![n]).expect("bytes"),
+            kind: AppendKind::Application { epoch: Epoch(0) },
+            now,
+        })
+        .expect("append")
+}
+
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gateway.db");
@@ -392,16 +411,7 @@ fn acknowledged_entries_survive_reopening() {
             .create_conversation(&CONV, ConversationKind::DirectMessage, &creator, UnixMs(1))
             .expect("create");
         for n in 0..100u8 {
-            let outcome = store
-                .append(&AppendRequest {
-                    conversation: CONV,
-                    sender: creator,
-                    msg_id: msg_id(n),
-                    payload: MlsBytes::new(vec![n]).expect("bytes"),
-                    kind: AppendKind::Application { epoch: Epoch(0) },
-                    now: UnixMs(2),
-                })
-                .expect("append");
+            let outcome = append_application(&mut store, &creator, n, UnixMs(2));
             assert_eq!(
                 outcome,
                 AppendOutcome::Appended {
@@ -442,16 +452,7 @@ fn retention_runs_in_bounded_slices_and_only_advances_oldest() {
         .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
         .expect("create");
     for n in 0..25u8 {
-        store
-            .append(&AppendRequest {
-                conversation: CONV,
-                sender: creator,
-                msg_id: msg_id(n),
-                payload: MlsBytes::new(vec![n]).expect("bytes"),
-                kind: AppendKind::Application { epoch: Epoch(0) },
-                now: UnixMs(10),
-            })
-            .expect("append");
+        append_application(&mut store, &creator, n, UnixMs(10));
     }
     let stream = StreamKey::Conversation(CONV);
     store
@@ -482,16 +483,7 @@ fn retention_runs_in_bounded_slices_and_only_advances_oldest() {
         ]
     );
     // The head survives an emptied log: the next entry is 26, not 1.
-    let next = store
-        .append(&AppendRequest {
-            conversation: CONV,
-            sender: creator,
-            msg_id: msg_id(200),
-            payload: MlsBytes::new(vec![200]).expect("bytes"),
-            kind: AppendKind::Application { epoch: Epoch(0) },
-            now: UnixMs(17),
-        })
-        .expect("append");
+    let next = append_application(&mut store, &creator, 200, UnixMs(17));
     assert_eq!(
         next,
         AppendOutcome::Appended {

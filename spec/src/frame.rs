@@ -567,6 +567,20 @@ cbor_map! {
     }
 }
 
+impl ErrorFrame {
+    /// An `Error` with `code` and no other field.
+    pub fn new(code: ErrorCode) -> Self {
+        Self {
+            code,
+            rid: None,
+            retry_after_ms: None,
+            epoch: None,
+            seq: None,
+            detail: None,
+        }
+    }
+}
+
 impl Cbor for ErrorCode {
     fn encode(&self, w: &mut Writer) {
         w.uint(u64::from(self.value()));
@@ -730,6 +744,28 @@ frame_enum! {
         75 => Ok(OkFrame),
         76 => KeyPackagesStored(KeyPackagesStored),
         77 => KeyPackagesClaimed(KeyPackagesClaimed),
+    }
+}
+
+impl ServerFrame {
+    /// The request id of the request this frame answers, for frames that carry one.
+    pub fn rid(&self) -> Option<u64> {
+        match self {
+            ServerFrame::Created(f) => Some(f.rid),
+            ServerFrame::Accepted(f) => Some(f.rid),
+            ServerFrame::Subscribed(f) => Some(f.rid),
+            ServerFrame::ContinuityLost(f) => Some(f.rid),
+            ServerFrame::Unsubscribed(f) => Some(f.rid),
+            ServerFrame::Error(f) => f.rid,
+            ServerFrame::Ok(f) => Some(f.rid),
+            ServerFrame::KeyPackagesStored(f) => Some(f.rid),
+            ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
+            ServerFrame::Challenge(_)
+            | ServerFrame::Ready(_)
+            | ServerFrame::HeartbeatAck(_)
+            | ServerFrame::Batch(_)
+            | ServerFrame::Deliver(_) => None,
+        }
     }
 }
 

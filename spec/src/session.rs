@@ -1108,7 +1108,7 @@ impl ClientSession {
                 self.violation(now, "handshake frame after Ready".into());
             }
             other => {
-                if let Some(rid) = response_rid(&other) {
+                if let Some(rid) = other.rid() {
                     self.requests.remove(&rid);
                 }
                 self.event(Event::Response { frame: other });
@@ -1241,15 +1241,6 @@ impl ClientSession {
         }
         self.event(Event::Delivered { stream, entry });
         Ok(())
-    }
-}
-
-fn response_rid(frame: &ServerFrame) -> Option<u64> {
-    match frame {
-        ServerFrame::Ok(f) => Some(f.rid),
-        ServerFrame::KeyPackagesStored(f) => Some(f.rid),
-        ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
-        _ => None,
     }
 }
 
