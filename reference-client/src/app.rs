@@ -9,24 +9,32 @@
 //! apply conversation entries, record them with the cursor in one transaction, then
 //! acknowledge (SPEC.md REQ-6.5-3).
 //!
-//! Not yet: one's own other devices in DMs (multi-device), and application messages
-//! decrypted before a crash but not yet recorded (their secrets are consumed; they are
-//! recorded as processed without a body). See issue 5's notes.
+//! Multi-device: a DM holds every device of both users (the creator claims its own other
+//! devices too); [`Client::add_device`] adds a new device of the user to every
+//! conversation, [`Client::remove_device`] removes one, [`Client::revoke_device`] revokes
+//! it at the gateway and removes it. A removed device that is added again rejoins from
+//! the new Welcome and continues after the Commit that re-added it.
+//!
+//! Not yet: application messages decrypted before a crash but not yet recorded (their
+//! secrets are consumed; they are recorded as processed without a body). See issue 5's
+//! notes.
 
 use std::collections::{HashMap, HashSet};
 
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{
-    ClaimKeyPackages, ClientFrame, ConversationKind, Entry, EntryBody, KeyPackagesStored,
-    ServerFrame, UploadKeyPackages,
+    ClaimKeyPackages, ClaimedKeyPackage, ClientFrame, ConversationKind, DeviceStatus, Entry,
+    EntryBody, KeyPackagesStored, ListDevices, RevokeDevice, ServerFrame, UploadKeyPackages,
 };
+use confab_spec::identity::Revocation;
+use confab_spec::limits;
 use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, StreamId, SystemKey,
 };
 use confab_spec::session::{Event, Input, SessionError};
 use rand_core::RngCore as _;
 
-use crate::mls::{EngineError, MlsEngine, Processed};
+use crate::mls::{CommitOutput, EngineError, MlsEngine, Processed};
 use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
 use crate::transport::{Transport, system_now};
 
@@ -45,6 +53,18 @@ pub enum ClientError {
     /// The gateway refused the request.
     #[error("the gateway refused the request: {0:?}")]
     Refused(ErrorCode),
+    /// The gateway limits how often this is done; try again after `retry_after_ms`.
+    #[error("rate limited by the gateway: try again in {} s", retry_after_ms.div_ceil(1000))]
+    RateLimited {
+        /// How long to wait.
+        retry_after_ms: u64,
+    },
+    /// The device is not one of this user's.
+    #[error("that device belongs to another user")]
+    NotOwnDevice,
+    /// An operation on this device itself that another device must do.
+    #[error("this is the device you are using: do it from another of your devices")]
+    ThisDevice,
     /// The gateway refused a send.
     #[error("the gateway refused the message: {code:?}")]
     SendRefused {
@@ -84,7 +104,7 @@ pub struct Client {
     store: ClientStore,
     device: DeviceId,
     ready: bool,
-    responses: HashMap<u64, Result<ServerFrame, ErrorCode>>,
+    responses: HashMap<u64, Result<ServerFrame, ClientError>>,
     sends: HashMap<MsgId, Result<Seq, ClientError>>,
     created: HashSet<ConversationId>,
     received: Vec<Message>,
@@ -97,8 +117,18 @@ pub struct Client {
 /// Connection attempts [`Client::connect`] makes before it reports the gateway unreachable.
 pub const CONNECT_ATTEMPTS: u32 = 3;
 
-/// Times [`Client::update`] tries to commit before it gives up on losing races.
+/// Times a Commit is tried before the client gives up on losing races.
 pub const COMMIT_ATTEMPTS: u32 = 8;
+
+/// What [`Client::add_device`], [`Client::remove_device`] and [`Client::revoke_device`]
+/// changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceChange {
+    /// Conversations a Commit was made in.
+    pub conversations: usize,
+    /// Conversations where nothing was needed (the device already was, or was not, there).
+    pub unchanged: usize,
+}
 
 impl Client {
     /// A client for the device `engine` acts for.
@@ -153,7 +183,9 @@ impl Client {
         self.input(Input::Start)?;
         self.follow(StreamId::Inbox)?;
         for c in self.store.conversations()? {
-            self.follow(StreamId::Conversation(c.id))?;
+            if !c.removed {
+                self.follow(StreamId::Conversation(c.id))?;
+            }
         }
         while !self.ready {
             if self.failed_attempts >= CONNECT_ATTEMPTS {
@@ -203,14 +235,29 @@ impl Client {
         if missing == 0 && !rotate {
             return Ok(report);
         }
-        let packages = self.engine.key_packages(missing as usize, false)?;
-        let last = if rotate {
+        // Uploads in batches the gateway accepts (`key_packages_per_upload_max`).
+        let per_upload = self
+            .transport
+            .session()
+            .limits()
+            .map_or(limits::KEY_PACKAGES_PER_UPLOAD_MAX_DEFAULT, |l| {
+                l.key_packages_per_upload_max
+            })
+            .max(1);
+        let mut last = if rotate {
             self.engine.key_packages(1, true)?.pop()
         } else {
             None
         };
-        let status = self.upload(packages, last).await?;
-        report.pool_count = status.pool_count;
+        let mut left = missing;
+        let mut status = None;
+        while left > 0 || last.is_some() {
+            let count = left.min(per_upload);
+            let packages = self.engine.key_packages(count as usize, false)?;
+            status = Some(self.upload(packages, last.take()).await?);
+            left -= count;
+        }
+        report.pool_count = status.map_or(report.pool_count, |s| s.pool_count);
         report.uploaded = missing;
         report.last_resort_rotated = rotate;
         Ok(report)
@@ -220,20 +267,20 @@ impl Client {
     /// group, and commits the Add with its Welcome; the Commit is applied once the gateway
     /// accepted it (SPEC.md 7.4).
     pub async fn create_dm(&mut self, peer: SystemKey) -> Result<ConversationId, ClientError> {
-        let claimed = match self
-            .request(|rid| ClientFrame::ClaimKeyPackages(ClaimKeyPackages { rid, user: peer }))
-            .await?
-        {
-            ServerFrame::KeyPackagesClaimed(c) => c.claimed,
-            _ => return Err(ClientError::Unexpected),
-        };
+        let mut claimed = self.claim(peer, None).await?;
+        if claimed.is_empty() {
+            return Err(ClientError::NoKeyPackages);
+        }
+        // This user's other devices join too (a user without any is fine).
+        match self.claim(self.device.system, None).await {
+            Ok(own) => claimed.extend(own),
+            Err(ClientError::NoKeyPackages) => {}
+            Err(e) => return Err(e),
+        }
         let packages: Vec<Vec<u8>> = claimed
             .iter()
             .map(|p| p.key_package.as_bytes().to_vec())
             .collect();
-        if packages.is_empty() {
-            return Err(ClientError::NoKeyPackages);
-        }
         let mut id = [0u8; 32];
         rand_core::OsRng.fill_bytes(&mut id);
         let conversation = ConversationId(id);
@@ -250,6 +297,7 @@ impl Client {
             id: conversation,
             kind: ConversationKind::DirectMessage,
             peer: Some(peer),
+            removed: false,
         })?;
         let sent = self.send(conversation, add.commit, add.welcome, None).await;
         match sent {
@@ -267,14 +315,175 @@ impl Client {
     /// wins the epoch (`stale_commit`), this device discards its own, processes the winner
     /// and tries again on top of it (SPEC.md 7.3, 7.4), up to [`COMMIT_ATTEMPTS`] times.
     pub async fn update(&mut self, conversation: ConversationId) -> Result<Seq, ClientError> {
+        let seq = self
+            .commit(conversation, |engine| {
+                engine.self_update(&conversation).map(Some)
+            })
+            .await?;
+        seq.ok_or(ClientError::Unexpected)
+    }
+
+    /// This user's devices in the directory (those with KeyPackages), this one included.
+    pub async fn devices(&mut self) -> Result<Vec<DeviceStatus>, ClientError> {
+        match self
+            .request(|rid| ClientFrame::ListDevices(ListDevices { rid }))
+            .await?
+        {
+            ServerFrame::Devices(d) => Ok(d.devices),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Adds `device`, a new device of this user that published KeyPackages, to every
+    /// conversation this device is in and `device` is not, one Commit each (claiming one
+    /// of its packages for each).
+    pub async fn add_device(&mut self, device: DeviceId) -> Result<DeviceChange, ClientError> {
+        self.check_own(device)?;
+        let mut change = DeviceChange::default();
+        for c in self.active_conversations()? {
+            if self.is_member(&c, device)? {
+                change.unchanged += 1;
+                continue;
+            }
+            let claimed = self.claim(self.device.system, Some(vec![device])).await?;
+            let Some(package) = claimed.into_iter().find(|p| p.device == device) else {
+                return Err(ClientError::NoKeyPackages);
+            };
+            let package = package.key_package.as_bytes().to_vec();
+            let committed = self
+                .commit(c, |engine| {
+                    if member(engine, &c, device)? {
+                        return Ok(None); // a winning Commit added it meanwhile
+                    }
+                    engine
+                        .add_members(&c, std::slice::from_ref(&package))
+                        .map(Some)
+                })
+                .await?;
+            if committed.is_some() {
+                change.conversations += 1;
+            } else {
+                change.unchanged += 1;
+            }
+        }
+        Ok(change)
+    }
+
+    /// Removes `device` (another device of this user) from every conversation it is in.
+    /// It keeps working elsewhere until it is revoked ([`Client::revoke_device`]), and can
+    /// be added again with [`Client::add_device`].
+    pub async fn remove_device(&mut self, device: DeviceId) -> Result<DeviceChange, ClientError> {
+        self.check_own(device)?;
+        let mut change = DeviceChange::default();
+        for c in self.active_conversations()? {
+            if !self.is_member(&c, device)? {
+                change.unchanged += 1;
+                continue;
+            }
+            let committed = self
+                .commit(c, |engine| {
+                    if !member(engine, &c, device)? {
+                        return Ok(None);
+                    }
+                    engine.remove_members(&c, &[device]).map(Some)
+                })
+                .await?;
+            if committed.is_some() {
+                change.conversations += 1;
+            } else {
+                change.unchanged += 1;
+            }
+        }
+        Ok(change)
+    }
+
+    /// Revokes a device of this user at the gateway (SPEC.md 3.3: its sessions close and
+    /// its KeyPackages are withdrawn), then removes it from every conversation.
+    /// `revocation` is signed with the user's system key.
+    pub async fn revoke_device(
+        &mut self,
+        revocation: Revocation,
+    ) -> Result<DeviceChange, ClientError> {
+        let device = revocation.device_id();
+        self.check_own(device)?;
+        match self
+            .request(move |rid| ClientFrame::RevokeDevice(RevokeDevice { rid, revocation }))
+            .await?
+        {
+            ServerFrame::Ok(_) => {}
+            _ => return Err(ClientError::Unexpected),
+        }
+        self.remove_device(device).await
+    }
+
+    fn check_own(&self, device: DeviceId) -> Result<(), ClientError> {
+        if device.system != self.device.system {
+            return Err(ClientError::NotOwnDevice);
+        }
+        if device == self.device {
+            return Err(ClientError::ThisDevice);
+        }
+        Ok(())
+    }
+
+    fn active_conversations(&self) -> Result<Vec<ConversationId>, ClientError> {
+        Ok(self
+            .store
+            .conversations()?
+            .into_iter()
+            .filter(|c| !c.removed)
+            .map(|c| c.id)
+            .collect())
+    }
+
+    /// Whether `device` is a member of `conversation` in this device's view of the group.
+    pub fn is_member(
+        &self,
+        conversation: &ConversationId,
+        device: DeviceId,
+    ) -> Result<bool, ClientError> {
+        Ok(member(&*self.engine, conversation, device)?)
+    }
+
+    /// Claims KeyPackages of `user` (of `devices` only, when given).
+    async fn claim(
+        &mut self,
+        user: SystemKey,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Result<Vec<ClaimedKeyPackage>, ClientError> {
+        match self
+            .request(move |rid| {
+                ClientFrame::ClaimKeyPackages(ClaimKeyPackages { rid, user, devices })
+            })
+            .await?
+        {
+            ServerFrame::KeyPackagesClaimed(c) => Ok(c.claimed),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Commits what `make` creates (nothing when it returns `None`, for example because a
+    /// winning Commit already did it). When another member's Commit wins the epoch
+    /// (`stale_commit`), this device discards its own, processes the winner and asks `make`
+    /// again on top of it (SPEC.md 7.3, 7.4), up to [`COMMIT_ATTEMPTS`] times.
+    async fn commit(
+        &mut self,
+        conversation: ConversationId,
+        mut make: impl FnMut(&mut dyn MlsEngine) -> Result<Option<CommitOutput>, EngineError>,
+    ) -> Result<Option<Seq>, ClientError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let commit = self.engine.self_update(&conversation)?;
-            match self.send(conversation, commit.commit, None, None).await {
+            let Some(commit) = make(&mut *self.engine)? else {
+                return Ok(None);
+            };
+            match self
+                .send(conversation, commit.commit, commit.welcome, None)
+                .await
+            {
                 Ok(seq) => {
                     self.engine.merge_pending_commit(&conversation)?;
-                    return Ok(seq);
+                    return Ok(Some(seq));
                 }
                 Err(ClientError::SendRefused {
                     code: ErrorCode::StaleCommit,
@@ -287,6 +496,9 @@ impl Client {
                     }
                     // The winner arrives on the subscription: wait until it is applied.
                     while self.engine.epoch(&conversation)? < epoch.0 {
+                        if !self.followed.contains(&StreamId::Conversation(conversation)) {
+                            return Err(EngineError::Removed.into()); // the winner removed us
+                        }
                         self.pump().await?;
                     }
                 }
@@ -390,10 +602,7 @@ impl Client {
         let rid = self.transport.session().request(system_now(), make)?;
         loop {
             if let Some(answer) = self.responses.remove(&rid) {
-                return answer.map_err(|code| match code {
-                    ErrorCode::NoKeyPackages => ClientError::NoKeyPackages,
-                    code => ClientError::Refused(code),
-                });
+                return answer;
             }
             self.pump().await?;
         }
@@ -438,8 +647,28 @@ impl Client {
                     self.responses.insert(rid, Ok(frame));
                 }
             }
-            Event::RequestFailed { rid, code } => {
-                self.responses.insert(rid, Err(code));
+            Event::RequestFailed {
+                rid,
+                code,
+                retry_after_ms,
+            } => {
+                let error = match code {
+                    ErrorCode::NoKeyPackages => ClientError::NoKeyPackages,
+                    ErrorCode::RateLimited => ClientError::RateLimited {
+                        retry_after_ms: retry_after_ms.unwrap_or(1_000),
+                    },
+                    code => ClientError::Refused(code),
+                };
+                self.responses.insert(rid, Err(error));
+            }
+            Event::SubscriptionEnded { stream, code } => {
+                self.followed.remove(&stream);
+                self.live.remove(&stream);
+                if let (StreamId::Conversation(c), None | Some(ErrorCode::NotMember)) =
+                    (stream, code)
+                {
+                    self.store.set_removed(&c)?;
+                }
             }
             Event::SendAccepted { msg_id, seq, .. } => {
                 self.sends.insert(msg_id, Ok(seq));
@@ -472,21 +701,41 @@ impl Client {
                     commit_seq,
                 },
             ) => {
-                match self.engine.join(entry.payload.as_bytes()) {
-                    Ok(group) if group == *conversation => {
-                        self.store.add_conversation(&ConversationRecord {
-                            id: group,
-                            kind: ConversationKind::DirectMessage,
-                            peer: Some(entry.sender.system),
-                        })?;
-                        // The group starts after the Commit that added this device.
-                        let from_seq = Seq::new(commit_seq.get() + 1);
-                        self.subscribe(StreamId::Conversation(group), from_seq)?;
-                    }
-                    // A Welcome this device cannot use (for example, its KeyPackage was
-                    // already consumed) is recorded as processed so it is not retried.
-                    Ok(_) | Err(_) => {}
+                let stream = StreamId::Conversation(*conversation);
+                let from_seq = Seq::new(commit_seq.get() + 1).unwrap_or(Seq::FIRST);
+                let past = self
+                    .store
+                    .cursor(&stream)?
+                    .is_some_and(|c| c.next_seq > *commit_seq);
+                let joined = !past
+                    && match self.engine.join(entry.payload.as_bytes()) {
+                        Ok(group) => group == *conversation,
+                        // The join happened before a crash kept the store from recording
+                        // it (the KeyPackage is consumed now): the group is there.
+                        Err(_) => member(&*self.engine, conversation, self.device)?,
+                    };
+                if joined {
+                    // In a DM the peer is the other user; the adder may be our own device.
+                    let own = self.device.system;
+                    let peer = self
+                        .engine
+                        .members(conversation)?
+                        .into_iter()
+                        .map(|(_, d)| d.system)
+                        .find(|s| *s != own)
+                        .or(Some(entry.sender.system).filter(|s| *s != own));
+                    let record = ConversationRecord {
+                        id: *conversation,
+                        kind: ConversationKind::DirectMessage,
+                        peer,
+                        removed: false,
+                    };
+                    // The group starts after the Commit that added this device.
+                    self.store.join_conversation(&record, from_seq, seq)?;
+                    self.subscribe(stream, Some(from_seq))?;
                 }
+                // Otherwise the Welcome is one this device cannot use (already past it, or
+                // not decryptable): recorded as processed so it is not retried.
             }
             (StreamId::Conversation(c), EntryBody::Application { .. }) => {
                 let body = if entry.sender == self.device {
@@ -529,7 +778,13 @@ impl Client {
                     {
                         self.engine.discard_pending_commit(&c)?;
                     }
-                    let _ = self.engine.process(&c, entry.payload.as_bytes())?;
+                    if let Processed::Commit {
+                        self_removed: true, ..
+                    } = self.engine.process(&c, entry.payload.as_bytes())?
+                    {
+                        // Removed: the gateway ends the subscription after this entry.
+                        self.store.set_removed(&c)?;
+                    }
                 }
             }
             _ => {}
@@ -542,5 +797,18 @@ impl Client {
         self.input(Input::Ack { stream, seq })?;
         self.store.set_acked(&stream, seq)?;
         Ok(())
+    }
+}
+
+/// Whether `device` is a member of `group` in `engine`'s view (false without the group).
+fn member(
+    engine: &dyn MlsEngine,
+    group: &ConversationId,
+    device: DeviceId,
+) -> Result<bool, EngineError> {
+    match engine.members(group) {
+        Ok(members) => Ok(members.iter().any(|(_, d)| *d == device)),
+        Err(EngineError::GroupNotFound | EngineError::Removed) => Ok(false),
+        Err(e) => Err(e),
     }
 }

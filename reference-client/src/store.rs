@@ -58,6 +58,8 @@ pub struct ConversationRecord {
     pub kind: ConversationKind,
     /// For a DM, the other user.
     pub peer: Option<SystemKey>,
+    /// Whether this device was removed from it (it may be added again later).
+    pub removed: bool,
 }
 
 /// A message composed here and not yet accepted by the gateway. Its `msg_id` and payload
@@ -146,7 +148,8 @@ CREATE TABLE IF NOT EXISTS contacts (
 CREATE TABLE IF NOT EXISTS conversations (
     id BLOB PRIMARY KEY,
     kind INTEGER NOT NULL,
-    peer BLOB
+    peer BLOB,
+    removed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS cursors (
     stream BLOB PRIMARY KEY,
@@ -171,7 +174,7 @@ CREATE TABLE IF NOT EXISTS messages (
     body BLOB NOT NULL,
     PRIMARY KEY (conversation, seq)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -195,6 +198,18 @@ impl ClientStore {
         let conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let fresh: bool = conn.query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'conversations')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !fresh && version < 2 {
+            // Version 2 records whether this device was removed from a conversation.
+            conn.execute_batch(
+                "ALTER TABLE conversations ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
         conn.execute_batch(SCHEMA)?;
         Ok(Self { conn })
     }
@@ -290,20 +305,78 @@ impl ClientStore {
         )? == 1)
     }
 
+    /// Records that this device was removed from `conversation` (its Commit was processed,
+    /// or the gateway refused to deliver it more).
+    pub fn set_removed(&mut self, conversation: &ConversationId) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE conversations SET removed = 1 WHERE id = ?1",
+            [conversation.0.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// Records a join from a Welcome, in one transaction: the conversation (a member again
+    /// if it was removed), its cursor moved forward to `from_seq` (the seq after the Commit
+    /// that added this device: what came before is not for it), and the inbox entry
+    /// `inbox_seq` processed. `false`, changing nothing, when `inbox_seq` was processed.
+    pub fn join_conversation(
+        &mut self,
+        c: &ConversationRecord,
+        from_seq: Seq,
+        inbox_seq: Seq,
+    ) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let inbox = stream_key(&StreamId::Inbox);
+        let next: Option<i64> = tx
+            .query_row(
+                "SELECT next_seq FROM cursors WHERE stream = ?1",
+                [&inbox],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if next.is_some_and(|n| to_i64(inbox_seq.get()) < n) {
+            return Ok(false);
+        }
+        let kind = match c.kind {
+            ConversationKind::DirectMessage => 1,
+            ConversationKind::Room => 2,
+        };
+        tx.execute(
+            "INSERT INTO conversations (id, kind, peer, removed) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT (id) DO UPDATE SET removed = 0",
+            params![c.id.0.as_slice(), kind, c.peer.map(|p| p.0.to_vec())],
+        )?;
+        for (stream, next_seq) in [
+            (stream_key(&StreamId::Conversation(c.id)), from_seq.get()),
+            (inbox, inbox_seq.get() + 1),
+        ] {
+            tx.execute(
+                "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
+                 ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+                params![stream, to_i64(next_seq)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// The conversations.
     pub fn conversations(&self) -> Result<Vec<ConversationRecord>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT id, kind, peer FROM conversations ORDER BY id")?;
+            .prepare_cached("SELECT id, kind, peer, removed FROM conversations ORDER BY id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, Option<Vec<u8>>>(2)?,
+                r.get::<_, bool>(3)?,
             ))
         })?;
         rows.map(|row| {
-            let (id, kind, peer) = row?;
+            let (id, kind, peer, removed) = row?;
             Ok(ConversationRecord {
                 id: ConversationId(array(id, "conversation id")?),
                 kind: if kind == 2 {
@@ -312,6 +385,7 @@ impl ClientStore {
                     ConversationKind::DirectMessage
                 },
                 peer: peer.map(|p| array(p, "peer").map(SystemKey)).transpose()?,
+                removed,
             })
         })
         .collect()

@@ -151,6 +151,7 @@ fn identity_contacts_and_conversations_persist() {
             id: CONV,
             kind: ConversationKind::DirectMessage,
             peer: Some(SystemKey([8; 32])),
+            removed: false,
         };
         assert!(store.add_conversation(&dm).expect("add"));
         assert!(!store.add_conversation(&dm).expect("again"));
@@ -173,4 +174,48 @@ fn identity_contacts_and_conversations_persist() {
     assert!(store.remove_contact("alice").expect("remove"));
     assert!(!store.remove_contact("alice").expect("again"));
     assert_eq!(store.conversations().expect("conversations").len(), 1);
+
+    // Removed, then added again by a Welcome: a member again, the conversation's cursor
+    // moved forward past the Commit that re-added this device, the inbox entry recorded.
+    store.set_removed(&CONV).expect("removed");
+    assert!(store.conversations().expect("conversations")[0].removed);
+    let dm = store.conversations().expect("conversations")[0].clone();
+    let seq = |v| Seq::new(v).expect("seq");
+    let next = |store: &ClientStore, s| store.cursor(&s).expect("cursor").map(|c| c.next_seq);
+    assert!(store.join_conversation(&dm, seq(40), seq(7)).expect("join"));
+    assert!(!store.conversations().expect("conversations")[0].removed);
+    assert_eq!(next(&store, StreamId::Conversation(CONV)), Some(seq(40)));
+    assert_eq!(next(&store, StreamId::Inbox), Some(seq(8)));
+    // The same Welcome replayed changes nothing, and no cursor ever moves back.
+    store.set_removed(&CONV).expect("removed");
+    assert!(!store.join_conversation(&dm, seq(30), seq(7)).expect("again"));
+    assert!(store.conversations().expect("conversations")[0].removed);
+    assert!(store.join_conversation(&dm, seq(30), seq(9)).expect("later"));
+    assert_eq!(next(&store, StreamId::Conversation(CONV)), Some(seq(40)));
+}
+
+/// A database written by the first schema (no `removed` column) opens and reads.
+#[test]
+fn version_1_databases_are_migrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("confab.db");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE conversations (id BLOB PRIMARY KEY, kind INTEGER NOT NULL, peer BLOB);
+             INSERT INTO conversations VALUES (x'C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0C0', 1, NULL);
+             PRAGMA user_version = 1;",
+        )
+        .expect("v1");
+    }
+    let store = ClientStore::open(&path).expect("migrates");
+    let conversations = store.conversations().expect("conversations");
+    assert_eq!(conversations.len(), 1);
+    assert!(!conversations[0].removed);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 2);
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
     self, Accepted, Batch, ClaimedKeyPackage, ClientFrame, ContinuityLost, Created, Deliver,
-    ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored, OkFrame, Ready, ServerFrame,
+    DeviceStatus, Devices, ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored, OkFrame, Ready, ServerFrame,
     SessionLimits, Subscribed, Unsubscribed,
 };
 use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
@@ -263,12 +263,16 @@ impl Connection {
         if self.lost_continuity(store, *stream, rid, from, &mut out)? {
             return Ok(out);
         }
-        let entries = store.read(
+        let end = reading_end(store, stream, self.device(), from.get())?;
+        let mut entries = store.read(
             stream,
             from,
             config.limits.replay_batch_max as usize,
             batch_bytes_max(config),
         )?;
+        if let Some(end) = end {
+            entries.retain(|e| e.seq.get() <= end);
+        }
         let mut next = next;
         for entry in entries {
             if entry.seq.get() != next {
@@ -281,8 +285,22 @@ impl Connection {
             })));
         }
         telemetry::live_delivered(out.len());
-        self.subscriptions.insert(*stream, Sub::Live { rid, next });
+        if end.is_some_and(|end| next > end) {
+            self.end_subscription(*stream, rid, &mut out);
+        } else {
+            self.subscriptions.insert(*stream, Sub::Live { rid, next });
+        }
         Ok(out)
+    }
+
+    /// The device was removed and has been delivered the removing Commit: the subscription
+    /// ends with `Unsubscribed` (REQ-7.6-3).
+    fn end_subscription(&mut self, stream: StreamKey, rid: u64, out: &mut Vec<Action>) {
+        self.subscriptions.remove(&stream);
+        out.push(Action::Send(ServerFrame::Unsubscribed(Unsubscribed {
+            rid,
+            stream: wire_stream(&stream),
+        })));
     }
 
     /// Retention deleted entries this subscription still needed: answers `ContinuityLost`
@@ -524,7 +542,7 @@ impl Connection {
             }
             ClientFrame::Ack(a) => {
                 let stream = stream_key(&a.stream, device);
-                if let Some(code) = self.read_access(store, &stream, device)? {
+                if let Some(code) = self.read_access(store, &stream, device, a.seq.get())? {
                     out.push(error(code, None, None));
                 } else if store.ack(&stream, &device, a.seq)?.is_none() {
                     out.push(error(ErrorCode::SeqOutOfRange, None, None));
@@ -566,7 +584,8 @@ impl Connection {
                     })));
                     return Ok(());
                 }
-                let claimed = store.claim_key_packages(&c.user, &device, now)?;
+                let claimed =
+                    store.claim_key_packages(&c.user, &device, c.devices.as_deref(), now)?;
                 if claimed.is_empty() {
                     out.push(error(ErrorCode::NoKeyPackages, Some(c.rid), None));
                     return Ok(());
@@ -587,6 +606,21 @@ impl Connection {
                         claimed: packages,
                     },
                 )));
+            }
+            ClientFrame::ListDevices(l) => {
+                let devices = store
+                    .devices(&device.system, now)?
+                    .into_iter()
+                    .map(|d| DeviceStatus {
+                        device: d.device,
+                        pool_count: d.pool_count,
+                        last_resort_present: d.last_resort_present,
+                    })
+                    .collect();
+                out.push(Action::Send(ServerFrame::Devices(Devices {
+                    rid: l.rid,
+                    devices,
+                })));
             }
             other => out.push(error(
                 ErrorCode::UnexpectedFrame,
@@ -724,13 +758,13 @@ impl Connection {
         out: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let stream = stream_key(&s.stream, device);
-        if let Some(code) = self.read_access(store, &stream, device)? {
+        let cursor = store.cursor(&stream, &device)?;
+        let from = s.from_seq.map_or(cursor + 1, Seq::get);
+        if let Some(code) = self.read_access(store, &stream, device, from)? {
             out.push(error(code, Some(s.rid), None));
             return Ok(());
         }
         let (head, oldest) = store.bounds(&stream)?;
-        let cursor = store.cursor(&stream, &device)?;
-        let from = s.from_seq.map_or(cursor + 1, Seq::get);
         if from > head + 1 {
             out.push(error(ErrorCode::SeqOutOfRange, Some(s.rid), None));
             return Ok(());
@@ -780,9 +814,14 @@ impl Connection {
         if self.lost_continuity(store, stream, rid, from_seq, out)? {
             return Ok(());
         }
-        let entries = store.read(&stream, from_seq, max, batch_bytes_max(config))?;
+        let end = reading_end(store, &stream, self.device(), from)?;
+        let mut entries = store.read(&stream, from_seq, max, batch_bytes_max(config))?;
+        if let Some(end) = end {
+            entries.retain(|e| e.seq.get() <= end);
+        }
         telemetry::replay_batch(entries.len());
         let (head, _) = store.bounds(&stream)?;
+        let head = end.map_or(head, |end| head.min(end));
         let last = entries.last().map_or(from - 1, |e| e.seq.get());
         let more = !entries.is_empty() && last < head;
         self.subscriptions.insert(
@@ -804,15 +843,20 @@ impl Connection {
             entries,
             more,
         })));
+        if !more && end.is_some_and(|end| last >= end) {
+            self.end_subscription(stream, rid, out);
+        }
         Ok(())
     }
 
-    /// `None` when `device` may read `stream`, else the error code.
+    /// `None` when `device` may read `stream` from `from_seq`, else the error code. A
+    /// removed device may still read up to the Commit that removed it (REQ-7.6-2).
     fn read_access(
         &self,
         store: &dyn Store,
         stream: &StreamKey,
         device: DeviceId,
+        from_seq: u64,
     ) -> Result<Option<ErrorCode>, StoreError> {
         match stream {
             StreamKey::Inbox(_) => Ok(None),
@@ -820,10 +864,25 @@ impl Connection {
                 if store.conversation(c)?.is_none() {
                     return Ok(Some(ErrorCode::ConversationNotFound));
                 }
-                let member = store.roster(c)?.iter().any(|(_, d)| *d == device);
+                let member = store.roster(c)?.iter().any(|(_, d)| *d == device)
+                    || store.departure(c, &device, from_seq)?.is_some();
                 Ok((!member).then_some(ErrorCode::NotMember))
             }
         }
+    }
+}
+
+/// The last seq `device` may read on `stream` from `from_seq`: the Commit that removed it,
+/// if one did at or after `from_seq` (REQ-7.6-2). Inboxes have no end.
+fn reading_end(
+    store: &dyn Store,
+    stream: &StreamKey,
+    device: Option<DeviceId>,
+    from_seq: u64,
+) -> Result<Option<u64>, StoreError> {
+    match (stream, device) {
+        (StreamKey::Conversation(c), Some(device)) => store.departure(c, &device, from_seq),
+        _ => Ok(None),
     }
 }
 

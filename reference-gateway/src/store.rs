@@ -216,14 +216,40 @@ pub trait Store: Send {
     ) -> Result<UploadOutcome, StoreError>;
 
     /// Claims one package for each device of `user` other than `claimer` that is not
-    /// revoked, in one transaction (REQ-8-2): the oldest live pool package, removed, or else
-    /// the live last-resort package, kept and marked claimed (REQ-8-3). Ordered by device.
+    /// revoked (and, with `only`, is listed there), in one transaction (REQ-8-2): the oldest
+    /// live pool package, removed, or else the live last-resort package, kept and marked
+    /// claimed (REQ-8-3, REQ-8-9). Ordered by device.
     fn claim_key_packages(
         &mut self,
         user: &SystemKey,
         claimer: &DeviceId,
+        only: Option<&[DeviceId]>,
         now: UnixMs,
     ) -> Result<Vec<ClaimedPackage>, StoreError>;
+
+    /// The devices of `user` with a live package or last-resort package that are not
+    /// revoked, by DeviceId (`ListDevices`, REQ-8-8).
+    fn devices(&self, user: &SystemKey, now: UnixMs) -> Result<Vec<DeviceListing>, StoreError>;
+
+    /// The seq of the first Commit at or after `from_seq` that removed `device` from
+    /// `conversation`, if any: `device` reads nothing above it (REQ-7.6-2).
+    fn departure(
+        &self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+        from_seq: u64,
+    ) -> Result<Option<u64>, StoreError>;
+}
+
+/// One device in [`Store::devices`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceListing {
+    /// The device.
+    pub device: DeviceId,
+    /// Live packages in its pool.
+    pub pool_count: u64,
+    /// Whether it has a live last-resort package.
+    pub last_resort_present: bool,
 }
 
 /// A KeyPackage the handler validated, with the end of its lifetime.

@@ -342,6 +342,65 @@ fn dm_flow_in_every_engine_pairing() {
                 error_code(&send_mls(&mut w, &mut c, 10, ct, None)),
                 Some(ErrorCode::NotMember)
             );
+
+            // A removes B: B's live subscription delivers up to the removing Commit and then
+            // ends (REQ-7.6-2, REQ-7.6-3); nothing after it reaches B.
+            let removed = b.creds.certificate.device_id();
+            let rm = a.engine.remove_members(&CONV, &[removed]).expect("remove");
+            let out = send_mls(&mut w, &mut a, 11, rm.commit.clone(), None);
+            assert_eq!(accepted_seq(&out), Some((4, false)));
+            a.engine.merge_pending_commit(&CONV).expect("merge");
+            let delivered = w.fan_out(&out, &mut [&mut a, &mut b]);
+            let seqs = |frames: &[ServerFrame]| -> Vec<u64> {
+                frames
+                    .iter()
+                    .flat_map(|f| match f {
+                        ServerFrame::Deliver(d) => vec![d.entry.seq.get()],
+                        ServerFrame::Batch(b) => b.entries.iter().map(|e| e.seq.get()).collect(),
+                        _ => vec![],
+                    })
+                    .collect()
+            };
+            assert_eq!(seqs(&delivered[1]), vec![3, 4]);
+            assert!(
+                matches!(delivered[1].last(), Some(ServerFrame::Unsubscribed(u)) if u.rid == 2),
+                "{:?}",
+                delivered[1]
+            );
+            let ct = a.engine.encrypt(&CONV, b"after").expect("encrypt");
+            let out = send_mls(&mut w, &mut a, 12, ct, None);
+            assert_eq!(accepted_seq(&out), Some((5, false)));
+            assert!(w.fan_out(&out, &mut [&mut a, &mut b])[1].is_empty());
+            // A replay from before the removal (a device that was offline) stops at it,
+            // across batches; from after it, the device is no member.
+            let conv = StreamId::Conversation(CONV);
+            let subscribe = |rid, from| {
+                ClientFrame::Subscribe(Subscribe {
+                    rid,
+                    stream: conv,
+                    from_seq: Seq::new(from),
+                })
+            };
+            let first = frames(&w.send(&mut b, subscribe(3, 2)));
+            assert_eq!(seqs(&first), vec![2, 3]);
+            assert!(first.iter().any(|f| matches!(f, ServerFrame::Batch(b) if b.more)));
+            let rest = frames(&w.send(
+                &mut b,
+                ClientFrame::Continue(Continue {
+                    stream: conv,
+                    after_seq: Seq::new(3).expect("seq"),
+                }),
+            ));
+            assert_eq!(seqs(&rest), vec![4]);
+            assert!(
+                matches!(&rest[..], [ServerFrame::Batch(b), ServerFrame::Unsubscribed(u)]
+                    if !b.more && u.rid == 3),
+                "{rest:?}"
+            );
+            assert_eq!(
+                error_code(&w.send(&mut b, subscribe(4, 5))),
+                Some(ErrorCode::NotMember)
+            );
         }
     }
 }
@@ -1221,7 +1280,41 @@ mod directory {
     }
 
     fn claim(w: &mut World, conn: &mut Connection, user: SystemKey) -> Vec<ServerFrame> {
-        let frame = ClientFrame::ClaimKeyPackages(ClaimKeyPackages { rid: 6, user });
+        claim_of(w, conn, user, None)
+    }
+
+    fn claim_of(
+        w: &mut World,
+        conn: &mut Connection,
+        user: SystemKey,
+        devices: Option<Vec<DeviceId>>,
+    ) -> Vec<ServerFrame> {
+        let frame = ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
+            rid: 6,
+            user,
+            devices,
+        });
+        exchange(w, conn, frame)
+    }
+
+    /// `ListDevices` as (device, pool_count, last_resort_present).
+    fn list_devices(w: &mut World, conn: &mut Connection) -> Vec<(DeviceId, u64, bool)> {
+        exchange(w, conn, ClientFrame::ListDevices(ListDevices { rid: 8 }))
+            .iter()
+            .find_map(|f| match f {
+                ServerFrame::Devices(d) if d.rid == 8 => Some(
+                    d.devices
+                        .iter()
+                        .map(|d| (d.device, d.pool_count, d.last_resort_present))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .expect("Devices")
+    }
+
+    /// Hands `frame` to the connection; returns the frames it answers with.
+    fn exchange(w: &mut World, conn: &mut Connection, frame: ClientFrame) -> Vec<ServerFrame> {
         frames(&conn.handle(
             &w.config,
             &mut w.store,
@@ -1296,7 +1389,7 @@ mod directory {
             };
             w.config.claims_per_target = RateLimit {
                 per_minute: 1,
-                burst: 8,
+                burst: 9,
             };
             w.limiters = RateLimiters::new(&w.config);
             let now = w.now;
@@ -1368,11 +1461,29 @@ mod directory {
             );
 
             let (d1, d2) = (u1.certificate.device_id(), u2.certificate.device_id());
-            let mut expected = vec![(d1, false), (d2, false)];
+            // A user's devices see each other, with their pools (REQ-8-8); nobody else
+            // sees them: the drainer's own user has no devices in the directory.
+            let mut expected = vec![(d1, 2, true), (d2, 1, false)];
             expected.sort();
+            assert_eq!(list_devices(&mut w, &mut c1), expected);
+            assert_eq!(list_devices(&mut w, &mut c2), expected);
+            assert_eq!(list_devices(&mut w, &mut drainer), vec![]);
+            // A claim of listed devices takes nothing from the others (REQ-8-9); a listed
+            // device of another user is not one of this user's.
+            let stranger = credentials(80).certificate.device_id();
+            assert_eq!(
+                claimed(&claim_of(
+                    &mut w,
+                    &mut c1,
+                    user.public(),
+                    Some(vec![d2, stranger])
+                )),
+                vec![(d2, false)]
+            );
+            assert_eq!(list_devices(&mut w, &mut c1), vec![(d1, 2, true)]);
             assert_eq!(
                 claimed(&claim(&mut w, &mut drainer, user.public())),
-                expected
+                vec![(d1, false)]
             );
             assert_eq!(
                 claimed(&claim(&mut w, &mut drainer, user.public())),
@@ -1453,6 +1564,7 @@ mod directory {
                 error_of(&claim(&mut w, &mut friend, user.public())).map(|e| e.0),
                 Some(ErrorCode::NoKeyPackages)
             );
+            assert_eq!(list_devices(&mut w, &mut c2), vec![]);
         }
     }
 }

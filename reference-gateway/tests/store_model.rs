@@ -567,7 +567,7 @@ fn concurrent_claims_never_hand_out_a_package_twice() {
                     (0..20)
                         .flat_map(|_| {
                             store
-                                .claim_key_packages(&owner.system, &device(50 + t), now)
+                                .claim_key_packages(&owner.system, &device(50 + t), None, now)
                                 .expect("claim")
                         })
                         .map(|c| (c.key_package, c.last_resort))
@@ -622,13 +622,13 @@ fn concurrent_claims_never_hand_out_a_package_twice() {
         .expect("upload");
     let later = UnixMs(1_002_000);
     let claimed = store
-        .claim_key_packages(&owner.system, &device(9), later)
+        .claim_key_packages(&owner.system, &device(9), None, later)
         .expect("claim");
     assert_eq!(claimed.len(), 1);
     assert!(claimed[0].last_resort);
     assert!(
         store
-            .claim_key_packages(&owner.system, &owner, later)
+            .claim_key_packages(&owner.system, &owner, None, later)
             .expect("claim")
             .is_empty()
     );

@@ -224,6 +224,16 @@ cbor_map! {
         1 req rid: u64,
         /// The user whose devices are wanted.
         2 req user: SystemKey,
+        /// Only these devices of the user; every device when absent.
+        3 opt devices: Vec<DeviceId>,
+    }
+}
+
+cbor_map! {
+    /// `ListDevices` (type 13, SPEC.md section 8): the caller's own user's devices.
+    pub struct ListDevices {
+        /// Request id.
+        1 req rid: u64,
     }
 }
 
@@ -629,6 +639,29 @@ cbor_map! {
 }
 
 cbor_map! {
+    /// One device of the caller's user in `Devices` (SPEC.md section 8).
+    pub struct DeviceStatus {
+        /// The device.
+        1 req device: DeviceId,
+        /// KeyPackages in its pool.
+        2 req pool_count: u64,
+        /// Whether it has a last-resort package.
+        3 req last_resort_present: bool,
+    }
+}
+
+cbor_map! {
+    /// `Devices` (type 78, SPEC.md section 8).
+    pub struct Devices {
+        /// Request id.
+        1 req rid: u64,
+        /// Every device of the caller's user that is in the directory and not revoked,
+        /// ordered by DeviceId; the caller included.
+        2 req devices: Vec<DeviceStatus>,
+    }
+}
+
+cbor_map! {
     /// `KeyPackagesClaimed` (type 77, SPEC.md section 8).
     pub struct KeyPackagesClaimed {
         /// Request id.
@@ -724,6 +757,7 @@ frame_enum! {
         10 => RevokeDevice(RevokeDevice),
         11 => UploadKeyPackages(UploadKeyPackages),
         12 => ClaimKeyPackages(ClaimKeyPackages),
+        13 => ListDevices(ListDevices),
     }
 }
 
@@ -744,6 +778,7 @@ frame_enum! {
         75 => Ok(OkFrame),
         76 => KeyPackagesStored(KeyPackagesStored),
         77 => KeyPackagesClaimed(KeyPackagesClaimed),
+        78 => Devices(Devices),
     }
 }
 
@@ -760,6 +795,7 @@ impl ServerFrame {
             ServerFrame::Ok(f) => Some(f.rid),
             ServerFrame::KeyPackagesStored(f) => Some(f.rid),
             ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
+            ServerFrame::Devices(f) => Some(f.rid),
             ServerFrame::Challenge(_)
             | ServerFrame::Ready(_)
             | ServerFrame::HeartbeatAck(_)
@@ -780,6 +816,7 @@ impl ClientFrame {
             ClientFrame::RevokeDevice(f) => Some(f.rid),
             ClientFrame::UploadKeyPackages(f) => Some(f.rid),
             ClientFrame::ClaimKeyPackages(f) => Some(f.rid),
+            ClientFrame::ListDevices(f) => Some(f.rid),
             ClientFrame::Hello(_)
             | ClientFrame::Auth(_)
             | ClientFrame::Heartbeat(_)

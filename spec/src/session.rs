@@ -296,12 +296,24 @@ pub enum Event {
         /// The seq the msg_id was first delivered at.
         first_seq: Seq,
     },
-    /// A request other than a send failed.
+    /// The gateway ended a subscription, or refused it for good: `code` is `None` when the
+    /// gateway sent `Unsubscribed` on its own (the device was removed from the conversation,
+    /// SPEC.md REQ-7.6-3), else the error that refused the `Subscribe` (`not_member`, ...).
+    /// The session no longer follows the stream.
+    SubscriptionEnded {
+        /// The stream.
+        stream: StreamId,
+        /// The refusal, if it was one.
+        code: Option<ErrorCode>,
+    },
+    /// A request other than a send or a subscription failed.
     RequestFailed {
         /// The request id.
         rid: u64,
         /// Why.
         code: ErrorCode,
+        /// For `rate_limited` and `overloaded`: when to try again.
+        retry_after_ms: Option<u64>,
     },
     /// The gateway broke the protocol; the connection was dropped.
     ProtocolViolation {
@@ -496,6 +508,14 @@ impl ClientSession {
     /// Messages sent but not yet answered, in composition order.
     pub fn pending_sends(&self) -> impl Iterator<Item = (ConversationId, MsgId)> + '_ {
         self.outbox.iter().map(|p| (p.conversation, p.msg_id))
+    }
+
+    /// The limits the gateway announced in `Ready`, while connected.
+    pub fn limits(&self) -> Option<&SessionLimits> {
+        match &self.conn {
+            ConnState::Ready(live) => Some(&live.limits),
+            _ => None,
+        }
     }
 
     /// Whether the session is authenticated on a live connection.
@@ -1099,9 +1119,17 @@ impl ClientSession {
                 }
             }
             ServerFrame::Unsubscribed(u) => {
-                self.requests.remove(&u.rid);
+                let requested = self.requests.remove(&u.rid).is_some();
                 if let Some(st) = self.streams.get_mut(&u.stream) {
                     st.sub = Sub::Off;
+                    if !requested && st.wanted {
+                        // The gateway ended it (REQ-7.6-3): do not follow it again.
+                        st.wanted = false;
+                        self.event(Event::SubscriptionEnded {
+                            stream: u.stream,
+                            code: None,
+                        });
+                    }
                 }
             }
             ServerFrame::Challenge(_) | ServerFrame::Ready(_) => {
@@ -1154,10 +1182,19 @@ impl ClientSession {
                     st.sub = Sub::Off;
                     st.wanted = transient;
                 }
-                self.event(Event::RequestFailed { rid, code: e.code });
+                if !transient {
+                    self.event(Event::SubscriptionEnded {
+                        stream,
+                        code: Some(e.code),
+                    });
+                }
             }
             Some(Request::Create | Request::Other) | None => {
-                self.event(Event::RequestFailed { rid, code: e.code });
+                self.event(Event::RequestFailed {
+                    rid,
+                    code: e.code,
+                    retry_after_ms: e.retry_after_ms,
+                });
             }
         }
     }

@@ -289,8 +289,18 @@ pub fn sample_frames() -> SampleFrames {
             ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
                 rid: 11,
                 user: system.public(),
+                devices: None,
             }),
         ),
+        (
+            "claim-key-packages-of-devices",
+            ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
+                rid: 12,
+                user: system.public(),
+                devices: Some(vec![cert.device_id()]),
+            }),
+        ),
+        ("list-devices", ClientFrame::ListDevices(ListDevices { rid: 13 })),
     ];
     let entries = sample_entries();
     let server = vec![
@@ -455,6 +465,17 @@ pub fn sample_frames() -> SampleFrames {
                     device: cert.device_id(),
                     key_package: mls(5, 50),
                     last_resort: false,
+                }],
+            }),
+        ),
+        (
+            "devices",
+            ServerFrame::Devices(Devices {
+                rid: 13,
+                devices: vec![DeviceStatus {
+                    device: cert.device_id(),
+                    pool_count: 12,
+                    last_resort_present: true,
                 }],
             }),
         ),

@@ -523,6 +523,7 @@ fn requests_carry_the_assigned_rid_to_their_answer() {
         ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
             rid,
             user: system.public(),
+            devices: None,
         })
     };
     assert_eq!(s.request(T0, claim), Err(SessionError::NotReady));
@@ -610,7 +611,8 @@ fn requests_carry_the_assigned_rid_to_their_answer() {
             Event::Response { frame: answer },
             Event::RequestFailed {
                 rid: second,
-                code: ErrorCode::RateLimited
+                code: ErrorCode::RateLimited,
+                retry_after_ms: Some(2_000),
             },
         ]
     );

@@ -4,6 +4,8 @@
 //! confab [--home DIR] [--server URL] [--engine openmls|mls-rs] [--json] <command>
 //!   init [--import BACKUP]     create an identity (or import a Polycentric one) and this device
 //!   whoami                     your user key (give it to contacts) and this device
+//!   export                     print the identity's backup string (for a new device)
+//!   device list | add DEVICE | remove DEVICE | revoke DEVICE
 //!   contacts add NAME KEY | list | remove NAME
 //!   dm NAME                    start a DM with a contact
 //!   send NAME|CONVERSATION TEXT
@@ -20,7 +22,8 @@ use clap::{Parser, Subcommand};
 use confab_client::app::{Client, ClientError};
 use confab_client::home::{Home, HomeError, Settings};
 use confab_client::store::Message;
-use confab_spec::ids::{ConversationId, SystemKey};
+use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
+use confab_spec::identity::SystemKeyPair;
 
 /// Confab: end-to-end-encrypted chat on MLS for Polycentric identities.
 #[derive(Parser)]
@@ -53,6 +56,14 @@ enum Command {
     },
     /// Show your user key (share it with contacts) and this device.
     Whoami,
+    /// Print this identity's Polycentric backup string. It holds your secret user key:
+    /// use it only to set up another device with `confab init --import`.
+    Export,
+    /// Manage this user's devices.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
     /// Manage contacts.
     Contacts {
         #[command(subcommand)]
@@ -79,6 +90,19 @@ enum Command {
     Watch,
     /// Show the connection, the KeyPackage pool and the outbox.
     Status,
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// List your devices that the gateway knows (those that published KeyPackages).
+    List,
+    /// Add a new device to all your conversations. Set it up first with
+    /// `confab --home NEW init --import "$(confab export)"`; DEVICE is the id it prints.
+    Add { device: String },
+    /// Remove a device from all your conversations (it can be added again).
+    Remove { device: String },
+    /// Revoke a device for good (lost or stolen) and remove it from all conversations.
+    Revoke { device: String },
 }
 
 #[derive(Subcommand)]
@@ -137,6 +161,18 @@ fn default_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_default()
         .join(".confab")
+}
+
+/// A device of this user, named by its id (32 hex digits, from `confab whoami`).
+fn parse_device(user: SystemKey, s: &str) -> Result<DeviceId, CliError> {
+    let process: [u8; 16] = hex::decode(s.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| CliError::Usage(format!("{s:?} is not a device id (32 hex digits)")))?;
+    Ok(DeviceId {
+        system: user,
+        process: ProcessId(process),
+    })
 }
 
 fn hex_key(key: &SystemKey) -> String {
@@ -237,10 +273,12 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             let identity = home.init(import.as_deref(), &settings)?;
             let mut client = connect(&home, None).await?;
             let pool = client.top_up_key_packages(POOL_TARGET).await?;
+            let device = hex::encode(client.device().process.0);
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"user": hex_key(&identity.system), "key_packages": pool.pool_count})
+                    serde_json::json!({"user": hex_key(&identity.system), "device": device,
+                        "key_packages": pool.pool_count})
                 );
             } else {
                 println!("created your identity in {}", home.dir().display());
@@ -248,7 +286,13 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                     "your user key (give it to your contacts): {}",
                     hex_key(&identity.system)
                 );
+                println!("this device: {device}");
                 println!("{} KeyPackages published", pool.pool_count);
+                if import.is_some() {
+                    println!(
+                        "to join your conversations, run on one of your other devices: confab device add {device}"
+                    );
+                }
             }
         }
         Command::Whoami => {
@@ -262,6 +306,86 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             } else {
                 println!("user   {}", hex_key(&identity.system));
                 println!("device {}", hex::encode(device.process.0));
+            }
+        }
+        Command::Export => {
+            let (identity, _) = home.identity()?;
+            let seed = identity.system_seed.ok_or_else(|| {
+                CliError::Usage("this device does not hold the user's secret key".into())
+            })?;
+            let backup = confab_client::identity::export_backup(&SystemKeyPair::from_seed(&seed));
+            if cli.json {
+                println!("{}", serde_json::json!({ "backup": backup }));
+            } else {
+                println!("{backup}");
+            }
+        }
+        Command::Device { action } => {
+            let (identity, _) = home.identity()?;
+            let mut client = connect(&home, server).await?;
+            let change = match action {
+                DeviceAction::List => {
+                    let conversations: Vec<_> = client
+                        .store()
+                        .conversations()?
+                        .into_iter()
+                        .filter(|c| !c.removed)
+                        .collect();
+                    for d in client.devices().await? {
+                        let mut joined = 0;
+                        for c in &conversations {
+                            joined += usize::from(client.is_member(&c.id, d.device)?);
+                        }
+                        let id = hex::encode(d.device.process.0);
+                        let this = d.device == client.device();
+                        if cli.json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"device": id, "this_device": this,
+                                    "key_packages": d.pool_count, "last_resort": d.last_resort_present,
+                                    "conversations": joined, "of": conversations.len()})
+                            );
+                        } else {
+                            println!(
+                                "{id}{}  key packages {:>3}  in {joined} of {} conversations",
+                                if this { " (this device)" } else { "" },
+                                d.pool_count,
+                                conversations.len()
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+                DeviceAction::Add { device } => {
+                    client
+                        .add_device(parse_device(identity.system, &device)?)
+                        .await?
+                }
+                DeviceAction::Remove { device } => {
+                    client
+                        .remove_device(parse_device(identity.system, &device)?)
+                        .await?
+                }
+                DeviceAction::Revoke { device } => {
+                    let device = parse_device(identity.system, &device)?;
+                    let seed = identity.system_seed.ok_or_else(|| {
+                        CliError::Usage("this device does not hold the user's secret key".into())
+                    })?;
+                    let now = confab_client::transport::system_now();
+                    let revocation = SystemKeyPair::from_seed(&seed).revoke(device.process, now);
+                    client.revoke_device(revocation).await?
+                }
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversations": change.conversations, "unchanged": change.unchanged})
+                );
+            } else {
+                println!(
+                    "done: {} conversations changed, {} needed nothing",
+                    change.conversations, change.unchanged
+                );
             }
         }
         Command::Contacts { action } => {

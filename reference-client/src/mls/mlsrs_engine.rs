@@ -640,7 +640,11 @@ where
             .client
             .join_group(None, &message, Some(mls_time(now)))
             .map_err(map_err)?;
-        self.adopt(g, None)
+        // A device removed from a group and added again replaces its old state.
+        let id = ConversationId::from_slice(g.group_id())
+            .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
+        self.groups.remove(&id);
+        self.adopt(g, Some(&id))
     }
 
     fn encrypt(

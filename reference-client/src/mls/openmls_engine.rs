@@ -768,9 +768,24 @@ impl MlsEngine for OpenMlsEngine {
             let MlsMessageBodyIn::Welcome(welcome) = parse(welcome)?.extract() else {
                 return Err(EngineError::Malformed("not a Welcome".into()));
             };
-            let staged =
-                StagedWelcome::new_from_welcome(ctx.provider, &join_config(), welcome, None)
-                    .map_err(|e| other("welcome", e))?;
+            let builder = StagedWelcome::build_from_welcome(ctx.provider, &join_config(), welcome)
+                .map_err(|e| other("welcome", e))?;
+            // A device removed from a group and added again replaces its old state; the
+            // transaction restores it if the join fails.
+            let group_id = builder
+                .processed_welcome()
+                .unverified_group_info()
+                .group_id()
+                .clone();
+            if let Some(mut old) =
+                MlsGroup::load(ctx.provider.storage(), &group_id).map_err(storage)?
+            {
+                old.delete(ctx.provider.storage()).map_err(storage)?;
+                if let Ok(id) = ConversationId::from_slice(group_id.as_slice()) {
+                    ctx.groups.remove(&id);
+                }
+            }
+            let staged = builder.build().map_err(|e| other("welcome", e))?;
             for member in staged.members() {
                 verify_member(
                     &identity_of(&member.credential)?,

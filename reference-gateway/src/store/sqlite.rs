@@ -8,7 +8,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, GcReport,
+    AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, DeviceListing,
+    GcReport,
     IssuedToken, PoolStatus, Redeemed, RetentionPolicy, Store, StoreError, StoredKeyPackage,
     StreamKey, UploadOutcome,
 };
@@ -96,7 +97,13 @@ CREATE TABLE IF NOT EXISTS last_resort_key_packages (
     claimed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (system, process)
 ) WITHOUT ROWID;
-PRAGMA user_version = 3;
+CREATE TABLE IF NOT EXISTS departures (
+    conversation BLOB NOT NULL,
+    device BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (conversation, device, seq)
+) WITHOUT ROWID;
+PRAGMA user_version = 4;
 ";
 
 impl SqliteStore {
@@ -427,6 +434,13 @@ impl Store for SqliteStore {
             .map_err(db)?;
             // RFC 9420 12.3: removals blank leaves, then adds take the leftmost blanks.
             for leaf in removed_leaves {
+                // Where the removed device's reading ends (REQ-7.6-2).
+                tx.execute(
+                    "INSERT OR IGNORE INTO departures (conversation, device, seq)
+                     SELECT conversation, device, ?3 FROM roster WHERE conversation = ?1 AND leaf = ?2",
+                    params![conv.0.as_slice(), i64::from(*leaf), seq],
+                )
+                .map_err(db)?;
                 tx.execute(
                     "DELETE FROM roster WHERE conversation = ?1 AND leaf = ?2",
                     params![conv.0.as_slice(), i64::from(*leaf)],
@@ -863,10 +877,71 @@ impl Store for SqliteStore {
         Ok(UploadOutcome::Stored(status))
     }
 
+    fn departure(
+        &self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+        from_seq: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT min(seq) FROM departures WHERE conversation = ?1 AND device = ?2 AND seq >= ?3",
+                params![
+                    conversation.0.as_slice(),
+                    device.to_bytes().as_slice(),
+                    to_i64(from_seq)
+                ],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        Ok(v.map(|v| v as u64))
+    }
+
+    fn devices(&self, user: &SystemKey, now: UnixMs) -> Result<Vec<DeviceListing>, StoreError> {
+        let now_s = to_i64(now.0 / 1_000);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.process,
+                    (SELECT count(*) FROM key_packages k
+                     WHERE k.system = ?1 AND k.process = p.process AND k.not_after_s > ?2),
+                    EXISTS (SELECT 1 FROM last_resort_key_packages l
+                     WHERE l.system = ?1 AND l.process = p.process AND l.not_after_s > ?2)
+                 FROM (SELECT process FROM key_packages WHERE system = ?1 AND not_after_s > ?2
+                       UNION SELECT process FROM last_resort_key_packages
+                       WHERE system = ?1 AND not_after_s > ?2) p
+                 WHERE NOT EXISTS (SELECT 1 FROM revocations r
+                                   WHERE r.system = ?1 AND r.process = p.process)
+                 ORDER BY p.process",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![user.0.as_slice(), now_s], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, bool>(2)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (process, pool_count, last_resort_present) = row.map_err(db)?;
+            out.push(DeviceListing {
+                device: device_of(&[user.0.as_slice(), process.as_slice()].concat())?,
+                pool_count: pool_count as u64,
+                last_resort_present,
+            });
+        }
+        Ok(out)
+    }
+
     fn claim_key_packages(
         &mut self,
         user: &SystemKey,
         claimer: &DeviceId,
+        only: Option<&[DeviceId]>,
         now: UnixMs,
     ) -> Result<Vec<ClaimedPackage>, StoreError> {
         let now_s = to_i64(now.0 / 1_000);
@@ -896,7 +971,7 @@ impl Store for SqliteStore {
         let mut claimed = Vec::new();
         for process in processes {
             let device = device_of(&[system, process.as_slice()].concat())?;
-            if device == *claimer {
+            if device == *claimer || only.is_some_and(|only| !only.contains(&device)) {
                 continue;
             }
             let pooled: Option<(i64, Vec<u8>)> = tx
