@@ -5,62 +5,14 @@
 //! on top of it); each side stores the same messages at the same seqs, and both agree on
 //! the epoch and its authenticator.
 
+mod app_support;
+
 use std::time::Duration;
 
+use app_support::{Gateway, device, receive, user};
 use confab_client::app::Client;
-use confab_client::mls::{EngineKind, open_engine, system_clock};
-use confab_client::store::ClientStore;
-use confab_client::transport::{Transport, system_now};
-use confab_gateway::handler::GatewayConfig;
-use confab_gateway::server;
-use confab_gateway::store::sqlite::SqliteStore;
-use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
-use confab_spec::ids::{ProcessId, UnixMs};
-use confab_spec::session::{ClientSession, DeviceCredentials, SessionConfig};
-
-fn client(
-    dir: &std::path::Path,
-    origin: &str,
-    seed: u8,
-    kind: EngineKind,
-) -> (Client, SystemKeyPair) {
-    let system = SystemKeyPair::from_seed(&[seed; 32]);
-    let key = DeviceKeyPair::from_seed(&[seed.wrapping_add(1); 32]);
-    let now = system_now();
-    let certificate = system.issue_certificate(
-        ProcessId([seed; 16]),
-        key.public(),
-        UnixMs(now.0 - 60_000),
-        now.plus_ms(3_600_000),
-    );
-    let credentials = DeviceCredentials { key, certificate };
-    let engine = open_engine(
-        kind,
-        &dir.join(format!("mls-{seed}.db")),
-        credentials.clone(),
-        system_clock(),
-    )
-    .expect("engine");
-    let store = ClientStore::open(&dir.join(format!("confab-{seed}.db"))).expect("store");
-    let session = ClientSession::new(SessionConfig::new(origin), credentials, u64::from(seed));
-    let transport = Transport::new(session, format!("{origin}/v1/ws"));
-    (Client::new(transport, engine, store), system)
-}
-
-/// Pumps `c` until it has received `n` messages in all; their bodies.
-async fn receive(c: &mut Client, seen: &mut Vec<Vec<u8>>, n: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while seen.len() < n {
-        seen.extend(c.take_received().into_iter().map(|m| m.body));
-        if seen.len() >= n {
-            break;
-        }
-        tokio::time::timeout_at(deadline, c.pump())
-            .await
-            .expect("timely")
-            .expect("pump");
-    }
-}
+use confab_client::mls::EngineKind;
+use confab_spec::identity::SystemKeyPair;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dm_in_every_engine_pairing() {
@@ -71,24 +23,12 @@ async fn a_dm_in_every_engine_pairing() {
         (EngineKind::MlsRs, EngineKind::MlsRs),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let origin = format!("ws://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let gateway = tokio::spawn(server::serve(
-            listener,
-            GatewayConfig::new(origin.clone()),
-            store,
-            server::Environment::default(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let gateway = Gateway::start(dir.path(), |_| {}).await;
+        let origin = gateway.origin.clone();
 
-        let (mut alice, _) = client(dir.path(), &origin, 10, ka);
-        let (mut bob, bob_system) = client(dir.path(), &origin, 20, kb);
+        let mut alice = device(dir.path(), &origin, 10, 10, ka);
+        let mut bob = device(dir.path(), &origin, 20, 20, kb);
+        let bob_system = user(20);
         alice.connect().await.expect("alice connects");
         bob.connect().await.expect("bob connects");
         let pool = bob.top_up_key_packages(5).await.expect("top up");
@@ -191,7 +131,7 @@ async fn a_dm_in_every_engine_pairing() {
             )
             .expect("rewind");
         drop(bob_db);
-        let (mut bob, _) = client(dir.path(), &origin, 20, kb);
+        let mut bob = device(dir.path(), &origin, 20, 20, kb);
         tokio::time::timeout(Duration::from_secs(20), bob.connect())
             .await
             .expect("timely")
@@ -206,8 +146,7 @@ async fn a_dm_in_every_engine_pairing() {
         receive(&mut bob, &mut again, 1).await;
         assert_eq!(again, vec![b"after the crash".to_vec()], "{ka}/{kb}");
 
-        let _ = stop.send(());
         drop((alice, bob));
-        let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+        gateway.stop().await;
     }
 }
