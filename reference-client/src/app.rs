@@ -81,6 +81,10 @@ pub enum ClientError {
     /// The gateway could not be reached (connection attempts failed before any `Ready`).
     #[error("cannot reach the gateway after {0} attempts")]
     Unreachable(u32),
+    /// The gateway refused this device for good (revoked or expired certificate, ...);
+    /// the session does not reconnect.
+    #[error("the gateway refused this device: {}", .0.map_or("closed for good", |c| c.name()))]
+    Stopped(Option<ErrorCode>),
     /// The gateway answered with something else than the request calls for.
     #[error("unexpected answer from the gateway")]
     Unexpected,
@@ -112,6 +116,7 @@ pub struct Client {
     live: HashSet<StreamId>,
     failed_attempts: u32,
     lost_commit_races: u32,
+    stopped: Option<Option<ErrorCode>>,
 }
 
 /// Connection attempts [`Client::connect`] makes before it reports the gateway unreachable.
@@ -148,6 +153,7 @@ impl Client {
             live: HashSet::new(),
             failed_attempts: 0,
             lost_commit_races: 0,
+            stopped: None,
         }
     }
 
@@ -213,6 +219,9 @@ impl Client {
 
     /// Runs the transport once: waits for one event and handles it.
     pub async fn pump(&mut self) -> Result<(), ClientError> {
+        if let Some(error) = self.stopped {
+            return Err(ClientError::Stopped(error));
+        }
         let event = self.transport.next_event().await;
         self.on_event(event)
     }
@@ -629,10 +638,15 @@ impl Client {
                 self.ready = true;
                 self.failed_attempts = 0;
             }
-            Event::Disconnected { .. } | Event::Stopped { .. } => {
+            Event::Disconnected { .. } => {
                 if !self.ready {
                     self.failed_attempts += 1;
                 }
+                self.ready = false;
+                self.live.clear();
+            }
+            Event::Stopped { error, .. } => {
+                self.stopped = Some(error);
                 self.ready = false;
                 self.live.clear();
             }

@@ -1,7 +1,9 @@
 //! The `confab` CLI end to end: two identities in two `--home` directories on one machine
 //! (one openmls, one mls-rs device) and a real gateway. They exchange a DM; one side is
 //! closed while the other writes, the gateway restarts, and the closed side catches up in
-//! order with no duplicates. User errors print a sentence, not a backtrace.
+//! order with no duplicates. Alice adds a second device from her backup string, it reads
+//! what is sent after it joined, and once revoked it is refused. User errors print a
+//! sentence, not a backtrace.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -146,6 +148,47 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
         serde_json::from_str(&ok(&alice, &server, &["--json", "status"])).expect("json");
     assert_eq!(status["outbox"], 0, "nothing left unsent: {status}");
     assert_eq!(status["connected"], true);
+
+    // A second device for Alice: set up from her backup string, added from her first
+    // device, it reads what is sent from then on; revoked, it is refused.
+    let alice2 = dir.path().join("alice2");
+    let backup = ok(&alice, &server, &["export"]);
+    assert!(backup.starts_with("polycentric://"), "{backup}");
+    let init: serde_json::Value = serde_json::from_str(&ok(
+        &alice2,
+        &server,
+        &["--json", "--engine", "mls-rs", "init", "--import", backup.trim()],
+    ))
+    .expect("json");
+    assert_eq!(init["user"].as_str(), Some(ka.as_str()));
+    let device = init["device"].as_str().expect("device").to_owned();
+    assert!(ok(&alice, &server, &["device", "add", &device]).contains("1 conversations changed"));
+    let devices: Vec<serde_json::Value> = ok(&alice, &server, &["--json", "device", "list"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    assert!(devices.iter().any(|d| d["device"] == device.as_str()
+        && d["this_device"] == false
+        && d["conversations"] == 1));
+    assert_eq!(read(&alice2, &server), vec![], "nothing from before it joined");
+    ok(&bob, &server, &["send", "alice", "to both"]);
+    // Contacts are per device; the DM it joined is found by the peer's name.
+    ok(&alice2, &server, &["contacts", "add", "bob", &kb]);
+    assert_eq!(read(&alice2, &server), vec![(8, "bob".into(), "to both".into())]);
+    assert!(read(&alice, &server).contains(&(8, "bob".into(), "to both".into())));
+    ok(&alice2, &server, &["send", "bob", "from my laptop"]);
+    assert!(read(&bob, &server).contains(&(9, "alice".into(), "from my laptop".into())));
+    assert!(read(&alice, &server).contains(&(9, "me".into(), "from my laptop".into())));
+    ok(&alice, &server, &["device", "revoke", &device]);
+    let out = confab(&alice2, &server, &["read"]);
+    assert!(
+        !out.ok && out.stderr.contains("auth_certificate_revoked"),
+        "{}",
+        out.stderr
+    );
+    let out = confab(&alice, &server, &["device", "add", "abc"]);
+    assert!(!out.ok && out.stderr.contains("not a device id"), "{}", out.stderr);
 
     // User errors: one sentence on stderr, exit code 1, no backtrace.
     let nobody = dir.path().join("nobody");
