@@ -15,9 +15,10 @@
 //! it at the gateway and removes it. A removed device that is added again rejoins from
 //! the new Welcome and continues after the Commit that re-added it.
 //!
-//! Not yet: application messages decrypted before a crash but not yet recorded (their
-//! secrets are consumed; they are recorded as processed without a body). See issue 5's
-//! notes.
+//! Crash safety: an application message's plaintext is journaled by the engine no later
+//! than the state that consumed its key, and released once the store recorded it
+//! ([`crate::mls::journal`]); a Welcome's join is recorded with the conversation's cursor
+//! in one transaction, and a join the store missed is recognised by the group being there.
 
 use std::collections::{HashMap, HashSet};
 
@@ -707,6 +708,7 @@ impl Client {
     fn on_entry(&mut self, stream: StreamId, entry: Entry) -> Result<(), ClientError> {
         let seq = entry.seq;
         let mut message = None;
+        let mut journaled = None;
         match (stream, &entry.body) {
             (
                 StreamId::Inbox,
@@ -756,7 +758,13 @@ impl Client {
                     // One's own message: the plaintext kept in the outbox.
                     self.store.outbox_plaintext(&entry.msg_id)?
                 } else {
-                    match self.engine.process(&c, entry.payload.as_bytes()) {
+                    // Journaled by the engine until the store below holds it, so a crash in
+                    // between does not lose it (its key is gone once it is decrypted).
+                    journaled = Some(c);
+                    match self
+                        .engine
+                        .process_entry(&c, seq.get(), entry.payload.as_bytes())
+                    {
                         Ok(Processed::Application { plaintext, .. }) => Some(plaintext),
                         _ => None,
                     }
@@ -807,6 +815,9 @@ impl Client {
             if let Some(m) = message {
                 self.received.push(m);
             }
+        }
+        if let Some(c) = journaled {
+            self.engine.release_processed(&c, seq.get())?;
         }
         self.input(Input::Ack { stream, seq })?;
         self.store.set_acked(&stream, seq)?;

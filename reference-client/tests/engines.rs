@@ -201,6 +201,38 @@ fn typed_errors_wrong_epoch_and_secret_reuse() {
     }
 }
 
+/// The decryption journal: processing the same entry again (a replay after a crash
+/// between the engine and the client's store) returns the first outcome, also from a
+/// reopened engine; once released, the consumed key makes it fail as a replay.
+#[test]
+fn journaled_entries_survive_reprocessing_until_released() {
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
+        let ct = a.engine().encrypt(&GROUP, b"exactly once").expect("encrypt");
+        let first = b.engine().process_entry(&GROUP, 7, &ct).expect("first");
+        let expected = Processed::Application {
+            sender: a.id(),
+            plaintext: b"exactly once".to_vec(),
+        };
+        assert_eq!(first, expected, "{ka}->{kb}");
+        b.reload();
+        assert_eq!(
+            b.engine().process_entry(&GROUP, 7, &ct).expect("again"),
+            expected,
+            "{ka}->{kb}: from the journal"
+        );
+        // Another seq is another entry: its key is gone.
+        assert!(b.engine().process_entry(&GROUP, 8, &ct).is_err());
+        b.engine().release_processed(&GROUP, 7).expect("release");
+        let replay = b.engine().process_entry(&GROUP, 7, &ct);
+        assert!(
+            matches!(replay, Err(EngineError::SecretReused(_))),
+            "{ka}->{kb}: after release {replay:?}"
+        );
+    }
+}
+
 #[test]
 fn members_with_invalid_certificates_are_rejected() {
     use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};

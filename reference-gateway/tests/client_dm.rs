@@ -3,7 +3,9 @@
 //! Alice creates a DM (claim, create, add, Commit + Welcome, apply on acceptance), both
 //! exchange messages, both commit an update in the same epoch (one wins, the other retries
 //! on top of it); each side stores the same messages at the same seqs, and both agree on
-//! the epoch and its authenticator.
+//! the epoch and its authenticator. Two crashes of Bob: his store rewound behind his MLS
+//! state (he must not stall), and a crash between decrypting a message and recording it
+//! (the engine's journal must give the message back).
 
 mod app_support;
 
@@ -145,6 +147,40 @@ async fn a_dm_in_every_engine_pairing() {
         let mut again = Vec::new();
         receive(&mut bob, &mut again, 1).await;
         assert_eq!(again, vec![b"after the crash".to_vec()], "{ka}/{kb}");
+
+        // A crash between decrypting and recording (Bob's engine once per engine): another
+        // process holds his database's write lock, so after his engine decrypted the
+        // message (consuming its key) his store cannot record it and he fails. Reopened,
+        // he gets the message from the engine's journal, with its text.
+        if ka != kb {
+            let bob_db = rusqlite::Connection::open(dir.path().join("confab-20.db")).expect("db");
+            bob_db.execute_batch("BEGIN IMMEDIATE").expect("lock");
+            alice.send_text(dm, b"while locked").await.expect("send");
+            let failed = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    if let Err(e) = bob.pump().await {
+                        return e;
+                    }
+                }
+            })
+            .await
+            .expect("bob's store fails within the busy timeout");
+            assert!(
+                matches!(failed, confab_client::app::ClientError::Store(_)),
+                "{failed:?}"
+            );
+            drop(bob);
+            bob_db.execute_batch("ROLLBACK").expect("unlock");
+            bob = device(dir.path(), &origin, 20, 20, kb);
+            bob.connect().await.expect("bob reconnects");
+            bob.sync().await.expect("bob catches up");
+            let last = bob.store().messages(&dm, 0, 100).expect("messages");
+            assert_eq!(
+                last.last().map(|m| m.body.as_slice()),
+                Some(&b"while locked"[..]),
+                "{ka}/{kb}: the decrypted message survives the crash"
+            );
+        }
 
         drop((alice, bob));
         gateway.stop().await;

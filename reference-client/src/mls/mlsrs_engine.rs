@@ -43,6 +43,8 @@ pub struct MlsRsEngine<C: MlsConfig> {
     device: DeviceId,
     clock: Clock,
     groups: HashMap<ConversationId, Group<C>>,
+    /// A connection of our own to the state file, for the decryption journal.
+    journal: rusqlite::Connection,
 }
 
 /// Opens or creates the state at `path` for the device in `credentials`.
@@ -76,6 +78,14 @@ pub fn open(
         .extension_type(ExtensionType::LAST_RESORT_KEY_PACKAGE)
         .signing_identity(identity, secret.into(), CIPHERSUITE)
         .build();
+    let journal = rusqlite::Connection::open(path).map_err(storage)?;
+    journal
+        .execute_batch("PRAGMA synchronous=FULL;")
+        .map_err(storage)?;
+    journal
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(storage)?;
+    super::journal::create(&journal)?;
     Ok(Box::new(MlsRsEngine {
         client,
         psks,
@@ -83,6 +93,7 @@ pub fn open(
         device: certificate.device_id(),
         clock,
         groups: HashMap::new(),
+        journal,
     }))
 }
 
@@ -670,51 +681,43 @@ where
     ) -> Result<Processed, EngineError> {
         let message = parse(message)?;
         let own = self.device;
-        self.mutate(group, |g, now| {
-            let before = roster(g)?;
-            let received = g
-                .process_incoming_message_with_time(message, mls_time(now))
-                .map_err(map_err)?;
-            let member = |index: u32, roster: &[(u32, DeviceId)]| {
-                roster.iter().find(|(l, _)| *l == index).map(|(_, d)| *d)
-            };
-            match received {
-                ReceivedMessage::ApplicationMessage(app) => Ok(Processed::Application {
-                    sender: member(app.sender_index, &before)
-                        .ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
-                    plaintext: app.data().to_vec(),
-                }),
-                ReceivedMessage::Proposal(p) => Ok(Processed::Proposal {
-                    sender: match p.sender {
-                        mls_rs::group::ProposalSender::Member(i) => member(i, &before),
-                        _ => None,
-                    },
-                }),
-                ReceivedMessage::Commit(c) => {
-                    let self_removed =
-                        matches!(c.effect, mls_rs::group::CommitEffect::Removed { .. });
-                    let after = if self_removed { Vec::new() } else { roster(g)? };
-                    let added = after
-                        .iter()
-                        .filter(|a| !before.contains(a))
-                        .map(|(_, d)| *d)
-                        .collect();
-                    let removed = before
-                        .iter()
-                        .filter(|b| !after.contains(b) && (!self_removed || b.1 != own))
-                        .map(|(_, d)| *d)
-                        .collect();
-                    Ok(Processed::Commit {
-                        sender: member(c.committer, &before),
-                        epoch: g.current_epoch(),
-                        added,
-                        removed,
-                        self_removed,
-                    })
-                }
-                _ => Err(EngineError::Malformed("not a group message".into())),
+        self.mutate(group, |g, now| process_in(g, own, now, message))
+    }
+
+    fn process_entry(
+        &mut self,
+        group: &ConversationId,
+        seq: u64,
+        message: &[u8],
+    ) -> Result<Processed, EngineError> {
+        if let Some((sender, plaintext)) = super::journal::get(&self.journal, group, seq)? {
+            return Ok(Processed::Application { sender, plaintext });
+        }
+        let message = parse(message)?;
+        let own = self.device;
+        let now = (self.clock)();
+        self.load(group)?;
+        let journal = &self.journal;
+        let loaded = self.groups.get_mut(group).ok_or(EngineError::GroupNotFound);
+        let result = loaded.and_then(|g| {
+            let processed = process_in(g, own, now, message)?;
+            if let Processed::Application { sender, plaintext } = &processed {
+                // Journaled before the state that consumed the secret is written: after a
+                // crash in between, the key is still in the old state and the outcome is
+                // in the journal.
+                super::journal::put(journal, group, seq, sender, plaintext)?;
             }
-        })
+            g.write_to_storage().map_err(map_err)?;
+            Ok(processed)
+        });
+        if result.is_err() {
+            self.groups.remove(group);
+        }
+        result
+    }
+
+    fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {
+        super::journal::release(&self.journal, group, seq)
     }
 
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError> {
@@ -747,5 +750,57 @@ where
 
     fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError> {
         self.read(group, roster)
+    }
+}
+
+/// Processes `message` in `g` (in memory; the caller writes the state).
+fn process_in<C: MlsConfig>(
+    g: &mut Group<C>,
+    own: DeviceId,
+    now: UnixMs,
+    message: MlsMessage,
+) -> Result<Processed, EngineError> {
+    let before = roster(g)?;
+    let received = g
+        .process_incoming_message_with_time(message, mls_time(now))
+        .map_err(map_err)?;
+    let member = |index: u32, roster: &[(u32, DeviceId)]| {
+        roster.iter().find(|(l, _)| *l == index).map(|(_, d)| *d)
+    };
+    match received {
+        ReceivedMessage::ApplicationMessage(app) => Ok(Processed::Application {
+            sender: member(app.sender_index, &before)
+                .ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
+            plaintext: app.data().to_vec(),
+        }),
+        ReceivedMessage::Proposal(p) => Ok(Processed::Proposal {
+            sender: match p.sender {
+                mls_rs::group::ProposalSender::Member(i) => member(i, &before),
+                _ => None,
+            },
+        }),
+        ReceivedMessage::Commit(c) => {
+            let self_removed =
+                matches!(c.effect, mls_rs::group::CommitEffect::Removed { .. });
+            let after = if self_removed { Vec::new() } else { roster(g)? };
+            let added = after
+                .iter()
+                .filter(|a| !before.contains(a))
+                .map(|(_, d)| *d)
+                .collect();
+            let removed = before
+                .iter()
+                .filter(|b| !after.contains(b) && (!self_removed || b.1 != own))
+                .map(|(_, d)| *d)
+                .collect();
+            Ok(Processed::Commit {
+                sender: member(c.committer, &before),
+                epoch: g.current_epoch(),
+                added,
+                removed,
+                self_removed,
+            })
+        }
+        _ => Err(EngineError::Malformed("not a group message".into())),
     }
 }

@@ -11,6 +11,7 @@
 //! durably before it returns success, so no ciphertext derived from a state can leave the
 //! process before that state is on disk, and a reloaded engine never reuses a secret.
 
+pub mod journal;
 pub mod mlsrs_engine;
 pub mod openmls_engine;
 
@@ -348,6 +349,21 @@ pub trait MlsEngine: Send {
     /// stores its proposal.
     fn process(&mut self, group: &ConversationId, message: &[u8])
     -> Result<Processed, EngineError>;
+
+    /// [`MlsEngine::process`] for the entry at `seq` of the group's stream, with the
+    /// decryption journal ([`journal`]): an application message's outcome is durable no
+    /// later than the state that consumed its secret, and processing the same `seq` again
+    /// returns it instead of failing. Release it with [`MlsEngine::release_processed`] once
+    /// the outcome is recorded elsewhere.
+    fn process_entry(
+        &mut self,
+        group: &ConversationId,
+        seq: u64,
+        message: &[u8],
+    ) -> Result<Processed, EngineError>;
+
+    /// Forgets the journaled outcome of `seq` (nothing if there is none).
+    fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError>;
 
     /// The group's current epoch.
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError>;

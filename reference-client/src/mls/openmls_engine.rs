@@ -18,7 +18,7 @@ use openmls_traits::signatures::{Signer, SignerError};
 
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
-    credential_identity, device_of, verify_member,
+    credential_identity, device_of, journal, verify_member,
 };
 use confab_spec::ids::{ConversationId, DeviceId};
 use confab_spec::session::DeviceCredentials;
@@ -106,6 +106,7 @@ impl OpenMlsEngine {
         SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
             .run_migrations()
             .map_err(|e| EngineError::Storage(e.to_string()))?;
+        journal::create(&conn)?;
         let certificate = credentials.certificate;
         let signing_key = ed25519_dalek::SigningKey::from_bytes(&credentials.key.seed());
         let credential = CredentialWithKey {
@@ -130,6 +131,7 @@ fn storage(e: impl std::fmt::Display) -> EngineError {
 
 /// Everything an operation needs, borrowed for the length of one transaction.
 struct Ctx<'a> {
+    conn: &'a Connection,
     provider: &'a Provider<'a>,
     signer: &'a DeviceSigner,
     credential: &'a CredentialWithKey,
@@ -343,6 +345,7 @@ impl OpenMlsEngine {
             storage: SqliteStorageProvider::new(&self.conn),
         };
         let mut ctx = Ctx {
+            conn: &self.conn,
             provider: &provider,
             signer: &self.signer,
             credential: &self.credential,
@@ -822,66 +825,30 @@ impl MlsEngine for OpenMlsEngine {
         group: &ConversationId,
         message: &[u8],
     ) -> Result<Processed, EngineError> {
+        self.with_tx(Some(group), |ctx| process_in(ctx, group, message))
+    }
+
+    fn process_entry(
+        &mut self,
+        group: &ConversationId,
+        seq: u64,
+        message: &[u8],
+    ) -> Result<Processed, EngineError> {
+        if let Some((sender, plaintext)) = journal::get(&self.conn, group, seq)? {
+            return Ok(Processed::Application { sender, plaintext });
+        }
         self.with_tx(Some(group), |ctx| {
-            let now = ctx.now;
-            let provider = ctx.provider;
-            let protocol = parse(message)?
-                .try_into_protocol_message()
-                .map_err(|e| EngineError::Malformed(e.to_string()))?;
-            let g = ctx.group(group)?;
-            if !g.is_active() {
-                return Err(EngineError::Removed);
+            let processed = process_in(ctx, group, message)?;
+            if let Processed::Application { sender, plaintext } = &processed {
+                // In the transaction that stores the consumed secret.
+                journal::put(ctx.conn, group, seq, sender, plaintext)?;
             }
-            let processed = g
-                .process_message(provider, protocol)
-                .map_err(map_process_error)?;
-            let sender = device_of(&identity_of(processed.credential())?).ok();
-            match processed.into_content() {
-                ProcessedMessageContent::ApplicationMessage(app) => Ok(Processed::Application {
-                    sender: sender.ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
-                    plaintext: app.into_bytes(),
-                }),
-                ProcessedMessageContent::ProposalMessage(p) => {
-                    g.store_pending_proposal(provider.storage(), *p)
-                        .map_err(storage)?;
-                    Ok(Processed::Proposal { sender })
-                }
-                ProcessedMessageContent::ExternalJoinProposalMessage(p) => {
-                    g.store_pending_proposal(provider.storage(), *p)
-                        .map_err(storage)?;
-                    Ok(Processed::Proposal { sender: None })
-                }
-                ProcessedMessageContent::OwnPendingCommit
-                | ProcessedMessageContent::OwnPrivateMessage => Err(EngineError::OwnMessage),
-                ProcessedMessageContent::StagedCommitMessage(staged) => {
-                    let added = staged
-                        .add_proposals()
-                        .map(|add| check_leaf(add.add_proposal().key_package().leaf_node(), now))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if let Some(leaf) = staged.update_path_leaf_node() {
-                        check_leaf(leaf, now)?;
-                    }
-                    let members = member_devices(g)?;
-                    let removed = staged
-                        .remove_proposals()
-                        .filter_map(|r| {
-                            let leaf = r.remove_proposal().removed().u32();
-                            members.iter().find(|(l, _)| *l == leaf).map(|(_, d)| *d)
-                        })
-                        .collect();
-                    let self_removed = staged.self_removed();
-                    g.merge_staged_commit(provider, *staged)
-                        .map_err(|e| other("merge commit", e))?;
-                    Ok(Processed::Commit {
-                        sender,
-                        epoch: g.epoch().as_u64(),
-                        added,
-                        removed,
-                        self_removed,
-                    })
-                }
-            }
+            Ok(processed)
         })
+    }
+
+    fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {
+        journal::release(&self.conn, group, seq)
     }
 
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError> {
@@ -908,5 +875,71 @@ impl MlsEngine for OpenMlsEngine {
 
     fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError> {
         self.read(group, member_devices)
+    }
+}
+
+/// Processes `message` in `group` inside an open transaction.
+fn process_in(
+    ctx: &mut Ctx<'_>,
+    group: &ConversationId,
+    message: &[u8],
+) -> Result<Processed, EngineError> {
+    let now = ctx.now;
+    let provider = ctx.provider;
+    let protocol = parse(message)?
+        .try_into_protocol_message()
+        .map_err(|e| EngineError::Malformed(e.to_string()))?;
+    let g = ctx.group(group)?;
+    if !g.is_active() {
+        return Err(EngineError::Removed);
+    }
+    let processed = g
+        .process_message(provider, protocol)
+        .map_err(map_process_error)?;
+    let sender = device_of(&identity_of(processed.credential())?).ok();
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(app) => Ok(Processed::Application {
+            sender: sender.ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
+            plaintext: app.into_bytes(),
+        }),
+        ProcessedMessageContent::ProposalMessage(p) => {
+            g.store_pending_proposal(provider.storage(), *p)
+                .map_err(storage)?;
+            Ok(Processed::Proposal { sender })
+        }
+        ProcessedMessageContent::ExternalJoinProposalMessage(p) => {
+            g.store_pending_proposal(provider.storage(), *p)
+                .map_err(storage)?;
+            Ok(Processed::Proposal { sender: None })
+        }
+        ProcessedMessageContent::OwnPendingCommit
+        | ProcessedMessageContent::OwnPrivateMessage => Err(EngineError::OwnMessage),
+        ProcessedMessageContent::StagedCommitMessage(staged) => {
+            let added = staged
+                .add_proposals()
+                .map(|add| check_leaf(add.add_proposal().key_package().leaf_node(), now))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(leaf) = staged.update_path_leaf_node() {
+                check_leaf(leaf, now)?;
+            }
+            let members = member_devices(g)?;
+            let removed = staged
+                .remove_proposals()
+                .filter_map(|r| {
+                    let leaf = r.remove_proposal().removed().u32();
+                    members.iter().find(|(l, _)| *l == leaf).map(|(_, d)| *d)
+                })
+                .collect();
+            let self_removed = staged.self_removed();
+            g.merge_staged_commit(provider, *staged)
+                .map_err(|e| other("merge commit", e))?;
+            Ok(Processed::Commit {
+                sender,
+                epoch: g.epoch().as_u64(),
+                added,
+                removed,
+                self_removed,
+            })
+        }
     }
 }
