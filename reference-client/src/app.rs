@@ -28,10 +28,10 @@ use confab_spec::frame::{
     EntryBody, KeyPackagesStored, ListDevices, RevokeDevice, ServerFrame, UploadKeyPackages,
 };
 use confab_spec::identity::Revocation;
-use confab_spec::limits;
 use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, StreamId, SystemKey,
 };
+use confab_spec::limits;
 use confab_spec::session::{Event, Input, SessionError};
 use rand_core::RngCore as _;
 
@@ -506,7 +506,10 @@ impl Client {
                     }
                     // The winner arrives on the subscription: wait until it is applied.
                     while self.engine.epoch(&conversation)? < epoch.0 {
-                        if !self.followed.contains(&StreamId::Conversation(conversation)) {
+                        if !self
+                            .followed
+                            .contains(&StreamId::Conversation(conversation))
+                        {
                             return Err(EngineError::Removed.into()); // the winner removed us
                         }
                         self.pump().await?;

@@ -27,6 +27,10 @@ pub struct Settings {
     pub server: String,
     /// `openmls` or `mls-rs`.
     pub engine: String,
+    /// PEM certificates to trust for a `wss://` gateway besides the public roots (a
+    /// private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Why the state directory cannot be used.
@@ -176,11 +180,12 @@ impl Home {
         let mut seed = [0u8; 8];
         rand_core::OsRng.fill_bytes(&mut seed);
         let session = ClientSession::new(config, credentials, u64::from_le_bytes(seed));
-        Ok(Client::new(
-            Transport::new(session, url),
-            engine,
-            self.local_store()?,
-        ))
+        let mut transport = Transport::new(session, url);
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path).map_err(|e| self.io(path, e))?;
+            transport.trust_pem(&pem).map_err(|e| self.io(path, e))?;
+        }
+        Ok(Client::new(transport, engine, self.local_store()?))
     }
 }
 

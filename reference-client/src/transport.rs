@@ -3,12 +3,17 @@
 //! transmits. The application owns the [`Transport`] and calls [`Transport::next_event`]
 //! in a loop; between events it gives the session inputs through [`Transport::session`].
 //!
-//! Only `ws://` URLs are supported for now (no TLS in the build); a `wss://` URL fails to
-//! connect with an error the session reports as a disconnect, and is retried with backoff.
+//! `wss://` URLs use TLS (rustls with the *ring* provider) and trust the Mozilla root
+//! programme's certificates (webpki-roots) plus any added with
+//! [`Transport::trust_pem`], for gateways behind a private CA.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 
 use confab_spec::ids::UnixMs;
 use confab_spec::limits;
@@ -31,24 +36,73 @@ pub fn system_now() -> UnixMs {
     )
 }
 
+/// Why certificates to trust were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The text is not PEM certificates.
+    #[error("not a PEM certificate file: {0}")]
+    Pem(String),
+    /// The file holds no certificate.
+    #[error("the file holds no certificate")]
+    NoCertificates,
+    /// A certificate cannot be used as a trust anchor.
+    #[error("unusable certificate: {0}")]
+    Invalid(String),
+}
+
 /// A [`ClientSession`] connected to one gateway URL.
 pub struct Transport {
     session: ClientSession,
     url: String,
     socket: Option<(ConnId, Ws)>,
     connecting: Option<(ConnId, Connecting)>,
+    roots: rustls::RootCertStore,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// A TLS client configuration trusting `roots`.
+fn tls_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        // Fails only for a provider without cipher suites for TLS 1.2 and 1.3; ring has them.
+        .unwrap_or_else(|_| unreachable!("ring supports the default TLS versions"));
+    Arc::new(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 impl Transport {
     /// A transport for `session` to the gateway at `url` (`ws://HOST:PORT/v1/ws`). Nothing
     /// happens until the session is started (`Input::Start`) and `next_event` is called.
     pub fn new(session: ClientSession, url: impl Into<String>) -> Self {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
         Self {
             session,
             url: url.into(),
             socket: None,
             connecting: None,
+            tls: tls_config(roots.clone()),
+            roots,
         }
+    }
+
+    /// Also trusts the certificates in `pem` (for example a private CA's) for `wss://`.
+    /// Returns how many were added.
+    pub fn trust_pem(&mut self, pem: &[u8]) -> Result<usize, TlsError> {
+        let certificates = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(TlsError::NoCertificates);
+        }
+        for c in &certificates {
+            self.roots
+                .add(c.clone())
+                .map_err(|e| TlsError::Invalid(e.to_string()))?;
+        }
+        self.tls = tls_config(self.roots.clone());
+        Ok(certificates.len())
     }
 
     /// The session, to give it inputs (sends, subscriptions, acks, requests).
@@ -121,13 +175,20 @@ impl Transport {
         let config = WebSocketConfig::default()
             .max_message_size(Some(limits::FRAME_BYTES_MAX_DEFAULT))
             .max_frame_size(Some(limits::FRAME_BYTES_MAX_DEFAULT));
+        let tls = tokio_tungstenite::Connector::Rustls(self.tls.clone());
         self.connecting = Some((
             conn,
             Box::pin(async move {
-                tokio_tungstenite::connect_async_with_config(url, Some(config), false)
-                    .await
-                    .map(|(ws, _)| ws)
-                    .map_err(|e| e.to_string())
+                // The connector is used for wss:// only.
+                tokio_tungstenite::connect_async_tls_with_config(
+                    url,
+                    Some(config),
+                    false,
+                    Some(tls),
+                )
+                .await
+                .map(|(ws, _)| ws)
+                .map_err(|e| e.to_string())
             }),
         ));
     }

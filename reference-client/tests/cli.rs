@@ -157,7 +157,14 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
     let init: serde_json::Value = serde_json::from_str(&ok(
         &alice2,
         &server,
-        &["--json", "--engine", "mls-rs", "init", "--import", backup.trim()],
+        &[
+            "--json",
+            "--engine",
+            "mls-rs",
+            "init",
+            "--import",
+            backup.trim(),
+        ],
     ))
     .expect("json");
     assert_eq!(init["user"].as_str(), Some(ka.as_str()));
@@ -171,11 +178,18 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
     assert!(devices.iter().any(|d| d["device"] == device.as_str()
         && d["this_device"] == false
         && d["conversations"] == 1));
-    assert_eq!(read(&alice2, &server), vec![], "nothing from before it joined");
+    assert_eq!(
+        read(&alice2, &server),
+        vec![],
+        "nothing from before it joined"
+    );
     ok(&bob, &server, &["send", "alice", "to both"]);
     // Contacts are per device; the DM it joined is found by the peer's name.
     ok(&alice2, &server, &["contacts", "add", "bob", &kb]);
-    assert_eq!(read(&alice2, &server), vec![(8, "bob".into(), "to both".into())]);
+    assert_eq!(
+        read(&alice2, &server),
+        vec![(8, "bob".into(), "to both".into())]
+    );
     assert!(read(&alice, &server).contains(&(8, "bob".into(), "to both".into())));
     ok(&alice2, &server, &["send", "bob", "from my laptop"]);
     assert!(read(&bob, &server).contains(&(9, "alice".into(), "from my laptop".into())));
@@ -188,7 +202,11 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
         out.stderr
     );
     let out = confab(&alice, &server, &["device", "add", "abc"]);
-    assert!(!out.ok && out.stderr.contains("not a device id"), "{}", out.stderr);
+    assert!(
+        !out.ok && out.stderr.contains("not a device id"),
+        "{}",
+        out.stderr
+    );
 
     // User errors: one sentence on stderr, exit code 1, no backtrace.
     let nobody = dir.path().join("nobody");

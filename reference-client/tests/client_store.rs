@@ -188,9 +188,17 @@ fn identity_contacts_and_conversations_persist() {
     assert_eq!(next(&store, StreamId::Inbox), Some(seq(8)));
     // The same Welcome replayed changes nothing, and no cursor ever moves back.
     store.set_removed(&CONV).expect("removed");
-    assert!(!store.join_conversation(&dm, seq(30), seq(7)).expect("again"));
+    assert!(
+        !store
+            .join_conversation(&dm, seq(30), seq(7))
+            .expect("again")
+    );
     assert!(store.conversations().expect("conversations")[0].removed);
-    assert!(store.join_conversation(&dm, seq(30), seq(9)).expect("later"));
+    assert!(
+        store
+            .join_conversation(&dm, seq(30), seq(9))
+            .expect("later")
+    );
     assert_eq!(next(&store, StreamId::Conversation(CONV)), Some(seq(40)));
 }
 

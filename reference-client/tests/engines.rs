@@ -209,7 +209,10 @@ fn journaled_entries_survive_reprocessing_until_released() {
     for (ka, kb) in pairings() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut a, mut b) = two_member_group(&dir, ka, kb);
-        let ct = a.engine().encrypt(&GROUP, b"exactly once").expect("encrypt");
+        let ct = a
+            .engine()
+            .encrypt(&GROUP, b"exactly once")
+            .expect("encrypt");
         let first = b.engine().process_entry(&GROUP, 7, &ct).expect("first");
         let expected = Processed::Application {
             sender: a.id(),

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
     self, Accepted, Batch, ClaimedKeyPackage, ClientFrame, ContinuityLost, Created, Deliver,
-    DeviceStatus, Devices, ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored, OkFrame, Ready, ServerFrame,
-    SessionLimits, Subscribed, Unsubscribed,
+    DeviceStatus, Devices, ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored,
+    OkFrame, Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
 };
 use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
 use confab_spec::ids::{

@@ -59,7 +59,10 @@ async fn a_drained_pool_degrades_to_last_resort_then_rate_limits_the_drainer() {
         // The sixth is limited, and says when to try again.
         match mallory.create_dm(user(2).public()).await {
             Err(ClientError::RateLimited { retry_after_ms }) => {
-                assert!(retry_after_ms > 0 && retry_after_ms <= 60_000, "{retry_after_ms}");
+                assert!(
+                    retry_after_ms > 0 && retry_after_ms <= 60_000,
+                    "{retry_after_ms}"
+                );
             }
             other => panic!("{kb}: expected rate_limited, got {other:?}"),
         }

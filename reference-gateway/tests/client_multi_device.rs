@@ -33,7 +33,10 @@ async fn until_stored(c: &mut Client, dm: ConversationId, text: &str) {
 /// Pumps `c` until its group reached `epoch`.
 async fn until_epoch(c: &mut Client, dm: ConversationId, epoch: u64) {
     let what = format!("{} to reach epoch {epoch}", c.device().process.0[0]);
-    pump_until(c, &what, |c| c.engine().epoch(&dm).is_ok_and(|e| e >= epoch)).await;
+    pump_until(c, &what, |c| {
+        c.engine().epoch(&dm).is_ok_and(|e| e >= epoch)
+    })
+    .await;
 }
 
 /// Whether `c` is in `dm` and not removed from it.
@@ -117,7 +120,10 @@ async fn two_users_two_devices(engines: [EngineKind; 4]) {
     }
 
     // Bob removes his second device; it learns of it from the Commit.
-    assert_eq!(b1.remove_device(b2_id).await.expect("remove").conversations, 1);
+    assert_eq!(
+        b1.remove_device(b2_id).await.expect("remove").conversations,
+        1
+    );
     pump_until(&mut b2, "b2 to see its removal", |c| !joined(c, dm)).await;
     let epoch = b1.engine().epoch(&dm).expect("epoch");
     until_epoch(&mut a2, dm, epoch).await;
@@ -139,7 +145,10 @@ async fn two_users_two_devices(engines: [EngineKind; 4]) {
     // Alice revokes her second device: the gateway closes it, it leaves the DM.
     let revocation = user(1).revoke(a2_id.process, confab_client::transport::system_now());
     assert_eq!(
-        a1.revoke_device(revocation).await.expect("revoke").conversations,
+        a1.revoke_device(revocation)
+            .await
+            .expect("revoke")
+            .conversations,
         1
     );
     let listed: Vec<DeviceId> = a1
@@ -158,11 +167,23 @@ async fn two_users_two_devices(engines: [EngineKind; 4]) {
     }
 
     // Every device stored exactly what was sent while it was a member.
-    assert_eq!(texts(&a1, &dm), set(&["m1", "m2", "m3", "m4", "m5"]), "{engines:?}");
+    assert_eq!(
+        texts(&a1, &dm),
+        set(&["m1", "m2", "m3", "m4", "m5"]),
+        "{engines:?}"
+    );
     assert_eq!(texts(&a2, &dm), set(&["m2", "m3", "m4"]), "{engines:?}");
-    assert_eq!(texts(&b1, &dm), set(&["m1", "m2", "m3", "m4", "m5"]), "{engines:?}");
+    assert_eq!(
+        texts(&b1, &dm),
+        set(&["m1", "m2", "m3", "m4", "m5"]),
+        "{engines:?}"
+    );
     pump_until(&mut b2, "b2's own m5", |c| texts(c, &dm).contains("m5")).await;
-    assert_eq!(texts(&b2, &dm), set(&["m1", "m2", "m4", "m5"]), "{engines:?}");
+    assert_eq!(
+        texts(&b2, &dm),
+        set(&["m1", "m2", "m4", "m5"]),
+        "{engines:?}"
+    );
 
     // The current members agree on the epoch and its authenticator.
     let epoch = a1.engine().epoch(&dm).expect("epoch");

@@ -383,7 +383,11 @@ fn dm_flow_in_every_engine_pairing() {
             };
             let first = frames(&w.send(&mut b, subscribe(3, 2)));
             assert_eq!(seqs(&first), vec![2, 3]);
-            assert!(first.iter().any(|f| matches!(f, ServerFrame::Batch(b) if b.more)));
+            assert!(
+                first
+                    .iter()
+                    .any(|f| matches!(f, ServerFrame::Batch(b) if b.more))
+            );
             let rest = frames(&w.send(
                 &mut b,
                 ClientFrame::Continue(Continue {

@@ -300,7 +300,10 @@ pub fn sample_frames() -> SampleFrames {
                 devices: Some(vec![cert.device_id()]),
             }),
         ),
-        ("list-devices", ClientFrame::ListDevices(ListDevices { rid: 13 })),
+        (
+            "list-devices",
+            ClientFrame::ListDevices(ListDevices { rid: 13 }),
+        ),
     ];
     let entries = sample_entries();
     let server = vec![

@@ -22,8 +22,8 @@ use clap::{Parser, Subcommand};
 use confab_client::app::{Client, ClientError};
 use confab_client::home::{Home, HomeError, Settings};
 use confab_client::store::Message;
-use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
 use confab_spec::identity::SystemKeyPair;
+use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
 
 /// Confab: end-to-end-encrypted chat on MLS for Polycentric identities.
 #[derive(Parser)]
@@ -39,6 +39,10 @@ struct Cli {
     /// MLS engine for a new device (init only): openmls or mls-rs [default: openmls].
     #[arg(long, global = true)]
     engine: Option<String>,
+    /// PEM certificates to trust for a wss:// gateway besides the public roots, e.g. a
+    /// private CA (init only; kept in the settings).
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
     /// Print JSON (one object per line) instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -269,6 +273,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             let settings = Settings {
                 server: server.unwrap_or(DEFAULT_SERVER).to_owned(),
                 engine: cli.engine.unwrap_or_else(|| "openmls".into()),
+                ca_file: cli.ca_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
             };
             let identity = home.init(import.as_deref(), &settings)?;
             let mut client = connect(&home, None).await?;

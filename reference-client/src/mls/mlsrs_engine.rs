@@ -780,8 +780,7 @@ fn process_in<C: MlsConfig>(
             },
         }),
         ReceivedMessage::Commit(c) => {
-            let self_removed =
-                matches!(c.effect, mls_rs::group::CommitEffect::Removed { .. });
+            let self_removed = matches!(c.effect, mls_rs::group::CommitEffect::Removed { .. });
             let after = if self_removed { Vec::new() } else { roster(g)? };
             let added = after
                 .iter()

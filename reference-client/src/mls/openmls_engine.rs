@@ -912,8 +912,9 @@ fn process_in(
                 .map_err(storage)?;
             Ok(Processed::Proposal { sender: None })
         }
-        ProcessedMessageContent::OwnPendingCommit
-        | ProcessedMessageContent::OwnPrivateMessage => Err(EngineError::OwnMessage),
+        ProcessedMessageContent::OwnPendingCommit | ProcessedMessageContent::OwnPrivateMessage => {
+            Err(EngineError::OwnMessage)
+        }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
             let added = staged
                 .add_proposals()

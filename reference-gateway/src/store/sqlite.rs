@@ -9,9 +9,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, DeviceListing,
-    GcReport,
-    IssuedToken, PoolStatus, Redeemed, RetentionPolicy, Store, StoreError, StoredKeyPackage,
-    StreamKey, UploadOutcome,
+    GcReport, IssuedToken, PoolStatus, Redeemed, RetentionPolicy, Store, StoreError,
+    StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;

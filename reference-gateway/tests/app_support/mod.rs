@@ -62,7 +62,25 @@ pub fn user(user: u8) -> SystemKeyPair {
 /// A client for device `process` of user `user` (system seed `[user; 32]`), with its
 /// files in `dir` and the given engine. Reopening with the same arguments reopens the
 /// same device.
-pub fn device(dir: &std::path::Path, origin: &str, user: u8, process: u8, kind: EngineKind) -> Client {
+pub fn device(
+    dir: &std::path::Path,
+    origin: &str,
+    user: u8,
+    process: u8,
+    kind: EngineKind,
+) -> Client {
+    device_with(dir, origin, user, process, kind, |_| {})
+}
+
+/// [`device`], with `configure` applied to its transport (for example, to trust a CA).
+pub fn device_with(
+    dir: &std::path::Path,
+    origin: &str,
+    user: u8,
+    process: u8,
+    kind: EngineKind,
+    configure: impl FnOnce(&mut Transport),
+) -> Client {
     let system = self::user(user);
     let key = DeviceKeyPair::from_seed(&[process.wrapping_add(1); 32]);
     let now = system_now();
@@ -82,7 +100,8 @@ pub fn device(dir: &std::path::Path, origin: &str, user: u8, process: u8, kind: 
     .expect("engine");
     let store = ClientStore::open(&dir.join(format!("confab-{process}.db"))).expect("store");
     let session = ClientSession::new(SessionConfig::new(origin), credentials, u64::from(process));
-    let transport = Transport::new(session, format!("{origin}/v1/ws"));
+    let mut transport = Transport::new(session, format!("{origin}/v1/ws"));
+    configure(&mut transport);
     Client::new(transport, engine, store)
 }
 
