@@ -1,7 +1,7 @@
 //! `confab`: chat from the command line.
 //!
 //! ```text
-//! confab [--home DIR] [--server URL] [--engine openmls|mls-rs] [--json] <command>
+//! confab [--home DIR] [--server URL] [--engine openmls|mls-rs] [--ca-file PEM] [--json] <command>
 //!   init [--import BACKUP]     create an identity (or import a Polycentric one) and this device
 //!   whoami                     your user key (give it to contacts) and this device
 //!   export                     print the identity's backup string (for a new device)
