@@ -136,6 +136,15 @@ pub struct DeviceChange {
     pub unchanged: usize,
 }
 
+impl DeviceChange {
+    fn count(&mut self, committed: Option<Seq>) {
+        match committed {
+            Some(_) => self.conversations += 1,
+            None => self.unchanged += 1,
+        }
+    }
+}
+
 impl Client {
     /// A client for the device `engine` acts for.
     pub fn new(transport: Transport, engine: Box<dyn MlsEngine>, store: ClientStore) -> Self {
@@ -352,7 +361,7 @@ impl Client {
         let mut change = DeviceChange::default();
         for c in self.active_conversations()? {
             if self.is_member(&c, device)? {
-                change.unchanged += 1;
+                change.count(None);
                 continue;
             }
             let claimed = self.claim(self.device.system, Some(vec![device])).await?;
@@ -370,11 +379,7 @@ impl Client {
                         .map(Some)
                 })
                 .await?;
-            if committed.is_some() {
-                change.conversations += 1;
-            } else {
-                change.unchanged += 1;
-            }
+            change.count(committed);
         }
         Ok(change)
     }
@@ -387,7 +392,7 @@ impl Client {
         let mut change = DeviceChange::default();
         for c in self.active_conversations()? {
             if !self.is_member(&c, device)? {
-                change.unchanged += 1;
+                change.count(None);
                 continue;
             }
             let committed = self
@@ -398,11 +403,7 @@ impl Client {
                     engine.remove_members(&c, &[device]).map(Some)
                 })
                 .await?;
-            if committed.is_some() {
-                change.conversations += 1;
-            } else {
-                change.unchanged += 1;
-            }
+            change.count(committed);
         }
         Ok(change)
     }

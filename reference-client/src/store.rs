@@ -188,6 +188,18 @@ fn array<const N: usize>(v: Vec<u8>, what: &'static str) -> Result<[u8; N], Stor
     v.try_into().map_err(|_| StoreError::Corrupt(what))
 }
 
+/// Whether `seq` of the stream `key` is below its cursor (processed before).
+fn processed(tx: &rusqlite::Transaction<'_>, key: &[u8], seq: Seq) -> Result<bool, StoreError> {
+    let next: Option<i64> = tx
+        .query_row(
+            "SELECT next_seq FROM cursors WHERE stream = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(next.is_some_and(|n| to_i64(seq.get()) < n))
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -329,14 +341,7 @@ impl ClientStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let inbox = stream_key(&StreamId::Inbox);
-        let next: Option<i64> = tx
-            .query_row(
-                "SELECT next_seq FROM cursors WHERE stream = ?1",
-                [&inbox],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if next.is_some_and(|n| to_i64(inbox_seq.get()) < n) {
+        if processed(&tx, &inbox, inbox_seq)? {
             return Ok(false);
         }
         let kind = match c.kind {
@@ -426,14 +431,7 @@ impl ClientStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let next: Option<i64> = tx
-            .query_row(
-                "SELECT next_seq FROM cursors WHERE stream = ?1",
-                [&key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if next.is_some_and(|n| to_i64(seq.get()) < n) {
+        if processed(&tx, &key, seq)? {
             return Ok(false);
         }
         if let Some(m) = message {

@@ -48,6 +48,12 @@ fn joined(c: &Client, dm: ConversationId) -> bool {
         .any(|r| r.id == dm && !r.removed)
 }
 
+/// The devices the directory lists to `c`'s user.
+async fn devices(c: &mut Client) -> Vec<DeviceId> {
+    let listed = c.devices().await.expect("devices");
+    listed.iter().map(|d| d.device).collect()
+}
+
 fn set(texts: &[&str]) -> BTreeSet<String> {
     texts.iter().map(|t| (*t).to_owned()).collect()
 }
@@ -79,13 +85,7 @@ async fn two_users_two_devices(engines: [EngineKind; 4]) {
     // sent from then on, not m1.
     a2.connect().await.expect("connect");
     a2.top_up_key_packages(5).await.expect("top up");
-    let listed: Vec<DeviceId> = a1
-        .devices()
-        .await
-        .expect("devices")
-        .iter()
-        .map(|d| d.device)
-        .collect();
+    let listed = devices(&mut a1).await;
     let mut both = vec![id(&a1), a2_id];
     both.sort();
     assert_eq!(listed, both, "Alice's devices list each other, not Bob's");
@@ -151,13 +151,7 @@ async fn two_users_two_devices(engines: [EngineKind; 4]) {
             .conversations,
         1
     );
-    let listed: Vec<DeviceId> = a1
-        .devices()
-        .await
-        .expect("devices")
-        .iter()
-        .map(|d| d.device)
-        .collect();
+    let listed = devices(&mut a1).await;
     assert_eq!(listed, vec![id(&a1)], "a revoked device is not listed");
     let epoch = a1.engine().epoch(&dm).expect("epoch");
     until_epoch(&mut b2, dm, epoch).await;

@@ -218,7 +218,7 @@ fn conversation(client: &Client, name: &str) -> Result<ConversationId, CliError>
         return store
             .conversations()?
             .into_iter()
-            .find(|c| c.peer == Some(key))
+            .find(|c| c.peer == Some(key) && !c.removed)
             .map(|c| c.id)
             .ok_or_else(|| {
                 CliError::Usage(format!("no DM with {name} yet: run `confab dm {name}`"))
@@ -439,7 +439,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 .store()
                 .conversations()?
                 .into_iter()
-                .find(|c| c.peer == Some(key))
+                .find(|c| c.peer == Some(key) && !c.removed)
             {
                 println!("{}", hex::encode(existing.id.0));
                 return Ok(());

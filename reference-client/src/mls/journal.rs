@@ -11,7 +11,7 @@
 use confab_spec::ids::{ConversationId, DeviceId};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::EngineError;
+use super::{EngineError, Processed};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS confab_decrypted (
     grp BLOB NOT NULL,
@@ -34,12 +34,12 @@ pub fn create(conn: &Connection) -> Result<(), EngineError> {
     conn.execute_batch(SCHEMA).map_err(storage)
 }
 
-/// The journaled outcome of `(group, seq)`: the sender and the plaintext.
+/// The journaled outcome of `(group, seq)`, an application message.
 pub fn get(
     conn: &Connection,
     group: &ConversationId,
     seq: u64,
-) -> Result<Option<(DeviceId, Vec<u8>)>, EngineError> {
+) -> Result<Option<Processed>, EngineError> {
     let row: Option<(Vec<u8>, Vec<u8>)> = conn
         .query_row(
             "SELECT sender, plaintext FROM confab_decrypted WHERE grp = ?1 AND seq = ?2",
@@ -51,7 +51,7 @@ pub fn get(
     row.map(|(sender, plaintext)| {
         let sender = DeviceId::from_slice(&sender)
             .map_err(|_| EngineError::Storage("journaled sender is unreadable".into()))?;
-        Ok((sender, plaintext))
+        Ok(Processed::Application { sender, plaintext })
     })
     .transpose()
 }

@@ -690,8 +690,8 @@ where
         seq: u64,
         message: &[u8],
     ) -> Result<Processed, EngineError> {
-        if let Some((sender, plaintext)) = super::journal::get(&self.journal, group, seq)? {
-            return Ok(Processed::Application { sender, plaintext });
+        if let Some(journaled) = super::journal::get(&self.journal, group, seq)? {
+            return Ok(journaled);
         }
         let message = parse(message)?;
         let own = self.device;

@@ -834,8 +834,8 @@ impl MlsEngine for OpenMlsEngine {
         seq: u64,
         message: &[u8],
     ) -> Result<Processed, EngineError> {
-        if let Some((sender, plaintext)) = journal::get(&self.conn, group, seq)? {
-            return Ok(Processed::Application { sender, plaintext });
+        if let Some(journaled) = journal::get(&self.conn, group, seq)? {
+            return Ok(journaled);
         }
         self.with_tx(Some(group), |ctx| {
             let processed = process_in(ctx, group, message)?;
