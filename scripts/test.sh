@@ -27,3 +27,4 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 # nextest's summary line closes the output: "N tests run: N passed, N skipped".
 cargo nextest run --workspace --locked --no-fail-fast
+step "done"

@@ -1,7 +1,14 @@
-//! # confab-conformance
+//! `confab-conformance`: a black-box suite that checks a Confab gateway against SPEC.md.
 //!
-//! The black-box conformance suite run against any gateway URL. Its cases are named after
-//! the requirement ids of SPEC.md Appendix B, available here as
-//! [`confab_spec::requirements::requirements`]. Built by the conformance issue.
+//! It knows only SPEC.md and the server's URL: it reads the server's limits from
+//! `GET /v1/info`, makes its own identities, and talks the protocol over WebSockets. Each
+//! [`case::Case`] checks one requirement of SPEC.md's index and names it; a run
+//! ([`runner::run`]) gives a [`report::RunReport`] with expected and observed behaviour and a
+//! transcript of every frame, written as JSON, JUnit XML and HTML ([`report::write`]).
 
-pub use confab_spec::requirements;
+pub mod case;
+pub mod cases;
+pub mod context;
+pub mod info;
+pub mod report;
+pub mod runner;

@@ -13,6 +13,7 @@
 //! - [`rate`]: the rate limits;
 //! - [`telemetry`]: the metrics.
 
+pub mod config;
 pub mod handler;
 pub mod rate;
 pub mod server;

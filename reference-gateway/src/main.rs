@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use confab_gateway::config::{FileConfig, LogFormat};
 use confab_gateway::handler::GatewayConfig;
 use confab_gateway::server;
 use confab_gateway::store::sqlite::SqliteStore;
@@ -56,48 +57,12 @@ struct ServeArgs {
     log_format: Option<LogFormat>,
 }
 
-#[derive(Clone, Copy, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-enum LogFormat {
-    Pretty,
-    Json,
-}
-
-/// The TOML file's settings.
-#[derive(serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    db: Option<PathBuf>,
-    origin: Option<String>,
-    log_format: Option<LogFormat>,
-    heartbeat_interval_ms: Option<u64>,
-    heartbeat_timeout_ms: Option<u64>,
-    replay_batch_max: Option<u64>,
-    retention_ms: Option<u64>,
-    retention_unacked_ms: Option<u64>,
-    gc_interval_ms: Option<u64>,
-    outbound_queue_max: Option<usize>,
-    outbound_queue_bytes_max: Option<usize>,
-    connects_per_ip_per_minute: Option<u32>,
-    connects_per_ip_burst: Option<u32>,
-    claims_per_claimer_per_minute: Option<u32>,
-    claims_per_claimer_burst: Option<u32>,
-    claims_per_target_per_minute: Option<u32>,
-    claims_per_target_burst: Option<u32>,
-    key_package_low_watermark: Option<u64>,
-    key_package_pool_max: Option<u64>,
-}
-
 fn main() -> ExitCode {
     let Cli {
         command: Command::Serve(args),
     } = Cli::parse();
     let file = match &args.config {
-        Some(path) => match std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| toml::from_str::<FileConfig>(&t).map_err(|e| e.to_string()))
-        {
+        Some(path) => match FileConfig::read(path) {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("error: config {}: {e}", path.display());
@@ -130,64 +95,16 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
     let db = args
         .db
-        .or(file.db)
+        .or(file.db.clone())
         .unwrap_or_else(|| PathBuf::from("confab-gateway.db"));
     let origin = args
         .origin
-        .or(file.origin)
+        .or(file.origin.clone())
         .unwrap_or_else(|| format!("ws://{listen}"));
     let mut config = GatewayConfig::new(origin);
-    if let Some(v) = file.heartbeat_interval_ms {
-        config.heartbeat_interval_ms = v;
-    }
-    if let Some(v) = file.heartbeat_timeout_ms {
-        config.heartbeat_timeout_ms = v;
-    }
-    if let Some(v) = file.replay_batch_max {
-        config.limits.replay_batch_max = v;
-    }
-    if let Some(v) = file.retention_ms {
-        config.retention.retention_ms = v;
-    }
-    if let Some(v) = file.retention_unacked_ms {
-        config.retention.retention_unacked_ms = v;
-    }
-    if config.retention.retention_unacked_ms < config.retention.retention_ms {
-        eprintln!("error: retention_unacked_ms must not be less than retention_ms");
+    if let Err(e) = file.apply(&mut config) {
+        eprintln!("error: {e}");
         return ExitCode::from(2);
-    }
-    if let Some(v) = file.gc_interval_ms {
-        config.gc_interval_ms = v.max(1);
-    }
-    if let Some(v) = file.outbound_queue_max {
-        config.outbound_queue_max = v.max(1);
-    }
-    if let Some(v) = file.outbound_queue_bytes_max {
-        config.outbound_queue_bytes_max = v;
-    }
-    if let Some(v) = file.connects_per_ip_per_minute {
-        config.connects_per_ip.per_minute = v.max(1);
-    }
-    if let Some(v) = file.connects_per_ip_burst {
-        config.connects_per_ip.burst = v.max(1);
-    }
-    if let Some(v) = file.claims_per_claimer_per_minute {
-        config.claims_per_claimer.per_minute = v.max(1);
-    }
-    if let Some(v) = file.claims_per_claimer_burst {
-        config.claims_per_claimer.burst = v.max(1);
-    }
-    if let Some(v) = file.claims_per_target_per_minute {
-        config.claims_per_target.per_minute = v.max(1);
-    }
-    if let Some(v) = file.claims_per_target_burst {
-        config.claims_per_target.burst = v.max(1);
-    }
-    if let Some(v) = file.key_package_low_watermark {
-        config.key_package_low_watermark = v;
-    }
-    if let Some(v) = file.key_package_pool_max {
-        config.key_package_pool_max = v.max(1);
     }
     let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => {

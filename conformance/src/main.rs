@@ -1,0 +1,130 @@
+//! `confab-conformance --url ws://HOST:PORT/v1/ws [--cases PATTERN] [--strict]
+//! [--report-dir DIR] [--list]`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use confab_conformance::case::{Level, Outcome};
+use confab_conformance::runner::{self, Selection};
+
+/// Checks a Confab gateway against SPEC.md, one case per requirement.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The gateway's WebSocket URL, e.g. ws://127.0.0.1:8080/v1/ws.
+    #[arg(long, required_unless_present = "list")]
+    url: Option<String>,
+    /// Only the cases whose id matches this glob, e.g. '5.*' or '6.4-?.*'.
+    #[arg(long)]
+    cases: Option<String>,
+    /// Also run the SHOULD cases.
+    #[arg(long)]
+    strict: bool,
+    /// Write report.json, junit.xml and index.html here.
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    /// Print every case (id, requirement, level, description) and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let pattern = match cli.cases.as_deref().map(glob::Pattern::new).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: --cases: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let selection = Selection {
+        pattern,
+        strict: cli.strict || cli.list,
+    };
+    if cli.list {
+        for case in runner::selected(&selection) {
+            let level = match case.level {
+                Level::Must => "MUST",
+                Level::Should => "SHOULD",
+            };
+            println!(
+                "{:<40} {:<12} {:<6} {}",
+                case.id, case.requirement, level, case.description
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some(url) = cli.url else {
+        eprintln!("error: --url is required");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let run = runtime.block_on(runner::run(&url, &selection, |i, n, case| {
+        let outcome = match &case.outcome {
+            Outcome::Passed => "passed",
+            Outcome::Failed(_) => "FAILED",
+            Outcome::Skipped { .. } => "skipped",
+        };
+        eprintln!(
+            "[{i:>3}/{n}] {:<44} {outcome} ({} ms)",
+            case.id, case.duration_ms
+        );
+    }));
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failures: Vec<_> = run
+        .cases
+        .iter()
+        .filter_map(|c| match &c.outcome {
+            Outcome::Failed(f) => Some((c, f)),
+            _ => None,
+        })
+        .collect();
+    if !failures.is_empty() {
+        println!("\nFailures:");
+        println!("{:<40} {:<12} expected / observed", "case", "requirement");
+        for (c, f) in &failures {
+            println!(
+                "{:<40} {:<12} expected: {}",
+                c.id, c.requirement, f.expected
+            );
+            println!("{:<40} {:<12} observed: {}", "", "", f.observed);
+        }
+    }
+    for c in &run.cases {
+        if let Outcome::Skipped { reason } = &c.outcome {
+            println!("skipped {}: {reason}", c.id);
+        }
+    }
+    if let Some(dir) = &cli.report_dir {
+        match confab_conformance::report::write(dir, &run) {
+            Ok(()) => println!("reports in {}", dir.display()),
+            Err(e) => eprintln!("error: cannot write the reports in {}: {e}", dir.display()),
+        }
+    }
+    println!(
+        "{} passed, {} failed, {} skipped",
+        run.passed, run.failed, run.skipped
+    );
+    if runner::must_failed(&run) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,99 @@
+//! Runs the selected cases one after the other against a server and collects the report.
+
+use std::time::Duration;
+
+use crate::case::{Case, Level, Outcome, Stop};
+use crate::cases;
+use crate::context::{Ctx, Transcript};
+use crate::info::{self, InfoError};
+use crate::report::{CaseReport, RunReport};
+
+/// The longest a case may run.
+pub const CASE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// A glob over case ids (`5.*`, `6.4-?.*`); every case when `None`.
+    pub pattern: Option<glob::Pattern>,
+    /// Whether SHOULD cases run too.
+    pub strict: bool,
+}
+
+impl Selection {
+    /// Every MUST case.
+    pub fn musts() -> Self {
+        Self {
+            pattern: None,
+            strict: false,
+        }
+    }
+
+    /// Whether `case` is selected.
+    pub fn selects(&self, case: &Case) -> bool {
+        (self.strict || case.level == Level::Must)
+            && self.pattern.as_ref().is_none_or(|p| p.matches(case.id))
+    }
+}
+
+/// The selected cases, in order.
+pub fn selected(selection: &Selection) -> Vec<Case> {
+    cases::all()
+        .into_iter()
+        .filter(|c| selection.selects(c))
+        .collect()
+}
+
+/// Runs `selection` against the gateway at `url`; `progress` is told about each case as
+/// it ends (its index, the total and its report).
+pub async fn run(
+    url: &str,
+    selection: &Selection,
+    mut progress: impl FnMut(usize, usize, &CaseReport),
+) -> Result<RunReport, InfoError> {
+    let started = tokio::time::Instant::now();
+    let info = info::fetch(url).await?;
+    let mut cx = Ctx::new(url.to_owned(), info);
+    let cases = selected(selection);
+    let mut reports = Vec::with_capacity(cases.len());
+    for (i, case) in cases.iter().enumerate() {
+        cx.transcript = Transcript::default();
+        let case_started = tokio::time::Instant::now();
+        let outcome = match tokio::time::timeout(CASE_TIMEOUT, (case.body)(&mut cx)).await {
+            Ok(Ok(())) => Outcome::Passed,
+            Ok(Err(Stop::Failed(f))) => Outcome::Failed(f),
+            Ok(Err(Stop::Skipped(reason))) => Outcome::Skipped { reason },
+            Err(_) => Outcome::Failed(crate::case::Failure::new(
+                format!("the case to finish within {} s", CASE_TIMEOUT.as_secs()),
+                "it did not",
+            )),
+        };
+        let report = CaseReport {
+            id: case.id.to_owned(),
+            requirement: case.requirement.to_owned(),
+            level: case.level,
+            description: case.description.to_owned(),
+            outcome,
+            duration_ms: case_started.elapsed().as_millis() as u64,
+            transcript: cx.transcript.records(),
+        };
+        progress(i + 1, cases.len(), &report);
+        reports.push(report);
+    }
+    let count = |f: fn(&Outcome) -> bool| reports.iter().filter(|r| f(&r.outcome)).count();
+    Ok(RunReport {
+        url: url.to_owned(),
+        passed: count(|o| matches!(o, Outcome::Passed)),
+        failed: count(|o| matches!(o, Outcome::Failed(_))),
+        skipped: count(|o| matches!(o, Outcome::Skipped { .. })),
+        cases: reports,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Whether a MUST case failed (the run's exit status).
+pub fn must_failed(run: &RunReport) -> bool {
+    run.cases
+        .iter()
+        .any(|c| c.level == Level::Must && matches!(c.outcome, Outcome::Failed(_)))
+}

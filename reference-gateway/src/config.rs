@@ -1,0 +1,120 @@
+//! The gateway's settings file (TOML): every key of `confab-gateway serve --config`, and how
+//! it applies to a [`GatewayConfig`]. `reference-gateway/conformance.toml` is the profile
+//! under which the conformance suite runs every case.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::handler::GatewayConfig;
+use crate::rate::RateLimit;
+
+/// How the gateway logs.
+#[derive(Clone, Copy, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The TOML settings file; every key is optional (README, "Configuration").
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)] // the keys are documented in the README
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub db: Option<PathBuf>,
+    pub origin: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub heartbeat_interval_ms: Option<u64>,
+    pub heartbeat_timeout_ms: Option<u64>,
+    pub replay_batch_max: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub retention_unacked_ms: Option<u64>,
+    pub gc_interval_ms: Option<u64>,
+    pub outbound_queue_max: Option<usize>,
+    pub outbound_queue_bytes_max: Option<usize>,
+    pub connects_per_ip_per_minute: Option<u32>,
+    pub connects_per_ip_burst: Option<u32>,
+    pub claims_per_claimer_per_minute: Option<u32>,
+    pub claims_per_claimer_burst: Option<u32>,
+    pub claims_per_target_per_minute: Option<u32>,
+    pub claims_per_target_burst: Option<u32>,
+    pub key_package_low_watermark: Option<u64>,
+    pub key_package_pool_max: Option<u64>,
+}
+
+impl FileConfig {
+    /// Parses a settings file's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Reads and parses the settings file at `path`.
+    pub fn read(path: &std::path::Path) -> Result<Self, String> {
+        Self::parse(&std::fs::read_to_string(path).map_err(|e| e.to_string())?)
+    }
+
+    /// Applies the protocol settings (everything but `listen`, `db`, `origin` and
+    /// `log_format`) to `config`; refuses inconsistent ones.
+    pub fn apply(&self, config: &mut GatewayConfig) -> Result<(), String> {
+        if let Some(v) = self.heartbeat_interval_ms {
+            config.heartbeat_interval_ms = v;
+        }
+        if let Some(v) = self.heartbeat_timeout_ms {
+            config.heartbeat_timeout_ms = v;
+        }
+        if let Some(v) = self.replay_batch_max {
+            config.limits.replay_batch_max = v;
+        }
+        if let Some(v) = self.retention_ms {
+            config.retention.retention_ms = v;
+        }
+        if let Some(v) = self.retention_unacked_ms {
+            config.retention.retention_unacked_ms = v;
+        }
+        if config.retention.retention_unacked_ms < config.retention.retention_ms {
+            return Err("retention_unacked_ms must not be less than retention_ms".into());
+        }
+        if let Some(v) = self.gc_interval_ms {
+            config.gc_interval_ms = v.max(1);
+        }
+        if let Some(v) = self.outbound_queue_max {
+            config.outbound_queue_max = v.max(1);
+        }
+        if let Some(v) = self.outbound_queue_bytes_max {
+            config.outbound_queue_bytes_max = v;
+        }
+        let limit = |target: &mut RateLimit, per_minute: Option<u32>, burst: Option<u32>| {
+            if let Some(v) = per_minute {
+                target.per_minute = v.max(1);
+            }
+            if let Some(v) = burst {
+                target.burst = v.max(1);
+            }
+        };
+        limit(
+            &mut config.connects_per_ip,
+            self.connects_per_ip_per_minute,
+            self.connects_per_ip_burst,
+        );
+        limit(
+            &mut config.claims_per_claimer,
+            self.claims_per_claimer_per_minute,
+            self.claims_per_claimer_burst,
+        );
+        limit(
+            &mut config.claims_per_target,
+            self.claims_per_target_per_minute,
+            self.claims_per_target_burst,
+        );
+        if let Some(v) = self.key_package_low_watermark {
+            config.key_package_low_watermark = v;
+        }
+        if let Some(v) = self.key_package_pool_max {
+            config.key_package_pool_max = v.max(1);
+        }
+        Ok(())
+    }
+}
