@@ -10,5 +10,6 @@ pub mod case;
 pub mod cases;
 pub mod context;
 pub mod info;
+pub mod mls;
 pub mod report;
 pub mod runner;

@@ -1,5 +1,6 @@
 //! Every case, by SPEC.md section.
 
+mod directory;
 mod framing;
 pub mod log;
 mod session;
@@ -14,6 +15,7 @@ pub fn all() -> Vec<Case> {
     all.extend(session::cases());
     all.extend(framing::cases());
     all.extend(log::cases());
+    all.extend(directory::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",

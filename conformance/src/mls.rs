@@ -1,0 +1,72 @@
+//! Real MLS inputs for the cases that need them (KeyPackages, Commits, Welcomes): a
+//! [`Member`] is a suite device with an MLS engine of the reference client. Cases that
+//! build groups mix the two engines (openmls and mls-rs), so a server is exercised with
+//! the output of both.
+
+use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
+use confab_spec::identity::DeviceKeyPair;
+use confab_spec::ids::{MlsBytes, UnixMs};
+use confab_spec::session::DeviceCredentials;
+
+use crate::case::Stop;
+use crate::context::Device;
+
+/// A suite device with MLS state in a temporary directory.
+pub struct Member {
+    /// The device.
+    pub device: Device,
+    /// Its MLS engine.
+    pub engine: Box<dyn MlsEngine>,
+    _dir: tempfile::TempDir,
+}
+
+/// The suite's own failure (not the server's): the case cannot run.
+pub fn broken(what: &str, e: impl std::fmt::Display) -> Stop {
+    Stop::Skipped(format!("the suite could not {what}: {e}"))
+}
+
+impl Member {
+    /// A member for `device` on engine `kind`, its credential valid from an hour before
+    /// `now` for a day (SPEC.md 7.1: the credential is the device certificate).
+    pub fn new(device: Device, kind: EngineKind, now: UnixMs) -> Result<Self, Stop> {
+        let dir = tempfile::tempdir().map_err(|e| broken("make a directory", e))?;
+        let certificate = device.certificate_between(
+            UnixMs(now.0.saturating_sub(3_600_000)),
+            now.plus_ms(86_400_000),
+        );
+        let credentials = DeviceCredentials {
+            key: DeviceKeyPair::from_seed(&device.key.seed()),
+            certificate,
+        };
+        let engine = open_engine(
+            kind,
+            &dir.path().join("mls.db"),
+            credentials,
+            system_clock(),
+        )
+        .map_err(|e| broken("open an MLS engine", e))?;
+        Ok(Self {
+            device,
+            engine,
+            _dir: dir,
+        })
+    }
+
+    /// `count` KeyPackages (last-resort ones with `last_resort`).
+    pub fn key_packages(&mut self, count: usize, last_resort: bool) -> Result<Vec<MlsBytes>, Stop> {
+        self.engine
+            .key_packages(count, last_resort)
+            .map_err(|e| broken("make KeyPackages", e))?
+            .into_iter()
+            .map(|kp| MlsBytes::new(kp).map_err(|e| broken("wrap a KeyPackage", e)))
+            .collect()
+    }
+}
+
+/// Bytes from the engine as a payload.
+pub fn bytes(v: Vec<u8>) -> Result<MlsBytes, Stop> {
+    MlsBytes::new(v).map_err(|e| broken("wrap an MLS message", e))
+}
+
+/// The two engines, for the two members of a case: mixed.
+pub const PAIR: [EngineKind; 2] = [EngineKind::OpenMls, EngineKind::MlsRs];
