@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
 use confab_spec::frame::{
-    Ack, ClientFrame, Continue, ConversationKind, CreateConversation, Entry, Send, Subscribe,
+    Ack, ClientFrame, Continue, ConversationKind, CreateConversation, Entry, ErrorFrame, Send,
+    Subscribe,
 };
 use confab_spec::ids::{ConversationId, MlsBytes, MsgId, Seq, StreamId};
 use rand_core::RngCore as _;
@@ -169,7 +170,7 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// A random id.
-fn random<const N: usize>() -> [u8; N] {
+pub fn random<const N: usize>() -> [u8; N] {
     let mut v = [0u8; N];
     rand_core::OsRng.fill_bytes(&mut v);
     v
@@ -307,25 +308,45 @@ async fn send_one(
     msg_id: MsgId,
     payload: MlsBytes,
 ) -> Result<Result<(u64, bool), ErrorCode>, Stop> {
-    peer.send(&send_frame(rid, conversation, msg_id, payload))
-        .await?;
+    let answer = send_mls(peer, rid, conversation, msg_id, payload, None).await?;
+    Ok(answer.map_err(|e| e.code))
+}
+
+/// Sends `payload` (with `welcome`); the `Accepted` as `(seq, duplicate)`, or the `Error`.
+pub async fn send_mls(
+    peer: &mut Peer,
+    rid: u64,
+    conversation: ConversationId,
+    msg_id: MsgId,
+    payload: MlsBytes,
+    welcome: Option<MlsBytes>,
+) -> Result<Result<(u64, bool), ErrorFrame>, Stop> {
+    peer.send(&ClientFrame::Send(Send {
+        rid,
+        conversation,
+        msg_id,
+        payload,
+        welcome,
+    }))
+    .await?;
     peer.expect("Accepted or Error for the Send", |f| match f {
         ServerFrame::Accepted(a) if a.rid == rid => Some(Ok((a.seq.get(), a.duplicate))),
-        ServerFrame::Error(e) if e.rid == Some(rid) => Some(Err(e.code)),
+        ServerFrame::Error(e) if e.rid == Some(rid) => Some(Err(e.clone())),
         _ => None,
     })
     .await
 }
 
 /// Waits for the `Subscribed` of `rid`.
-async fn subscribed(peer: &mut Peer, rid: u64) -> CaseResult {
+pub async fn subscribed(peer: &mut Peer, rid: u64) -> CaseResult {
     peer.expect(&format!("Subscribed for rid {rid}"), |f| {
         matches!(f, ServerFrame::Subscribed(s) if s.rid == rid).then_some(())
     })
     .await
 }
 
-fn subscribe(rid: u64, conversation: ConversationId, from: Option<u64>) -> ClientFrame {
+/// A `Subscribe` to `conversation` (from its start, or the cursor when `from` is `None`).
+pub fn subscribe(rid: u64, conversation: ConversationId, from: Option<u64>) -> ClientFrame {
     ClientFrame::Subscribe(Subscribe {
         rid,
         stream: StreamId::Conversation(conversation),

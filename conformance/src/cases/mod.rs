@@ -2,6 +2,7 @@
 
 mod directory;
 mod framing;
+mod groups;
 pub mod log;
 mod session;
 
@@ -16,6 +17,7 @@ pub fn all() -> Vec<Case> {
     all.extend(framing::cases());
     all.extend(log::cases());
     all.extend(directory::cases());
+    all.extend(groups::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",
