@@ -9,6 +9,7 @@ use confab_conformance::case::{Level, Outcome};
 use confab_conformance::cases;
 use confab_conformance::runner::{self, Selection};
 use confab_gateway::config::FileConfig;
+use confab_gateway::faults::Faults;
 use confab_gateway::handler::GatewayConfig;
 use confab_gateway::server;
 use confab_gateway::store::sqlite::SqliteStore;
@@ -16,6 +17,14 @@ use confab_spec::requirements::{SPEC_MD, requirements};
 
 /// A gateway on a free loopback port in a thread of its own; its WebSocket URL.
 fn start_gateway(dir: &std::path::Path) -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_gateway_with(dir, Faults::default())
+}
+
+/// [`start_gateway`] with deliberately broken behaviours switched on.
+fn start_gateway_with(
+    dir: &std::path::Path,
+    faults: Faults,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -30,6 +39,7 @@ fn start_gateway(dir: &std::path::Path) -> (String, tokio::sync::oneshot::Sender
             FileConfig::parse(include_str!("../../reference-gateway/conformance.toml"))
                 .and_then(|profile| profile.apply(&mut config))
                 .expect("the conformance profile");
+            config.faults = faults;
             let _ = server::serve(
                 listener,
                 config,
@@ -72,6 +82,43 @@ async fn every_case_passes_against_the_reference_gateway() {
     assert!(not_passed.is_empty(), "{}", not_passed.join("\n"));
     assert_eq!(run.cases.len(), cases::all().len());
     assert!(!runner::must_failed(&run));
+}
+
+/// The suite has teeth: against a gateway with one deliberately broken behaviour at a
+/// time, at least one MUST case fails, and the broken requirement is among the failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broken_behaviour_fails_a_case() {
+    let broken = [
+        ("no_msg_id_dedup", "REQ-6.3-2"),
+        ("skip_seq_on_replay", "REQ-6.4-1"),
+        ("two_commits_per_epoch", "REQ-7.3-1"),
+        ("no_token_rotation", "REQ-5.5-2"),
+        ("accept_expired_certificate", "REQ-5.4-1"),
+        ("accept_any_nonce", "REQ-5.4-3"),
+        ("double_claim", "REQ-8-2"),
+        ("no_frame_size_limit", "REQ-4.4-2"),
+    ];
+    assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
+    for (name, requirement) in broken {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Faults::only(name).expect("a switch");
+        let (url, stop) = start_gateway_with(dir.path(), faults);
+        let run = runner::run(&url, &Selection::musts(), |_, _, _| {})
+            .await
+            .expect("the suite reads /v1/info");
+        let failed: Vec<&str> = run
+            .cases
+            .iter()
+            .filter(|c| matches!(c.outcome, Outcome::Failed(_)))
+            .map(|c| c.requirement.as_str())
+            .collect();
+        assert!(runner::must_failed(&run), "{name}: no MUST case failed");
+        assert!(
+            failed.contains(&requirement),
+            "{name}: {requirement} not among the failed {failed:?}"
+        );
+        let _ = stop.send(());
+    }
 }
 
 #[test]

@@ -19,6 +19,7 @@ use confab_spec::ids::{
 use confab_spec::limits;
 use confab_spec::mls_framing::{self, CommitProposal, ContentType, Peek, Sender, WireFormat};
 
+use crate::faults::Faults;
 pub use crate::rate::RateLimit;
 use crate::rate::RateLimiters;
 use crate::store::{
@@ -66,6 +67,8 @@ pub struct GatewayConfig {
     pub key_package_low_watermark: u64,
     /// `key_package_pool_max`: the most packages a device's pool holds (SPEC.md 8).
     pub key_package_pool_max: u64,
+    /// Deliberately broken behaviours for self-tests; all off by default.
+    pub faults: Faults,
 }
 
 impl GatewayConfig {
@@ -97,6 +100,7 @@ impl GatewayConfig {
             },
             key_package_low_watermark: 10,
             key_package_pool_max: 200,
+            faults: Faults::default(),
         }
     }
 }
@@ -201,7 +205,11 @@ impl Connection {
                 return self.close(out, CloseCode::PreAuthFlood);
             }
         }
-        let frame = match ClientFrame::decode(message, &config.limits.decode_limits()) {
+        let mut decode_limits = config.limits.decode_limits();
+        if config.faults.no_frame_size_limit {
+            decode_limits.frame_bytes_max = usize::MAX;
+        }
+        let frame = match ClientFrame::decode(message, &decode_limits) {
             Ok(f) => f,
             Err(e) => {
                 out.push(error(e.code(), None, Some(&e.to_string())));
@@ -371,6 +379,26 @@ impl Connection {
                     return Ok(());
                 }
                 Redeemed::Valid(t) => {
+                    if config.faults.no_token_rotation {
+                        // Broken on purpose: the same token, valid again.
+                        store.issue_token(&IssuedToken {
+                            hash: Sha256::digest(token.as_bytes()).into(),
+                            ..t.clone()
+                        })?;
+                        self.state = State::Ready { device: t.device };
+                        out.push(Action::Send(ServerFrame::Ready(Ready {
+                            session_id: SessionId(t.session),
+                            resume_token: token.clone(),
+                            resume_token_ttl_ms: config.resume_token_ttl_ms,
+                            heartbeat_interval_ms: config.heartbeat_interval_ms,
+                            heartbeat_timeout_ms: config.heartbeat_timeout_ms,
+                            resumed: true,
+                            server_time_ms: now,
+                            device: t.device,
+                            limits: config.limits.clone(),
+                        })));
+                        return Ok(());
+                    }
                     return self.ready(
                         config,
                         store,
@@ -471,8 +499,13 @@ impl Connection {
         };
         let revoked = store.revoked_at(&auth.certificate.device_id())?;
         if let Err(code) = verify_auth(auth, &expected, |_| revoked) {
-            self.reject_auth(out, code);
-            return Ok(());
+            let tolerated = (code == ErrorCode::AuthCertificateExpired
+                && config.faults.accept_expired_certificate)
+                || (code == ErrorCode::AuthNonceInvalid && config.faults.accept_any_nonce);
+            if !tolerated {
+                self.reject_auth(out, code);
+                return Ok(());
+            }
         }
         let (mut session, mut family) = ([0u8; 16], [0u8; 16]);
         entropy.fill(&mut session);
@@ -818,6 +851,9 @@ impl Connection {
         let mut entries = store.read(&stream, from_seq, max, batch_bytes_max(config))?;
         if let Some(end) = end {
             entries.retain(|e| e.seq.get() <= end);
+        }
+        if config.faults.skip_seq_on_replay && entries.len() > 2 {
+            entries.remove(1); // broken on purpose
         }
         telemetry::replay_batch(entries.len());
         let (head, _) = store.bounds(&stream)?;

@@ -149,6 +149,8 @@ where
     let (hub, _) = broadcast::channel(HUB_CAPACITY);
     let (stop_tx, stop_rx) = watch::channel(false);
     let limiters = RateLimiters::new(&config);
+    let mut store = store;
+    store.set_faults(config.faults);
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
@@ -299,7 +301,11 @@ async fn upgrade(
     {
         return rate_limited(retry_after_ms);
     }
-    let max = usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX);
+    let max = if shared.config.faults.no_frame_size_limit {
+        usize::MAX // broken on purpose
+    } else {
+        usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX)
+    };
     ws.read_buffer_size(4_096)
         .max_message_size(max)
         .max_frame_size(max)

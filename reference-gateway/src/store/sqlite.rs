@@ -12,6 +12,7 @@ use super::{
     GcReport, IssuedToken, PoolStatus, Redeemed, RetentionPolicy, Store, StoreError,
     StoredKeyPackage, StreamKey, UploadOutcome,
 };
+use crate::faults::Faults;
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
@@ -19,6 +20,7 @@ use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, Sy
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Connection,
+    faults: Faults,
 }
 
 const SCHEMA: &str = "
@@ -115,7 +117,15 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            faults: Faults::default(),
+        })
+    }
+
+    /// Turns on deliberately broken behaviours (self-tests only, [`Faults`]).
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
     }
 }
 
@@ -361,6 +371,7 @@ impl Store for SqliteStore {
             )
             .optional()
             .map_err(db)?;
+        let existing = existing.filter(|_| !self.faults.no_msg_id_dedup);
         if let Some((seq, sender, hash)) = existing {
             let same = sender == request.sender.to_bytes()
                 && hash == Sha256::digest(request.payload.as_bytes()).as_slice();
@@ -393,7 +404,8 @@ impl Store for SqliteStore {
         // Application messages of older epochs stay deliverable (REQ-7.2-3); handshake
         // messages of older epochs are stale (REQ-7.3-2).
         let is_handshake = !matches!(request.kind, AppendKind::Application { .. });
-        if is_handshake && msg_epoch.0 < epoch {
+        let stale = msg_epoch.0 < epoch && !self.faults.two_commits_per_epoch;
+        if is_handshake && stale {
             return Ok(AppendOutcome::StaleCommit {
                 epoch: Epoch(epoch),
                 epoch_seq: epoch_seq as u64,
@@ -984,8 +996,10 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             if let Some((id, package)) = pooled {
                 // Claim and delete in one transaction (REQ-8-2).
-                tx.execute("DELETE FROM key_packages WHERE id = ?1", [id])
-                    .map_err(db)?;
+                if !self.faults.double_claim {
+                    tx.execute("DELETE FROM key_packages WHERE id = ?1", [id])
+                        .map_err(db)?;
+                }
                 claimed.push(ClaimedPackage {
                     device,
                     key_package: package,
