@@ -124,6 +124,7 @@ impl Ctx {
                         name: name.to_owned(),
                         transcript: self.transcript.clone(),
                         limits: self.info.decode_limits(),
+                        largest_received: 0,
                     });
                 }
                 Ok(Err(e)) => e,
@@ -290,6 +291,7 @@ pub struct Peer {
     name: String,
     transcript: Transcript,
     limits: DecodeLimits,
+    largest_received: usize,
 }
 
 impl Peer {
@@ -334,6 +336,7 @@ impl Peer {
             };
             match message {
                 Some(Ok(Message::Binary(bytes))) => {
+                    self.largest_received = self.largest_received.max(bytes.len());
                     match ServerFrame::decode(&bytes, &self.limits) {
                         Ok(frame) => {
                             self.transcript.push(
@@ -444,6 +447,11 @@ impl Peer {
                 other => return Err(Failure::new(expected, other.to_string()).into()),
             }
         }
+    }
+
+    /// The size of the largest message received so far, in bytes.
+    pub fn largest_received(&self) -> usize {
+        self.largest_received
     }
 
     /// Sends `Hello` with `versions` and an optional resume token.

@@ -19,6 +19,13 @@ use crate::mls::{Member, PAIR};
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
+            "11-1.rate-limited",
+            "REQ-11-1",
+            Must,
+            "a request over a rate limit is rate_limited (900) with retry_after_ms",
+            claims_rate_limited
+        ),
+        case!(
             "8-1.invalid-package",
             "REQ-8-1",
             Must,
@@ -282,21 +289,31 @@ async fn claims_rate_limited(cx: &mut Ctx) -> CaseResult {
     }
     let (mut a, _) = cx.ready("claimer", &Device::fresh()).await?;
     // Targets that do not exist: each claim is cheap and ends no_key_packages until limited.
-    for i in 0..=burst {
+    for i in 0..burst {
         let target = Device::fresh().system.public();
         match claim(&mut a, 100 + i, target, None).await? {
             Err(ErrorCode::NoKeyPackages) => {}
-            Err(ErrorCode::RateLimited) if i == burst => return Ok(()),
             other => {
                 return Err(Failure::new(
-                    format!("no_key_packages for claims 1..={burst}, then rate_limited"),
+                    format!("no_key_packages for claims 1..={burst}"),
                     format!("claim {}: {other:?}", i + 1),
                 )
                 .into());
             }
         }
     }
-    Ok(())
+    let rid = 100 + burst;
+    a.send(&ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
+        rid,
+        user: Device::fresh().system.public(),
+        devices: None,
+    }))
+    .await?;
+    let limited = a.expect_error(ErrorCode::RateLimited, Some(rid)).await?;
+    match limited.retry_after_ms {
+        Some(ms) if ms > 0 => Ok(()),
+        other => Err(Failure::new("retry_after_ms greater than 0", format!("{other:?}")).into()),
+    }
 }
 
 async fn revoked_device(cx: &mut Ctx) -> CaseResult {

@@ -20,6 +20,27 @@ use crate::context::{ANSWER_WAIT, Ctx, Device, Observed, Peer};
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
+            "4.4-5.payload-too-large",
+            "REQ-4.4-5",
+            Must,
+            "a payload over payload_bytes_max is payload_too_large (307) and not stored",
+            payload_too_large
+        ),
+        case!(
+            "4.4-6.messages-within-limit",
+            "REQ-4.4-6",
+            Must,
+            "replaying entries of payload_bytes_max sends no message over frame_bytes_max",
+            messages_within_limit
+        ),
+        case!(
+            "7.2-2.opaque-ciphertext",
+            "REQ-7.2-2",
+            Must,
+            "a PrivateMessage is accepted and delivered without the server decrypting it",
+            opaque_ciphertext
+        ),
+        case!(
             "6.1-1.conversation-exists",
             "REQ-6.1-1",
             Must,
@@ -810,4 +831,90 @@ async fn epoch_ahead(cx: &mut Ctx) -> CaseResult {
         mls_message(2, &c, 5, 1, b"future")
     })
     .await
+}
+
+/// `payload_bytes_max` (SPEC.md 4.4: `frame_bytes_max` - 512).
+fn payload_bytes_max(cx: &Ctx) -> usize {
+    usize::try_from(cx.info.limits.frame_bytes_max)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(512)
+}
+
+/// An application message of exactly `size` bytes.
+fn application_of_size(conversation: &ConversationId, size: usize) -> MlsBytes {
+    let header = application(conversation, b"").as_bytes().len();
+    // The tail's length prefix grows with the tail; find the tail that fits exactly.
+    let mut tail = size.saturating_sub(header);
+    loop {
+        let m = application(conversation, &vec![0xA5; tail]);
+        match m.as_bytes().len().cmp(&size) {
+            std::cmp::Ordering::Equal => return m,
+            std::cmp::Ordering::Greater if tail > 0 => tail -= 1,
+            _ => return m,
+        }
+    }
+}
+
+async fn payload_too_large(cx: &mut Ctx) -> CaseResult {
+    let size = payload_bytes_max(cx) + 1;
+    refused(cx, ErrorCode::PayloadTooLarge, |c| {
+        application_of_size(&c, size)
+    })
+    .await
+}
+
+async fn messages_within_limit(cx: &mut Ctx) -> CaseResult {
+    let size = payload_bytes_max(cx);
+    let limit = usize::try_from(cx.info.limits.frame_bytes_max).unwrap_or(usize::MAX);
+    let (mut a, _, conversation) = with_conversation(cx, "a").await?;
+    for rid in 10..13 {
+        let answer = send_one(
+            &mut a,
+            rid,
+            conversation,
+            MsgId(random()),
+            application_of_size(&conversation, size),
+        )
+        .await?;
+        if answer.is_err() {
+            return Err(Failure::new(
+                format!("a payload of payload_bytes_max ({size}) Accepted"),
+                format!("{answer:?}"),
+            )
+            .into());
+        }
+    }
+    a.send(&subscribe(5, conversation, Some(1))).await?;
+    subscribed(&mut a, 5).await?;
+    let (entries, _) = replay(&mut a, conversation).await?;
+    if entries.len() != 3 {
+        return Err(Failure::new("3 entries", format!("{}", entries.len())).into());
+    }
+    if a.largest_received() > limit {
+        return Err(Failure::new(
+            format!("no message over frame_bytes_max ({limit} bytes)"),
+            format!("a message of {} bytes", a.largest_received()),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn opaque_ciphertext(cx: &mut Ctx) -> CaseResult {
+    let (mut a, _, conversation) = with_conversation(cx, "a").await?;
+    let noise: [u8; 64] = random();
+    let payload = application(&conversation, &noise);
+    let answer = send_one(&mut a, 2, conversation, MsgId(random()), payload.clone()).await?;
+    if answer != Ok((1, false)) {
+        return Err(Failure::new("Accepted at seq 1", format!("{answer:?}")).into());
+    }
+    a.send(&subscribe(5, conversation, Some(1))).await?;
+    subscribed(&mut a, 5).await?;
+    let (entries, _) = replay(&mut a, conversation).await?;
+    match entries.as_slice() {
+        [e] if e.payload == payload => Ok(()),
+        other => {
+            Err(Failure::new("the payload delivered byte for byte", format!("{other:?}")).into())
+        }
+    }
 }

@@ -7,15 +7,57 @@ use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
 use confab_spec::frame::{Challenge, ClientFrame, Heartbeat, RevokeDevice};
 use confab_spec::identity::SystemKeyPair;
-use confab_spec::ids::{ResumeToken, UnixMs};
+use confab_spec::ids::{DevicePublicKey, ResumeToken, Signature, UnixMs};
 
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
-use crate::context::{Ctx, Device, Peer};
+use crate::context::{Ctx, Device, Observed, Peer};
 
 /// The cases of sections 3.3, 5 and 5.9.
 pub fn cases() -> Vec<Case> {
     vec![
+        case!(
+            "3.2-1.expired-certificate",
+            "REQ-3.2-1",
+            Must,
+            "a certificate past not_after is rejected (201)",
+            certificate_expired
+        ),
+        case!(
+            "3.2-2.inverted-lifetime",
+            "REQ-3.2-2",
+            Must,
+            "a certificate with not_after <= not_before is rejected (201)",
+            lifetime_inverted
+        ),
+        case!(
+            "3.4-2.non-canonical-signature",
+            "REQ-3.4-2",
+            Must,
+            "a transcript signature with a non-canonical S (S + L) is rejected",
+            non_canonical_signature
+        ),
+        case!(
+            "3.4-2.small-order-key",
+            "REQ-3.4-2",
+            Must,
+            "a device key of small order, with a signature that only weak verification accepts, is rejected",
+            small_order_key
+        ),
+        case!(
+            "5.5-1.token-properties",
+            "REQ-5.5-1",
+            Must,
+            "resume tokens have at least 128 bits, differ, and resume the device they were issued to",
+            token_properties
+        ),
+        case!(
+            "5.6-3.zombie",
+            "REQ-5.6-3",
+            Must,
+            "a session silent for heartbeat_timeout_ms is closed with 4001",
+            zombie
+        ),
         case!(
             "5.2-1.fresh-nonces",
             "REQ-5.2-1",
@@ -558,4 +600,122 @@ async fn future_revocation(cx: &mut Ctx) -> CaseResult {
         .expect_error(ErrorCode::AuthCertificateRevoked, None)
         .await?;
     again.expect_close(4103).await
+}
+
+/// The order of the ed25519 base point, little-endian.
+const ED25519_L: [u8; 32] = [
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+async fn non_canonical_signature(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let (mut a, ch) = challenge(cx, "a").await?;
+    let now = ch.server_time_ms;
+    let mut auth = device.auth(device.certificate(now), &cx.origin, ch.nonce, now);
+    // S + L: the same signature for weak verifiers, not canonical for strict ones.
+    let mut carry = 0u16;
+    for (i, l) in ED25519_L.iter().enumerate() {
+        let sum = u16::from(auth.signature.0[32 + i]) + u16::from(*l) + carry;
+        auth.signature.0[32 + i] = sum as u8;
+        carry = sum >> 8;
+    }
+    a.send(&ClientFrame::Auth(auth)).await?;
+    a.expect_error(ErrorCode::AuthSignatureInvalid, None)
+        .await?;
+    a.expect_close(4103).await
+}
+
+async fn small_order_key(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let (mut a, ch) = challenge(cx, "a").await?;
+    let now = ch.server_time_ms;
+    // The identity point as device key; R = identity and S = 0 satisfy the weak
+    // verification equation for any message.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let certificate = device.system.issue_certificate(
+        device.process,
+        DevicePublicKey(identity),
+        UnixMs(now.0 - 60_000),
+        now.plus_ms(3_600_000),
+    );
+    let mut auth = device.auth(certificate, &cx.origin, ch.nonce, now);
+    let mut forged = [0u8; 64];
+    forged[0] = 1;
+    auth.signature = Signature(forged);
+    a.send(&ClientFrame::Auth(auth)).await?;
+    a.expect("Error 200 or 203", |f| match f {
+        ServerFrame::Error(e)
+            if matches!(
+                e.code,
+                ErrorCode::AuthCertificateInvalid | ErrorCode::AuthSignatureInvalid
+            ) =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await?;
+    a.expect_close(4103).await
+}
+
+async fn token_properties(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let (a, first) = cx.ready("a", &device).await?;
+    drop(a);
+    let (_b, second) = cx.ready("b", &Device::fresh()).await?;
+    let (t1, t2) = (
+        first.resume_token.as_bytes(),
+        second.resume_token.as_bytes(),
+    );
+    if t1.len() < 16 || t1 == t2 {
+        return Err(Failure::new(
+            "tokens of at least 16 bytes that differ",
+            format!("{} and {} bytes, equal: {}", t1.len(), t2.len(), t1 == t2),
+        )
+        .into());
+    }
+    let (_c, answer) = resume(cx, "c", first.resume_token.clone()).await?;
+    match answer {
+        ServerFrame::Ready(r) if r.device == device.id() => Ok(()),
+        other => Err(Failure::new(
+            "Ready for the device the token was issued to",
+            format!("{other:?}"),
+        )
+        .into()),
+    }
+}
+
+async fn zombie(cx: &mut Ctx) -> CaseResult {
+    let timeout = cx.info.heartbeat_timeout_ms;
+    if timeout > 10_000 {
+        return Err(Stop::Skipped(format!(
+            "needs heartbeat_timeout_ms of at most 10,000 (the server announces {timeout}); \
+             the reference gateway's conformance profile sets it"
+        )));
+    }
+    let (mut a, _) = cx.ready("a", &Device::fresh()).await?;
+    let started = tokio::time::Instant::now();
+    match a
+        .next(std::time::Duration::from_millis(timeout + 2_000))
+        .await
+    {
+        Observed::Closed(Some(4001)) => {
+            let after = started.elapsed().as_millis() as u64;
+            if after + 200 < timeout {
+                return Err(Failure::new(
+                    format!("close 4001 after about {timeout} ms"),
+                    format!("after {after} ms"),
+                )
+                .into());
+            }
+            Ok(())
+        }
+        other => Err(Failure::new(
+            format!("close 4001 within {} ms", timeout + 2_000),
+            other.to_string(),
+        )
+        .into()),
+    }
 }
