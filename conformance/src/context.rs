@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confab_spec::frame::{Auth, ClientFrame, ErrorFrame, Hello, Ready, Versions};
-use confab_spec::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair, SystemKeyPair};
-use confab_spec::ids::{DeviceId, Nonce, ProcessId, ResumeToken, ShortText, UnixMs};
+use confab_spec::identity::{DeviceCertificate, DeviceKeyPair, SystemKeyPair, sign_auth};
+use confab_spec::ids::{DeviceId, Nonce, ProcessId, ResumeToken, UnixMs};
 use confab_spec::{DecodeLimits, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use rand_core::RngCore as _;
@@ -237,20 +237,7 @@ impl Device {
         nonce: Nonce,
         time_ms: UnixMs,
     ) -> Auth {
-        let transcript = AuthTranscript {
-            version: 1,
-            origin,
-            nonce,
-            time_ms,
-            process: certificate.process,
-        };
-        Auth {
-            signature: self.key.sign_transcript(&transcript),
-            certificate,
-            time_ms,
-            origin: ShortText::truncated(origin),
-            nonce,
-        }
+        sign_auth(&self.key, certificate, 1, origin, nonce, time_ms)
     }
 }
 

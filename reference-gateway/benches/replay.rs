@@ -19,7 +19,7 @@ use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{AppendKind, AppendRequest, Store};
 use confab_spec::frame::*;
-use confab_spec::identity::{AuthTranscript, DeviceKeyPair, SystemKeyPair};
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::*;
 use criterion::{Criterion, Throughput};
 
@@ -82,20 +82,7 @@ fn ready(
     let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
         panic!("challenge expected")
     };
-    let transcript = AuthTranscript {
-        version: 1,
-        origin: ORIGIN,
-        nonce: ch.nonce,
-        time_ms: t,
-        process: certificate.process,
-    };
-    let auth = Auth {
-        certificate,
-        time_ms: t,
-        signature: key.sign_transcript(&transcript),
-        origin: ShortText::truncated(ORIGIN),
-        nonce: ch.nonce,
-    };
+    let auth = confab_spec::identity::sign_auth(&key, certificate, 1, ORIGIN, ch.nonce, t);
     let out = conn.handle(
         config,
         store,

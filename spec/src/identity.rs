@@ -10,7 +10,9 @@ use rand_core::{CryptoRng, RngCore};
 use crate::cbor::{Writer, cbor_map};
 use crate::error::ErrorCode;
 use crate::frame::Auth;
-use crate::ids::{DeviceId, DevicePublicKey, Nonce, ProcessId, Signature, SystemKey, UnixMs};
+use crate::ids::{
+    DeviceId, DevicePublicKey, Nonce, ProcessId, ShortText, Signature, SystemKey, UnixMs,
+};
 use crate::limits::CERTIFICATE_LIFETIME_MAX_MS;
 
 /// Domain tag of device certificates.
@@ -315,6 +317,34 @@ pub struct AuthExpectation<'a> {
     pub now: UnixMs,
     /// `clock_skew_max_ms`.
     pub clock_skew_max_ms: u64,
+}
+
+/// The `Auth` answering a `Challenge` of `version` with `nonce`: `certificate`, and the
+/// device key's signature over the transcript of SPEC.md 5.3 for `origin` (truncated to a
+/// `ShortText` as it travels) and `time_ms`.
+pub fn sign_auth(
+    key: &DeviceKeyPair,
+    certificate: DeviceCertificate,
+    version: u64,
+    origin: &str,
+    nonce: Nonce,
+    time_ms: UnixMs,
+) -> Auth {
+    let origin = ShortText::truncated(origin);
+    let transcript = AuthTranscript {
+        version,
+        origin: origin.as_str(),
+        nonce,
+        time_ms,
+        process: certificate.process,
+    };
+    Auth {
+        signature: key.sign_transcript(&transcript),
+        certificate,
+        time_ms,
+        origin,
+        nonce,
+    }
 }
 
 /// Gateway-side verification of an `Auth` frame, in the order of the table in SPEC.md

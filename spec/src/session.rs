@@ -21,13 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::cbor::DecodeLimits;
 use crate::error::{CloseCode, ErrorCode};
 use crate::frame::{
-    self, Auth, ClientFrame, ConversationKind, CreateConversation, Entry, Hello, ServerFrame,
+    self, ClientFrame, ConversationKind, CreateConversation, Entry, Hello, ServerFrame,
     SessionLimits, Versions,
 };
-use crate::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair};
+use crate::identity::{DeviceCertificate, DeviceKeyPair, sign_auth};
 use crate::ids::{
-    ConversationId, Epoch, MlsBytes, MsgId, ResumeToken, Seq, SessionId, ShortText, StreamId,
-    UnixMs,
+    ConversationId, Epoch, MlsBytes, MsgId, ResumeToken, Seq, SessionId, StreamId, UnixMs,
 };
 use crate::limits;
 
@@ -944,23 +943,14 @@ impl ClientSession {
                 }
                 // A Challenge after a resume offer means the token was not accepted.
                 self.resume_token = None;
-                let time_ms = now;
-                let origin = ShortText::truncated(&self.config.origin);
-                let transcript = AuthTranscript {
-                    version: ch.version,
-                    origin: origin.as_str(),
-                    nonce: ch.nonce,
-                    time_ms,
-                    process: self.credentials.certificate.process,
-                };
-                let signature = self.credentials.key.sign_transcript(&transcript);
-                let auth = Auth {
-                    certificate: self.credentials.certificate.clone(),
-                    time_ms,
-                    signature,
-                    origin,
-                    nonce: ch.nonce,
-                };
+                let auth = sign_auth(
+                    &self.credentials.key,
+                    self.credentials.certificate.clone(),
+                    ch.version,
+                    &self.config.origin,
+                    ch.nonce,
+                    now,
+                );
                 if let ConnState::Handshake { phase, .. } = &mut self.conn {
                     *phase = Handshake::AwaitReady;
                 }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use confab_spec::frame::{Auth, ClientFrame, Hello, Ready, Versions};
-use confab_spec::identity::{AuthTranscript, DeviceCertificate, DeviceKeyPair, SystemKeyPair};
-use confab_spec::ids::{Nonce, ProcessId, ShortText, UnixMs};
+use confab_spec::identity::{DeviceCertificate, DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::{Nonce, ProcessId, UnixMs};
 use confab_spec::{DecodeLimits, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -24,20 +24,7 @@ pub fn sign_auth(
     nonce: Nonce,
     time_ms: UnixMs,
 ) -> Auth {
-    let transcript = AuthTranscript {
-        version: 1,
-        origin,
-        nonce,
-        time_ms,
-        process: certificate.process,
-    };
-    Auth {
-        certificate,
-        time_ms,
-        signature: key.sign_transcript(&transcript),
-        origin: ShortText::truncated(origin),
-        nonce,
-    }
+    confab_spec::identity::sign_auth(key, certificate, 1, origin, nonce, time_ms)
 }
 
 /// The next binary frame, decoded; `None` on anything else or after 5 s.
