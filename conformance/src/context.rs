@@ -250,6 +250,8 @@ pub enum Observed {
     Closed(Option<u16>),
     /// Nothing within the wait.
     Silence,
+    /// A message that is not one valid frame (the decoder's reason).
+    Undecodable(String),
 }
 
 impl std::fmt::Display for Observed {
@@ -260,6 +262,7 @@ impl std::fmt::Display for Observed {
             Observed::Closed(Some(code)) => write!(f, "close {code}"),
             Observed::Closed(None) => write!(f, "the connection closed without a close code"),
             Observed::Silence => write!(f, "nothing"),
+            Observed::Undecodable(why) => write!(f, "a message that is not one frame ({why})"),
         }
     }
 }
@@ -341,9 +344,7 @@ impl Peer {
                                 format!("undecodable frame: {e}"),
                                 &bytes,
                             );
-                            // Reported as a frame the suite cannot read: a failure of the
-                            // case that waits for something else.
-                            return Observed::Closed(None);
+                            return Observed::Undecodable(e.to_string());
                         }
                     }
                 }

@@ -210,13 +210,9 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-7.4-3",
     "REQ-12-1",
     // Server requirements still to be written as cases (issue 7).
-    "REQ-3.3-2",
     "REQ-4.4-4",
-    "REQ-5.1-1",
     "REQ-5.5-7",
-    "REQ-5.7-2",
     "REQ-5.7-3",
-    "REQ-5.9-2",
     "REQ-6.3-1",
     "REQ-6.3-5",
     "REQ-6.4-7",

@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub heartbeat_interval_ms: Option<u64>,
     pub heartbeat_timeout_ms: Option<u64>,
+    pub auth_timeout_ms: Option<u64>,
     pub replay_batch_max: Option<u64>,
     pub retention_ms: Option<u64>,
     pub retention_unacked_ms: Option<u64>,
@@ -64,6 +65,9 @@ impl FileConfig {
         }
         if let Some(v) = self.heartbeat_timeout_ms {
             config.heartbeat_timeout_ms = v;
+        }
+        if let Some(v) = self.auth_timeout_ms {
+            config.auth_timeout_ms = v.max(1);
         }
         if let Some(v) = self.replay_batch_max {
             config.limits.replay_batch_max = v;

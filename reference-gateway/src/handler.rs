@@ -38,6 +38,9 @@ pub struct GatewayConfig {
     pub heartbeat_interval_ms: u64,
     /// `heartbeat_timeout_ms`.
     pub heartbeat_timeout_ms: u64,
+    /// `auth_timeout_ms`: a connection not `Ready` this long after the upgrade is closed
+    /// with 4005 (SPEC.md 5.1).
+    pub auth_timeout_ms: u64,
     /// `clock_skew_max_ms`.
     pub clock_skew_max_ms: u64,
     /// `resume_token_ttl_ms`.
@@ -78,6 +81,7 @@ impl GatewayConfig {
             origin: origin.into(),
             heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL_MS_DEFAULT,
             heartbeat_timeout_ms: limits::HEARTBEAT_TIMEOUT_MS_DEFAULT,
+            auth_timeout_ms: limits::AUTH_TIMEOUT_MS_DEFAULT,
             clock_skew_max_ms: limits::CLOCK_SKEW_MAX_MS_DEFAULT,
             resume_token_ttl_ms: 3_600_000,
             limits: SessionLimits::default(),

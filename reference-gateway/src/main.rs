@@ -34,7 +34,7 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML file with any of: listen, db, origin, log_format, heartbeat_interval_ms,
-    /// heartbeat_timeout_ms, replay_batch_max, retention_ms, retention_unacked_ms,
+    /// heartbeat_timeout_ms, auth_timeout_ms, replay_batch_max, retention_ms, retention_unacked_ms,
     /// gc_interval_ms, outbound_queue_max, outbound_queue_bytes_max, connects_per_ip_per_minute,
     /// connects_per_ip_burst, claims_per_claimer_per_minute, claims_per_claimer_burst,
     /// claims_per_target_per_minute, claims_per_target_burst, key_package_low_watermark,

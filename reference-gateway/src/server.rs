@@ -246,7 +246,7 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "origin": c.origin,
         "heartbeat_interval_ms": c.heartbeat_interval_ms,
         "heartbeat_timeout_ms": c.heartbeat_timeout_ms,
-        "auth_timeout_ms": limits::AUTH_TIMEOUT_MS_DEFAULT,
+        "auth_timeout_ms": c.auth_timeout_ms,
         "clock_skew_max_ms": c.clock_skew_max_ms,
         "resume_token_ttl_ms": c.resume_token_ttl_ms,
         "retention_ms": c.retention.retention_ms,
@@ -573,7 +573,7 @@ async fn run_connection(
     let mut hub = shared.hub.subscribe();
     let mut shutdown = shared.shutdown.clone();
     let auth_deadline =
-        tokio::time::Instant::now() + Duration::from_millis(limits::AUTH_TIMEOUT_MS_DEFAULT);
+        tokio::time::Instant::now() + Duration::from_millis(shared.config.auth_timeout_ms);
     let heartbeat_timeout = Duration::from_millis(shared.config.heartbeat_timeout_ms);
     let mut last_frame = tokio::time::Instant::now();
     loop {

@@ -19,6 +19,13 @@ use crate::mls::{Member, PAIR};
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
+            "5.9-2.detail-without-payload",
+            "REQ-5.9-2",
+            Must,
+            "an error's detail quotes no part of the payload or key it is about",
+            detail_without_payload
+        ),
+        case!(
             "11-1.rate-limited",
             "REQ-11-1",
             Must,
@@ -410,4 +417,41 @@ async fn listed_devices(cx: &mut Ctx) -> CaseResult {
         )
         .into()),
     }
+}
+
+async fn detail_without_payload(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let key_hex = hex::encode(device.key.public().as_bytes());
+    let (mut a, mut m) = member(cx, "a", device, 1).await?;
+    let mut package = m.key_packages(1, false)?.remove(0).as_bytes().to_vec();
+    if let Some(last) = package.last_mut() {
+        *last ^= 1;
+    }
+    let package_hex = hex::encode(&package);
+    a.send(&ClientFrame::UploadKeyPackages(UploadKeyPackages {
+        rid: 2,
+        key_packages: vec![crate::mls::bytes(package)?],
+        last_resort: None,
+    }))
+    .await?;
+    let error = a
+        .expect_error(ErrorCode::KeyPackageInvalid, Some(2))
+        .await?;
+    let Some(detail) = error.detail.map(|d| d.as_str().to_lowercase()) else {
+        return Ok(()); // no detail, nothing quoted
+    };
+    // Any 8 bytes of the package or of the key, as hex, would be a quote.
+    let quoted = (0..package_hex.len().saturating_sub(16))
+        .step_by(2)
+        .map(|i| &package_hex[i..i + 16])
+        .chain(
+            (0..key_hex.len() - 16)
+                .step_by(2)
+                .map(|i| &key_hex[i..i + 16]),
+        )
+        .any(|window| detail.contains(window));
+    if quoted {
+        return Err(Failure::new("a detail without payload or key bytes", detail).into());
+    }
+    Ok(())
 }

@@ -12,6 +12,20 @@ use crate::context::{Ctx, Device, Observed};
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
+            "5.7-2.protocol-error",
+            "REQ-5.7-2",
+            Must,
+            "the cause 'protocol error' (a text message) closes with 4100",
+            text_message
+        ),
+        case!(
+            "5.7-2.frame-too-large",
+            "REQ-5.7-2",
+            Must,
+            "the cause 'message over frame_bytes_max' closes with 4101",
+            oversize_message
+        ),
+        case!(
             "4.1-1.text-message",
             "REQ-4.1-1",
             Must,

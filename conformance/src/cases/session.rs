@@ -17,6 +17,41 @@ use crate::context::{Ctx, Device, Observed, Peer};
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
+            "5.7-2.superseded",
+            "REQ-5.7-2",
+            Must,
+            "the cause 'another connection of the device became ready' closes with 4104",
+            one_session_per_device
+        ),
+        case!(
+            "5.7-2.revoked",
+            "REQ-5.7-2",
+            Must,
+            "the cause 'the device was revoked' closes with 4105",
+            revocation_closes_sessions
+        ),
+        case!(
+            "3.3-2.revocation-kept",
+            "REQ-3.3-2",
+            Must,
+            "a stored revocation keeps refusing the device on later connections",
+            revocation_kept
+        ),
+        case!(
+            "5.1-1.auth-timeout-silent",
+            "REQ-5.1-1",
+            Must,
+            "a connection that sends nothing is closed with 4005 after auth_timeout_ms",
+            auth_timeout_silent
+        ),
+        case!(
+            "5.1-1.auth-timeout-after-hello",
+            "REQ-5.1-1",
+            Must,
+            "a connection that never answers its Challenge is closed with 4005 after auth_timeout_ms",
+            auth_timeout_after_hello
+        ),
+        case!(
             "3.2-1.expired-certificate",
             "REQ-3.2-1",
             Must,
@@ -718,4 +753,82 @@ async fn zombie(cx: &mut Ctx) -> CaseResult {
         )
         .into()),
     }
+}
+
+/// Refuses `device` on a fresh connection with `auth_certificate_revoked`, close 4103.
+async fn refused_as_revoked(cx: &Ctx, name: &str, device: &Device) -> CaseResult {
+    let (mut peer, ch) = challenge(cx, name).await?;
+    let now = ch.server_time_ms;
+    peer.send(&ClientFrame::Auth(device.auth(
+        device.certificate(now),
+        &cx.origin,
+        ch.nonce,
+        now,
+    )))
+    .await?;
+    peer.expect_error(ErrorCode::AuthCertificateRevoked, None)
+        .await?;
+    peer.expect_close(4103).await
+}
+
+async fn revocation_kept(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let sibling = device.sibling();
+    let (mut s, ready) = cx.ready("sibling", &sibling).await?;
+    revoke(&mut s, &device, ready.server_time_ms).await?;
+    drop(s);
+    for name in ["later", "later-again"] {
+        refused_as_revoked(cx, name, &device).await?;
+    }
+    Ok(())
+}
+
+/// Waits for close 4005 on `peer`, which was opened at `opened`.
+async fn auth_timeout_close(cx: &Ctx, peer: &mut Peer, opened: tokio::time::Instant) -> CaseResult {
+    let timeout = cx.info.auth_timeout_ms;
+    let wait = std::time::Duration::from_millis(timeout + 2_000);
+    match peer.next(wait.saturating_sub(opened.elapsed())).await {
+        Observed::Closed(Some(4005)) => {
+            let after = opened.elapsed().as_millis() as u64;
+            if after + 200 < timeout {
+                return Err(Failure::new(
+                    format!("close 4005 after about {timeout} ms"),
+                    format!("after {after} ms"),
+                )
+                .into());
+            }
+            Ok(())
+        }
+        other => Err(Failure::new(
+            format!("close 4005 within {} ms", timeout + 2_000),
+            other.to_string(),
+        )
+        .into()),
+    }
+}
+
+/// Skips when the server's `auth_timeout_ms` would make the case slow.
+fn short_auth_timeout(cx: &Ctx) -> CaseResult {
+    let timeout = cx.info.auth_timeout_ms;
+    if timeout > 10_000 {
+        return Err(Stop::Skipped(format!(
+            "needs auth_timeout_ms of at most 10,000 (the server announces {timeout}); \
+             the reference gateway's conformance profile sets it"
+        )));
+    }
+    Ok(())
+}
+
+async fn auth_timeout_silent(cx: &mut Ctx) -> CaseResult {
+    short_auth_timeout(cx)?;
+    let opened = tokio::time::Instant::now();
+    let mut a = cx.open("a").await?;
+    auth_timeout_close(cx, &mut a, opened).await
+}
+
+async fn auth_timeout_after_hello(cx: &mut Ctx) -> CaseResult {
+    short_auth_timeout(cx)?;
+    let opened = tokio::time::Instant::now();
+    let (mut a, _) = challenge(cx, "a").await?;
+    auth_timeout_close(cx, &mut a, opened).await
 }
