@@ -13,7 +13,7 @@ pub struct Faults {
     pub skip_seq_on_replay: bool,
     /// Accept a Commit for an epoch already decided (REQ-7.3-1).
     pub two_commits_per_epoch: bool,
-    /// Answer a resume with the token that was presented, still valid (REQ-5.5-2).
+    /// Answer a resume with the token that was presented instead of a new one (REQ-5.5-2).
     pub no_token_rotation: bool,
     /// Accept an expired device certificate (REQ-5.4-1).
     pub accept_expired_certificate: bool,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
     self, Accepted, Batch, ClaimedKeyPackage, ClientFrame, ContinuityLost, Created, Deliver,
-    DeviceStatus, Devices, ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored,
+    DeviceStatus, Devices, Entry, ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored,
     OkFrame, Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
 };
 use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
@@ -275,16 +275,13 @@ impl Connection {
         if self.lost_continuity(store, *stream, rid, from, &mut out)? {
             return Ok(out);
         }
-        let end = reading_end(store, stream, self.device(), from.get())?;
-        let mut entries = store.read(
+        let (entries, end) = self.read_member(
+            config,
+            store,
             stream,
             from,
             config.limits.replay_batch_max as usize,
-            batch_bytes_max(config),
         )?;
-        if let Some(end) = end {
-            entries.retain(|e| e.seq.get() <= end);
-        }
         let mut next = next;
         for entry in entries {
             if entry.seq.get() != next {
@@ -303,6 +300,30 @@ impl Connection {
             self.subscriptions.insert(*stream, Sub::Live { rid, next });
         }
         Ok(out)
+    }
+
+    /// Up to `limit` entries of `stream` from `from` (bounded by `frame_bytes_max`) that this
+    /// device may read, and the last seq it may read at all: the Commit that removed it, if
+    /// one did at or after `from` (REQ-7.6-2). Inboxes have no end.
+    fn read_member(
+        &self,
+        config: &GatewayConfig,
+        store: &dyn Store,
+        stream: &StreamKey,
+        from: Seq,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, Option<u64>), StoreError> {
+        let end = match (stream, self.device()) {
+            (StreamKey::Conversation(c), Some(device)) => {
+                store.departure(c, &device, from.get())?
+            }
+            _ => None,
+        };
+        let mut entries = store.read(stream, from, limit, batch_bytes_max(config))?;
+        if let Some(end) = end {
+            entries.retain(|e| e.seq.get() <= end);
+        }
+        Ok((entries, end))
     }
 
     /// The device was removed and has been delivered the removing Commit: the subscription
@@ -383,26 +404,11 @@ impl Connection {
                     return Ok(());
                 }
                 Redeemed::Valid(t) => {
-                    if config.faults.no_token_rotation {
-                        // Broken on purpose: the same token, valid again.
-                        store.issue_token(&IssuedToken {
-                            hash: Sha256::digest(token.as_bytes()).into(),
-                            ..t.clone()
-                        })?;
-                        self.state = State::Ready { device: t.device };
-                        out.push(Action::Send(ServerFrame::Ready(Ready {
-                            session_id: SessionId(t.session),
-                            resume_token: token.clone(),
-                            resume_token_ttl_ms: config.resume_token_ttl_ms,
-                            heartbeat_interval_ms: config.heartbeat_interval_ms,
-                            heartbeat_timeout_ms: config.heartbeat_timeout_ms,
-                            resumed: true,
-                            server_time_ms: now,
-                            device: t.device,
-                            limits: config.limits.clone(),
-                        })));
-                        return Ok(());
-                    }
+                    // Broken on purpose (a fault switch): the same token back.
+                    let reused = config
+                        .faults
+                        .no_token_rotation
+                        .then(|| token.as_bytes().to_vec());
                     return self.ready(
                         config,
                         store,
@@ -413,6 +419,7 @@ impl Connection {
                         t.family,
                         t.certificate_not_after,
                         true,
+                        reused,
                         out,
                     );
                 }
@@ -439,7 +446,8 @@ impl Connection {
         Ok(())
     }
 
-    /// Enters `ready`: issues the next resume token of `family` and sends `Ready`.
+    /// Enters `ready`: issues the next resume token of `family` and sends `Ready` (with the
+    /// presented token again instead, when the `no_token_rotation` fault is on).
     #[allow(clippy::too_many_arguments)]
     fn ready(
         &mut self,
@@ -452,18 +460,25 @@ impl Connection {
         family: [u8; 16],
         certificate_not_after: UnixMs,
         resumed: bool,
+        reused_token: Option<Vec<u8>>,
         out: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
-        let mut token = vec![0u8; 32];
-        entropy.fill(&mut token);
-        store.issue_token(&IssuedToken {
-            hash: Sha256::digest(&token).into(),
-            device,
-            session,
-            family,
-            expires: now.plus_ms(config.resume_token_ttl_ms),
-            certificate_not_after,
-        })?;
+        let token = match reused_token {
+            Some(token) => token,
+            None => {
+                let mut token = vec![0u8; 32];
+                entropy.fill(&mut token);
+                store.issue_token(&IssuedToken {
+                    hash: Sha256::digest(&token).into(),
+                    device,
+                    session,
+                    family,
+                    expires: now.plus_ms(config.resume_token_ttl_ms),
+                    certificate_not_after,
+                })?;
+                token
+            }
+        };
         let resume_token = ResumeToken::new(token)
             .map_err(|e| StoreError::Corrupt(format!("resume token: {e}")))?;
         self.state = State::Ready { device };
@@ -517,7 +532,7 @@ impl Connection {
         let device = auth.certificate.device_id();
         let not_after = auth.certificate.not_after_ms;
         self.ready(
-            config, store, entropy, now, device, session, family, not_after, false, out,
+            config, store, entropy, now, device, session, family, not_after, false, None, out,
         )
     }
 
@@ -851,11 +866,7 @@ impl Connection {
         if self.lost_continuity(store, stream, rid, from_seq, out)? {
             return Ok(());
         }
-        let end = reading_end(store, &stream, self.device(), from)?;
-        let mut entries = store.read(&stream, from_seq, max, batch_bytes_max(config))?;
-        if let Some(end) = end {
-            entries.retain(|e| e.seq.get() <= end);
-        }
+        let (mut entries, end) = self.read_member(config, store, &stream, from_seq, max)?;
         if config.faults.skip_seq_on_replay && entries.len() > 2 {
             entries.remove(1); // broken on purpose
         }
@@ -909,20 +920,6 @@ impl Connection {
                 Ok((!member).then_some(ErrorCode::NotMember))
             }
         }
-    }
-}
-
-/// The last seq `device` may read on `stream` from `from_seq`: the Commit that removed it,
-/// if one did at or after `from_seq` (REQ-7.6-2). Inboxes have no end.
-fn reading_end(
-    store: &dyn Store,
-    stream: &StreamKey,
-    device: Option<DeviceId>,
-    from_seq: u64,
-) -> Result<Option<u64>, StoreError> {
-    match (stream, device) {
-        (StreamKey::Conversation(c), Some(device)) => store.departure(c, &device, from_seq),
-        _ => Ok(None),
     }
 }
 
