@@ -21,6 +21,7 @@
 //! in one transaction, and a join the store missed is recognised by the group being there.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{
@@ -29,15 +30,14 @@ use confab_spec::frame::{
 };
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{
-    ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, StreamId, SystemKey,
+    ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, StreamId, SystemKey, UnixMs,
 };
 use confab_spec::limits;
 use confab_spec::session::{Event, Input, SessionError};
-use rand_core::RngCore as _;
 
 use crate::mls::{CommitOutput, EngineError, MlsEngine, Processed};
 use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
-use crate::transport::{Transport, system_now};
+use crate::transport::Transport;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,109 @@ pub struct Client {
     failed_attempts: u32,
     lost_commit_races: u32,
     stopped: Option<Option<ErrorCode>>,
+    /// Sends issued by [`Client::send`] in this process, waiting for their answer.
+    in_flight: HashSet<MsgId>,
+    /// Outbox messages of an earlier process sent again, whose answer nobody waits for.
+    resent: HashSet<MsgId>,
+    observer: Option<Observer>,
+}
+
+/// What a client reports to its observer as it goes ([`Client::observe`]).
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// Entries processed since the observer last took them.
+    pub log: Vec<EntryRecord>,
+    /// Connected and authenticated.
+    pub ready: bool,
+    /// Times the session became ready (the first connect and every resume).
+    pub readies: u64,
+    /// Entries the gateway sent again on a connection (the session dropped them).
+    pub duplicates: u64,
+    /// Entries carrying a msg_id already delivered under another seq (skipped).
+    pub duplicate_msg_ids: u64,
+    /// Gaps the session found (and asked a replay for).
+    pub gaps: u64,
+}
+
+/// A shared view of a client's [`Observed`].
+pub type Observer = Arc<Mutex<Observed>>;
+
+/// What a device did with one delivered entry ([`Client::observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryOutcome {
+    /// An application message decrypted (or one's own, from the outbox) and shown.
+    Shown,
+    /// An application message that could not be decrypted.
+    Undecryptable,
+    /// A Commit or Proposal applied, or a Welcome joined.
+    Applied,
+    /// Nothing to do: an entry from before a crash, a Welcome this device cannot use, or
+    /// one's own message whose plaintext is gone.
+    Ignored,
+}
+
+/// One entry as this device processed it, for observers such as the simulator's
+/// invariant checks ([`Client::observe`]). No plaintext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRecord {
+    /// The stream.
+    pub stream: StreamId,
+    /// The entry's seq.
+    pub seq: Seq,
+    /// Its msg_id.
+    pub msg_id: MsgId,
+    /// Its sender.
+    pub sender: DeviceId,
+    /// Its body's kind and epoch.
+    pub kind: EntryKind,
+    /// Whether the store took it as new (`false`: a duplicate, not shown again).
+    pub new: bool,
+    /// What was done with it.
+    pub outcome: EntryOutcome,
+}
+
+/// The kind of an entry's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// An application message sent in `epoch`.
+    Application {
+        /// The MLS epoch.
+        epoch: Epoch,
+    },
+    /// A Commit sent in `epoch` (it opens `epoch + 1`).
+    Commit {
+        /// The MLS epoch.
+        epoch: Epoch,
+    },
+    /// A Proposal.
+    Proposal {
+        /// The MLS epoch.
+        epoch: Epoch,
+    },
+    /// A Welcome into `conversation`.
+    Welcome {
+        /// The group joined.
+        conversation: ConversationId,
+        /// The seq of the Commit that added this device.
+        commit_seq: Seq,
+    },
+}
+
+impl EntryKind {
+    fn of(body: &EntryBody) -> Self {
+        match body {
+            EntryBody::Application { epoch } => Self::Application { epoch: *epoch },
+            EntryBody::Commit { epoch } => Self::Commit { epoch: *epoch },
+            EntryBody::Proposal { epoch } => Self::Proposal { epoch: *epoch },
+            EntryBody::Welcome {
+                conversation,
+                commit_seq,
+            } => Self::Welcome {
+                conversation: *conversation,
+                commit_seq: *commit_seq,
+            },
+        }
+    }
 }
 
 /// Connection attempts [`Client::connect`] makes before it reports the gateway unreachable.
@@ -164,6 +267,9 @@ impl Client {
             failed_attempts: 0,
             lost_commit_races: 0,
             stopped: None,
+            in_flight: HashSet::new(),
+            resent: HashSet::new(),
+            observer: None,
         }
     }
 
@@ -185,6 +291,33 @@ impl Client {
     /// The local store.
     pub fn store(&self) -> &ClientStore {
         &self.store
+    }
+
+    /// Starts reporting to an [`Observer`], which can be read while an operation of this
+    /// client runs (for the simulator's invariant checks).
+    pub fn observe(&mut self) -> Observer {
+        self.observer
+            .get_or_insert_with(|| {
+                Arc::new(Mutex::new(Observed {
+                    ready: self.ready,
+                    ..Observed::default()
+                }))
+            })
+            .clone()
+    }
+
+    fn observed(&self, change: impl FnOnce(&mut Observed)) {
+        if let Some(observer) = &self.observer {
+            if let Ok(mut observed) = observer.lock() {
+                change(&mut observed);
+            }
+        }
+    }
+
+    /// Drops the connection as a network failure would; the session reconnects and
+    /// resumes by itself. For fault injection.
+    pub fn drop_connection(&mut self) {
+        self.transport.drop_connection();
     }
 
     /// Messages received (or echoed back) since the last call, in delivery order.
@@ -301,7 +434,7 @@ impl Client {
             .map(|p| p.key_package.as_bytes().to_vec())
             .collect();
         let mut id = [0u8; 32];
-        rand_core::OsRng.fill_bytes(&mut id);
+        self.random(&mut id);
         let conversation = ConversationId(id);
         self.input(Input::CreateConversation {
             conversation,
@@ -547,7 +680,7 @@ impl Client {
         plaintext: Option<Vec<u8>>,
     ) -> Result<Seq, ClientError> {
         let mut id = [0u8; 16];
-        rand_core::OsRng.fill_bytes(&mut id);
+        self.random(&mut id);
         let msg_id = MsgId(id);
         let has_plaintext = plaintext.is_some();
         self.store.outbox_put(&OutboxItem {
@@ -556,7 +689,7 @@ impl Client {
             payload: payload.clone(),
             welcome: welcome.clone(),
             plaintext,
-            composed: system_now(),
+            composed: self.now(),
         })?;
         let bytes = |b: Vec<u8>| {
             MlsBytes::new(b).map_err(|_| ClientError::Refused(ErrorCode::PayloadTooLarge))
@@ -567,8 +700,10 @@ impl Client {
             payload: bytes(payload)?,
             welcome: welcome.map(bytes).transpose()?,
         })?;
+        self.in_flight.insert(msg_id);
         loop {
             if let Some(result) = self.sends.remove(&msg_id) {
+                self.in_flight.remove(&msg_id);
                 // An accepted handshake message has nothing left to show; an application
                 // message waits in the outbox for its echo (its plaintext is shown then).
                 if result.is_err() || !has_plaintext {
@@ -613,7 +748,8 @@ impl Client {
         while !self.ready {
             self.pump().await?;
         }
-        let rid = self.transport.session().request(system_now(), make)?;
+        let now = self.now();
+        let rid = self.transport.session().request(now, make)?;
         loop {
             if let Some(answer) = self.responses.remove(&rid) {
                 return answer;
@@ -623,7 +759,16 @@ impl Client {
     }
 
     fn input(&mut self, input: Input) -> Result<(), ClientError> {
-        Ok(self.transport.session().handle(system_now(), input)?)
+        let now = self.now();
+        Ok(self.transport.session().handle(now, input)?)
+    }
+
+    fn now(&self) -> UnixMs {
+        (self.transport.environment().clock)()
+    }
+
+    fn random(&self, out: &mut [u8]) {
+        (self.transport.environment().entropy)(out)
     }
 
     fn follow(&mut self, stream: StreamId) -> Result<(), ClientError> {
@@ -642,6 +787,10 @@ impl Client {
             Event::Ready { .. } => {
                 self.ready = true;
                 self.failed_attempts = 0;
+                self.observed(|o| {
+                    o.ready = true;
+                    o.readies += 1;
+                });
             }
             Event::Disconnected { .. } => {
                 if !self.ready {
@@ -649,14 +798,19 @@ impl Client {
                 }
                 self.ready = false;
                 self.live.clear();
+                self.observed(|o| o.ready = false);
             }
             Event::Stopped { error, .. } => {
                 self.stopped = Some(error);
                 self.ready = false;
                 self.live.clear();
+                self.observed(|o| o.ready = false);
             }
             Event::Live { stream } => {
                 self.live.insert(stream);
+                if let StreamId::Conversation(c) = stream {
+                    self.resend_outbox(c)?;
+                }
             }
             Event::Created { conversation } => {
                 self.created.insert(conversation);
@@ -689,7 +843,9 @@ impl Client {
                     self.store.set_removed(&c)?;
                 }
             }
-            Event::SendAccepted { msg_id, seq, .. } => {
+            // A resent message (the guard forgets it) stays in the outbox until its echo;
+            // nobody waits for its answer.
+            Event::SendAccepted { msg_id, seq, .. } if !self.resent.remove(&msg_id) => {
                 self.sends.insert(msg_id, Ok(seq));
             }
             Event::SendRejected {
@@ -699,11 +855,50 @@ impl Client {
                 seq,
                 ..
             } => {
-                self.sends
-                    .insert(msg_id, Err(ClientError::SendRefused { code, epoch, seq }));
+                if self.resent.remove(&msg_id) {
+                    // Refused now (for example, its epoch is gone): given up.
+                    self.store.outbox_remove(&msg_id)?;
+                } else {
+                    self.sends
+                        .insert(msg_id, Err(ClientError::SendRefused { code, epoch, seq }));
+                }
             }
             Event::Delivered { stream, entry } => self.on_entry(stream, entry)?,
+            Event::DuplicateDropped { .. } => self.observed(|o| o.duplicates += 1),
+            Event::DuplicateMsgId { .. } => self.observed(|o| o.duplicate_msg_ids += 1),
+            Event::GapDetected { .. } => self.observed(|o| o.gaps += 1),
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends again the application messages of `conversation` that an earlier process put
+    /// in the outbox and whose echo has not come (the stream is caught up, so an echo would
+    /// have been delivered by now). They keep their msg_ids, so the gateway answers one it
+    /// already accepted with its seq instead of appending it twice (SPEC.md 6.3).
+    fn resend_outbox(&mut self, conversation: ConversationId) -> Result<(), ClientError> {
+        for item in self.store.outbox()? {
+            if item.conversation != conversation
+                || item.plaintext.is_none()
+                || self.in_flight.contains(&item.msg_id)
+                || self.resent.contains(&item.msg_id)
+            {
+                continue;
+            }
+            let (Ok(payload), Ok(welcome)) = (
+                MlsBytes::new(item.payload),
+                item.welcome.map(MlsBytes::new).transpose(),
+            ) else {
+                self.store.outbox_remove(&item.msg_id)?;
+                continue;
+            };
+            self.input(Input::Send {
+                conversation,
+                msg_id: item.msg_id,
+                payload,
+                welcome,
+            })?;
+            self.resent.insert(item.msg_id);
         }
         Ok(())
     }
@@ -713,6 +908,7 @@ impl Client {
         let seq = entry.seq;
         let mut message = None;
         let mut journaled = None;
+        let mut outcome = EntryOutcome::Ignored;
         match (stream, &entry.body) {
             (
                 StreamId::Inbox,
@@ -753,6 +949,7 @@ impl Client {
                     // The group starts after the Commit that added this device.
                     self.store.join_conversation(&record, from_seq, seq)?;
                     self.subscribe(stream, Some(from_seq))?;
+                    outcome = EntryOutcome::Applied;
                 }
                 // Otherwise the Welcome is one this device cannot use (already past it, or
                 // not decryptable): recorded as processed so it is not retried.
@@ -770,9 +967,15 @@ impl Client {
                         .process_entry(&c, seq.get(), entry.payload.as_bytes())
                     {
                         Ok(Processed::Application { plaintext, .. }) => Some(plaintext),
-                        _ => None,
+                        _ => {
+                            outcome = EntryOutcome::Undecryptable;
+                            None
+                        }
                     }
                 };
+                if body.is_some() {
+                    outcome = EntryOutcome::Shown;
+                }
                 message = body.map(|body| Message {
                     conversation: c,
                     seq,
@@ -791,6 +994,7 @@ impl Client {
                 // stall the stream; it is recorded as processed.
             }
             (StreamId::Conversation(c), EntryBody::Commit { .. } | EntryBody::Proposal { .. }) => {
+                outcome = EntryOutcome::Applied;
                 if entry.sender == self.device {
                     // Applied when the gateway accepted it; after a crash in between, now.
                     if self.engine.has_pending_commit(&c)? {
@@ -815,11 +1019,25 @@ impl Client {
             }
             _ => {}
         }
-        if self.store.deliver(&stream, seq, message.as_ref())? {
+        // A Welcome's join recorded the inbox entry with the conversation already.
+        let joined = matches!(stream, StreamId::Inbox) && outcome == EntryOutcome::Applied;
+        let new = self.store.deliver(&stream, seq, message.as_ref())? || joined;
+        if new {
             if let Some(m) = message {
                 self.received.push(m);
             }
         }
+        self.observed(|o| {
+            o.log.push(EntryRecord {
+                stream,
+                seq,
+                msg_id: entry.msg_id,
+                sender: entry.sender,
+                kind: EntryKind::of(&entry.body),
+                new,
+                outcome,
+            })
+        });
         if let Some(c) = journaled {
             self.engine.release_processed(&c, seq.get())?;
         }

@@ -2,6 +2,7 @@
 //!
 //! The Confab reference client:
 //! - [`identity`]: Polycentric identity import;
+//! - [`environment`]: the clock, randomness and dialer a client runs on;
 //! - [`mls`]: the MLS engine layer (openmls and mls-rs behind one trait);
 //! - [`store`]: local state (contacts, conversations, cursors, outbox, messages);
 //! - [`transport`]: the sans-IO [`confab_spec::session::ClientSession`] over a WebSocket;
@@ -10,6 +11,7 @@
 //! - [`interop`]: the IETF interop scenario harness.
 
 pub mod app;
+pub mod environment;
 pub mod home;
 pub mod identity;
 pub mod interop;

@@ -15,26 +15,18 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
-use confab_spec::ids::UnixMs;
+use crate::environment::{Environment, Io};
 use confab_spec::limits;
 use confab_spec::session::{ClientSession, ConnId, Event, Input, Output};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn Io>>>;
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Ws, String>> + Send>>;
 
-/// The wall clock the session runs on.
-pub fn system_now() -> UnixMs {
-    UnixMs(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    )
-}
+pub use crate::environment::system_now;
 
 /// Why certificates to trust were refused.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +50,9 @@ pub struct Transport {
     connecting: Option<(ConnId, Connecting)>,
     roots: rustls::RootCertStore,
     tls: Arc<rustls::ClientConfig>,
+    env: Environment,
+    /// An output taken from the session and not yet done (see `next_event`).
+    held: Option<Output>,
 }
 
 /// A TLS client configuration trusting `roots`.
@@ -74,6 +69,15 @@ impl Transport {
     /// A transport for `session` to the gateway at `url` (`ws://HOST:PORT/v1/ws`). Nothing
     /// happens until the session is started (`Input::Start`) and `next_event` is called.
     pub fn new(session: ClientSession, url: impl Into<String>) -> Self {
+        Self::with_environment(session, url, Environment::default())
+    }
+
+    /// [`Transport::new`] on the given clock, randomness and dialer (the simulator's).
+    pub fn with_environment(
+        session: ClientSession,
+        url: impl Into<String>,
+        env: Environment,
+    ) -> Self {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
@@ -84,6 +88,8 @@ impl Transport {
             connecting: None,
             tls: tls_config(roots.clone()),
             roots,
+            env,
+            held: None,
         }
     }
 
@@ -115,10 +121,34 @@ impl Transport {
         &self.url
     }
 
+    /// The clock, randomness and dialer this transport runs on.
+    pub fn environment(&self) -> &Environment {
+        &self.env
+    }
+
+    /// Drops the connection without a close handshake, as a network failure would; the
+    /// session reconnects and resumes. For fault injection (the simulator) and tests.
+    pub fn drop_connection(&mut self) {
+        self.connecting = None;
+        if let Some((conn, _)) = self.socket.take() {
+            self.input(Input::Closed { conn, code: None });
+        }
+    }
+
     /// Performs I/O until the session has something to say, and returns it.
+    ///
+    /// Cancel-safe: a frame taken from the session is held until the socket accepted it,
+    /// so dropping this future (in a `select!`) loses nothing; the next call goes on.
     pub async fn next_event(&mut self) -> Event {
         loop {
-            while let Some(output) = self.session.poll_output() {
+            loop {
+                let output = match self.held.take() {
+                    Some(output) => output,
+                    None => match self.session.poll_output() {
+                        Some(output) => output,
+                        None => break,
+                    },
+                };
                 match output {
                     Output::Event(event) => return event,
                     Output::Connect { conn } => self.connect(conn),
@@ -129,11 +159,14 @@ impl Transport {
                         if *current != conn {
                             continue;
                         }
-                        if ws
-                            .send(Message::Binary(frame.encode().into()))
-                            .await
-                            .is_err()
-                        {
+                        // Held while waiting for room in the socket: cancel-safe.
+                        self.held = Some(Output::Transmit { conn, frame });
+                        let ready = std::future::poll_fn(|cx| ws.poll_ready_unpin(cx)).await;
+                        let Some(Output::Transmit { frame, .. }) = self.held.take() else {
+                            continue;
+                        };
+                        let message = Message::Binary(frame.encode().into());
+                        if ready.and_then(|()| ws.start_send_unpin(message)).is_err() {
                             self.socket = None;
                             self.input(Input::Closed { conn, code: None });
                         }
@@ -160,13 +193,22 @@ impl Transport {
                     _ => {}
                 }
             }
+            // Frames taken by the socket go out now (flushing is cancel-safe too).
+            if let Some((conn, ws)) = self.socket.as_mut() {
+                let conn = *conn;
+                if ws.flush().await.is_err() {
+                    self.socket = None;
+                    self.input(Input::Closed { conn, code: None });
+                    continue;
+                }
+            }
             self.wait().await;
         }
     }
 
     fn input(&mut self, input: Input) {
         // Transport inputs are never refused; application inputs do not pass here.
-        let _ = self.session.handle(system_now(), input);
+        let _ = self.session.handle((self.env.clock)(), input);
     }
 
     fn connect(&mut self, conn: ConnId) {
@@ -176,14 +218,26 @@ impl Transport {
             .max_message_size(Some(limits::FRAME_BYTES_MAX_DEFAULT))
             .max_frame_size(Some(limits::FRAME_BYTES_MAX_DEFAULT));
         let tls = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let dialer = self.env.dialer.clone();
         self.connecting = Some((
             conn,
             Box::pin(async move {
+                use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+                let request = url.into_client_request().map_err(|e| e.to_string())?;
+                let uri = request.uri();
+                let host = uri.host().ok_or("the URL has no host")?;
+                let host = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                let tls_scheme = uri.scheme_str() == Some("wss");
+                let port = uri.port_u16().unwrap_or(if tls_scheme { 443 } else { 80 });
+                let stream = dialer(host, port).await.map_err(|e| e.to_string())?;
                 // The connector is used for wss:// only.
-                tokio_tungstenite::connect_async_tls_with_config(
-                    url,
+                tokio_tungstenite::client_async_tls_with_config(
+                    request,
+                    stream,
                     Some(config),
-                    false,
                     Some(tls),
                 )
                 .await
@@ -197,7 +251,7 @@ impl Transport {
     /// arrives, or the session's timer fires.
     async fn wait(&mut self) {
         let sleep = match self.session.poll_timeout() {
-            Some(at) => Duration::from_millis(at.0.saturating_sub(system_now().0)),
+            Some(at) => Duration::from_millis(at.0.saturating_sub((self.env.clock)().0)),
             None => Duration::from_secs(3_600),
         };
         tokio::select! {

@@ -1,5 +1,5 @@
-//! Deliberately broken behaviours, for the self-tests of the conformance suite (and later
-//! the simulator): each switch makes the gateway break one MUST of SPEC.md, so a test can
+//! Deliberately broken behaviours, for the self-tests of the conformance suite and the
+//! simulator: each switch makes the gateway break one MUST of SPEC.md, so a test can
 //! show that the suite notices. All are off by default and none can be set from the
 //! settings file or the command line; only code that builds a [`crate::handler::GatewayConfig`]
 //! can turn one on.
@@ -23,6 +23,12 @@ pub struct Faults {
     pub double_claim: bool,
     /// Accept messages of any size (REQ-4.4-2).
     pub no_frame_size_limit: bool,
+    /// Deliver every live entry twice (REQ-6.4-4: live delivery in seq order).
+    pub deliver_twice: bool,
+    /// Answer sends before their entries are durable: the SQLite store keeps the database in
+    /// memory and writes it to disk only at each retention pass, so a crash loses accepted
+    /// entries (REQ-6.3-1).
+    pub ack_before_durable: bool,
 }
 
 impl Faults {
@@ -38,14 +44,33 @@ impl Faults {
             "accept_any_nonce" => &mut f.accept_any_nonce,
             "double_claim" => &mut f.double_claim,
             "no_frame_size_limit" => &mut f.no_frame_size_limit,
+            "deliver_twice" => &mut f.deliver_twice,
+            "ack_before_durable" => &mut f.ack_before_durable,
             _ => return None,
         };
         *switch = true;
         Some(f)
     }
 
+    /// The switches on in `self` or in `other`.
+    pub fn union(self, other: Self) -> Self {
+        Self {
+            no_msg_id_dedup: self.no_msg_id_dedup || other.no_msg_id_dedup,
+            skip_seq_on_replay: self.skip_seq_on_replay || other.skip_seq_on_replay,
+            two_commits_per_epoch: self.two_commits_per_epoch || other.two_commits_per_epoch,
+            no_token_rotation: self.no_token_rotation || other.no_token_rotation,
+            accept_expired_certificate: self.accept_expired_certificate
+                || other.accept_expired_certificate,
+            accept_any_nonce: self.accept_any_nonce || other.accept_any_nonce,
+            double_claim: self.double_claim || other.double_claim,
+            no_frame_size_limit: self.no_frame_size_limit || other.no_frame_size_limit,
+            deliver_twice: self.deliver_twice || other.deliver_twice,
+            ack_before_durable: self.ack_before_durable || other.ack_before_durable,
+        }
+    }
+
     /// Every switch's name.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 10] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -54,5 +79,7 @@ impl Faults {
         "accept_any_nonce",
         "double_claim",
         "no_frame_size_limit",
+        "deliver_twice",
+        "ack_before_durable",
     ];
 }

@@ -288,6 +288,12 @@ impl Connection {
                 break;
             }
             next += 1;
+            if config.faults.deliver_twice {
+                out.push(Action::Send(ServerFrame::Deliver(Deliver {
+                    stream: wire_stream(stream),
+                    entry: entry.clone(),
+                })));
+            }
             out.push(Action::Send(ServerFrame::Deliver(Deliver {
                 stream: wire_stream(stream),
                 entry,

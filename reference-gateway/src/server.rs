@@ -150,7 +150,9 @@ where
     let (stop_tx, stop_rx) = watch::channel(false);
     let limiters = RateLimiters::new(&config);
     let mut store = store;
-    store.set_faults(config.faults);
+    store
+        .set_faults(config.faults)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
@@ -223,6 +225,11 @@ async fn retention(shared: Arc<Shared>) {
                 }
             }
             tokio::task::yield_now().await;
+        }
+        if let Ok(mut store) = shared.store.lock() {
+            if let Err(e) = store.flush() {
+                tracing::warn!(error = %e, "flush failed");
+            }
         }
         shared.limiters.forget_idle();
     }

@@ -191,6 +191,12 @@ pub trait Store: Send {
     /// When `device` was revoked, if it was.
     fn revoked_at(&self, device: &DeviceId) -> Result<Option<UnixMs>, StoreError>;
 
+    /// Makes every committed write durable. The SQLite store commits durably on every write,
+    /// so this does nothing there, except under the `ack_before_durable` fault.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Deletes what SPEC.md 6.7 allows: for each stream, the longest prefix of entries that
     /// are older than `retention_ms` and either acknowledged by every current member device
     /// or older than `retention_unacked_ms`, at most `max_entries` entries in all; and resume

@@ -24,16 +24,11 @@ use confab_spec::ids::{ConversationId, DeviceId, UnixMs};
 use confab_spec::session::DeviceCredentials;
 
 /// The clock the engines validate certificates and lifetimes against.
-pub type Clock = Arc<dyn Fn() -> UnixMs + Send + Sync>;
+pub use crate::environment::Clock;
 
 /// The wall clock.
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        UnixMs(ms)
-    })
+    Arc::new(crate::environment::system_now)
 }
 
 /// Which implementation backs an engine.

@@ -21,6 +21,9 @@ use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, Sy
 pub struct SqliteStore {
     conn: Connection,
     faults: Faults,
+    path: std::path::PathBuf,
+    /// The `ack_before_durable` fault is on: `conn` is in memory.
+    write_behind: bool,
 }
 
 const SCHEMA: &str = "
@@ -119,13 +122,36 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(Self {
             conn,
+            path: path.to_owned(),
+            write_behind: false,
             faults: Faults::default(),
         })
     }
 
-    /// Turns on deliberately broken behaviours (self-tests only, [`Faults`]).
-    pub fn set_faults(&mut self, faults: Faults) {
+    /// Turns on deliberately broken behaviours (self-tests only, [`Faults`]). With
+    /// `ack_before_durable` the database moves into memory, written to disk only by
+    /// [`Store::flush`].
+    pub fn set_faults(&mut self, faults: Faults) -> Result<(), StoreError> {
         self.faults = faults;
+        if faults.no_msg_id_dedup {
+            // Without the index a resent message is really appended a second time.
+            self.conn
+                .execute_batch("DROP INDEX IF EXISTS entries_msg_id")
+                .map_err(db)?;
+        }
+        if faults.ack_before_durable && !self.write_behind {
+            let mut memory = Connection::open_in_memory().map_err(db)?;
+            memory
+                .restore(
+                    rusqlite::MAIN_DB,
+                    &self.path,
+                    None::<fn(rusqlite::backup::Progress)>,
+                )
+                .map_err(db)?;
+            self.conn = memory;
+            self.write_behind = true;
+        }
+        Ok(())
     }
 }
 
@@ -341,6 +367,19 @@ impl Store for SqliteStore {
             Ok((leaf as u32, device_of(&device)?))
         })
         .collect()
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.write_behind {
+            self.conn
+                .backup(
+                    rusqlite::MAIN_DB,
+                    &self.path,
+                    None::<fn(rusqlite::backup::Progress)>,
+                )
+                .map_err(db)?;
+        }
+        Ok(())
     }
 
     fn append(&mut self, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {

@@ -1,0 +1,155 @@
+//! `confab-sim`: lists and runs the simulation scenarios.
+//!
+//! ```text
+//! confab-sim list
+//! confab-sim run --scenario NAME --seed S [--cycles N] [--clients N]
+//! ```
+//!
+//! A run shows progress on stderr and ends with a summary table; a broken invariant prints
+//! the seed, step, invariant and the command that replays it, and exits with status 1.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use confab_gateway::faults::Faults;
+use confab_sim::{Options, Scenario, Summary};
+
+#[derive(Parser)]
+#[command(
+    name = "confab-sim",
+    about = "Deterministic simulations of Confab gateways and clients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lists the scenarios.
+    List,
+    /// Runs one scenario.
+    Run {
+        /// The scenario (see `list`).
+        #[arg(long)]
+        scenario: String,
+        /// The seed; the same seed replays the same run.
+        #[arg(long)]
+        seed: u64,
+        /// Cycles to complete (default: the scenario's).
+        #[arg(long)]
+        cycles: Option<u64>,
+        /// Devices (default: the scenario's).
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Turns on a deliberately broken gateway behaviour (self-test; repeatable).
+        #[arg(long = "gateway-fault", hide = true)]
+        gateway_faults: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::List => {
+            println!(
+                "{:<20} {:>8} {:>8}  description",
+                "scenario", "cycles", "clients"
+            );
+            for s in Scenario::ALL {
+                println!(
+                    "{:<20} {:>8} {:>8}  {}",
+                    s.name(),
+                    s.default_cycles(),
+                    s.default_clients(),
+                    s.description()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run {
+            scenario,
+            seed,
+            cycles,
+            clients,
+            gateway_faults,
+        } => {
+            let Some(scenario) = Scenario::parse(&scenario) else {
+                eprintln!("unknown scenario {scenario:?}; `confab-sim list` shows them");
+                return ExitCode::from(2);
+            };
+            let mut options = Options::new(scenario, seed);
+            if let Some(c) = cycles {
+                options.cycles = c;
+            }
+            if let Some(c) = clients {
+                options.clients = c;
+            }
+            for name in gateway_faults {
+                let Some(one) = Faults::only(&name) else {
+                    eprintln!(
+                        "unknown gateway fault {name:?}; known: {}",
+                        Faults::NAMES.join(", ")
+                    );
+                    return ExitCode::from(2);
+                };
+                options.gateway_faults = options.gateway_faults.union(one);
+                options.gateway_fault_names.push(name);
+            }
+            eprintln!(
+                "running {} with seed {} for {} cycles on {} devices",
+                options.scenario, options.seed, options.cycles, options.clients
+            );
+            let result = confab_sim::run(&options, &mut |p| {
+                eprintln!(
+                    "  {:>6} / {} cycles, {:.1} s simulated",
+                    p.cycles,
+                    p.target,
+                    p.sim_ms as f64 / 1_000.0
+                );
+            });
+            match result {
+                Ok(summary) => {
+                    print_summary(&summary);
+                    ExitCode::SUCCESS
+                }
+                Err(failure) => {
+                    eprintln!("{failure}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn print_summary(s: &Summary) {
+    let faults: u64 = s.faults.values().sum();
+    let rows: Vec<(&str, String)> = vec![
+        ("scenario", s.options.scenario.to_string()),
+        ("seed", s.options.seed.to_string()),
+        ("devices", s.options.clients.to_string()),
+        ("cycles", s.cycles.to_string()),
+        ("messages sent", s.composed.to_string()),
+        ("sends acked", s.accepted.to_string()),
+        ("messages delivered", s.shown.to_string()),
+        ("entries processed", s.processed.to_string()),
+        (
+            "commits / races lost",
+            format!("{} / {}", s.commits, s.lost_races),
+        ),
+        ("faults injected", faults.to_string()),
+        ("invariant checks", s.checks.to_string()),
+        (
+            "simulated time",
+            format!("{:.1} s", s.sim_ms as f64 / 1_000.0),
+        ),
+        ("wall time", format!("{:.1} s", s.wall.as_secs_f64())),
+        ("trace digest", s.digest.clone()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<22} {v}");
+    }
+    for (kind, n) in &s.faults {
+        println!("  {kind:<20} {n}");
+    }
+}

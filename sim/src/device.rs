@@ -1,0 +1,397 @@
+//! A device host: the reference client (`confab_client::app::Client`, its session, MLS
+//! engine and SQLite store) on simulated TCP, a simulated clock and seeded randomness.
+//! It runs the commands the orchestrator sends and reports everything it processes to the
+//! [`World`](crate::world::World)'s checker. A crash drops the client mid-flight; the
+//! restarted software reopens the same files, as a restarted app would.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use confab_client::app::{Client, ClientError, Observer};
+use confab_client::environment::{Dialing, Entropy, Environment, Io};
+use confab_client::mls::{EngineKind, open_engine};
+use confab_client::store::ClientStore;
+use confab_client::transport::Transport;
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::{DeviceId, ProcessId, UnixMs};
+use confab_spec::session::{ClientSession, DeviceCredentials, SessionConfig};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore as _, SeedableRng as _};
+use tokio::sync::mpsc;
+
+use crate::check::Violation;
+use crate::world::{Command, Shared};
+
+/// The gateway's host name and port in the simulation.
+pub const GATEWAY_HOST: &str = "gateway";
+/// The gateway's port.
+pub const GATEWAY_PORT: u16 = 443;
+
+/// The simulated wall clock: the simulation's epoch plus its elapsed time.
+pub fn sim_now() -> UnixMs {
+    UnixMs(turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64))
+}
+
+/// Milliseconds of simulated time since the start.
+pub fn sim_ms() -> u64 {
+    turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Randomness from a seed, shareable across threads (the environment types require it).
+pub fn seeded_entropy(seed: [u8; 32]) -> Entropy {
+    let rng = Mutex::new(ChaCha20Rng::from_seed(seed));
+    Arc::new(move |out: &mut [u8]| {
+        if let Ok(mut rng) = rng.lock() {
+            rng.fill_bytes(out);
+        }
+    })
+}
+
+/// A 32-byte seed for `what` from the run's seed.
+pub fn derive_seed(seed: u64, what: &str, n: u64) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(seed.to_le_bytes());
+    hasher.update(what.as_bytes());
+    hasher.update(n.to_le_bytes());
+    hasher.finalize().into()
+}
+
+/// The system key of user `user` (users are numbered from 0).
+pub fn user_key(user: usize) -> SystemKeyPair {
+    SystemKeyPair::from_seed(&derive_seed(0, "user", user as u64))
+}
+
+/// What a device host is.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// Its index in the world.
+    pub index: usize,
+    /// Its user.
+    pub user: usize,
+    /// Its MLS engine.
+    pub engine: EngineKind,
+    /// Where its files live (kept across crashes).
+    pub dir: PathBuf,
+    /// The run's seed.
+    pub seed: u64,
+    /// The gateway origin.
+    pub origin: String,
+    /// Its certificate's validity.
+    pub valid_from: UnixMs,
+    /// Its certificate's expiry.
+    pub valid_until: UnixMs,
+    /// The session's reconnect backoff base (SPEC.md 5.8).
+    pub backoff_base_ms: u64,
+    /// The session's reconnect backoff cap.
+    pub backoff_cap_ms: u64,
+    /// KeyPackages to upload at the start.
+    pub key_packages: u64,
+}
+
+impl DeviceSpec {
+    fn credentials(&self) -> DeviceCredentials {
+        let system = user_key(self.user);
+        let key = DeviceKeyPair::from_seed(&derive_seed(0, "device", self.index as u64));
+        let mut process = [0u8; 16];
+        process[..8].copy_from_slice(&(self.index as u64).to_le_bytes());
+        let certificate = system.issue_certificate(
+            ProcessId(process),
+            key.public(),
+            self.valid_from,
+            self.valid_until,
+        );
+        DeviceCredentials { key, certificate }
+    }
+
+    /// The device's id.
+    pub fn id(&self) -> DeviceId {
+        self.credentials().certificate.device_id()
+    }
+
+    fn open(&self, incarnation: u32) -> Result<(Client, Observer), String> {
+        let credentials = self.credentials();
+        let engine = open_engine(
+            self.engine,
+            &self.dir.join("mls.db"),
+            credentials.clone(),
+            Arc::new(sim_now),
+        )
+        .map_err(|e| format!("engine: {e}"))?;
+        let store =
+            ClientStore::open(&self.dir.join("client.db")).map_err(|e| format!("store: {e}"))?;
+        let mut config = SessionConfig::new(self.origin.clone());
+        config.backoff_base_ms = self.backoff_base_ms;
+        config.backoff_cap_ms = self.backoff_cap_ms;
+        let jitter = u64::from_le_bytes(
+            derive_seed(
+                self.seed,
+                "jitter",
+                (self.index as u64) << 32 | u64::from(incarnation),
+            )[..8]
+                .try_into()
+                .unwrap_or_default(),
+        );
+        let session = ClientSession::new(config, credentials, jitter);
+        let env = Environment {
+            clock: Arc::new(sim_now),
+            entropy: seeded_entropy(derive_seed(
+                self.seed,
+                "device",
+                (self.index as u64) << 32 | u64::from(incarnation),
+            )),
+            dialer: Arc::new(|host: String, port: u16| -> Dialing {
+                Box::pin(async move {
+                    let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+                    Ok(Box::new(stream) as Box<dyn Io>)
+                })
+            }),
+        };
+        let url = format!("{}/v1/ws", self.origin);
+        let mut client = Client::new(
+            Transport::with_environment(session, url, env),
+            engine,
+            store,
+        );
+        let observer = client.observe();
+        Ok((client, observer))
+    }
+}
+
+/// The device host's software: runs until crashed (or until a violation was found).
+pub async fn run_device(world: Shared, spec: Rc<DeviceSpec>) -> turmoil::Result {
+    let i = spec.index;
+    let (commands, mut inbox) = mpsc::unbounded_channel();
+    let incarnation = {
+        let mut w = world.borrow_mut();
+        let slot = &mut w.devices[i];
+        slot.incarnation += 1;
+        slot.ready = false;
+        slot.busy = false;
+        slot.commands = Some(commands);
+        slot.id = Some(spec.id());
+        slot.incarnation
+    };
+    let (mut client, observer) = loop {
+        let (mut client, observer) = spec.open(incarnation)?;
+        match client.connect().await {
+            Ok(()) => break (client, observer),
+            // The gateway is down: try again later, as an app would.
+            Err(ClientError::Unreachable(_)) => {
+                drop(client);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return fail(&world, i, format!("connect: {e}")),
+        }
+    };
+    if !world.borrow().devices[i].set_up {
+        if let Err(e) = client.top_up_key_packages(spec.key_packages).await {
+            return fail(&world, i, format!("KeyPackage upload: {e}"));
+        }
+        world.borrow_mut().devices[i].set_up = true;
+    }
+    let mut seen = 0;
+    loop {
+        report(&world, i, &observer, &mut seen);
+        report_client(&world, i, &mut client);
+        if world.borrow().violation.is_some() {
+            return Ok(());
+        }
+        enum Step {
+            Command(Option<Command>),
+            Pumped(Result<(), ClientError>),
+        }
+        // `Client::pump` is cancel-safe: a command may interrupt it.
+        let step = tokio::select! {
+            biased;
+            command = inbox.recv() => Step::Command(command),
+            result = client.pump() => Step::Pumped(result),
+        };
+        match step {
+            Step::Command(None) => return Ok(()),
+            Step::Command(Some(command)) => {
+                world.borrow_mut().devices[i].busy = true;
+                // What the client processes meanwhile is reported as it happens.
+                let reporter = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        report(&world, i, &observer, &mut seen);
+                    }
+                };
+                let result = tokio::select! {
+                    biased;
+                    result = execute(&world, &spec, &mut client, command) => result,
+                    () = reporter => Ok(()),
+                };
+                world.borrow_mut().devices[i].busy = false;
+                if let Err(e) = result {
+                    return fail(&world, i, e);
+                }
+            }
+            Step::Pumped(Ok(())) => {}
+            Step::Pumped(Err(e)) => return fail(&world, i, format!("client: {e}")),
+        }
+    }
+}
+
+/// Records a client failure as a violation; the run stops on it.
+fn fail(world: &Shared, device: usize, what: String) -> turmoil::Result {
+    world.borrow_mut().check(Err(Violation::new(
+        "no client error",
+        format!("device {device}: {what}"),
+    )));
+    Ok(())
+}
+
+/// Reports what the client's observer recorded since the last report (entries processed,
+/// connection state, resumes) to the checker and the trace.
+fn report(world: &Shared, i: usize, observer: &Observer, seen_readies: &mut u64) {
+    let Ok(mut observed) = observer.lock() else {
+        return;
+    };
+    let log = std::mem::take(&mut observed.log);
+    let (ready, readies) = (observed.ready, observed.readies);
+    let (duplicates, duplicate_msg_ids, gaps) = (
+        observed.duplicates,
+        observed.duplicate_msg_ids,
+        observed.gaps,
+    );
+    drop(observed);
+    let mut guard = world.borrow_mut();
+    let w = &mut *guard;
+    let now = sim_ms();
+    if duplicates > 0 {
+        w.check(Err(Violation::new(
+            "no entry delivered twice",
+            format!("device {i} was sent {duplicates} entries again on a connection (REQ-6.4-4)"),
+        )));
+    }
+    if duplicate_msg_ids > 0 {
+        w.check(Err(Violation::new(
+            "each message appended once",
+            format!("device {i} got {duplicate_msg_ids} msg_ids again under new seqs (REQ-6.3-2)"),
+        )));
+    }
+    if gaps > 0 {
+        // The session repairs a gap by asking for a replay, so it would stay invisible to
+        // the user; but a gateway never leaves one on a connection (REQ-6.4-1, REQ-6.4-2).
+        w.check(Err(Violation::new(
+            "gap-free, duplicate-free delivery",
+            format!("device {i}'s session found {gaps} gaps in what the gateway sent (REQ-6.4-1)"),
+        )));
+    }
+    for record in &log {
+        w.trace.record(format_args!(
+            "{now} d{i} {:?} {} {} {:?} {:?} {}",
+            record.stream,
+            record.seq.get(),
+            hex::encode(record.msg_id.0),
+            record.kind,
+            record.outcome,
+            record.new
+        ));
+        let result = w.checker.entry(i, record);
+        w.check(result);
+    }
+    let slot = &mut w.devices[i];
+    if readies > *seen_readies {
+        let mut resumes = readies - *seen_readies;
+        if !slot.connected_once {
+            // The very first connect is not a resume.
+            resumes -= 1;
+            slot.connected_once = true;
+        }
+        slot.resumes += resumes;
+        *seen_readies = readies;
+    }
+    slot.ready = ready;
+}
+
+/// Reports what only the client itself can tell: messages shown, and new epochs with their
+/// authenticators.
+fn report_client(world: &Shared, i: usize, client: &mut Client) {
+    let received = client.take_received();
+    let mut guard = world.borrow_mut();
+    let w = &mut *guard;
+    let now = sim_ms();
+    for m in &received {
+        let result = w
+            .checker
+            .shown(i, m.conversation, m.seq.get(), m.sender, &m.body);
+        w.check(result);
+    }
+    let conversations: Vec<_> = w.conversations.clone();
+    for c in conversations {
+        let Ok(epoch) = client.engine().epoch(&c) else {
+            continue;
+        };
+        if w.devices[i].epochs.get(&c) == Some(&epoch) {
+            continue;
+        }
+        w.devices[i].epochs.insert(c, epoch);
+        if let Ok(authenticator) = client.engine().epoch_authenticator(&c) {
+            w.trace
+                .record(format_args!("{now} d{i} epoch {c:?} {epoch}"));
+            let result = w.checker.epoch(i, c, epoch, authenticator);
+            w.check(result);
+        }
+    }
+}
+
+/// Runs one command to its end.
+async fn execute(
+    world: &Shared,
+    spec: &DeviceSpec,
+    client: &mut Client,
+    command: Command,
+) -> Result<(), String> {
+    let i = spec.index;
+    match command {
+        Command::CreateDm { peer } => {
+            let conversation = client
+                .create_dm(peer)
+                .await
+                .map_err(|e| format!("create_dm: {e}"))?;
+            let mut w = world.borrow_mut();
+            w.devices[i].created.push(conversation);
+            if !w.conversations.contains(&conversation) {
+                w.conversations.push(conversation);
+            }
+        }
+        Command::Send { conversation } => {
+            let body = {
+                let mut w = world.borrow_mut();
+                let slot = &mut w.devices[i];
+                slot.composed += 1;
+                let body = format!("m{i}.{}", slot.composed).into_bytes();
+                w.checker.composed(spec.id(), body.clone());
+                body
+            };
+            match client.send_text(conversation, &body).await {
+                Ok(seq) => {
+                    let mut w = world.borrow_mut();
+                    let result = w.checker.accepted(conversation, seq.get(), &body);
+                    w.check(result);
+                }
+                Err(ClientError::SendRefused { .. }) => world.borrow_mut().devices[i].refused += 1,
+                Err(e) => return Err(format!("send: {e}")),
+            }
+        }
+        Command::Update { conversation } => {
+            let lost_before = client.lost_commit_races();
+            let result = client.update(conversation).await;
+            let mut w = world.borrow_mut();
+            let slot = &mut w.devices[i];
+            slot.lost_races += u64::from(client.lost_commit_races() - lost_before);
+            match result {
+                Ok(_) => slot.commits += 1,
+                Err(ClientError::SendRefused { .. }) => slot.refused += 1,
+                Err(e) => return Err(format!("update: {e}")),
+            }
+        }
+        Command::Drop => client.drop_connection(),
+    }
+    Ok(())
+}

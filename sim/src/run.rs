@@ -1,0 +1,833 @@
+//! The orchestrator: builds a turmoil simulation of one gateway host and N device hosts
+//! from one seed, drives the scenario's workload and fault schedule between steps, stops
+//! on the first broken invariant, and at the end lets the network heal and waits (with a
+//! bound) until every device caught up.
+//!
+//! Network faults follow TCP's semantics as far as turmoil allows: turmoil drops the
+//! segments of a partition and never retransmits them, which a real TCP connection would
+//! not do, so an outage shorter than the heartbeat deadline is a *hold* (segments are
+//! delayed and delivered on release, as retransmission would), and a partition lasts until
+//! both ends have declared the connection dead.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use confab_client::mls::EngineKind;
+use confab_gateway::faults::Faults;
+use confab_gateway::handler::GatewayConfig;
+use confab_gateway::rate::RateLimit;
+use confab_spec::ids::{ConversationId, UnixMs};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore as _, SeedableRng as _};
+
+use crate::check::Violation;
+use crate::device::{DeviceSpec, GATEWAY_HOST, GATEWAY_PORT, derive_seed, run_device, user_key};
+use crate::gateway::{GatewaySpec, run_gateway};
+use crate::scenario::{Scenario, Topology};
+use crate::world::{Command, Shared, World};
+
+/// How long the orchestrator waits between workload decisions (simulated).
+const DECIDE_EVERY_MS: u64 = 10;
+/// The gateway's heartbeat interval in the simulation.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// The gateway's heartbeat timeout in the simulation.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 3_000;
+/// A partition lasts this long: past both ends' heartbeat deadlines.
+const PARTITION_MS: u64 = 3 * HEARTBEAT_TIMEOUT_MS;
+/// Bound on set-up (KeyPackages, DM creation, joins), simulated.
+const SET_UP_MS: u64 = 120_000;
+/// Bound on catching up once faults stop (the liveness invariant), simulated.
+const SETTLE_MS: u64 = 120_000;
+/// Bound on the time without a completed cycle, simulated.
+const CYCLE_MS: u64 = 60_000;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The seed: one seed, one run.
+    pub seed: u64,
+    /// Cycles to complete.
+    pub cycles: u64,
+    /// Devices.
+    pub clients: usize,
+    /// Deliberately broken gateway behaviours (the self-test); none normally.
+    pub gateway_faults: Faults,
+    /// The names of those switches, for the replay command.
+    pub gateway_fault_names: Vec<String>,
+}
+
+impl Options {
+    /// `scenario` with its defaults and `seed`.
+    pub fn new(scenario: Scenario, seed: u64) -> Self {
+        Self {
+            scenario,
+            seed,
+            cycles: scenario.default_cycles(),
+            clients: scenario.default_clients(),
+            gateway_faults: Faults::default(),
+            gateway_fault_names: Vec::new(),
+        }
+    }
+
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut command = format!(
+            "cargo run --release -p confab-sim -- run --scenario {} --seed {} --cycles {} --clients {}",
+            self.scenario, self.seed, self.cycles, self.clients
+        );
+        for name in &self.gateway_fault_names {
+            command.push_str(&format!(" --gateway-fault {name}"));
+        }
+        command
+    }
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Cycles done.
+    pub cycles: u64,
+    /// Cycles to do.
+    pub target: u64,
+    /// Simulated milliseconds so far.
+    pub sim_ms: u64,
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// What ran.
+    pub options: Options,
+    /// Cycles completed.
+    pub cycles: u64,
+    /// Messages composed.
+    pub composed: u64,
+    /// Sends the gateway accepted (answers the senders saw).
+    pub accepted: u64,
+    /// Messages shown, over all devices.
+    pub shown: u64,
+    /// Entries processed, over all devices.
+    pub processed: u64,
+    /// Commits made by updates, and races lost.
+    pub commits: u64,
+    /// Commit races lost and retried.
+    pub lost_races: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Invariant checks made.
+    pub checks: u64,
+    /// Simulated time.
+    pub sim_ms: u64,
+    /// Simulation steps.
+    pub steps: u64,
+    /// Wall time.
+    pub wall: Duration,
+    /// The trace digest.
+    pub digest: String,
+}
+
+/// A failed run: the broken invariant and how to replay it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// What broke.
+    pub violation: Violation,
+    /// The seed.
+    pub seed: u64,
+    /// The step it was found at.
+    pub step: u64,
+    /// The simulated time it was found at.
+    pub sim_ms: u64,
+    /// The command that replays it.
+    pub replay: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invariant broken: {}\n  seed {}, step {}, at {} ms simulated\n  replay: {}",
+            self.violation, self.seed, self.step, self.sim_ms, self.replay
+        )
+    }
+}
+
+/// A DM of the topology.
+#[derive(Debug, Clone)]
+struct Dm {
+    creator: usize,
+    peer_user: usize,
+    members: Vec<usize>,
+    conversation: Option<ConversationId>,
+}
+
+/// Something that undoes a fault later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    Repair(usize),
+    Release(usize),
+    StartGateway,
+    StartDevice(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    SetUp,
+    Creating,
+    Joining,
+    Cycles,
+    Settling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GatewayCycle {
+    Running { until: u64 },
+    Down,
+    Recovering,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Idle,
+    Racing,
+}
+
+/// Runs `options`; `progress` is called as cycles complete.
+pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summary, Failure> {
+    let wall = Instant::now();
+    let dir = scratch_dir().map_err(|e| setup_failure(options, format!("temp dir: {e}")))?;
+    let mut orchestrator = Orchestrator::new(options, dir.path());
+    let result = orchestrator.drive(progress);
+    let sim_ms = orchestrator.now();
+    let step = orchestrator.step;
+    let world = orchestrator.world.borrow();
+    match result {
+        Err(violation) => Err(Failure {
+            violation,
+            seed: options.seed,
+            step,
+            sim_ms,
+            replay: options.replay_command(),
+        }),
+        Ok(()) => {
+            let devices = &world.devices;
+            Ok(Summary {
+                options: options.clone(),
+                cycles: orchestrator.cycles,
+                composed: devices.iter().map(|d| d.composed).sum(),
+                accepted: world.checker.accepted,
+                shown: world.checker.shown,
+                processed: world.checker.processed,
+                commits: devices.iter().map(|d| d.commits).sum(),
+                lost_races: devices.iter().map(|d| d.lost_races).sum(),
+                faults: orchestrator.faults.clone(),
+                checks: world.checker.checks,
+                sim_ms,
+                steps: step,
+                wall: wall.elapsed(),
+                digest: world.trace.digest(),
+            })
+        }
+    }
+}
+
+/// Where the hosts' files go: RAM (`/dev/shm`) when there is one, since fsync there is
+/// free and crashes are simulated in-process anyway; else the system's temp directory.
+fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let ram = Path::new("/dev/shm");
+    let builder = {
+        let mut b = tempfile::Builder::new();
+        b.prefix("confab-sim-");
+        b
+    };
+    if ram.is_dir() {
+        if let Ok(dir) = builder.tempdir_in(ram) {
+            return Ok(dir);
+        }
+    }
+    builder.tempdir()
+}
+
+fn setup_failure(options: &Options, detail: String) -> Failure {
+    Failure {
+        violation: Violation::new("simulation set-up", detail),
+        seed: options.seed,
+        step: 0,
+        sim_ms: 0,
+        replay: options.replay_command(),
+    }
+}
+
+struct Orchestrator<'a> {
+    sim: turmoil::Sim<'a>,
+    world: Shared,
+    rng: ChaCha20Rng,
+    options: Options,
+    dms: Vec<Dm>,
+    faults: BTreeMap<&'static str, u64>,
+    scheduled: Vec<(u64, Restore)>,
+    phase: Phase,
+    phase_since: u64,
+    next_decision: u64,
+    cycles: u64,
+    last_cycle: u64,
+    resumes_before: u64,
+    gateway_cycle: GatewayCycle,
+    round: Round,
+    step: u64,
+    reported: u64,
+}
+
+/// The engine of device `i`: each user and each DM pair holds both engines.
+fn engine_of(i: usize) -> EngineKind {
+    if (i / 2 + i) % 2 == 0 {
+        EngineKind::OpenMls
+    } else {
+        EngineKind::MlsRs
+    }
+}
+
+fn host_name(i: usize) -> String {
+    format!("d{i}")
+}
+
+impl<'a> Orchestrator<'a> {
+    fn new(options: &Options, dir: &Path) -> Self {
+        let clients = match options.scenario.topology() {
+            Topology::Pairs => options.clients.max(2) & !1,
+            Topology::TwoUsers => options.clients.max(2),
+        };
+        let mut options = options.clone();
+        options.clients = clients;
+        // The real clock, to the second, is the simulation's epoch: openmls stamps
+        // KeyPackage lifetimes from the real clock, so simulated time must be near it.
+        // Only the epoch is real; everything recorded is relative to it.
+        let epoch_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let epoch = UNIX_EPOCH + Duration::from_secs(epoch_s);
+        let start = UnixMs(epoch_s * 1_000);
+        let sim = turmoil::Builder::new()
+            .simulation_duration(Duration::from_secs(30 * 24 * 3_600))
+            .tick_duration(Duration::from_millis(options.scenario.tick_ms()))
+            .epoch(epoch)
+            .rng_seed(options.seed)
+            .min_message_latency(Duration::from_millis(1))
+            .max_message_latency(Duration::from_millis(10))
+            .ephemeral_ports(1024..=65535)
+            .tcp_capacity(4_096)
+            .build();
+        let world = World::new(clients);
+        let origin = format!("ws://{GATEWAY_HOST}:{GATEWAY_PORT}");
+        let mut config = GatewayConfig::new(origin.clone());
+        config.heartbeat_interval_ms = HEARTBEAT_INTERVAL_MS;
+        config.heartbeat_timeout_ms = HEARTBEAT_TIMEOUT_MS;
+        // The simulation tests recovery, not the connect limit: reconnecting thousands of
+        // times must not be throttled.
+        config.connects_per_ip = RateLimit {
+            per_minute: 1_000_000,
+            burst: 10_000,
+        };
+        // Retention (and the flush of the `ack_before_durable` fault) runs every second.
+        config.gc_interval_ms = 1_000;
+        config.faults = options.gateway_faults;
+        let gateway = Rc::new(GatewaySpec {
+            config,
+            db: dir.join("gateway.db"),
+            seed: options.seed,
+        });
+        let mut orchestrator = Self {
+            sim,
+            world,
+            rng: ChaCha20Rng::from_seed(derive_seed(options.seed, "orchestrator", 0)),
+            dms: Vec::new(),
+            faults: BTreeMap::new(),
+            scheduled: Vec::new(),
+            phase: Phase::SetUp,
+            phase_since: 0,
+            next_decision: 0,
+            cycles: 0,
+            last_cycle: 0,
+            resumes_before: 0,
+            gateway_cycle: GatewayCycle::Recovering,
+            round: Round::Idle,
+            step: 0,
+            reported: 0,
+            options,
+        };
+        let w = orchestrator.world.clone();
+        orchestrator.sim.host(GATEWAY_HOST, move || {
+            run_gateway(w.clone(), gateway.clone())
+        });
+        for i in 0..clients {
+            let user = match orchestrator.options.scenario.topology() {
+                Topology::TwoUsers => i % 2,
+                Topology::Pairs => i,
+            };
+            let device_dir = dir.join(host_name(i));
+            let spec = Rc::new(DeviceSpec {
+                index: i,
+                user,
+                engine: engine_of(i),
+                dir: device_dir,
+                seed: orchestrator.options.seed,
+                origin: origin.clone(),
+                valid_from: UnixMs(start.0 - 60_000),
+                valid_until: start.plus_ms(30 * 24 * 3_600_000),
+                backoff_base_ms: 20,
+                backoff_cap_ms: 2_000,
+                key_packages: 8,
+            });
+            let _ = std::fs::create_dir_all(&spec.dir);
+            let w = orchestrator.world.clone();
+            orchestrator
+                .sim
+                .host(host_name(i), move || run_device(w.clone(), spec.clone()));
+        }
+        orchestrator.dms = match orchestrator.options.scenario.topology() {
+            Topology::TwoUsers => vec![Dm {
+                creator: 0,
+                peer_user: 1,
+                members: (0..clients).collect(),
+                conversation: None,
+            }],
+            Topology::Pairs => (0..clients / 2)
+                .map(|k| Dm {
+                    creator: 2 * k,
+                    peer_user: 2 * k + 1,
+                    members: vec![2 * k, 2 * k + 1],
+                    conversation: None,
+                })
+                .collect(),
+        };
+        orchestrator
+    }
+
+    fn now(&self) -> u64 {
+        self.sim.elapsed().as_millis() as u64
+    }
+
+    fn drive(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<(), Violation> {
+        loop {
+            if let Err(e) = self.sim.step() {
+                return Err(Violation::new("simulation error", e.to_string()));
+            }
+            self.step += 1;
+            if let Some(v) = self.world.borrow_mut().violation.take() {
+                return Err(v);
+            }
+            let now = self.now();
+            self.restore_due(now);
+            if now < self.next_decision {
+                continue;
+            }
+            self.next_decision = now + DECIDE_EVERY_MS;
+            if self.decide(now)? {
+                return Ok(());
+            }
+            let step = (self.options.cycles / 20).max(1);
+            if self.cycles >= self.reported + step {
+                self.reported = self.cycles - self.cycles % step;
+                progress(Progress {
+                    cycles: self.cycles,
+                    target: self.options.cycles,
+                    sim_ms: now,
+                });
+            }
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase, now: u64) {
+        self.phase = phase;
+        self.phase_since = now;
+        self.world
+            .borrow_mut()
+            .trace
+            .record(format_args!("{now} phase {phase:?}"));
+    }
+
+    /// One decision; `true` when the run is over and passed.
+    fn decide(&mut self, now: u64) -> Result<bool, Violation> {
+        let waited = now - self.phase_since;
+        match self.phase {
+            Phase::SetUp => {
+                let ready = {
+                    let w = self.world.borrow();
+                    w.devices.iter().all(|d| d.set_up && d.ready && !d.busy)
+                };
+                if ready {
+                    for k in 0..self.dms.len() {
+                        let (creator, peer) = (self.dms[k].creator, self.dms[k].peer_user);
+                        self.command(
+                            creator,
+                            Command::CreateDm {
+                                peer: user_key(peer).public(),
+                            },
+                        );
+                    }
+                    self.set_phase(Phase::Creating, now);
+                } else if waited > SET_UP_MS {
+                    return Err(self.stuck("set-up: devices did not all connect and upload"));
+                }
+            }
+            Phase::Creating => {
+                let mut done = true;
+                {
+                    let w = self.world.borrow();
+                    for dm in &mut self.dms {
+                        let created = &w.devices[dm.creator].created;
+                        match created.first() {
+                            Some(c) => dm.conversation = Some(*c),
+                            None => done = false,
+                        }
+                    }
+                }
+                if done {
+                    self.set_phase(Phase::Joining, now);
+                } else if waited > SET_UP_MS {
+                    return Err(self.stuck("set-up: DMs were not all created"));
+                }
+            }
+            Phase::Joining => {
+                let joined = {
+                    let w = self.world.borrow();
+                    self.dms.iter().all(|dm| {
+                        dm.members
+                            .iter()
+                            .all(|&d| dm.conversation.is_some_and(|c| w.checker.is_member(d, &c)))
+                    }) && w.checker.lagging().is_empty()
+                        && w.devices.iter().all(|d| d.ready && !d.busy)
+                };
+                if joined {
+                    self.resumes_before = self.resumes();
+                    self.set_phase(Phase::Cycles, now);
+                } else if waited > SET_UP_MS {
+                    return Err(self.stuck("set-up: devices did not all join their DM"));
+                }
+            }
+            Phase::Cycles => {
+                let before = self.cycles;
+                self.workload(now);
+                if self.cycles != before {
+                    self.last_cycle = now;
+                } else if now - self.last_cycle.max(self.phase_since) > CYCLE_MS {
+                    return Err(self.stuck(&format!(
+                        "liveness: no cycle completed for {} s",
+                        CYCLE_MS / 1_000
+                    )));
+                }
+                if self.cycles >= self.options.cycles {
+                    self.heal(now);
+                    self.set_phase(Phase::Settling, now);
+                }
+            }
+            Phase::Settling => {
+                let settled = {
+                    let w = self.world.borrow();
+                    w.devices.iter().all(|d| d.ready && !d.busy) && w.checker.lagging().is_empty()
+                };
+                if settled {
+                    let mut w = self.world.borrow_mut();
+                    w.checker.final_check()?;
+                    return Ok(true);
+                }
+                if waited > SETTLE_MS {
+                    return Err(self.stuck(&format!(
+                        "liveness: not caught up {} s after the faults stopped",
+                        SETTLE_MS / 1_000
+                    )));
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// A liveness violation naming who is behind.
+    fn stuck(&self, what: &str) -> Violation {
+        let w = self.world.borrow();
+        let mut detail = what.to_owned();
+        for (i, d) in w.devices.iter().enumerate() {
+            if !d.ready || d.busy || !d.set_up {
+                detail.push_str(&format!(
+                    "; device {i}: ready {}, busy {}, set up {}",
+                    d.ready, d.busy, d.set_up
+                ));
+            }
+        }
+        for (device, conversation, next, head) in w.checker.lagging().into_iter().take(8) {
+            detail.push_str(&format!(
+                "; device {device} at seq {next} of {conversation:?}, head {head}"
+            ));
+        }
+        Violation::new("every device catches up", detail)
+    }
+
+    fn resumes(&self) -> u64 {
+        self.world.borrow().devices.iter().map(|d| d.resumes).sum()
+    }
+
+    fn command(&mut self, device: usize, command: Command) {
+        let now = self.now();
+        let mut w = self.world.borrow_mut();
+        w.trace
+            .record(format_args!("{now} command d{device} {command:?}"));
+        let slot = &mut w.devices[device];
+        if let Some(tx) = &slot.commands {
+            if !matches!(command, Command::Drop) {
+                slot.busy = true;
+            }
+            let _ = tx.send(command);
+        }
+    }
+
+    fn fault(&mut self, kind: &'static str, target: &str) {
+        let now = self.now();
+        *self.faults.entry(kind).or_default() += 1;
+        self.world
+            .borrow_mut()
+            .trace
+            .record(format_args!("{now} fault {kind} {target}"));
+    }
+
+    fn roll(&mut self, per_mille: u32) -> bool {
+        self.rng.next_u32() % 1_000 < per_mille
+    }
+
+    fn pick(&mut self, n: usize) -> usize {
+        (self.rng.next_u64() % n as u64) as usize
+    }
+
+    fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.rng.next_u64() % (high - low + 1)
+    }
+
+    /// Devices ready and idle, in index order.
+    fn idle(&self) -> Vec<usize> {
+        let w = self.world.borrow();
+        (0..w.devices.len())
+            .filter(|&i| w.devices[i].ready && !w.devices[i].busy)
+            .collect()
+    }
+
+    fn conversation_of(&self, device: usize) -> Option<ConversationId> {
+        let dm = match self.options.scenario.topology() {
+            Topology::TwoUsers => 0,
+            Topology::Pairs => device / 2,
+        };
+        self.dms.get(dm).and_then(|dm| dm.conversation)
+    }
+
+    fn send(&mut self, device: usize) {
+        if let Some(conversation) = self.conversation_of(device) {
+            self.command(device, Command::Send { conversation });
+        }
+    }
+
+    /// One network fault between a device and the gateway, or a device crash, if no
+    /// fault is under way.
+    fn network_fault(&mut self, now: u64, per_mille: u32) {
+        if !self.scheduled.is_empty() || !self.roll(per_mille) {
+            return;
+        }
+        let device = self.pick(self.options.clients);
+        let host = host_name(device);
+        match self.rng.next_u32() % 4 {
+            3 => {
+                // The app dies mid-flight and restarts from its files.
+                self.sim.crash(host.as_str());
+                {
+                    let mut w = self.world.borrow_mut();
+                    let slot = &mut w.devices[device];
+                    slot.commands = None;
+                    slot.ready = false;
+                    slot.busy = false;
+                }
+                let ms = self.between(100, 3_000);
+                self.scheduled
+                    .push((now + ms, Restore::StartDevice(device)));
+                self.fault("client crash", &host);
+            }
+            0 => {
+                // Shorter than the heartbeat deadline: delayed, as TCP would retransmit.
+                let ms = self.between(100, HEARTBEAT_TIMEOUT_MS / 2);
+                self.sim.hold(host.as_str(), GATEWAY_HOST);
+                self.scheduled.push((now + ms, Restore::Release(device)));
+                self.fault("short outage (hold)", &host);
+            }
+            1 => {
+                // Longer than the deadline: both ends give up; the stale segments are
+                // delivered to dead connections on release.
+                let ms = self.between(HEARTBEAT_TIMEOUT_MS + 500, PARTITION_MS);
+                self.sim.hold(host.as_str(), GATEWAY_HOST);
+                self.scheduled.push((now + ms, Restore::Release(device)));
+                self.fault("long hold", &host);
+            }
+            _ => {
+                self.sim.partition(host.as_str(), GATEWAY_HOST);
+                self.scheduled
+                    .push((now + PARTITION_MS, Restore::Repair(device)));
+                self.fault("partition", &host);
+            }
+        }
+    }
+
+    fn restore_due(&mut self, now: u64) {
+        let due: Vec<Restore> = self
+            .scheduled
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, r)| *r)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.scheduled.retain(|(at, _)| *at > now);
+        for restore in due {
+            self.restore(restore, now);
+        }
+    }
+
+    fn restore(&mut self, restore: Restore, now: u64) {
+        match restore {
+            Restore::Repair(d) => self.sim.repair(host_name(d).as_str(), GATEWAY_HOST),
+            Restore::Release(d) => self.sim.release(host_name(d).as_str(), GATEWAY_HOST),
+            Restore::StartGateway => self.sim.bounce(GATEWAY_HOST),
+            Restore::StartDevice(d) => self.sim.bounce(host_name(d).as_str()),
+        }
+        self.world
+            .borrow_mut()
+            .trace
+            .record(format_args!("{now} restore {restore:?}"));
+    }
+
+    /// Stops every fault: the network heals and the gateway runs.
+    fn heal(&mut self, now: u64) {
+        for (_, restore) in std::mem::take(&mut self.scheduled) {
+            self.restore(restore, now);
+        }
+        if self.gateway_cycle == GatewayCycle::Down {
+            self.restore(Restore::StartGateway, now);
+            self.gateway_cycle = GatewayCycle::Recovering;
+        }
+    }
+
+    fn workload(&mut self, now: u64) {
+        match self.options.scenario {
+            Scenario::DisconnectCycles => {
+                for i in self.idle() {
+                    if self.roll(30) {
+                        self.send(i);
+                    } else if self.roll(50) {
+                        self.command(i, Command::Drop);
+                        self.fault("disconnect", &host_name(i));
+                    }
+                }
+                self.network_fault(now, 5);
+                self.cycles = self.resumes() - self.resumes_before;
+            }
+            Scenario::DuplicateSends => {
+                for i in self.idle() {
+                    if self.roll(20) {
+                        self.send(i);
+                    } else if self.roll(30) {
+                        // Sent while the connection is down: the session resends it as
+                        // soon as it is ready, before the resume completes.
+                        self.command(i, Command::Drop);
+                        self.send(i);
+                        self.fault("send while disconnected", &host_name(i));
+                    } else if self.scheduled.is_empty() && self.roll(15) {
+                        // The send reaches the gateway; its answer is lost, and so is the
+                        // connection: the session resends it after the resume.
+                        self.send(i);
+                        let host = host_name(i);
+                        self.sim.partition_oneway(GATEWAY_HOST, host.as_str());
+                        self.scheduled
+                            .push((now + PARTITION_MS, Restore::Repair(i)));
+                        self.fault("lost answer (one-way partition)", &host);
+                    }
+                }
+                self.cycles = self.resumes() - self.resumes_before;
+            }
+            Scenario::CommitRace => {
+                let all_idle = self.idle().len() == self.options.clients;
+                match self.round {
+                    Round::Idle if all_idle => {
+                        for i in 0..self.options.clients {
+                            if let Some(conversation) = self.conversation_of(i) {
+                                self.command(i, Command::Update { conversation });
+                            }
+                        }
+                        self.round = Round::Racing;
+                    }
+                    Round::Racing if all_idle => {
+                        self.cycles += 1;
+                        self.round = Round::Idle;
+                        let i = self.pick(self.options.clients);
+                        self.send(i);
+                    }
+                    _ => {}
+                }
+                if self.roll(20) {
+                    let i = self.pick(self.options.clients);
+                    self.command(i, Command::Drop);
+                    self.fault("disconnect", &host_name(i));
+                }
+            }
+            Scenario::GatewayCrash | Scenario::ReconnectStorm => {
+                let per_mille = if self.options.scenario == Scenario::ReconnectStorm {
+                    2
+                } else {
+                    40
+                };
+                for i in self.idle() {
+                    if self.roll(per_mille) {
+                        self.send(i);
+                    }
+                }
+                self.gateway_cycle(now);
+            }
+        }
+    }
+
+    fn gateway_cycle(&mut self, now: u64) {
+        match self.gateway_cycle {
+            GatewayCycle::Running { until } if now >= until => {
+                let crash = self.options.scenario == Scenario::GatewayCrash && self.roll(700);
+                if crash {
+                    self.sim.crash(GATEWAY_HOST);
+                    self.fault("gateway crash", GATEWAY_HOST);
+                } else {
+                    if let Some(stop) = self.world.borrow_mut().gateway.stop.take() {
+                        let _ = stop.send(());
+                    }
+                    self.fault("gateway stop", GATEWAY_HOST);
+                }
+                let down = self.between(50, 2_000);
+                self.scheduled.push((now + down, Restore::StartGateway));
+                self.gateway_cycle = GatewayCycle::Down;
+            }
+            GatewayCycle::Down
+                if !self
+                    .scheduled
+                    .iter()
+                    .any(|(_, r)| *r == Restore::StartGateway) =>
+            {
+                self.gateway_cycle = GatewayCycle::Recovering;
+            }
+            GatewayCycle::Recovering => {
+                let all_ready = self.world.borrow().devices.iter().all(|d| d.ready);
+                if all_ready {
+                    if self.phase_since < now && self.world.borrow().gateway.incarnation > 1 {
+                        self.cycles += 1;
+                    }
+                    let up = self.between(300, 1_500);
+                    self.gateway_cycle = GatewayCycle::Running { until: now + up };
+                }
+            }
+            _ => {}
+        }
+    }
+}

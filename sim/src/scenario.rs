@@ -1,0 +1,120 @@
+//! The scenarios `confab-sim list` shows: what each one stresses, what a cycle is, and the
+//! defaults CI runs.
+
+/// A named workload and fault schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scenario {
+    /// Devices' connections are dropped over and over (with partitions and holds mixed
+    /// in) while they send; each resume is a cycle.
+    DisconnectCycles,
+    /// Hundreds of devices in DM pairs reconnect at once after a gateway bounce; each
+    /// bounce after which every device is back is a cycle.
+    ReconnectStorm,
+    /// Devices send while disconnected and lose the gateway's answers, so the session
+    /// resends before and after the resume completes; each resume is a cycle.
+    DuplicateSends,
+    /// Every member commits in the same epoch at once; each round is a cycle.
+    CommitRace,
+    /// The gateway process crashes (memory lost, store kept) or stops, and comes back;
+    /// each restart after which every device is back is a cycle.
+    GatewayCrash,
+}
+
+/// How the devices are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Two users; device `i` belongs to user `i % 2`; device 0 creates one DM holding
+    /// every device.
+    TwoUsers,
+    /// One user per device; device `2k` creates a DM with device `2k + 1`.
+    Pairs,
+}
+
+impl Scenario {
+    /// Every scenario, in `list` order.
+    pub const ALL: [Scenario; 5] = [
+        Scenario::DisconnectCycles,
+        Scenario::ReconnectStorm,
+        Scenario::DuplicateSends,
+        Scenario::CommitRace,
+        Scenario::GatewayCrash,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::DisconnectCycles => "disconnect-cycles",
+            Scenario::ReconnectStorm => "reconnect-storm",
+            Scenario::DuplicateSends => "duplicate-sends",
+            Scenario::CommitRace => "commit-race",
+            Scenario::GatewayCrash => "gateway-crash",
+        }
+    }
+
+    /// The scenario called `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// One line on what it does.
+    pub fn description(self) -> &'static str {
+        match self {
+            Scenario::DisconnectCycles => {
+                "forced disconnects, partitions and holds while sending; cycle = one resume"
+            }
+            Scenario::ReconnectStorm => {
+                "every device reconnects at once after a gateway bounce; cycle = one bounce"
+            }
+            Scenario::DuplicateSends => {
+                "sends while disconnected and lost acks, resent before and after resume; cycle = one resume"
+            }
+            Scenario::CommitRace => "every member commits in the same epoch; cycle = one round",
+            Scenario::GatewayCrash => {
+                "gateway crash (memory lost, store kept) or stop, and restart; cycle = one restart"
+            }
+        }
+    }
+
+    /// Cycles run by default (CI runs these).
+    pub fn default_cycles(self) -> u64 {
+        match self {
+            Scenario::DisconnectCycles => 10_000,
+            Scenario::ReconnectStorm => 3,
+            Scenario::DuplicateSends => 300,
+            Scenario::CommitRace => 40,
+            Scenario::GatewayCrash => 30,
+        }
+    }
+
+    /// Devices by default.
+    pub fn default_clients(self) -> usize {
+        match self {
+            Scenario::ReconnectStorm => 200,
+            _ => 4,
+        }
+    }
+
+    /// The simulation's time step in milliseconds. Each step runs every host, so with
+    /// hundreds of hosts a coarser step keeps the run short; message latencies (1 to 10 ms)
+    /// are then rounded to it.
+    pub fn tick_ms(self) -> u64 {
+        match self {
+            Scenario::ReconnectStorm => 5,
+            _ => 1,
+        }
+    }
+
+    /// How its devices are grouped.
+    pub fn topology(self) -> Topology {
+        match self {
+            Scenario::ReconnectStorm => Topology::Pairs,
+            _ => Topology::TwoUsers,
+        }
+    }
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

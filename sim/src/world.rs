@@ -1,0 +1,145 @@
+//! State shared by the simulated hosts and the orchestrator: each device's slot (its
+//! command queue and what it reports), the gateway's incarnation, the invariant checker,
+//! and the trace digest. Hosts run on one thread inside turmoil, so it is an
+//! `Rc<RefCell<World>>`, borrowed briefly and never across an `await`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use confab_spec::ids::{ConversationId, DeviceId, SystemKey};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::check::{Checker, Violation};
+
+/// Shared world.
+pub type Shared = Rc<RefCell<World>>;
+
+/// What the orchestrator asks a device to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Create a DM with every device of `peer` and this user's other devices.
+    CreateDm {
+        /// The other user.
+        peer: SystemKey,
+    },
+    /// Send a fresh message to `conversation`.
+    Send {
+        /// Where.
+        conversation: ConversationId,
+    },
+    /// Commit an update in `conversation` (commit races).
+    Update {
+        /// Where.
+        conversation: ConversationId,
+    },
+    /// Drop the connection abruptly; the session reconnects and resumes.
+    Drop,
+}
+
+/// One device as the world sees it.
+#[derive(Debug, Default)]
+pub struct DeviceSlot {
+    /// Its identity.
+    pub id: Option<DeviceId>,
+    /// Commands for its current incarnation (`None` while crashed).
+    pub commands: Option<mpsc::UnboundedSender<Command>>,
+    /// Connected and authenticated.
+    pub ready: bool,
+    /// Running a command.
+    pub busy: bool,
+    /// Its KeyPackages are uploaded.
+    pub set_up: bool,
+    /// Starts of its software (1 + crashes).
+    pub incarnation: u32,
+    /// It was ready at least once.
+    pub connected_once: bool,
+    /// Conversations it created.
+    pub created: Vec<ConversationId>,
+    /// Times it went from not ready to ready after its first connect.
+    pub resumes: u64,
+    /// Messages it composed.
+    pub composed: u64,
+    /// Commits it made (updates).
+    pub commits: u64,
+    /// Commit races it lost and retried.
+    pub lost_races: u64,
+    /// Conversations it created or joined, with the last epoch it reported.
+    pub epochs: BTreeMap<ConversationId, u64>,
+    /// Sends and updates refused for a reason the scenario allows.
+    pub refused: u64,
+}
+
+/// The gateway as the world sees it.
+#[derive(Debug, Default)]
+pub struct GatewaySlot {
+    /// Starts of its software.
+    pub incarnation: u32,
+    /// Ends the current incarnation gracefully (closing sessions with 4000).
+    pub stop: Option<oneshot::Sender<()>>,
+}
+
+/// Everything shared.
+#[derive(Debug, Default)]
+pub struct World {
+    /// The devices, by index.
+    pub devices: Vec<DeviceSlot>,
+    /// The gateway.
+    pub gateway: GatewaySlot,
+    /// The invariant checker.
+    pub checker: Checker,
+    /// The first violation; the run stops on it.
+    pub violation: Option<Violation>,
+    /// Conversations created, in order.
+    pub conversations: Vec<ConversationId>,
+    /// The protocol-level trace.
+    pub trace: Trace,
+}
+
+impl World {
+    /// A world of `devices` devices.
+    pub fn new(devices: usize) -> Shared {
+        let mut world = World::default();
+        world.devices.resize_with(devices, DeviceSlot::default);
+        Rc::new(RefCell::new(world))
+    }
+
+    /// Records `result`'s violation, keeping the first.
+    pub fn check(&mut self, result: Result<(), Violation>) {
+        if let Err(v) = result {
+            self.violation.get_or_insert(v);
+        }
+    }
+}
+
+impl std::fmt::Debug for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trace")
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A digest of the protocol-level events of a run (seqs, msg_ids, epochs, fault times);
+/// two runs of one seed must produce the same digest.
+#[derive(Clone, Default)]
+pub struct Trace {
+    hasher: Sha256,
+    /// Events recorded.
+    pub events: u64,
+}
+
+impl Trace {
+    /// Adds one event line.
+    pub fn record(&mut self, line: std::fmt::Arguments<'_>) {
+        self.events += 1;
+        self.hasher.update(line.to_string().as_bytes());
+        self.hasher.update(b"\n");
+    }
+
+    /// The digest so far, in hex.
+    pub fn digest(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+}

@@ -1,0 +1,123 @@
+//! CI's simulation stage: every scenario on fixed seeds and on one fresh seed per run
+//! (printed; `CONFAB_SIM_SEED` pins it), `disconnect-cycles` with its full 10,000 cycles,
+//! and the determinism check. A failure prints the command that replays it.
+
+use confab_sim::{Options, Scenario, Summary};
+
+fn run(options: &Options) -> Summary {
+    eprintln!(
+        "{} seed {}: {} cycles on {} devices",
+        options.scenario, options.seed, options.cycles, options.clients
+    );
+    match confab_sim::run(options, &mut |_| {}) {
+        Ok(summary) => {
+            eprintln!(
+                "  passed: {} cycles, {} faults, {} checks, {:.1} s simulated, {:.1} s wall",
+                summary.cycles,
+                summary.faults.values().sum::<u64>(),
+                summary.checks,
+                summary.sim_ms as f64 / 1_000.0,
+                summary.wall.as_secs_f64()
+            );
+            summary
+        }
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
+/// A seed for this run: `CONFAB_SIM_SEED`, or one from the clock, printed either way.
+fn fresh_seed() -> u64 {
+    let seed = std::env::var("CONFAB_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                % 1_000_000_007
+        });
+    eprintln!("fresh seed {seed} (CONFAB_SIM_SEED={seed} repeats it)");
+    seed
+}
+
+/// The scenario's defaults on `seeds`; what every run must show.
+fn scenario(scenario: Scenario, seeds: &[u64]) {
+    for &seed in seeds {
+        let options = Options::new(scenario, seed);
+        let summary = run(&options);
+        assert!(
+            summary.cycles >= options.cycles,
+            "cycles: {}",
+            summary.cycles
+        );
+        assert!(summary.accepted > 0, "some sends were acknowledged");
+        assert!(
+            summary.shown >= summary.accepted,
+            "every acknowledged message is shown at least by its sender"
+        );
+    }
+}
+
+#[test]
+fn disconnect_cycles_full_ten_thousand() {
+    let options = Options::new(Scenario::DisconnectCycles, 1);
+    assert_eq!(options.cycles, 10_000, "Phase 1's exit criterion");
+    let summary = run(&options);
+    assert!(summary.cycles >= 10_000);
+    assert!(summary.faults.values().sum::<u64>() >= 10_000);
+}
+
+#[test]
+fn disconnect_cycles_other_seeds() {
+    for seed in [2, fresh_seed()] {
+        let mut options = Options::new(Scenario::DisconnectCycles, seed);
+        options.cycles = 1_000;
+        run(&options);
+    }
+}
+
+#[test]
+fn reconnect_storm() {
+    // Two hundred hosts make each step costly: one fixed seed and a fresh one.
+    scenario(Scenario::ReconnectStorm, &[1, fresh_seed()]);
+}
+
+#[test]
+fn duplicate_sends() {
+    scenario(Scenario::DuplicateSends, &[1, 2, fresh_seed()]);
+}
+
+#[test]
+fn commit_race() {
+    scenario(Scenario::CommitRace, &[1, 2, fresh_seed()]);
+}
+
+#[test]
+fn gateway_crash() {
+    scenario(Scenario::GatewayCrash, &[1, 2, fresh_seed()]);
+}
+
+#[test]
+fn one_seed_one_trace() {
+    for scenario in [
+        Scenario::DisconnectCycles,
+        Scenario::GatewayCrash,
+        Scenario::CommitRace,
+    ] {
+        let mut options = Options::new(scenario, 42);
+        options.cycles = 20;
+        let first = run(&options);
+        let second = run(&options);
+        assert_eq!(
+            first.digest, second.digest,
+            "{scenario}: the same seed must give the same trace"
+        );
+        assert_eq!(first.steps, second.steps);
+        options.seed = 43;
+        let other = run(&options);
+        assert_ne!(
+            first.digest, other.digest,
+            "{scenario}: another seed, another run"
+        );
+    }
+}
