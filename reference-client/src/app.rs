@@ -86,6 +86,10 @@ pub enum ClientError {
     /// the session does not reconnect.
     #[error("the gateway refused this device: {}", .0.map_or("closed for good", |c| c.name()))]
     Stopped(Option<ErrorCode>),
+    /// The connection dropped after the request was sent and before the gateway answered;
+    /// it may or may not have been carried out. Try again.
+    #[error("the connection dropped before the gateway answered; try again")]
+    Interrupted,
     /// The gateway answered with something else than the request calls for.
     #[error("unexpected answer from the gateway")]
     Unexpected,
@@ -120,6 +124,8 @@ pub struct Client {
     stopped: Option<Option<ErrorCode>>,
     /// Sends issued by [`Client::send`] in this process, waiting for their answer.
     in_flight: HashSet<MsgId>,
+    /// `Ready` events so far: which connection a request was sent on.
+    connections: u64,
     /// Outbox messages of an earlier process sent again, whose answer nobody waits for.
     resent: HashSet<MsgId>,
     observer: Option<Observer>,
@@ -140,6 +146,8 @@ pub struct Observed {
     pub duplicate_msg_ids: u64,
     /// Gaps the session found (and asked a replay for).
     pub gaps: u64,
+    /// `Deliver` frames dropped on purpose ([`Client::lose_deliveries`]).
+    pub lost_deliveries: u64,
 }
 
 /// A shared view of a client's [`Observed`].
@@ -154,6 +162,8 @@ pub enum EntryOutcome {
     Undecryptable,
     /// A Commit or Proposal applied, or a Welcome joined.
     Applied,
+    /// A Commit that removed this device from the group, applied.
+    Removed,
     /// Nothing to do: an entry from before a crash, a Welcome this device cannot use, or
     /// one's own message whose plaintext is gone.
     Ignored,
@@ -177,6 +187,9 @@ pub struct EntryRecord {
     pub new: bool,
     /// What was done with it.
     pub outcome: EntryOutcome,
+    /// The epoch of the entry's group on this device afterwards (for a Welcome, of the
+    /// group joined); `None` without the group.
+    pub epoch_after: Option<u64>,
 }
 
 /// The kind of an entry's body.
@@ -268,6 +281,7 @@ impl Client {
             lost_commit_races: 0,
             stopped: None,
             in_flight: HashSet::new(),
+            connections: 0,
             resent: HashSet::new(),
             observer: None,
         }
@@ -312,6 +326,12 @@ impl Client {
                 change(&mut observed);
             }
         }
+    }
+
+    /// Drops the next `n` live `Deliver` frames (see [`Transport::lose_deliveries`]); the
+    /// observer counts those dropped as `lost_deliveries`. For fault injection.
+    pub fn lose_deliveries(&mut self, n: u32) {
+        self.transport.lose_deliveries(n);
     }
 
     /// Drops the connection as a network failure would; the session reconnects and
@@ -366,6 +386,8 @@ impl Client {
             return Err(ClientError::Stopped(error));
         }
         let event = self.transport.next_event().await;
+        let lost = self.transport.deliveries_lost();
+        self.observed(|o| o.lost_deliveries = lost);
         self.on_event(event)
     }
 
@@ -745,14 +767,28 @@ impl Client {
         &mut self,
         make: impl FnOnce(u64) -> ClientFrame,
     ) -> Result<ServerFrame, ClientError> {
-        while !self.ready {
-            self.pump().await?;
+        loop {
+            while !self.ready {
+                self.pump().await?;
+            }
+            if self.transport.session().is_ready() {
+                break;
+            }
+            // The session lost the connection before this client saw the event; nothing
+            // is sent yet. Wait for the next `Ready`.
+            self.ready = false;
         }
         let now = self.now();
         let rid = self.transport.session().request(now, make)?;
+        let connection = self.connections;
         loop {
             if let Some(answer) = self.responses.remove(&rid) {
                 return answer;
+            }
+            // The session forgets a connection's requests when it drops (the answer can
+            // no longer come); whether the gateway carried it out is unknown.
+            if !self.ready || self.connections != connection {
+                return Err(ClientError::Interrupted);
             }
             self.pump().await?;
         }
@@ -786,6 +822,7 @@ impl Client {
         match event {
             Event::Ready { .. } => {
                 self.ready = true;
+                self.connections += 1;
                 self.failed_attempts = 0;
                 self.observed(|o| {
                     o.ready = true;
@@ -1014,6 +1051,7 @@ impl Client {
                     {
                         // Removed: the gateway ends the subscription after this entry.
                         self.store.set_removed(&c)?;
+                        outcome = EntryOutcome::Removed;
                     }
                 }
             }
@@ -1027,8 +1065,18 @@ impl Client {
                 self.received.push(m);
             }
         }
+        let group = match (stream, &entry.body) {
+            (StreamId::Conversation(c), _) => Some(c),
+            (StreamId::Inbox, EntryBody::Welcome { conversation, .. }) => Some(*conversation),
+            _ => None,
+        };
+        let epoch_after = match (&self.observer, group) {
+            (Some(_), Some(c)) => self.engine.epoch(&c).ok(),
+            _ => None,
+        };
         self.observed(|o| {
             o.log.push(EntryRecord {
+                epoch_after,
                 stream,
                 seq,
                 msg_id: entry.msg_id,

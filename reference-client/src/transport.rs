@@ -16,6 +16,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
 use crate::environment::{Environment, Io};
+use confab_spec::cbor::DecodeLimits;
+use confab_spec::frame::ServerFrame;
 use confab_spec::limits;
 use confab_spec::session::{ClientSession, ConnId, Event, Input, Output};
 use futures_util::{SinkExt, StreamExt};
@@ -53,6 +55,17 @@ pub struct Transport {
     env: Environment,
     /// An output taken from the session and not yet done (see `next_event`).
     held: Option<Output>,
+    /// Live `Deliver` frames still to drop ([`Transport::lose_deliveries`]).
+    lose_deliveries: u32,
+    deliveries_lost: u64,
+}
+
+/// Whether `bytes` decode as a `Deliver` frame.
+fn is_deliver(bytes: &[u8]) -> bool {
+    matches!(
+        ServerFrame::decode(bytes, &DecodeLimits::default()),
+        Ok(ServerFrame::Deliver(_))
+    )
 }
 
 /// A TLS client configuration trusting `roots`.
@@ -90,6 +103,8 @@ impl Transport {
             roots,
             env,
             held: None,
+            lose_deliveries: 0,
+            deliveries_lost: 0,
         }
     }
 
@@ -124,6 +139,18 @@ impl Transport {
     /// The clock, randomness and dialer this transport runs on.
     pub fn environment(&self) -> &Environment {
         &self.env
+    }
+
+    /// Drops the next `n` live `Deliver` frames that arrive (replacing any count still
+    /// pending; 0 stops), as a faulty intermediary would, so that the session must find
+    /// the gap and ask for a replay. For fault injection (the simulator) and tests.
+    pub fn lose_deliveries(&mut self, n: u32) {
+        self.lose_deliveries = n;
+    }
+
+    /// `Deliver` frames dropped so far by [`Transport::lose_deliveries`].
+    pub fn deliveries_lost(&self) -> u64 {
+        self.deliveries_lost
     }
 
     /// Drops the connection without a close handshake, as a network failure would; the
@@ -280,7 +307,12 @@ impl Transport {
                 let Some((conn, _)) = self.socket.as_ref().map(|(c, _)| (*c, ())) else { return };
                 match message {
                     Some(Ok(Message::Binary(bytes))) => {
-                        self.input(Input::Bytes { conn, bytes: bytes.to_vec() });
+                        if self.lose_deliveries > 0 && is_deliver(&bytes) {
+                            self.lose_deliveries -= 1;
+                            self.deliveries_lost += 1;
+                        } else {
+                            self.input(Input::Bytes { conn, bytes: bytes.to_vec() });
+                        }
                     }
                     Some(Ok(Message::Close(frame))) => {
                         self.socket = None;

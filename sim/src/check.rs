@@ -66,6 +66,13 @@ pub struct Checker {
     /// Every message composed, and by whom.
     composed: HashMap<Vec<u8>, DeviceId>,
     authenticators: HashMap<(ConversationId, u64), Vec<u8>>,
+    /// The epoch each (device, conversation) joined at from a Welcome.
+    joined_at: HashMap<(usize, ConversationId), u64>,
+    /// The seq of the Commit that removed a device, while it is out.
+    removed_at: HashMap<(usize, ConversationId), u64>,
+    /// Application messages of epochs before a device joined, which it cannot read (MLS
+    /// gives a joiner no earlier secrets; the gateway keeps them deliverable, REQ-7.2-3).
+    pub unreadable_before_join: u64,
     /// Invariant checks made.
     pub checks: u64,
     /// Entries processed by devices (new ones).
@@ -116,21 +123,31 @@ impl Checker {
                     (device, StreamId::Conversation(conversation)),
                     commit_seq.get() + 1,
                 );
+                self.removed_at.remove(&(device, conversation));
+                if let Some(epoch) = record.epoch_after {
+                    self.joined_at.insert((device, conversation), epoch);
+                }
             }
         }
         let StreamId::Conversation(conversation) = record.stream else {
             return Ok(());
         };
+        if record.outcome == EntryOutcome::Removed {
+            self.removed_at.insert((device, conversation), seq);
+        }
         self.checks += 1;
-        ensure(
-            record.outcome != EntryOutcome::Undecryptable,
-            "no decryption failure",
-            || {
+        if record.outcome == EntryOutcome::Undecryptable {
+            let before_join = match (record.kind, self.joined_at.get(&(device, conversation))) {
+                (EntryKind::Application { epoch }, Some(&joined)) => epoch.0 < joined,
+                _ => false,
+            };
+            ensure(before_join, "no decryption failure", || {
                 format!(
                     "device {device} could not decrypt seq {seq} of conversation {conversation:?}"
                 )
-            },
-        )?;
+            })?;
+            self.unreadable_before_join += 1;
+        }
         let canon = Canon {
             msg_id: record.msg_id,
             sender: record.sender,
@@ -268,7 +285,11 @@ impl Checker {
             let StreamId::Conversation(conversation) = stream else {
                 continue;
             };
-            let head = self.head(&conversation);
+            let mut head = self.head(&conversation);
+            if let Some(&removed) = self.removed_at.get(&(device, conversation)) {
+                // A removed device reads up to the Commit that removed it (REQ-7.6-2).
+                head = head.min(removed);
+            }
             if next <= head {
                 lagging.push((device, conversation, next, head));
             }
@@ -303,6 +324,12 @@ impl Checker {
             }
         }
         Ok(())
+    }
+
+    /// Whether `device` processed the Commit that removed it from `conversation` (and was
+    /// not added again since).
+    pub fn is_removed(&self, device: usize, conversation: &ConversationId) -> bool {
+        self.removed_at.contains_key(&(device, *conversation))
     }
 
     /// Whether `device` processed entries of `conversation` or joined it.

@@ -186,11 +186,12 @@ pub async fn run_device(world: Shared, spec: Rc<DeviceSpec>) -> turmoil::Result 
             Err(e) => return fail(&world, i, format!("connect: {e}")),
         }
     };
-    if !world.borrow().devices[i].set_up {
-        if let Err(e) = client.top_up_key_packages(spec.key_packages).await {
-            return fail(&world, i, format!("KeyPackage upload: {e}"));
+    while !world.borrow().devices[i].set_up {
+        match client.top_up_key_packages(spec.key_packages).await {
+            Ok(_) => world.borrow_mut().devices[i].set_up = true,
+            Err(ClientError::Interrupted) => {}
+            Err(e) => return fail(&world, i, format!("KeyPackage upload: {e}")),
         }
-        world.borrow_mut().devices[i].set_up = true;
     }
     let mut seen = 0;
     loop {
@@ -253,10 +254,11 @@ fn report(world: &Shared, i: usize, observer: &Observer, seen_readies: &mut u64)
     };
     let log = std::mem::take(&mut observed.log);
     let (ready, readies) = (observed.ready, observed.readies);
-    let (duplicates, duplicate_msg_ids, gaps) = (
+    let (duplicates, duplicate_msg_ids, gaps, lost) = (
         observed.duplicates,
         observed.duplicate_msg_ids,
         observed.gaps,
+        observed.lost_deliveries,
     );
     drop(observed);
     let mut guard = world.borrow_mut();
@@ -274,14 +276,18 @@ fn report(world: &Shared, i: usize, observer: &Observer, seen_readies: &mut u64)
             format!("device {i} got {duplicate_msg_ids} msg_ids again under new seqs (REQ-6.3-2)"),
         )));
     }
-    if gaps > 0 {
+    if gaps > lost {
         // The session repairs a gap by asking for a replay, so it would stay invisible to
-        // the user; but a gateway never leaves one on a connection (REQ-6.4-1, REQ-6.4-2).
+        // the user; but a gateway never leaves one on a connection (REQ-6.4-1, REQ-6.4-4).
+        // Gaps made on purpose (frames the device was told to lose) do not count.
         w.check(Err(Violation::new(
             "gap-free, duplicate-free delivery",
-            format!("device {i}'s session found {gaps} gaps in what the gateway sent (REQ-6.4-1)"),
+            format!(
+                "device {i}'s session found {gaps} gaps in what the gateway sent, {lost} made on purpose (REQ-6.4-1)"
+            ),
         )));
     }
+    w.devices[i].gaps = gaps;
     for record in &log {
         w.trace.record(format_args!(
             "{now} d{i} {:?} {} {} {:?} {:?} {}",
@@ -324,6 +330,10 @@ fn report_client(world: &Shared, i: usize, client: &mut Client) {
     }
     let conversations: Vec<_> = w.conversations.clone();
     for c in conversations {
+        // A removed device's group state is no member's view any more.
+        if w.checker.is_removed(i, &c) {
+            continue;
+        }
         let Ok(epoch) = client.engine().epoch(&c) else {
             continue;
         };
@@ -392,6 +402,47 @@ async fn execute(
             }
         }
         Command::Drop => client.drop_connection(),
+        Command::LoseDeliveries { n } => client.lose_deliveries(n),
+        Command::RemoveDevice { device } => {
+            let result = client.remove_device(device).await;
+            return allowed(world, i, result.map(|_| ()), "remove_device");
+        }
+        Command::AddDevice { device } => {
+            let result = client.add_device(device).await;
+            return allowed(world, i, result.map(|_| ()), "add_device");
+        }
+        Command::TopUp => {
+            let result = client.top_up_key_packages(spec.key_packages).await;
+            return allowed(world, i, result.map(|_| ()), "top_up_key_packages");
+        }
     }
+    world.borrow_mut().devices[i].last_ok = true;
     Ok(())
+}
+
+/// Records a membership command's result: done, refused for a reason the churn allows
+/// (a lost race, no KeyPackage, a rate limit, a connection dropped mid-request; the
+/// orchestrator tries again), or failed.
+fn allowed(
+    world: &Shared,
+    i: usize,
+    result: Result<(), ClientError>,
+    what: &str,
+) -> Result<(), String> {
+    let mut w = world.borrow_mut();
+    let slot = &mut w.devices[i];
+    slot.last_ok = result.is_ok();
+    match result {
+        Ok(()) => Ok(()),
+        Err(
+            ClientError::SendRefused { .. }
+            | ClientError::NoKeyPackages
+            | ClientError::RateLimited { .. }
+            | ClientError::Interrupted,
+        ) => {
+            slot.refused += 1;
+            Ok(())
+        }
+        Err(e) => Err(format!("{what}: {e}")),
+    }
 }

@@ -118,6 +118,10 @@ pub struct Summary {
     pub lost_races: u64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, u64>,
+    /// Application messages of epochs before a device joined, which it cannot read.
+    pub unreadable_before_join: u64,
+    /// Sends, updates and membership changes refused for a reason the scenario allows.
+    pub refused: u64,
     /// Invariant checks made.
     pub checks: u64,
     /// Simulated time.
@@ -189,6 +193,16 @@ enum GatewayCycle {
     Recovering,
 }
 
+/// Where the multi-device churn is: one remove and re-add at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Churn {
+    Steady { until: u64 },
+    Removing { by: usize, target: usize },
+    Out { target: usize, until: u64 },
+    ToppingUp { target: usize },
+    Adding { by: usize, target: usize },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Round {
     Idle,
@@ -224,6 +238,8 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
                 commits: devices.iter().map(|d| d.commits).sum(),
                 lost_races: devices.iter().map(|d| d.lost_races).sum(),
                 faults: orchestrator.faults.clone(),
+                unreadable_before_join: world.checker.unreadable_before_join,
+                refused: devices.iter().map(|d| d.refused).sum(),
                 checks: world.checker.checks,
                 sim_ms,
                 steps: step,
@@ -277,6 +293,7 @@ struct Orchestrator<'a> {
     resumes_before: u64,
     gateway_cycle: GatewayCycle,
     round: Round,
+    churn: Churn,
     step: u64,
     reported: u64,
 }
@@ -354,6 +371,7 @@ impl<'a> Orchestrator<'a> {
             resumes_before: 0,
             gateway_cycle: GatewayCycle::Recovering,
             round: Round::Idle,
+            churn: Churn::Steady { until: 0 },
             step: 0,
             reported: 0,
             options,
@@ -576,8 +594,9 @@ impl<'a> Orchestrator<'a> {
             .record(format_args!("{now} command d{device} {command:?}"));
         let slot = &mut w.devices[device];
         if let Some(tx) = &slot.commands {
-            if !matches!(command, Command::Drop) {
+            if !matches!(command, Command::Drop | Command::LoseDeliveries { .. }) {
                 slot.busy = true;
+                slot.last_ok = false;
             }
             let _ = tx.send(command);
         }
@@ -703,8 +722,15 @@ impl<'a> Orchestrator<'a> {
             .record(format_args!("{now} restore {restore:?}"));
     }
 
-    /// Stops every fault: the network heals and the gateway runs.
+    /// Stops every fault: the network heals and the gateway runs; devices stop losing
+    /// frames, and one last message reveals any gap a lost final frame left.
     fn heal(&mut self, now: u64) {
+        if self.options.scenario == Scenario::GapRecovery {
+            for i in 0..self.options.clients {
+                self.command(i, Command::LoseDeliveries { n: 0 });
+            }
+            self.send(0);
+        }
         for (_, restore) in std::mem::take(&mut self.scheduled) {
             self.restore(restore, now);
         }
@@ -776,6 +802,34 @@ impl<'a> Orchestrator<'a> {
                     self.fault("disconnect", &host_name(i));
                 }
             }
+            Scenario::GapRecovery => {
+                for i in self.idle() {
+                    if self.roll(40) {
+                        self.send(i);
+                    } else if self.roll(20) {
+                        let n = self.between(1, 3) as u32;
+                        self.command(i, Command::LoseDeliveries { n });
+                        self.fault("lost live frames", &host_name(i));
+                    }
+                }
+                self.cycles = self.world.borrow().devices.iter().map(|d| d.gaps).sum();
+            }
+            Scenario::MultiDeviceChurn => {
+                let out = self.churning();
+                for i in self.idle() {
+                    if Some(i) == out {
+                        continue;
+                    }
+                    if self.roll(30) {
+                        self.send(i);
+                    } else if self.roll(10) {
+                        self.command(i, Command::Drop);
+                        self.fault("disconnect", &host_name(i));
+                    }
+                }
+                self.network_fault(now, 3);
+                self.churn(now);
+            }
             Scenario::GatewayCrash | Scenario::ReconnectStorm => {
                 let per_mille = if self.options.scenario == Scenario::ReconnectStorm {
                     2
@@ -789,6 +843,84 @@ impl<'a> Orchestrator<'a> {
                 }
                 self.gateway_cycle(now);
             }
+        }
+    }
+
+    /// The device being removed or added back, if any.
+    fn churning(&self) -> Option<usize> {
+        match self.churn {
+            Churn::Steady { .. } => None,
+            Churn::Removing { target, .. }
+            | Churn::Out { target, .. }
+            | Churn::ToppingUp { target }
+            | Churn::Adding { target, .. } => Some(target),
+        }
+    }
+
+    /// One step of the remove / re-add cycle.
+    fn churn(&mut self, now: u64) {
+        let (ready, busy, ok, ids) = {
+            let w = self.world.borrow();
+            let ready: Vec<bool> = w.devices.iter().map(|d| d.ready).collect();
+            let busy: Vec<bool> = w.devices.iter().map(|d| d.busy).collect();
+            let ok: Vec<bool> = w.devices.iter().map(|d| d.last_ok).collect();
+            let ids: Vec<_> = w.devices.iter().map(|d| d.id).collect();
+            (ready, busy, ok, ids)
+        };
+        let idle = |i: usize| ready[i] && !busy[i];
+        match self.churn {
+            Churn::Steady { until } if now >= until => {
+                // Two devices of one user: `by` removes `target` (which may be offline).
+                let user = self.pick(2);
+                let devices: Vec<usize> = (0..self.options.clients)
+                    .filter(|i| i % 2 == user)
+                    .collect();
+                if devices.len() < 2 {
+                    return;
+                }
+                let by = devices[self.pick(devices.len())];
+                let target = devices[(devices.iter().position(|&d| d == by).unwrap_or(0)
+                    + 1
+                    + self.pick(devices.len() - 1))
+                    % devices.len()];
+                let Some(device) = ids[target] else { return };
+                if idle(by) {
+                    self.command(by, Command::RemoveDevice { device });
+                    self.churn = Churn::Removing { by, target };
+                }
+            }
+            Churn::Removing { by, target } if !busy[by] => {
+                self.churn = if ok[by] {
+                    let until = now + self.between(200, 2_000);
+                    Churn::Out { target, until }
+                } else {
+                    Churn::Steady { until: now + 200 }
+                };
+            }
+            Churn::Out { target, until } if now >= until && idle(target) => {
+                // The removed device needs a KeyPackage to be added back.
+                self.command(target, Command::TopUp);
+                self.churn = Churn::ToppingUp { target };
+            }
+            Churn::ToppingUp { target } if !busy[target] => {
+                let by = (0..self.options.clients)
+                    .find(|&i| i != target && i % 2 == target % 2 && idle(i));
+                if let (Some(by), Some(device)) = (by, ids[target]) {
+                    self.command(by, Command::AddDevice { device });
+                    self.churn = Churn::Adding { by, target };
+                }
+            }
+            Churn::Adding { by, target } if !busy[by] => {
+                if ok[by] {
+                    self.cycles += 1;
+                    let until = now + self.between(200, 1_500);
+                    self.churn = Churn::Steady { until };
+                } else {
+                    let until = now + 500;
+                    self.churn = Churn::Out { target, until };
+                }
+            }
+            _ => {}
         }
     }
 

@@ -18,6 +18,13 @@ pub enum Scenario {
     /// The gateway process crashes (memory lost, store kept) or stops, and comes back;
     /// each restart after which every device is back is a cycle.
     GatewayCrash,
+    /// Devices lose live frames (as behind a faulty intermediary) and must find the gap
+    /// and replay; each gap found and repaired is a cycle.
+    GapRecovery,
+    /// Two users with two devices each: a device removes its sibling from the DM and adds
+    /// it back, under disconnects, partitions and crashes; each remove and re-add is a
+    /// cycle.
+    MultiDeviceChurn,
 }
 
 /// How the devices are grouped.
@@ -32,12 +39,14 @@ pub enum Topology {
 
 impl Scenario {
     /// Every scenario, in `list` order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::DisconnectCycles,
         Scenario::ReconnectStorm,
         Scenario::DuplicateSends,
         Scenario::CommitRace,
         Scenario::GatewayCrash,
+        Scenario::GapRecovery,
+        Scenario::MultiDeviceChurn,
     ];
 
     /// Its name on the command line.
@@ -48,6 +57,8 @@ impl Scenario {
             Scenario::DuplicateSends => "duplicate-sends",
             Scenario::CommitRace => "commit-race",
             Scenario::GatewayCrash => "gateway-crash",
+            Scenario::GapRecovery => "gap-recovery",
+            Scenario::MultiDeviceChurn => "multi-device-churn",
         }
     }
 
@@ -72,6 +83,12 @@ impl Scenario {
             Scenario::GatewayCrash => {
                 "gateway crash (memory lost, store kept) or stop, and restart; cycle = one restart"
             }
+            Scenario::GapRecovery => {
+                "devices lose live frames and must find the gap and replay; cycle = one gap repaired"
+            }
+            Scenario::MultiDeviceChurn => {
+                "2 users x 2 devices: remove a device and add it back under faults; cycle = one remove and re-add"
+            }
         }
     }
 
@@ -83,6 +100,8 @@ impl Scenario {
             Scenario::DuplicateSends => 300,
             Scenario::CommitRace => 40,
             Scenario::GatewayCrash => 30,
+            Scenario::GapRecovery => 200,
+            Scenario::MultiDeviceChurn => 20,
         }
     }
 

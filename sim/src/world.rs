@@ -36,6 +36,23 @@ pub enum Command {
     },
     /// Drop the connection abruptly; the session reconnects and resumes.
     Drop,
+    /// Remove another device of this user from every conversation.
+    RemoveDevice {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Add another device of this user to every conversation.
+    AddDevice {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Top the KeyPackage pool up.
+    TopUp,
+    /// Drop the next live `Deliver` frames that arrive (a faulty intermediary).
+    LoseDeliveries {
+        /// How many.
+        n: u32,
+    },
 }
 
 /// One device as the world sees it.
@@ -67,6 +84,10 @@ pub struct DeviceSlot {
     pub lost_races: u64,
     /// Conversations it created or joined, with the last epoch it reported.
     pub epochs: BTreeMap<ConversationId, u64>,
+    /// Whether its last command did what it asked.
+    pub last_ok: bool,
+    /// Gaps its session found and repaired by replay.
+    pub gaps: u64,
     /// Sends and updates refused for a reason the scenario allows.
     pub refused: u64,
 }
@@ -113,6 +134,16 @@ impl World {
     }
 }
 
+impl Default for Trace {
+    fn default() -> Self {
+        Self {
+            hasher: Sha256::default(),
+            echo: std::env::var_os("CONFAB_SIM_TRACE").is_some(),
+            events: 0,
+        }
+    }
+}
+
 impl std::fmt::Debug for Trace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trace")
@@ -123,9 +154,11 @@ impl std::fmt::Debug for Trace {
 
 /// A digest of the protocol-level events of a run (seqs, msg_ids, epochs, fault times);
 /// two runs of one seed must produce the same digest.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Trace {
     hasher: Sha256,
+    /// Print every event to stderr (`CONFAB_SIM_TRACE=1`), to read what led to a failure.
+    echo: bool,
     /// Events recorded.
     pub events: u64,
 }
@@ -134,7 +167,11 @@ impl Trace {
     /// Adds one event line.
     pub fn record(&mut self, line: std::fmt::Arguments<'_>) {
         self.events += 1;
-        self.hasher.update(line.to_string().as_bytes());
+        let line = line.to_string();
+        if self.echo {
+            eprintln!("trace: {line}");
+        }
+        self.hasher.update(line.as_bytes());
         self.hasher.update(b"\n");
     }
 

@@ -239,6 +239,9 @@ fn extension_list(list: &[(u16, Vec<u8>)]) -> ExtensionList {
     out
 }
 
+/// How far a KeyPackage's lifetime starts before its creation (openmls uses one hour).
+const KEY_PACKAGE_BACKDATE_MS: u64 = 3_600_000;
+
 fn mls_time(now: UnixMs) -> MlsTime {
     MlsTime::from_duration_since_epoch(Duration::from_millis(now.0))
 }
@@ -341,7 +344,10 @@ where
         count: usize,
         last_resort: bool,
     ) -> Result<Vec<Vec<u8>>, EngineError> {
-        let now = (self.clock)();
+        // Backdated as openmls does, so that a member whose clock is behind this device's
+        // (or an engine that reads another clock) does not see the lifetime as not yet
+        // begun.
+        let now = UnixMs((self.clock)().0.saturating_sub(KEY_PACKAGE_BACKDATE_MS));
         let mut extensions = ExtensionList::new();
         if last_resort {
             extensions

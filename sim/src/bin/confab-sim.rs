@@ -137,6 +137,8 @@ fn print_summary(s: &Summary) {
             "commits / races lost",
             format!("{} / {}", s.commits, s.lost_races),
         ),
+        ("refused, retried", s.refused.to_string()),
+        ("unreadable: pre-join", s.unreadable_before_join.to_string()),
         ("faults injected", faults.to_string()),
         ("invariant checks", s.checks.to_string()),
         (
