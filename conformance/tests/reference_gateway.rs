@@ -213,6 +213,7 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-7.1-1",
     "REQ-7.1-2",
     "REQ-7.1-3",
+    "REQ-7.2-4",
     "REQ-7.4-1",
     "REQ-7.4-2",
     "REQ-7.4-3",

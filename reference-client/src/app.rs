@@ -687,9 +687,49 @@ impl Client {
         conversation: ConversationId,
         text: &[u8],
     ) -> Result<Seq, ClientError> {
-        let payload = self.engine.encrypt(&conversation, text)?;
-        self.send(conversation, payload, None, Some(text.to_vec()))
-            .await
+        let mut payload = self.engine.encrypt(&conversation, text)?;
+        let msg_id = self.new_msg_id();
+        loop {
+            match self
+                .send_as(msg_id, conversation, payload, None, Some(text.to_vec()))
+                .await
+            {
+                // Sent too long after its epoch (the device was cut off while the group
+                // moved on): catch up, encrypt it again and send it under the same msg_id;
+                // the refused ciphertext was never appended (SPEC.md 7.2).
+                Err(ClientError::SendRefused {
+                    code: ErrorCode::EpochTooOld,
+                    epoch: Some(current),
+                    ..
+                }) if self.catch_up(conversation, current).await? => {
+                    payload = self.engine.encrypt(&conversation, text)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Pumps until this device's group reached `epoch` (`false` if it stopped following
+    /// the conversation first, for example because it was removed).
+    async fn catch_up(
+        &mut self,
+        conversation: ConversationId,
+        epoch: Epoch,
+    ) -> Result<bool, ClientError> {
+        let stream = StreamId::Conversation(conversation);
+        while self.engine.epoch(&conversation)? < epoch.0 {
+            if !self.followed.contains(&stream) {
+                return Ok(false);
+            }
+            self.pump().await?;
+        }
+        Ok(true)
+    }
+
+    fn new_msg_id(&self) -> MsgId {
+        let mut id = [0u8; 16];
+        self.random(&mut id);
+        MsgId(id)
     }
 
     /// Composes a message into the outbox (its msg_id fixed now, REQ-6.3-4), hands it to
@@ -701,9 +741,20 @@ impl Client {
         welcome: Option<Vec<u8>>,
         plaintext: Option<Vec<u8>>,
     ) -> Result<Seq, ClientError> {
-        let mut id = [0u8; 16];
-        self.random(&mut id);
-        let msg_id = MsgId(id);
+        let msg_id = self.new_msg_id();
+        self.send_as(msg_id, conversation, payload, welcome, plaintext)
+            .await
+    }
+
+    /// [`Client::send`] under a given msg_id.
+    async fn send_as(
+        &mut self,
+        msg_id: MsgId,
+        conversation: ConversationId,
+        payload: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        plaintext: Option<Vec<u8>>,
+    ) -> Result<Seq, ClientError> {
         let has_plaintext = plaintext.is_some();
         self.store.outbox_put(&OutboxItem {
             msg_id,
@@ -893,8 +944,14 @@ impl Client {
                 ..
             } => {
                 if self.resent.remove(&msg_id) {
-                    // Refused now (for example, its epoch is gone): given up.
-                    self.store.outbox_remove(&msg_id)?;
+                    if code == ErrorCode::EpochTooOld {
+                        // Resent after the group moved on: encrypted again (the stream is
+                        // live, so this device is at the current epoch) and sent again.
+                        self.reencrypt_outbox(msg_id)?;
+                    } else {
+                        // Refused for good: given up.
+                        self.store.outbox_remove(&msg_id)?;
+                    }
                 } else {
                     self.sends
                         .insert(msg_id, Err(ClientError::SendRefused { code, epoch, seq }));
@@ -937,6 +994,39 @@ impl Client {
             })?;
             self.resent.insert(item.msg_id);
         }
+        Ok(())
+    }
+
+    /// Encrypts an outbox message again in its conversation's current epoch and sends it
+    /// under its msg_id.
+    fn reencrypt_outbox(&mut self, msg_id: MsgId) -> Result<(), ClientError> {
+        let Some(item) = self
+            .store
+            .outbox()?
+            .into_iter()
+            .find(|i| i.msg_id == msg_id)
+        else {
+            return Ok(());
+        };
+        let Some(plaintext) = item.plaintext.clone() else {
+            return Ok(());
+        };
+        let conversation = item.conversation;
+        let payload = self.engine.encrypt(&conversation, &plaintext)?;
+        self.store.outbox_remove(&msg_id)?;
+        self.store.outbox_put(&OutboxItem {
+            payload: payload.clone(),
+            ..item
+        })?;
+        let payload =
+            MlsBytes::new(payload).map_err(|_| ClientError::Refused(ErrorCode::PayloadTooLarge))?;
+        self.input(Input::Send {
+            conversation,
+            msg_id,
+            payload,
+            welcome: None,
+        })?;
+        self.resent.insert(msg_id);
         Ok(())
     }
 

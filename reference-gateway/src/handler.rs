@@ -788,9 +788,13 @@ impl Connection {
                     detail: None,
                 })))
             }
-            AppendOutcome::EpochAhead { epoch } => {
+            AppendOutcome::EpochAhead { epoch } | AppendOutcome::EpochTooOld { epoch } => {
+                let code = match outcome {
+                    AppendOutcome::EpochAhead { .. } => ErrorCode::EpochAhead,
+                    _ => ErrorCode::EpochTooOld,
+                };
                 out.push(Action::Send(ServerFrame::Error(ErrorFrame {
-                    code: ErrorCode::EpochAhead,
+                    code,
                     rid,
                     retry_after_ms: None,
                     epoch: Some(epoch),

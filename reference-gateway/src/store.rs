@@ -107,6 +107,11 @@ pub enum AppendOutcome {
         /// The current epoch.
         epoch: Epoch,
     },
+    /// An application message more than `APP_EPOCH_LAG_MAX` epochs old (`epoch_too_old`).
+    EpochTooOld {
+        /// The current epoch.
+        epoch: Epoch,
+    },
     /// A Commit that adds devices without a Welcome, or a Welcome without adds.
     WelcomeMismatch,
     /// The sender is not a member (`not_member`).

@@ -122,14 +122,7 @@ fn one_seed_one_trace() {
     }
 }
 
-// Known failure (issue 6 notes): a device partitioned for longer than the receivers'
-// window of past epochs (openmls keeps 8) resends, after its resume, an application
-// message encrypted in an epoch the others no longer hold; the gateway sequences it
-// (REQ-7.2-3) and they cannot decrypt it. `confab-sim run --scenario multi-device-churn
-// --seed 100` shows it. Kept out of CI until the fix (reject too-old application messages,
-// re-encrypt them from the outbox) lands; run it with `cargo nextest run --run-ignored all`.
 #[test]
-#[ignore = "finds a real bug: stale-epoch resend after a long partition (see the comment)"]
 fn multi_device_churn() {
     scenario(Scenario::MultiDeviceChurn, &[1, 2, fresh_seed()]);
 }

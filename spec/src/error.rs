@@ -132,6 +132,8 @@ registry! {
         StaleCommit = 402 => "stale_commit",
         /// A message for an epoch the conversation has not reached.
         EpochAhead = 403 => "epoch_ahead",
+        /// An application message more than `APP_EPOCH_LAG_MAX` epochs old.
+        EpochTooOld = 408 => "epoch_too_old",
         /// Wire format or content type not allowed.
         MlsWireFormatNotAllowed = 404 => "mls_wire_format_not_allowed",
         /// Welcome without Adds, or Adds without Welcome.

@@ -25,6 +25,10 @@ pub const NESTING_DEPTH_MAX_DEFAULT: usize = 8;
 pub const TEXT_BYTES_MAX_DEFAULT: usize = 256;
 /// Default `replay_batch_max`.
 pub const REPLAY_BATCH_MAX_DEFAULT: u64 = 256;
+/// How many epochs an application message may lag behind its conversation and still be
+/// accepted (SPEC.md 7.2): receivers keep at least this many past epochs' secrets
+/// (REQ-7.2-4), so anything the gateway accepts stays readable.
+pub const APP_EPOCH_LAG_MAX: u64 = 4;
 /// Default `key_packages_per_upload_max`.
 pub const KEY_PACKAGES_PER_UPLOAD_MAX_DEFAULT: u64 = 100;
 /// Default `pending_sends_max`.

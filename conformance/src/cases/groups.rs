@@ -16,6 +16,13 @@ use crate::mls::{Member, PAIR, broken, bytes};
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
+            "7.2-1.epoch-too-old",
+            "REQ-7.2-1",
+            Must,
+            "an application message 5 epochs old is refused with epoch_too_old carrying the current epoch; one 4 epochs old is accepted",
+            epoch_too_old
+        ),
+        case!(
             "7.2-3.old-epoch-application",
             "REQ-7.2-3",
             Must,
@@ -201,6 +208,61 @@ async fn old_epoch_application(cx: &mut Ctx) -> CaseResult {
     match answer {
         Ok((3, false)) => Ok(()),
         other => Err(Failure::new("Accepted at seq 3", format!("{other:?}")).into()),
+    }
+}
+
+async fn epoch_too_old(cx: &mut Ctx) -> CaseResult {
+    let mut p = Pair::joined(cx).await?;
+    let c = p.conversation;
+    // B encrypts one message in epoch 1 and one in epoch 2; A then commits up to epoch 6.
+    let encrypt = |p: &mut Pair, text: &[u8]| {
+        bytes(
+            p.bm.engine
+                .encrypt(&c, text)
+                .map_err(|e| broken("encrypt", e))?,
+        )
+    };
+    let epoch_1 = encrypt(&mut p, b"five epochs old")?;
+    let mut epoch_2 = None;
+    let mut rid = 3;
+    for round in 0..5 {
+        let commit = update(&mut p.am, &c)?;
+        send_mls(&mut p.a, rid, c, MsgId(random()), commit.clone(), None)
+            .await?
+            .map_err(|e| Failure::new("the update Accepted", format!("Error {}", e.code.name())))?;
+        p.am.engine
+            .merge_pending_commit(&c)
+            .map_err(|e| broken("merge", e))?;
+        p.bm.engine
+            .process(&c, commit.as_bytes())
+            .map_err(|e| broken("process", e))?;
+        rid += 1;
+        if round == 0 {
+            // Now in epoch 2.
+            epoch_2 = Some(encrypt(&mut p, b"four epochs old")?);
+        }
+    }
+    let old = send_mls(&mut p.b, rid, c, MsgId(random()), epoch_1, None).await?;
+    match old {
+        Err(e) if e.code == ErrorCode::EpochTooOld && e.epoch.map(|x| x.0) == Some(6) => {}
+        other => {
+            return Err(Failure::new(
+                "Error 408 epoch_too_old with epoch 6 for a message of epoch 1",
+                format!("{other:?}"),
+            )
+            .into());
+        }
+    }
+    let Some(epoch_2) = epoch_2 else {
+        return Err(broken("encrypt", "no message of epoch 2"));
+    };
+    match send_mls(&mut p.b, rid + 1, c, MsgId(random()), epoch_2, None).await? {
+        Ok(_) => Ok(()),
+        other => Err(Failure::new(
+            "a message of epoch 2 in epoch 6 Accepted (REQ-7.2-3)",
+            format!("{other:?}"),
+        )
+        .into()),
     }
 }
 

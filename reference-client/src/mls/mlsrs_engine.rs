@@ -57,7 +57,12 @@ pub fn open(
         .map_err(storage)?
         .with_journal_mode(Some(mls_rs_provider_sqlite::JournalMode::Wal));
     let psks = engine.pre_shared_key_storage().map_err(storage)?;
-    let group_states = engine.group_state_storage().map_err(storage)?;
+    // Past epochs kept for late application messages: at least what the gateway still
+    // accepts (REQ-7.2-4); mls-rs keeps 3 by default.
+    let group_states = engine
+        .group_state_storage()
+        .map_err(storage)?
+        .with_max_epoch_retention(PAST_EPOCHS);
     let certificate = credentials.certificate;
     let identity = SigningIdentity::new(
         BasicCredential::new(credential_identity(&certificate)).into_credential(),
@@ -238,6 +243,10 @@ fn extension_list(list: &[(u16, Vec<u8>)]) -> ExtensionList {
     }
     out
 }
+
+/// Past epochs whose secrets are kept, as the openmls engine keeps them (REQ-7.2-4 asks
+/// for at least `limits::APP_EPOCH_LAG_MAX`).
+const PAST_EPOCHS: u64 = 8;
 
 /// How far a KeyPackage's lifetime starts before its creation (openmls uses one hour).
 const KEY_PACKAGE_BACKDATE_MS: u64 = 3_600_000;

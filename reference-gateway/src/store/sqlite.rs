@@ -16,6 +16,7 @@ use crate::faults::Faults;
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
+use confab_spec::limits;
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -448,6 +449,12 @@ impl Store for SqliteStore {
             return Ok(AppendOutcome::StaleCommit {
                 epoch: Epoch(epoch),
                 epoch_seq: epoch_seq as u64,
+            });
+        }
+        // Older still, nobody who moved on can read it (REQ-7.2-3, REQ-7.2-4).
+        if !is_handshake && msg_epoch.0.saturating_add(limits::APP_EPOCH_LAG_MAX) < epoch {
+            return Ok(AppendOutcome::EpochTooOld {
+                epoch: Epoch(epoch),
             });
         }
         if let AppendKind::Commit { added, welcome, .. } = &request.kind {
