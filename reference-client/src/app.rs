@@ -648,7 +648,7 @@ impl Client {
                 .await
             {
                 Ok(seq) => {
-                    self.engine.merge_pending_commit(&conversation)?;
+                    self.apply_own_commit(conversation).await?;
                     return Ok(Some(seq));
                 }
                 Err(ClientError::SendRefused {
@@ -707,6 +707,22 @@ impl Client {
                 other => return other,
             }
         }
+    }
+
+    /// Applies this device's accepted Commit when its entry is processed, in seq order, so
+    /// that entries sequenced before it are read in the epoch they were sent in (merging
+    /// at `Accepted` would leave them to past-epoch secrets; SPEC.md 7.4 allows either).
+    /// Merges at once if the conversation is no longer followed.
+    async fn apply_own_commit(&mut self, conversation: ConversationId) -> Result<(), ClientError> {
+        let stream = StreamId::Conversation(conversation);
+        while self.engine.has_pending_commit(&conversation)? {
+            if !self.followed.contains(&stream) {
+                self.engine.merge_pending_commit(&conversation)?;
+                break;
+            }
+            self.pump().await?;
+        }
+        Ok(())
     }
 
     /// Pumps until this device's group reached `epoch` (`false` if it stopped following
