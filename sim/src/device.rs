@@ -385,7 +385,12 @@ async fn execute(
                     let result = w.checker.accepted(conversation, seq.get(), &body);
                     w.check(result);
                 }
-                Err(ClientError::SendRefused { .. }) => world.borrow_mut().devices[i].refused += 1,
+                // Refused, or sent from a group this device was just removed from (the
+                // orchestrator's view of membership can lag the device's).
+                Err(
+                    ClientError::SendRefused { .. }
+                    | ClientError::Engine(confab_client::mls::EngineError::Removed),
+                ) => world.borrow_mut().devices[i].refused += 1,
                 Err(e) => return Err(format!("send: {e}")),
             }
         }

@@ -155,6 +155,9 @@ impl Ctx<'_> {
         id: &ConversationId,
     ) -> Result<&mut MlsGroup, EngineError> {
         let g = self.group(id)?;
+        if !g.is_active() {
+            return Err(EngineError::Removed);
+        }
         if g.pending_commit().is_some() {
             return Err(EngineError::PendingCommit);
         }
