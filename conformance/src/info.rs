@@ -22,6 +22,25 @@ pub struct Limits {
     pub key_packages_per_upload_max: u64,
     /// `pre_auth_frames_max`.
     pub pre_auth_frames_max: u64,
+    /// `watchlist_max` (SPEC.md 9), when the server has presence.
+    #[serde(default)]
+    pub watchlist_max: Option<u64>,
+    /// `presence_list_max` (SPEC.md 9), when the server has presence.
+    #[serde(default)]
+    pub presence_list_max: Option<u64>,
+}
+
+/// The presence settings of `/v1/info` (SPEC.md 9).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct PresenceInfo {
+    /// `presence_ttl_min_ms`.
+    pub presence_ttl_min_ms: u64,
+    /// `presence_ttl_max_ms`.
+    pub presence_ttl_max_ms: u64,
+    /// `presence_grace_ms`.
+    pub presence_grace_ms: u64,
+    /// `presence_jitter_ms`.
+    pub presence_jitter_ms: u64,
 }
 
 /// What `/v1/info` announces that the suite reads.
@@ -47,6 +66,9 @@ pub struct Info {
     /// The rate limits, as announced (SPEC.md 11).
     #[serde(default)]
     pub rate_limits: serde_json::Value,
+    /// The presence settings, when the server has presence.
+    #[serde(default)]
+    pub presence: Option<PresenceInfo>,
 }
 
 impl Info {

@@ -44,6 +44,18 @@ pub struct FileConfig {
     pub claims_per_target_burst: Option<u32>,
     pub key_package_low_watermark: Option<u64>,
     pub key_package_pool_max: Option<u64>,
+    pub presence_ttl_min_ms: Option<u64>,
+    pub presence_ttl_max_ms: Option<u64>,
+    pub presence_grace_ms: Option<u64>,
+    pub presence_jitter_ms: Option<u64>,
+    pub watchlist_max: Option<u64>,
+    pub presence_list_max: Option<u64>,
+    pub presence_watches_per_watcher_per_minute: Option<u32>,
+    pub presence_watches_per_watcher_burst: Option<u32>,
+    pub presence_new_watchers_per_target_per_minute: Option<u32>,
+    pub presence_new_watchers_per_target_burst: Option<u32>,
+    pub presence_updates_per_user_per_minute: Option<u32>,
+    pub presence_updates_per_user_burst: Option<u32>,
 }
 
 impl FileConfig {
@@ -118,6 +130,43 @@ impl FileConfig {
         }
         if let Some(v) = self.key_package_pool_max {
             config.key_package_pool_max = v.max(1);
+        }
+        let p = &mut config.presence;
+        limit(
+            &mut p.watches_per_watcher,
+            self.presence_watches_per_watcher_per_minute,
+            self.presence_watches_per_watcher_burst,
+        );
+        limit(
+            &mut p.new_watchers_per_target,
+            self.presence_new_watchers_per_target_per_minute,
+            self.presence_new_watchers_per_target_burst,
+        );
+        limit(
+            &mut p.updates_per_user,
+            self.presence_updates_per_user_per_minute,
+            self.presence_updates_per_user_burst,
+        );
+        if let Some(v) = self.presence_ttl_min_ms {
+            p.ttl_min_ms = v.max(1);
+        }
+        if let Some(v) = self.presence_ttl_max_ms {
+            p.ttl_max_ms = v;
+        }
+        if p.ttl_max_ms < p.ttl_min_ms {
+            return Err("presence_ttl_max_ms must not be less than presence_ttl_min_ms".into());
+        }
+        if let Some(v) = self.presence_grace_ms {
+            p.grace_ms = v;
+        }
+        if let Some(v) = self.presence_jitter_ms {
+            p.jitter_ms = v;
+        }
+        if let Some(v) = self.watchlist_max {
+            p.watchlist_max = v;
+        }
+        if let Some(v) = self.presence_list_max {
+            p.list_max = v;
         }
         Ok(())
     }

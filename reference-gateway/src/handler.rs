@@ -70,6 +70,8 @@ pub struct GatewayConfig {
     pub key_package_low_watermark: u64,
     /// `key_package_pool_max`: the most packages a device's pool holds (SPEC.md 8).
     pub key_package_pool_max: u64,
+    /// Presence settings (SPEC.md 9).
+    pub presence: crate::presence::PresenceConfig,
     /// Deliberately broken behaviours for self-tests; all off by default.
     pub faults: Faults,
 }
@@ -104,6 +106,7 @@ impl GatewayConfig {
             },
             key_package_low_watermark: 10,
             key_package_pool_max: 200,
+            presence: crate::presence::PresenceConfig::default(),
             faults: Faults::default(),
         }
     }
@@ -127,6 +130,14 @@ pub enum Action {
     Revoked {
         /// The revoked device.
         device: DeviceId,
+    },
+    /// A presence frame (SPEC.md 9) from `device`: the shell passes it to the gateway's
+    /// [`crate::presence::Presence`], which serves every session.
+    Presence {
+        /// The authenticated device.
+        device: DeviceId,
+        /// `SetPresence`, `WatchPresence` or `UpdatePresenceLists`.
+        frame: ClientFrame,
     },
 }
 
@@ -679,6 +690,11 @@ impl Connection {
                     rid: l.rid,
                     devices,
                 })));
+            }
+            frame @ (ClientFrame::SetPresence(_)
+            | ClientFrame::WatchPresence(_)
+            | ClientFrame::UpdatePresenceLists(_)) => {
+                out.push(Action::Presence { device, frame });
             }
             other => out.push(error(
                 ErrorCode::UnexpectedFrame,

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod faults;
 pub mod handler;
+pub mod presence;
 pub mod rate;
 pub mod server;
 pub mod store;

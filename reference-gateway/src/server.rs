@@ -32,9 +32,10 @@ use confab_spec::ids::{DeviceId, UnixMs};
 use confab_spec::limits;
 use futures_util::{SinkExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
+use crate::presence::Presence;
 use crate::rate::RateLimiters;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store as _, StreamKey};
@@ -52,6 +53,10 @@ pub struct Shared {
     sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
     next_connection: AtomicU64,
     limiters: RateLimiters,
+    /// Presence for every session (SPEC.md 9); locked after `store` when both are needed.
+    presence: Mutex<Presence>,
+    /// How to wake each connection that has presence events to take.
+    presence_wakers: Mutex<HashMap<u64, Arc<Notify>>>,
     metrics: Option<PrometheusHandle>,
     clock: WallClock,
     entropy: EntropySource,
@@ -153,6 +158,7 @@ where
     store
         .set_faults(config.faults)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let presence = Mutex::new(Presence::new(config.presence.clone()));
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
@@ -161,11 +167,14 @@ where
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
         limiters,
+        presence,
+        presence_wakers: Mutex::new(HashMap::new()),
         metrics: env.metrics,
         clock: env.clock,
         entropy: env.entropy,
     });
     let gc = tokio::spawn(retention(shared.clone()));
+    let presence_ticks = tokio::spawn(presence_ticker(shared.clone()));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_page))
@@ -182,6 +191,7 @@ where
     })
     .await;
     gc.abort();
+    presence_ticks.abort();
     result
 }
 
@@ -232,6 +242,92 @@ async fn retention(shared: Arc<Shared>) {
             }
         }
         shared.limiters.forget_idle();
+        if let Ok(presence) = shared.presence.lock() {
+            presence.forget_idle_limits();
+        }
+    }
+}
+
+/// How often presence publishes due transitions and bucket changes (SPEC.md 9.1 allows
+/// one second of processing).
+const PRESENCE_TICK: Duration = Duration::from_millis(500);
+
+/// Publishes due presence transitions and wakes the watchers they concern.
+async fn presence_ticker(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(PRESENCE_TICK) => {}
+        }
+        let woken = match (shared.store.lock(), shared.presence.lock()) {
+            (Ok(mut store), Ok(mut presence)) => presence.advance(
+                &mut *store,
+                &mut EnvEntropy(&shared.entropy),
+                (shared.clock)(),
+            ),
+            _ => return,
+        };
+        match woken {
+            Ok(sessions) => wake_presence(&shared, &sessions),
+            Err(e) => tracing::warn!(error = %e, "presence pass failed; retrying next tick"),
+        }
+    }
+}
+
+/// Wakes the connections that have presence events to take.
+fn wake_presence(shared: &Shared, sessions: &std::collections::BTreeSet<u64>) {
+    if sessions.is_empty() {
+        return;
+    }
+    if let Ok(wakers) = shared.presence_wakers.lock() {
+        for id in sessions {
+            if let Some(w) = wakers.get(id) {
+                w.notify_one();
+            }
+        }
+    }
+}
+
+/// Runs one presence frame of connection `id` and returns its answer.
+fn on_presence(
+    shared: &Shared,
+    id: u64,
+    device: DeviceId,
+    frame: &confab_spec::frame::ClientFrame,
+) -> Option<ServerFrame> {
+    use confab_spec::frame::ClientFrame;
+    let now = (shared.clock)();
+    let outcome = match (shared.store.lock(), shared.presence.lock()) {
+        (Ok(mut store), Ok(mut presence)) => match frame {
+            ClientFrame::SetPresence(f) => presence.set_presence(
+                &mut *store,
+                &mut EnvEntropy(&shared.entropy),
+                now,
+                device,
+                f,
+            ),
+            ClientFrame::WatchPresence(f) => presence.watch(&mut *store, now, id, device, f),
+            ClientFrame::UpdatePresenceLists(f) => {
+                presence.update_lists(&mut *store, now, device, f)
+            }
+            _ => return None,
+        },
+        _ => return Some(ServerFrame::Error(ErrorFrame::new(ErrorCode::Overloaded))),
+    };
+    match outcome {
+        Ok(outcome) => {
+            wake_presence(shared, &outcome.wake);
+            outcome.answer
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "presence request failed");
+            Some(ServerFrame::Error(ErrorFrame {
+                rid: frame.rid(),
+                ..ErrorFrame::new(ErrorCode::InternalError)
+            }))
+        }
     }
 }
 
@@ -270,14 +366,37 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "pending_sends_max": c.limits.pending_sends_max,
             "key_packages_per_upload_max": c.limits.key_packages_per_upload_max,
             "pre_auth_frames_max": c.pre_auth_frames_max,
+            "watchlist_max": c.presence.watchlist_max,
+            "presence_list_max": c.presence.list_max,
             "payload_bytes_max": limits::payload_bytes_max(
                 usize::try_from(c.limits.frame_bytes_max).unwrap_or(usize::MAX)
             ),
         },
-        "rate_limits": shared.limiters.announce(),
+        "rate_limits": rate_limits(&shared),
+        "presence": {
+            "presence_ttl_min_ms": c.presence.ttl_min_ms,
+            "presence_ttl_max_ms": c.presence.ttl_max_ms,
+            "presence_grace_ms": c.presence.grace_ms,
+            "presence_jitter_ms": c.presence.jitter_ms,
+        },
         "key_package_low_watermark": c.key_package_low_watermark,
         "key_package_pool_max": c.key_package_pool_max,
     }))
+}
+
+/// Every enforced rate limit, for `/v1/info` (SPEC.md 11).
+fn rate_limits(shared: &Shared) -> serde_json::Value {
+    let mut all = shared.limiters.announce();
+    if let (Some(map), Ok(presence)) = (all.as_object_mut(), shared.presence.lock()) {
+        for l in presence.limiters() {
+            let limit = l.limit();
+            map.insert(
+                l.name().to_owned(),
+                serde_json::json!({"per_minute": limit.per_minute, "burst": limit.burst}),
+            );
+        }
+    }
+    all
 }
 
 /// Refuses a connection over `connects_per_ip` with 429 before the upgrade (SPEC.md 11).
@@ -444,7 +563,7 @@ impl Outbox {
 
 /// Queues the handler's frames and performs its other actions; the close code, if the
 /// handler asked to close or the queue overflowed.
-fn apply(shared: &Shared, outbox: &mut Outbox, actions: Vec<Action>) -> Option<CloseCode> {
+fn apply(shared: &Shared, id: u64, outbox: &mut Outbox, actions: Vec<Action>) -> Option<CloseCode> {
     for action in actions {
         match action {
             Action::Send(frame) => {
@@ -455,6 +574,13 @@ fn apply(shared: &Shared, outbox: &mut Outbox, actions: Vec<Action>) -> Option<C
             Action::Close(code) => return Some(code),
             Action::Appended { stream, .. } => {
                 let _ = shared.hub.send(stream);
+            }
+            Action::Presence { device, frame } => {
+                if let Some(answer) = on_presence(shared, id, device, &frame) {
+                    if let Err(code) = outbox.frame(&answer) {
+                        return Some(code);
+                    }
+                }
             }
             Action::Revoked { device } => {
                 // Close the device's session, wherever it is (REQ-3.3-3).
@@ -474,6 +600,7 @@ fn apply(shared: &Shared, outbox: &mut Outbox, actions: Vec<Action>) -> Option<C
 /// 4002) instead of memory.
 fn pull(
     shared: &Shared,
+    id: u64,
     conn: &mut Connection,
     outbox: &mut Outbox,
     streams: &[StreamKey],
@@ -486,7 +613,7 @@ fn pull(
             };
             match actions {
                 Ok(actions) if !actions.is_empty() => {
-                    if let Some(code) = apply(shared, outbox, actions) {
+                    if let Some(code) = apply(shared, id, outbox, actions) {
                         return Some(code);
                     }
                 }
@@ -547,6 +674,12 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, async { tokio::join!(flushed, drain) }).await;
     writer.abort();
+    if let Ok(mut wakers) = shared.presence_wakers.lock() {
+        wakers.remove(&id);
+    }
+    if let Ok(mut presence) = shared.presence.lock() {
+        presence.unwatch(id);
+    }
     // Forget this session unless a newer one already took the device's place.
     if let (Some(d), Ok(mut sessions)) = (device, shared.sessions.lock()) {
         if sessions.get(&d).is_some_and(|(owner, _)| *owner == id) {
@@ -579,6 +712,10 @@ async fn run_connection(
     let mut conn = Connection::new();
     let mut hub = shared.hub.subscribe();
     let mut shutdown = shared.shutdown.clone();
+    let presence_events = Arc::new(Notify::new());
+    if let Ok(mut wakers) = shared.presence_wakers.lock() {
+        wakers.insert(id, presence_events.clone());
+    }
     let auth_deadline =
         tokio::time::Instant::now() + Duration::from_millis(shared.config.auth_timeout_ms);
     let heartbeat_timeout = Duration::from_millis(shared.config.heartbeat_timeout_ms);
@@ -618,7 +755,7 @@ async fn run_connection(
                         Ok(mut store) => conn.handle(&shared.config, &mut *store, &shared.limiters, &mut EnvEntropy(&shared.entropy), (shared.clock)(), &bytes),
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
-                    apply(shared, outbox, actions)
+                    apply(shared, id, outbox, actions)
                 }
                 Some(Ok(Message::Text(_))) => Some(CloseCode::ProtocolError),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
@@ -626,13 +763,21 @@ async fn run_connection(
                 // An oversize message or a broken socket.
                 Some(Err(_)) => Some(CloseCode::FrameTooLarge),
             },
+            () = presence_events.notified() => {
+                let events = match shared.presence.lock() {
+                    Ok(mut presence) => presence.take_events(id),
+                    Err(_) => return Some(CloseCode::Overloaded),
+                };
+                telemetry::presence_events(events.len());
+                events.iter().find_map(|frame| outbox.frame(frame).err())
+            }
             woken = hub.recv() => {
                 let streams = match woken {
                     Ok(stream) => vec![stream],
                     Err(broadcast::error::RecvError::Lagged(_)) => conn.subscribed_streams(),
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };
-                pull(shared, &mut conn, outbox, &streams)
+                pull(shared, id, &mut conn, outbox, &streams)
             }
         };
         if code.is_some() {

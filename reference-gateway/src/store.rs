@@ -250,6 +250,29 @@ pub trait Store: Send {
         device: &DeviceId,
         from_seq: u64,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// `user`'s stored presence settings (SPEC.md 9); the default for a key never seen.
+    fn presence_record(&self, user: &SystemKey) -> Result<PresenceRecord, StoreError>;
+
+    /// Stores `user`'s presence settings.
+    fn put_presence_record(
+        &mut self,
+        user: &SystemKey,
+        record: &PresenceRecord,
+    ) -> Result<(), StoreError>;
+}
+
+/// A user's stored presence settings (SPEC.md 9.1, 9.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceRecord {
+    /// Users this user shares presence with.
+    pub shared: std::collections::BTreeSet<SystemKey>,
+    /// Users this user blocks.
+    pub blocked: std::collections::BTreeSet<SystemKey>,
+    /// Invisible mode is on.
+    pub invisible: bool,
+    /// The published time of the user's last online/offline transition.
+    pub last_seen: Option<UnixMs>,
 }
 
 /// One device in [`Store::devices`].

@@ -39,6 +39,11 @@ pub const REVOCATIONS_TOTAL: &str = "confab_revocations_total";
 /// Entries deleted by retention.
 pub const GC_ENTRIES_DELETED_TOTAL: &str = "confab_gc_entries_deleted_total";
 
+/// Presence transitions published (online or offline, after jitter).
+pub const PRESENCE_TRANSITIONS_TOTAL: &str = "confab_presence_transitions_total";
+/// `PresenceChanged` frames queued to watchers.
+pub const PRESENCE_EVENTS_TOTAL: &str = "confab_presence_events_total";
+
 /// Registers a description for every metric (shown as `# HELP` by the exporter).
 pub fn describe() {
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections.");
@@ -59,6 +64,11 @@ pub fn describe() {
     );
     describe_counter!(REVOCATIONS_TOTAL, "Device revocations stored.");
     describe_counter!(GC_ENTRIES_DELETED_TOTAL, "Entries deleted by retention.");
+    describe_counter!(
+        PRESENCE_TRANSITIONS_TOTAL,
+        "Presence transitions published."
+    );
+    describe_counter!(PRESENCE_EVENTS_TOTAL, "PresenceChanged frames queued.");
 }
 
 /// An `Error` frame with `code` was sent.
@@ -133,4 +143,14 @@ pub fn connections_open(delta: f64) {
         counter!(CONNECTIONS_TOTAL).increment(1);
     }
     gauge!(CONNECTIONS_OPEN).increment(delta);
+}
+
+/// A presence transition was published.
+pub fn presence_transition() {
+    counter!(PRESENCE_TRANSITIONS_TOTAL).increment(1);
+}
+
+/// `n` `PresenceChanged` frames were queued.
+pub fn presence_events(n: usize) {
+    counter!(PRESENCE_EVENTS_TOTAL).increment(n as u64);
 }

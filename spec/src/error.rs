@@ -148,6 +148,10 @@ registry! {
         NoKeyPackages = 501 => "no_key_packages",
         /// The device's pool would pass `key_package_pool_max`.
         KeyPackagePoolFull = 502 => "key_package_pool_full",
+        /// A watchlist larger than `watchlist_max` for the user.
+        WatchlistTooLarge = 600 => "watchlist_too_large",
+        /// A share list or blocklist would pass `presence_list_max`.
+        PresenceListFull = 601 => "presence_list_full",
         /// Retry after `retry_after_ms`.
         RateLimited = 900 => "rate_limited",
         /// The gateway cannot serve the request now.

@@ -237,6 +237,134 @@ cbor_map! {
     }
 }
 
+/// What a device asks its presence to be (SPEC.md section 9.1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceMode {
+    /// Hold a lease: the user shows online to the users it shares presence with.
+    Online,
+    /// Hold a lease but show offline to everyone; the user's last-seen stops advancing.
+    Invisible,
+    /// Release this device's lease now.
+    Offline,
+}
+
+impl Cbor for PresenceMode {
+    fn encode(&self, w: &mut Writer) {
+        w.uint(match self {
+            PresenceMode::Online => 1,
+            PresenceMode::Invisible => 2,
+            PresenceMode::Offline => 3,
+        });
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        match r.uint()? {
+            1 => Ok(PresenceMode::Online),
+            2 => Ok(PresenceMode::Invisible),
+            3 => Ok(PresenceMode::Offline),
+            _ => Err(DecodeError::Malformed("unknown presence mode")),
+        }
+    }
+}
+
+/// What a watcher is told about a target (SPEC.md section 9.2): a coarse bucket, never a
+/// timestamp.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceState {
+    /// At least one of the target's devices holds a lease.
+    Online,
+    /// Last seen within the past hour.
+    WithinHour,
+    /// Last seen within the past 24 hours.
+    Today,
+    /// Last seen within the past 7 days.
+    ThisWeek,
+    /// Last seen longer ago, or never.
+    Longer,
+    /// The target shares no presence with this watcher; also the answer for a key that
+    /// belongs to nobody.
+    Unavailable,
+}
+
+impl PresenceState {
+    /// The state's name as SPEC.md writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::WithinHour => "within_hour",
+            PresenceState::Today => "today",
+            PresenceState::ThisWeek => "this_week",
+            PresenceState::Longer => "longer",
+            PresenceState::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl Cbor for PresenceState {
+    fn encode(&self, w: &mut Writer) {
+        w.uint(match self {
+            PresenceState::Online => 1,
+            PresenceState::WithinHour => 2,
+            PresenceState::Today => 3,
+            PresenceState::ThisWeek => 4,
+            PresenceState::Longer => 5,
+            PresenceState::Unavailable => 6,
+        });
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        match r.uint()? {
+            1 => Ok(PresenceState::Online),
+            2 => Ok(PresenceState::WithinHour),
+            3 => Ok(PresenceState::Today),
+            4 => Ok(PresenceState::ThisWeek),
+            5 => Ok(PresenceState::Longer),
+            6 => Ok(PresenceState::Unavailable),
+            _ => Err(DecodeError::Malformed("unknown presence state")),
+        }
+    }
+}
+
+cbor_map! {
+    /// `SetPresence` (type 20, SPEC.md section 9.1): take, renew or release this device's
+    /// presence lease.
+    pub struct SetPresence {
+        /// Request id.
+        1 req rid: u64,
+        /// Online, invisible or offline.
+        2 req mode: PresenceMode,
+        /// How long the lease should last; the gateway clamps it. Ignored for offline.
+        3 req ttl_ms: u64,
+    }
+}
+
+cbor_map! {
+    /// `WatchPresence` (type 21, SPEC.md section 9.2): replace this session's watchlist.
+    pub struct WatchPresence {
+        /// Request id.
+        1 req rid: u64,
+        /// The users to watch; empty stops watching.
+        2 req targets: Vec<SystemKey>,
+    }
+}
+
+cbor_map! {
+    /// `UpdatePresenceLists` (type 22, SPEC.md section 9.3): change the caller's user's
+    /// share list and blocklist. With no field besides `rid` it is a query.
+    pub struct UpdatePresenceLists {
+        /// Request id.
+        1 req rid: u64,
+        /// Users to start sharing presence with.
+        2 opt share: Vec<SystemKey>,
+        /// Users to stop sharing presence with.
+        3 opt unshare: Vec<SystemKey>,
+        /// Users to block.
+        4 opt block: Vec<SystemKey>,
+        /// Users to unblock.
+        5 opt unblock: Vec<SystemKey>,
+    }
+}
+
 cbor_map! {
     /// `Challenge` (type 64, SPEC.md section 5.2).
     pub struct Challenge {
@@ -673,6 +801,64 @@ cbor_map! {
     }
 }
 
+cbor_map! {
+    /// `PresenceLease` (type 90, SPEC.md section 9.1): the lease granted.
+    pub struct PresenceLease {
+        /// Request id.
+        1 req rid: u64,
+        /// The mode now in force for this device.
+        2 req mode: PresenceMode,
+        /// The lease's length after clamping; 0 for offline.
+        3 req ttl_ms: u64,
+    }
+}
+
+cbor_map! {
+    /// One target's state in a `PresenceStates` answer.
+    pub struct PresenceOf {
+        /// The watched user.
+        1 req target: SystemKey,
+        /// What this watcher may know of it.
+        2 req state: PresenceState,
+    }
+}
+
+cbor_map! {
+    /// `PresenceStates` (type 91, SPEC.md section 9.2): the watchlist's current states, in
+    /// the order requested.
+    pub struct PresenceStates {
+        /// Request id.
+        1 req rid: u64,
+        /// One per requested target.
+        2 req states: Vec<PresenceOf>,
+    }
+}
+
+cbor_map! {
+    /// `PresenceChanged` (type 92, SPEC.md section 9.2): a watched user's state changed.
+    pub struct PresenceChanged {
+        /// The watched user.
+        1 req target: SystemKey,
+        /// Its new state for this watcher.
+        2 req state: PresenceState,
+    }
+}
+
+cbor_map! {
+    /// `PresenceLists` (type 93, SPEC.md section 9.3): the caller's user's lists after an
+    /// `UpdatePresenceLists`.
+    pub struct PresenceLists {
+        /// Request id.
+        1 req rid: u64,
+        /// Users this user shares presence with.
+        2 req shared: Vec<SystemKey>,
+        /// Users this user blocks.
+        3 req blocked: Vec<SystemKey>,
+        /// Whether a device of this user set invisible mode (cleared by going online).
+        4 req invisible: bool,
+    }
+}
+
 /// Declares a frame enum over structs with their type numbers.
 macro_rules! frame_enum {
     (
@@ -758,6 +944,9 @@ frame_enum! {
         11 => UploadKeyPackages(UploadKeyPackages),
         12 => ClaimKeyPackages(ClaimKeyPackages),
         13 => ListDevices(ListDevices),
+        20 => SetPresence(SetPresence),
+        21 => WatchPresence(WatchPresence),
+        22 => UpdatePresenceLists(UpdatePresenceLists),
     }
 }
 
@@ -779,6 +968,10 @@ frame_enum! {
         76 => KeyPackagesStored(KeyPackagesStored),
         77 => KeyPackagesClaimed(KeyPackagesClaimed),
         78 => Devices(Devices),
+        90 => PresenceLease(PresenceLease),
+        91 => PresenceStates(PresenceStates),
+        92 => PresenceChanged(PresenceChanged),
+        93 => PresenceLists(PresenceLists),
     }
 }
 
@@ -796,11 +989,15 @@ impl ServerFrame {
             ServerFrame::KeyPackagesStored(f) => Some(f.rid),
             ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
             ServerFrame::Devices(f) => Some(f.rid),
+            ServerFrame::PresenceLease(f) => Some(f.rid),
+            ServerFrame::PresenceStates(f) => Some(f.rid),
+            ServerFrame::PresenceLists(f) => Some(f.rid),
             ServerFrame::Challenge(_)
             | ServerFrame::Ready(_)
             | ServerFrame::HeartbeatAck(_)
             | ServerFrame::Batch(_)
-            | ServerFrame::Deliver(_) => None,
+            | ServerFrame::Deliver(_)
+            | ServerFrame::PresenceChanged(_) => None,
         }
     }
 }
@@ -817,6 +1014,9 @@ impl ClientFrame {
             ClientFrame::UploadKeyPackages(f) => Some(f.rid),
             ClientFrame::ClaimKeyPackages(f) => Some(f.rid),
             ClientFrame::ListDevices(f) => Some(f.rid),
+            ClientFrame::SetPresence(f) => Some(f.rid),
+            ClientFrame::WatchPresence(f) => Some(f.rid),
+            ClientFrame::UpdatePresenceLists(f) => Some(f.rid),
             ClientFrame::Hello(_)
             | ClientFrame::Auth(_)
             | ClientFrame::Heartbeat(_)

@@ -304,6 +304,57 @@ pub fn sample_frames() -> SampleFrames {
             "list-devices",
             ClientFrame::ListDevices(ListDevices { rid: 13 }),
         ),
+        (
+            "set-presence-online",
+            ClientFrame::SetPresence(SetPresence {
+                rid: 14,
+                mode: PresenceMode::Online,
+                ttl_ms: 60_000,
+            }),
+        ),
+        (
+            "set-presence-invisible",
+            ClientFrame::SetPresence(SetPresence {
+                rid: 15,
+                mode: PresenceMode::Invisible,
+                ttl_ms: 60_000,
+            }),
+        ),
+        (
+            "set-presence-offline",
+            ClientFrame::SetPresence(SetPresence {
+                rid: 16,
+                mode: PresenceMode::Offline,
+                ttl_ms: 0,
+            }),
+        ),
+        (
+            "watch-presence",
+            ClientFrame::WatchPresence(WatchPresence {
+                rid: 17,
+                targets: vec![system.public(), SystemKey([0x77; 32])],
+            }),
+        ),
+        (
+            "update-presence-lists",
+            ClientFrame::UpdatePresenceLists(UpdatePresenceLists {
+                rid: 18,
+                share: Some(vec![SystemKey([0x77; 32])]),
+                unshare: None,
+                block: Some(vec![SystemKey([0x66; 32])]),
+                unblock: None,
+            }),
+        ),
+        (
+            "update-presence-lists-query",
+            ClientFrame::UpdatePresenceLists(UpdatePresenceLists {
+                rid: 19,
+                share: None,
+                unshare: None,
+                block: None,
+                unblock: None,
+            }),
+        ),
     ];
     let entries = sample_entries();
     let server = vec![
@@ -480,6 +531,46 @@ pub fn sample_frames() -> SampleFrames {
                     pool_count: 12,
                     last_resort_present: true,
                 }],
+            }),
+        ),
+        (
+            "presence-lease",
+            ServerFrame::PresenceLease(PresenceLease {
+                rid: 14,
+                mode: PresenceMode::Online,
+                ttl_ms: 60_000,
+            }),
+        ),
+        (
+            "presence-states",
+            ServerFrame::PresenceStates(PresenceStates {
+                rid: 17,
+                states: vec![
+                    PresenceOf {
+                        target: system.public(),
+                        state: PresenceState::Online,
+                    },
+                    PresenceOf {
+                        target: SystemKey([0x77; 32]),
+                        state: PresenceState::Unavailable,
+                    },
+                ],
+            }),
+        ),
+        (
+            "presence-changed",
+            ServerFrame::PresenceChanged(PresenceChanged {
+                target: system.public(),
+                state: PresenceState::WithinHour,
+            }),
+        ),
+        (
+            "presence-lists",
+            ServerFrame::PresenceLists(PresenceLists {
+                rid: 18,
+                shared: vec![SystemKey([0x77; 32])],
+                blocked: vec![SystemKey([0x66; 32])],
+                invisible: false,
             }),
         ),
     ];

@@ -4,6 +4,7 @@ mod directory;
 mod framing;
 mod groups;
 pub mod log;
+mod presence;
 mod session;
 
 use crate::case;
@@ -18,6 +19,7 @@ pub fn all() -> Vec<Case> {
     all.extend(log::cases());
     all.extend(directory::cases());
     all.extend(groups::cases());
+    all.extend(presence::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",

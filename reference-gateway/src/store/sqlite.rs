@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, DeviceListing,
-    GcReport, IssuedToken, PoolStatus, Redeemed, RetentionPolicy, Store, StoreError,
-    StoredKeyPackage, StreamKey, UploadOutcome,
+    GcReport, IssuedToken, PoolStatus, PresenceRecord, Redeemed, RetentionPolicy, Store,
+    StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use crate::faults::Faults;
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
@@ -108,7 +108,14 @@ CREATE TABLE IF NOT EXISTS departures (
     seq INTEGER NOT NULL,
     PRIMARY KEY (conversation, device, seq)
 ) WITHOUT ROWID;
-PRAGMA user_version = 4;
+CREATE TABLE IF NOT EXISTS presence (
+    user BLOB PRIMARY KEY,
+    shared BLOB NOT NULL,
+    blocked BLOB NOT NULL,
+    invisible INTEGER NOT NULL,
+    last_seen_ms INTEGER
+) WITHOUT ROWID;
+PRAGMA user_version = 5;
 ";
 
 impl SqliteStore {
@@ -155,6 +162,9 @@ impl SqliteStore {
         Ok(())
     }
 }
+
+/// A `presence` row: shared, blocked, invisible, last_seen_ms.
+type PresenceRow = (Vec<u8>, Vec<u8>, i64, Option<i64>);
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
@@ -953,6 +963,60 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
         Ok(v.map(|v| v as u64))
+    }
+
+    fn presence_record(&self, user: &SystemKey) -> Result<PresenceRecord, StoreError> {
+        let row: Option<PresenceRow> = self
+            .conn
+            .prepare_cached(
+                "SELECT shared, blocked, invisible, last_seen_ms FROM presence WHERE user = ?1",
+            )
+            .map_err(db)?
+            .query_row(params![user.0.as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+            .map_err(db)?;
+        let Some((shared, blocked, invisible, last_seen)) = row else {
+            return Ok(PresenceRecord::default());
+        };
+        let keys = |bytes: &[u8]| -> Result<std::collections::BTreeSet<SystemKey>, StoreError> {
+            bytes
+                .chunks(SystemKey::LEN)
+                .map(|c| SystemKey::from_slice(c).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect()
+        };
+        Ok(PresenceRecord {
+            shared: keys(&shared)?,
+            blocked: keys(&blocked)?,
+            invisible: invisible != 0,
+            last_seen: last_seen.map(|v| UnixMs(v.max(0) as u64)),
+        })
+    }
+
+    fn put_presence_record(
+        &mut self,
+        user: &SystemKey,
+        record: &PresenceRecord,
+    ) -> Result<(), StoreError> {
+        let concat = |set: &std::collections::BTreeSet<SystemKey>| -> Vec<u8> {
+            set.iter().flat_map(|k| k.0).collect()
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO presence (user, shared, blocked, invisible, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?
+            .execute(params![
+                user.0.as_slice(),
+                concat(&record.shared),
+                concat(&record.blocked),
+                i64::from(record.invisible),
+                record.last_seen.map(|t| to_i64(t.0)),
+            ])
+            .map_err(db)?;
+        Ok(())
     }
 
     fn devices(&self, user: &SystemKey, now: UnixMs) -> Result<Vec<DeviceListing>, StoreError> {
