@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{
     ClaimKeyPackages, ClaimedKeyPackage, ClientFrame, ConversationKind, DeviceStatus, Entry,
-    EntryBody, KeyPackagesStored, ListDevices, RevokeDevice, ServerFrame, UploadKeyPackages,
+    EntryBody, KeyPackagesStored, ListDevices, PresenceLease, PresenceLists, PresenceMode,
+    PresenceOf, PresenceState, RevokeDevice, ServerFrame, SetPresence, UpdatePresenceLists,
+    UploadKeyPackages, WatchPresence,
 };
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{
@@ -36,6 +38,7 @@ use confab_spec::limits;
 use confab_spec::session::{Event, Input, SessionError};
 
 use crate::mls::{CommitOutput, EngineError, MlsEngine, Processed};
+use crate::presence::{LEASE_TTL_MS, Tracker};
 use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
 use crate::transport::Transport;
 
@@ -129,6 +132,7 @@ pub struct Client {
     /// Outbox messages of an earlier process sent again, whose answer nobody waits for.
     resent: HashSet<MsgId>,
     observer: Option<Observer>,
+    presence: Tracker,
 }
 
 /// What a client reports to its observer as it goes ([`Client::observe`]).
@@ -284,6 +288,7 @@ impl Client {
             connections: 0,
             resent: HashSet::new(),
             observer: None,
+            presence: Tracker::default(),
         }
     }
 
@@ -385,10 +390,148 @@ impl Client {
         if let Some(error) = self.stopped {
             return Err(ClientError::Stopped(error));
         }
-        let event = self.transport.next_event().await;
+        let renew_in = self.presence.renew_in(self.now()).filter(|_| self.ready);
+        let event = match renew_in {
+            Some(0) => None,
+            Some(ms) => tokio::select! {
+                event = self.transport.next_event() => Some(event),
+                () = tokio::time::sleep(std::time::Duration::from_millis(ms)) => None,
+            },
+            None => Some(self.transport.next_event().await),
+        };
+        let Some(event) = event else {
+            self.renew_presence();
+            return Ok(());
+        };
         let lost = self.transport.deliveries_lost();
         self.observed(|o| o.lost_deliveries = lost);
         self.on_event(event)
+    }
+
+    /// Takes, renews or releases this device's presence lease (SPEC.md 9.1). While the
+    /// mode is online or invisible the client renews the lease at half its length as it
+    /// pumps, and takes it again after every reconnect.
+    pub async fn set_presence(&mut self, mode: PresenceMode) -> Result<PresenceLease, ClientError> {
+        self.presence.set_mode(mode);
+        let ttl_ms = if mode == PresenceMode::Offline {
+            0
+        } else {
+            LEASE_TTL_MS
+        };
+        match self
+            .request(|rid| ClientFrame::SetPresence(SetPresence { rid, mode, ttl_ms }))
+            .await?
+        {
+            ServerFrame::PresenceLease(lease) => {
+                self.presence.granted(self.now(), lease.ttl_ms);
+                Ok(lease)
+            }
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Watches `targets` (replacing the watchlist; empty stops watching) and returns their
+    /// states. Changes are then collected as the client pumps
+    /// ([`Client::take_presence_changes`]), and the client watches again after a reconnect.
+    pub async fn watch_presence(
+        &mut self,
+        targets: Vec<SystemKey>,
+    ) -> Result<Vec<PresenceOf>, ClientError> {
+        let answer = self
+            .request(|rid| {
+                ClientFrame::WatchPresence(WatchPresence {
+                    rid,
+                    targets: targets.clone(),
+                })
+            })
+            .await?;
+        let ServerFrame::PresenceStates(states) = answer else {
+            return Err(ClientError::Unexpected);
+        };
+        self.presence.set_watchlist(targets);
+        self.presence.observe_all(&states.states);
+        Ok(states.states)
+    }
+
+    /// Changes this user's presence share list and blocklist (any field may be empty; all
+    /// empty is a query) and returns the lists.
+    pub async fn update_presence_lists(
+        &mut self,
+        share: Vec<SystemKey>,
+        unshare: Vec<SystemKey>,
+        block: Vec<SystemKey>,
+        unblock: Vec<SystemKey>,
+    ) -> Result<PresenceLists, ClientError> {
+        let some = |v: Vec<SystemKey>| (!v.is_empty()).then_some(v);
+        let frame = UpdatePresenceLists {
+            rid: 0,
+            share: some(share),
+            unshare: some(unshare),
+            block: some(block),
+            unblock: some(unblock),
+        };
+        match self
+            .request(|rid| ClientFrame::UpdatePresenceLists(UpdatePresenceLists { rid, ..frame }))
+            .await?
+        {
+            ServerFrame::PresenceLists(lists) => Ok(lists),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// The latest known presence of each watched user.
+    pub fn presence_states(&self) -> &std::collections::BTreeMap<SystemKey, PresenceState> {
+        self.presence.states()
+    }
+
+    /// Presence changes of watched users since the last call, in arrival order.
+    pub fn take_presence_changes(&mut self) -> Vec<(SystemKey, PresenceState)> {
+        self.presence.take_changes()
+    }
+
+    /// Sends a lease renewal without waiting for its answer (handled in `on_event`).
+    fn renew_presence(&mut self) {
+        let now = self.now();
+        let Some(mode) = self.presence.mode() else {
+            return;
+        };
+        let sent = self.transport.session().request(now, |rid| {
+            ClientFrame::SetPresence(SetPresence {
+                rid,
+                mode,
+                ttl_ms: LEASE_TTL_MS,
+            })
+        });
+        match sent {
+            Ok(rid) => {
+                self.presence.own_request(rid);
+                // Until the answer comes, do not send another.
+                self.presence.granted(now, LEASE_TTL_MS);
+            }
+            Err(_) => self.presence.renewal_failed(now, None),
+        }
+    }
+
+    /// After a reconnect: take the lease again and watch again.
+    fn resume_presence(&mut self) {
+        let now = self.now();
+        if self.presence.on_ready(now) {
+            let targets = self.presence.watchlist().to_vec();
+            if let Ok(rid) = self.transport.session().request(now, |rid| {
+                ClientFrame::WatchPresence(WatchPresence { rid, targets })
+            }) {
+                self.presence.own_request(rid);
+            }
+        }
+    }
+
+    /// An answer to one of the client's own presence requests.
+    fn on_own_presence_answer(&mut self, frame: ServerFrame) {
+        match frame {
+            ServerFrame::PresenceLease(lease) => self.presence.granted(self.now(), lease.ttl_ms),
+            ServerFrame::PresenceStates(states) => self.presence.observe_all(&states.states),
+            _ => {}
+        }
     }
 
     /// Keeps at least `target` KeyPackages in the pool (uploading when it fell below the
@@ -891,6 +1034,7 @@ impl Client {
                 self.ready = true;
                 self.connections += 1;
                 self.failed_attempts = 0;
+                self.resume_presence();
                 self.observed(|o| {
                     o.ready = true;
                     o.readies += 1;
@@ -920,9 +1064,22 @@ impl Client {
                 self.created.insert(conversation);
             }
             Event::Response { frame } => {
-                if let Some(rid) = frame.rid() {
-                    self.responses.insert(rid, Ok(frame));
+                if let ServerFrame::PresenceChanged(c) = &frame {
+                    self.presence.observe(c.target, c.state);
+                } else if let Some(rid) = frame.rid() {
+                    if self.presence.take_own_request(rid) {
+                        self.on_own_presence_answer(frame);
+                    } else {
+                        self.responses.insert(rid, Ok(frame));
+                    }
                 }
+            }
+            Event::RequestFailed {
+                rid,
+                retry_after_ms,
+                ..
+            } if self.presence.take_own_request(rid) => {
+                self.presence.renewal_failed(self.now(), retry_after_ms);
             }
             Event::RequestFailed {
                 rid,

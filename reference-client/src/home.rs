@@ -31,6 +31,10 @@ pub struct Settings {
     /// private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// The presence this device keeps while a long-running command (`watch`,
+    /// `watch-presence`) runs: `online` or `invisible`; absent is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<String>,
 }
 
 /// Why the state directory cannot be used.
@@ -134,6 +138,13 @@ impl Home {
         std::fs::write(&path, text).map_err(|e| self.io(&path, e))?;
         store.set_identity(&identity)?;
         Ok(identity)
+    }
+
+    /// Replaces the stored settings.
+    pub fn save_settings(&self, settings: &Settings) -> Result<(), HomeError> {
+        let path = self.dir.join("settings.toml");
+        let text = toml::to_string(settings).map_err(|e| self.io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| self.io(&path, e))
     }
 
     /// The stored settings.

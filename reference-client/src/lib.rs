@@ -7,6 +7,7 @@
 //! - [`store`]: local state (contacts, conversations, cursors, outbox, messages);
 //! - [`transport`]: the sans-IO [`confab_spec::session::ClientSession`] over a WebSocket;
 //! - [`app`]: the client application tying them together;
+//! - [`presence`]: the client's presence lease, watchlist and what it knows of others;
 //! - [`home`]: a device's state directory, used by the `confab` CLI (`src/bin/confab.rs`);
 //! - [`interop`]: the IETF interop scenario harness.
 
@@ -16,6 +17,7 @@ pub mod home;
 pub mod identity;
 pub mod interop;
 pub mod mls;
+pub mod presence;
 pub mod store;
 pub mod transport;
 

@@ -3,7 +3,8 @@
 //! closed while the other writes, the gateway restarts, and the closed side catches up in
 //! order with no duplicates. Alice adds a second device from her backup string, it reads
 //! what is sent after it joined, and once revoked it is refused. User errors print a
-//! sentence, not a backtrace.
+//! sentence, not a backtrace. Presence: one user shares with the other, who watches from a
+//! long-running `watch-presence` and sees her come online, lapse, and block him.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,6 +22,18 @@ fn gateway(
     tokio::sync::oneshot::Sender<()>,
     std::thread::JoinHandle<()>,
 ) {
+    gateway_with(db, addr, |_| {})
+}
+
+/// [`gateway`] with `configure` applied to its settings.
+fn gateway_with(
+    db: &Path,
+    addr: SocketAddr,
+    configure: impl FnOnce(&mut GatewayConfig) + Send + 'static,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let db = db.to_path_buf();
     let (up, is_up) = std::sync::mpsc::channel();
@@ -30,9 +43,11 @@ fn gateway(
             let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
             let _ = up.send(());
             let store = SqliteStore::open(&db).expect("store");
+            let mut config = GatewayConfig::new(format!("ws://{addr}"));
+            configure(&mut config);
             let _ = server::serve(
                 listener,
-                GatewayConfig::new(format!("ws://{addr}")),
+                config,
                 store,
                 server::Environment::default(),
                 async {
@@ -240,6 +255,80 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
     ] {
         assert!(!out.stderr.contains("panicked") && !out.stderr.contains("backtrace"));
     }
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+}
+
+#[test]
+fn presence_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let (stop, thread) = gateway_with(&dir.path().join("gw.db"), addr, |c| {
+        c.presence.ttl_max_ms = 1_000;
+        c.presence.grace_ms = 300;
+        c.presence.jitter_ms = 300;
+    });
+    let server = format!("ws://{addr}/v1/ws");
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    ok(&alice, &server, &["init"]);
+    ok(&bob, &server, &["init"]);
+    let (ka, kb) = (user_key(&alice, &server), user_key(&bob, &server));
+    ok(&alice, &server, &["contacts", "add", "bob", &kb]);
+    ok(&bob, &server, &["contacts", "add", "alice", &ka]);
+    assert!(ok(&alice, &server, &["presence", "share", "bob"]).contains("shared with  bob"));
+    let out = confab(&alice, &server, &["presence", "share", "carol"]);
+    assert!(
+        !out.ok && out.stderr.contains("neither a contact nor a user key"),
+        "{}",
+        out.stderr
+    );
+
+    // Bob watches from a long-running process; each line is one state.
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("--home")
+        .arg(&bob)
+        .args(["--server", &server, "--json", "watch-presence"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch-presence");
+    let stdout = watcher.stdout.take().expect("stdout");
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+            let _ = lines.send((
+                v["name"].as_str().unwrap_or_default().to_owned(),
+                v["presence"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    });
+    let next = || {
+        seen.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a presence line within 20 s")
+    };
+    assert_eq!(next(), ("alice".into(), "longer".into()));
+    // A one-shot `presence online` holds a lease the gateway clamps to 1 s: Alice shows
+    // online, then the lease lapses and she was seen within the hour.
+    let lease: serde_json::Value =
+        serde_json::from_str(&ok(&alice, &server, &["--json", "presence", "online"]))
+            .expect("json");
+    assert_eq!(lease["lease_ms"], 1_000);
+    assert_eq!(next(), ("alice".into(), "online".into()));
+    assert_eq!(next(), ("alice".into(), "within_hour".into()));
+    // Blocked, Bob is told at once that Alice shares nothing with him.
+    assert!(ok(&alice, &server, &["presence", "block", "bob"]).contains("blocked      bob"));
+    assert_eq!(next(), ("alice".into(), "unavailable".into()));
+    let lists: serde_json::Value =
+        serde_json::from_str(&ok(&alice, &server, &["--json", "presence", "lists"])).expect("json");
+    assert_eq!(lists["blocked"], serde_json::json!(["bob"]));
+    let _ = watcher.kill();
+    let _ = watcher.wait();
     let _ = stop.send(());
     thread.join().expect("gateway thread");
 }

@@ -346,9 +346,12 @@ impl Presence {
         }
         let ttl_ms = match request.mode {
             PresenceMode::Offline => 0,
+            // Never `clamp`: it panics if a misconfigured minimum is above the maximum;
+            // the maximum wins then.
             _ => request
                 .ttl_ms
-                .clamp(self.config.ttl_min_ms, self.config.ttl_max_ms),
+                .max(self.config.ttl_min_ms)
+                .min(self.config.ttl_max_ms),
         };
         let user = self.user(&*store, &device.system)?;
         let invisible = match request.mode {

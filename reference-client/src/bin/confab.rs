@@ -12,6 +12,9 @@
 //!   read [NAME|CONVERSATION]   catch up and print messages
 //!   watch                      print messages as they arrive; survives reconnects
 //!   status                     connection, KeyPackage pool, pending outbox
+//!   presence online | invisible | offline
+//!   presence share NAME.. | unshare NAME.. | block NAME.. | unblock NAME.. | lists
+//!   watch-presence [NAME..]    print contacts' presence and its changes
 //! ```
 
 use std::path::PathBuf;
@@ -22,6 +25,7 @@ use clap::{Parser, Subcommand};
 use confab_client::app::{Client, ClientError};
 use confab_client::home::{Home, HomeError, Settings};
 use confab_client::store::Message;
+use confab_spec::frame::{PresenceMode, PresenceState};
 use confab_spec::identity::SystemKeyPair;
 use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
 
@@ -94,6 +98,37 @@ enum Command {
     Watch,
     /// Show the connection, the KeyPackage pool and the outbox.
     Status,
+    /// Your presence, and who may see it.
+    Presence {
+        #[command(subcommand)]
+        action: PresenceAction,
+    },
+    /// Print the presence of contacts (default: all) and its changes (Ctrl-C stops).
+    WatchPresence {
+        /// Contacts (names or user keys).
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PresenceAction {
+    /// Show as online to the users you share presence with, while `watch` or
+    /// `watch-presence` runs.
+    Online,
+    /// Show as offline to everyone (your last-seen stops), and still watch others.
+    Invisible,
+    /// Release this device's presence now.
+    Offline,
+    /// Let these users (contact names or user keys) see your presence.
+    Share { names: Vec<String> },
+    /// Stop sharing your presence with these users.
+    Unshare { names: Vec<String> },
+    /// Block these users: they see nothing of your presence.
+    Block { names: Vec<String> },
+    /// Unblock these users.
+    Unblock { names: Vec<String> },
+    /// Show who you share presence with and whom you block.
+    Lists,
 }
 
 #[derive(Subcommand)]
@@ -192,6 +227,72 @@ fn parse_key(s: &str) -> Result<SystemKey, CliError> {
     Ok(SystemKey(key))
 }
 
+/// A user named by a contact name or a user key.
+fn user_of(client: &Client, name: &str) -> Result<SystemKey, CliError> {
+    if let Some((_, key)) = client
+        .store()
+        .contacts()?
+        .into_iter()
+        .find(|(n, _)| n == name)
+    {
+        return Ok(key);
+    }
+    parse_key(name).map_err(|_| {
+        CliError::Usage(format!(
+            "{name:?} is neither a contact nor a user key (64 hex digits)"
+        ))
+    })
+}
+
+fn users_of(client: &Client, names: &[String]) -> Result<Vec<SystemKey>, CliError> {
+    names.iter().map(|n| user_of(client, n)).collect()
+}
+
+/// A contact's name for a user key, or the key's start.
+fn name_of(client: &Client, key: &SystemKey) -> String {
+    client
+        .store()
+        .contacts()
+        .ok()
+        .and_then(|c| c.into_iter().find(|(_, k)| k == key))
+        .map_or_else(|| hex_key(key)[..12].to_owned(), |(n, _)| n)
+}
+
+fn presence_name(state: PresenceState) -> &'static str {
+    match state {
+        PresenceState::Online => "online",
+        PresenceState::WithinHour => "seen within the hour",
+        PresenceState::Today => "seen today",
+        PresenceState::ThisWeek => "seen this week",
+        PresenceState::Longer => "not seen for a week or more",
+        PresenceState::Unavailable => "shares no presence with you",
+    }
+}
+
+fn print_presence(client: &Client, key: &SystemKey, state: PresenceState, json: bool) {
+    let name = name_of(client, key);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"user": hex_key(key), "name": name, "presence": state.name()})
+        );
+    } else {
+        println!("{name}: {}", presence_name(state));
+    }
+}
+
+/// Takes the lease the settings ask for (`confab presence online|invisible`); the client
+/// renews it while the command runs.
+async fn keep_presence(home: &Home, client: &mut Client) -> Result<(), CliError> {
+    let mode = match home.settings()?.presence.as_deref() {
+        Some("online") => PresenceMode::Online,
+        Some("invisible") => PresenceMode::Invisible,
+        _ => return Ok(()),
+    };
+    client.set_presence(mode).await?;
+    Ok(())
+}
+
 /// Connects within 10 s, or says the gateway is unreachable.
 async fn connect(home: &Home, server: Option<&str>) -> Result<Client, CliError> {
     let mut client = home.client(server)?;
@@ -274,6 +375,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 server: server.unwrap_or(DEFAULT_SERVER).to_owned(),
                 engine: cli.engine.unwrap_or_else(|| "openmls".into()),
                 ca_file: cli.ca_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                presence: None,
             };
             let identity = home.init(import.as_deref(), &settings)?;
             let mut client = connect(&home, None).await?;
@@ -485,6 +587,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
         Command::Watch => {
             let mut client = connect(&home, server).await?;
             client.top_up_key_packages(POOL_TARGET).await?;
+            keep_presence(&home, &mut client).await?;
             client.take_received();
             loop {
                 tokio::select! {
@@ -493,6 +596,103 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 }
                 for m in client.take_received() {
                     print_message(&client, &m, cli.json);
+                }
+            }
+        }
+        Command::Presence { action } => {
+            let mut client = connect(&home, server).await?;
+            let mode = match action {
+                PresenceAction::Online => Some(PresenceMode::Online),
+                PresenceAction::Invisible => Some(PresenceMode::Invisible),
+                PresenceAction::Offline => Some(PresenceMode::Offline),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                let lease = client.set_presence(mode).await?;
+                let mut settings = home.settings()?;
+                settings.presence = match mode {
+                    PresenceMode::Online => Some("online".into()),
+                    PresenceMode::Invisible => Some("invisible".into()),
+                    PresenceMode::Offline => None,
+                };
+                home.save_settings(&settings)?;
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"presence": format!("{mode:?}").to_lowercase(), "lease_ms": lease.ttl_ms})
+                    );
+                } else if mode == PresenceMode::Offline {
+                    println!("offline");
+                } else {
+                    println!(
+                        "{}: kept while `confab watch` or `confab watch-presence` runs (lease {} s, renewed)",
+                        format!("{mode:?}").to_lowercase(),
+                        lease.ttl_ms / 1_000
+                    );
+                }
+                return Ok(());
+            }
+            let (share, unshare, block, unblock) = match action {
+                PresenceAction::Share { names } => {
+                    (users_of(&client, &names)?, vec![], vec![], vec![])
+                }
+                PresenceAction::Unshare { names } => {
+                    (vec![], users_of(&client, &names)?, vec![], vec![])
+                }
+                PresenceAction::Block { names } => {
+                    (vec![], vec![], users_of(&client, &names)?, vec![])
+                }
+                PresenceAction::Unblock { names } => {
+                    (vec![], vec![], vec![], users_of(&client, &names)?)
+                }
+                _ => (vec![], vec![], vec![], vec![]),
+            };
+            let lists = client
+                .update_presence_lists(share, unshare, block, unblock)
+                .await?;
+            let names = |keys: &[SystemKey]| -> Vec<String> {
+                keys.iter().map(|k| name_of(&client, k)).collect()
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"shared": names(&lists.shared), "blocked": names(&lists.blocked), "invisible": lists.invisible})
+                );
+            } else {
+                println!("shared with  {}", names(&lists.shared).join(", "));
+                println!("blocked      {}", names(&lists.blocked).join(", "));
+                println!("invisible    {}", lists.invisible);
+            }
+        }
+        Command::WatchPresence { names } => {
+            let mut client = connect(&home, server).await?;
+            let targets = if names.is_empty() {
+                client
+                    .store()
+                    .contacts()?
+                    .into_iter()
+                    .map(|(_, k)| k)
+                    .collect()
+            } else {
+                users_of(&client, &names)?
+            };
+            if targets.is_empty() {
+                return Err(CliError::Usage(
+                    "no contacts to watch: `confab contacts add NAME KEY`".into(),
+                ));
+            }
+            keep_presence(&home, &mut client).await?;
+            for s in client.watch_presence(targets).await? {
+                print_presence(&client, &s.target, s.state, cli.json);
+            }
+            client.take_presence_changes();
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    result = client.pump() => result?,
+                }
+                for (key, state) in client.take_presence_changes() {
+                    print_presence(&client, &key, state, cli.json);
                 }
             }
         }
