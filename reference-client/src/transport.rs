@@ -156,7 +156,11 @@ impl Transport {
     /// Drops the connection without a close handshake, as a network failure would; the
     /// session reconnects and resumes. For fault injection (the simulator) and tests.
     pub fn drop_connection(&mut self) {
-        self.connecting = None;
+        // An attempt still in progress is abandoned too, and the session told at once (it
+        // would otherwise wait for its connect timeout).
+        if let Some((conn, _)) = self.connecting.take() {
+            self.input(Input::Closed { conn, code: None });
+        }
         if let Some((conn, _)) = self.socket.take() {
             self.input(Input::Closed { conn, code: None });
         }

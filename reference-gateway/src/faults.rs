@@ -29,6 +29,10 @@ pub struct Faults {
     /// memory and writes it to disk only at each retention pass, so a crash loses accepted
     /// entries (REQ-6.3-1).
     pub ack_before_durable: bool,
+    /// Show every user's presence to every watcher, share list or not (REQ-9.2-1).
+    pub presence_to_everyone: bool,
+    /// Skip the per-target presence limit (REQ-9.5-1 and section 9.5).
+    pub no_presence_target_limit: bool,
 }
 
 impl Faults {
@@ -46,6 +50,8 @@ impl Faults {
             "no_frame_size_limit" => &mut f.no_frame_size_limit,
             "deliver_twice" => &mut f.deliver_twice,
             "ack_before_durable" => &mut f.ack_before_durable,
+            "presence_to_everyone" => &mut f.presence_to_everyone,
+            "no_presence_target_limit" => &mut f.no_presence_target_limit,
             _ => return None,
         };
         *switch = true;
@@ -66,11 +72,14 @@ impl Faults {
             no_frame_size_limit: self.no_frame_size_limit || other.no_frame_size_limit,
             deliver_twice: self.deliver_twice || other.deliver_twice,
             ack_before_durable: self.ack_before_durable || other.ack_before_durable,
+            presence_to_everyone: self.presence_to_everyone || other.presence_to_everyone,
+            no_presence_target_limit: self.no_presence_target_limit
+                || other.no_presence_target_limit,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 12] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -81,5 +90,7 @@ impl Faults {
         "no_frame_size_limit",
         "deliver_twice",
         "ack_before_durable",
+        "presence_to_everyone",
+        "no_presence_target_limit",
     ];
 }

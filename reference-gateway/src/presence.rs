@@ -24,6 +24,7 @@ use confab_spec::frame::{
 };
 use confab_spec::ids::{DeviceId, SystemKey, UnixMs};
 
+use crate::faults::Faults;
 use crate::handler::Entropy;
 use crate::rate::{Limiter, RateLimit};
 use crate::store::{PresenceRecord, Store, StoreError};
@@ -103,6 +104,18 @@ pub fn bucket(online: bool, last_seen: Option<UnixMs>, now: UnixMs) -> PresenceS
     }
 }
 
+/// Whether `watcher` may see `target`, whose record is `record` (REQ-9.2-1).
+fn visible(
+    faults: Faults,
+    record: &PresenceRecord,
+    watcher: &SystemKey,
+    target: &SystemKey,
+) -> bool {
+    faults.presence_to_everyone
+        || watcher == target
+        || (record.shared.contains(watcher) && !record.blocked.contains(watcher))
+}
+
 /// One user's presence as the gateway holds it.
 #[derive(Debug, Default)]
 struct User {
@@ -134,6 +147,7 @@ struct Watch {
 /// The gateway's presence state. See the module documentation.
 pub struct Presence {
     config: PresenceConfig,
+    faults: Faults,
     users: HashMap<SystemKey, User>,
     watches: HashMap<u64, Watch>,
     /// Sessions watching each target.
@@ -168,9 +182,11 @@ fn refused(code: ErrorCode, rid: u64, retry_after_ms: Option<u64>, detail: &str)
 }
 
 impl Presence {
-    /// Empty presence state with these settings.
-    pub fn new(config: PresenceConfig) -> Self {
+    /// Empty presence state with these settings (and, in self-tests only, broken
+    /// behaviours).
+    pub fn new(config: PresenceConfig, faults: Faults) -> Self {
         Self {
+            faults,
             watches_per_watcher: Limiter::new(
                 "presence_watches_per_watcher",
                 config.watches_per_watcher,
@@ -219,14 +235,9 @@ impl Presence {
             .ok_or_else(|| StoreError::Corrupt("presence user vanished".into()))
     }
 
-    /// Whether `watcher` may see `target` (REQ-9.2-1).
-    fn visible(record: &PresenceRecord, watcher: &SystemKey, target: &SystemKey) -> bool {
-        watcher == target || (record.shared.contains(watcher) && !record.blocked.contains(watcher))
-    }
-
     fn view(&self, watcher: &SystemKey, target: &SystemKey, now: UnixMs) -> PresenceState {
         match self.users.get(target) {
-            Some(u) if Self::visible(&u.record, watcher, target) => {
+            Some(u) if visible(self.faults, &u.record, watcher, target) => {
                 bucket(u.published_online, u.record.last_seen, now)
             }
             _ => PresenceState::Unavailable,
@@ -425,11 +436,11 @@ impl Presence {
             .unwrap_or_default();
         let mut limited = None;
         for target in &wanted {
-            let record_visible = {
-                let user = self.user(&*store, target)?;
-                Self::visible(&user.record, &watcher, target)
-            };
-            if !record_visible && !before.contains(target) {
+            let faults = self.faults;
+            let user = self.user(&*store, target)?;
+            let counted = !visible(faults, &user.record, &watcher, target)
+                && !faults.no_presence_target_limit;
+            if counted && !before.contains(target) {
                 if let Err(wait) = self.new_watchers_per_target.check(target, now) {
                     limited = Some(limited.map_or(wait, |w: u64| w.max(wait)));
                 }

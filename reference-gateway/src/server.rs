@@ -158,7 +158,7 @@ where
     store
         .set_faults(config.faults)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let presence = Mutex::new(Presence::new(config.presence.clone()));
+    let presence = Mutex::new(Presence::new(config.presence.clone(), config.faults));
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use confab_gateway::faults::Faults;
 use confab_gateway::handler::Entropy;
 use confab_gateway::presence::{Presence, PresenceConfig};
 use confab_gateway::rate::RateLimit;
@@ -75,7 +76,7 @@ impl Gw {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
         Self {
-            presence: Presence::new(config),
+            presence: Presence::new(config, Faults::default()),
             store,
             rng: Rng(ChaCha8Rng::seed_from_u64(7)),
             now: T0,

@@ -112,52 +112,79 @@ impl DeviceSpec {
     }
 
     fn open(&self, incarnation: u32) -> Result<(Client, Observer), String> {
-        let credentials = self.credentials();
-        let engine = open_engine(
-            self.engine,
-            &self.dir.join("mls.db"),
-            credentials.clone(),
-            Arc::new(sim_now),
-        )
-        .map_err(|e| format!("engine: {e}"))?;
-        let store =
-            ClientStore::open(&self.dir.join("client.db")).map_err(|e| format!("store: {e}"))?;
-        let mut config = SessionConfig::new(self.origin.clone());
-        config.backoff_base_ms = self.backoff_base_ms;
-        config.backoff_cap_ms = self.backoff_cap_ms;
+        let n = (self.index as u64) << 32 | u64::from(incarnation);
         let jitter = u64::from_le_bytes(
-            derive_seed(
-                self.seed,
-                "jitter",
-                (self.index as u64) << 32 | u64::from(incarnation),
-            )[..8]
+            derive_seed(self.seed, "jitter", n)[..8]
                 .try_into()
                 .unwrap_or_default(),
         );
-        let session = ClientSession::new(config, credentials, jitter);
-        let env = Environment {
-            clock: Arc::new(sim_now),
-            entropy: seeded_entropy(derive_seed(
-                self.seed,
-                "device",
-                (self.index as u64) << 32 | u64::from(incarnation),
-            )),
-            dialer: Arc::new(|host: String, port: u16| -> Dialing {
-                Box::pin(async move {
-                    let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-                    Ok(Box::new(stream) as Box<dyn Io>)
-                })
-            }),
-        };
-        let url = format!("{}/v1/ws", self.origin);
-        let mut client = Client::new(
-            Transport::with_environment(session, url, env),
-            engine,
-            store,
-        );
+        let mut client = sim_client(&ClientParts {
+            credentials: self.credentials(),
+            engine: self.engine,
+            dir: &self.dir,
+            origin: &self.origin,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_cap_ms: self.backoff_cap_ms,
+            jitter,
+            entropy: derive_seed(self.seed, "device", n),
+        })?;
         let observer = client.observe();
         Ok((client, observer))
     }
+}
+
+/// What a simulated client is made of.
+pub struct ClientParts<'a> {
+    /// Its device key and certificate.
+    pub credentials: DeviceCredentials,
+    /// Its MLS engine.
+    pub engine: EngineKind,
+    /// Where its files live.
+    pub dir: &'a std::path::Path,
+    /// The gateway origin.
+    pub origin: &'a str,
+    /// The session's reconnect backoff base (SPEC.md 5.8).
+    pub backoff_base_ms: u64,
+    /// The session's reconnect backoff cap.
+    pub backoff_cap_ms: u64,
+    /// The session's backoff jitter seed.
+    pub jitter: u64,
+    /// The seed of its randomness (msg_ids, nonces).
+    pub entropy: [u8; 32],
+}
+
+/// A reference client on simulated TCP, the simulated clock and seeded randomness, with
+/// its files in `parts.dir`.
+pub fn sim_client(parts: &ClientParts<'_>) -> Result<Client, String> {
+    let engine = open_engine(
+        parts.engine,
+        &parts.dir.join("mls.db"),
+        parts.credentials.clone(),
+        Arc::new(sim_now),
+    )
+    .map_err(|e| format!("engine: {e}"))?;
+    let store =
+        ClientStore::open(&parts.dir.join("client.db")).map_err(|e| format!("store: {e}"))?;
+    let mut config = SessionConfig::new(parts.origin.to_owned());
+    config.backoff_base_ms = parts.backoff_base_ms;
+    config.backoff_cap_ms = parts.backoff_cap_ms;
+    let session = ClientSession::new(config, parts.credentials.clone(), parts.jitter);
+    let env = Environment {
+        clock: Arc::new(sim_now),
+        entropy: seeded_entropy(parts.entropy),
+        dialer: Arc::new(|host: String, port: u16| -> Dialing {
+            Box::pin(async move {
+                let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+                Ok(Box::new(stream) as Box<dyn Io>)
+            })
+        }),
+    };
+    let url = format!("{}/v1/ws", parts.origin);
+    Ok(Client::new(
+        Transport::with_environment(session, url, env),
+        engine,
+        store,
+    ))
 }
 
 /// The device host's software: runs until crashed (or until a violation was found).

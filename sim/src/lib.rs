@@ -8,6 +8,7 @@
 //! - [`run`]: the orchestrator (workload, fault schedule, phases, summary);
 //! - [`gateway`]: the gateway host (`confab_gateway::server::serve` on simulated TCP);
 //! - [`device`]: a device host (`confab_client::app::Client` on simulated TCP);
+//! - [`scrape`]: the `presence-scrape` scenario (bots against presence);
 //! - [`check`]: the invariants;
 //! - [`world`]: what hosts and orchestrator share, and the trace digest.
 //!
@@ -19,6 +20,7 @@ pub mod device;
 pub mod gateway;
 pub mod run;
 pub mod scenario;
+pub mod scrape;
 pub mod world;
 
 pub use run::{Failure, Options, Progress, Summary, run};

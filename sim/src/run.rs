@@ -132,6 +132,8 @@ pub struct Summary {
     pub wall: Duration,
     /// The trace digest.
     pub digest: String,
+    /// What `presence-scrape` measured (that scenario only).
+    pub presence: Option<crate::scrape::ScrapeReport>,
 }
 
 /// A failed run: the broken invariant and how to replay it.
@@ -211,6 +213,9 @@ enum Round {
 
 /// Runs `options`; `progress` is called as cycles complete.
 pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summary, Failure> {
+    if options.scenario == Scenario::PresenceScrape {
+        return crate::scrape::run(options, progress);
+    }
     let wall = Instant::now();
     let dir = scratch_dir().map_err(|e| setup_failure(options, format!("temp dir: {e}")))?;
     let mut orchestrator = Orchestrator::new(options, dir.path());
@@ -245,6 +250,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
                 steps: step,
                 wall: wall.elapsed(),
                 digest: world.trace.digest(),
+                presence: None,
             })
         }
     }
@@ -252,7 +258,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
 
 /// Where the hosts' files go: RAM (`/dev/shm`) when there is one, since fsync there is
 /// free and crashes are simulated in-process anyway; else the system's temp directory.
-fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+pub(crate) fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     let ram = Path::new("/dev/shm");
     let builder = {
         let mut b = tempfile::Builder::new();
@@ -814,6 +820,8 @@ impl<'a> Orchestrator<'a> {
                 }
                 self.cycles = self.world.borrow().devices.iter().map(|d| d.gaps).sum();
             }
+            // Run by `crate::scrape`, never by this orchestrator.
+            Scenario::PresenceScrape => {}
             Scenario::MultiDeviceChurn => {
                 let out = self.churning();
                 for i in self.idle() {

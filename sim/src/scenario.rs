@@ -25,6 +25,10 @@ pub enum Scenario {
     /// it back, under disconnects, partitions and crashes; each remove and re-add is a
     /// cycle.
     MultiDeviceChurn,
+    /// Bots with rotating identities try large watchlists, watchlist churn and probing
+    /// while normal users watch their contacts (SPEC.md 9); a cycle is one simulated
+    /// minute. `--clients` is the number of normal users.
+    PresenceScrape,
 }
 
 /// How the devices are grouped.
@@ -39,7 +43,7 @@ pub enum Topology {
 
 impl Scenario {
     /// Every scenario, in `list` order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::DisconnectCycles,
         Scenario::ReconnectStorm,
         Scenario::DuplicateSends,
@@ -47,6 +51,7 @@ impl Scenario {
         Scenario::GatewayCrash,
         Scenario::GapRecovery,
         Scenario::MultiDeviceChurn,
+        Scenario::PresenceScrape,
     ];
 
     /// Its name on the command line.
@@ -59,6 +64,7 @@ impl Scenario {
             Scenario::GatewayCrash => "gateway-crash",
             Scenario::GapRecovery => "gap-recovery",
             Scenario::MultiDeviceChurn => "multi-device-churn",
+            Scenario::PresenceScrape => "presence-scrape",
         }
     }
 
@@ -89,6 +95,9 @@ impl Scenario {
             Scenario::MultiDeviceChurn => {
                 "2 users x 2 devices: remove a device and add it back under faults; cycle = one remove and re-add"
             }
+            Scenario::PresenceScrape => {
+                "bots scrape presence (rotating identities, big watchlists, churn, probing) while users watch contacts; cycle = one simulated minute"
+            }
         }
     }
 
@@ -102,6 +111,7 @@ impl Scenario {
             Scenario::GatewayCrash => 30,
             Scenario::GapRecovery => 200,
             Scenario::MultiDeviceChurn => 20,
+            Scenario::PresenceScrape => 10,
         }
     }
 
@@ -109,6 +119,7 @@ impl Scenario {
     pub fn default_clients(self) -> usize {
         match self {
             Scenario::ReconnectStorm => 200,
+            Scenario::PresenceScrape => 8,
             _ => 4,
         }
     }

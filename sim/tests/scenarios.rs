@@ -122,6 +122,32 @@ fn one_seed_one_trace() {
     }
 }
 
+/// Phase 3's exit criterion: bots are throttled without harming normal users.
+#[test]
+fn presence_scrape() {
+    for seed in [1, fresh_seed()] {
+        let options = Options::new(Scenario::PresenceScrape, seed);
+        let summary = run(&options);
+        let p = summary.presence.expect("a presence report");
+        let config = confab_gateway::presence::PresenceConfig::default();
+        eprintln!("  {p:?}");
+        assert!(p.bot_identities > 100, "bots rotated identities");
+        assert!(
+            p.bot_too_large > 0,
+            "oversized watchlists were tried and refused"
+        );
+        assert!(p.bot_rate_limited > 0, "bots were throttled");
+        assert!(p.churn_most_before_refusal <= config.watches_per_watcher.burst);
+        assert!(p.bot_states_seen > 0 && p.deliveries > 0);
+        assert!(p.latency_ms.2 <= p.latency_bound_ms);
+    }
+    // The same seed, the same run.
+    let mut options = Options::new(Scenario::PresenceScrape, 5);
+    options.cycles = 2;
+    let (a, b) = (run(&options), run(&options));
+    assert_eq!(a.digest, b.digest);
+}
+
 #[test]
 fn multi_device_churn() {
     scenario(Scenario::MultiDeviceChurn, &[1, 2, fresh_seed()]);

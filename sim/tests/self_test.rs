@@ -86,3 +86,23 @@ fn ack_before_durable_is_caught() {
         ],
     );
 }
+
+#[test]
+fn presence_shown_to_everyone_is_caught() {
+    caught(
+        "presence_to_everyone",
+        Scenario::PresenceScrape,
+        3,
+        &["bots learn nothing about non-contacts"],
+    );
+}
+
+#[test]
+fn a_missing_per_target_limit_is_caught() {
+    caught(
+        "no_presence_target_limit",
+        Scenario::PresenceScrape,
+        10,
+        &["probing is throttled per target"],
+    );
+}

@@ -124,7 +124,7 @@ fn main() -> ExitCode {
 
 fn print_summary(s: &Summary) {
     let faults: u64 = s.faults.values().sum();
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         ("scenario", s.options.scenario.to_string()),
         ("seed", s.options.seed.to_string()),
         ("devices", s.options.clients.to_string()),
@@ -148,8 +148,59 @@ fn print_summary(s: &Summary) {
         ("wall time", format!("{:.1} s", s.wall.as_secs_f64())),
         ("trace digest", s.digest.clone()),
     ];
+    if s.presence.is_some() {
+        // No messages, commits or faults in that scenario.
+        let messaging = [
+            "messages sent",
+            "sends acked",
+            "messages delivered",
+            "entries processed",
+            "commits / races lost",
+            "unreadable: pre-join",
+            "faults injected",
+        ];
+        rows.retain(|(k, _)| !messaging.contains(k));
+    }
     for (k, v) in rows {
         println!("{k:<22} {v}");
+    }
+    if let Some(p) = &s.presence {
+        let rows: Vec<(&str, String)> = vec![
+            ("bot identities", p.bot_identities.to_string()),
+            ("bot watches", p.bot_watches.to_string()),
+            (
+                "  refused: rate / cap",
+                format!("{} / {}", p.bot_rate_limited, p.bot_too_large),
+            ),
+            (
+                "  states seen (all unavailable)",
+                p.bot_states_seen.to_string(),
+            ),
+            (
+                "  churn: most before refusal",
+                p.churn_most_before_refusal.to_string(),
+            ),
+            (
+                "  probes of a user: admitted (max) / refused",
+                format!("{} / {}", p.probes_admitted_user, p.probes_refused_user),
+            ),
+            (
+                "  probes of nobody: admitted (max) / refused",
+                format!("{} / {}", p.probes_admitted_nobody, p.probes_refused_nobody),
+            ),
+            ("user transitions", p.transitions.to_string()),
+            ("deliveries to contacts", p.deliveries.to_string()),
+            (
+                "  latency p50 / p99 / max",
+                format!(
+                    "{} / {} / {} ms (bound {} ms)",
+                    p.latency_ms.0, p.latency_ms.1, p.latency_ms.2, p.latency_bound_ms
+                ),
+            ),
+        ];
+        for (k, v) in rows {
+            println!("{k:<46} {v}");
+        }
     }
     for (kind, n) in &s.faults {
         println!("  {kind:<20} {n}");
