@@ -11,8 +11,11 @@
 //! The database lives in /dev/shm when it exists, so the figures measure the gateway and
 //! SQLite, not the disk.
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::Duration;
+
+use support::{median, scratch};
 
 use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
 use confab_gateway::rate::RateLimiters;
@@ -36,16 +39,6 @@ impl Entropy for Counter {
             *b = (self.0 >> 33) as u8;
         }
     }
-}
-
-fn scratch() -> tempfile::TempDir {
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::tempdir_in(shm) {
-            return d;
-        }
-    }
-    tempfile::tempdir().expect("tempdir")
 }
 
 fn now() -> UnixMs {
@@ -240,21 +233,11 @@ fn benches(c: &mut Criterion) {
 }
 
 fn table() {
-    let root = PathBuf::from(
-        std::env::var("CARGO_TARGET_DIR")
-            .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR"))),
-    )
-    .join("criterion");
-    let median = |id: &str| -> Option<f64> {
-        let text = std::fs::read_to_string(root.join(id).join("new/estimates.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["median"]["point_estimate"].as_f64()
-    };
     let (Some(gateway), Some(sqlite)) = (
         median("replay/gateway_handler_10k"),
         median("replay/sqlite_baseline_10k"),
     ) else {
-        eprintln!("no replay measurements under {}", root.display());
+        eprintln!("no replay measurements in target/criterion");
         return;
     };
     let rate = |ns: f64| BACKLOG as f64 / (ns / 1e9);

@@ -27,7 +27,7 @@ use confab_spec::ids::{DeviceId, SystemKey, UnixMs};
 use crate::faults::Faults;
 use crate::handler::Entropy;
 use crate::rate::{Limiter, RateLimit};
-use crate::store::{PresenceRecord, Store, StoreError};
+use crate::store::{PresenceStatus, ShareLists, Store, StoreError};
 use crate::telemetry;
 
 const HOUR_MS: u64 = 3_600_000;
@@ -104,22 +104,23 @@ pub fn bucket(online: bool, last_seen: Option<UnixMs>, now: UnixMs) -> PresenceS
     }
 }
 
-/// Whether `watcher` may see `target`, whose record is `record` (REQ-9.2-1).
+/// Whether `watcher` may see `target`, given whether `target` shares with it and blocks
+/// it (REQ-9.2-1).
 fn visible(
     faults: Faults,
-    record: &PresenceRecord,
+    (shared, blocked): (bool, bool),
     watcher: &SystemKey,
     target: &SystemKey,
 ) -> bool {
-    faults.presence_to_everyone
-        || watcher == target
-        || (record.shared.contains(watcher) && !record.blocked.contains(watcher))
+    faults.presence_to_everyone || watcher == target || (shared && !blocked)
 }
 
-/// One user's presence as the gateway holds it.
+/// One user's presence as the gateway holds it. Its lists stay in the store: visibility
+/// is looked up per watcher when it starts watching (one indexed lookup, whatever the
+/// lists' length) and updated when the lists change.
 #[derive(Debug, Default)]
 struct User {
-    record: PresenceRecord,
+    status: PresenceStatus,
     /// Each leasing device's lease end.
     leases: HashMap<DeviceId, UnixMs>,
     /// What watchers are shown: online or not.
@@ -130,16 +131,25 @@ struct User {
 
 impl User {
     fn online_now(&self, now: UnixMs, grace_ms: u64) -> bool {
-        !self.record.invisible && self.leases.values().any(|end| end.plus_ms(grace_ms) > now)
+        !self.status.invisible && self.leases.values().any(|end| end.plus_ms(grace_ms) > now)
     }
+}
+
+/// One watched target of a session.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// Whether the watcher may see the target.
+    visible: bool,
+    /// The state last told (or queued) to the session.
+    state: PresenceState,
 }
 
 /// One session's watchlist.
 #[derive(Debug)]
 struct Watch {
     watcher: SystemKey,
-    /// Each target and the state last told (or queued) to the session.
-    seen: HashMap<SystemKey, PresenceState>,
+    /// Each target.
+    seen: HashMap<SystemKey, Seen>,
     /// Events not yet taken, latest state per target.
     queued: BTreeMap<SystemKey, PresenceState>,
 }
@@ -179,6 +189,33 @@ fn refused(code: ErrorCode, rid: u64, retry_after_ms: Option<u64>, detail: &str)
         detail: confab_spec::ids::ShortText::new(detail.to_owned()).ok(),
         ..ErrorFrame::new(code)
     })
+}
+
+/// An outcome that only refuses request `rid`.
+fn refusal(code: ErrorCode, rid: u64, retry_after_ms: Option<u64>, detail: &str) -> Outcome {
+    Outcome {
+        answer: Some(refused(code, rid, retry_after_ms, detail)),
+        wake: BTreeSet::new(),
+    }
+}
+
+/// Charges `key` one token of `limiter`; the refusal of request `rid` if it has none.
+fn charge(limiter: &Limiter<SystemKey>, key: &SystemKey, now: UnixMs, rid: u64) -> Option<Outcome> {
+    let wait = limiter.check(key, now).err()?;
+    Some(refusal(
+        ErrorCode::RateLimited,
+        rid,
+        Some(wait),
+        limiter.name(),
+    ))
+}
+
+/// The next bucket boundary (an hour, a day, a week after `last_seen`) after `now`.
+fn next_boundary(last_seen: UnixMs, now: UnixMs) -> Option<UnixMs> {
+    [HOUR_MS, DAY_MS, WEEK_MS]
+        .iter()
+        .map(|d| last_seen.plus_ms(*d))
+        .find(|t| *t > now)
 }
 
 impl Presence {
@@ -221,11 +258,11 @@ impl Presence {
 
     fn user(&mut self, store: &dyn Store, key: &SystemKey) -> Result<&mut User, StoreError> {
         if !self.users.contains_key(key) {
-            let record = store.presence_record(key)?;
+            let status = store.presence_status(key)?;
             self.users.insert(
                 *key,
                 User {
-                    record,
+                    status,
                     ..User::default()
                 },
             );
@@ -235,11 +272,10 @@ impl Presence {
             .ok_or_else(|| StoreError::Corrupt("presence user vanished".into()))
     }
 
-    fn view(&self, watcher: &SystemKey, target: &SystemKey, now: UnixMs) -> PresenceState {
+    /// What a watcher that may (`visible`) or may not see `target` is told of it.
+    fn view(&self, visible: bool, target: &SystemKey, now: UnixMs) -> PresenceState {
         match self.users.get(target) {
-            Some(u) if visible(self.faults, &u.record, watcher, target) => {
-                bucket(u.published_online, u.record.last_seen, now)
-            }
+            Some(u) if visible => bucket(u.published_online, u.status.last_seen, now),
             _ => PresenceState::Unavailable,
         }
     }
@@ -251,15 +287,17 @@ impl Presence {
         };
         let sessions: Vec<u64> = sessions.iter().copied().collect();
         for session in sessions {
-            let Some(watcher) = self.watches.get(&session).map(|w| w.watcher) else {
+            let Some(seen) = self.watches.get(&session).and_then(|w| w.seen.get(target)) else {
                 continue;
             };
-            let state = self.view(&watcher, target, now);
+            let state = self.view(seen.visible, target, now);
             if let Some(w) = self.watches.get_mut(&session) {
-                if w.seen.get(target) != Some(&state) {
-                    w.seen.insert(*target, state);
-                    w.queued.insert(*target, state);
-                    wake.insert(session);
+                if let Some(seen) = w.seen.get_mut(target) {
+                    if seen.state != state {
+                        seen.state = state;
+                        w.queued.insert(*target, state);
+                        wake.insert(session);
+                    }
                 }
             }
         }
@@ -305,8 +343,8 @@ impl Presence {
                 user.published_online = to;
                 // Last seen is the published time of the transition: it reveals nothing
                 // finer than the transition itself did.
-                user.record.last_seen = Some(due);
-                store.put_presence_record(key, &user.record)?;
+                user.status.last_seen = Some(due);
+                store.put_presence_status(key, &user.status)?;
                 telemetry::presence_transition();
                 published = true;
             } else {
@@ -317,14 +355,8 @@ impl Presence {
             timers.push(end.plus_ms(grace));
         }
         if watched && !user.published_online {
-            if let Some(seen) = user.record.last_seen {
-                if let Some(next) = [HOUR_MS, DAY_MS, WEEK_MS]
-                    .iter()
-                    .map(|d| seen.plus_ms(*d))
-                    .find(|t| *t > now)
-                {
-                    timers.push(next);
-                }
+            if let Some(next) = user.status.last_seen.and_then(|t| next_boundary(t, now)) {
+                timers.push(next);
             }
         }
         for t in timers {
@@ -346,14 +378,8 @@ impl Presence {
         request: &SetPresence,
     ) -> Result<Outcome, StoreError> {
         let mut outcome = Outcome::default();
-        if let Err(wait) = self.updates_per_user.check(&device.system, now) {
-            outcome.answer = Some(refused(
-                ErrorCode::RateLimited,
-                request.rid,
-                Some(wait),
-                "presence_updates_per_user",
-            ));
-            return Ok(outcome);
+        if let Some(refusal) = charge(&self.updates_per_user, &device.system, now, request.rid) {
+            return Ok(refusal);
         }
         let ttl_ms = match request.mode {
             PresenceMode::Offline => 0,
@@ -368,16 +394,16 @@ impl Presence {
         let invisible = match request.mode {
             PresenceMode::Online => false,
             PresenceMode::Invisible => true,
-            PresenceMode::Offline => user.record.invisible,
+            PresenceMode::Offline => user.status.invisible,
         };
         if request.mode == PresenceMode::Offline {
             user.leases.remove(&device);
         } else {
             user.leases.insert(device, now.plus_ms(ttl_ms));
         }
-        if user.record.invisible != invisible {
-            user.record.invisible = invisible;
-            store.put_presence_record(&device.system, &user.record)?;
+        if user.status.invisible != invisible {
+            user.status.invisible = invisible;
+            store.put_presence_status(&device.system, &user.status)?;
         }
         self.evaluate(store, entropy, &device.system, now, &mut outcome.wake)?;
         outcome.answer = Some(ServerFrame::PresenceLease(PresenceLease {
@@ -399,14 +425,8 @@ impl Presence {
     ) -> Result<Outcome, StoreError> {
         let mut outcome = Outcome::default();
         let watcher = device.system;
-        if let Err(wait) = self.watches_per_watcher.check(&watcher, now) {
-            outcome.answer = Some(refused(
-                ErrorCode::RateLimited,
-                request.rid,
-                Some(wait),
-                "presence_watches_per_watcher",
-            ));
-            return Ok(outcome);
+        if let Some(refusal) = charge(&self.watches_per_watcher, &watcher, now, request.rid) {
+            return Ok(refusal);
         }
         let wanted: BTreeSet<SystemKey> = request.targets.iter().copied().collect();
         // The user's watchlist is the union over its sessions (REQ-9.2-3).
@@ -419,13 +439,12 @@ impl Presence {
             }
         }
         if union.len() as u64 > self.config.watchlist_max {
-            outcome.answer = Some(refused(
+            return Ok(refusal(
                 ErrorCode::WatchlistTooLarge,
                 request.rid,
                 None,
                 "watchlist_max",
             ));
-            return Ok(outcome);
         }
         // Every target is loaded and checked the same way, whether or not it belongs to
         // anyone (REQ-9.2-2, REQ-9.5-1).
@@ -435,11 +454,17 @@ impl Presence {
             .map(|w| w.seen.keys().copied().collect())
             .unwrap_or_default();
         let mut limited = None;
+        let mut visibility = HashMap::new();
         for target in &wanted {
-            let faults = self.faults;
-            let user = self.user(&*store, target)?;
-            let counted = !visible(faults, &user.record, &watcher, target)
-                && !faults.no_presence_target_limit;
+            self.user(&*store, target)?;
+            let may_see = visible(
+                self.faults,
+                store.share_of(target, &watcher)?,
+                &watcher,
+                target,
+            );
+            visibility.insert(*target, may_see);
+            let counted = !may_see && !self.faults.no_presence_target_limit;
             if counted && !before.contains(target) {
                 if let Err(wait) = self.new_watchers_per_target.check(target, now) {
                     limited = Some(limited.map_or(wait, |w: u64| w.max(wait)));
@@ -447,19 +472,20 @@ impl Presence {
             }
         }
         if let Some(wait) = limited {
-            outcome.answer = Some(refused(
+            return Ok(refusal(
                 ErrorCode::RateLimited,
                 request.rid,
                 Some(wait),
-                "presence_new_watchers_per_target",
+                self.new_watchers_per_target.name(),
             ));
-            return Ok(outcome);
         }
         self.unwatch(session);
         if !wanted.is_empty() {
             let mut seen = HashMap::new();
             for target in &wanted {
-                seen.insert(*target, self.view(&watcher, target, now));
+                let visible = visibility.get(target).copied().unwrap_or(false);
+                let state = self.view(visible, target, now);
+                seen.insert(*target, Seen { visible, state });
                 self.watchers_of.entry(*target).or_default().insert(session);
             }
             self.watches.insert(
@@ -477,15 +503,9 @@ impl Presence {
                     .users
                     .get(target)
                     .filter(|u| !u.published_online)
-                    .and_then(|u| u.record.last_seen);
-                if let Some(seen) = offline_since {
-                    if let Some(next) = [HOUR_MS, DAY_MS, WEEK_MS]
-                        .iter()
-                        .map(|d| seen.plus_ms(*d))
-                        .find(|t| *t > now)
-                    {
-                        self.timers.insert((next, *target));
-                    }
+                    .and_then(|u| u.status.last_seen);
+                if let Some(next) = offline_since.and_then(|t| next_boundary(t, now)) {
+                    self.timers.insert((next, *target));
                 }
             }
         }
@@ -494,7 +514,11 @@ impl Presence {
             .iter()
             .map(|target| PresenceOf {
                 target: *target,
-                state: self.view(&watcher, target, now),
+                state: self.view(
+                    visibility.get(target).copied().unwrap_or(false),
+                    target,
+                    now,
+                ),
             })
             .collect();
         outcome.answer = Some(ServerFrame::PresenceStates(PresenceStates {
@@ -519,53 +543,65 @@ impl Presence {
             && request.block.is_none()
             && request.unblock.is_none();
         if !is_query {
-            if let Err(wait) = self.updates_per_user.check(&key, now) {
-                outcome.answer = Some(refused(
-                    ErrorCode::RateLimited,
-                    request.rid,
-                    Some(wait),
-                    "presence_updates_per_user",
-                ));
-                return Ok(outcome);
+            if let Some(refusal) = charge(&self.updates_per_user, &key, now, request.rid) {
+                return Ok(refusal);
             }
         }
         let list_max = self.config.list_max;
-        let user = self.user(&*store, &key)?;
-        let mut record = user.record.clone();
+        let invisible = self.user(&*store, &key)?.status.invisible;
+        let before = store.share_lists(&key)?;
+        let mut lists = before.clone();
         for k in request.share.iter().flatten() {
-            record.shared.insert(*k);
+            lists.shared.insert(*k);
         }
         for k in request.unshare.iter().flatten() {
-            record.shared.remove(k);
+            lists.shared.remove(k);
         }
         for k in request.block.iter().flatten() {
-            record.blocked.insert(*k);
+            lists.blocked.insert(*k);
         }
         for k in request.unblock.iter().flatten() {
-            record.blocked.remove(k);
+            lists.blocked.remove(k);
         }
-        if record.shared.len() as u64 > list_max || record.blocked.len() as u64 > list_max {
-            outcome.answer = Some(refused(
+        if lists.shared.len() as u64 > list_max || lists.blocked.len() as u64 > list_max {
+            return Ok(refusal(
                 ErrorCode::PresenceListFull,
                 request.rid,
                 None,
                 "presence_list_max",
             ));
-            return Ok(outcome);
         }
-        if record != user.record {
-            store.put_presence_record(&key, &record)?;
-            user.record = record.clone();
+        if lists != before {
+            store.put_share_lists(&key, &lists)?;
             // At once, also for existing subscriptions (REQ-9.3-1).
+            self.reshare(&key, &lists);
             self.notify(&key, now, &mut outcome.wake);
         }
         outcome.answer = Some(ServerFrame::PresenceLists(PresenceLists {
             rid: request.rid,
-            shared: record.shared.into_iter().collect(),
-            blocked: record.blocked.into_iter().collect(),
-            invisible: record.invisible,
+            shared: lists.shared.into_iter().collect(),
+            blocked: lists.blocked.into_iter().collect(),
+            invisible,
         }));
         Ok(outcome)
+    }
+
+    /// `target`'s lists are now `lists`: every session watching it learns whether its
+    /// watcher may still (or now) see it.
+    fn reshare(&mut self, target: &SystemKey, lists: &ShareLists) {
+        let faults = self.faults;
+        for session in self.watchers_of.get(target).into_iter().flatten() {
+            if let Some(w) = self.watches.get_mut(session) {
+                let shared = (
+                    lists.shared.contains(&w.watcher),
+                    lists.blocked.contains(&w.watcher),
+                );
+                let may_see = visible(faults, shared, &w.watcher, target);
+                if let Some(seen) = w.seen.get_mut(target) {
+                    seen.visible = may_see;
+                }
+            }
+        }
     }
 
     /// Ends `session`'s watchlist (its connection closed, or it is being replaced).

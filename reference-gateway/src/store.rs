@@ -251,28 +251,45 @@ pub trait Store: Send {
         from_seq: u64,
     ) -> Result<Option<u64>, StoreError>;
 
-    /// `user`'s stored presence settings (SPEC.md 9); the default for a key never seen.
-    fn presence_record(&self, user: &SystemKey) -> Result<PresenceRecord, StoreError>;
+    /// `user`'s presence status (SPEC.md 9.1); the default for a key never seen.
+    fn presence_status(&self, user: &SystemKey) -> Result<PresenceStatus, StoreError>;
 
-    /// Stores `user`'s presence settings.
-    fn put_presence_record(
+    /// Stores `user`'s presence status.
+    fn put_presence_status(
         &mut self,
         user: &SystemKey,
-        record: &PresenceRecord,
+        status: &PresenceStatus,
     ) -> Result<(), StoreError>;
+
+    /// `user`'s share list and blocklist (SPEC.md 9.3); empty for a key never seen.
+    fn share_lists(&self, user: &SystemKey) -> Result<ShareLists, StoreError>;
+
+    /// Replaces `user`'s share list and blocklist.
+    fn put_share_lists(&mut self, user: &SystemKey, lists: &ShareLists) -> Result<(), StoreError>;
+
+    /// Whether `target` shares with `watcher`, and whether it blocks `watcher`: one indexed
+    /// lookup, the same work whether or not `target` belongs to anyone or how long its
+    /// lists are (REQ-9.2-2).
+    fn share_of(&self, target: &SystemKey, watcher: &SystemKey)
+    -> Result<(bool, bool), StoreError>;
 }
 
-/// A user's stored presence settings (SPEC.md 9.1, 9.3).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PresenceRecord {
-    /// Users this user shares presence with.
-    pub shared: std::collections::BTreeSet<SystemKey>,
-    /// Users this user blocks.
-    pub blocked: std::collections::BTreeSet<SystemKey>,
+/// A user's stored presence status (SPEC.md 9.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresenceStatus {
     /// Invisible mode is on.
     pub invisible: bool,
     /// The published time of the user's last online/offline transition.
     pub last_seen: Option<UnixMs>,
+}
+
+/// A user's share list and blocklist (SPEC.md 9.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShareLists {
+    /// Users this user shares presence with.
+    pub shared: std::collections::BTreeSet<SystemKey>,
+    /// Users this user blocks.
+    pub blocked: std::collections::BTreeSet<SystemKey>,
 }
 
 /// One device in [`Store::devices`].

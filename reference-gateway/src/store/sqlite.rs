@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, DeviceListing,
-    GcReport, IssuedToken, PoolStatus, PresenceRecord, Redeemed, RetentionPolicy, Store,
-    StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
+    GcReport, IssuedToken, PoolStatus, PresenceStatus, Redeemed, RetentionPolicy, ShareLists,
+    Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use crate::faults::Faults;
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
@@ -108,12 +108,16 @@ CREATE TABLE IF NOT EXISTS departures (
     seq INTEGER NOT NULL,
     PRIMARY KEY (conversation, device, seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS presence (
+CREATE TABLE IF NOT EXISTS presence_status (
     user BLOB PRIMARY KEY,
-    shared BLOB NOT NULL,
-    blocked BLOB NOT NULL,
     invisible INTEGER NOT NULL,
     last_seen_ms INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS share_lists (
+    user BLOB NOT NULL,
+    list INTEGER NOT NULL,
+    peer BLOB NOT NULL,
+    PRIMARY KEY (user, peer, list)
 ) WITHOUT ROWID;
 PRAGMA user_version = 5;
 ";
@@ -163,8 +167,10 @@ impl SqliteStore {
     }
 }
 
-/// A `presence` row: shared, blocked, invisible, last_seen_ms.
-type PresenceRow = (Vec<u8>, Vec<u8>, i64, Option<i64>);
+/// `share_lists.list`: the share list.
+const LIST_SHARED: i64 = 1;
+/// `share_lists.list`: the blocklist.
+const LIST_BLOCKED: i64 = 2;
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
@@ -965,58 +971,116 @@ impl Store for SqliteStore {
         Ok(v.map(|v| v as u64))
     }
 
-    fn presence_record(&self, user: &SystemKey) -> Result<PresenceRecord, StoreError> {
-        let row: Option<PresenceRow> = self
+    fn presence_status(&self, user: &SystemKey) -> Result<PresenceStatus, StoreError> {
+        let row: Option<(i64, Option<i64>)> = self
             .conn
-            .prepare_cached(
-                "SELECT shared, blocked, invisible, last_seen_ms FROM presence WHERE user = ?1",
-            )
+            .prepare_cached("SELECT invisible, last_seen_ms FROM presence_status WHERE user = ?1")
             .map_err(db)?
-            .query_row(params![user.0.as_slice()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+            .query_row(params![user.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(db)?;
-        let Some((shared, blocked, invisible, last_seen)) = row else {
-            return Ok(PresenceRecord::default());
-        };
-        let keys = |bytes: &[u8]| -> Result<std::collections::BTreeSet<SystemKey>, StoreError> {
-            bytes
-                .chunks(SystemKey::LEN)
-                .map(|c| SystemKey::from_slice(c).map_err(|e| StoreError::Corrupt(e.to_string())))
-                .collect()
-        };
-        Ok(PresenceRecord {
-            shared: keys(&shared)?,
-            blocked: keys(&blocked)?,
-            invisible: invisible != 0,
-            last_seen: last_seen.map(|v| UnixMs(v.max(0) as u64)),
-        })
+        Ok(
+            row.map_or_else(PresenceStatus::default, |(invisible, last_seen)| {
+                PresenceStatus {
+                    invisible: invisible != 0,
+                    last_seen: last_seen.map(|v| UnixMs(v.max(0) as u64)),
+                }
+            }),
+        )
     }
 
-    fn put_presence_record(
+    fn put_presence_status(
         &mut self,
         user: &SystemKey,
-        record: &PresenceRecord,
+        status: &PresenceStatus,
     ) -> Result<(), StoreError> {
-        let concat = |set: &std::collections::BTreeSet<SystemKey>| -> Vec<u8> {
-            set.iter().flat_map(|k| k.0).collect()
-        };
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO presence (user, shared, blocked, invisible, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO presence_status (user, invisible, last_seen_ms)
+                 VALUES (?1, ?2, ?3)",
             )
             .map_err(db)?
             .execute(params![
                 user.0.as_slice(),
-                concat(&record.shared),
-                concat(&record.blocked),
-                i64::from(record.invisible),
-                record.last_seen.map(|t| to_i64(t.0)),
+                i64::from(status.invisible),
+                status.last_seen.map(|t| to_i64(t.0)),
             ])
             .map_err(db)?;
         Ok(())
+    }
+
+    fn share_lists(&self, user: &SystemKey) -> Result<ShareLists, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT list, peer FROM share_lists WHERE user = ?1")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![user.0.as_slice()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(db)?;
+        let mut lists = ShareLists::default();
+        for row in rows {
+            let (list, peer) = row.map_err(db)?;
+            let peer =
+                SystemKey::from_slice(&peer).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match list {
+                LIST_SHARED => lists.shared.insert(peer),
+                LIST_BLOCKED => lists.blocked.insert(peer),
+                other => return Err(StoreError::Corrupt(format!("share list kind {other}"))),
+            };
+        }
+        Ok(lists)
+    }
+
+    fn put_share_lists(&mut self, user: &SystemKey, lists: &ShareLists) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute(
+            "DELETE FROM share_lists WHERE user = ?1",
+            params![user.0.as_slice()],
+        )
+        .map_err(db)?;
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT INTO share_lists (user, list, peer) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for (list, peers) in [(LIST_SHARED, &lists.shared), (LIST_BLOCKED, &lists.blocked)] {
+                for peer in peers {
+                    insert
+                        .execute(params![user.0.as_slice(), list, peer.0.as_slice()])
+                        .map_err(db)?;
+                }
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn share_of(
+        &self,
+        target: &SystemKey,
+        watcher: &SystemKey,
+    ) -> Result<(bool, bool), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT list FROM share_lists WHERE user = ?1 AND peer = ?2")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![target.0.as_slice(), watcher.0.as_slice()], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(db)?;
+        let (mut shared, mut blocked) = (false, false);
+        for list in rows {
+            match list.map_err(db)? {
+                LIST_SHARED => shared = true,
+                LIST_BLOCKED => blocked = true,
+                _ => {}
+            }
+        }
+        Ok((shared, blocked))
     }
 
     fn devices(&self, user: &SystemKey, now: UnixMs) -> Result<Vec<DeviceListing>, StoreError> {
