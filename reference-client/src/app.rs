@@ -185,8 +185,8 @@ pub struct EntryRecord {
     pub msg_id: MsgId,
     /// Its sender.
     pub sender: DeviceId,
-    /// Its body's kind and epoch.
-    pub kind: EntryKind,
+    /// Its body's kind and epoch (an entry's body holds no payload).
+    pub kind: EntryBody,
     /// Whether the store took it as new (`false`: a duplicate, not shown again).
     pub new: bool,
     /// What was done with it.
@@ -194,50 +194,6 @@ pub struct EntryRecord {
     /// The epoch of the entry's group on this device afterwards (for a Welcome, of the
     /// group joined); `None` without the group.
     pub epoch_after: Option<u64>,
-}
-
-/// The kind of an entry's body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    /// An application message sent in `epoch`.
-    Application {
-        /// The MLS epoch.
-        epoch: Epoch,
-    },
-    /// A Commit sent in `epoch` (it opens `epoch + 1`).
-    Commit {
-        /// The MLS epoch.
-        epoch: Epoch,
-    },
-    /// A Proposal.
-    Proposal {
-        /// The MLS epoch.
-        epoch: Epoch,
-    },
-    /// A Welcome into `conversation`.
-    Welcome {
-        /// The group joined.
-        conversation: ConversationId,
-        /// The seq of the Commit that added this device.
-        commit_seq: Seq,
-    },
-}
-
-impl EntryKind {
-    fn of(body: &EntryBody) -> Self {
-        match body {
-            EntryBody::Application { epoch } => Self::Application { epoch: *epoch },
-            EntryBody::Commit { epoch } => Self::Commit { epoch: *epoch },
-            EntryBody::Proposal { epoch } => Self::Proposal { epoch: *epoch },
-            EntryBody::Welcome {
-                conversation,
-                commit_seq,
-            } => Self::Welcome {
-                conversation: *conversation,
-                commit_seq: *commit_seq,
-            },
-        }
-    }
 }
 
 /// Connection attempts [`Client::connect`] makes before it reports the gateway unreachable.
@@ -1344,7 +1300,7 @@ impl Client {
                 seq,
                 msg_id: entry.msg_id,
                 sender: entry.sender,
-                kind: EntryKind::of(&entry.body),
+                kind: entry.body,
                 new,
                 outcome,
             })

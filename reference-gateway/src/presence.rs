@@ -538,14 +538,9 @@ impl Presence {
     ) -> Result<Outcome, StoreError> {
         let mut outcome = Outcome::default();
         let key = device.system;
-        let is_query = request.share.is_none()
-            && request.unshare.is_none()
-            && request.block.is_none()
-            && request.unblock.is_none();
-        if !is_query {
-            if let Some(refusal) = charge(&self.updates_per_user, &key, now, request.rid) {
-                return Ok(refusal);
-            }
+        // Queries are charged too: each reads the whole lists.
+        if let Some(refusal) = charge(&self.updates_per_user, &key, now, request.rid) {
+            return Ok(refusal);
         }
         let list_max = self.config.list_max;
         let invisible = self.user(&*store, &key)?.status.invisible;

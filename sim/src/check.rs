@@ -14,7 +14,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use confab_client::app::{EntryKind, EntryOutcome, EntryRecord};
+use confab_client::app::{EntryOutcome, EntryRecord};
+use confab_spec::frame::EntryBody;
 use confab_spec::ids::{ConversationId, DeviceId, MsgId, StreamId};
 
 /// A broken invariant.
@@ -43,7 +44,7 @@ impl std::fmt::Display for Violation {
 struct Canon {
     msg_id: MsgId,
     sender: DeviceId,
-    kind: EntryKind,
+    kind: EntryBody,
 }
 
 #[derive(Debug, Default)]
@@ -112,7 +113,7 @@ impl Checker {
             })?;
             self.positions.insert(key, seq + 1);
         }
-        if let EntryKind::Welcome {
+        if let EntryBody::Welcome {
             conversation,
             commit_seq,
         } = record.kind
@@ -138,7 +139,7 @@ impl Checker {
         self.checks += 1;
         if record.outcome == EntryOutcome::Undecryptable {
             let before_join = match (record.kind, self.joined_at.get(&(device, conversation))) {
-                (EntryKind::Application { epoch }, Some(&joined)) => epoch.0 < joined,
+                (EntryBody::Application { epoch }, Some(&joined)) => epoch.0 < joined,
                 _ => false,
             };
             ensure(before_join, "no decryption failure", || {
@@ -162,7 +163,7 @@ impl Checker {
                 )
             }),
             None => {
-                if let EntryKind::Commit { epoch } = canon.kind {
+                if let EntryBody::Commit { epoch } = canon.kind {
                     self.checks += 1;
                     if let Some(other) = log.commits.insert(epoch.0, seq) {
                         return Err(Violation::new(

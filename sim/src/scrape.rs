@@ -79,6 +79,9 @@ pub struct ScrapeReport {
     pub bot_too_large: u64,
     /// States answered to bots, all `unavailable`.
     pub bot_states_seen: u64,
+    /// What bots learned: states other than `unavailable`, answered or sent as events. A
+    /// leak also stops the run, so a passing run reports 0.
+    pub bot_leaks: u64,
     /// The most watches a churning identity got through before its first refusal.
     pub churn_most_before_refusal: u32,
     /// New watchers admitted (a key entering a bot session's watchlist) for the most
@@ -289,6 +292,10 @@ fn bot_saw(world: &Shared, bot: usize, states: &[confab_spec::frame::PresenceOf]
     let mut w = world.borrow_mut();
     w.report.bot_watches += 1;
     w.report.bot_states_seen += states.len() as u64;
+    w.report.bot_leaks += states
+        .iter()
+        .filter(|s| s.state != PresenceState::Unavailable)
+        .count() as u64;
     if let Some(s) = states
         .iter()
         .find(|s| s.state != PresenceState::Unavailable)
@@ -445,11 +452,13 @@ async fn run_bot(world: Shared, spec: Rc<HostSpec>, bot: usize) -> turmoil::Resu
         }
         // Anything that arrives after is a leak: bots are nobody's contacts.
         let _ = pump_for(&mut client, 50, |_| {}).await;
-        if !client
+        let leaks = client
             .take_presence_changes()
             .iter()
-            .all(|(_, s)| *s == PresenceState::Unavailable)
-        {
+            .filter(|(_, s)| *s != PresenceState::Unavailable)
+            .count();
+        world.borrow_mut().report.bot_leaks += leaks as u64;
+        if leaks > 0 {
             violation(
                 &world,
                 "bots learn nothing about non-contacts",

@@ -139,6 +139,7 @@ fn presence_scrape() {
         assert!(p.bot_rate_limited > 0, "bots were throttled");
         assert!(p.churn_most_before_refusal <= config.watches_per_watcher.burst);
         assert!(p.bot_states_seen > 0 && p.deliveries > 0);
+        assert_eq!(p.bot_leaks, 0, "bots learned nothing");
         assert!(p.latency_ms.2 <= p.latency_bound_ms);
     }
     // The same seed, the same run.

@@ -502,7 +502,7 @@ cbor_map! {
 }
 
 /// What an entry carries (SPEC.md section 6.2, `kind` and the fields it implies).
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryBody {
     /// An MLS PrivateMessage with application content.

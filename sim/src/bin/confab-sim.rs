@@ -166,32 +166,40 @@ fn print_summary(s: &Summary) {
     }
     if let Some(p) = &s.presence {
         let rows: Vec<(&str, String)> = vec![
-            ("bot identities", p.bot_identities.to_string()),
-            ("bot watches", p.bot_watches.to_string()),
+            ("bot identities (rotated)", p.bot_identities.to_string()),
+            ("bot requests (watches)", p.bot_watches.to_string()),
+            ("  throttled (rate_limited)", p.bot_rate_limited.to_string()),
             (
-                "  refused: rate / cap",
-                format!("{} / {}", p.bot_rate_limited, p.bot_too_large),
+                "  blocked (watchlist_too_large)",
+                p.bot_too_large.to_string(),
             ),
             (
-                "  states seen (all unavailable)",
+                "  states answered (all unavailable)",
                 p.bot_states_seen.to_string(),
             ),
+            ("  information leaked", p.bot_leaks.to_string()),
             (
-                "  churn: most before refusal",
+                "  churn: most watches before refusal",
                 p.churn_most_before_refusal.to_string(),
             ),
             (
-                "  probes of a user: admitted (max) / refused",
-                format!("{} / {}", p.probes_admitted_user, p.probes_refused_user),
+                "  new watchers admitted, most probed user",
+                format!(
+                    "{} ({} probes refused)",
+                    p.probes_admitted_user, p.probes_refused_user
+                ),
             ),
             (
-                "  probes of nobody: admitted (max) / refused",
-                format!("{} / {}", p.probes_admitted_nobody, p.probes_refused_nobody),
+                "  new watchers admitted, most probed nobody",
+                format!(
+                    "{} ({} probes refused)",
+                    p.probes_admitted_nobody, p.probes_refused_nobody
+                ),
             ),
             ("user transitions", p.transitions.to_string()),
-            ("deliveries to contacts", p.deliveries.to_string()),
+            ("deliveries to watching contacts", p.deliveries.to_string()),
             (
-                "  latency p50 / p99 / max",
+                "  event latency p50 / p99 / max",
                 format!(
                     "{} / {} / {} ms (bound {} ms)",
                     p.latency_ms.0, p.latency_ms.1, p.latency_ms.2, p.latency_bound_ms
