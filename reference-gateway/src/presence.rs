@@ -329,11 +329,9 @@ impl Presence {
         } else if user.pending.is_none() {
             let mut b = [0u8; 8];
             entropy.fill(&mut b);
-            let delay = if jitter == 0 {
-                0
-            } else {
-                u64::from_le_bytes(b) % (jitter + 1)
-            };
+            // Uniform in [0, jitter]; no overflow for any configured jitter.
+            let draw = u64::from_le_bytes(b);
+            let delay = jitter.checked_add(1).map_or(draw, |span| draw % span);
             user.pending = Some((now.plus_ms(delay), want));
         }
         let mut published = false;
