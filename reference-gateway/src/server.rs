@@ -314,7 +314,12 @@ fn on_presence(
             }
             _ => return None,
         },
-        _ => return Some(ServerFrame::Error(ErrorFrame::new(ErrorCode::Overloaded))),
+        _ => {
+            return Some(ServerFrame::Error(ErrorFrame {
+                rid: frame.rid(),
+                ..ErrorFrame::new(ErrorCode::Overloaded)
+            }));
+        }
     };
     match outcome {
         Ok(outcome) => {
