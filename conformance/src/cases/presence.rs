@@ -289,15 +289,42 @@ async fn no_change(peer: &mut Peer, wait: Duration, expected: &str) -> Result<()
     }
 }
 
-/// A target that shares with `watcher` and is published online, and the watcher's peer
-/// watching it.
-async fn online_pair(cx: &Ctx, wait: Duration) -> Result<(Peer, Device, Peer, Device), Stop> {
+/// A target that shares with a watcher, and the watcher's peer watching it; what the
+/// watcher was first told.
+async fn sharing_pair(cx: &Ctx) -> Result<(Peer, Device, Peer, Device, Vec<PresenceState>), Stop> {
     let target = Device::fresh();
     let watcher = Device::fresh();
     let (mut t, _) = cx.ready("target", &target).await?;
     let (mut w, _) = cx.ready("watcher", &watcher).await?;
     share(&mut t, 1, vec![watcher.system.public()]).await?;
     let first = watch_ok(&mut w, 2, vec![target.system.public()]).await?;
+    Ok((t, target, w, watcher, first))
+}
+
+/// The target goes online (request `rid`) and the watcher sees it within `wait`.
+async fn go_online(
+    t: &mut Peer,
+    w: &mut Peer,
+    target: &Device,
+    rid: u64,
+    wait: Duration,
+) -> Result<(), Stop> {
+    set(t, rid, PresenceMode::Online, 60_000).await?;
+    changed_to(
+        w,
+        Some(t),
+        target.system.public(),
+        PresenceState::Online,
+        wait,
+    )
+    .await?;
+    Ok(())
+}
+
+/// A target that shares with `watcher` and is published online, and the watcher's peer
+/// watching it.
+async fn online_pair(cx: &Ctx, wait: Duration) -> Result<(Peer, Device, Peer, Device), Stop> {
+    let (mut t, target, mut w, watcher, first) = sharing_pair(cx).await?;
     if first != [PresenceState::Longer] {
         return Err(Failure::new(
             "longer for a contact never seen online",
@@ -305,15 +332,7 @@ async fn online_pair(cx: &Ctx, wait: Duration) -> Result<(Peer, Device, Peer, De
         )
         .into());
     }
-    set(&mut t, 3, PresenceMode::Online, 60_000).await?;
-    changed_to(
-        &mut w,
-        Some(&mut t),
-        target.system.public(),
-        PresenceState::Online,
-        wait,
-    )
-    .await?;
+    go_online(&mut t, &mut w, &target, 3, wait).await?;
     Ok((t, target, w, watcher))
 }
 
@@ -449,12 +468,7 @@ async fn watchlist_cap(cx: &mut Ctx) -> CaseResult {
             "watchlist_max {max} does not fit one frame under collection_len_max"
         )));
     }
-    let target = Device::fresh();
-    let watcher = Device::fresh();
-    let (mut t, _) = cx.ready("target", &target).await?;
-    let (mut w, _) = cx.ready("watcher", &watcher).await?;
-    share(&mut t, 1, vec![watcher.system.public()]).await?;
-    watch_ok(&mut w, 2, vec![target.system.public()]).await?;
+    let (mut t, target, mut w, _, _) = sharing_pair(cx).await?;
     let over: Vec<SystemKey> = (0..=max).map(|_| Device::fresh().system.public()).collect();
     match watch(&mut w, 3, over).await? {
         Err(e) if e.code == ErrorCode::WatchlistTooLarge => {}
@@ -470,16 +484,7 @@ async fn watchlist_cap(cx: &mut Ctx) -> CaseResult {
         }
     }
     // The previous watchlist is still in force.
-    set(&mut t, 4, PresenceMode::Online, 60_000).await?;
-    changed_to(
-        &mut w,
-        Some(&mut t),
-        target.system.public(),
-        PresenceState::Online,
-        wait,
-    )
-    .await?;
-    Ok(())
+    go_online(&mut t, &mut w, &target, 4, wait).await
 }
 
 async fn changes_only(cx: &mut Ctx) -> CaseResult {
