@@ -56,6 +56,7 @@ pub struct FileConfig {
     pub presence_new_watchers_per_target_burst: Option<u32>,
     pub presence_updates_per_user_per_minute: Option<u32>,
     pub presence_updates_per_user_burst: Option<u32>,
+    pub fsync: Option<crate::durability::SyncPolicy>,
 }
 
 impl FileConfig {
@@ -125,6 +126,9 @@ impl FileConfig {
             self.claims_per_target_per_minute,
             self.claims_per_target_burst,
         );
+        if let Some(v) = self.fsync {
+            config.sync = v;
+        }
         if let Some(v) = self.key_package_low_watermark {
             config.key_package_low_watermark = v;
         }

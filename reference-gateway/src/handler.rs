@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
     self, Accepted, Batch, ClaimedKeyPackage, ClientFrame, ContinuityLost, Created, Deliver,
-    DeviceStatus, Devices, Entry, ErrorFrame, HeartbeatAck, KeyPackagesClaimed, KeyPackagesStored,
-    OkFrame, Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
+    DeviceStatus, Devices, Entry, EntryBody, ErrorFrame, HeartbeatAck, KeyPackagesClaimed,
+    KeyPackagesStored, OkFrame, Ready, ServerFrame, SessionLimits, Subscribed, Unsubscribed,
 };
 use confab_spec::identity::{AuthExpectation, DeviceCertificate, verify_auth};
 use confab_spec::ids::{
@@ -74,6 +74,8 @@ pub struct GatewayConfig {
     pub presence: crate::presence::PresenceConfig,
     /// Deliberately broken behaviours for self-tests; all off by default.
     pub faults: Faults,
+    /// When writes are made durable (config key `fsync`).
+    pub sync: crate::durability::SyncPolicy,
 }
 
 impl GatewayConfig {
@@ -108,6 +110,7 @@ impl GatewayConfig {
             key_package_pool_max: 200,
             presence: crate::presence::PresenceConfig::default(),
             faults: Faults::default(),
+            sync: crate::durability::SyncPolicy::default(),
         }
     }
 }
@@ -119,12 +122,17 @@ pub enum Action {
     Send(ServerFrame),
     /// Close the connection with this code (after sending what precedes it).
     Close(CloseCode),
-    /// A stream grew to `seq`: the hub calls `on_appended` on every connection.
+    /// A stream grew to `seq`: the hub calls `on_entry` or `on_appended` on every
+    /// connection.
     Appended {
         /// The stream.
         stream: StreamKey,
         /// Its new head.
         seq: Seq,
+        /// The entry itself, when live subscribers may take it without reading the store:
+        /// application messages and proposals (a Commit may end subscriptions, REQ-7.6-3,
+        /// so it always goes through the store).
+        entry: Option<std::sync::Arc<Entry>>,
     },
     /// A revocation of `device` was stored: close its sessions with 4105 (REQ-3.3-3).
     Revoked {
@@ -317,6 +325,50 @@ impl Connection {
             self.subscriptions.insert(*stream, Sub::Live { rid, next });
         }
         Ok(out)
+    }
+
+    /// Delivers `entry`, just appended to `stream`, from memory: `Some` with what to send
+    /// (nothing when this connection has no live subscription to the stream or already
+    /// has the entry), or `None` when the entry is not the next one the subscription
+    /// expects and the caller must read the store with [`Self::on_appended`] instead.
+    /// Only application messages and proposals come this way; a Commit, which may end the
+    /// subscription (REQ-7.6-3), always goes through the store, so a subscription that
+    /// reaches an entry past a removing Commit has already ended.
+    pub fn on_entry(
+        &mut self,
+        config: &GatewayConfig,
+        stream: &StreamKey,
+        entry: &Entry,
+    ) -> Option<Vec<Action>> {
+        let Some(Sub::Live { rid, next }) = self.subscriptions.get(stream).copied() else {
+            return Some(Vec::new());
+        };
+        let seq = entry.seq.get();
+        if seq < next {
+            return Some(Vec::new());
+        }
+        if seq > next
+            || matches!(
+                entry.body,
+                EntryBody::Commit { .. } | EntryBody::Welcome { .. }
+            )
+        {
+            return None;
+        }
+        let deliver = || {
+            Action::Send(ServerFrame::Deliver(Deliver {
+                stream: wire_stream(stream),
+                entry: entry.clone(),
+            }))
+        };
+        let mut out = vec![deliver()];
+        if config.faults.deliver_twice {
+            out.push(deliver());
+        }
+        telemetry::live_delivered(out.len());
+        self.subscriptions
+            .insert(*stream, Sub::Live { rid, next: seq + 1 });
+        Some(out)
     }
 
     /// Up to `limit` entries of `stream` from `from` (bounded by `frame_bytes_max`) that this
@@ -743,6 +795,13 @@ impl Connection {
                 return Ok(());
             }
         };
+        // What live subscribers receive, built before the payload moves into the store.
+        let live_body = match kind {
+            AppendKind::Application { epoch } => Some(EntryBody::Application { epoch }),
+            AppendKind::Proposal { epoch } => Some(EntryBody::Proposal { epoch }),
+            AppendKind::Commit { .. } => None,
+        };
+        let live_payload = live_body.map(|_| s.payload.clone());
         let outcome = store.append(&AppendRequest {
             conversation: s.conversation,
             sender: device,
@@ -776,9 +835,20 @@ impl Connection {
                     AppendKind::Commit { .. } => "commit",
                 });
                 out.push(accepted(seq, false));
+                let entry = live_body.zip(live_payload).map(|(body, payload)| {
+                    std::sync::Arc::new(Entry {
+                        seq,
+                        msg_id: s.msg_id,
+                        sender: device,
+                        accepted_ms: now,
+                        payload,
+                        body,
+                    })
+                });
                 out.push(Action::Appended {
                     stream: StreamKey::Conversation(s.conversation),
                     seq,
+                    entry,
                 });
                 if let AppendKind::Commit { added, .. } = kind {
                     for d in added {
@@ -787,6 +857,7 @@ impl Connection {
                             out.push(Action::Appended {
                                 stream: StreamKey::Inbox(d),
                                 seq,
+                                entry: None,
                             });
                         }
                     }

@@ -14,6 +14,7 @@
 //! - [`telemetry`]: the metrics.
 
 pub mod config;
+pub mod durability;
 pub mod faults;
 pub mod handler;
 pub mod presence;

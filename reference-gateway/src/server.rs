@@ -9,9 +9,11 @@
 //! which drains that queue into the socket. A full queue closes the session with 4002
 //! (SPEC.md REQ-6.4-7); a slow socket therefore delays only its own writer.
 //!
-//! The fan-out hub is a `tokio::sync::broadcast` of stream keys. It carries wake-ups, not
-//! entries: a connection pulls what it has not delivered from the store, so a lagging
-//! receiver loses nothing; it re-checks all its subscriptions instead.
+//! The fan-out hub is a `tokio::sync::broadcast` of appended entries. A live subscription
+//! whose next seq is the entry's takes it from memory ([`Connection::on_entry`]); any
+//! other case (a Commit, an entry out of order, a wake-up without an entry) pulls what the
+//! connection has not delivered from the store, so a receiver that misses or reorders
+//! hub messages loses nothing; one that lags re-checks all its subscriptions.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,6 +36,7 @@ use futures_util::{SinkExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
+use crate::durability::{GroupCommit, SyncPolicy};
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
 use crate::presence::Presence;
 use crate::rate::RateLimiters;
@@ -47,7 +50,7 @@ pub struct Shared {
     pub config: GatewayConfig,
     /// The durable store (one writer; SQLite serialises writes anyway).
     pub store: Mutex<SqliteStore>,
-    hub: broadcast::Sender<StreamKey>,
+    hub: broadcast::Sender<Hubbed>,
     shutdown: watch::Receiver<bool>,
     /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
     sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
@@ -58,6 +61,8 @@ pub struct Shared {
     /// How to wake each connection that has presence events to take.
     presence_wakers: Mutex<HashMap<u64, Arc<Notify>>>,
     metrics: Option<PrometheusHandle>,
+    /// Group commit, unless every transaction syncs itself ([`SyncPolicy`]).
+    group: Option<Arc<GroupCommit>>,
     clock: WallClock,
     entropy: EntropySource,
 }
@@ -92,6 +97,14 @@ impl Default for Environment {
             }),
         }
     }
+}
+
+/// What the hub carries: a stream grew, and the entry when subscribers may take it from
+/// memory.
+#[derive(Clone)]
+struct Hubbed {
+    stream: StreamKey,
+    entry: Option<Arc<confab_spec::frame::Entry>>,
 }
 
 /// The peer's socket address, as the connect limit reads it.
@@ -158,6 +171,15 @@ where
     store
         .set_faults(config.faults)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // Under the ack_before_durable fault the database is in memory: nothing to sync.
+    let group = if config.sync == SyncPolicy::Group && !config.faults.ack_before_durable {
+        let (transactions, wal) = store
+            .enable_group_commit()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Some((GroupCommit::new(transactions), wal))
+    } else {
+        None
+    };
     let presence = Mutex::new(Presence::new(config.presence.clone(), config.faults));
     let shared = Arc::new(Shared {
         config,
@@ -170,9 +192,19 @@ where
         presence,
         presence_wakers: Mutex::new(HashMap::new()),
         metrics: env.metrics,
+        group: group.as_ref().map(|(g, _)| g.clone()),
         clock: env.clock,
         entropy: env.entropy,
     });
+    if let Some((group, wal)) = group {
+        let weak = Arc::downgrade(&shared);
+        group.spawn_syncer(wal, move || {
+            let shared = weak.upgrade()?;
+            // Under the store lock no transaction is half written.
+            let _store = shared.store.lock().ok()?;
+            shared.group.as_ref().map(|g| g.barrier())
+        })?;
+    }
     let gc = tokio::spawn(retention(shared.clone()));
     let presence_ticks = tokio::spawn(presence_ticker(shared.clone()));
     let app = Router::new()
@@ -463,8 +495,8 @@ pub fn system_now() -> UnixMs {
 
 /// What the actor hands the writer.
 enum Outbound {
-    /// A binary frame.
-    Frame(Vec<u8>),
+    /// A binary frame, and the group-commit barrier it waits for ([`crate::durability`]).
+    Frame(Vec<u8>, u64),
     /// Flush what is queued, send this close code and stop.
     Close(CloseCode),
 }
@@ -476,8 +508,11 @@ async fn writer(
     mut queue: mpsc::Receiver<Outbound>,
     queued_bytes: Arc<AtomicUsize>,
     abort: oneshot::Receiver<CloseCode>,
+    group: Option<Arc<GroupCommit>>,
 ) {
     let mut abort = Some(abort);
+    let mut durable = group.as_ref().map(|g| g.durable());
+    let mut unflushed = false;
     loop {
         let item = tokio::select! {
             biased;
@@ -499,7 +534,19 @@ async fn writer(
             },
         };
         let message = match item {
-            Outbound::Frame(bytes) => {
+            Outbound::Frame(bytes, barrier) => {
+                // Nothing leaves before what it depends on is durable; what is already
+                // written goes out first rather than wait with it.
+                if let (Some(group), Some(durable)) = (&group, durable.as_mut()) {
+                    if *durable.borrow() < barrier {
+                        if unflushed && sink.flush().await.is_err() {
+                            return;
+                        }
+                        if !group.wait(durable, barrier).await {
+                            return;
+                        }
+                    }
+                }
                 queued_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
                 Message::Binary(bytes.into())
             }
@@ -514,8 +561,16 @@ async fn writer(
                 return;
             }
         };
-        if sink.send(message).await.is_err() {
+        // One write for everything queued: under fanout a frame rarely comes alone.
+        if sink.feed(message).await.is_err() {
             return;
+        }
+        unflushed = true;
+        if queue.is_empty() {
+            if sink.flush().await.is_err() {
+                return;
+            }
+            unflushed = false;
         }
     }
 }
@@ -530,6 +585,7 @@ struct Outbox {
     /// Bytes in the queue now, and the most it may hold.
     queued_bytes: Arc<AtomicUsize>,
     queued_bytes_max: usize,
+    group: Option<Arc<GroupCommit>>,
 }
 
 impl Outbox {
@@ -543,7 +599,8 @@ impl Outbox {
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.queued_bytes_max {
             return Err(CloseCode::SlowConsumer);
         }
-        match self.queue.try_send(Outbound::Frame(bytes)) {
+        let barrier = self.group.as_ref().map_or(0, |g| g.barrier());
+        match self.queue.try_send(Outbound::Frame(bytes, barrier)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(CloseCode::SlowConsumer),
             // The writer is gone: the socket broke.
@@ -577,8 +634,8 @@ fn apply(shared: &Shared, id: u64, outbox: &mut Outbox, actions: Vec<Action>) ->
                 }
             }
             Action::Close(code) => return Some(code),
-            Action::Appended { stream, .. } => {
-                let _ = shared.hub.send(stream);
+            Action::Appended { stream, entry, .. } => {
+                let _ = shared.hub.send(Hubbed { stream, entry });
             }
             Action::Presence { device, frame } => {
                 if let Some(answer) = on_presence(shared, id, device, &frame) {
@@ -640,7 +697,13 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     let (queue, outbound) = mpsc::channel(shared.config.outbound_queue_max.max(1) + 1);
     let (abort, abort_rx) = oneshot::channel();
     let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let writer = tokio::spawn(writer(sink, outbound, queued_bytes.clone(), abort_rx));
+    let writer = tokio::spawn(writer(
+        sink,
+        outbound,
+        queued_bytes.clone(),
+        abort_rx,
+        shared.group.clone(),
+    ));
     let close = queue.clone().try_reserve_owned().ok();
     let mut outbox = Outbox {
         queue,
@@ -651,6 +714,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
             .config
             .outbound_queue_bytes_max
             .max(2 * usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX)),
+        group: shared.group.clone(),
     };
     let mut device = None;
     let code = run_connection(&mut stream, &shared, id, &mut device, &mut outbox).await;
@@ -778,7 +842,19 @@ async fn run_connection(
             }
             woken = hub.recv() => {
                 let streams = match woken {
-                    Ok(stream) => vec![stream],
+                    Ok(Hubbed { stream, entry: Some(entry) }) => {
+                        match conn.on_entry(&shared.config, &stream, &entry) {
+                            Some(actions) => {
+                                let code = apply(shared, id, outbox, actions);
+                                if code.is_some() {
+                                    return code;
+                                }
+                                continue;
+                            }
+                            None => vec![stream],
+                        }
+                    }
+                    Ok(Hubbed { stream, entry: None }) => vec![stream],
                     Err(broadcast::error::RecvError::Lagged(_)) => conn.subscribed_streams(),
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };

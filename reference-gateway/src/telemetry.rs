@@ -44,6 +44,13 @@ pub const PRESENCE_TRANSITIONS_TOTAL: &str = "confab_presence_transitions_total"
 /// `PresenceChanged` frames queued to watchers.
 pub const PRESENCE_EVENTS_TOTAL: &str = "confab_presence_events_total";
 
+/// Store transactions made durable by group commit (a running total).
+pub const STORE_TRANSACTIONS_TOTAL: &str = "confab_store_transactions_total";
+/// WAL syncs of group commit (each covers every transaction since the previous one).
+pub const STORE_SYNCS_TOTAL: &str = "confab_store_syncs_total";
+/// Time per WAL sync.
+pub const STORE_SYNC_SECONDS: &str = "confab_store_sync_seconds";
+
 /// Registers a description for every metric (shown as `# HELP` by the exporter).
 pub fn describe() {
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections.");
@@ -69,6 +76,12 @@ pub fn describe() {
         "Presence transitions published."
     );
     describe_counter!(PRESENCE_EVENTS_TOTAL, "PresenceChanged frames queued.");
+    describe_counter!(
+        STORE_TRANSACTIONS_TOTAL,
+        "Store transactions made durable by group commit."
+    );
+    describe_counter!(STORE_SYNCS_TOTAL, "WAL syncs of group commit.");
+    describe_histogram!(STORE_SYNC_SECONDS, "Time per WAL sync.");
 }
 
 /// An `Error` frame with `code` was sent.
@@ -153,4 +166,11 @@ pub fn presence_transition() {
 /// `n` `PresenceChanged` frames were queued.
 pub fn presence_events(n: usize) {
     counter!(PRESENCE_EVENTS_TOTAL).increment(n as u64);
+}
+
+/// A group-commit sync made the store's first `transactions` transactions durable.
+pub fn store_synced(transactions: u64, took: std::time::Duration) {
+    counter!(STORE_TRANSACTIONS_TOTAL).absolute(transactions);
+    counter!(STORE_SYNCS_TOTAL).increment(1);
+    histogram!(STORE_SYNC_SECONDS).record(took.as_secs_f64());
 }

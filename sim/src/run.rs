@@ -15,6 +15,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use confab_client::mls::EngineKind;
+use confab_gateway::durability::SyncPolicy;
 use confab_gateway::faults::Faults;
 use confab_gateway::handler::GatewayConfig;
 use confab_gateway::rate::RateLimit;
@@ -346,6 +347,9 @@ impl<'a> Orchestrator<'a> {
         let world = World::new(clients);
         let origin = format!("ws://{GATEWAY_HOST}:{GATEWAY_PORT}");
         let mut config = GatewayConfig::new(origin.clone());
+        // Group commit's syncer is an OS thread on real time: every transaction syncs itself
+        // instead, so that one seed replays the same run.
+        config.sync = SyncPolicy::EachCommit;
         config.heartbeat_interval_ms = HEARTBEAT_INTERVAL_MS;
         config.heartbeat_timeout_ms = HEARTBEAT_TIMEOUT_MS;
         // The simulation tests recovery, not the connect limit: reconnecting thousands of

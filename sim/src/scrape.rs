@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use confab_client::app::{Client, ClientError};
 use confab_client::mls::EngineKind;
+use confab_gateway::durability::SyncPolicy;
 use confab_gateway::handler::GatewayConfig;
 use confab_gateway::rate::RateLimit;
 use confab_spec::error::ErrorCode;
@@ -508,6 +509,9 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
         .build();
     let origin = format!("ws://{GATEWAY_HOST}:{GATEWAY_PORT}");
     let mut config = GatewayConfig::new(origin.clone());
+    // Group commit's syncer is an OS thread on real time: every transaction syncs itself
+    // instead, so that one seed replays the same run.
+    config.sync = SyncPolicy::EachCommit;
     // Bots stand for a botnet behind many addresses: the per-address connect limit is not
     // what stops them here.
     config.connects_per_ip = RateLimit {

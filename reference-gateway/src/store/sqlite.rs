@@ -140,6 +140,45 @@ impl SqliteStore {
         })
     }
 
+    /// Switches to group commit ([`crate::durability`]): `synchronous=NORMAL`, and every
+    /// transaction counted in the returned counter. Also returns the WAL file, which the
+    /// syncer makes durable, after making its directory entry durable. Refused under the
+    /// `ack_before_durable` fault (the database is in memory then).
+    pub fn enable_group_commit(
+        &mut self,
+    ) -> Result<(std::sync::Arc<std::sync::atomic::AtomicU64>, std::fs::File), StoreError> {
+        if self.write_behind {
+            return Err(StoreError::Database(
+                "group commit needs the database on disk".into(),
+            ));
+        }
+        let wal_path = std::path::PathBuf::from(format!("{}-wal", self.path.display()));
+        let wal = std::fs::File::open(&wal_path)
+            .map_err(|e| StoreError::Database(format!("opening {}: {e}", wal_path.display())))?;
+        if let Some(dir) = wal_path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::Database(format!("syncing {}: {e}", dir.display())))?;
+        }
+        wal.sync_data()
+            .map_err(|e| StoreError::Database(format!("syncing {}: {e}", wal_path.display())))?;
+        self.conn
+            .execute_batch("PRAGMA synchronous=NORMAL;")
+            .map_err(db)?;
+        let transactions = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = transactions.clone();
+        self.conn.commit_hook(Some(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false // never turn the commit into a rollback
+        }));
+        Ok((transactions, wal))
+    }
+
     /// Turns on deliberately broken behaviours (self-tests only, [`Faults`]). With
     /// `ack_before_durable` the database moves into memory, written to disk only by
     /// [`Store::flush`].

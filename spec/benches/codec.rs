@@ -1,0 +1,135 @@
+//! The frame codec against a plain CBOR round trip of the same bytes.
+//!
+//! For each frame (a live `Deliver` of a 100-byte message, a replay `Batch` of 100 such
+//! entries, a client `Send`) it measures Confab's strict decode (typed, deterministic
+//! encoding checked, limits enforced) plus encode, and the baseline in the same run:
+//! `ciborium` decoding the same bytes into a generic `Value` and encoding it again. A
+//! table of medians and ratios follows criterion's output.
+//!
+//! ```text
+//! cargo bench -p confab-spec --bench codec
+//! ```
+
+use std::path::PathBuf;
+
+use confab_spec::cbor::DecodeLimits;
+use confab_spec::frame::{Batch, ClientFrame, Deliver, Entry, EntryBody, Send, ServerFrame};
+use confab_spec::ids::{
+    ConversationId, DeviceId, Epoch, MlsBytes, MsgId, ProcessId, Seq, StreamId, SystemKey, UnixMs,
+};
+use criterion::Criterion;
+
+const CONV: ConversationId = ConversationId([0x42; 32]);
+
+fn entry(seq: u64) -> Entry {
+    Entry {
+        seq: Seq::new(seq).expect("seq"),
+        msg_id: MsgId([seq as u8; 16]),
+        sender: DeviceId {
+            system: SystemKey([7; 32]),
+            process: ProcessId([8; 16]),
+        },
+        accepted_ms: UnixMs(1_767_225_600_000 + seq),
+        payload: MlsBytes::new(vec![0xA5; 100]).expect("payload"),
+        body: EntryBody::Application { epoch: Epoch(3) },
+    }
+}
+
+/// (name, encoded frame, is it a server frame).
+fn frames() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let deliver = ServerFrame::Deliver(Deliver {
+        stream: StreamId::Conversation(CONV),
+        entry: entry(1),
+    });
+    let batch = ServerFrame::Batch(Batch {
+        stream: StreamId::Conversation(CONV),
+        entries: (1..=100).map(entry).collect(),
+        more: true,
+    });
+    let send = ClientFrame::Send(Send {
+        rid: 9,
+        conversation: CONV,
+        msg_id: MsgId([1; 16]),
+        payload: MlsBytes::new(vec![0xA5; 100]).expect("payload"),
+        welcome: None,
+    });
+    vec![
+        ("deliver_100B", deliver.encode(), true),
+        ("batch_100x100B", batch.encode(), true),
+        ("send_100B", send.encode(), false),
+    ]
+}
+
+fn confab_round_trip(bytes: &[u8], server: bool, limits: &DecodeLimits) -> Vec<u8> {
+    if server {
+        ServerFrame::decode(bytes, limits).expect("decode").encode()
+    } else {
+        ClientFrame::decode(bytes, limits).expect("decode").encode()
+    }
+}
+
+fn ciborium_round_trip(bytes: &[u8]) -> Vec<u8> {
+    let value: ciborium::Value = ciborium::de::from_reader(bytes).expect("decode");
+    let mut out = Vec::with_capacity(bytes.len());
+    ciborium::ser::into_writer(&value, &mut out).expect("encode");
+    out
+}
+
+fn benches(c: &mut Criterion) {
+    let limits = DecodeLimits::default();
+    let mut group = c.benchmark_group("codec");
+    for (name, bytes, server) in frames() {
+        // Both round trips reproduce the bytes exactly, so they do the same work.
+        assert_eq!(confab_round_trip(&bytes, server, &limits), bytes);
+        assert_eq!(ciborium_round_trip(&bytes), bytes);
+        group.bench_function(format!("confab_{name}"), |b| {
+            b.iter(|| confab_round_trip(std::hint::black_box(&bytes), server, &limits))
+        });
+        group.bench_function(format!("ciborium_{name}"), |b| {
+            b.iter(|| ciborium_round_trip(std::hint::black_box(&bytes)))
+        });
+    }
+    group.finish();
+}
+
+/// The median of `codec/<id>` in ns, from criterion's output of this run.
+fn median(id: &str) -> Option<f64> {
+    let root = PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR"))),
+    )
+    .join("criterion/codec");
+    let text = std::fs::read_to_string(root.join(id).join("new/estimates.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["median"]["point_estimate"].as_f64()
+}
+
+fn table() {
+    println!(
+        "\n| frame | bytes | Confab decode+encode | ciborium Value round trip (baseline) | ×ciborium |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (name, bytes, _) in frames() {
+        let (Some(confab), Some(base)) = (
+            median(&format!("confab_{name}")),
+            median(&format!("ciborium_{name}")),
+        ) else {
+            eprintln!("no codec measurements for {name} in target/criterion");
+            continue;
+        };
+        println!(
+            "| {name} | {} | {:.2} µs | {:.2} µs | {:.2} |",
+            bytes.len(),
+            confab / 1e3,
+            base / 1e3,
+            confab / base
+        );
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+    table();
+}
