@@ -6,7 +6,7 @@
 //! | path | baseline |
 //! | --- | --- |
 //! | `Heartbeat` → `HeartbeatAck` | decoding the frame and encoding the answer |
-//! | `Send` (100 B) → `Accepted` | SQLite alone running the same transaction (read the conversation, the msg_id and the roster, move the head, insert the entry) |
+//! | `Send` (100 B) → `Accepted` | SQLite alone running the same transaction on its own database (read the conversation, the msg_id, the roster and the head; move the head; insert the entry) |
 //! | a live entry → `Deliver` (the hub's in-memory path) | encoding the `Deliver` |
 //!
 //! ```text
@@ -52,7 +52,12 @@ fn now() -> UnixMs {
 }
 
 /// An authenticated connection of the bench device.
-fn ready(config: &GatewayConfig, store: &mut SqliteStore, limiters: &RateLimiters) -> Connection {
+fn ready(
+    config: &GatewayConfig,
+    store: &mut SqliteStore,
+    limiters: &RateLimiters,
+    seed: u64,
+) -> Connection {
     let system = SystemKeyPair::from_seed(&[1; 32]);
     let key = DeviceKeyPair::from_seed(&[2; 32]);
     let t = now();
@@ -62,7 +67,8 @@ fn ready(config: &GatewayConfig, store: &mut SqliteStore, limiters: &RateLimiter
         UnixMs(t.0 - 60_000),
         t.plus_ms(3_600_000),
     );
-    let mut entropy = Counter(7);
+    // Each connection its own nonces (a repeated nonce is refused, REQ-5.4).
+    let mut entropy = Counter(seed);
     let mut conn = Connection::new();
     let hello = ClientFrame::Hello(Hello {
         versions: Versions::current(),
@@ -143,11 +149,13 @@ fn sqlite_append(db: &mut rusqlite::Connection, n: u64, payload: &[u8]) {
         })
         .expect("member");
     let head: i64 = tx
-        .prepare_cached(
-            "UPDATE streams SET head_seq = head_seq + 1 WHERE stream = ?1 RETURNING head_seq",
-        )
-        .and_then(|mut s| s.query_row([key.as_slice()], |r| r.get(0)))
-        .expect("head");
+        .prepare_cached("SELECT head_seq FROM streams WHERE stream = ?1")
+        .and_then(|mut s| s.query_row([key.as_slice()], |r| r.get::<_, i64>(0)))
+        .expect("head")
+        + 1;
+    tx.prepare_cached("UPDATE streams SET head_seq = ?2 WHERE stream = ?1")
+        .and_then(|mut s| s.execute(rusqlite::params![key, head]))
+        .expect("move head");
     tx.prepare_cached(
         "INSERT INTO entries (stream, seq, msg_id, sender, kind, epoch, accepted_ms, payload, payload_hash)
          VALUES (?1, ?2, ?3, ?4, 1, 0, ?5, ?6, ?7)",
@@ -165,7 +173,7 @@ fn benches(c: &mut Criterion) {
     let limits = DecodeLimits::default();
     let mut store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
     let limiters = RateLimiters::new(&config);
-    let mut sender = ready(&config, &mut store, &limiters);
+    let mut sender = ready(&config, &mut store, &limiters, 7);
     let device = sender.device().expect("device");
     store
         .create_conversation(&CONV, ConversationKind::Room, &device, now())
@@ -229,10 +237,21 @@ fn benches(c: &mut Criterion) {
             encode_all(&out)
         })
     });
-    let mut raw = rusqlite::Connection::open(dir.path().join("gw.db")).expect("raw");
-    // The same sync setting as the gateway's store; the rows go into the same tables.
+    // The baseline has a database of its own, with the gateway's schema and the same
+    // conversation, so that it shares no connection or cache with the gateway's.
+    let base_path = dir.path().join("baseline.db");
+    SqliteStore::open(&base_path)
+        .expect("baseline store")
+        .create_conversation(&CONV, ConversationKind::Room, &device, now())
+        .expect("baseline conversation");
+    let mut raw = rusqlite::Connection::open(&base_path).expect("raw");
     raw.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
         .expect("baseline setup");
+    raw.execute(
+        "INSERT INTO streams (stream, head_seq, oldest_seq) VALUES (?1, 0, 1)",
+        [[&[1u8][..], &CONV.0].concat()],
+    )
+    .expect("baseline stream");
     let payload = application(0);
     let mut m = 1u64 << 40; // msg_ids apart from the gateway's
     group.bench_function("sqlite_send_100B", |b| {
@@ -243,7 +262,7 @@ fn benches(c: &mut Criterion) {
     });
 
     // A live subscriber taking entries from the hub.
-    let mut subscriber = ready(&config, &mut store, &limiters);
+    let mut subscriber = ready(&config, &mut store, &limiters, 8);
     let (head, _) = store
         .bounds(&StreamKey::Conversation(CONV))
         .expect("bounds");

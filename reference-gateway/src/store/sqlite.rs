@@ -18,6 +18,9 @@ use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 use confab_spec::limits;
 
+/// Prepared statements kept: more than the store has.
+const STATEMENT_CACHE: usize = 96;
+
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Connection,
@@ -132,6 +135,9 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        // Every statement is prepared once and reused (parsing SQL cost more per append
+        // than executing it).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -263,28 +269,27 @@ fn push(
     entry: &NewEntry<'_>,
 ) -> Result<i64, StoreError> {
     let head: Option<i64> = tx
-        .query_row(
-            "SELECT head_seq FROM streams WHERE stream = ?1",
-            [stream],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT head_seq FROM streams WHERE stream = ?1")
+        .map_err(db)?
+        .query_row([stream], |r| r.get(0))
         .optional()
         .map_err(db)?;
     let seq = head.unwrap_or(0) + 1;
     match head {
-        Some(_) => tx.execute(
-            "UPDATE streams SET head_seq = ?2 WHERE stream = ?1",
-            params![stream, seq],
-        ),
-        None => tx.execute(
-            "INSERT INTO streams (stream, head_seq, oldest_seq) VALUES (?1, ?2, 1)",
-            params![stream, seq],
-        ),
+        Some(_) => tx
+            .prepare_cached("UPDATE streams SET head_seq = ?2 WHERE stream = ?1")
+            .map_err(db)?
+            .execute(params![stream, seq]),
+        None => tx
+            .prepare_cached("INSERT INTO streams (stream, head_seq, oldest_seq) VALUES (?1, ?2, 1)")
+            .map_err(db)?
+            .execute(params![stream, seq]),
     }
     .map_err(db)?;
-    tx.execute(
-        "INSERT INTO entries (stream, seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload, payload_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    tx.prepare_cached("INSERT INTO entries (stream, seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload, payload_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")
+            .map_err(db)?
+            .execute(
         params![
             stream,
             seq,
@@ -359,17 +364,17 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         let inserted = tx
+            .prepare_cached("INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, 0, 0, ?3)")
+            .map_err(db)?
             .execute(
-                "INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, 0, 0, ?3)",
                 params![id.0.as_slice(), kind_code(kind), to_i64(now.0)],
             )
             .map_err(db)?;
         if inserted == 1 {
-            tx.execute(
-                "INSERT INTO roster (conversation, leaf, device) VALUES (?1, 0, ?2)",
-                params![id.0.as_slice(), creator.to_bytes().as_slice()],
-            )
-            .map_err(db)?;
+            tx.prepare_cached("INSERT INTO roster (conversation, leaf, device) VALUES (?1, 0, ?2)")
+                .map_err(db)?
+                .execute(params![id.0.as_slice(), creator.to_bytes().as_slice()])
+                .map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(inserted == 1)
@@ -378,17 +383,15 @@ impl Store for SqliteStore {
     fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationState>, StoreError> {
         let row = self
             .conn
-            .query_row(
-                "SELECT kind, epoch, epoch_seq FROM conversations WHERE id = ?1",
-                [id.0.as_slice()],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                },
-            )
+            .prepare_cached("SELECT kind, epoch, epoch_seq FROM conversations WHERE id = ?1")
+            .map_err(db)?
+            .query_row([id.0.as_slice()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
             .optional()
             .map_err(db)?;
         let Some((kind, epoch, epoch_seq)) = row else {
@@ -446,11 +449,9 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         let state: Option<(i64, i64)> = tx
-            .query_row(
-                "SELECT epoch, epoch_seq FROM conversations WHERE id = ?1",
-                [conv.0.as_slice()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached("SELECT epoch, epoch_seq FROM conversations WHERE id = ?1")
+            .map_err(db)?
+            .query_row([conv.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(db)?;
         let Some((epoch, epoch_seq)) = state else {
@@ -459,11 +460,13 @@ impl Store for SqliteStore {
         let epoch = epoch as u64;
         // Idempotency first (SPEC.md 6.3): a resent accepted Commit is a duplicate, not stale.
         let existing: Option<(i64, Vec<u8>, Vec<u8>)> = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT seq, sender, payload_hash FROM entries WHERE stream = ?1 AND msg_id = ?2",
-                params![stream, request.msg_id.0.as_slice()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
+            .map_err(db)?
+            .query_row(params![stream, request.msg_id.0.as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()
             .map_err(db)?;
         let existing = existing.filter(|_| !self.faults.no_msg_id_dedup);
@@ -477,8 +480,11 @@ impl Store for SqliteStore {
             });
         }
         let member: bool = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM roster WHERE conversation = ?1 AND device = ?2)",
+            )
+            .map_err(db)?
+            .query_row(
                 params![conv.0.as_slice(), request.sender.to_bytes().as_slice()],
                 |r| r.get(0),
             )
@@ -539,25 +545,26 @@ impl Store for SqliteStore {
         } = &request.kind
         {
             // One Commit per epoch, decided in this transaction (REQ-7.3-1).
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE conversations SET epoch = epoch + 1, epoch_seq = ?2 WHERE id = ?1",
-                params![conv.0.as_slice(), seq],
             )
+            .map_err(db)?
+            .execute(params![conv.0.as_slice(), seq])
             .map_err(db)?;
             // RFC 9420 12.3: removals blank leaves, then adds take the leftmost blanks.
             for leaf in removed_leaves {
                 // Where the removed device's reading ends (REQ-7.6-2).
-                tx.execute(
-                    "INSERT OR IGNORE INTO departures (conversation, device, seq)
-                     SELECT conversation, device, ?3 FROM roster WHERE conversation = ?1 AND leaf = ?2",
+                tx.prepare_cached("INSERT OR IGNORE INTO departures (conversation, device, seq)
+                     SELECT conversation, device, ?3 FROM roster WHERE conversation = ?1 AND leaf = ?2")
+            .map_err(db)?
+            .execute(
                     params![conv.0.as_slice(), i64::from(*leaf), seq],
                 )
                 .map_err(db)?;
-                tx.execute(
-                    "DELETE FROM roster WHERE conversation = ?1 AND leaf = ?2",
-                    params![conv.0.as_slice(), i64::from(*leaf)],
-                )
-                .map_err(db)?;
+                tx.prepare_cached("DELETE FROM roster WHERE conversation = ?1 AND leaf = ?2")
+                    .map_err(db)?
+                    .execute(params![conv.0.as_slice(), i64::from(*leaf)])
+                    .map_err(db)?;
             }
             let mut taken: Vec<i64> = {
                 let mut stmt = tx
@@ -574,10 +581,15 @@ impl Store for SqliteStore {
                     leaf += 1;
                 }
                 taken.push(leaf);
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO roster (conversation, leaf, device) VALUES (?1, ?2, ?3)",
-                    params![conv.0.as_slice(), leaf, device.to_bytes().as_slice()],
                 )
+                .map_err(db)?
+                .execute(params![
+                    conv.0.as_slice(),
+                    leaf,
+                    device.to_bytes().as_slice()
+                ])
                 .map_err(db)?;
                 // The Welcome reaches each added device with its Commit (REQ-7.5-1).
                 if let Some(welcome) = welcome {
@@ -654,11 +666,9 @@ impl Store for SqliteStore {
     fn bounds(&self, stream: &StreamKey) -> Result<(u64, u64), StoreError> {
         let row: Option<(i64, i64)> = self
             .conn
-            .query_row(
-                "SELECT head_seq, oldest_seq FROM streams WHERE stream = ?1",
-                [stream_key(stream)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached("SELECT head_seq, oldest_seq FROM streams WHERE stream = ?1")
+            .map_err(db)?
+            .query_row([stream_key(stream)], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(db)?;
         Ok(row.map_or((0, 1), |(h, o)| (h as u64, o as u64)))
@@ -677,11 +687,9 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         let head: i64 = tx
-            .query_row(
-                "SELECT head_seq FROM streams WHERE stream = ?1",
-                [&key],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT head_seq FROM streams WHERE stream = ?1")
+            .map_err(db)?
+            .query_row([&key], |r| r.get(0))
             .optional()
             .map_err(db)?
             .unwrap_or(0);
@@ -689,18 +697,17 @@ impl Store for SqliteStore {
             return Ok(None);
         }
         // Cursors only move forward (REQ-6.5-1).
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO cursors (stream, device, seq) VALUES (?1, ?2, ?3)
              ON CONFLICT (stream, device) DO UPDATE SET seq = max(seq, excluded.seq)",
-            params![key, device.as_slice(), to_i64(seq.get())],
         )
+        .map_err(db)?
+        .execute(params![key, device.as_slice(), to_i64(seq.get())])
         .map_err(db)?;
         let cursor: i64 = tx
-            .query_row(
-                "SELECT seq FROM cursors WHERE stream = ?1 AND device = ?2",
-                params![key, device.as_slice()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT seq FROM cursors WHERE stream = ?1 AND device = ?2")
+            .map_err(db)?
+            .query_row(params![key, device.as_slice()], |r| r.get(0))
             .map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Some(cursor as u64))
@@ -709,8 +716,9 @@ impl Store for SqliteStore {
     fn cursor(&self, stream: &StreamKey, device: &DeviceId) -> Result<u64, StoreError> {
         let v: Option<i64> = self
             .conn
+            .prepare_cached("SELECT seq FROM cursors WHERE stream = ?1 AND device = ?2")
+            .map_err(db)?
             .query_row(
-                "SELECT seq FROM cursors WHERE stream = ?1 AND device = ?2",
                 params![stream_key(stream), device.to_bytes().as_slice()],
                 |r| r.get(0),
             )
@@ -721,9 +729,10 @@ impl Store for SqliteStore {
 
     fn issue_token(&mut self, t: &IssuedToken) -> Result<(), StoreError> {
         self.conn
+            .prepare_cached("INSERT INTO resume_tokens (hash, device, session, family, expires_ms, certificate_not_after_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .map_err(db)?
             .execute(
-                "INSERT INTO resume_tokens (hash, device, session, family, expires_ms, certificate_not_after_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     t.hash.as_slice(),
                     t.device.to_bytes().as_slice(),
@@ -744,9 +753,10 @@ impl Store for SqliteStore {
             .map_err(db)?;
         type Row = (Vec<u8>, Vec<u8>, Vec<u8>, i64, i64, i64, i64);
         let row: Option<Row> = tx
+            .prepare_cached("SELECT device, session, family, expires_ms, certificate_not_after_ms, used, revoked
+                 FROM resume_tokens WHERE hash = ?1")
+            .map_err(db)?
             .query_row(
-                "SELECT device, session, family, expires_ms, certificate_not_after_ms, used, revoked
-                 FROM resume_tokens WHERE hash = ?1",
                 [hash.as_slice()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
             )
@@ -759,18 +769,16 @@ impl Store for SqliteStore {
             Redeemed::Invalid
         } else if used != 0 {
             // Reuse: revoke the chain, including the token issued in its place (REQ-5.5-3).
-            tx.execute(
-                "UPDATE resume_tokens SET revoked = 1 WHERE family = ?1",
-                [&family],
-            )
-            .map_err(db)?;
+            tx.prepare_cached("UPDATE resume_tokens SET revoked = 1 WHERE family = ?1")
+                .map_err(db)?
+                .execute([&family])
+                .map_err(db)?;
             Redeemed::Reused
         } else {
-            tx.execute(
-                "UPDATE resume_tokens SET used = 1 WHERE hash = ?1",
-                [hash.as_slice()],
-            )
-            .map_err(db)?;
+            tx.prepare_cached("UPDATE resume_tokens SET used = 1 WHERE hash = ?1")
+                .map_err(db)?
+                .execute([hash.as_slice()])
+                .map_err(db)?;
             let fixed = |v: &[u8]| -> Result<[u8; 16], StoreError> {
                 v.try_into()
                     .map_err(|_| StoreError::Corrupt("token binding".into()))
@@ -798,11 +806,12 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        tx.execute(
-            "INSERT INTO revocations (system, process, effective_ms, revocation) VALUES (?1, ?2, ?3, ?4)
+        tx.prepare_cached("INSERT INTO revocations (system, process, effective_ms, revocation) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (system, process) DO UPDATE SET
                  revocation = CASE WHEN excluded.effective_ms < effective_ms THEN excluded.revocation ELSE revocation END,
-                 effective_ms = min(effective_ms, excluded.effective_ms)",
+                 effective_ms = min(effective_ms, excluded.effective_ms)")
+            .map_err(db)?
+            .execute(
             params![
                 revocation.system.0.as_slice(),
                 revocation.process.0.as_slice(),
@@ -812,8 +821,11 @@ impl Store for SqliteStore {
         )
         .map_err(db)?;
         let stored: i64 = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT effective_ms FROM revocations WHERE system = ?1 AND process = ?2",
+            )
+            .map_err(db)?
+            .query_row(
                 params![
                     revocation.system.0.as_slice(),
                     revocation.process.0.as_slice()
@@ -839,8 +851,11 @@ impl Store for SqliteStore {
     fn revoked_at(&self, device: &DeviceId) -> Result<Option<UnixMs>, StoreError> {
         let v: Option<i64> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT effective_ms FROM revocations WHERE system = ?1 AND process = ?2",
+            )
+            .map_err(db)?
+            .query_row(
                 params![device.system.0.as_slice(), device.process.0.as_slice()],
                 |r| r.get(0),
             )
@@ -884,17 +899,19 @@ impl Store for SqliteStore {
             // The lowest cursor among the devices that must have acknowledged an entry.
             let acked_by_all: i64 = match stream.first() {
                 Some(1) => tx
-                    .query_row(
-                        "SELECT coalesce(min(coalesce(c.seq, 0)), ?2) FROM roster r
+                    .prepare_cached("SELECT coalesce(min(coalesce(c.seq, 0)), ?2) FROM roster r
                          LEFT JOIN cursors c ON c.stream = ?1 AND c.device = r.device
-                         WHERE r.conversation = ?3",
+                         WHERE r.conversation = ?3")
+            .map_err(db)?
+            .query_row(
                         params![stream, head, &stream[1..]],
                         |r| r.get(0),
                     )
                     .map_err(db)?,
                 Some(2) => tx
-                    .query_row(
-                        "SELECT coalesce(max(seq), 0) FROM cursors WHERE stream = ?1 AND device = ?2",
+                    .prepare_cached("SELECT coalesce(max(seq), 0) FROM cursors WHERE stream = ?1 AND device = ?2")
+            .map_err(db)?
+            .query_row(
                         params![stream, &stream[1..]],
                         |r| r.get(0),
                     )
@@ -904,10 +921,13 @@ impl Store for SqliteStore {
             // The first entry that must stay; everything before it goes (a prefix, 6.7).
             let limit = (oldest + budget).min(head + 1);
             let keep: Option<i64> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT seq FROM entries WHERE stream = ?1 AND seq >= ?2 AND seq < ?3
                      AND NOT (accepted_ms < ?4 AND (seq <= ?5 OR accepted_ms < ?6))
                      ORDER BY seq LIMIT 1",
+                )
+                .map_err(db)?
+                .query_row(
                     params![stream, oldest, limit, aged, acked_by_all, abandoned],
                     |r| r.get(0),
                 )
@@ -916,16 +936,14 @@ impl Store for SqliteStore {
             let new_oldest = keep.unwrap_or(limit);
             if new_oldest > oldest {
                 let deleted = tx
-                    .execute(
-                        "DELETE FROM entries WHERE stream = ?1 AND seq < ?2",
-                        params![stream, new_oldest],
-                    )
+                    .prepare_cached("DELETE FROM entries WHERE stream = ?1 AND seq < ?2")
+                    .map_err(db)?
+                    .execute(params![stream, new_oldest])
                     .map_err(db)?;
-                tx.execute(
-                    "UPDATE streams SET oldest_seq = ?2 WHERE stream = ?1",
-                    params![stream, new_oldest],
-                )
-                .map_err(db)?;
+                tx.prepare_cached("UPDATE streams SET oldest_seq = ?2 WHERE stream = ?1")
+                    .map_err(db)?
+                    .execute(params![stream, new_oldest])
+                    .map_err(db)?;
                 report.entries_deleted += deleted as u64;
                 report.streams_advanced += 1;
                 if keep.is_none() && limit <= head {
@@ -936,10 +954,9 @@ impl Store for SqliteStore {
         }
         report.tokens_deleted = self
             .conn
-            .execute(
-                "DELETE FROM resume_tokens WHERE expires_ms <= ?1",
-                [to_i64(now.0)],
-            )
+            .prepare_cached("DELETE FROM resume_tokens WHERE expires_ms <= ?1")
+            .map_err(db)?
+            .execute([to_i64(now.0)])
             .map_err(db)? as u64;
         Ok(report)
     }
@@ -958,28 +975,31 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        tx.execute(
+        tx.prepare_cached(
             "DELETE FROM key_packages WHERE system = ?1 AND process = ?2 AND not_after_s <= ?3",
-            params![system, process, now_s],
         )
+        .map_err(db)?
+        .execute(params![system, process, now_s])
         .map_err(db)?;
         let status = pool_status(&tx, system, process, now_s)?;
         if status.pool_count + packages.len() as u64 > pool_max {
             return Ok(UploadOutcome::PoolFull(status));
         }
         for p in packages {
-            tx.execute(
-                "INSERT INTO key_packages (system, process, not_after_s, package) VALUES (?1, ?2, ?3, ?4)",
+            tx.prepare_cached("INSERT INTO key_packages (system, process, not_after_s, package) VALUES (?1, ?2, ?3, ?4)")
+            .map_err(db)?
+            .execute(
                 params![system, process, to_i64(p.not_after_s), p.bytes],
             )
             .map_err(db)?;
         }
         if let Some(p) = last_resort {
-            tx.execute(
-                "INSERT INTO last_resort_key_packages (system, process, not_after_s, package, claimed)
+            tx.prepare_cached("INSERT INTO last_resort_key_packages (system, process, not_after_s, package, claimed)
                  VALUES (?1, ?2, ?3, ?4, 0)
                  ON CONFLICT (system, process) DO UPDATE SET
-                     not_after_s = excluded.not_after_s, package = excluded.package, claimed = 0",
+                     not_after_s = excluded.not_after_s, package = excluded.package, claimed = 0")
+            .map_err(db)?
+            .execute(
                 params![system, process, to_i64(p.not_after_s), p.bytes],
             )
             .map_err(db)?;
@@ -997,8 +1017,9 @@ impl Store for SqliteStore {
     ) -> Result<Option<u64>, StoreError> {
         let v: Option<i64> = self
             .conn
+            .prepare_cached("SELECT min(seq) FROM departures WHERE conversation = ?1 AND device = ?2 AND seq >= ?3")
+            .map_err(db)?
             .query_row(
-                "SELECT min(seq) FROM departures WHERE conversation = ?1 AND device = ?2 AND seq >= ?3",
                 params![
                     conversation.0.as_slice(),
                     device.to_bytes().as_slice(),
@@ -1077,11 +1098,10 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        tx.execute(
-            "DELETE FROM share_lists WHERE user = ?1",
-            params![user.0.as_slice()],
-        )
-        .map_err(db)?;
+        tx.prepare_cached("DELETE FROM share_lists WHERE user = ?1")
+            .map_err(db)?
+            .execute(params![user.0.as_slice()])
+            .map_err(db)?;
         {
             let mut insert = tx
                 .prepare_cached("INSERT INTO share_lists (user, list, peer) VALUES (?1, ?2, ?3)")
@@ -1174,11 +1194,10 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        tx.execute(
-            "DELETE FROM key_packages WHERE system = ?1 AND not_after_s <= ?2",
-            params![system, now_s],
-        )
-        .map_err(db)?;
+        tx.prepare_cached("DELETE FROM key_packages WHERE system = ?1 AND not_after_s <= ?2")
+            .map_err(db)?
+            .execute(params![system, now_s])
+            .map_err(db)?;
         let processes: Vec<Vec<u8>> = {
             let mut stmt = tx
                 .prepare_cached(
@@ -1199,18 +1218,20 @@ impl Store for SqliteStore {
                 continue;
             }
             let pooled: Option<(i64, Vec<u8>)> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT id, package FROM key_packages WHERE system = ?1 AND process = ?2
                      ORDER BY id LIMIT 1",
-                    params![system, process],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
+                .map_err(db)?
+                .query_row(params![system, process], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
                 .map_err(db)?;
             if let Some((id, package)) = pooled {
                 // Claim and delete in one transaction (REQ-8-2).
                 if !self.faults.double_claim {
-                    tx.execute("DELETE FROM key_packages WHERE id = ?1", [id])
+                    tx.prepare_cached("DELETE FROM key_packages WHERE id = ?1")
+                        .map_err(db)?
+                        .execute([id])
                         .map_err(db)?;
                 }
                 claimed.push(ClaimedPackage {
@@ -1221,17 +1242,18 @@ impl Store for SqliteStore {
                 continue;
             }
             let last: Option<Vec<u8>> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT package FROM last_resort_key_packages
                      WHERE system = ?1 AND process = ?2 AND not_after_s > ?3",
-                    params![system, process, now_s],
-                    |r| r.get(0),
                 )
+                .map_err(db)?
+                .query_row(params![system, process, now_s], |r| r.get(0))
                 .optional()
                 .map_err(db)?;
             if let Some(package) = last {
-                tx.execute(
-                    "UPDATE last_resort_key_packages SET claimed = 1 WHERE system = ?1 AND process = ?2",
+                tx.prepare_cached("UPDATE last_resort_key_packages SET claimed = 1 WHERE system = ?1 AND process = ?2")
+            .map_err(db)?
+            .execute(
                     params![system, process],
                 )
                 .map_err(db)?;
@@ -1255,19 +1277,20 @@ fn pool_status(
     now_s: i64,
 ) -> Result<PoolStatus, StoreError> {
     let pool_count: i64 = tx
-        .query_row(
-            "SELECT count(*) FROM key_packages WHERE system = ?1 AND process = ?2 AND not_after_s > ?3",
+        .prepare_cached("SELECT count(*) FROM key_packages WHERE system = ?1 AND process = ?2 AND not_after_s > ?3")
+            .map_err(db)?
+            .query_row(
             params![system, process, now_s],
             |r| r.get(0),
         )
         .map_err(db)?;
     let last: Option<i64> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT claimed FROM last_resort_key_packages
              WHERE system = ?1 AND process = ?2 AND not_after_s > ?3",
-            params![system, process, now_s],
-            |r| r.get(0),
         )
+        .map_err(db)?
+        .query_row(params![system, process, now_s], |r| r.get(0))
         .optional()
         .map_err(db)?;
     Ok(PoolStatus {
