@@ -1,24 +1,30 @@
 //! Group commit: when the gateway may tell anyone about a write.
 //!
-//! Under [`SyncPolicy::EachCommit`] SQLite runs with `synchronous=FULL` and every
-//! transaction is durable when it returns (one fsync each). Under [`SyncPolicy::Group`]
-//! (the default) SQLite runs with `synchronous=NORMAL`, so a commit only writes the WAL,
-//! and one syncer thread makes the WAL durable for many commits with one `fdatasync`:
+//! Under [`SyncPolicy::EachCommit`] SQLite runs with `synchronous=FULL` and every store
+//! call is its own transaction, durable when it returns (one fsync each). Under
+//! [`SyncPolicy::Group`] (the default) the store calls of all connections share one
+//! SQLite transaction, a *batch* (each call is a savepoint inside it, so it stays atomic),
+//! and one syncer thread commits the batch and makes it durable with one `fdatasync` of
+//! the WAL (`synchronous=NORMAL`: the commit itself only writes the WAL):
 //!
-//! - every store transaction counts itself (SQLite's commit hook) in `transactions`;
-//! - every frame a connection queues carries a *barrier*: the count when it was queued,
-//!   after the store work that produced it;
+//! - [`WriteCounters`] count commits (SQLite's commit hook) and name the batch any write
+//!   made now lands in;
+//! - every frame a connection queues carries a *barrier*: that batch's number, read
+//!   after the store work that produced the frame;
 //! - the connection's writer holds a frame until `durable` reaches its barrier;
-//! - the syncer reads the count while holding the store lock (so no transaction is half
-//!   written), syncs the WAL file, then publishes that count as durable.
+//! - the syncer, holding the store lock, commits the open batch and reads the count,
+//!   then syncs the WAL file and publishes that count as durable.
 //!
 //! So no frame (an `Accepted`, a delivered entry, a `Ready` with a fresh resume token)
-//! leaves the gateway before everything the store had committed when it was made is on
-//! disk: an acknowledged write survives a power loss as under `EachCommit`, and the
-//! fsyncs are shared by every connection writing at the same time.
+//! leaves the gateway before everything the store had done when it was made is committed
+//! and on disk: an acknowledged write survives a power loss as under `EachCommit`, while
+//! the WAL writes and the fsyncs are shared by every connection writing at the same time.
+//! A batch that fails to commit ends the process: its writes were promised to frames
+//! still waiting, and the connections' state already counts on them; clients recover by
+//! resuming against the restarted gateway, which never acknowledged any of it.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,9 +45,50 @@ pub enum SyncPolicy {
     EachCommit,
 }
 
+/// How long a batch stays open when nobody waits for it (background writes: retention,
+/// presence).
+const BATCH_OPEN_MAX: Duration = Duration::from_millis(5);
+
+/// The store's side of group commit: what is committed, and which batch a write made now
+/// lands in.
+#[derive(Debug, Default)]
+pub struct WriteCounters {
+    commits: AtomicU64,
+    open_batch: AtomicU64,
+    open: AtomicBool,
+}
+
+impl WriteCounters {
+    /// Counts a commit (SQLite's commit hook, called for every commit of the connection).
+    pub fn committed(&self) {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.open.store(false, Ordering::SeqCst);
+    }
+
+    /// A batch was begun; writes land in it until it commits.
+    pub fn opened(&self) {
+        self.open_batch
+            .store(self.commits.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a batch is open.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// The commit count that covers every write made so far: the open batch's, or the
+    /// last commit (a write outside any batch commits on its own).
+    pub fn barrier(&self) -> u64 {
+        self.open_batch
+            .load(Ordering::SeqCst)
+            .max(self.commits.load(Ordering::SeqCst))
+    }
+}
+
 /// The shared state of group commit (one per gateway).
 pub struct GroupCommit {
-    transactions: Arc<AtomicU64>,
+    counters: Arc<WriteCounters>,
     /// The highest barrier a writer is waiting for.
     requested: Mutex<u64>,
     wake: Condvar,
@@ -49,10 +96,10 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Group commit over `transactions`, the store's transaction count.
-    pub fn new(transactions: Arc<AtomicU64>) -> Arc<Self> {
+    /// Group commit over the store's `counters`.
+    pub fn new(counters: Arc<WriteCounters>) -> Arc<Self> {
         Arc::new(Self {
-            transactions,
+            counters,
             requested: Mutex::new(0),
             wake: Condvar::new(),
             durable: watch::channel(0).0,
@@ -61,7 +108,7 @@ impl GroupCommit {
 
     /// The barrier for a frame queued now.
     pub fn barrier(&self) -> u64 {
-        self.transactions.load(Ordering::SeqCst)
+        self.counters.barrier()
     }
 
     /// Watches the durable count.
@@ -88,41 +135,59 @@ impl GroupCommit {
         durable.wait_for(|d| *d >= barrier).await.is_ok()
     }
 
-    /// Runs the syncer on its own thread until `settled` answers `None` (the gateway is
-    /// gone). `settled` must take the store lock and return [`Self::barrier`] read under
-    /// it, so that every transaction it counts is completely written.
+    /// Runs the syncer on its own thread until `settle` answers `None` (the gateway is
+    /// gone). `settle` must take the store lock, commit the open batch, and return
+    /// [`Self::barrier`] read under the lock, so that everything it counts is committed.
     pub fn spawn_syncer(
         self: &Arc<Self>,
         wal: File,
-        settled: impl Fn() -> Option<u64> + Send + 'static,
+        settle: impl Fn() -> Option<Result<u64, String>> + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let this = self.clone();
         std::thread::Builder::new()
             .name("confab-syncer".into())
-            .spawn(move || this.syncer(&wal, settled))
+            .spawn(move || this.syncer(&wal, settle))
     }
 
-    fn syncer(&self, wal: &File, settled: impl Fn() -> Option<u64>) {
+    fn syncer(&self, wal: &File, settle: impl Fn() -> Option<Result<u64, String>>) {
         let mut durable = 0u64;
         loop {
-            // Wait for a writer that needs more than is durable (re-checking once a second
+            // Wait for a writer that needs more than is durable, or for a batch nobody
+            // waits for to have been open long enough (re-checking at least once a second
             // whether the gateway is still there).
             let wanted = {
                 let Ok(requested) = self.requested.lock() else {
                     return;
                 };
-                let Ok((requested, _)) =
-                    self.wake
-                        .wait_timeout_while(requested, Duration::from_secs(1), |r| *r <= durable)
+                let wait = if self.counters.is_open() {
+                    BATCH_OPEN_MAX
+                } else {
+                    Duration::from_secs(1)
+                };
+                let Ok((requested, _)) = self
+                    .wake
+                    .wait_timeout_while(requested, wait, |r| *r <= durable)
                 else {
                     return;
                 };
                 *requested
             };
-            let Some(target) = settled() else {
-                return;
+            if wanted <= durable && !self.counters.is_open() {
+                // Nothing to do; only check that the gateway is still there.
+                if settle().is_none() {
+                    return;
+                }
+                continue;
+            }
+            let target = match settle() {
+                None => return,
+                Some(Ok(target)) => target,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "committing a batch failed; stopping the gateway");
+                    std::process::exit(70);
+                }
             };
-            if wanted <= durable {
+            if target <= durable {
                 continue;
             }
             let started = Instant::now();
@@ -146,15 +211,15 @@ impl GroupCommit {
 mod tests {
     use super::*;
 
-    /// A frame whose barrier is above the durable count is held until a sync that started
-    /// after it covers it, and a sync publishes only what was counted when it started.
+    /// A frame whose barrier is above the durable count is held until the syncer has
+    /// committed its batch and synced; the syncer publishes what it committed.
     #[tokio::test]
     #[allow(clippy::await_holding_lock)] // the held lock is the point: it stalls the syncer
     async fn frames_wait_for_a_sync_that_covers_them() {
         let dir = tempfile::tempdir().expect("dir");
         let wal = File::create(dir.path().join("wal")).expect("file");
-        let transactions = Arc::new(AtomicU64::new(0));
-        let group = GroupCommit::new(transactions.clone());
+        let counters = Arc::new(WriteCounters::default());
+        let group = GroupCommit::new(counters.clone());
         // The syncer may read the count only when the test lets it ("the store lock"), and
         // runs while `alive` does ("the gateway").
         let gate = Arc::new(Mutex::new(()));
@@ -162,20 +227,27 @@ mod tests {
         let alive = Arc::new(());
         let syncer = {
             let gate = gate.clone();
-            let transactions = transactions.clone();
+            let counters = counters.clone();
             let alive = Arc::downgrade(&alive);
             group
                 .spawn_syncer(wal, move || {
                     alive.upgrade()?;
                     let _lock = gate.lock().ok()?;
-                    Some(transactions.load(Ordering::SeqCst))
+                    // "Commit the open batch".
+                    if counters.is_open() {
+                        counters.committed();
+                    }
+                    Some(Ok(counters.barrier()))
                 })
                 .expect("thread")
         };
         let mut durable = group.durable();
-        transactions.store(3, Ordering::SeqCst);
+        // Two commits outside a batch, then writes in an open batch (the third commit).
+        counters.committed();
+        counters.committed();
+        counters.opened();
         let barrier = group.barrier();
-        assert_eq!(barrier, 3);
+        assert_eq!(barrier, 3, "frames wait for the batch their writes are in");
         let waiting = {
             let group = group.clone();
             let mut durable = durable.clone();
@@ -184,11 +256,17 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiting.is_finished(), "released before any sync");
         assert_eq!(*durable.borrow(), 0);
-        // A transaction committed before the syncer reads the count is covered too.
-        transactions.store(5, Ordering::SeqCst);
+        // A commit made before the syncer takes the lock is covered too.
+        counters.committed();
+        counters.opened();
         drop(held);
         assert!(waiting.await.expect("task"));
-        assert_eq!(*durable.borrow_and_update(), 5);
+        assert_eq!(
+            *durable.borrow_and_update(),
+            4,
+            "the open batch was committed"
+        );
+        assert!(!counters.is_open());
         // A barrier already covered passes at once.
         assert!(group.wait(&mut durable, 4).await);
         drop(alive);

@@ -17,6 +17,7 @@ pub mod config;
 pub mod durability;
 pub mod faults;
 pub mod handler;
+pub mod hub;
 pub mod presence;
 pub mod rate;
 pub mod server;

@@ -9,11 +9,12 @@
 //! which drains that queue into the socket. A full queue closes the session with 4002
 //! (SPEC.md REQ-6.4-7); a slow socket therefore delays only its own writer.
 //!
-//! The fan-out hub is a `tokio::sync::broadcast` of appended entries. A live subscription
-//! whose next seq is the entry's takes it from memory ([`Connection::on_entry`]); any
-//! other case (a Commit, an entry out of order, a wake-up without an entry) pulls what the
-//! connection has not delivered from the store, so a receiver that misses or reorders
-//! hub messages loses nothing; one that lags re-checks all its subscriptions.
+//! The fan-out [`Hub`] sends each appended entry to the connections subscribed to its
+//! stream. A live subscription whose next seq is the entry's takes it from memory
+//! ([`Connection::on_entry`]); any other case (a Commit, an entry out of order, a wake-up
+//! without an entry) pulls what the connection has not delivered from the store, so a
+//! connection that misses or reorders hub messages loses nothing; one whose hub queue
+//! overflowed re-checks all its subscriptions.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,10 +35,11 @@ use confab_spec::ids::{DeviceId, UnixMs};
 use confab_spec::limits;
 use futures_util::{SinkExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::durability::{GroupCommit, SyncPolicy};
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
+use crate::hub::{Appended, Following, Hub};
 use crate::presence::Presence;
 use crate::rate::RateLimiters;
 use crate::store::sqlite::SqliteStore;
@@ -50,7 +52,7 @@ pub struct Shared {
     pub config: GatewayConfig,
     /// The durable store (one writer; SQLite serialises writes anyway).
     pub store: Mutex<SqliteStore>,
-    hub: broadcast::Sender<Hubbed>,
+    hub: Hub,
     shutdown: watch::Receiver<bool>,
     /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
     sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
@@ -99,14 +101,6 @@ impl Default for Environment {
     }
 }
 
-/// What the hub carries: a stream grew, and the entry when subscribers may take it from
-/// memory.
-#[derive(Clone)]
-struct Hubbed {
-    stream: StreamKey,
-    entry: Option<Arc<confab_spec::frame::Entry>>,
-}
-
 /// The peer's socket address, as the connect limit reads it.
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
@@ -141,10 +135,6 @@ where
     }
 }
 
-/// Bound of the hub's wake-up queue per receiver; a receiver that lags re-checks all its
-/// subscriptions.
-const HUB_CAPACITY: usize = 1_024;
-
 /// How long a closing connection may take to flush its queue and close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -164,7 +154,6 @@ pub async fn serve<L>(
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    let (hub, _) = broadcast::channel(HUB_CAPACITY);
     let (stop_tx, stop_rx) = watch::channel(false);
     let limiters = RateLimiters::new(&config);
     let mut store = store;
@@ -184,7 +173,7 @@ where
     let shared = Arc::new(Shared {
         config,
         store: Mutex::new(store),
-        hub,
+        hub: Hub::default(),
         shutdown: stop_rx,
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
@@ -200,9 +189,15 @@ where
         let weak = Arc::downgrade(&shared);
         group.spawn_syncer(wal, move || {
             let shared = weak.upgrade()?;
-            // Under the store lock no transaction is half written.
-            let _store = shared.store.lock().ok()?;
-            shared.group.as_ref().map(|g| g.barrier())
+            // Under the store lock no store call is half done: the batch holds whole calls.
+            let mut store = shared.store.lock().ok()?;
+            let group = shared.group.as_ref()?;
+            Some(
+                store
+                    .commit_batch()
+                    .map(|()| group.barrier())
+                    .map_err(|e| e.to_string()),
+            )
         })?;
     }
     let gc = tokio::spawn(retention(shared.clone()));
@@ -635,7 +630,7 @@ fn apply(shared: &Shared, id: u64, outbox: &mut Outbox, actions: Vec<Action>) ->
             }
             Action::Close(code) => return Some(code),
             Action::Appended { stream, entry, .. } => {
-                let _ = shared.hub.send(Hubbed { stream, entry });
+                shared.hub.publish(&Appended { stream, entry });
             }
             Action::Presence { device, frame } => {
                 if let Some(answer) = on_presence(shared, id, device, &frame) {
@@ -769,6 +764,15 @@ fn register(shared: &Shared, id: u64, device: DeviceId) -> oneshot::Receiver<Clo
     rx
 }
 
+/// A connection's [`Following`], which stops following when the connection ends.
+struct Followed<'a>(&'a Hub, Following);
+
+impl Drop for Followed<'_> {
+    fn drop(&mut self) {
+        self.1.leave(self.0);
+    }
+}
+
 /// The actor: returns the close code to send, or `None` when the peer went away.
 async fn run_connection(
     socket: &mut futures_util::stream::SplitStream<WebSocket>,
@@ -779,7 +783,7 @@ async fn run_connection(
 ) -> Option<CloseCode> {
     let mut kicked: Option<oneshot::Receiver<CloseCode>> = None;
     let mut conn = Connection::new();
-    let mut hub = shared.hub.subscribe();
+    let mut following = Followed(&shared.hub, Following::new(id));
     let mut shutdown = shared.shutdown.clone();
     let presence_events = Arc::new(Notify::new());
     if let Ok(mut wakers) = shared.presence_wakers.lock() {
@@ -824,7 +828,15 @@ async fn run_connection(
                         Ok(mut store) => conn.handle(&shared.config, &mut *store, &shared.limiters, &mut EnvEntropy(&shared.entropy), (shared.clock)(), &bytes),
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
-                    apply(shared, id, outbox, actions)
+                    let code = apply(shared, id, outbox, actions);
+                    // Follow the streams subscribed now; a stream newly followed is read
+                    // once, for what was appended between its Subscribe and now.
+                    let new = following.1.follow(&shared.hub, conn.subscribed_streams());
+                    if code.is_none() && !new.is_empty() {
+                        pull(shared, id, &mut conn, outbox, &new)
+                    } else {
+                        code
+                    }
                 }
                 Some(Ok(Message::Text(_))) => Some(CloseCode::ProtocolError),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
@@ -840,25 +852,18 @@ async fn run_connection(
                 telemetry::presence_events(events.len());
                 events.iter().find_map(|frame| outbox.frame(frame).err())
             }
-            woken = hub.recv() => {
-                let streams = match woken {
-                    Ok(Hubbed { stream, entry: Some(entry) }) => {
-                        match conn.on_entry(&shared.config, &stream, &entry) {
-                            Some(actions) => {
-                                let code = apply(shared, id, outbox, actions);
-                                if code.is_some() {
-                                    return code;
-                                }
-                                continue;
-                            }
-                            None => vec![stream],
-                        }
-                    }
-                    Ok(Hubbed { stream, entry: None }) => vec![stream],
-                    Err(broadcast::error::RecvError::Lagged(_)) => conn.subscribed_streams(),
-                    Err(broadcast::error::RecvError::Closed) => return None,
+            appended = following.1.next() => {
+                let Appended { stream, entry } = appended;
+                let code = match entry.and_then(|e| conn.on_entry(&shared.config, &stream, &e)) {
+                    Some(actions) => apply(shared, id, outbox, actions),
+                    None => pull(shared, id, &mut conn, outbox, &[stream]),
                 };
-                pull(shared, id, &mut conn, outbox, &streams)
+                if code.is_none() && following.1.take_lagged() {
+                    let all = conn.subscribed_streams();
+                    pull(shared, id, &mut conn, outbox, &all)
+                } else {
+                    code
+                }
             }
         };
         if code.is_some() {

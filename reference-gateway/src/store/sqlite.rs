@@ -12,6 +12,7 @@ use super::{
     GcReport, IssuedToken, PoolStatus, PresenceStatus, Redeemed, RetentionPolicy, ShareLists,
     Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
+use crate::durability::WriteCounters;
 use crate::faults::Faults;
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;
@@ -28,6 +29,61 @@ pub struct SqliteStore {
     path: std::path::PathBuf,
     /// The `ack_before_durable` fault is on: `conn` is in memory.
     write_behind: bool,
+    /// Group commit: store calls share batches ([`crate::durability`]).
+    batch: Option<std::sync::Arc<WriteCounters>>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // A clean stop commits the open batch (nothing in it was acknowledged yet, but
+        // there is no reason to lose it).
+        if let Err(e) = self.commit_batch() {
+            tracing::warn!(error = %e, "committing the last batch failed");
+        }
+    }
+}
+
+/// One store call's atomic unit: its own transaction, or a savepoint inside the open
+/// batch (group commit).
+enum Tx<'a> {
+    Own(rusqlite::Transaction<'a>),
+    InBatch(rusqlite::Savepoint<'a>),
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            Tx::Own(t) => t,
+            Tx::InBatch(s) => s,
+        }
+    }
+}
+
+impl Tx<'_> {
+    /// Commits the transaction, or releases the savepoint into the batch.
+    fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Tx::Own(t) => t.commit(),
+            Tx::InBatch(s) => s.commit(),
+        }
+    }
+}
+
+/// Begins a store call: a transaction of its own, or under group commit a savepoint in
+/// the open batch (beginning the batch if none is open).
+fn begin<'a>(conn: &'a mut Connection, batch: Option<&WriteCounters>) -> rusqlite::Result<Tx<'a>> {
+    let Some(batch) = batch else {
+        return conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map(Tx::Own);
+    };
+    if !batch.is_open() {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        batch.opened();
+    }
+    conn.savepoint().map(Tx::InBatch)
 }
 
 const SCHEMA: &str = "
@@ -143,16 +199,19 @@ impl SqliteStore {
             path: path.to_owned(),
             write_behind: false,
             faults: Faults::default(),
+            batch: None,
         })
     }
 
-    /// Switches to group commit ([`crate::durability`]): `synchronous=NORMAL`, and every
-    /// transaction counted in the returned counter. Also returns the WAL file, which the
-    /// syncer makes durable, after making its directory entry durable. Refused under the
-    /// `ack_before_durable` fault (the database is in memory then).
+    /// Switches to group commit ([`crate::durability`]): store calls share batches, each
+    /// call a savepoint in the open batch, committed by [`Self::commit_batch`] with
+    /// `synchronous=NORMAL` (the commit writes the WAL; the syncer makes it durable).
+    /// Returns the counters that name the batch a write lands in, and the WAL file, after
+    /// making its directory entry durable. Refused under the `ack_before_durable` fault
+    /// (the database is in memory then).
     pub fn enable_group_commit(
         &mut self,
-    ) -> Result<(std::sync::Arc<std::sync::atomic::AtomicU64>, std::fs::File), StoreError> {
+    ) -> Result<(std::sync::Arc<WriteCounters>, std::fs::File), StoreError> {
         if self.write_behind {
             return Err(StoreError::Database(
                 "group commit needs the database on disk".into(),
@@ -176,13 +235,31 @@ impl SqliteStore {
         self.conn
             .execute_batch("PRAGMA synchronous=NORMAL;")
             .map_err(db)?;
-        let transactions = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = transactions.clone();
+        let counters = std::sync::Arc::new(WriteCounters::default());
+        let hook = counters.clone();
         self.conn.commit_hook(Some(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            hook.committed();
             false // never turn the commit into a rollback
         }));
-        Ok((transactions, wal))
+        self.batch = Some(counters.clone());
+        Ok((counters, wal))
+    }
+
+    /// Commits the open batch, if there is one (group commit). An error means writes
+    /// already promised to waiting frames are lost: the caller must stop the gateway.
+    pub fn commit_batch(&mut self) -> Result<(), StoreError> {
+        let Some(batch) = &self.batch else {
+            return Ok(());
+        };
+        if !batch.is_open() {
+            return Ok(());
+        }
+        if self.conn.is_autocommit() {
+            return Err(StoreError::Database(
+                "SQLite rolled the open batch back".into(),
+            ));
+        }
+        self.conn.execute_batch("COMMIT").map_err(db)
     }
 
     /// Turns on deliberately broken behaviours (self-tests only, [`Faults`]). With
@@ -263,11 +340,7 @@ struct NewEntry<'a> {
 
 /// Appends one entry to `stream` inside the open transaction; returns its seq. The seq is
 /// the stream's head plus one, read and written in the same transaction (REQ-6.2-1).
-fn push(
-    tx: &rusqlite::Transaction<'_>,
-    stream: &[u8],
-    entry: &NewEntry<'_>,
-) -> Result<i64, StoreError> {
+fn push(tx: &Connection, stream: &[u8], entry: &NewEntry<'_>) -> Result<i64, StoreError> {
     let head: Option<i64> = tx
         .prepare_cached("SELECT head_seq FROM streams WHERE stream = ?1")
         .map_err(db)?
@@ -359,10 +432,7 @@ impl Store for SqliteStore {
         creator: &DeviceId,
         now: UnixMs,
     ) -> Result<bool, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         let inserted = tx
             .prepare_cached("INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, 0, 0, ?3)")
             .map_err(db)?
@@ -444,10 +514,7 @@ impl Store for SqliteStore {
     fn append(&mut self, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
         let conv = request.conversation;
         let stream = stream_key(&StreamKey::Conversation(conv));
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         let state: Option<(i64, i64)> = tx
             .prepare_cached("SELECT epoch, epoch_seq FROM conversations WHERE id = ?1")
             .map_err(db)?
@@ -682,10 +749,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<u64>, StoreError> {
         let key = stream_key(stream);
         let device = device.to_bytes();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         let head: i64 = tx
             .prepare_cached("SELECT head_seq FROM streams WHERE stream = ?1")
             .map_err(db)?
@@ -747,10 +811,7 @@ impl Store for SqliteStore {
     }
 
     fn redeem_token(&mut self, hash: &[u8; 32], now: UnixMs) -> Result<Redeemed, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         type Row = (Vec<u8>, Vec<u8>, Vec<u8>, i64, i64, i64, i64);
         let row: Option<Row> = tx
             .prepare_cached("SELECT device, session, family, expires_ms, certificate_not_after_ms, used, revoked
@@ -802,10 +863,7 @@ impl Store for SqliteStore {
         now: UnixMs,
     ) -> Result<UnixMs, StoreError> {
         let effective = to_i64(revocation.revoked_at_ms.0.min(now.0));
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         tx.prepare_cached("INSERT INTO revocations (system, process, effective_ms, revocation) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (system, process) DO UPDATE SET
                  revocation = CASE WHEN excluded.effective_ms < effective_ms THEN excluded.revocation ELSE revocation END,
@@ -892,10 +950,7 @@ impl Store for SqliteStore {
                 report.more = true;
                 break;
             }
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db)?;
+            let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
             // The lowest cursor among the devices that must have acknowledged an entry.
             let acked_by_all: i64 = match stream.first() {
                 Some(1) => tx
@@ -971,10 +1026,7 @@ impl Store for SqliteStore {
     ) -> Result<UploadOutcome, StoreError> {
         let (system, process) = (device.system.0.as_slice(), device.process.0.as_slice());
         let now_s = to_i64(now.0 / 1_000);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         tx.prepare_cached(
             "DELETE FROM key_packages WHERE system = ?1 AND process = ?2 AND not_after_s <= ?3",
         )
@@ -1094,10 +1146,7 @@ impl Store for SqliteStore {
     }
 
     fn put_share_lists(&mut self, user: &SystemKey, lists: &ShareLists) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         tx.prepare_cached("DELETE FROM share_lists WHERE user = ?1")
             .map_err(db)?
             .execute(params![user.0.as_slice()])
@@ -1190,10 +1239,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ClaimedPackage>, StoreError> {
         let now_s = to_i64(now.0 / 1_000);
         let system = user.0.as_slice();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         tx.prepare_cached("DELETE FROM key_packages WHERE system = ?1 AND not_after_s <= ?2")
             .map_err(db)?
             .execute(params![system, now_s])
@@ -1271,7 +1317,7 @@ impl Store for SqliteStore {
 
 /// A device's pool inside an open transaction.
 fn pool_status(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     system: &[u8],
     process: &[u8],
     now_s: i64,
