@@ -51,9 +51,9 @@ pub struct AppendResult {
     pub appends_per_s: f64,
     /// Send-to-Accepted latency.
     pub ack_latency: Latency,
-    /// The gateway's store commits per sync in the window (group commit), when its
-    /// metrics say.
-    pub commits_per_sync: Option<f64>,
+    /// Appends per WAL sync in the window (group commit batches them), when the
+    /// gateway's metrics say.
+    pub appends_per_sync: Option<f64>,
 }
 
 struct Outcome {
@@ -188,7 +188,7 @@ pub async fn run(target: &Target, params: &AppendParams) -> Result<AppendResult,
         );
     }
     tokio::time::sleep(Duration::from_nanos(measure_from - now_ns())).await;
-    let commits_before = target.metric("confab_store_transactions_total");
+    let appends_before = target.metric("confab_appends_total");
     let syncs_before = target.metric("confab_store_syncs_total");
     let mut elapsed = 0;
     while now_ns() < measure_to {
@@ -196,7 +196,7 @@ pub async fn run(target: &Target, params: &AppendParams) -> Result<AppendResult,
         tokio::time::sleep(Duration::from_secs(1)).await;
         elapsed += 1;
     }
-    let commits_after = target.metric("confab_store_transactions_total");
+    let appends_after = target.metric("confab_appends_total");
     let syncs_after = target.metric("confab_store_syncs_total");
     let mut latencies = Vec::new();
     let mut refused = 0;
@@ -206,8 +206,8 @@ pub async fn run(target: &Target, params: &AppendParams) -> Result<AppendResult,
         refused += outcome.refused;
     }
     progress.finish("done");
-    let commits_per_sync = match (commits_before, commits_after, syncs_before, syncs_after) {
-        (Some(c0), Some(c1), Some(s0), Some(s1)) if s1 > s0 => Some((c1 - c0) / (s1 - s0)),
+    let appends_per_sync = match (appends_before, appends_after, syncs_before, syncs_after) {
+        (Some(a0), Some(a1), Some(s0), Some(s1)) if s1 > s0 => Some((a1 - a0) / (s1 - s0)),
         _ => None,
     };
     let accepted = latencies.len() as u64;
@@ -219,6 +219,6 @@ pub async fn run(target: &Target, params: &AppendParams) -> Result<AppendResult,
         refused,
         appends_per_s: accepted as f64 / params.duration.as_secs_f64(),
         ack_latency: Latency::of(&mut latencies),
-        commits_per_sync,
+        appends_per_sync,
     })
 }

@@ -232,7 +232,7 @@ async fn run(modes: &[Mode], args: Args) -> Result<Report, LoadError> {
                 a.payload,
                 duration,
             )?);
-            if let Some(batch) = confab.commits_per_sync.filter(|b| *b >= 1.5) {
+            if let Some(batch) = confab.appends_per_sync.filter(|b| *b >= 1.5) {
                 grouped = Some(sqlite_baseline::run(
                     &run.scratch,
                     batch.round() as usize,

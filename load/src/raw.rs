@@ -65,7 +65,7 @@ async fn stats(State(hub): State<Arc<Hub>>) -> String {
 
 async fn upgrade(ws: WebSocketUpgrade, State(hub): State<Arc<Hub>>) -> Response {
     // The same read buffer as the gateway's (DESIGN.md: the default costs 134 KiB each).
-    ws.read_buffer_size(4_096)
+    ws.read_buffer_size(2_048)
         .on_upgrade(move |socket| connection(socket, hub))
 }
 

@@ -195,7 +195,7 @@ impl Report {
         if let Some(a) = &self.append {
             let c = &a.confab;
             out.push_str(&format!(
-                "\nappend ({} connections x window {}, {} B)\n  confab   {:>9.0} appends/s  ack p50 {} ms  p99 {} ms  p999 {} ms  commits/sync {}  refused {}\n",
+                "\nappend ({} connections x window {}, {} B)\n  confab   {:>9.0} appends/s  ack p50 {} ms  p99 {} ms  p999 {} ms  appends/sync {}  refused {}\n",
                 c.connections,
                 c.window,
                 c.payload_bytes,
@@ -203,7 +203,7 @@ impl Report {
                 ms(c.ack_latency.p50_us),
                 ms(c.ack_latency.p99_us),
                 ms(c.ack_latency.p999_us),
-                opt(c.commits_per_sync, 1),
+                opt(c.appends_per_sync, 1),
                 c.refused
             ));
             for s in a.sqlite_each.iter().chain(a.sqlite_grouped.iter()) {

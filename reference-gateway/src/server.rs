@@ -135,6 +135,12 @@ where
     }
 }
 
+/// Bytes each WebSocket read asks the socket for. It is allocated per connection and
+/// dominates an idle connection's memory (tungstenite's default, 128 KiB, would cost
+/// 134 KiB per connection; DESIGN.md). Chat frames are mostly far smaller; a larger frame
+/// only takes more reads.
+const READ_BUFFER_BYTES: usize = 2_048;
+
 /// How long a closing connection may take to flush its queue and close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -464,7 +470,7 @@ async fn upgrade(
     } else {
         usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX)
     };
-    ws.read_buffer_size(4_096)
+    ws.read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| connection(socket, shared))
@@ -491,7 +497,9 @@ pub fn system_now() -> UnixMs {
 /// What the actor hands the writer.
 enum Outbound {
     /// A binary frame, and the group-commit barrier it waits for ([`crate::durability`]).
-    Frame(Vec<u8>, u64),
+    /// Boxed: the queue allocates its first block of slots up front, and a small slot
+    /// keeps that block (and so every idle connection) small.
+    Frame(Box<(Vec<u8>, u64)>),
     /// Flush what is queued, send this close code and stop.
     Close(CloseCode),
 }
@@ -529,7 +537,8 @@ async fn writer(
             },
         };
         let message = match item {
-            Outbound::Frame(bytes, barrier) => {
+            Outbound::Frame(frame) => {
+                let (bytes, barrier) = *frame;
                 // Nothing leaves before what it depends on is durable; what is already
                 // written goes out first rather than wait with it.
                 if let (Some(group), Some(durable)) = (&group, durable.as_mut()) {
@@ -595,7 +604,10 @@ impl Outbox {
             return Err(CloseCode::SlowConsumer);
         }
         let barrier = self.group.as_ref().map_or(0, |g| g.barrier());
-        match self.queue.try_send(Outbound::Frame(bytes, barrier)) {
+        match self
+            .queue
+            .try_send(Outbound::Frame(Box::new((bytes, barrier))))
+        {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(CloseCode::SlowConsumer),
             // The writer is gone: the socket broke.
