@@ -7,7 +7,7 @@
 //! (its queue was full) is told so and re-reads all its subscriptions from the store, and
 //! a connection that receives an entry out of order reads the store from where it is.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,10 +35,11 @@ struct Follower {
     lagged: Arc<AtomicBool>,
 }
 
-/// Every connection's subscriptions.
+/// Every connection's subscriptions. Followers are kept in connection order, so that an
+/// append wakes them in the same order every time (a simulation replays a seed exactly).
 #[derive(Default)]
 pub struct Hub {
-    followers: Mutex<HashMap<StreamKey, HashMap<u64, Follower>>>,
+    followers: Mutex<HashMap<StreamKey, BTreeMap<u64, Follower>>>,
 }
 
 impl Hub {

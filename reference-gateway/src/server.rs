@@ -871,7 +871,8 @@ async fn run_connection(
                     None => pull(shared, id, &mut conn, outbox, &[stream]),
                 };
                 if code.is_none() && following.1.take_lagged() {
-                    let all = conn.subscribed_streams();
+                    let mut all = conn.subscribed_streams();
+                    all.sort_unstable(); // the same order on every run of a seed
                     pull(shared, id, &mut conn, outbox, &all)
                 } else {
                     code
