@@ -24,7 +24,11 @@ const CONV: ConversationId = ConversationId([0x42; 32]);
 fn entry(seq: u64) -> Entry {
     Entry {
         seq: Seq::new(seq).expect("seq"),
-        msg_id: MsgId([seq as u8; 16]),
+        msg_id: {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&seq.to_be_bytes());
+            MsgId(id)
+        },
         sender: DeviceId {
             system: SystemKey([7; 32]),
             process: ProcessId([8; 16]),

@@ -31,7 +31,11 @@ fn deliver(seq: u64) -> Vec<u8> {
         stream: STREAM,
         entry: Entry {
             seq: Seq::new(seq).expect("seq"),
-            msg_id: MsgId([(seq % 251) as u8; 16]),
+            msg_id: {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&seq.to_be_bytes());
+                MsgId(id)
+            },
             sender: DeviceId {
                 system: SystemKey([7; 32]),
                 process: ProcessId([8; 16]),
