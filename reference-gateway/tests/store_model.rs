@@ -113,10 +113,21 @@ fn append_application(
         .expect("append")
 }
 
-fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+/// Opens the store; with `grouped`, under group commit (store calls share batches, each
+/// a savepoint; the test commits batches now and then, and dropping the store commits the
+/// open one).
+fn open(path: &std::path::Path, grouped: bool) -> SqliteStore {
+    let mut store = SqliteStore::open(path).expect("open");
+    if grouped {
+        store.enable_group_commit().expect("group commit");
+    }
+    store
+}
+
+fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gateway.db");
-    let mut store = SqliteStore::open(&path).expect("open");
+    let mut store = open(&path, grouped);
     let creator = device(0);
     prop_assert!(
         store
@@ -135,10 +146,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     };
     m.roster.insert(0, creator);
     for (step, op) in ops.iter().enumerate() {
+        if grouped && step % 3 == 2 {
+            store.commit_batch().expect("commit the batch");
+        }
         match op {
             Op::Reopen => {
                 drop(store);
-                store = SqliteStore::open(&path).expect("reopen");
+                store = open(&path, grouped);
             }
             Op::Gc { advance } => {
                 let now = step as u64 + u64::from(*advance);
@@ -396,7 +410,12 @@ proptest! {
 
     #[test]
     fn store_matches_the_model(ops in prop::collection::vec(op(), 1..60)) {
-        run(&ops)?;
+        run(&ops, false)?;
+    }
+
+    #[test]
+    fn store_matches_the_model_under_group_commit(ops in prop::collection::vec(op(), 1..60)) {
+        run(&ops, true)?;
     }
 }
 
@@ -632,4 +651,60 @@ fn concurrent_claims_never_hand_out_a_package_twice() {
             .expect("claim")
             .is_empty()
     );
+}
+
+/// Under group commit a store call's writes are in the open batch: invisible to another
+/// connection to the database, and counted in the barrier, until the batch commits; a
+/// refused call inside the batch undoes only itself.
+#[test]
+fn group_commit_batches_are_invisible_until_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.db");
+    let mut store = SqliteStore::open(&path).expect("open");
+    let (counters, _wal) = store.enable_group_commit().expect("group commit");
+    let before = counters.barrier();
+    let creator = device(0);
+    store
+        .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
+        .expect("create");
+    assert!(matches!(
+        append_application(&mut store, &creator, 1, UnixMs(2)),
+        AppendOutcome::Appended { .. }
+    ));
+    assert!(counters.is_open());
+    assert_eq!(
+        counters.barrier(),
+        before + 1,
+        "the writes are in the next commit"
+    );
+    // A refused append (a sender that is not a member) inside the same batch.
+    let outsider = device(9);
+    let refused = store
+        .append(&AppendRequest {
+            conversation: CONV,
+            sender: outsider,
+            msg_id: MsgId([9; 16]),
+            payload: MlsBytes::new(vec![1]).expect("payload"),
+            kind: AppendKind::Application { epoch: Epoch(0) },
+            now: UnixMs(3),
+        })
+        .expect("append");
+    assert!(matches!(refused, AppendOutcome::NotMember));
+    let other = rusqlite::Connection::open(&path).expect("second connection");
+    let count = |c: &rusqlite::Connection| -> i64 {
+        c.query_row("SELECT count(*) FROM entries", [], |r| r.get(0))
+            .expect("count")
+    };
+    assert_eq!(
+        count(&other),
+        0,
+        "uncommitted batch seen by another connection"
+    );
+    store.commit_batch().expect("commit");
+    assert!(!counters.is_open());
+    assert_eq!(counters.barrier(), before + 1);
+    assert_eq!(count(&other), 1, "the batch holds the one accepted append");
+    // Nothing open: committing again changes nothing.
+    store.commit_batch().expect("commit nothing");
+    assert_eq!(counters.barrier(), before + 1);
 }
