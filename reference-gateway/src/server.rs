@@ -168,10 +168,10 @@ where
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     // Under the ack_before_durable fault the database is in memory: nothing to sync.
     let group = if config.sync == SyncPolicy::Group && !config.faults.ack_before_durable {
-        let (transactions, wal) = store
+        let (counters, wal) = store
             .enable_group_commit()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Some((GroupCommit::new(transactions), wal))
+        Some((GroupCommit::new(counters), wal))
     } else {
         None
     };
