@@ -17,82 +17,19 @@ mod support;
 
 use std::time::Duration;
 
-use support::{median, scratch};
+use support::{Counter, median, now, scratch};
 
-use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::handler::{Action, GatewayConfig};
 use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{Store, StreamKey};
 use confab_spec::cbor::DecodeLimits;
 use confab_spec::frame::*;
-use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::*;
 use criterion::Criterion;
 
 const ORIGIN: &str = "wss://bench.test";
 const CONV: ConversationId = ConversationId([0x42; 32]);
-
-struct Counter(u64);
-impl Entropy for Counter {
-    fn fill(&mut self, out: &mut [u8]) {
-        for b in out.iter_mut() {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1);
-            *b = (self.0 >> 33) as u8;
-        }
-    }
-}
-
-fn now() -> UnixMs {
-    UnixMs(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis() as u64,
-    )
-}
-
-/// An authenticated connection of the bench device.
-fn ready(
-    config: &GatewayConfig,
-    store: &mut SqliteStore,
-    limiters: &RateLimiters,
-    seed: u64,
-) -> Connection {
-    let system = SystemKeyPair::from_seed(&[1; 32]);
-    let key = DeviceKeyPair::from_seed(&[2; 32]);
-    let t = now();
-    let certificate = system.issue_certificate(
-        ProcessId([3; 16]),
-        key.public(),
-        UnixMs(t.0 - 60_000),
-        t.plus_ms(3_600_000),
-    );
-    // Each connection its own nonces (a repeated nonce is refused, REQ-5.4).
-    let mut entropy = Counter(seed);
-    let mut conn = Connection::new();
-    let hello = ClientFrame::Hello(Hello {
-        versions: Versions::current(),
-        resume_token: None,
-    });
-    let out = conn.handle(config, store, limiters, &mut entropy, t, &hello.encode());
-    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-        panic!("challenge expected")
-    };
-    let auth = confab_spec::identity::sign_auth(&key, certificate, 1, ORIGIN, ch.nonce, t);
-    let out = conn.handle(
-        config,
-        store,
-        limiters,
-        &mut entropy,
-        t,
-        &ClientFrame::Auth(auth).encode(),
-    );
-    assert!(matches!(
-        out.first(),
-        Some(Action::Send(ServerFrame::Ready(_)))
-    ));
-    conn
-}
 
 /// A syntactically valid PrivateMessage of `CONV` at epoch 0 (the gateway reads only the
 /// header, SPEC.md 7.2).
@@ -173,7 +110,7 @@ fn benches(c: &mut Criterion) {
     let limits = DecodeLimits::default();
     let mut store = SqliteStore::open(&dir.path().join("gw.db")).expect("store");
     let limiters = RateLimiters::new(&config);
-    let mut sender = ready(&config, &mut store, &limiters, 7);
+    let mut sender = support::ready(&config, &mut store, &limiters, &mut Counter(7), ORIGIN);
     let device = sender.device().expect("device");
     store
         .create_conversation(&CONV, ConversationKind::Room, &device, now())
@@ -262,7 +199,7 @@ fn benches(c: &mut Criterion) {
     });
 
     // A live subscriber taking entries from the hub.
-    let mut subscriber = ready(&config, &mut store, &limiters, 8);
+    let mut subscriber = support::ready(&config, &mut store, &limiters, &mut Counter(8), ORIGIN);
     let (head, _) = store
         .bounds(&StreamKey::Conversation(CONV))
         .expect("bounds");

@@ -15,14 +15,13 @@ mod support;
 
 use std::time::Duration;
 
-use support::{median, scratch};
+use support::{Counter, median, now, scratch};
 
-use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::handler::{Action, Connection, GatewayConfig};
 use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{AppendKind, AppendRequest, Store};
 use confab_spec::frame::*;
-use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::*;
 use criterion::{Criterion, Throughput};
 
@@ -30,66 +29,6 @@ const ORIGIN: &str = "wss://bench.test";
 const CONV: ConversationId = ConversationId([0x42; 32]);
 const BACKLOG: u64 = 10_000;
 const PAYLOAD: usize = 256;
-
-struct Counter(u64);
-impl Entropy for Counter {
-    fn fill(&mut self, out: &mut [u8]) {
-        for b in out.iter_mut() {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1);
-            *b = (self.0 >> 33) as u8;
-        }
-    }
-}
-
-fn now() -> UnixMs {
-    UnixMs(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis() as u64,
-    )
-}
-
-/// An authenticated connection of the conversation's creator.
-fn ready(
-    config: &GatewayConfig,
-    store: &mut SqliteStore,
-    limiters: &RateLimiters,
-    entropy: &mut Counter,
-) -> Connection {
-    let system = SystemKeyPair::from_seed(&[1; 32]);
-    let key = DeviceKeyPair::from_seed(&[2; 32]);
-    let t = now();
-    let certificate = system.issue_certificate(
-        ProcessId([3; 16]),
-        key.public(),
-        UnixMs(t.0 - 60_000),
-        t.plus_ms(3_600_000),
-    );
-    let mut conn = Connection::new();
-    let hello = ClientFrame::Hello(Hello {
-        versions: Versions::current(),
-        resume_token: None,
-    });
-    let out = conn.handle(config, store, limiters, entropy, t, &hello.encode());
-    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
-        panic!("challenge expected")
-    };
-    let auth = confab_spec::identity::sign_auth(&key, certificate, 1, ORIGIN, ch.nonce, t);
-    let out = conn.handle(
-        config,
-        store,
-        limiters,
-        entropy,
-        t,
-        &ClientFrame::Auth(auth).encode(),
-    );
-    assert!(matches!(
-        out.first(),
-        Some(Action::Send(ServerFrame::Ready(_)))
-    ));
-    conn
-}
 
 /// Replays the whole backlog through the handler; returns the entries delivered.
 fn replay(
@@ -197,7 +136,7 @@ fn benches(c: &mut Criterion) {
     let mut store = SqliteStore::open(&path).expect("store");
     let mut entropy = Counter(7);
     let limiters = RateLimiters::new(&config);
-    let mut conn = ready(&config, &mut store, &limiters, &mut entropy);
+    let mut conn = support::ready(&config, &mut store, &limiters, &mut entropy, ORIGIN);
     let creator = conn.device().expect("device");
     store
         .create_conversation(&CONV, ConversationKind::Room, &creator, now())

@@ -10,7 +10,7 @@
 //! cargo bench -p confab-spec --bench codec
 //! ```
 
-use std::path::PathBuf;
+mod support;
 
 use confab_spec::cbor::DecodeLimits;
 use confab_spec::frame::{Batch, ClientFrame, Deliver, Entry, EntryBody, Send, ServerFrame};
@@ -18,6 +18,7 @@ use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, ProcessId, Seq, StreamId, SystemKey, UnixMs,
 };
 use criterion::Criterion;
+use support::median;
 
 const CONV: ConversationId = ConversationId([0x42; 32]);
 
@@ -96,18 +97,6 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-/// The median of `codec/<id>` in ns, from criterion's output of this run.
-fn median(id: &str) -> Option<f64> {
-    let root = PathBuf::from(
-        std::env::var("CARGO_TARGET_DIR")
-            .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR"))),
-    )
-    .join("criterion/codec");
-    let text = std::fs::read_to_string(root.join(id).join("new/estimates.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
 fn table() {
     println!(
         "\n| frame | bytes | Confab decode+encode | ciborium Value round trip (baseline) | ×ciborium |"
@@ -115,8 +104,8 @@ fn table() {
     println!("| --- | ---: | ---: | ---: | ---: |");
     for (name, bytes, _) in frames() {
         let (Some(confab), Some(base)) = (
-            median(&format!("confab_{name}")),
-            median(&format!("ciborium_{name}")),
+            median("codec", &format!("confab_{name}")),
+            median("codec", &format!("ciborium_{name}")),
         ) else {
             eprintln!("no codec measurements for {name} in target/criterion");
             continue;

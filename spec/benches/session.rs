@@ -7,7 +7,7 @@
 //! cargo bench -p confab-spec --bench session
 //! ```
 
-use std::path::PathBuf;
+mod support;
 
 use confab_spec::cbor::DecodeLimits;
 use confab_spec::frame::{
@@ -21,6 +21,7 @@ use confab_spec::ids::{
 use confab_spec::session::{ClientSession, ConnId, Event, Input, Output};
 use confab_spec::vectors::{T0, fixture, fixture_session};
 use criterion::{BatchSize, Criterion, Throughput};
+use support::median;
 
 const CONV: ConversationId = ConversationId([0x42; 32]);
 const STREAM: StreamId = StreamId::Conversation(CONV);
@@ -187,20 +188,11 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-fn median(id: &str) -> Option<f64> {
-    let root = PathBuf::from(
-        std::env::var("CARGO_TARGET_DIR")
-            .unwrap_or_else(|_| format!("{}/../target", env!("CARGO_MANIFEST_DIR"))),
-    )
-    .join("criterion/session");
-    let text = std::fs::read_to_string(root.join(id).join("new/estimates.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["median"]["point_estimate"].as_f64()
-}
-
 fn table() {
-    let (Some(session), Some(decode)) = (median("live_deliver_1k"), median("decode_only_1k"))
-    else {
+    let (Some(session), Some(decode)) = (
+        median("session", "live_deliver_1k"),
+        median("session", "decode_only_1k"),
+    ) else {
         eprintln!("no session measurements in target/criterion");
         return;
     };

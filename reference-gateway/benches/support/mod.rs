@@ -29,3 +29,75 @@ pub fn median(id: &str) -> Option<f64> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
+
+use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
+use confab_gateway::rate::RateLimiters;
+use confab_gateway::store::sqlite::SqliteStore;
+use confab_spec::frame::{ClientFrame, Hello, ServerFrame, Versions};
+use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
+use confab_spec::ids::{ProcessId, UnixMs};
+
+/// Deterministic entropy for nonces and tokens (benchmarks need no secrecy).
+pub struct Counter(pub u64);
+
+impl Entropy for Counter {
+    fn fill(&mut self, out: &mut [u8]) {
+        for b in out.iter_mut() {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1);
+            *b = (self.0 >> 33) as u8;
+        }
+    }
+}
+
+/// The wall clock.
+pub fn now() -> UnixMs {
+    UnixMs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64,
+    )
+}
+
+/// An authenticated connection of the bench device (always the same device), signed for
+/// `origin`; `entropy` must differ between connections (a repeated nonce is refused).
+pub fn ready(
+    config: &GatewayConfig,
+    store: &mut SqliteStore,
+    limiters: &RateLimiters,
+    entropy: &mut Counter,
+    origin: &str,
+) -> Connection {
+    let system = SystemKeyPair::from_seed(&[1; 32]);
+    let key = DeviceKeyPair::from_seed(&[2; 32]);
+    let t = now();
+    let certificate = system.issue_certificate(
+        ProcessId([3; 16]),
+        key.public(),
+        UnixMs(t.0 - 60_000),
+        t.plus_ms(3_600_000),
+    );
+    let mut conn = Connection::new();
+    let hello = ClientFrame::Hello(Hello {
+        versions: Versions::current(),
+        resume_token: None,
+    });
+    let out = conn.handle(config, store, limiters, entropy, t, &hello.encode());
+    let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
+        panic!("challenge expected")
+    };
+    let auth = confab_spec::identity::sign_auth(&key, certificate, 1, origin, ch.nonce, t);
+    let out = conn.handle(
+        config,
+        store,
+        limiters,
+        entropy,
+        t,
+        &ClientFrame::Auth(auth).encode(),
+    );
+    assert!(matches!(
+        out.first(),
+        Some(Action::Send(ServerFrame::Ready(_)))
+    ));
+    conn
+}
