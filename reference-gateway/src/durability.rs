@@ -56,13 +56,32 @@ pub struct WriteCounters {
     commits: AtomicU64,
     open_batch: AtomicU64,
     open: AtomicBool,
+    /// The store is committing the open batch (its own `COMMIT`).
+    committing: AtomicBool,
+    /// Something else committed while a batch was open: SQLite had rolled the batch back
+    /// (it does on some I/O errors and a full disk) and a later write committed on its
+    /// own. The batch's writes are gone; frames wait for them; the gateway must stop.
+    lost: AtomicBool,
 }
 
 impl WriteCounters {
     /// Counts a commit (SQLite's commit hook, called for every commit of the connection).
     pub fn committed(&self) {
+        if self.open.load(Ordering::SeqCst) && !self.committing.load(Ordering::SeqCst) {
+            self.lost.store(true, Ordering::SeqCst);
+        }
         self.commits.fetch_add(1, Ordering::SeqCst);
         self.open.store(false, Ordering::SeqCst);
+    }
+
+    /// The store is about to commit the open batch (`true`), or has (`false`).
+    pub fn committing(&self, now: bool) {
+        self.committing.store(now, Ordering::SeqCst);
+    }
+
+    /// Whether a batch was lost (see the field); nothing may be published durable after.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// A batch was begun; writes land in it until it commits.
@@ -210,6 +229,22 @@ impl GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit that is not the batch's own while a batch is open means SQLite dropped the
+    /// batch; a commit outside any batch, or the batch's own, does not.
+    #[test]
+    fn a_stray_commit_while_a_batch_is_open_marks_it_lost() {
+        let c = WriteCounters::default();
+        c.committed(); // a write outside any batch
+        c.opened();
+        c.committing(true);
+        c.committed(); // the batch's own COMMIT
+        c.committing(false);
+        assert!(!c.is_lost());
+        c.opened();
+        c.committed(); // something else committed: the batch is gone
+        assert!(c.is_lost());
+    }
 
     /// A frame whose barrier is above the durable count is held until the syncer has
     /// committed its batch and synced; the syncer publishes what it committed.

@@ -251,6 +251,11 @@ impl SqliteStore {
         let Some(batch) = &self.batch else {
             return Ok(());
         };
+        if batch.is_lost() {
+            return Err(StoreError::Database(
+                "SQLite rolled a batch back and a later write committed on its own".into(),
+            ));
+        }
         if !batch.is_open() {
             return Ok(());
         }
@@ -259,7 +264,10 @@ impl SqliteStore {
                 "SQLite rolled the open batch back".into(),
             ));
         }
-        self.conn.execute_batch("COMMIT").map_err(db)
+        batch.committing(true);
+        let committed = self.conn.execute_batch("COMMIT").map_err(db);
+        batch.committing(false);
+        committed
     }
 
     /// Turns on deliberately broken behaviours (self-tests only, [`Faults`]). With
