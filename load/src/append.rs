@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_spec::frame::{ClientFrame, ConversationKind, CreateConversation, Send, ServerFrame};
-use confab_spec::ids::MlsBytes;
+use confab_spec::frame::{ClientFrame, ConversationKind, CreateConversation, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::Barrier;
@@ -100,16 +99,8 @@ async fn connection(
         while in_flight.len() < params.window && now < measure_to {
             rid += 1;
             let t = now_ns();
-            let m = wire::application_message(&conversation, 0, params.payload, i as u32, t);
-            let payload = MlsBytes::new(m).or_else(|e| wire::fail("a payload", e))?;
-            let frame = ClientFrame::Send(Send {
-                rid,
-                conversation,
-                msg_id: setup::random_msg_id(),
-                payload,
-                welcome: None,
-            });
-            sink.feed(Message::Binary(frame.encode().into()))
+            let frame = setup::application_send(rid, conversation, 0, params.payload, i as u32, t)?;
+            sink.feed(Message::Binary(frame.into()))
                 .await
                 .or_else(|e| wire::fail("sending", e))?;
             in_flight.insert(rid, t);

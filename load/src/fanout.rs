@@ -10,10 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use confab_spec::cbor::DecodeLimits;
-use confab_spec::frame::{
-    Ack, ClientFrame, ConversationKind, Heartbeat, Send, ServerFrame, Subscribe,
-};
-use confab_spec::ids::{ConversationId, MlsBytes, Seq, StreamId};
+use confab_spec::frame::{Ack, ClientFrame, ConversationKind, Heartbeat, ServerFrame, Subscribe};
+use confab_spec::ids::{ConversationId, Seq, StreamId};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -132,6 +130,14 @@ struct Seen {
 }
 
 impl Seen {
+    /// Nothing seen yet, a latency list per step.
+    fn new() -> Self {
+        Self {
+            latencies: vec![Vec::new(); STEPS_MAX],
+            ..Self::default()
+        }
+    }
+
     fn record(&mut self, schedule: &Schedule, payload: &[u8]) {
         let now = now_ns();
         let Some((sent, _)) = wire::stamp_of(payload) else {
@@ -156,10 +162,7 @@ async fn confab_subscriber(
     schedule: Arc<Schedule>,
     mut stop: watch::Receiver<bool>,
 ) -> Seen {
-    let mut seen = Seen {
-        latencies: vec![Vec::new(); STEPS_MAX],
-        ..Seen::default()
-    };
+    let mut seen = Seen::new();
     let stream = StreamId::Conversation(conversation);
     let mut next = from;
     let mut acked = from - 1;
@@ -222,10 +225,7 @@ async fn raw_subscriber(
     schedule: Arc<Schedule>,
     mut stop: watch::Receiver<bool>,
 ) -> Seen {
-    let mut seen = Seen {
-        latencies: vec![Vec::new(); STEPS_MAX],
-        ..Seen::default()
-    };
+    let mut seen = Seen::new();
     loop {
         tokio::select! {
             biased;
@@ -321,17 +321,13 @@ async fn sender(
                     let t = now_ns();
                     let bytes = match &room {
                         Room::Confab { conversation, epoch } => {
-                            let m = wire::application_message(conversation, *epoch, payload, index, t);
-                            let Ok(payload) = MlsBytes::new(m) else { break };
                             rid += 1;
-                            ClientFrame::Send(Send {
-                                rid,
-                                conversation: *conversation,
-                                msg_id: setup::random_msg_id(),
-                                payload,
-                                welcome: None,
-                            })
-                            .encode()
+                            let Ok(bytes) = setup::application_send(
+                                rid, *conversation, *epoch, payload, index, t,
+                            ) else {
+                                break;
+                            };
+                            bytes
                         }
                         Room::Raw { topic } => {
                             let mut m = vec![raw::PUBLISH];

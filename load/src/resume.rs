@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use confab_spec::frame::{ClientFrame, Continue, ConversationKind, Send, ServerFrame, Subscribe};
-use confab_spec::ids::{MlsBytes, Seq, StreamId};
+use confab_spec::frame::{ClientFrame, Continue, ConversationKind, ServerFrame, Subscribe};
+use confab_spec::ids::{Seq, StreamId};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::Message;
@@ -74,23 +74,16 @@ pub async fn run(target: &Target, params: &ResumeParams) -> Result<ResumeResult,
     let (mut sent, mut answered) = (0usize, 0usize);
     while answered < params.backlog {
         while sent < params.backlog && sent - answered < window {
-            let m = wire::application_message(
-                &c.conversation,
+            sent += 1;
+            let frame = setup::application_send(
+                1_000 + sent as u64,
+                c.conversation,
                 c.epoch,
                 params.payload,
                 0,
                 wire::now_ns(),
-            );
-            let payload = MlsBytes::new(m).or_else(|e| wire::fail("a payload", e))?;
-            sent += 1;
-            let frame = ClientFrame::Send(Send {
-                rid: 1_000 + sent as u64,
-                conversation: c.conversation,
-                msg_id: setup::random_msg_id(),
-                payload,
-                welcome: None,
-            });
-            sink.feed(Message::Binary(frame.encode().into()))
+            )?;
+            sink.feed(Message::Binary(frame.into()))
                 .await
                 .or_else(|e| wire::fail("sending", e))?;
         }

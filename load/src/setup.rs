@@ -61,6 +61,29 @@ pub fn random_msg_id() -> MsgId {
     MsgId(id)
 }
 
+/// An encoded `Send` (fresh msg_id) of an application message of `size` bytes for
+/// `conversation` at `epoch`, stamped with `sender` and `sent_ns` (see
+/// [`wire::application_message`]).
+pub fn application_send(
+    rid: u64,
+    conversation: ConversationId,
+    epoch: u64,
+    size: usize,
+    sender: u32,
+    sent_ns: u64,
+) -> Result<Vec<u8>, LoadError> {
+    let m = wire::application_message(&conversation, epoch, size, sender, sent_ns);
+    let payload = MlsBytes::new(m).or_else(|e| fail("a payload", e))?;
+    Ok(ClientFrame::Send(Send {
+        rid,
+        conversation,
+        msg_id: random_msg_id(),
+        payload,
+        welcome: None,
+    })
+    .encode())
+}
+
 /// Sends `payload` (and `welcome`) and waits for its `Accepted`.
 pub async fn send_and_wait(
     ws: &mut Ws,
