@@ -1207,7 +1207,8 @@ fn classify(
                     }
                     CommitProposal::Add { .. } => return refuse(ErrorCode::MlsMalformed),
                     CommitProposal::Remove { leaf } => removed_leaves.push(leaf),
-                    CommitProposal::Other { .. } => {}
+                    CommitProposal::Other { .. }
+                    | CommitProposal::GroupContextExtensions { .. } => {}
                 }
             }
             Ok(Ok(AppendKind::Commit {

@@ -124,6 +124,10 @@ registry! {
         NotSubscribed = 306 => "not_subscribed",
         /// The payload or Welcome is larger than `payload_bytes_max`.
         PayloadTooLarge = 307 => "payload_too_large",
+        /// The Commit would make the room hold more than `room_members_max` devices.
+        RoomFull = 308 => "room_full",
+        /// A user would be in more than `rooms_per_user_max` rooms.
+        TooManyRooms = 309 => "too_many_rooms",
         /// The payload is not a parseable MLSMessage.
         MlsMalformed = 400 => "mls_malformed",
         /// The MLS group id is not the conversation id.

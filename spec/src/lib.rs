@@ -14,6 +14,7 @@
 //! - section 4.6 (identifiers): [`ids`];
 //! - Appendix A (frames): [`frame`];
 //! - section 7.2 (what the gateway reads of MLS): [`mls_framing`];
+//! - section 10 (rooms and governance): [`rooms`];
 //! - sections 5.7 and 12 (close and error codes): [`error`];
 //! - sections 5 and 6.8 (client behaviour): [`session`];
 //! - `vectors/` (test vectors): [`vectors`];
@@ -27,6 +28,7 @@ pub mod ids;
 pub mod limits;
 pub mod mls_framing;
 pub mod requirements;
+pub mod rooms;
 pub mod session;
 pub mod vectors;
 

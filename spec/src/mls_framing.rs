@@ -176,8 +176,13 @@ pub enum CommitProposal {
         /// The leaf index.
         leaf: u32,
     },
-    /// Any other proposal type (update, PSK, ReInit, external init, group context
-    /// extensions), identified by its type.
+    /// Replace the group context extensions with these `(type, data)` pairs.
+    GroupContextExtensions {
+        /// The extensions, in order.
+        extensions: Vec<(u16, Vec<u8>)>,
+    },
+    /// Any other proposal type (update, PSK, ReInit, external init), identified by its
+    /// type.
     Other {
         /// The proposal type.
         proposal_type: u16,
@@ -232,6 +237,22 @@ pub fn commit_contents(bytes: &[u8]) -> Result<CommitContents, PeekError> {
     })
 }
 
+/// Reads a standalone PublicMessage proposal (SPEC.md 10.3 reads leave requests from it):
+/// its framing and the proposal.
+pub fn proposal_contents(bytes: &[u8]) -> Result<(Framing, CommitProposal), PeekError> {
+    let mut r = Cursor { bytes, pos: 0 };
+    match peek_framing(&mut r)? {
+        Peek::Framed(f)
+            if f.wire_format == WireFormat::PublicMessage
+                && f.content_type == ContentType::Proposal =>
+        {
+            let proposal = proposal(&mut r)?;
+            Ok((f, proposal))
+        }
+        _ => Err(PeekError::Invalid("not a PublicMessage proposal")),
+    }
+}
+
 fn proposal(r: &mut Cursor<'_>) -> Result<CommitProposal, PeekError> {
     let proposal_type = r.u16()?;
     match proposal_type {
@@ -279,10 +300,24 @@ fn proposal(r: &mut Cursor<'_>) -> Result<CommitProposal, PeekError> {
             r.vector()?;
             Ok(CommitProposal::Other { proposal_type })
         }
-        // external_init: kem_output; group_context_extensions: extensions
-        6 | 7 => {
+        // external_init: kem_output
+        6 => {
             r.vector()?;
             Ok(CommitProposal::Other { proposal_type })
+        }
+        // group_context_extensions: Extension extensions<V>
+        7 => {
+            let list = r.vector()?;
+            let mut e = Cursor {
+                bytes: list,
+                pos: 0,
+            };
+            let mut extensions = Vec::new();
+            while e.pos < list.len() {
+                let extension_type = e.u16()?;
+                extensions.push((extension_type, e.vector()?.to_vec()));
+            }
+            Ok(CommitProposal::GroupContextExtensions { extensions })
         }
         _ => Err(PeekError::Invalid("proposal type")),
     }

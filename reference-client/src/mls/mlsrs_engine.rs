@@ -81,6 +81,8 @@ pub fn open(
         .psk_store(psks.clone())
         .mls_rules(DefaultMlsRules::default())
         .extension_type(ExtensionType::LAST_RESORT_KEY_PACKAGE)
+        // Every leaf can be in a room (SPEC.md REQ-10-1).
+        .extension_type(ExtensionType::new(confab_spec::rooms::ROLES_EXTENSION_TYPE))
         .signing_identity(identity, secret.into(), CIPHERSUITE)
         .build();
     let journal = rusqlite::Connection::open(path).map_err(storage)?;
@@ -378,13 +380,17 @@ where
             .collect()
     }
 
-    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+    fn create_group_with(
+        &mut self,
+        group: &ConversationId,
+        extensions: &[(u16, Vec<u8>)],
+    ) -> Result<(), EngineError> {
         let now = (self.clock)();
         let g = self
             .client
             .create_group_with_id(
                 group.0.to_vec(),
-                ExtensionList::new(),
+                extension_list(extensions),
                 ExtensionList::new(),
                 Some(mls_time(now)),
             )
@@ -765,6 +771,19 @@ where
 
     fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError> {
         self.read(group, roster)
+    }
+
+    fn context_extension(
+        &self,
+        group: &ConversationId,
+        extension_type: u16,
+    ) -> Result<Option<Vec<u8>>, EngineError> {
+        self.read(group, |g| {
+            Ok(g.context()
+                .extensions
+                .get(ExtensionType::new(extension_type))
+                .map(|e| e.extension_data().to_vec()))
+        })
     }
 }
 

@@ -5,7 +5,9 @@
 //! PublicMessage, application messages as PrivateMessage, the ratchet tree in every
 //! Welcome, and a basic credential whose identity is the member's device certificate
 //! (deterministic CBOR, SPEC.md section 3.2) with the device key as leaf signature key.
-//! Every Add and every Welcome is checked with [`verify_member`].
+//! Every Add and every Welcome is checked with [`verify_member`]. Every KeyPackage and
+//! every leaf lists the `confab_room_roles` extension in its capabilities (SPEC.md
+//! REQ-10-1), so that any device can be added to a room.
 //!
 //! State lives in one SQLite file per device. Every operation that changes state writes it
 //! durably before it returns success, so no ciphertext derived from a state can leave the
@@ -203,7 +205,25 @@ pub trait MlsEngine: Send {
     ) -> Result<Vec<Vec<u8>>, EngineError>;
 
     /// Creates a group with `group` as group id and this device as its only member.
-    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError>;
+    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+        self.create_group_with(group, &[])
+    }
+
+    /// [`MlsEngine::create_group`] with these group context extensions, as `(type, data)`
+    /// pairs (a room's roles, SPEC.md 10.1).
+    fn create_group_with(
+        &mut self,
+        group: &ConversationId,
+        extensions: &[(u16, Vec<u8>)],
+    ) -> Result<(), EngineError>;
+
+    /// The data of the group context extension of type `extension_type`, if the group's
+    /// current epoch has one.
+    fn context_extension(
+        &self,
+        group: &ConversationId,
+        extension_type: u16,
+    ) -> Result<Option<Vec<u8>>, EngineError>;
 
     /// Creates a pending Commit adding the owners of `key_packages`, with its Welcome.
     fn add_members(

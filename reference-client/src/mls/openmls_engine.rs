@@ -175,9 +175,23 @@ impl Ctx<'_> {
     }
 }
 
-fn create_config() -> MlsGroupCreateConfig {
+/// The capabilities of every leaf: the `confab_room_roles` extension (SPEC.md REQ-10-1)
+/// and, for a last-resort KeyPackage, the `last_resort` extension it carries.
+fn capabilities(last_resort: bool) -> Capabilities {
+    let roles = ExtensionType::Unknown(confab_spec::rooms::ROLES_EXTENSION_TYPE);
+    let extensions: &[ExtensionType] = if last_resort {
+        &[ExtensionType::LastResort, roles]
+    } else {
+        &[roles]
+    };
+    Capabilities::new(None, None, Some(extensions), None, None)
+}
+
+fn create_config(extensions: Extensions<GroupContext>) -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
+        .capabilities(capabilities(false))
+        .with_group_context_extensions(extensions)
         .use_ratchet_tree_extension(true)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
@@ -405,18 +419,11 @@ impl MlsEngine for OpenMlsEngine {
         self.with_tx(None, |ctx| {
             (0..count)
                 .map(|_| {
-                    let mut builder = KeyPackage::builder();
+                    // A KeyPackage extension must be listed in its leaf's capabilities.
+                    let mut builder =
+                        KeyPackage::builder().leaf_node_capabilities(capabilities(last_resort));
                     if last_resort {
-                        // A KeyPackage extension must be listed in its leaf's capabilities.
-                        builder = builder.mark_as_last_resort().leaf_node_capabilities(
-                            Capabilities::new(
-                                None,
-                                None,
-                                Some(&[ExtensionType::LastResort]),
-                                None,
-                                None,
-                            ),
-                        );
+                        builder = builder.mark_as_last_resort();
                     }
                     let bundle = builder
                         .build(
@@ -432,12 +439,17 @@ impl MlsEngine for OpenMlsEngine {
         })
     }
 
-    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+    fn create_group_with(
+        &mut self,
+        group: &ConversationId,
+        extensions: &[(u16, Vec<u8>)],
+    ) -> Result<(), EngineError> {
+        let extensions = context_extensions(extensions)?;
         self.with_tx(Some(group), |ctx| {
             let g = MlsGroup::new_with_group_id(
                 ctx.provider,
                 ctx.signer,
-                &create_config(),
+                &create_config(extensions),
                 GroupId::from_slice(&group.0),
                 ctx.credential.clone(),
             )
@@ -878,6 +890,21 @@ impl MlsEngine for OpenMlsEngine {
 
     fn members(&self, group: &ConversationId) -> Result<Vec<(u32, DeviceId)>, EngineError> {
         self.read(group, member_devices)
+    }
+
+    fn context_extension(
+        &self,
+        group: &ConversationId,
+        extension_type: u16,
+    ) -> Result<Option<Vec<u8>>, EngineError> {
+        self.read(group, |g| {
+            Ok(g.extensions().iter().find_map(|e| match e {
+                Extension::Unknown(ty, UnknownExtension(data)) if *ty == extension_type => {
+                    Some(data.clone())
+                }
+                _ => None,
+            }))
+        })
     }
 }
 
