@@ -4,12 +4,13 @@
 //! Members never join the MLS group: the load modes count and time deliveries, they do
 //! not decrypt them.
 
-use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
+use confab_client::mls::{EngineKind, ExtraProposal, MlsEngine, open_engine, system_clock};
 use confab_spec::frame::{
     Accepted, ClientFrame, ConversationKind, CreateConversation, Send, ServerFrame,
 };
 use confab_spec::identity::DeviceKeyPair;
 use confab_spec::ids::{ConversationId, MlsBytes, MsgId, UnixMs};
+use confab_spec::rooms::RoomRoles;
 use confab_spec::session::DeviceCredentials;
 use rand_core::RngCore;
 
@@ -145,9 +146,17 @@ pub async fn conversation(
         _ => Ok(None),
     })
     .await?;
+    // A room states its roles in its group context and in every Commit (SPEC.md 10.1).
+    let context = (kind == ConversationKind::Room)
+        .then(|| RoomRoles::new(creator.system_key()).context_extensions())
+        .unwrap_or_default();
     engine
-        .create_group(&conversation)
+        .create_group_with(&conversation, &context)
         .or_else(|e| fail("creating the MLS group", e))?;
+    let restated: Vec<ExtraProposal> = (!context.is_empty())
+        .then(|| ExtraProposal::GroupContextExtensions(context.clone()))
+        .into_iter()
+        .collect();
     let mut head = 0;
     for (rid, (chunk_index, chunk)) in (2..).zip(members.chunks(ADDS_PER_COMMIT).enumerate()) {
         let mut packages = Vec::with_capacity(chunk.len());
@@ -168,7 +177,7 @@ pub async fn conversation(
             );
         }
         let commit = engine
-            .add_members(&conversation, &packages)
+            .commit(&conversation, &packages, &[], &restated, false)
             .or_else(|e| fail("committing Adds", e))?;
         let accepted = send_and_wait(
             &mut creator_ws,

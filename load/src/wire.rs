@@ -144,6 +144,11 @@ impl Identity {
         }
     }
 
+    /// The user's system key.
+    pub fn system_key(&self) -> confab_spec::ids::SystemKey {
+        self.system.public()
+    }
+
     /// A certificate valid from an hour before `now` for a day.
     pub fn certificate(&self, now: UnixMs) -> DeviceCertificate {
         self.system.issue_certificate(

@@ -139,7 +139,7 @@ fn benches(c: &mut Criterion) {
     let mut conn = support::ready(&config, &mut store, &limiters, &mut entropy, ORIGIN);
     let creator = conn.device().expect("device");
     store
-        .create_conversation(&CONV, ConversationKind::Room, &creator, now())
+        .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, now())
         .expect("create");
     for i in 0..BACKLOG {
         let mut id = [0u8; 16];
@@ -152,6 +152,7 @@ fn benches(c: &mut Criterion) {
                 payload: MlsBytes::new(vec![(i % 251) as u8; PAYLOAD]).expect("payload"),
                 kind: AppendKind::Application { epoch: Epoch(0) },
                 now: now(),
+                rooms: Default::default(),
             })
             .expect("append");
     }

@@ -42,6 +42,14 @@ pub struct FileConfig {
     pub claims_per_claimer_burst: Option<u32>,
     pub claims_per_target_per_minute: Option<u32>,
     pub claims_per_target_burst: Option<u32>,
+    pub sends_per_device_per_minute: Option<u32>,
+    pub sends_per_device_burst: Option<u32>,
+    pub creates_per_system_per_minute: Option<u32>,
+    pub creates_per_system_burst: Option<u32>,
+    pub invites_per_user_per_minute: Option<u32>,
+    pub invites_per_user_burst: Option<u32>,
+    pub room_members_max: Option<u64>,
+    pub rooms_per_user_max: Option<u64>,
     pub key_package_low_watermark: Option<u64>,
     pub key_package_pool_max: Option<u64>,
     pub presence_ttl_min_ms: Option<u64>,
@@ -126,6 +134,27 @@ impl FileConfig {
             self.claims_per_target_per_minute,
             self.claims_per_target_burst,
         );
+        limit(
+            &mut config.sends_per_device,
+            self.sends_per_device_per_minute,
+            self.sends_per_device_burst,
+        );
+        limit(
+            &mut config.creates_per_system,
+            self.creates_per_system_per_minute,
+            self.creates_per_system_burst,
+        );
+        limit(
+            &mut config.invites_per_user,
+            self.invites_per_user_per_minute,
+            self.invites_per_user_burst,
+        );
+        if let Some(v) = self.room_members_max {
+            config.rooms.members_max = v.max(1);
+        }
+        if let Some(v) = self.rooms_per_user_max {
+            config.rooms.rooms_per_user_max = v.max(1);
+        }
         if let Some(v) = self.fsync {
             config.sync = v;
         }

@@ -23,8 +23,8 @@ use crate::faults::Faults;
 pub use crate::rate::RateLimit;
 use crate::rate::RateLimiters;
 use crate::store::{
-    AppendKind, AppendOutcome, AppendRequest, IssuedToken, PoolStatus, Redeemed, RetentionPolicy,
-    Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
+    AppendKind, AppendOutcome, AppendRequest, CreateOutcome, IssuedToken, PoolStatus, Redeemed,
+    RetentionPolicy, RoomLimits, Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use crate::telemetry;
 use sha2::{Digest, Sha256};
@@ -65,6 +65,14 @@ pub struct GatewayConfig {
     pub claims_per_claimer: RateLimit,
     /// `claims_per_target` (SPEC.md 11).
     pub claims_per_target: RateLimit,
+    /// `sends_per_device` (SPEC.md 11).
+    pub sends_per_device: RateLimit,
+    /// `creates_per_system` (SPEC.md 11).
+    pub creates_per_system: RateLimit,
+    /// `invites_per_user` (SPEC.md 10.4).
+    pub invites_per_user: RateLimit,
+    /// `room_members_max` and `rooms_per_user_max` (SPEC.md 10.4).
+    pub rooms: RoomLimits,
     /// `key_package_low_watermark`: the pool size below which the owner should upload
     /// more (SPEC.md 8).
     pub key_package_low_watermark: u64,
@@ -106,6 +114,19 @@ impl GatewayConfig {
                 per_minute: 60,
                 burst: 60,
             },
+            sends_per_device: RateLimit {
+                per_minute: 3_000,
+                burst: 200,
+            },
+            creates_per_system: RateLimit {
+                per_minute: 1,
+                burst: 30,
+            },
+            invites_per_user: RateLimit {
+                per_minute: 30,
+                burst: 100,
+            },
+            rooms: RoomLimits::default(),
             key_package_low_watermark: 10,
             key_package_pool_max: 200,
             presence: crate::presence::PresenceConfig::default(),
@@ -631,17 +652,38 @@ impl Connection {
                 })));
             }
             ClientFrame::CreateConversation(c) => {
-                if store.create_conversation(&c.conversation, c.kind, &device, now)? {
-                    out.push(Action::Send(ServerFrame::Created(Created {
-                        rid: c.rid,
-                        conversation: c.conversation,
-                    })));
-                } else {
-                    out.push(error(ErrorCode::ConversationExists, Some(c.rid), None));
+                if let Err(retry_after_ms) = limiters.creates_per_system.check(&device.system, now)
+                {
+                    out.push(rate_limited(Some(c.rid), retry_after_ms));
+                    return Ok(());
+                }
+                match store.create_conversation(
+                    &c.conversation,
+                    c.kind,
+                    &device,
+                    config.rooms.rooms_per_user_max,
+                    now,
+                )? {
+                    CreateOutcome::Created => {
+                        out.push(Action::Send(ServerFrame::Created(Created {
+                            rid: c.rid,
+                            conversation: c.conversation,
+                        })))
+                    }
+                    CreateOutcome::Exists => {
+                        out.push(error(ErrorCode::ConversationExists, Some(c.rid), None))
+                    }
+                    CreateOutcome::TooManyRooms => {
+                        out.push(error(ErrorCode::TooManyRooms, Some(c.rid), None))
+                    }
                 }
             }
             ClientFrame::Send(s) => {
-                self.on_send(store, config.limits.frame_bytes_max, now, device, s, out)?
+                if let Err(retry_after_ms) = limiters.sends_per_device.check(&device, now) {
+                    out.push(rate_limited(Some(s.rid), retry_after_ms));
+                    return Ok(());
+                }
+                self.on_send(config, store, limiters, now, device, s, out)?
             }
             ClientFrame::Subscribe(s) => self.on_subscribe(config, store, device, s, out)?,
             ClientFrame::Continue(c) => {
@@ -698,11 +740,7 @@ impl Connection {
                     .check(&device, now)
                     .and_then(|()| limiters.claims_per_target.check(&c.user, now));
                 if let Err(retry_after_ms) = limited {
-                    out.push(Action::Send(ServerFrame::Error(ErrorFrame {
-                        rid: Some(c.rid),
-                        retry_after_ms: Some(retry_after_ms),
-                        ..ErrorFrame::new(ErrorCode::RateLimited)
-                    })));
+                    out.push(rate_limited(Some(c.rid), retry_after_ms));
                     return Ok(());
                 }
                 let claimed =
@@ -760,10 +798,12 @@ impl Connection {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_send(
         &mut self,
+        config: &GatewayConfig,
         store: &mut dyn Store,
-        config_frame_bytes_max: u64,
+        limiters: &RateLimiters,
         now: UnixMs,
         device: DeviceId,
         s: frame::Send,
@@ -771,7 +811,7 @@ impl Connection {
     ) -> Result<(), StoreError> {
         let rid = Some(s.rid);
         let payload_max = limits::payload_bytes_max(
-            usize::try_from(config_frame_bytes_max).unwrap_or(usize::MAX),
+            usize::try_from(config.limits.frame_bytes_max).unwrap_or(usize::MAX),
         );
         if s.payload.as_bytes().len() > payload_max
             || s.welcome
@@ -795,10 +835,33 @@ impl Connection {
                 return Ok(());
             }
         };
+        // `invites_per_user`: one token per user whose first device the Commit adds
+        // (SPEC.md 10.4).
+        if let AppendKind::Commit { added, .. } = &kind {
+            if !added.is_empty() {
+                let present: std::collections::BTreeSet<_> = store
+                    .roster(&s.conversation)?
+                    .into_iter()
+                    .map(|(_, d)| d.system)
+                    .collect();
+                let invited: std::collections::BTreeSet<_> = added
+                    .iter()
+                    .map(|d| d.system)
+                    .filter(|u| *u != device.system && !present.contains(u))
+                    .collect();
+                let n = u32::try_from(invited.len()).unwrap_or(u32::MAX);
+                if let Err(retry_after_ms) =
+                    limiters.invites_per_user.check_n(&device.system, n, now)
+                {
+                    out.push(rate_limited(rid, retry_after_ms));
+                    return Ok(());
+                }
+            }
+        }
         // What live subscribers receive, built before the payload moves into the store.
         let live_body = match kind {
             AppendKind::Application { epoch } => Some(EntryBody::Application { epoch }),
-            AppendKind::Proposal { epoch } => Some(EntryBody::Proposal { epoch }),
+            AppendKind::Proposal { epoch, .. } => Some(EntryBody::Proposal { epoch }),
             AppendKind::Commit { .. } => None,
         };
         let live_payload = live_body.map(|_| s.payload.clone());
@@ -809,6 +872,7 @@ impl Connection {
             payload: s.payload,
             kind: kind.clone(),
             now,
+            rooms: config.rooms,
         })?;
         let accepted = |seq: Seq, duplicate: bool| {
             Action::Send(ServerFrame::Accepted(Accepted {
@@ -894,6 +958,17 @@ impl Connection {
             }
             AppendOutcome::NotMember => out.push(error(ErrorCode::NotMember, rid, None)),
             AppendOutcome::NotFound => out.push(error(ErrorCode::ConversationNotFound, rid, None)),
+            AppendOutcome::Forbidden(why) => out.push(error(ErrorCode::Forbidden, rid, Some(&why))),
+            AppendOutcome::RoomFull => out.push(error(
+                ErrorCode::RoomFull,
+                rid,
+                Some("the room would pass room_members_max"),
+            )),
+            AppendOutcome::TooManyRooms => out.push(error(
+                ErrorCode::TooManyRooms,
+                rid,
+                Some("an invitee is in rooms_per_user_max rooms"),
+            )),
         }
         Ok(())
     }
@@ -1173,7 +1248,12 @@ fn classify(
                 return refuse(ErrorCode::MlsSenderMismatch);
             }
             if framing.content_type == ContentType::Proposal {
-                return Ok(Ok(AppendKind::Proposal { epoch }));
+                let removes = match mls_framing::proposal_contents(s.payload.as_bytes()) {
+                    Ok((_, CommitProposal::Remove { leaf })) => Some(leaf),
+                    Ok(_) => None,
+                    Err(_) => return refuse(ErrorCode::MlsMalformed),
+                };
+                return Ok(Ok(AppendKind::Proposal { epoch, removes }));
             }
             let contents = match mls_framing::commit_contents(s.payload.as_bytes()) {
                 Ok(c) => c,
@@ -1184,6 +1264,8 @@ fn classify(
             }
             let mut added = Vec::new();
             let mut removed_leaves = Vec::new();
+            let mut roles = None;
+            let mut context_changes = 0;
             for p in contents.by_value {
                 match p {
                     CommitProposal::Add {
@@ -1207,8 +1289,18 @@ fn classify(
                     }
                     CommitProposal::Add { .. } => return refuse(ErrorCode::MlsMalformed),
                     CommitProposal::Remove { leaf } => removed_leaves.push(leaf),
-                    CommitProposal::Other { .. }
-                    | CommitProposal::GroupContextExtensions { .. } => {}
+                    CommitProposal::GroupContextExtensions { extensions } => {
+                        // RFC 9420 12.2: at most one per Commit.
+                        context_changes += 1;
+                        if context_changes > 1 {
+                            return refuse(ErrorCode::MlsMalformed);
+                        }
+                        roles = extensions
+                            .iter()
+                            .find(|(t, _)| *t == confab_spec::rooms::ROLES_EXTENSION_TYPE)
+                            .map(|(_, data)| confab_spec::rooms::RoomRoles::from_extension(data));
+                    }
+                    CommitProposal::Other { .. } => {}
                 }
             }
             Ok(Ok(AppendKind::Commit {
@@ -1216,6 +1308,7 @@ fn classify(
                 removed_leaves,
                 added,
                 welcome: s.welcome.clone(),
+                roles,
             }))
         }
         _ => refuse(ErrorCode::MlsWireFormatNotAllowed),
@@ -1241,6 +1334,15 @@ fn wire_stream(stream: &StreamKey) -> StreamId {
         StreamKey::Inbox(_) => StreamId::Inbox,
         StreamKey::Conversation(c) => StreamId::Conversation(*c),
     }
+}
+
+/// `rate_limited` (900) with the wait (REQ-11-1).
+fn rate_limited(rid: Option<u64>, retry_after_ms: u64) -> Action {
+    Action::Send(ServerFrame::Error(ErrorFrame {
+        rid,
+        retry_after_ms: Some(retry_after_ms),
+        ..ErrorFrame::new(ErrorCode::RateLimited)
+    }))
 }
 
 fn error(code: ErrorCode, rid: Option<u64>, detail: Option<&str>) -> Action {

@@ -92,6 +92,29 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         }
     }
 
+    /// Takes `n` tokens at once for `key` at `now` (nothing when `n` is 0). A request for
+    /// more tokens than the bucket holds can never pass: it is refused with the time a full
+    /// bucket takes to refill.
+    pub fn check_n(&self, key: &K, n: u32, now: UnixMs) -> Result<(), u64> {
+        let Some(n) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        self.clock.advance_to(now);
+        match self.buckets.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                telemetry::rate_limited(self.name);
+                let wait = not_until.wait_time_from(self.clock.now());
+                Err(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
+            }
+            Err(_) => {
+                telemetry::rate_limited(self.name);
+                let per_minute = u64::from(self.limit.per_minute.max(1));
+                Err((u64::from(self.limit.burst) * 60_000).div_ceil(per_minute))
+            }
+        }
+    }
+
     /// The limit's name.
     pub fn name(&self) -> &'static str {
         self.name
@@ -117,6 +140,12 @@ pub struct RateLimiters {
     pub claims_per_claimer: Limiter<DeviceId>,
     /// `claims_per_target`: KeyPackage claims per target user.
     pub claims_per_target: Limiter<SystemKey>,
+    /// `sends_per_device`: `Send` frames per device.
+    pub sends_per_device: Limiter<DeviceId>,
+    /// `creates_per_system`: `CreateConversation` frames per user.
+    pub creates_per_system: Limiter<SystemKey>,
+    /// `invites_per_user`: users added to conversations, per inviting user.
+    pub invites_per_user: Limiter<SystemKey>,
 }
 
 impl RateLimiters {
@@ -126,6 +155,9 @@ impl RateLimiters {
             connects_per_ip: Limiter::new("connects_per_ip", config.connects_per_ip),
             claims_per_claimer: Limiter::new("claims_per_claimer", config.claims_per_claimer),
             claims_per_target: Limiter::new("claims_per_target", config.claims_per_target),
+            sends_per_device: Limiter::new("sends_per_device", config.sends_per_device),
+            creates_per_system: Limiter::new("creates_per_system", config.creates_per_system),
+            invites_per_user: Limiter::new("invites_per_user", config.invites_per_user),
         }
     }
 
@@ -137,6 +169,9 @@ impl RateLimiters {
             self.connects_per_ip.name(): entry(self.connects_per_ip.limit()),
             self.claims_per_claimer.name(): entry(self.claims_per_claimer.limit()),
             self.claims_per_target.name(): entry(self.claims_per_target.limit()),
+            self.sends_per_device.name(): entry(self.sends_per_device.limit()),
+            self.creates_per_system.name(): entry(self.creates_per_system.limit()),
+            self.invites_per_user.name(): entry(self.invites_per_user.limit()),
         })
     }
 
@@ -145,6 +180,9 @@ impl RateLimiters {
         self.connects_per_ip.forget_idle();
         self.claims_per_claimer.forget_idle();
         self.claims_per_target.forget_idle();
+        self.sends_per_device.forget_idle();
+        self.creates_per_system.forget_idle();
+        self.invites_per_user.forget_idle();
     }
 }
 
@@ -172,5 +210,24 @@ mod tests {
         assert_eq!(limiter.check(&1u8, t.plus_ms(1_000)), Ok(()));
         // A time reported out of order never moves the clock back.
         assert_eq!(limiter.check(&1u8, t), Err(1_000));
+    }
+
+    #[test]
+    fn several_tokens_at_once_and_more_than_a_bucket_never() {
+        let limiter = Limiter::new(
+            "test",
+            RateLimit {
+                per_minute: 60,
+                burst: 5,
+            },
+        );
+        let t = UnixMs(1_000_000);
+        assert_eq!(limiter.check_n(&1u8, 0, t), Ok(()));
+        assert_eq!(limiter.check_n(&1u8, 3, t), Ok(()));
+        // Two left: three more wait for one token (a second).
+        assert_eq!(limiter.check_n(&1u8, 3, t), Err(1_000));
+        assert_eq!(limiter.check_n(&1u8, 2, t), Ok(()));
+        // Six never fit in a bucket of five: the wait named is a full refill.
+        assert_eq!(limiter.check_n(&2u8, 6, t), Err(5_000));
     }
 }

@@ -406,6 +406,8 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "pre_auth_frames_max": c.pre_auth_frames_max,
             "watchlist_max": c.presence.watchlist_max,
             "presence_list_max": c.presence.list_max,
+            "room_members_max": c.rooms.members_max,
+            "rooms_per_user_max": c.rooms.rooms_per_user_max,
             "payload_bytes_max": limits::payload_bytes_max(
                 usize::try_from(c.limits.frame_bytes_max).unwrap_or(usize::MAX)
             ),

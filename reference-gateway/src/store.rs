@@ -11,6 +11,7 @@ pub mod sqlite;
 use confab_spec::frame::{ConversationKind, Entry};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
+use confab_spec::rooms::{RolesError, RoomRoles};
 
 /// A stream the gateway sequences (SPEC.md section 6.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +49,9 @@ pub enum AppendKind {
     Proposal {
         /// Its epoch.
         epoch: Epoch,
+        /// The leaf it proposes to remove, for a Remove proposal: when that leaf is a
+        /// device of the sender's own user, a leave request (SPEC.md 10.3).
+        removes: Option<u32>,
     },
     /// A Commit created in `epoch`, with the membership change it makes.
     Commit {
@@ -59,7 +63,40 @@ pub enum AppendKind {
         added: Vec<DeviceId>,
         /// The Welcome for the added devices.
         welcome: Option<MlsBytes>,
+        /// The roles its GroupContextExtensions proposal states (`None`: it states none),
+        /// judged in a room (SPEC.md 10.2).
+        roles: Option<Result<RoomRoles, RolesError>>,
     },
+}
+
+/// The room limits of SPEC.md 10.4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomLimits {
+    /// `room_members_max`: most member devices in one room.
+    pub members_max: u64,
+    /// `rooms_per_user_max`: most rooms in which one user has a device.
+    pub rooms_per_user_max: u64,
+}
+
+impl Default for RoomLimits {
+    /// SPEC.md's defaults.
+    fn default() -> Self {
+        Self {
+            members_max: confab_spec::rooms::ROOM_MEMBERS_MAX_DEFAULT,
+            rooms_per_user_max: confab_spec::rooms::ROOMS_PER_USER_MAX_DEFAULT,
+        }
+    }
+}
+
+/// The outcome of [`Store::create_conversation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// Created.
+    Created,
+    /// The id is taken (`conversation_exists`).
+    Exists,
+    /// A room, and its creator is already in `rooms_per_user_max` rooms (`too_many_rooms`).
+    TooManyRooms,
 }
 
 /// A message to sequence.
@@ -77,6 +114,8 @@ pub struct AppendRequest {
     pub kind: AppendKind,
     /// The gateway's clock.
     pub now: UnixMs,
+    /// The room limits in force.
+    pub rooms: RoomLimits,
 }
 
 /// The outcome of [`Store::append`].
@@ -116,6 +155,13 @@ pub enum AppendOutcome {
     WelcomeMismatch,
     /// The sender is not a member (`not_member`).
     NotMember,
+    /// A Commit that breaks a governance rule (`forbidden`, SPEC.md 10.2); the detail
+    /// names the rule.
+    Forbidden(String),
+    /// A Commit that would pass `room_members_max` (`room_full`).
+    RoomFull,
+    /// A Commit adding a user already in `rooms_per_user_max` rooms (`too_many_rooms`).
+    TooManyRooms,
     /// No such conversation (`conversation_not_found`).
     NotFound,
 }
@@ -133,14 +179,21 @@ pub enum StoreError {
 
 /// The gateway's durable state.
 pub trait Store: Send {
-    /// Creates a conversation with `creator` at leaf 0, epoch 0. `false` if the id is taken.
+    /// Creates a conversation with `creator` at leaf 0, epoch 0; a room with the creator's
+    /// user as owner (SPEC.md 10.2), unless that user is already in `rooms_per_user_max`
+    /// rooms.
     fn create_conversation(
         &mut self,
         id: &ConversationId,
         kind: ConversationKind,
         creator: &DeviceId,
+        rooms_per_user_max: u64,
         now: UnixMs,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<CreateOutcome, StoreError>;
+
+    /// A room's roles as the gateway holds them (`None` for a direct message or no such
+    /// conversation).
+    fn room_roles(&self, id: &ConversationId) -> Result<Option<RoomRoles>, StoreError>;
 
     /// The conversation's state, if it exists.
     fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationState>, StoreError>;

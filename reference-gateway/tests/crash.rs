@@ -103,14 +103,28 @@ async fn acknowledged_sends_survive_sigkill() {
                 payload: private_message(CONV, &msg_id.0),
                 welcome: None,
             });
-            if ws
-                .send(Message::Binary(frame.encode().into()))
-                .await
-                .is_err()
-            {
-                break;
-            }
-            match recv(&mut ws).await {
+            // `sends_per_device` (SPEC.md 11) limits the final burst of resends: wait as
+            // told and send again.
+            let answer = loop {
+                if ws
+                    .send(Message::Binary(frame.encode().into()))
+                    .await
+                    .is_err()
+                {
+                    break None;
+                }
+                match recv(&mut ws).await {
+                    Some(ServerFrame::Error(e))
+                        if e.code == confab_spec::ErrorCode::RateLimited =>
+                    {
+                        let wait = e.retry_after_ms.unwrap_or(1_000);
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    }
+                    other => break Some(other),
+                }
+            };
+            let Some(answer) = answer else { break };
+            match answer {
                 Some(ServerFrame::Accepted(a)) => {
                     if let Some(prev) = acked.insert(a.msg_id, a.seq.get()) {
                         assert_eq!(prev, a.seq.get(), "a msg_id got two seqs");

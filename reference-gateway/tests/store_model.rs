@@ -9,22 +9,35 @@ use std::collections::{BTreeMap, HashMap};
 
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{
-    AppendKind, AppendOutcome, AppendRequest, RetentionPolicy, Store, StreamKey,
+    AppendKind, AppendOutcome, AppendRequest, CreateOutcome, RetentionPolicy, RoomLimits, Store,
+    StreamKey,
 };
 use confab_spec::frame::{ConversationKind, EntryBody};
 use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, ProcessId, Seq, SystemKey, UnixMs,
 };
+use confab_spec::rooms::RoomRoles;
 use proptest::prelude::*;
 
 const CONV: ConversationId = ConversationId([7; 32]);
 
+/// Device `n`. Every device belongs to one user, so that any member may add and remove
+/// any other under the room rules (SPEC.md 10.2: a user manages its own devices); the
+/// rules themselves are checked in `rooms_governance.rs`.
 fn device(n: u8) -> DeviceId {
     DeviceId {
-        system: SystemKey([n; 32]),
+        system: USER,
         process: ProcessId([n; 16]),
     }
 }
+
+const USER: SystemKey = SystemKey([1; 32]);
+
+/// No room limit gets in the model's way.
+const NO_LIMITS: RoomLimits = RoomLimits {
+    members_max: u64::MAX,
+    rooms_per_user_max: u64::MAX,
+};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -109,6 +122,7 @@ fn append_application(
             payload: MlsBytes::new(vec![n]).expect("bytes"),
             kind: AppendKind::Application { epoch: Epoch(0) },
             now,
+            rooms: NO_LIMITS,
         })
         .expect("append")
 }
@@ -129,15 +143,17 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
     let path = dir.path().join("gateway.db");
     let mut store = open(&path, grouped);
     let creator = device(0);
-    prop_assert!(
+    prop_assert_eq!(
         store
-            .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
-            .expect("create")
+            .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
+            .expect("create"),
+        CreateOutcome::Created
     );
-    prop_assert!(
-        !store
-            .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
-            .expect("again")
+    prop_assert_eq!(
+        store
+            .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
+            .expect("again"),
+        CreateOutcome::Exists
     );
     let mut m = Model {
         next_device: 10,
@@ -268,6 +284,7 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                                 removed_leaves: removed.clone(),
                                 added: added.clone(),
                                 welcome,
+                                roles: Some(Ok(RoomRoles::new(USER))),
                             },
                             added,
                             removed,
@@ -288,6 +305,7 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                     payload: MlsBytes::new(payload.clone()).expect("bytes"),
                     kind,
                     now: UnixMs(step as u64),
+                    rooms: NO_LIMITS,
                 };
                 let got = store.append(&request).expect("append");
                 // The model's decision, in SPEC.md's order.
@@ -427,7 +445,13 @@ fn acknowledged_entries_survive_reopening() {
     {
         let mut store = SqliteStore::open(&path).expect("open");
         store
-            .create_conversation(&CONV, ConversationKind::DirectMessage, &creator, UnixMs(1))
+            .create_conversation(
+                &CONV,
+                ConversationKind::DirectMessage,
+                &creator,
+                u64::MAX,
+                UnixMs(1),
+            )
             .expect("create");
         for n in 0..100u8 {
             let outcome = append_application(&mut store, &creator, n, UnixMs(2));
@@ -468,7 +492,7 @@ fn retention_runs_in_bounded_slices_and_only_advances_oldest() {
     let mut store = SqliteStore::open(&dir.path().join("gw.db")).expect("open");
     let creator = device(0);
     store
-        .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
+        .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
         .expect("create");
     for n in 0..25u8 {
         append_application(&mut store, &creator, n, UnixMs(10));
@@ -665,7 +689,7 @@ fn group_commit_batches_are_invisible_until_committed() {
     let before = counters.barrier();
     let creator = device(0);
     store
-        .create_conversation(&CONV, ConversationKind::Room, &creator, UnixMs(1))
+        .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
         .expect("create");
     assert!(matches!(
         append_application(&mut store, &creator, 1, UnixMs(2)),
@@ -687,6 +711,7 @@ fn group_commit_batches_are_invisible_until_committed() {
             payload: MlsBytes::new(vec![1]).expect("payload"),
             kind: AppendKind::Application { epoch: Epoch(0) },
             now: UnixMs(3),
+            rooms: NO_LIMITS,
         })
         .expect("append");
     assert!(matches!(refused, AppendOutcome::NotMember));

@@ -8,9 +8,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, DeviceListing,
-    GcReport, IssuedToken, PoolStatus, PresenceStatus, Redeemed, RetentionPolicy, ShareLists,
-    Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
+    AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, CreateOutcome,
+    DeviceListing, GcReport, IssuedToken, PoolStatus, PresenceStatus, Redeemed, RetentionPolicy,
+    ShareLists, Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use crate::durability::WriteCounters;
 use crate::faults::Faults;
@@ -18,6 +18,7 @@ use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 use confab_spec::limits;
+use confab_spec::rooms::{self, CommitView, RolesError, RoomRoles};
 
 /// Prepared statements kept: more than the store has.
 const STATEMENT_CACHE: usize = 96;
@@ -101,6 +102,16 @@ CREATE TABLE IF NOT EXISTS roster (
     PRIMARY KEY (conversation, leaf)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS roster_device ON roster (conversation, device);
+CREATE INDEX IF NOT EXISTS roster_by_device ON roster (device);
+CREATE TABLE IF NOT EXISTS room_roles (
+    conversation BLOB PRIMARY KEY,
+    roles BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leaving (
+    conversation BLOB NOT NULL,
+    leaf INTEGER NOT NULL,
+    PRIMARY KEY (conversation, leaf)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
     stream BLOB PRIMARY KEY,
     head_seq INTEGER NOT NULL,
@@ -178,7 +189,7 @@ CREATE TABLE IF NOT EXISTS share_lists (
     peer BLOB NOT NULL,
     PRIMARY KEY (user, peer, list)
 ) WITHOUT ROWID;
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;
 ";
 
 impl SqliteStore {
@@ -335,6 +346,174 @@ fn device_of(bytes: &[u8]) -> Result<DeviceId, StoreError> {
     DeviceId::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The number of rooms in which `user` has a device (SPEC.md 10.4).
+fn rooms_of(conn: &Connection, user: &SystemKey) -> Result<u64, StoreError> {
+    let low = [&user.0[..], &[0u8; 16]].concat();
+    let high = [&user.0[..], &[0xffu8; 16]].concat();
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(DISTINCT r.conversation) FROM roster r
+             JOIN conversations c ON c.id = r.conversation
+             WHERE r.device BETWEEN ?1 AND ?2 AND c.kind = 2",
+        )
+        .map_err(db)?
+        .query_row(params![low, high], |r| r.get(0))
+        .map_err(db)?;
+    Ok(n.max(0) as u64)
+}
+
+fn put_roles(conn: &Connection, id: &ConversationId, roles: &RoomRoles) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO room_roles (conversation, roles) VALUES (?1, ?2)
+         ON CONFLICT (conversation) DO UPDATE SET roles = excluded.roles",
+    )
+    .map_err(db)?
+    .execute(params![id.0.as_slice(), roles.to_extension()])
+    .map_err(db)?;
+    Ok(())
+}
+
+fn roles_of(conn: &Connection, id: &ConversationId) -> Result<Option<RoomRoles>, StoreError> {
+    let data: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT roles FROM room_roles WHERE conversation = ?1")
+        .map_err(db)?
+        .query_row([id.0.as_slice()], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    data.map(|d| {
+        RoomRoles::from_extension(&d).map_err(|e| StoreError::Corrupt(format!("room roles: {e}")))
+    })
+    .transpose()
+}
+
+fn device_at(
+    conn: &Connection,
+    id: &ConversationId,
+    leaf: u32,
+) -> Result<Option<DeviceId>, StoreError> {
+    let device: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT device FROM roster WHERE conversation = ?1 AND leaf = ?2")
+        .map_err(db)?
+        .query_row(params![id.0.as_slice(), i64::from(leaf)], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    device.as_deref().map(device_of).transpose()
+}
+
+/// A Commit as [`govern`] judges it.
+struct Governed<'a> {
+    conversation: &'a ConversationId,
+    room: bool,
+    committer: &'a DeviceId,
+    removed_leaves: &'a [u32],
+    added: &'a [DeviceId],
+    roles: &'a Option<Result<RoomRoles, RolesError>>,
+    limits: &'a super::RoomLimits,
+}
+
+/// Judges a Commit that passed every check of SPEC.md 6.3 and 7.2–7.5 by the rules of
+/// section 10: the roles it leaves the room with (`None` for a direct message), or the
+/// refusal.
+fn govern(
+    conn: &Connection,
+    g: &Governed<'_>,
+) -> Result<Result<Option<RoomRoles>, AppendOutcome>, StoreError> {
+    let forbidden = |why: String| Ok(Err(AppendOutcome::Forbidden(why)));
+    let mut roster: std::collections::BTreeMap<u32, DeviceId> = {
+        let mut stmt = conn
+            .prepare_cached("SELECT leaf, device FROM roster WHERE conversation = ?1")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([g.conversation.0.as_slice()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(db)?;
+        rows.map(|row| {
+            let (leaf, device) = row.map_err(db)?;
+            Ok((leaf as u32, device_of(&device)?))
+        })
+        .collect::<Result<_, StoreError>>()?
+    };
+    let present_before: std::collections::BTreeSet<SystemKey> =
+        roster.values().map(|d| d.system).collect();
+    let mut removed = Vec::with_capacity(g.removed_leaves.len());
+    for leaf in g.removed_leaves {
+        // A Remove of an empty leaf is invalid MLS; the members refuse it, nothing to judge.
+        if let Some(device) = roster.remove(leaf) {
+            let leaving: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM leaving WHERE conversation = ?1 AND leaf = ?2)",
+                )
+                .map_err(db)?
+                .query_row(
+                    params![g.conversation.0.as_slice(), i64::from(*leaf)],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            removed.push((device, leaving));
+        }
+    }
+    let members_after = roster.len() + g.added.len();
+    let mut present_after: std::collections::BTreeSet<SystemKey> =
+        roster.values().map(|d| d.system).collect();
+    present_after.extend(g.added.iter().map(|d| d.system));
+    // Rule 7: nobody adds a user that blocks them (rooms and direct messages alike).
+    let committer = g.committer.system;
+    let invitees: std::collections::BTreeSet<SystemKey> = g
+        .added
+        .iter()
+        .map(|d| d.system)
+        .filter(|s| *s != committer)
+        .collect();
+    for invitee in &invitees {
+        let blocks: bool = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM share_lists WHERE user = ?1 AND peer = ?2 AND list = ?3)",
+            )
+            .map_err(db)?
+            .query_row(
+                params![invitee.0.as_slice(), committer.0.as_slice(), LIST_BLOCKED],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if blocks {
+            return forbidden("rule 7: an invitee blocks the committer".into());
+        }
+    }
+    if !g.room {
+        if present_after.len() > 2 {
+            return forbidden("a direct message holds the devices of two users at most".into());
+        }
+        return Ok(Ok(None));
+    }
+    let before = roles_of(conn, g.conversation)?
+        .ok_or_else(|| StoreError::Corrupt("a room without roles".into()))?;
+    let stated = match g.roles {
+        Some(Ok(roles)) => Some(roles),
+        Some(Err(e)) => return forbidden(format!("rule 1: {e}")),
+        None => None,
+    };
+    if let Err(violation) = rooms::check_commit(&CommitView {
+        committer,
+        before: &before,
+        after: stated,
+        added: g.added,
+        removed: &removed,
+        present_after: &present_after,
+    }) {
+        return forbidden(violation.to_string());
+    }
+    if members_after as u64 > g.limits.members_max {
+        return Ok(Err(AppendOutcome::RoomFull));
+    }
+    for newcomer in present_after.difference(&present_before) {
+        if rooms_of(conn, newcomer)? >= g.limits.rooms_per_user_max {
+            return Ok(Err(AppendOutcome::TooManyRooms));
+        }
+    }
+    Ok(Ok(stated.cloned()))
+}
+
 struct NewEntry<'a> {
     msg_id: &'a MsgId,
     sender: &'a DeviceId,
@@ -438,9 +617,14 @@ impl Store for SqliteStore {
         id: &ConversationId,
         kind: ConversationKind,
         creator: &DeviceId,
+        rooms_per_user_max: u64,
         now: UnixMs,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<CreateOutcome, StoreError> {
         let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
+        let room = kind == ConversationKind::Room;
+        if room && rooms_of(&tx, &creator.system)? >= rooms_per_user_max {
+            return Ok(CreateOutcome::TooManyRooms);
+        }
         let inserted = tx
             .prepare_cached("INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, 0, 0, ?3)")
             .map_err(db)?
@@ -453,9 +637,20 @@ impl Store for SqliteStore {
                 .map_err(db)?
                 .execute(params![id.0.as_slice(), creator.to_bytes().as_slice()])
                 .map_err(db)?;
+            if room {
+                put_roles(&tx, id, &RoomRoles::new(creator.system))?;
+            }
         }
         tx.commit().map_err(db)?;
-        Ok(inserted == 1)
+        Ok(if inserted == 1 {
+            CreateOutcome::Created
+        } else {
+            CreateOutcome::Exists
+        })
+    }
+
+    fn room_roles(&self, id: &ConversationId) -> Result<Option<RoomRoles>, StoreError> {
+        roles_of(&self.conn, id)
     }
 
     fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationState>, StoreError> {
@@ -523,15 +718,18 @@ impl Store for SqliteStore {
         let conv = request.conversation;
         let stream = stream_key(&StreamKey::Conversation(conv));
         let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
-        let state: Option<(i64, i64)> = tx
-            .prepare_cached("SELECT epoch, epoch_seq FROM conversations WHERE id = ?1")
+        let state: Option<(i64, i64, i64)> = tx
+            .prepare_cached("SELECT epoch, epoch_seq, kind FROM conversations WHERE id = ?1")
             .map_err(db)?
-            .query_row([conv.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row([conv.0.as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()
             .map_err(db)?;
-        let Some((epoch, epoch_seq)) = state else {
+        let Some((epoch, epoch_seq, conversation_kind)) = state else {
             return Ok(AppendOutcome::NotFound);
         };
+        let room = conversation_kind == kind_code(ConversationKind::Room);
         let epoch = epoch as u64;
         // Idempotency first (SPEC.md 6.3): a resent accepted Commit is a duplicate, not stale.
         let existing: Option<(i64, Vec<u8>, Vec<u8>)> = tx
@@ -570,7 +768,7 @@ impl Store for SqliteStore {
         let (kind, msg_epoch) = match &request.kind {
             AppendKind::Application { epoch } => (1, *epoch),
             AppendKind::Commit { epoch, .. } => (2, *epoch),
-            AppendKind::Proposal { epoch } => (3, *epoch),
+            AppendKind::Proposal { epoch, .. } => (3, *epoch),
         };
         if msg_epoch.0 > epoch {
             return Ok(AppendOutcome::EpochAhead {
@@ -593,9 +791,33 @@ impl Store for SqliteStore {
                 epoch: Epoch(epoch),
             });
         }
-        if let AppendKind::Commit { added, welcome, .. } = &request.kind {
+        let mut new_roles = None;
+        if let AppendKind::Commit {
+            added,
+            welcome,
+            removed_leaves,
+            roles,
+            ..
+        } = &request.kind
+        {
             if added.is_empty() != welcome.is_none() {
                 return Ok(AppendOutcome::WelcomeMismatch);
+            }
+            let judged = govern(
+                &tx,
+                &Governed {
+                    conversation: &conv,
+                    room,
+                    committer: &request.sender,
+                    removed_leaves,
+                    added,
+                    roles,
+                    limits: &request.rooms,
+                },
+            )?;
+            match judged {
+                Ok(roles) => new_roles = roles,
+                Err(refusal) => return Ok(refusal),
             }
         }
         let seq = push(
@@ -627,7 +849,14 @@ impl Store for SqliteStore {
             .execute(params![conv.0.as_slice(), seq])
             .map_err(db)?;
             // RFC 9420 12.3: removals blank leaves, then adds take the leftmost blanks.
+            if let Some(roles) = &new_roles {
+                put_roles(&tx, &conv, roles)?;
+            }
             for leaf in removed_leaves {
+                tx.prepare_cached("DELETE FROM leaving WHERE conversation = ?1 AND leaf = ?2")
+                    .map_err(db)?
+                    .execute(params![conv.0.as_slice(), i64::from(*leaf)])
+                    .map_err(db)?;
                 // Where the removed device's reading ends (REQ-7.6-2).
                 tx.prepare_cached("INSERT OR IGNORE INTO departures (conversation, device, seq)
                      SELECT conversation, device, ?3 FROM roster WHERE conversation = ?1 AND leaf = ?2")
@@ -683,6 +912,23 @@ impl Store for SqliteStore {
                         },
                     )?;
                 }
+            }
+        }
+        if let AppendKind::Proposal {
+            removes: Some(leaf),
+            ..
+        } = &request.kind
+        {
+            // A Remove of a device of the proposer's own user is a leave request (SPEC.md
+            // 10.3): any member may commit it from now on.
+            let target = device_at(&tx, &conv, *leaf)?;
+            if target.is_some_and(|d| d.system == request.sender.system) {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO leaving (conversation, leaf) VALUES (?1, ?2)",
+                )
+                .map_err(db)?
+                .execute(params![conv.0.as_slice(), i64::from(*leaf)])
+                .map_err(db)?;
             }
         }
         tx.commit().map_err(db)?;
