@@ -174,7 +174,16 @@ CREATE TABLE IF NOT EXISTS messages (
     body BLOB NOT NULL,
     PRIMARY KEY (conversation, seq)
 ) WITHOUT ROWID;
-PRAGMA user_version = 2;
+CREATE TABLE IF NOT EXISTS room_names (
+    name TEXT PRIMARY KEY,
+    conversation BLOB NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS leave_requests (
+    conversation BLOB NOT NULL,
+    device BLOB NOT NULL,
+    PRIMARY KEY (conversation, device)
+) WITHOUT ROWID;
+PRAGMA user_version = 3;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -546,6 +555,106 @@ impl ClientStore {
             })
         })
         .collect()
+    }
+
+    /// Names a room on this device (names are local; other members name it as they like).
+    /// Refused when another room has the name.
+    pub fn set_room_name(
+        &mut self,
+        conversation: &ConversationId,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM room_names WHERE name = ?1 AND conversation != ?2)",
+            params![name, conversation.0.as_slice()],
+            |r| r.get(0),
+        )?;
+        if taken {
+            return Ok(false);
+        }
+        tx.execute(
+            "DELETE FROM room_names WHERE conversation = ?1",
+            [conversation.0.as_slice()],
+        )?;
+        tx.execute(
+            "INSERT INTO room_names (name, conversation) VALUES (?1, ?2)",
+            params![name, conversation.0.as_slice()],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// The room this device named `name`.
+    pub fn room_named(&self, name: &str) -> Result<Option<ConversationId>, StoreError> {
+        let id: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT conversation FROM room_names WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        id.map(|id| array(id, "room id").map(ConversationId))
+            .transpose()
+    }
+
+    /// This device's name for a room.
+    pub fn room_name(&self, conversation: &ConversationId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name FROM room_names WHERE conversation = ?1",
+                [conversation.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Records that `device` asked to leave `conversation` (SPEC.md 10.3); kept until it
+    /// is no longer a member.
+    pub fn add_leave_request(
+        &mut self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO leave_requests (conversation, device) VALUES (?1, ?2)",
+            params![conversation.0.as_slice(), device.to_bytes().as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// The devices that asked to leave `conversation`, by device.
+    pub fn leave_requests(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT device FROM leave_requests WHERE conversation = ?1 ORDER BY device",
+        )?;
+        let rows = stmt.query_map([conversation.0.as_slice()], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|row| DeviceId::from_slice(&row?).map_err(|_| StoreError::Corrupt("device")))
+            .collect()
+    }
+
+    /// Forgets the leave requests of `conversation` by devices not in `members`.
+    pub fn retain_leave_requests(
+        &mut self,
+        conversation: &ConversationId,
+        members: &[DeviceId],
+    ) -> Result<(), StoreError> {
+        for device in self.leave_requests(conversation)? {
+            if !members.contains(&device) {
+                self.conn.execute(
+                    "DELETE FROM leave_requests WHERE conversation = ?1 AND device = ?2",
+                    params![conversation.0.as_slice(), device.to_bytes().as_slice()],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Messages of `conversation` with seq above `after`, oldest first, at most `limit`.

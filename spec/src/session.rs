@@ -1050,12 +1050,15 @@ impl ClientSession {
                 _ => self.violation(now, "Accepted for an unknown request".into()),
             },
             ServerFrame::Error(e) => self.on_error(now, e),
-            ServerFrame::Created(c) => {
-                self.requests.remove(&c.rid);
-                self.event(Event::Created {
+            // A `CreateConversation` made with `request` is answered like any request.
+            ServerFrame::Created(c) => match self.requests.remove(&c.rid) {
+                Some(Request::Other) => self.event(Event::Response {
+                    frame: ServerFrame::Created(c),
+                }),
+                _ => self.event(Event::Created {
                     conversation: c.conversation,
-                });
-            }
+                }),
+            },
             ServerFrame::Subscribed(s) => {
                 let Some(Request::Subscribe(stream)) = self.requests.remove(&s.rid) else {
                     return self.violation(now, "Subscribed for an unknown request".into());

@@ -35,12 +35,17 @@ use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, StreamId, SystemKey, UnixMs,
 };
 use confab_spec::limits;
+use confab_spec::mls_framing::{self, CommitProposal};
 use confab_spec::session::{Event, Input, SessionError};
 
 use crate::mls::{CommitOutput, EngineError, MlsEngine, Processed};
 use crate::presence::{LEASE_TTL_MS, Tracker};
 use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
 use crate::transport::Transport;
+
+mod rooms;
+
+pub use rooms::RoomMember;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +101,18 @@ pub enum ClientError {
     /// The gateway answered with something else than the request calls for.
     #[error("unexpected answer from the gateway")]
     Unexpected,
+    /// Another room already has this name on this device.
+    #[error("a room is already called {0:?}")]
+    NameTaken(String),
+    /// The conversation is not a room.
+    #[error("that conversation is not a room")]
+    NotARoom,
+    /// This device, or the user named, is not in the room.
+    #[error("not in that room")]
+    NotInRoom,
+    /// This device asked to leave the room; it makes no more changes there.
+    #[error("you are leaving that room")]
+    Leaving,
 }
 
 /// What the KeyPackage pool looks like after [`Client::top_up_key_packages`].
@@ -333,7 +350,14 @@ impl Client {
         while !self.ready || !self.followed.is_subset(&self.live) {
             self.pump().await?;
         }
-        Ok(())
+        // Leave requests this device is the one to commit (SPEC.md 10.3). A refusal is
+        // not the caller's problem: another member commits them later.
+        match self.commit_leave_requests().await {
+            Ok(_) | Err(ClientError::SendRefused { .. } | ClientError::RateLimited { .. }) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether the session is connected and authenticated.
@@ -554,16 +578,9 @@ impl Client {
             .iter()
             .map(|p| p.key_package.as_bytes().to_vec())
             .collect();
-        let mut id = [0u8; 32];
-        self.random(&mut id);
-        let conversation = ConversationId(id);
-        self.input(Input::CreateConversation {
-            conversation,
-            kind: ConversationKind::DirectMessage,
-        })?;
-        while !self.created.remove(&conversation) {
-            self.pump().await?;
-        }
+        let conversation = self
+            .create_conversation(ConversationKind::DirectMessage)
+            .await?;
         self.engine.create_group(&conversation)?;
         let add = self.engine.add_members(&conversation, &packages)?;
         self.store.add_conversation(&ConversationRecord {
@@ -584,13 +601,39 @@ impl Client {
         Ok(conversation)
     }
 
+    /// Creates a conversation with a fresh random id (REQ-4.6-1) at the gateway; a refusal
+    /// (`too_many_rooms`, `rate_limited`, ...) is the error.
+    async fn create_conversation(
+        &mut self,
+        kind: ConversationKind,
+    ) -> Result<ConversationId, ClientError> {
+        let mut id = [0u8; 32];
+        self.random(&mut id);
+        let conversation = ConversationId(id);
+        match self
+            .request(|rid| {
+                ClientFrame::CreateConversation(confab_spec::frame::CreateConversation {
+                    rid,
+                    conversation,
+                    kind,
+                })
+            })
+            .await?
+        {
+            ServerFrame::Created(c) if c.conversation == conversation => Ok(conversation),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
     /// Commits an update of this device's leaf (fresh keys). When another member's Commit
     /// wins the epoch (`stale_commit`), this device discards its own, processes the winner
     /// and tries again on top of it (SPEC.md 7.3, 7.4), up to [`COMMIT_ATTEMPTS`] times.
     pub async fn update(&mut self, conversation: ConversationId) -> Result<Seq, ClientError> {
         let seq = self
             .commit(conversation, |engine| {
-                engine.self_update(&conversation).map(Some)
+                rooms::commit_any(engine, &conversation, &[], &[], true, |e| {
+                    e.self_update(&conversation)
+                })
             })
             .await?;
         seq.ok_or(ClientError::Unexpected)
@@ -628,9 +671,10 @@ impl Client {
                     if member(engine, &c, device)? {
                         return Ok(None); // a winning Commit added it meanwhile
                     }
-                    engine
-                        .add_members(&c, std::slice::from_ref(&package))
-                        .map(Some)
+                    let add = [(device, package.clone())];
+                    rooms::commit_any(engine, &c, &add, &[], false, |e| {
+                        e.add_members(&c, std::slice::from_ref(&package))
+                    })
                 })
                 .await?;
             change.count(committed);
@@ -654,7 +698,9 @@ impl Client {
                     if !member(engine, &c, device)? {
                         return Ok(None);
                     }
-                    engine.remove_members(&c, &[device]).map(Some)
+                    rooms::commit_any(engine, &c, &[], &[device], false, |e| {
+                        e.remove_members(&c, &[device])
+                    })
                 })
                 .await?;
             change.count(committed);
@@ -1187,6 +1233,8 @@ impl Client {
                         Err(_) => member(&*self.engine, conversation, self.device)?,
                     };
                 if joined {
+                    // A room's group context carries its roles (SPEC.md 10.1).
+                    let room = rooms::roles_in(&*self.engine, conversation)?.is_some();
                     // In a DM the peer is the other user; the adder may be our own device.
                     let own = self.device.system;
                     let peer = self
@@ -1195,10 +1243,15 @@ impl Client {
                         .into_iter()
                         .map(|(_, d)| d.system)
                         .find(|s| *s != own)
-                        .or(Some(entry.sender.system).filter(|s| *s != own));
+                        .or(Some(entry.sender.system).filter(|s| *s != own))
+                        .filter(|_| !room);
                     let record = ConversationRecord {
                         id: *conversation,
-                        kind: ConversationKind::DirectMessage,
+                        kind: if room {
+                            ConversationKind::Room
+                        } else {
+                            ConversationKind::DirectMessage
+                        },
                         peer,
                         removed: false,
                     };
@@ -1241,15 +1294,34 @@ impl Client {
                     body,
                 });
             }
-            (
-                StreamId::Conversation(c),
-                EntryBody::Commit { epoch } | EntryBody::Proposal { epoch },
-            ) if epoch.0 < self.engine.epoch(&c)? => {
+            (StreamId::Conversation(c), EntryBody::Proposal { .. }) => {
+                // Proposals are not handed to the MLS engine: Commits carry every proposal
+                // by value (REQ-7.3-3), and a stored one would be committed by reference.
+                // A Remove of a device of the proposer's own user is a leave request
+                // (SPEC.md 10.3), kept until a Commit removes that device.
+                if let Ok((_, CommitProposal::Remove { leaf })) =
+                    mls_framing::proposal_contents(entry.payload.as_bytes())
+                {
+                    let target = self
+                        .engine
+                        .members(&c)?
+                        .into_iter()
+                        .find(|(l, _)| *l == leaf)
+                        .map(|(_, d)| d);
+                    if let Some(device) = target.filter(|d| d.system == entry.sender.system) {
+                        self.store.add_leave_request(&c, &device)?;
+                    }
+                }
+                outcome = EntryOutcome::Applied;
+            }
+            (StreamId::Conversation(c), EntryBody::Commit { epoch })
+                if epoch.0 < self.engine.epoch(&c)? =>
+            {
                 // The group is past this epoch: the entry was applied before the store
                 // recorded it (a crash between the two). Applying it again would fail and
                 // stall the stream; it is recorded as processed.
             }
-            (StreamId::Conversation(c), EntryBody::Commit { .. } | EntryBody::Proposal { .. }) => {
+            (StreamId::Conversation(c), EntryBody::Commit { .. }) => {
                 outcome = EntryOutcome::Applied;
                 if entry.sender == self.device {
                     // Applied when the gateway accepted it; after a crash in between, now.
@@ -1259,9 +1331,7 @@ impl Client {
                 } else {
                     // The gateway accepted this Commit for the epoch: a pending Commit of
                     // our own for the same epoch has lost and is discarded (SPEC.md 7.3).
-                    if matches!(entry.body, EntryBody::Commit { .. })
-                        && self.engine.has_pending_commit(&c)?
-                    {
+                    if self.engine.has_pending_commit(&c)? {
                         self.engine.discard_pending_commit(&c)?;
                     }
                     if let Processed::Commit {
