@@ -28,6 +28,12 @@ pub struct Limits {
     /// `presence_list_max` (SPEC.md 9), when the server has presence.
     #[serde(default)]
     pub presence_list_max: Option<u64>,
+    /// `room_members_max` (SPEC.md 10.4), when the server has rooms.
+    #[serde(default)]
+    pub room_members_max: Option<u64>,
+    /// `rooms_per_user_max` (SPEC.md 10.4), when the server has rooms.
+    #[serde(default)]
+    pub rooms_per_user_max: Option<u64>,
 }
 
 /// The presence settings of `/v1/info` (SPEC.md 9).

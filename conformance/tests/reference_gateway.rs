@@ -220,6 +220,8 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-7.4-2",
     "REQ-7.4-3",
     "REQ-12-1",
+    "REQ-10-1",
+    "REQ-10-2",
     // Server requirements still to be written as cases (issue 7).
     "REQ-4.4-4",
     "REQ-5.5-7",
@@ -231,7 +233,6 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-6.6-2",
     "REQ-6.7-1",
     "REQ-6.7-2",
-    "REQ-10-1",
     "REQ-11-2",
     "REQ-13.1-1",
     "REQ-14-1",

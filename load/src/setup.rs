@@ -147,9 +147,11 @@ pub async fn conversation(
     })
     .await?;
     // A room states its roles in its group context and in every Commit (SPEC.md 10.1).
-    let context = (kind == ConversationKind::Room)
-        .then(|| RoomRoles::new(creator.system_key()).context_extensions())
-        .unwrap_or_default();
+    let context = if kind == ConversationKind::Room {
+        RoomRoles::new(creator.system_key()).context_extensions()
+    } else {
+        Vec::new()
+    };
     engine
         .create_group_with(&conversation, &context)
         .or_else(|e| fail("creating the MLS group", e))?;

@@ -332,3 +332,94 @@ fn presence_from_the_command_line() {
     let _ = stop.send(());
     thread.join().expect("gateway thread");
 }
+
+/// README, "A room with three people": Alice (openmls) creates a room, invites Bob
+/// (mls-rs), makes him an admin, he invites Carol (openmls); all three read each other;
+/// Carol leaves (Alice's next command commits it) and reads nothing after; a plain member
+/// is refused what only admins may do, with a sentence.
+#[test]
+fn a_room_with_three_people_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let server = format!("ws://{addr}/v1/ws");
+    let (stop, thread) = gateway(&dir.path().join("gateway.db"), addr);
+    let (alice, bob, carol) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("carol"),
+    );
+    ok(&alice, &server, &["init"]);
+    ok(&bob, &server, &["--engine", "mls-rs", "init"]);
+    ok(&carol, &server, &["init"]);
+    let (ka, kb, kc) = (
+        user_key(&alice, &server),
+        user_key(&bob, &server),
+        user_key(&carol, &server),
+    );
+    for (home, contacts) in [
+        (&alice, [("bob", &kb), ("carol", &kc)]),
+        (&bob, [("alice", &ka), ("carol", &kc)]),
+        (&carol, [("alice", &ka), ("bob", &kb)]),
+    ] {
+        for (name, key) in contacts {
+            ok(home, &server, &["contacts", "add", name, key]);
+        }
+    }
+    let created: serde_json::Value = serde_json::from_str(&ok(
+        &alice,
+        &server,
+        &["--json", "room", "create", "book-club"],
+    ))
+    .expect("json");
+    let id = created["room"].as_str().expect("room id").to_owned();
+    ok(&alice, &server, &["room", "invite", "book-club", "bob"]);
+    // Bob joined from his Welcome; he names the room by the start of its id.
+    let short = &id[..12];
+    let refusal = confab(&bob, &server, &["room", "invite", short, "carol"]);
+    assert!(!refusal.ok, "a member invited");
+    assert!(
+        refusal.stderr.contains("rules do not allow") && !refusal.stderr.contains("panicked"),
+        "{}",
+        refusal.stderr
+    );
+    ok(&alice, &server, &["room", "promote", "book-club", "bob"]);
+    ok(&bob, &server, &["room", "invite", short, "carol"]);
+    let members = ok(&carol, &server, &["--json", "room", "members", short]);
+    let roles: Vec<(String, String)> = members
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            (
+                v["name"].as_str().expect("name").to_owned(),
+                v["role"].as_str().expect("role").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        vec![
+            ("alice".into(), "owner".into()),
+            ("bob".into(), "admin".into()),
+            ("me".into(), "member".into())
+        ]
+    );
+    ok(&alice, &server, &["send", "book-club", "chapter one?"]);
+    ok(&carol, &server, &["send", short, "loved it"]);
+    let texts = |home: &Path| -> Vec<String> {
+        read(home, &server).into_iter().map(|(_, _, t)| t).collect()
+    };
+    assert_eq!(texts(&bob), vec!["chapter one?", "loved it"]);
+    ok(&carol, &server, &["room", "leave", short]);
+    // Alice's next command commits Carol's leave request; then Bob writes.
+    let listed = ok(&alice, &server, &["--json", "room", "list"]);
+    let list: serde_json::Value = serde_json::from_str(listed.trim()).expect("json");
+    assert_eq!(list["members"], 2, "carol is out: {listed}");
+    assert_eq!(list["role"], "owner");
+    ok(&bob, &server, &["send", short, "bye carol"]);
+    assert_eq!(texts(&carol), vec!["chapter one?", "loved it"]);
+    assert_eq!(texts(&alice), vec!["chapter one?", "loved it", "bye carol"]);
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+}

@@ -289,11 +289,20 @@ pub async fn send_many(
     count: u64,
 ) -> Result<Vec<u64>, Stop> {
     let window = (cx.info.limits.pending_sends_max / 2).clamp(1, 64);
+    // Stay within the announced `sends_per_device` (SPEC.md 11): a conforming server
+    // refuses a faster device, and these cases test something else.
+    let mut pace = cx
+        .info
+        .rate_limit("sends_per_device")
+        .map(|(per_minute, burst)| SendPace::new(per_minute, burst));
     let mut seqs = Vec::new();
     let mut next = 0;
     while next < count {
         let group: Vec<u64> = (next..count.min(next + window)).collect();
         for i in &group {
+            if let Some(pace) = &mut pace {
+                pace.take().await;
+            }
             let body = format!("message {i}");
             peer.send(&send_frame(
                 1_000 + i,
@@ -319,6 +328,45 @@ pub async fn send_many(
         next += window;
     }
     Ok(seqs)
+}
+
+/// A local mirror of a `sends_per_device` bucket, kept below the server's with a margin
+/// for the frames a case sent before.
+struct SendPace {
+    tokens: f64,
+    burst: f64,
+    per_ms: f64,
+    last: std::time::Instant,
+}
+
+impl SendPace {
+    const MARGIN: f64 = 16.0;
+
+    fn new(per_minute: u64, burst: u64) -> Self {
+        let burst = (burst as f64 - Self::MARGIN).max(1.0);
+        Self {
+            tokens: burst,
+            burst,
+            per_ms: per_minute.max(1) as f64 / 60_000.0,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Waits until a send is within the limit, and counts it.
+    async fn take(&mut self) {
+        loop {
+            let now = std::time::Instant::now();
+            let elapsed = now.duration_since(self.last).as_secs_f64() * 1_000.0;
+            self.tokens = (self.tokens + elapsed * self.per_ms).min(self.burst);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                return;
+            }
+            let wait_ms = ((1.0 - self.tokens) / self.per_ms).ceil().max(1.0);
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)).await;
+        }
+    }
 }
 
 /// Sends one message; its `Accepted` as `(seq, duplicate)`, or the error.

@@ -5,6 +5,7 @@ mod framing;
 mod groups;
 pub mod log;
 mod presence;
+mod rooms;
 mod session;
 
 use crate::case;
@@ -20,6 +21,7 @@ pub fn all() -> Vec<Case> {
     all.extend(directory::cases());
     all.extend(groups::cases());
     all.extend(presence::cases());
+    all.extend(rooms::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",

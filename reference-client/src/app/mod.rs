@@ -135,7 +135,6 @@ pub struct Client {
     ready: bool,
     responses: HashMap<u64, Result<ServerFrame, ClientError>>,
     sends: HashMap<MsgId, Result<Seq, ClientError>>,
-    created: HashSet<ConversationId>,
     received: Vec<Message>,
     followed: HashSet<StreamId>,
     live: HashSet<StreamId>,
@@ -250,7 +249,6 @@ impl Client {
             ready: false,
             responses: HashMap::new(),
             sends: HashMap::new(),
-            created: HashSet::new(),
             received: Vec::new(),
             followed: HashSet::new(),
             live: HashSet::new(),
@@ -1061,9 +1059,6 @@ impl Client {
                 if let StreamId::Conversation(c) = stream {
                     self.resend_outbox(c)?;
                 }
-            }
-            Event::Created { conversation } => {
-                self.created.insert(conversation);
             }
             Event::Response { frame } => {
                 if let ServerFrame::PresenceChanged(c) = &frame {

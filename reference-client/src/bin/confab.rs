@@ -8,8 +8,10 @@
 //!   device list | add DEVICE | remove DEVICE | revoke DEVICE
 //!   contacts add NAME KEY | list | remove NAME
 //!   dm NAME                    start a DM with a contact
-//!   send NAME|CONVERSATION TEXT
-//!   read [NAME|CONVERSATION]   catch up and print messages
+//!   room create ROOM | invite ROOM USER.. | remove ROOM USER.. | leave ROOM
+//!        promote ROOM USER | demote ROOM USER | list | members ROOM
+//!   send NAME|ROOM|CONVERSATION TEXT
+//!   read [NAME|ROOM|CONVERSATION]   catch up and print messages
 //!   watch                      print messages as they arrive; survives reconnects
 //!   status                     connection, KeyPackage pool, pending outbox
 //!   presence online | invisible | offline
@@ -25,9 +27,11 @@ use clap::{Parser, Subcommand};
 use confab_client::app::{Client, ClientError};
 use confab_client::home::{Home, HomeError, Settings};
 use confab_client::store::Message;
-use confab_spec::frame::{PresenceMode, PresenceState};
+use confab_spec::error::ErrorCode;
+use confab_spec::frame::{ConversationKind, PresenceMode, PresenceState};
 use confab_spec::identity::SystemKeyPair;
 use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
+use confab_spec::rooms::Role;
 
 /// Confab: end-to-end-encrypted chat on MLS for Polycentric identities.
 #[derive(Parser)]
@@ -82,16 +86,21 @@ enum Command {
         /// The contact's name.
         name: String,
     },
+    /// Invite-only rooms: you own the rooms you create; you and your admins invite.
+    Room {
+        #[command(subcommand)]
+        action: RoomAction,
+    },
     /// Send a message.
     Send {
-        /// A contact with a DM, or a conversation id (hex).
+        /// A contact with a DM, a room's name, or a conversation id (hex, or its start).
         to: String,
         /// The text.
         text: String,
     },
     /// Catch up and print messages.
     Read {
-        /// A contact with a DM, or a conversation id (hex) [default: all].
+        /// A contact with a DM, a room's name, or a conversation id [default: all].
         conversation: Option<String>,
     },
     /// Print messages as they arrive (Ctrl-C stops).
@@ -129,6 +138,33 @@ enum PresenceAction {
     Unblock { names: Vec<String> },
     /// Show who you share presence with and whom you block.
     Lists,
+}
+
+#[derive(Subcommand)]
+enum RoomAction {
+    /// Create a room; ROOM is your name for it (others name it as they like).
+    Create { room: String },
+    /// Invite users (contact names or user keys): their devices join the room. Owner and
+    /// admins only.
+    Invite { room: String, users: Vec<String> },
+    /// Remove users from the room. The owner removes anyone, admins remove members.
+    Remove { room: String, users: Vec<String> },
+    /// Leave the room: a member commits your removal (you see it on your next command).
+    Leave { room: String },
+    /// Make a member an admin (owner only); with --owner, hand the room over to them.
+    Promote {
+        room: String,
+        user: String,
+        /// Make them the owner; you keep no role.
+        #[arg(long)]
+        owner: bool,
+    },
+    /// Make an admin a plain member again (owner only; an admin may demote itself).
+    Demote { room: String, user: String },
+    /// Your rooms: name, id, your role, members.
+    List,
+    /// A room's members and their roles.
+    Members { room: String },
 }
 
 #[derive(Subcommand)]
@@ -312,9 +348,31 @@ async fn connect(home: &Home, server: Option<&str>) -> Result<Client, CliError> 
     Ok(client)
 }
 
-/// A conversation named by a contact (its DM) or by its id.
+/// A conversation named by a contact (its DM), a room's name, or its id (hex, or the start
+/// of it when only one conversation starts so).
 fn conversation(client: &Client, name: &str) -> Result<ConversationId, CliError> {
     let store = client.store();
+    if let Some(room) = store.room_named(name)? {
+        return Ok(room);
+    }
+    if name.len() >= 8 && name.len() < 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let lower = name.to_ascii_lowercase();
+        let matches: Vec<ConversationId> = store
+            .conversations()?
+            .into_iter()
+            .map(|c| c.id)
+            .filter(|id| hex::encode(id.0).starts_with(&lower))
+            .collect();
+        return match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(CliError::Usage(format!(
+                "no conversation starts with {name}"
+            ))),
+            _ => Err(CliError::Usage(format!(
+                "several conversations start with {name}: give more of the id"
+            ))),
+        };
+    }
     if let Some((_, key)) = store.contacts()?.into_iter().find(|(n, _)| n == name) {
         return store
             .conversations()?
@@ -557,6 +615,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 println!("{}", hex::encode(dm.0));
             }
         }
+        Command::Room { action } => room(&home, server, cli.json, action).await?,
         Command::Send { to, text } => {
             let mut client = connect(&home, server).await?;
             let dm = conversation(&client, &to)?;
@@ -715,6 +774,186 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 );
                 println!("outbox         {outbox} pending");
                 println!("conversations  {conversations}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why the gateway refused a room change, in words.
+fn room_refusal(e: ClientError, what: &str) -> CliError {
+    match e {
+        ClientError::SendRefused {
+            code: ErrorCode::Forbidden,
+            ..
+        } => CliError::Usage(format!(
+            "the room's rules do not allow you to {what} (the owner and admins invite and remove; the owner names admins; nobody invites a user who blocks them)"
+        )),
+        ClientError::SendRefused {
+            code: ErrorCode::RoomFull,
+            ..
+        } => CliError::Usage("the room is full (the gateway's room_members_max)".into()),
+        ClientError::SendRefused {
+            code: ErrorCode::TooManyRooms,
+            ..
+        }
+        | ClientError::Refused(ErrorCode::TooManyRooms) => CliError::Usage(
+            "too many rooms: that user is in the gateway's rooms_per_user_max rooms already".into(),
+        ),
+        other => other.into(),
+    }
+}
+
+fn room_of(client: &Client, name: &str) -> Result<ConversationId, CliError> {
+    let id = conversation(client, name)?;
+    match client.room_roles(&id)? {
+        Some(_) => Ok(id),
+        None => Err(CliError::Usage(format!(
+            "{name:?} is not a room you are in"
+        ))),
+    }
+}
+
+async fn room(
+    home: &Home,
+    server: Option<&str>,
+    json: bool,
+    action: RoomAction,
+) -> Result<(), CliError> {
+    let mut client = connect(home, server).await?;
+    let say = |text: String, value: serde_json::Value| {
+        if json {
+            println!("{value}");
+        } else {
+            println!("{text}");
+        }
+    };
+    match action {
+        RoomAction::Create { room } => {
+            let id = client
+                .create_room(&room)
+                .await
+                .map_err(|e| room_refusal(e, "create a room"))?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            say(
+                format!(
+                    "created {room} ({}); invite with `confab room invite {room} NAME`",
+                    hex::encode(id.0)
+                ),
+                serde_json::json!({"room": hex::encode(id.0), "name": room}),
+            );
+        }
+        RoomAction::Invite { room, users } => {
+            let id = room_of(&client, &room)?;
+            for name in users {
+                let user = user_of(&client, &name)?;
+                match client.invite(id, user).await {
+                    Ok(Some(seq)) => say(
+                        format!("invited {name}"),
+                        serde_json::json!({"invited": name, "seq": seq.get()}),
+                    ),
+                    Ok(None) => say(
+                        format!("{name} is in the room already"),
+                        serde_json::json!({"invited": name, "already": true}),
+                    ),
+                    Err(ClientError::NoKeyPackages) => {
+                        return Err(CliError::Usage(format!(
+                            "{name} has no KeyPackages: they must run confab once to publish some"
+                        )));
+                    }
+                    Err(e) => return Err(room_refusal(e, "invite")),
+                }
+            }
+        }
+        RoomAction::Remove { room, users } => {
+            let id = room_of(&client, &room)?;
+            for name in users {
+                let user = user_of(&client, &name)?;
+                match client.remove_member(id, user).await {
+                    Ok(Some(seq)) => say(
+                        format!("removed {name}"),
+                        serde_json::json!({"removed": name, "seq": seq.get()}),
+                    ),
+                    Ok(None) => say(
+                        format!("{name} is not in the room"),
+                        serde_json::json!({"removed": name, "absent": true}),
+                    ),
+                    Err(e) => return Err(room_refusal(e, "remove them")),
+                }
+            }
+        }
+        RoomAction::Leave { room } => {
+            let id = room_of(&client, &room)?;
+            client.leave_room(id).await?;
+            say(
+                format!("asked to leave {room}: a member commits it; you read nothing after that"),
+                serde_json::json!({"left": hex::encode(id.0)}),
+            );
+        }
+        RoomAction::Promote { room, user, owner } => {
+            let id = room_of(&client, &room)?;
+            let key = user_of(&client, &user)?;
+            let role = if owner { Role::Owner } else { Role::Admin };
+            match client.set_role(id, key, role).await {
+                Ok(_) => say(
+                    format!("{user} is now {}", role.name()),
+                    serde_json::json!({"user": user, "role": role.name()}),
+                ),
+                Err(ClientError::NotInRoom) => {
+                    return Err(CliError::Usage(format!("{user} is not in the room")));
+                }
+                Err(e) => return Err(room_refusal(e, "promote them")),
+            }
+        }
+        RoomAction::Demote { room, user } => {
+            let id = room_of(&client, &room)?;
+            let key = user_of(&client, &user)?;
+            match client.set_role(id, key, Role::Member).await {
+                Ok(_) => say(
+                    format!("{user} is now a member"),
+                    serde_json::json!({"user": user, "role": "member"}),
+                ),
+                Err(ClientError::NotInRoom) => {
+                    return Err(CliError::Usage(format!("{user} is not in the room")));
+                }
+                Err(e) => return Err(room_refusal(e, "demote them")),
+            }
+        }
+        RoomAction::List => {
+            for c in client.store().conversations()? {
+                if c.kind != ConversationKind::Room || c.removed {
+                    continue;
+                }
+                let Some(roles) = client.room_roles(&c.id)? else {
+                    continue;
+                };
+                let name = client.store().room_name(&c.id)?;
+                let members = client.room_members(&c.id)?.len();
+                let role = roles.role_of(&client.device().system).name();
+                let id = hex::encode(c.id.0);
+                say(
+                    format!(
+                        "{}  {}  {role}  {members} members",
+                        name.as_deref().unwrap_or("-"),
+                        &id[..16]
+                    ),
+                    serde_json::json!({"room": id, "name": name, "role": role, "members": members}),
+                );
+            }
+        }
+        RoomAction::Members { room } => {
+            let id = room_of(&client, &room)?;
+            for m in client.room_members(&id)? {
+                let name = if m.user == client.device().system {
+                    "me".to_owned()
+                } else {
+                    name_of(&client, &m.user)
+                };
+                say(
+                    format!("{name}  {}  {} devices", m.role.name(), m.devices.len()),
+                    serde_json::json!({"user": hex_key(&m.user), "name": name,
+                        "role": m.role.name(), "devices": m.devices.len()}),
+                );
             }
         }
     }
