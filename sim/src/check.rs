@@ -11,6 +11,8 @@
 //! - **One Commit per epoch** in each conversation's log.
 //! - **Epoch agreement:** every member has the same epoch authenticator at each epoch.
 //! - **No decryption failure.**
+//! - **Removal is final:** a removed device processes and shows nothing of its
+//!   conversation after the Commit that removed it, until a Welcome adds it back.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -112,6 +114,16 @@ impl Checker {
                 )
             })?;
             self.positions.insert(key, seq + 1);
+            if let StreamId::Conversation(conversation) = record.stream {
+                if let Some(&removed) = self.removed_at.get(&(device, conversation)) {
+                    self.checks += 1;
+                    ensure(seq <= removed, "removal is final", || {
+                        format!(
+                            "device {device} processed seq {seq} of {conversation:?}, after the Commit at seq {removed} removed it"
+                        )
+                    })?;
+                }
+            }
         }
         if let EntryBody::Welcome {
             conversation,
@@ -197,6 +209,13 @@ impl Checker {
     ) -> Result<(), Violation> {
         self.shown += 1;
         self.checks += 2;
+        if let Some(&removed) = self.removed_at.get(&(device, conversation)) {
+            ensure(seq <= removed, "removal is final", || {
+                format!(
+                    "device {device} shows seq {seq} of {conversation:?}, after the Commit at seq {removed} removed it"
+                )
+            })?;
+        }
         let composer = self.composed.get(body).copied();
         ensure(composer == Some(sender), "no phantom message", || {
             format!(

@@ -433,6 +433,41 @@ async fn execute(
                 Err(e) => return Err(format!("update: {e}")),
             }
         }
+        Command::CreateRoom => {
+            let room = client
+                .create_room(&format!("room{i}"))
+                .await
+                .map_err(|e| format!("create_room: {e}"))?;
+            let mut w = world.borrow_mut();
+            w.devices[i].created.push(room);
+            if !w.conversations.contains(&room) {
+                w.conversations.push(room);
+            }
+        }
+        Command::Invite { room, users } => {
+            for user in users {
+                let result = client.invite(room, user).await.map(|_| ());
+                if result.is_err() {
+                    return allowed(world, i, result, "invite");
+                }
+            }
+        }
+        Command::RemoveMember { room, user } => {
+            let result = client.remove_member(room, user).await.map(|_| ());
+            return allowed(world, i, result, "remove_member");
+        }
+        Command::SetRole { room, user, role } => {
+            let result = client.set_role(room, user, role).await.map(|_| ());
+            return allowed(world, i, result, "set_role");
+        }
+        Command::LeaveRoom { room } => {
+            let result = client.leave_room(room).await;
+            return allowed(world, i, result, "leave_room");
+        }
+        Command::Sync => {
+            let result = client.sync().await;
+            return allowed(world, i, result, "sync");
+        }
         Command::Drop => client.drop_connection(),
         Command::LoseDeliveries { n } => client.lose_deliveries(n),
         Command::RemoveDevice { device } => {
@@ -470,7 +505,12 @@ fn allowed(
             ClientError::SendRefused { .. }
             | ClientError::NoKeyPackages
             | ClientError::RateLimited { .. }
-            | ClientError::Interrupted,
+            | ClientError::Interrupted
+            // Membership moved on under the command (a race the scenario makes on purpose):
+            // removed meanwhile, or already leaving.
+            | ClientError::NotInRoom
+            | ClientError::Leaving
+            | ClientError::Engine(confab_client::mls::EngineError::Removed),
         ) => {
             slot.refused += 1;
             Ok(())

@@ -206,6 +206,42 @@ enum Churn {
     Adding { by: usize, target: usize },
 }
 
+/// Where the room churn is: one member out and back at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RoomChurn {
+    Steady {
+        until: u64,
+    },
+    /// The target asked to leave; a member commits it.
+    Leaving {
+        target: usize,
+    },
+    /// `by` (owner or admin) removes the target.
+    Removing {
+        by: usize,
+        target: usize,
+    },
+    Out {
+        target: usize,
+        until: u64,
+    },
+    ToppingUp {
+        target: usize,
+    },
+    /// `by` invites the target back.
+    Inviting {
+        by: usize,
+        target: usize,
+    },
+    /// Invited; the target joins from its Welcome.
+    Rejoining {
+        target: usize,
+    },
+}
+
+/// The room's admin in `room-churn` (device 0 owns the room).
+const ROOM_ADMIN: usize = 1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Round {
     Idle,
@@ -301,6 +337,8 @@ struct Orchestrator<'a> {
     gateway_cycle: GatewayCycle,
     round: Round,
     churn: Churn,
+    room_churn: RoomChurn,
+    next_sync: u64,
     step: u64,
     reported: u64,
 }
@@ -323,6 +361,8 @@ impl<'a> Orchestrator<'a> {
         let clients = match options.scenario.topology() {
             Topology::Pairs => options.clients.max(2) & !1,
             Topology::TwoUsers => options.clients.max(2),
+            // An owner, an admin, and at least one member to churn.
+            Topology::Room => options.clients.max(3),
         };
         let mut options = options.clone();
         options.clients = clients;
@@ -358,6 +398,11 @@ impl<'a> Orchestrator<'a> {
             per_minute: 1_000_000,
             burst: 10_000,
         };
+        // Invites come in bursts when a room is set up.
+        config.invites_per_user = RateLimit {
+            per_minute: 10_000,
+            burst: 1_000,
+        };
         // Retention (and the flush of the `ack_before_durable` fault) runs every second.
         config.gc_interval_ms = 1_000;
         config.faults = options.gateway_faults;
@@ -382,6 +427,8 @@ impl<'a> Orchestrator<'a> {
             gateway_cycle: GatewayCycle::Recovering,
             round: Round::Idle,
             churn: Churn::Steady { until: 0 },
+            room_churn: RoomChurn::Steady { until: 0 },
+            next_sync: 0,
             step: 0,
             reported: 0,
             options,
@@ -393,7 +440,7 @@ impl<'a> Orchestrator<'a> {
         for i in 0..clients {
             let user = match orchestrator.options.scenario.topology() {
                 Topology::TwoUsers => i % 2,
-                Topology::Pairs => i,
+                Topology::Pairs | Topology::Room => i,
             };
             let device_dir = dir.join(host_name(i));
             let spec = Rc::new(DeviceSpec {
@@ -416,6 +463,12 @@ impl<'a> Orchestrator<'a> {
                 .host(host_name(i), move || run_device(w.clone(), spec.clone()));
         }
         orchestrator.dms = match orchestrator.options.scenario.topology() {
+            Topology::Room => vec![Dm {
+                creator: 0,
+                peer_user: 0,
+                members: (0..clients).collect(),
+                conversation: None,
+            }],
             Topology::TwoUsers => vec![Dm {
                 creator: 0,
                 peer_user: 1,
@@ -489,12 +542,13 @@ impl<'a> Orchestrator<'a> {
                 if ready {
                     for k in 0..self.dms.len() {
                         let (creator, peer) = (self.dms[k].creator, self.dms[k].peer_user);
-                        self.command(
-                            creator,
-                            Command::CreateDm {
+                        let command = match self.options.scenario.topology() {
+                            Topology::Room => Command::CreateRoom,
+                            _ => Command::CreateDm {
                                 peer: user_key(peer).public(),
                             },
-                        );
+                        };
+                        self.command(creator, command);
                     }
                     self.set_phase(Phase::Creating, now);
                 } else if waited > SET_UP_MS {
@@ -514,6 +568,24 @@ impl<'a> Orchestrator<'a> {
                     }
                 }
                 if done {
+                    if let (Topology::Room, Some(room)) = (
+                        self.options.scenario.topology(),
+                        self.dms.first().and_then(|dm| dm.conversation),
+                    ) {
+                        // The owner invites everyone and names the admin.
+                        let users = (1..self.options.clients)
+                            .map(|u| user_key(u).public())
+                            .collect();
+                        self.command(0, Command::Invite { room, users });
+                        self.command(
+                            0,
+                            Command::SetRole {
+                                room,
+                                user: user_key(ROOM_ADMIN).public(),
+                                role: confab_spec::rooms::Role::Admin,
+                            },
+                        );
+                    }
                     self.set_phase(Phase::Joining, now);
                 } else if waited > SET_UP_MS {
                     return Err(self.stuck("set-up: DMs were not all created"));
@@ -643,7 +715,7 @@ impl<'a> Orchestrator<'a> {
 
     fn conversation_of(&self, device: usize) -> Option<ConversationId> {
         let dm = match self.options.scenario.topology() {
-            Topology::TwoUsers => 0,
+            Topology::TwoUsers | Topology::Room => 0,
             Topology::Pairs => device / 2,
         };
         self.dms.get(dm).and_then(|dm| dm.conversation)
@@ -826,6 +898,7 @@ impl<'a> Orchestrator<'a> {
             }
             // Run by `crate::scrape`, never by this orchestrator.
             Scenario::PresenceScrape => {}
+            Scenario::RoomChurn => self.room_workload(now),
             Scenario::MultiDeviceChurn => {
                 let out = self.churning();
                 for i in self.idle() {
@@ -855,6 +928,170 @@ impl<'a> Orchestrator<'a> {
                 }
                 self.gateway_cycle(now);
             }
+        }
+    }
+
+    /// Whether `device` is in the room now, as it processed it.
+    fn in_room(&self, device: usize) -> bool {
+        let Some(room) = self.conversation_of(device) else {
+            return false;
+        };
+        let w = self.world.borrow();
+        w.checker.is_member(device, &room) && !w.checker.is_removed(device, &room)
+    }
+
+    /// `room-churn`: members send; everyone syncs now and then (so that the member whose
+    /// turn it is commits leave requests); one member at a time goes out (leaving, or
+    /// removed by the owner or the admin, often while offline) and is invited back, with
+    /// a racing Commit by the other privileged member half the time; network faults and
+    /// crashes throughout.
+    fn room_workload(&mut self, now: u64) {
+        let Some(room) = self.conversation_of(0) else {
+            return;
+        };
+        let churned = self.room_churning();
+        for i in self.idle() {
+            if Some(i) == churned || !self.in_room(i) {
+                continue;
+            }
+            if self.roll(30) {
+                self.send(i);
+            } else if self.roll(10) {
+                self.command(i, Command::Drop);
+                self.fault("disconnect", &host_name(i));
+            }
+        }
+        if now >= self.next_sync {
+            self.next_sync = now + 300;
+            for i in self.idle() {
+                if Some(i) != churned && self.in_room(i) {
+                    self.command(i, Command::Sync);
+                }
+            }
+        }
+        self.network_fault(now, 5);
+        self.room_churn(now, room);
+    }
+
+    fn room_churning(&self) -> Option<usize> {
+        match self.room_churn {
+            RoomChurn::Steady { .. } => None,
+            RoomChurn::Leaving { target }
+            | RoomChurn::Removing { target, .. }
+            | RoomChurn::Out { target, .. }
+            | RoomChurn::ToppingUp { target }
+            | RoomChurn::Inviting { target, .. }
+            | RoomChurn::Rejoining { target } => Some(target),
+        }
+    }
+
+    /// The owner or the admin, whichever is idle and in the room (the owner first when
+    /// both are, by the draw); the other one, to race it, if idle too.
+    fn privileged(&mut self) -> Option<(usize, Option<usize>)> {
+        let idle = self.idle();
+        let mut both = [0, ROOM_ADMIN];
+        if self.roll(500) {
+            both.swap(0, 1);
+        }
+        let ok = |s: &Self, d: usize| idle.contains(&d) && s.in_room(d);
+        let by = both.into_iter().find(|&d| ok(self, d))?;
+        let other = both.into_iter().find(|&d| d != by && ok(self, d));
+        Some((by, other))
+    }
+
+    /// Half the time, `other` commits an update at once: it races `by`'s Commit.
+    fn race(&mut self, other: Option<usize>, room: ConversationId) {
+        if let Some(other) = other {
+            if self.roll(500) {
+                self.command(other, Command::Update { conversation: room });
+            }
+        }
+    }
+
+    fn room_churn(&mut self, now: u64, room: ConversationId) {
+        let (ready, busy, ok) = {
+            let w = self.world.borrow();
+            let ready: Vec<bool> = w.devices.iter().map(|d| d.ready).collect();
+            let busy: Vec<bool> = w.devices.iter().map(|d| d.busy).collect();
+            let ok: Vec<bool> = w.devices.iter().map(|d| d.last_ok).collect();
+            (ready, busy, ok)
+        };
+        let idle = |i: usize| ready[i] && !busy[i];
+        match self.room_churn {
+            RoomChurn::Steady { until } if now >= until => {
+                let members: Vec<usize> = (ROOM_ADMIN + 1..self.options.clients)
+                    .filter(|&d| self.in_room(d))
+                    .collect();
+                if members.is_empty() {
+                    return;
+                }
+                // Offline members are the interesting ones to remove.
+                let offline: Vec<usize> = members.iter().copied().filter(|&d| !ready[d]).collect();
+                let target = if !offline.is_empty() && self.roll(600) {
+                    offline[self.pick(offline.len())]
+                } else {
+                    members[self.pick(members.len())]
+                };
+                if idle(target) && self.roll(400) {
+                    self.command(target, Command::LeaveRoom { room });
+                    self.room_churn = RoomChurn::Leaving { target };
+                } else if let Some((by, other)) = self.privileged() {
+                    let user = user_key(target).public();
+                    self.command(by, Command::RemoveMember { room, user });
+                    self.race(other, room);
+                    self.room_churn = RoomChurn::Removing { by, target };
+                }
+            }
+            RoomChurn::Leaving { target } => {
+                let room_of_target = self.conversation_of(target);
+                let removed = room_of_target
+                    .is_some_and(|c| self.world.borrow().checker.is_removed(target, &c));
+                if removed {
+                    let until = now + self.between(200, 2_000);
+                    self.room_churn = RoomChurn::Out { target, until };
+                } else if !busy[target] && !ok[target] {
+                    // The request did not go out (the connection dropped mid-request).
+                    self.room_churn = RoomChurn::Steady { until: now + 200 };
+                }
+            }
+            RoomChurn::Removing { by, target } if !busy[by] => {
+                self.room_churn = if ok[by] {
+                    let until = now + self.between(200, 2_000);
+                    RoomChurn::Out { target, until }
+                } else {
+                    RoomChurn::Steady { until: now + 200 }
+                };
+            }
+            RoomChurn::Out { target, until } if now >= until && idle(target) => {
+                // Out of the room (it may only now learn it): it needs a KeyPackage to be
+                // invited back.
+                self.command(target, Command::TopUp);
+                self.room_churn = RoomChurn::ToppingUp { target };
+            }
+            RoomChurn::ToppingUp { target } if !busy[target] => {
+                if let Some((by, other)) = self.privileged() {
+                    let users = vec![user_key(target).public()];
+                    self.command(by, Command::Invite { room, users });
+                    self.race(other, room);
+                    self.room_churn = RoomChurn::Inviting { by, target };
+                }
+            }
+            RoomChurn::Inviting { by, target } if !busy[by] => {
+                self.room_churn = if ok[by] {
+                    RoomChurn::Rejoining { target }
+                } else {
+                    RoomChurn::Out {
+                        target,
+                        until: now + 500,
+                    }
+                };
+            }
+            RoomChurn::Rejoining { target } if self.in_room(target) => {
+                self.cycles += 1;
+                let until = now + self.between(200, 1_500);
+                self.room_churn = RoomChurn::Steady { until };
+            }
+            _ => {}
         }
     }
 

@@ -29,6 +29,11 @@ pub enum Scenario {
     /// while normal users watch their contacts (SPEC.md 9); a cycle is one simulated
     /// minute. `--clients` is the number of normal users.
     PresenceScrape,
+    /// One user per device in one room (SPEC.md 10): members leave and are invited back,
+    /// the owner and the admin remove members (often offline at the time) and invite them
+    /// back, their Commits race; devices drop, crash and are partitioned meanwhile. A
+    /// cycle is one member out and back in.
+    RoomChurn,
 }
 
 /// How the devices are grouped.
@@ -39,11 +44,14 @@ pub enum Topology {
     TwoUsers,
     /// One user per device; device `2k` creates a DM with device `2k + 1`.
     Pairs,
+    /// One user per device, all in one room that device 0 creates and owns; device 1 is
+    /// an admin.
+    Room,
 }
 
 impl Scenario {
     /// Every scenario, in `list` order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::DisconnectCycles,
         Scenario::ReconnectStorm,
         Scenario::DuplicateSends,
@@ -52,6 +60,7 @@ impl Scenario {
         Scenario::GapRecovery,
         Scenario::MultiDeviceChurn,
         Scenario::PresenceScrape,
+        Scenario::RoomChurn,
     ];
 
     /// Its name on the command line.
@@ -65,6 +74,7 @@ impl Scenario {
             Scenario::GapRecovery => "gap-recovery",
             Scenario::MultiDeviceChurn => "multi-device-churn",
             Scenario::PresenceScrape => "presence-scrape",
+            Scenario::RoomChurn => "room-churn",
         }
     }
 
@@ -98,6 +108,9 @@ impl Scenario {
             Scenario::PresenceScrape => {
                 "bots scrape presence (rotating identities, big watchlists, churn, probing) while users watch contacts; cycle = one simulated minute"
             }
+            Scenario::RoomChurn => {
+                "a room: leaves, removals of offline members, re-invites, racing Commits, under faults; cycle = one member out and back"
+            }
         }
     }
 
@@ -112,6 +125,7 @@ impl Scenario {
             Scenario::GapRecovery => 200,
             Scenario::MultiDeviceChurn => 20,
             Scenario::PresenceScrape => 10,
+            Scenario::RoomChurn => 30,
         }
     }
 
@@ -120,6 +134,7 @@ impl Scenario {
         match self {
             Scenario::ReconnectStorm => 200,
             Scenario::PresenceScrape => 8,
+            Scenario::RoomChurn => 6,
             _ => 4,
         }
     }
@@ -138,6 +153,7 @@ impl Scenario {
     pub fn topology(self) -> Topology {
         match self {
             Scenario::ReconnectStorm => Topology::Pairs,
+            Scenario::RoomChurn => Topology::Room,
             _ => Topology::TwoUsers,
         }
     }

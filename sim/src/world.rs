@@ -24,6 +24,38 @@ pub enum Command {
         /// The other user.
         peer: SystemKey,
     },
+    /// Create a room (SPEC.md 10) owned by this device's user.
+    CreateRoom,
+    /// Invite these users to `room`, one Commit each.
+    Invite {
+        /// The room.
+        room: ConversationId,
+        /// The users.
+        users: Vec<SystemKey>,
+    },
+    /// Remove every device of `user` from `room`.
+    RemoveMember {
+        /// The room.
+        room: ConversationId,
+        /// The user.
+        user: SystemKey,
+    },
+    /// Give `user` the role `role` in `room`.
+    SetRole {
+        /// The room.
+        room: ConversationId,
+        /// The user.
+        user: SystemKey,
+        /// The role.
+        role: confab_spec::rooms::Role,
+    },
+    /// Ask to leave `room` (Remove proposals of this user's devices).
+    LeaveRoom {
+        /// The room.
+        room: ConversationId,
+    },
+    /// Catch up, and commit the leave requests this device is the one to commit.
+    Sync,
     /// Send a fresh message to `conversation`.
     Send {
         /// Where.

@@ -1338,6 +1338,17 @@ impl Client {
                         outcome = EntryOutcome::Removed;
                     }
                 }
+                // A leave request ends with the Commit that removes its device: a device
+                // added back later is not removed again on an old request (SPEC.md 10.3).
+                if outcome == EntryOutcome::Applied && !self.store.leave_requests(&c)?.is_empty() {
+                    let members: Vec<DeviceId> = self
+                        .engine
+                        .members(&c)?
+                        .into_iter()
+                        .map(|(_, d)| d)
+                        .collect();
+                    self.store.retain_leave_requests(&c, &members)?;
+                }
             }
             _ => {}
         }
