@@ -200,11 +200,8 @@ fn array<const N: usize>(v: Vec<u8>, what: &'static str) -> Result<[u8; N], Stor
 /// Whether `seq` of the stream `key` is below its cursor (processed before).
 fn processed(tx: &rusqlite::Transaction<'_>, key: &[u8], seq: Seq) -> Result<bool, StoreError> {
     let next: Option<i64> = tx
-        .query_row(
-            "SELECT next_seq FROM cursors WHERE stream = ?1",
-            [key],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT next_seq FROM cursors WHERE stream = ?1")?
+        .query_row([key], |r| r.get(0))
         .optional()?;
     Ok(next.is_some_and(|n| to_i64(seq.get()) < n))
 }
@@ -219,12 +216,14 @@ impl ClientStore {
         let conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let fresh: bool = conn.query_row(
-            "SELECT NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'conversations')",
-            [],
-            |r| r.get(0),
-        )?;
+        let version: i64 = conn
+            .prepare_cached("PRAGMA user_version")?
+            .query_row([], |r| r.get(0))?;
+        let fresh: bool = conn
+            .prepare_cached(
+                "SELECT NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'conversations')",
+            )?
+            .query_row([], |r| r.get(0))?;
         if !fresh && version < 2 {
             // Version 2 records whether this device was removed from a conversation.
             conn.execute_batch(
@@ -232,6 +231,9 @@ impl ClientStore {
             )?;
         }
         conn.execute_batch(SCHEMA)?;
+        // Every statement is prepared once per connection (parsing cost more than running
+        // them on the per-entry path).
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(Self { conn })
     }
 
@@ -240,11 +242,10 @@ impl ClientStore {
         type Row = (Option<Vec<u8>>, Vec<u8>, Vec<u8>, Vec<u8>);
         let row: Option<Row> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT system_seed, system, device_seed, certificate FROM identity WHERE id = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?;
         let Some((system_seed, system, device_seed, certificate)) = row else {
             return Ok(None);
@@ -259,28 +260,30 @@ impl ClientStore {
 
     /// Stores the identity, replacing any (a renewed certificate).
     pub fn set_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO identity (id, system_seed, system, device_seed, certificate)
+        self.conn
+            .prepare_cached(
+                "INSERT INTO identity (id, system_seed, system, device_seed, certificate)
              VALUES (1, ?1, ?2, ?3, ?4)
              ON CONFLICT (id) DO UPDATE SET system_seed = excluded.system_seed,
                  system = excluded.system, device_seed = excluded.device_seed,
                  certificate = excluded.certificate",
-            params![
+            )?
+            .execute(params![
                 identity.system_seed.map(|s| s.to_vec()),
                 identity.system.0.as_slice(),
                 identity.device_seed.as_slice(),
                 identity.certificate,
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
     /// Adds a contact under a local name.
     pub fn add_contact(&mut self, name: &str, system: &SystemKey) -> Result<(), StoreError> {
-        match self.conn.execute(
-            "INSERT INTO contacts (name, system) VALUES (?1, ?2)",
-            params![name, system.0.as_slice()],
-        ) {
+        match self
+            .conn
+            .prepare_cached("INSERT INTO contacts (name, system) VALUES (?1, ?2)")?
+            .execute(params![name, system.0.as_slice()])
+        {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -320,19 +323,25 @@ impl ClientStore {
             ConversationKind::DirectMessage => 1,
             ConversationKind::Room => 2,
         };
-        Ok(self.conn.execute(
-            "INSERT OR IGNORE INTO conversations (id, kind, peer) VALUES (?1, ?2, ?3)",
-            params![c.id.0.as_slice(), kind, c.peer.map(|p| p.0.to_vec())],
-        )? == 1)
+        Ok(self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO conversations (id, kind, peer) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                c.id.0.as_slice(),
+                kind,
+                c.peer.map(|p| p.0.to_vec())
+            ])?
+            == 1)
     }
 
     /// Records that this device was removed from `conversation` (its Commit was processed,
     /// or the gateway refused to deliver it more).
     pub fn set_removed(&mut self, conversation: &ConversationId) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE conversations SET removed = 1 WHERE id = ?1",
-            [conversation.0.as_slice()],
-        )?;
+        self.conn
+            .prepare_cached("UPDATE conversations SET removed = 1 WHERE id = ?1")?
+            .execute([conversation.0.as_slice()])?;
         Ok(())
     }
 
@@ -357,20 +366,24 @@ impl ClientStore {
             ConversationKind::DirectMessage => 1,
             ConversationKind::Room => 2,
         };
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO conversations (id, kind, peer, removed) VALUES (?1, ?2, ?3, 0)
              ON CONFLICT (id) DO UPDATE SET removed = 0",
-            params![c.id.0.as_slice(), kind, c.peer.map(|p| p.0.to_vec())],
-        )?;
+        )?
+        .execute(params![
+            c.id.0.as_slice(),
+            kind,
+            c.peer.map(|p| p.0.to_vec())
+        ])?;
         for (stream, next_seq) in [
             (stream_key(&StreamId::Conversation(c.id)), from_seq.get()),
             (inbox, inbox_seq.get() + 1),
         ] {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
                  ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-                params![stream, to_i64(next_seq)],
-            )?;
+            )?
+            .execute(params![stream, to_i64(next_seq)])?;
         }
         tx.commit()?;
         Ok(true)
@@ -409,11 +422,8 @@ impl ClientStore {
     pub fn cursor(&self, stream: &StreamId) -> Result<Option<Cursor>, StoreError> {
         let row: Option<(i64, i64)> = self
             .conn
-            .query_row(
-                "SELECT next_seq, acked FROM cursors WHERE stream = ?1",
-                [stream_key(stream)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached("SELECT next_seq, acked FROM cursors WHERE stream = ?1")?
+            .query_row([stream_key(stream)], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         row.map(|(next, acked)| {
             Ok(Cursor {
@@ -444,10 +454,8 @@ impl ClientStore {
             return Ok(false);
         }
         if let Some(m) = message {
-            tx.execute(
-                "INSERT OR IGNORE INTO messages (conversation, seq, sender, msg_id, accepted_ms, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
+            tx.prepare_cached("INSERT OR IGNORE INTO messages (conversation, seq, sender, msg_id, accepted_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
                     m.conversation.0.as_slice(),
                     to_i64(m.seq.get()),
                     m.sender.to_bytes().as_slice(),
@@ -457,36 +465,37 @@ impl ClientStore {
                 ],
             )?;
             // One's own message is no longer waiting.
-            tx.execute(
-                "DELETE FROM outbox WHERE msg_id = ?1",
-                [m.msg_id.0.as_slice()],
-            )?;
+            tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
+                .execute([m.msg_id.0.as_slice()])?;
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
              ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-            params![key, to_i64(seq.get() + 1)],
-        )?;
+        )?
+        .execute(params![key, to_i64(seq.get() + 1)])?;
         tx.commit()?;
         Ok(true)
     }
 
     /// Records that `seq` was acknowledged (never moves back, REQ-6.8-3).
     pub fn set_acked(&mut self, stream: &StreamId, seq: Seq) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, ?3)
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, ?3)
              ON CONFLICT (stream) DO UPDATE SET acked = max(acked, excluded.acked)",
-            params![stream_key(stream), to_i64(seq.get() + 1), to_i64(seq.get())],
-        )?;
+            )?
+            .execute(params![
+                stream_key(stream),
+                to_i64(seq.get() + 1),
+                to_i64(seq.get())
+            ])?;
         Ok(())
     }
 
     /// Puts a composed message in the outbox, before its first send.
     pub fn outbox_put(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO outbox (msg_id, conversation, payload, welcome, plaintext, composed_ms, position)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT coalesce(max(position), 0) + 1 FROM outbox))",
-            params![
+        self.conn.prepare_cached("INSERT OR IGNORE INTO outbox (msg_id, conversation, payload, welcome, plaintext, composed_ms, position)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT coalesce(max(position), 0) + 1 FROM outbox))")?.execute(params![
                 item.msg_id.0.as_slice(),
                 item.conversation.0.as_slice(),
                 item.payload,
@@ -500,21 +509,19 @@ impl ClientStore {
 
     /// Removes a message from the outbox (accepted, or given up); `false` if absent.
     pub fn outbox_remove(&mut self, msg_id: &MsgId) -> Result<bool, StoreError> {
-        Ok(self.conn.execute(
-            "DELETE FROM outbox WHERE msg_id = ?1",
-            [msg_id.0.as_slice()],
-        )? == 1)
+        Ok(self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
+            .execute([msg_id.0.as_slice()])?
+            == 1)
     }
 
     /// The plaintext kept with an outbox message, if it is still there and has one.
     pub fn outbox_plaintext(&self, msg_id: &MsgId) -> Result<Option<Vec<u8>>, StoreError> {
         let row: Option<Option<Vec<u8>>> = self
             .conn
-            .query_row(
-                "SELECT plaintext FROM outbox WHERE msg_id = ?1",
-                [msg_id.0.as_slice()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT plaintext FROM outbox WHERE msg_id = ?1")?
+            .query_row([msg_id.0.as_slice()], |r| r.get(0))
             .optional()?;
         Ok(row.flatten())
     }
@@ -567,22 +574,18 @@ impl ClientStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let taken: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM room_names WHERE name = ?1 AND conversation != ?2)",
-            params![name, conversation.0.as_slice()],
-            |r| r.get(0),
-        )?;
+        let taken: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM room_names WHERE name = ?1 AND conversation != ?2)",
+            )?
+            .query_row(params![name, conversation.0.as_slice()], |r| r.get(0))?;
         if taken {
             return Ok(false);
         }
-        tx.execute(
-            "DELETE FROM room_names WHERE conversation = ?1",
-            [conversation.0.as_slice()],
-        )?;
-        tx.execute(
-            "INSERT INTO room_names (name, conversation) VALUES (?1, ?2)",
-            params![name, conversation.0.as_slice()],
-        )?;
+        tx.prepare_cached("DELETE FROM room_names WHERE conversation = ?1")?
+            .execute([conversation.0.as_slice()])?;
+        tx.prepare_cached("INSERT INTO room_names (name, conversation) VALUES (?1, ?2)")?
+            .execute(params![name, conversation.0.as_slice()])?;
         tx.commit()?;
         Ok(true)
     }
@@ -591,11 +594,8 @@ impl ClientStore {
     pub fn room_named(&self, name: &str) -> Result<Option<ConversationId>, StoreError> {
         let id: Option<Vec<u8>> = self
             .conn
-            .query_row(
-                "SELECT conversation FROM room_names WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT conversation FROM room_names WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
             .optional()?;
         id.map(|id| array(id, "room id").map(ConversationId))
             .transpose()
@@ -605,11 +605,8 @@ impl ClientStore {
     pub fn room_name(&self, conversation: &ConversationId) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT name FROM room_names WHERE conversation = ?1",
-                [conversation.0.as_slice()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT name FROM room_names WHERE conversation = ?1")?
+            .query_row([conversation.0.as_slice()], |r| r.get(0))
             .optional()?)
     }
 
@@ -620,10 +617,14 @@ impl ClientStore {
         conversation: &ConversationId,
         device: &DeviceId,
     ) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO leave_requests (conversation, device) VALUES (?1, ?2)",
-            params![conversation.0.as_slice(), device.to_bytes().as_slice()],
-        )?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO leave_requests (conversation, device) VALUES (?1, ?2)",
+            )?
+            .execute(params![
+                conversation.0.as_slice(),
+                device.to_bytes().as_slice()
+            ])?;
         Ok(())
     }
 
@@ -648,10 +649,14 @@ impl ClientStore {
     ) -> Result<(), StoreError> {
         for device in self.leave_requests(conversation)? {
             if !members.contains(&device) {
-                self.conn.execute(
-                    "DELETE FROM leave_requests WHERE conversation = ?1 AND device = ?2",
-                    params![conversation.0.as_slice(), device.to_bytes().as_slice()],
-                )?;
+                self.conn
+                    .prepare_cached(
+                        "DELETE FROM leave_requests WHERE conversation = ?1 AND device = ?2",
+                    )?
+                    .execute(params![
+                        conversation.0.as_slice(),
+                        device.to_bytes().as_slice()
+                    ])?;
             }
         }
         Ok(())

@@ -445,12 +445,8 @@ async fn execute(
             }
         }
         Command::Invite { room, users } => {
-            for user in users {
-                let result = client.invite(room, user).await.map(|_| ());
-                if result.is_err() {
-                    return allowed(world, i, result, "invite");
-                }
-            }
+            let result = client.invite_many(room, &users).await.map(|_| ());
+            return allowed(world, i, result, "invite");
         }
         Command::RemoveMember { room, user } => {
             let result = client.remove_member(room, user).await.map(|_| ());

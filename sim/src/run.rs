@@ -398,6 +398,11 @@ impl<'a> Orchestrator<'a> {
             per_minute: 1_000_000,
             burst: 10_000,
         };
+        // A room's owner claims the KeyPackages of every member it invites.
+        config.claims_per_claimer = RateLimit {
+            per_minute: 100_000,
+            burst: 10_000,
+        };
         // Invites come in bursts when a room is set up.
         config.invites_per_user = RateLimit {
             per_minute: 10_000,
@@ -899,6 +904,7 @@ impl<'a> Orchestrator<'a> {
             // Run by `crate::scrape`, never by this orchestrator.
             Scenario::PresenceScrape => {}
             Scenario::RoomChurn => self.room_workload(now),
+            Scenario::RoomSoak => self.soak_workload(now),
             Scenario::MultiDeviceChurn => {
                 let out = self.churning();
                 for i in self.idle() {
@@ -929,6 +935,17 @@ impl<'a> Orchestrator<'a> {
                 self.gateway_cycle(now);
             }
         }
+    }
+
+    /// `room-soak`: one message per decision (100 a second) from a random idle member; a
+    /// cycle is a simulated second.
+    fn soak_workload(&mut self, now: u64) {
+        let idle = self.idle();
+        if !idle.is_empty() {
+            let i = idle[self.pick(idle.len())];
+            self.send(i);
+        }
+        self.cycles = (now - self.phase_since) / 1_000;
     }
 
     /// Whether `device` is in the room now, as it processed it.

@@ -34,6 +34,11 @@ pub enum Scenario {
     /// back, their Commits race; devices drop, crash and are partitioned meanwhile. A
     /// cycle is one member out and back in.
     RoomChurn,
+    /// Phase 4's exit test: one room of `--clients` members (1,000 by default) on one
+    /// device each, 100 messages a second from random members, no faults; every message
+    /// reaches every member, in order, decrypted, and every member agrees on every epoch.
+    /// A cycle is one simulated second (the default is one hour).
+    RoomSoak,
 }
 
 /// How the devices are grouped.
@@ -51,7 +56,7 @@ pub enum Topology {
 
 impl Scenario {
     /// Every scenario, in `list` order.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::DisconnectCycles,
         Scenario::ReconnectStorm,
         Scenario::DuplicateSends,
@@ -61,6 +66,7 @@ impl Scenario {
         Scenario::MultiDeviceChurn,
         Scenario::PresenceScrape,
         Scenario::RoomChurn,
+        Scenario::RoomSoak,
     ];
 
     /// Its name on the command line.
@@ -75,6 +81,7 @@ impl Scenario {
             Scenario::MultiDeviceChurn => "multi-device-churn",
             Scenario::PresenceScrape => "presence-scrape",
             Scenario::RoomChurn => "room-churn",
+            Scenario::RoomSoak => "room-soak",
         }
     }
 
@@ -111,6 +118,9 @@ impl Scenario {
             Scenario::RoomChurn => {
                 "a room: leaves, removals of offline members, re-invites, racing Commits, under faults; cycle = one member out and back"
             }
+            Scenario::RoomSoak => {
+                "a 1,000-member room at 100 messages a second, everything delivered and decrypted everywhere; cycle = one simulated second"
+            }
         }
     }
 
@@ -126,6 +136,7 @@ impl Scenario {
             Scenario::MultiDeviceChurn => 20,
             Scenario::PresenceScrape => 10,
             Scenario::RoomChurn => 30,
+            Scenario::RoomSoak => 3_600,
         }
     }
 
@@ -135,6 +146,7 @@ impl Scenario {
             Scenario::ReconnectStorm => 200,
             Scenario::PresenceScrape => 8,
             Scenario::RoomChurn => 6,
+            Scenario::RoomSoak => 1_000,
             _ => 4,
         }
     }
@@ -145,6 +157,7 @@ impl Scenario {
     pub fn tick_ms(self) -> u64 {
         match self {
             Scenario::ReconnectStorm => 5,
+            Scenario::RoomSoak => 10,
             _ => 1,
         }
     }
@@ -153,7 +166,7 @@ impl Scenario {
     pub fn topology(self) -> Topology {
         match self {
             Scenario::ReconnectStorm => Topology::Pairs,
-            Scenario::RoomChurn => Topology::Room,
+            Scenario::RoomChurn | Scenario::RoomSoak => Topology::Room,
             _ => Topology::TwoUsers,
         }
     }

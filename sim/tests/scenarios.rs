@@ -163,6 +163,29 @@ fn room_churn() {
     scenario(Scenario::RoomChurn, &[1, 2, fresh_seed()]);
 }
 
+/// `room-soak`'s code path, small: 40 members for 5 simulated seconds at 100 messages a
+/// second. Every message reaches every member device, the sender's included, exactly once
+/// (the invariants stop the run otherwise). The exit criterion (1,000 members, an hour,
+/// CI a few minutes of it) waits on the per-message cost of a member's MLS state, which
+/// grows with the group (issue 9's notes).
+#[test]
+fn room_soak_small() {
+    let mut options = Options::new(Scenario::RoomSoak, 1);
+    options.clients = 40;
+    options.cycles = 5;
+    let summary = run(&options);
+    assert!(
+        summary.accepted >= 400,
+        "100 messages a second: {}",
+        summary.accepted
+    );
+    assert_eq!(
+        summary.shown,
+        summary.accepted * 40,
+        "every message shown on every member device once"
+    );
+}
+
 #[test]
 fn gap_recovery() {
     scenario(Scenario::GapRecovery, &[1, 2, fresh_seed()]);

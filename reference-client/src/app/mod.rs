@@ -45,7 +45,7 @@ use crate::transport::Transport;
 
 mod rooms;
 
-pub use rooms::RoomMember;
+pub use rooms::{INVITES_PER_COMMIT, InviteReport, RoomMember};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,21 @@ use super::{Client, ClientError, member};
 use crate::mls::{CommitOutput, EngineError, ExtraProposal, MlsEngine};
 use crate::store::ConversationRecord;
 
+/// Users one [`Client::invite_many`] Commit adds at most (within the default burst of
+/// `invites_per_user`, SPEC.md 10.4).
+pub const INVITES_PER_COMMIT: usize = 50;
+
+/// What [`Client::invite_many`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InviteReport {
+    /// Users whose devices were added.
+    pub invited: usize,
+    /// Commits made.
+    pub commits: usize,
+    /// Users skipped: none of their devices has a KeyPackage.
+    pub without_packages: Vec<SystemKey>,
+}
+
 /// A user in a room, as this device's MLS group sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomMember {
@@ -148,6 +163,45 @@ impl Client {
         let adds = packages_of(claimed);
         self.commit_in_room(room, adds, Vec::new(), &|r| r.clone())
             .await
+    }
+
+    /// Invites `users` to `room` with one Commit per [`INVITES_PER_COMMIT`] users (a large
+    /// room is filled in a few Commits, not one per user). Users with no KeyPackage are
+    /// skipped and returned.
+    pub async fn invite_many(
+        &mut self,
+        room: ConversationId,
+        users: &[SystemKey],
+    ) -> Result<InviteReport, ClientError> {
+        self.check_room(&room)?;
+        let mut report = InviteReport::default();
+        for chunk in users.chunks(INVITES_PER_COMMIT) {
+            let mut adds = Vec::new();
+            for &user in chunk {
+                match self.claim(user, None).await {
+                    Ok(claimed) if !claimed.is_empty() => adds.extend(packages_of(claimed)),
+                    Ok(_) | Err(ClientError::NoKeyPackages) => report.without_packages.push(user),
+                    Err(e) => return Err(e),
+                }
+            }
+            if adds.is_empty() {
+                continue;
+            }
+            let users_added = {
+                let mut u: Vec<SystemKey> = adds.iter().map(|(d, _)| d.system).collect();
+                u.dedup();
+                u.len()
+            };
+            if self
+                .commit_in_room(room, adds, Vec::new(), &|r| r.clone())
+                .await?
+                .is_some()
+            {
+                report.commits += 1;
+                report.invited += users_added;
+            }
+        }
+        Ok(report)
     }
 
     /// Removes every device of `user` from `room` (the owner removes anyone; an admin

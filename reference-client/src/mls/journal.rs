@@ -41,11 +41,13 @@ pub fn get(
     seq: u64,
 ) -> Result<Option<Processed>, EngineError> {
     let row: Option<(Vec<u8>, Vec<u8>)> = conn
-        .query_row(
+        .prepare_cached(
             "SELECT sender, plaintext FROM confab_decrypted WHERE grp = ?1 AND seq = ?2",
-            params![group.0.as_slice(), seq_key(seq)],
-            |r| Ok((r.get(0)?, r.get(1)?)),
         )
+        .map_err(storage)?
+        .query_row(params![group.0.as_slice(), seq_key(seq)], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()
         .map_err(storage)?;
     row.map(|(sender, plaintext)| {
@@ -64,9 +66,7 @@ pub fn put(
     sender: &DeviceId,
     plaintext: &[u8],
 ) -> Result<(), EngineError> {
-    conn.execute(
-        "INSERT OR REPLACE INTO confab_decrypted (grp, seq, sender, plaintext) VALUES (?1, ?2, ?3, ?4)",
-        params![
+    conn.prepare_cached("INSERT OR REPLACE INTO confab_decrypted (grp, seq, sender, plaintext) VALUES (?1, ?2, ?3, ?4)").map_err(storage)?.execute(params![
             group.0.as_slice(),
             seq_key(seq),
             sender.to_bytes().as_slice(),
@@ -79,10 +79,9 @@ pub fn put(
 
 /// Drops the outcome of `(group, seq)` (the client recorded it).
 pub fn release(conn: &Connection, group: &ConversationId, seq: u64) -> Result<(), EngineError> {
-    conn.execute(
-        "DELETE FROM confab_decrypted WHERE grp = ?1 AND seq = ?2",
-        params![group.0.as_slice(), seq_key(seq)],
-    )
-    .map_err(storage)?;
+    conn.prepare_cached("DELETE FROM confab_decrypted WHERE grp = ?1 AND seq = ?2")
+        .map_err(storage)?
+        .execute(params![group.0.as_slice(), seq_key(seq)])
+        .map_err(storage)?;
     Ok(())
 }
