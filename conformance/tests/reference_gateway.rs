@@ -100,6 +100,7 @@ async fn every_broken_behaviour_fails_a_case() {
         ("deliver_twice", "REQ-6.4-4"),
         ("presence_to_everyone", "REQ-9.2-1"),
         ("no_presence_target_limit", "REQ-9.5-1"),
+        ("no_room_rules", "REQ-10-4"),
     ];
     // Losing acknowledged entries in a crash cannot be seen from outside without crashing
     // the server; the simulator's self-test (sim/tests/self_test.rs) catches it.

@@ -215,11 +215,35 @@ fn benches(c: &mut Criterion) {
         // A commit in a group of 1,000.
         let big = group_id(9);
         let mut creator = device(&dir, kind, 3);
-        let _followers = build_group(&dir, &mut creator, &big, 1_000, kind);
+        let mut followers = build_group(&dir, &mut creator, &big, 1_000, kind);
         let mut commit_group = c.benchmark_group(format!("{name}/commit_in_1000"));
         commit_group
             .sample_size(10)
             .measurement_time(Duration::from_secs(20));
+        // One member receiving one message, with its state written durably: the cost a
+        // member of a large room pays per message (issue 9's room-soak), against
+        // `encrypt_decrypt_1KiB` in a group of two.
+        if let Some(follower) = followers.first_mut() {
+            commit_group.bench_function("receive_1KiB", |bench| {
+                let seq = std::cell::Cell::new(0u64);
+                bench.iter_batched(
+                    || creator.engine.encrypt(&big, &payload).expect("encrypt"),
+                    |ct| {
+                        seq.set(seq.get() + 1);
+                        let out = follower
+                            .engine
+                            .process_entry(&big, seq.get(), &ct)
+                            .expect("decrypt");
+                        follower
+                            .engine
+                            .release_processed(&big, seq.get())
+                            .expect("release");
+                        out
+                    },
+                    criterion::BatchSize::SmallInput,
+                )
+            });
+        }
         commit_group.bench_function("self_update", |bench| {
             bench.iter(|| {
                 creator.engine.self_update(&big).expect("commit");
@@ -261,6 +285,7 @@ fn ratio_table() {
         ("add_members/100", "add_members/100"),
         ("encrypt_decrypt_1KiB", "encrypt_decrypt_1KiB"),
         ("persist_reload", "persist_reload"),
+        ("commit_in_1000/receive_1KiB", "commit_in_1000/receive_1KiB"),
         ("commit_in_1000/self_update", "commit_in_1000/self_update"),
     ];
     for (label, id) in ops {

@@ -33,6 +33,9 @@ pub struct Faults {
     pub presence_to_everyone: bool,
     /// Skip the per-target presence limit (REQ-9.5-1 and section 9.5).
     pub no_presence_target_limit: bool,
+    /// Accept every room Commit whatever the committer's role (REQ-10-4); stated roles
+    /// are taken as they come.
+    pub no_room_rules: bool,
 }
 
 impl Faults {
@@ -52,6 +55,7 @@ impl Faults {
             "ack_before_durable" => &mut f.ack_before_durable,
             "presence_to_everyone" => &mut f.presence_to_everyone,
             "no_presence_target_limit" => &mut f.no_presence_target_limit,
+            "no_room_rules" => &mut f.no_room_rules,
             _ => return None,
         };
         *switch = true;
@@ -75,11 +79,12 @@ impl Faults {
             presence_to_everyone: self.presence_to_everyone || other.presence_to_everyone,
             no_presence_target_limit: self.no_presence_target_limit
                 || other.no_presence_target_limit,
+            no_room_rules: self.no_room_rules || other.no_room_rules,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 13] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -92,5 +97,6 @@ impl Faults {
         "ack_before_durable",
         "presence_to_everyone",
         "no_presence_target_limit",
+        "no_room_rules",
     ];
 }

@@ -214,3 +214,44 @@ async fn room_limits_are_enforced() {
     );
     gateway.stop().await;
 }
+
+/// SPEC.md 10.5: a client checks every room Commit it processes. Against a gateway that
+/// skips the room rules (the `no_room_rules` fault), a member's invite goes through, and
+/// the owner's client reports the rule it broke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_skips_the_room_rules_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = Gateway::start(dir.path(), |c| c.faults.no_room_rules = true).await;
+    let origin = gateway.origin.clone();
+    let mut alice = device(dir.path(), &origin, 10, 10, EngineKind::MlsRs);
+    let mut bob = device(dir.path(), &origin, 20, 20, EngineKind::OpenMls);
+    let mut carol = device(dir.path(), &origin, 30, 30, EngineKind::MlsRs);
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.connect().await.expect("connect");
+        c.top_up_key_packages(5).await.expect("top up");
+    }
+    let observer = alice.observe();
+    let room = alice.create_room("r").await.expect("create");
+    alice
+        .invite(room, user(20).public())
+        .await
+        .expect("invite bob");
+    until_joined(&mut bob, room, "bob").await;
+    assert!(
+        observer
+            .lock()
+            .expect("observer")
+            .governance_faults
+            .is_empty(),
+        "nothing to report yet"
+    );
+    // Bob is a member: a correct gateway refuses this.
+    bob.invite(room, user(30).public())
+        .await
+        .expect("the faulty gateway accepts");
+    until_epoch(&mut alice, room, 2, "alice").await;
+    let faults = observer.lock().expect("observer").governance_faults.clone();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert!(faults[0].starts_with("rule 2"), "{faults:?}");
+    gateway.stop().await;
+}

@@ -11,6 +11,8 @@
 //! - **One Commit per epoch** in each conversation's log.
 //! - **Epoch agreement:** every member has the same epoch authenticator at each epoch.
 //! - **No decryption failure.**
+//! - **Room rules hold:** every room Commit a device processes keeps SPEC.md 10.2's rules
+//!   as that device sees them (reported by the device, checked in `device::report`).
 //! - **Removal is final:** a removed device processes and shows nothing of its
 //!   conversation after the Commit that removed it, until a Welcome adds it back.
 

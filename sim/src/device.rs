@@ -287,6 +287,7 @@ fn report(world: &Shared, i: usize, observer: &Observer, seen_readies: &mut u64)
         observed.gaps,
         observed.lost_deliveries,
     );
+    let governance_faults = std::mem::take(&mut observed.governance_faults);
     drop(observed);
     let mut guard = world.borrow_mut();
     let w = &mut *guard;
@@ -312,6 +313,12 @@ fn report(world: &Shared, i: usize, observer: &Observer, seen_readies: &mut u64)
             format!(
                 "device {i}'s session found {gaps} gaps in what the gateway sent, {lost} made on purpose (REQ-6.4-1)"
             ),
+        )));
+    }
+    if let Some(rule) = governance_faults.first() {
+        w.check(Err(Violation::new(
+            "room rules hold",
+            format!("device {i} processed a room Commit the gateway accepted that breaks {rule}"),
         )));
     }
     w.devices[i].gaps = gaps;

@@ -88,6 +88,8 @@ proptest! {
         bytes.extend_from_slice(&tail);
         let _ = confab_spec::mls_framing::peek(&bytes);
         let _ = confab_spec::mls_framing::commit_contents(&bytes);
+        let _ = confab_spec::mls_framing::proposal_contents(&bytes);
+        let _ = confab_spec::rooms::RoomRoles::from_extension(&bytes);
         if let Ok(kp) = confab_spec::mls_framing::key_package(&bytes) {
             let _ = kp.verify_signature();
         }

@@ -168,6 +168,9 @@ pub struct Observed {
     pub gaps: u64,
     /// `Deliver` frames dropped on purpose ([`Client::lose_deliveries`]).
     pub lost_deliveries: u64,
+    /// Room Commits the gateway accepted that break the room rules as this device sees
+    /// them (SPEC.md 10.5: a faulty gateway), with the rule each broke.
+    pub governance_faults: Vec<String>,
 }
 
 /// A shared view of a client's [`Observed`].
@@ -1329,13 +1332,38 @@ impl Client {
                     if self.engine.has_pending_commit(&c)? {
                         self.engine.discard_pending_commit(&c)?;
                     }
+                    // A room's Commit is checked against the room rules (SPEC.md 10.5) on
+                    // the roles and leave requests from before it.
+                    let before = rooms::roles_in(&*self.engine, &c)?;
+                    let leaving = match before {
+                        Some(_) => self.store.leave_requests(&c)?,
+                        None => Vec::new(),
+                    };
+                    let processed = self.engine.process(&c, entry.payload.as_bytes())?;
                     if let Processed::Commit {
-                        self_removed: true, ..
-                    } = self.engine.process(&c, entry.payload.as_bytes())?
+                        self_removed,
+                        added,
+                        removed,
+                        ..
+                    } = &processed
                     {
-                        // Removed: the gateway ends the subscription after this entry.
-                        self.store.set_removed(&c)?;
-                        outcome = EntryOutcome::Removed;
+                        if let (Some(before), false) = (&before, *self_removed) {
+                            let change = rooms::Change {
+                                committer: entry.sender.system,
+                                before,
+                                added,
+                                removed,
+                                leaving: &leaving,
+                            };
+                            if let Err(rule) = rooms::check_processed(&*self.engine, &c, &change)? {
+                                self.observed(|o| o.governance_faults.push(rule));
+                            }
+                        }
+                        if *self_removed {
+                            // Removed: the gateway ends the subscription after this entry.
+                            self.store.set_removed(&c)?;
+                            outcome = EntryOutcome::Removed;
+                        }
                     }
                 }
                 // A leave request ends with the Commit that removes its device: a device

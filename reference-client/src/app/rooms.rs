@@ -13,6 +13,47 @@ use super::{Client, ClientError, member};
 use crate::mls::{CommitOutput, EngineError, ExtraProposal, MlsEngine};
 use crate::store::ConversationRecord;
 
+/// A room Commit another member made, as [`check_processed`] judges it.
+pub(super) struct Change<'a> {
+    pub(super) committer: SystemKey,
+    pub(super) before: &'a RoomRoles,
+    pub(super) added: &'a [DeviceId],
+    pub(super) removed: &'a [DeviceId],
+    /// The leave requests known before the Commit.
+    pub(super) leaving: &'a [DeviceId],
+}
+
+/// Checks a processed room Commit against rules 1–6 of SPEC.md 10.2 on the group as it is
+/// now: `Err(rule)` when the gateway accepted a Commit that breaks one.
+pub(super) fn check_processed(
+    engine: &dyn MlsEngine,
+    room: &ConversationId,
+    change: &Change<'_>,
+) -> Result<Result<(), String>, EngineError> {
+    let after = roles_in(engine, room)?;
+    let present: BTreeSet<SystemKey> = engine
+        .members(room)?
+        .into_iter()
+        .map(|(_, d)| d.system)
+        .collect();
+    let removed: Vec<(DeviceId, bool)> = change
+        .removed
+        .iter()
+        .map(|d| (*d, change.leaving.contains(d)))
+        .collect();
+    Ok(
+        confab_spec::rooms::check_commit(&confab_spec::rooms::CommitView {
+            committer: change.committer,
+            before: change.before,
+            after: after.as_ref(),
+            added: change.added,
+            removed: &removed,
+            present_after: &present,
+        })
+        .map_err(|v| v.to_string()),
+    )
+}
+
 /// Users one [`Client::invite_many`] Commit adds at most (within the default burst of
 /// `invites_per_user`, SPEC.md 10.4).
 pub const INVITES_PER_COMMIT: usize = 50;
