@@ -648,9 +648,16 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             client.top_up_key_packages(POOL_TARGET).await?;
             keep_presence(&home, &mut client).await?;
             client.take_received();
+            // A long-running device commits the leave requests that are its turn (SPEC.md
+            // 10.3) every few seconds, as other commands do when they start.
+            let mut leaves = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = leaves.tick() => match client.commit_leave_requests().await {
+                        Ok(_) | Err(ClientError::SendRefused { .. } | ClientError::RateLimited { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    },
                     result = client.pump() => result?,
                 }
                 for m in client.take_received() {
