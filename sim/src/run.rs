@@ -239,6 +239,15 @@ enum RoomChurn {
     },
 }
 
+/// Each device's state at one decision: connected, running a command, whether its last
+/// command did what it asked, and its id.
+struct Flags {
+    ready: Vec<bool>,
+    busy: Vec<bool>,
+    ok: Vec<bool>,
+    ids: Vec<Option<confab_spec::ids::DeviceId>>,
+}
+
 /// The room's admin in `room-churn` (device 0 owns the room).
 const ROOM_ADMIN: usize = 1;
 
@@ -1026,13 +1035,9 @@ impl<'a> Orchestrator<'a> {
     }
 
     fn room_churn(&mut self, now: u64, room: ConversationId) {
-        let (ready, busy, ok) = {
-            let w = self.world.borrow();
-            let ready: Vec<bool> = w.devices.iter().map(|d| d.ready).collect();
-            let busy: Vec<bool> = w.devices.iter().map(|d| d.busy).collect();
-            let ok: Vec<bool> = w.devices.iter().map(|d| d.last_ok).collect();
-            (ready, busy, ok)
-        };
+        let Flags {
+            ready, busy, ok, ..
+        } = self.flags();
         let idle = |i: usize| ready[i] && !busy[i];
         match self.room_churn {
             RoomChurn::Steady { until } if now >= until => {
@@ -1112,6 +1117,17 @@ impl<'a> Orchestrator<'a> {
         }
     }
 
+    /// Every device's state, by index, as the churn state machines read it.
+    fn flags(&self) -> Flags {
+        let w = self.world.borrow();
+        Flags {
+            ready: w.devices.iter().map(|d| d.ready).collect(),
+            busy: w.devices.iter().map(|d| d.busy).collect(),
+            ok: w.devices.iter().map(|d| d.last_ok).collect(),
+            ids: w.devices.iter().map(|d| d.id).collect(),
+        }
+    }
+
     /// The device being removed or added back, if any.
     fn churning(&self) -> Option<usize> {
         match self.churn {
@@ -1125,14 +1141,12 @@ impl<'a> Orchestrator<'a> {
 
     /// One step of the remove / re-add cycle.
     fn churn(&mut self, now: u64) {
-        let (ready, busy, ok, ids) = {
-            let w = self.world.borrow();
-            let ready: Vec<bool> = w.devices.iter().map(|d| d.ready).collect();
-            let busy: Vec<bool> = w.devices.iter().map(|d| d.busy).collect();
-            let ok: Vec<bool> = w.devices.iter().map(|d| d.last_ok).collect();
-            let ids: Vec<_> = w.devices.iter().map(|d| d.id).collect();
-            (ready, busy, ok, ids)
-        };
+        let Flags {
+            ready,
+            busy,
+            ok,
+            ids,
+        } = self.flags();
         let idle = |i: usize| ready[i] && !busy[i];
         match self.churn {
             Churn::Steady { until } if now >= until => {
