@@ -102,6 +102,15 @@ fn room_roles_travel_in_commits_of_both_engines() {
             c.engine().key_packages(1, true).expect("last-resort kp"),
         ]
         .concat();
+        // REQ-10-1: every KeyPackage (last-resort ones too) lists the roles extension.
+        for kp in &kps {
+            let info = confab_spec::mls_framing::key_package(kp).expect("a KeyPackage");
+            assert!(
+                info.extension_types.contains(&ROLES_EXTENSION_TYPE),
+                "capabilities list {:?}",
+                info.extension_types
+            );
+        }
         let promoted = roles.with_role(b.id().system, Role::Admin);
         let out = a
             .engine()

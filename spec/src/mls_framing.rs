@@ -329,6 +329,7 @@ struct LeafFields {
     credential_type: u16,
     identity: Vec<u8>,
     lifetime: Option<(u64, u64)>,
+    extension_types: Vec<u16>,
 }
 
 /// Reads a LeafNode; returns its credential type and, for a basic credential, identity.
@@ -351,8 +352,18 @@ fn leaf_node_fields(r: &mut Cursor<'_>) -> Result<LeafFields, PeekError> {
         _ => return Err(PeekError::Invalid("credential type")),
     };
     // Capabilities: versions, cipher_suites, extensions, proposals, credentials.
-    for _ in 0..5 {
-        r.vector()?;
+    let mut extension_types = Vec::new();
+    for field in 0..5 {
+        let list = r.vector()?;
+        if field == 2 {
+            let mut e = Cursor {
+                bytes: list,
+                pos: 0,
+            };
+            while e.pos < list.len() {
+                extension_types.push(e.u16()?);
+            }
+        }
     }
     let lifetime = match r.u8()? {
         1 => Some((r.u64()?, r.u64()?)),
@@ -370,6 +381,7 @@ fn leaf_node_fields(r: &mut Cursor<'_>) -> Result<LeafFields, PeekError> {
         credential_type,
         identity,
         lifetime,
+        extension_types,
     })
 }
 
@@ -387,6 +399,9 @@ pub struct KeyPackageInfo {
     /// The leaf's lifetime `(not_before, not_after)` in seconds since the Unix epoch, when
     /// its source is `key_package`.
     pub lifetime: Option<(u64, u64)>,
+    /// The extension types the leaf's capabilities list (SPEC.md REQ-10-1 asks for
+    /// `confab_room_roles`).
+    pub extension_types: Vec<u16>,
     /// `KeyPackageTBS`: the bytes the KeyPackage's signature covers.
     pub tbs: Vec<u8>,
     /// The KeyPackage's signature.
@@ -445,6 +460,7 @@ pub fn key_package(bytes: &[u8]) -> Result<KeyPackageInfo, PeekError> {
         identity: leaf.identity,
         signature_key: leaf.signature_key,
         lifetime: leaf.lifetime,
+        extension_types: leaf.extension_types,
         tbs,
         signature,
     })

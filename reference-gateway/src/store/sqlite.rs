@@ -496,8 +496,13 @@ fn govern(
         }
         return Ok(Ok(None));
     }
-    let before = roles_of(conn, g.conversation)?
-        .ok_or_else(|| StoreError::Corrupt("a room without roles".into()))?;
+    // A room created before the gateway kept roles (schema version 5) has none: nobody
+    // owns or administers it, so its members can still leave and manage their own
+    // devices, and nobody can invite.
+    let before = roles_of(conn, g.conversation)?.unwrap_or(RoomRoles {
+        owner: None,
+        admins: Vec::new(),
+    });
     let stated = match g.roles {
         Some(Ok(roles)) => Some(roles),
         Some(Err(e)) => return forbidden(format!("rule 1: {e}")),
