@@ -346,6 +346,23 @@ fn device_of(bytes: &[u8]) -> Result<DeviceId, StoreError> {
     DeviceId::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// A conversation's roster: (leaf, device), by leaf.
+fn roster_of(conn: &Connection, id: &ConversationId) -> Result<Vec<(u32, DeviceId)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT leaf, device FROM roster WHERE conversation = ?1 ORDER BY leaf")
+        .map_err(db)?;
+    let rows = stmt
+        .query_map([id.0.as_slice()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .map_err(db)?;
+    rows.map(|row| {
+        let (leaf, device) = row.map_err(db)?;
+        Ok((leaf as u32, device_of(&device)?))
+    })
+    .collect()
+}
+
 /// The number of rooms in which `user` has a device (SPEC.md 10.4).
 fn rooms_of(conn: &Connection, user: &SystemKey) -> Result<u64, StoreError> {
     let low = [&user.0[..], &[0u8; 16]].concat();
@@ -421,21 +438,8 @@ fn govern(
     g: &Governed<'_>,
 ) -> Result<Result<Option<RoomRoles>, AppendOutcome>, StoreError> {
     let forbidden = |why: String| Ok(Err(AppendOutcome::Forbidden(why)));
-    let mut roster: std::collections::BTreeMap<u32, DeviceId> = {
-        let mut stmt = conn
-            .prepare_cached("SELECT leaf, device FROM roster WHERE conversation = ?1")
-            .map_err(db)?;
-        let rows = stmt
-            .query_map([g.conversation.0.as_slice()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(db)?;
-        rows.map(|row| {
-            let (leaf, device) = row.map_err(db)?;
-            Ok((leaf as u32, device_of(&device)?))
-        })
-        .collect::<Result<_, StoreError>>()?
-    };
+    let mut roster: std::collections::BTreeMap<u32, DeviceId> =
+        roster_of(conn, g.conversation)?.into_iter().collect();
     let present_before: std::collections::BTreeSet<SystemKey> =
         roster.values().map(|d| d.system).collect();
     let mut removed = Vec::with_capacity(g.removed_leaves.len());
@@ -700,20 +704,7 @@ impl Store for SqliteStore {
     }
 
     fn roster(&self, id: &ConversationId) -> Result<Vec<(u32, DeviceId)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT leaf, device FROM roster WHERE conversation = ?1 ORDER BY leaf")
-            .map_err(db)?;
-        let rows = stmt
-            .query_map([id.0.as_slice()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(db)?;
-        rows.map(|row| {
-            let (leaf, device) = row.map_err(db)?;
-            Ok((leaf as u32, device_of(&device)?))
-        })
-        .collect()
+        roster_of(&self.conn, id)
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
