@@ -244,6 +244,36 @@ fn benches(c: &mut Criterion) {
                 )
             });
         }
+        // The same in a receive batch of 64 (the client's `RECEIVE_BATCH_ENTRIES`): the
+        // state is written once per batch. Per message: the median / 64.
+        if let Some(follower) = followers.first_mut() {
+            commit_group.bench_function("receive_64x1KiB_batched", |bench| {
+                let seq = std::cell::Cell::new(1_000_000u64);
+                bench.iter_batched(
+                    || {
+                        (0..64)
+                            .map(|_| creator.engine.encrypt(&big, &payload).expect("encrypt"))
+                            .collect::<Vec<_>>()
+                    },
+                    |cts| {
+                        follower.engine.begin_receive_batch().expect("begin");
+                        for ct in &cts {
+                            seq.set(seq.get() + 1);
+                            follower
+                                .engine
+                                .process_entry(&big, seq.get(), ct)
+                                .expect("decrypt");
+                            follower
+                                .engine
+                                .release_processed(&big, seq.get())
+                                .expect("release");
+                        }
+                        follower.engine.end_receive_batch().expect("end")
+                    },
+                    criterion::BatchSize::PerIteration,
+                )
+            });
+        }
         commit_group.bench_function("self_update", |bench| {
             bench.iter(|| {
                 creator.engine.self_update(&big).expect("commit");
@@ -277,21 +307,35 @@ fn ratio_table() {
     );
     println!("| operation | openmls | ×floor | mls-rs | ×floor |");
     println!("| --- | ---: | ---: | ---: | ---: |");
+    // (label, benchmark id, messages per iteration)
     let ops = [
-        ("key_package", "key_package"),
-        ("create_group", "create_group"),
-        ("add_members/1", "add_members/1"),
-        ("add_members/10", "add_members/10"),
-        ("add_members/100", "add_members/100"),
-        ("encrypt_decrypt_1KiB", "encrypt_decrypt_1KiB"),
-        ("persist_reload", "persist_reload"),
-        ("commit_in_1000/receive_1KiB", "commit_in_1000/receive_1KiB"),
-        ("commit_in_1000/self_update", "commit_in_1000/self_update"),
+        ("key_package", "key_package", 1.0),
+        ("create_group", "create_group", 1.0),
+        ("add_members/1", "add_members/1", 1.0),
+        ("add_members/10", "add_members/10", 1.0),
+        ("add_members/100", "add_members/100", 1.0),
+        ("encrypt_decrypt_1KiB", "encrypt_decrypt_1KiB", 1.0),
+        ("persist_reload", "persist_reload", 1.0),
+        (
+            "commit_in_1000/receive_1KiB",
+            "commit_in_1000/receive_1KiB",
+            1.0,
+        ),
+        (
+            "commit_in_1000/receive_1KiB in a batch of 64 (per message)",
+            "commit_in_1000/receive_64x1KiB_batched",
+            64.0,
+        ),
+        (
+            "commit_in_1000/self_update",
+            "commit_in_1000/self_update",
+            1.0,
+        ),
     ];
-    for (label, id) in ops {
+    for (label, id, per) in ops {
         // criterion stores "engine/op" benchmarks under "engine_op".
         let cell = |engine: &str| match median(&format!("{engine}_{id}")) {
-            Some(ns) => format!("{:.1} µs | {:.1}", ns / 1e3, ns / floor),
+            Some(ns) => format!("{:.1} µs | {:.1}", ns / per / 1e3, ns / per / floor),
             None => "– | –".into(),
         };
         println!("| {label} | {} | {} |", cell("openmls"), cell("mls-rs"));

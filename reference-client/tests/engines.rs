@@ -357,3 +357,92 @@ fn a_last_resort_key_package_admits_its_owner_to_two_groups() {
         }
     }
 }
+
+/// Receive batches: application messages processed in a batch are written when it ends
+/// (explicitly, or by any other operation, which ends it first); a crash inside a batch
+/// leaves the state from before it, from which the batch's messages decrypt again.
+#[test]
+fn receive_batches_are_written_at_their_end_and_lose_nothing_in_a_crash() {
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
+        let mut sent = Vec::new();
+        for i in 0..9u8 {
+            let text = vec![i; 40];
+            let ct = a.engine().encrypt(&GROUP, &text).expect("encrypt");
+            sent.push((text, ct));
+        }
+        let sender = a.id();
+        let expect = |text: &[u8]| Processed::Application {
+            sender,
+            plaintext: text.to_vec(),
+        };
+        // A crash inside a batch: its messages (released, as a client does once it stored
+        // them) decrypt again after the restart.
+        b.engine().begin_receive_batch().expect("begin");
+        for (seq, (text, ct)) in (1..).zip(&sent[..3]) {
+            let got = b.engine().process_entry(&GROUP, seq, ct).expect("in batch");
+            assert_eq!(got, expect(text), "{ka}->{kb}");
+            b.engine().release_processed(&GROUP, seq).expect("release");
+        }
+        b.reload();
+        for (seq, (text, ct)) in (1..).zip(&sent[..3]) {
+            let got = b.engine().process_entry(&GROUP, seq, ct);
+            assert_eq!(
+                got,
+                Ok(expect(text)),
+                "{ka}->{kb}: after a crash in a batch"
+            );
+            b.engine().release_processed(&GROUP, seq).expect("release");
+        }
+        b.reload();
+        // An ended batch is durable: its keys are gone after a restart.
+        b.engine().begin_receive_batch().expect("begin");
+        for (seq, (_, ct)) in (4..).zip(&sent[3..6]) {
+            b.engine().process_entry(&GROUP, seq, ct).expect("in batch");
+            b.engine().release_processed(&GROUP, seq).expect("release");
+        }
+        b.engine().end_receive_batch().expect("end");
+        b.reload();
+        let replay = b.engine().process_entry(&GROUP, 4, &sent[3].1);
+        assert!(
+            matches!(replay, Err(EngineError::SecretReused(_))),
+            "{ka}->{kb}: an ended batch was written: {replay:?}"
+        );
+        // Sending ends the batch before it encrypts.
+        b.engine().begin_receive_batch().expect("begin");
+        b.engine()
+            .process_entry(&GROUP, 7, &sent[6].1)
+            .expect("in batch");
+        b.engine().release_processed(&GROUP, 7).expect("release");
+        let reply = b.engine().encrypt(&GROUP, b"reply").expect("encrypt");
+        b.reload();
+        let replay = b.engine().process_entry(&GROUP, 7, &sent[6].1);
+        assert!(
+            matches!(replay, Err(EngineError::SecretReused(_))),
+            "{ka}->{kb}: encrypt wrote the batch first: {replay:?}"
+        );
+        assert!(matches!(
+            a.engine().process(&GROUP, &reply),
+            Ok(Processed::Application { .. })
+        ));
+        // A Commit inside a batch: the batch is written, then the Commit.
+        b.engine().begin_receive_batch().expect("begin");
+        b.engine()
+            .process_entry(&GROUP, 8, &sent[7].1)
+            .expect("in batch");
+        b.engine().release_processed(&GROUP, 8).expect("release");
+        let update = a.engine().self_update(&GROUP).expect("update");
+        a.engine().merge_pending_commit(&GROUP).expect("merge");
+        b.engine()
+            .process(&GROUP, &update.commit)
+            .expect("commit in a batch");
+        b.reload();
+        assert_agree(&[&a, &b], &GROUP);
+        let replay = b.engine().process_entry(&GROUP, 8, &sent[7].1);
+        assert!(replay.is_err(), "{ka}->{kb}: {replay:?}");
+        // The last message, from the epoch before the Commit, still decrypts.
+        let got = b.engine().process_entry(&GROUP, 9, &sent[8].1);
+        assert_eq!(got, Ok(expect(&sent[8].0)), "{ka}->{kb}: past epoch");
+    }
+}

@@ -123,7 +123,12 @@ async fn a_dm_in_every_engine_pairing() {
         // A crash between the engine and the local store: Bob's MLS state has applied
         // everything, but his store's cursor is back at seq 2. On reconnecting he replays
         // entries his group has already consumed; he must record them and go on, not
-        // stall on them, and later messages must still decrypt.
+        // stall on them, and later messages must still decrypt. (Bob syncs first, which
+        // ends his receive batch: everything he received is in his MLS state.)
+        tokio::time::timeout(Duration::from_secs(20), bob.sync())
+            .await
+            .expect("timely")
+            .expect("bob syncs");
         drop(bob);
         let bob_db = rusqlite::Connection::open(dir.path().join("confab-20.db")).expect("bob's db");
         bob_db

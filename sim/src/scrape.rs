@@ -202,6 +202,7 @@ async fn pump_for(
     let until = tokio::time::Instant::now() + Duration::from_millis(ms);
     loop {
         tokio::select! {
+            biased;
             result = client.pump() => result?,
             () = tokio::time::sleep_until(until) => return Ok(()),
         }

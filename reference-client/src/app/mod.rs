@@ -15,6 +15,10 @@
 //! it at the gateway and removes it. A removed device that is added again rejoins from
 //! the new Welcome and continues after the Commit that re-added it.
 //!
+//! Large rooms: application messages are received in batches
+//! ([`receive_batch`]): decrypted one by one, the MLS state written and the entries
+//! acknowledged once per batch.
+//!
 //! Crash safety: an application message's plaintext is journaled by the engine no later
 //! than the state that consumed its key, and released once the store recorded it
 //! ([`crate::mls::journal`]); a Welcome's join is recorded with the conversation's cursor
@@ -43,6 +47,7 @@ use crate::presence::{LEASE_TTL_MS, Tracker};
 use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
 use crate::transport::Transport;
 
+pub mod receive_batch;
 mod rooms;
 
 pub use rooms::{INVITES_PER_COMMIT, InviteReport, RoomMember};
@@ -149,6 +154,8 @@ pub struct Client {
     resent: HashSet<MsgId>,
     observer: Option<Observer>,
     presence: Tracker,
+    /// The receive batch open now, if any.
+    receive_batch: Option<receive_batch::ReceiveBatch>,
 }
 
 /// What a client reports to its observer as it goes ([`Client::observe`]).
@@ -263,6 +270,7 @@ impl Client {
             resent: HashSet::new(),
             observer: None,
             presence: Tracker::default(),
+            receive_batch: None,
         }
     }
 
@@ -358,7 +366,8 @@ impl Client {
                 Ok(())
             }
             Err(e) => Err(e),
-        }
+        }?;
+        self.end_receive_batch()
     }
 
     /// Whether the session is connected and authenticated.
@@ -371,17 +380,32 @@ impl Client {
         if let Some(error) = self.stopped {
             return Err(ClientError::Stopped(error));
         }
-        let renew_in = self.presence.renew_in(self.now()).filter(|_| self.ready);
-        let event = match renew_in {
+        let now = self.now();
+        let renew_in = self.presence.renew_in(now).filter(|_| self.ready);
+        let batch_in = self
+            .receive_batch
+            .as_ref()
+            .map(|b| b.due.0.saturating_sub(now.0));
+        let wake_in = renew_in.into_iter().chain(batch_in).min();
+        let event = match wake_in {
             Some(0) => None,
+            // Biased: an unbiased select draws its order from a random number, which would
+            // make simulations unrepeatable.
             Some(ms) => tokio::select! {
+                biased;
                 event = self.transport.next_event() => Some(event),
                 () = tokio::time::sleep(std::time::Duration::from_millis(ms)) => None,
             },
             None => Some(self.transport.next_event().await),
         };
         let Some(event) = event else {
-            self.renew_presence();
+            let now = self.now();
+            if self.receive_batch.as_ref().is_some_and(|b| b.due <= now) {
+                self.end_receive_batch()?;
+            }
+            if renew_in.is_some() && self.presence.renew_in(now) == Some(0) {
+                self.renew_presence();
+            }
             return Ok(());
         };
         let lost = self.transport.deliveries_lost();
@@ -1032,6 +1056,10 @@ impl Client {
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), ClientError> {
+        if !matches!(event, Event::Delivered { .. }) {
+            // Whatever else happens sees the received entries written and acknowledged.
+            self.end_receive_batch()?;
+        }
         match event {
             Event::Ready { .. } => {
                 self.ready = true;
@@ -1269,6 +1297,7 @@ impl Client {
                     // Journaled by the engine until the store below holds it, so a crash in
                     // between does not lose it (its key is gone once it is decrypted).
                     journaled = Some(c);
+                    self.begin_receive_batch()?;
                     match self
                         .engine
                         .process_entry(&c, seq.get(), entry.payload.as_bytes())
@@ -1412,8 +1441,42 @@ impl Client {
         if let Some(c) = journaled {
             self.engine.release_processed(&c, seq.get())?;
         }
+        match self.receive_batch.as_mut() {
+            Some(batch) => {
+                if batch.add(stream, seq) {
+                    self.end_receive_batch()?;
+                }
+                Ok(())
+            }
+            None => self.acknowledge(stream, seq),
+        }
+    }
+
+    fn acknowledge(&mut self, stream: StreamId, seq: Seq) -> Result<(), ClientError> {
         self.input(Input::Ack { stream, seq })?;
         self.store.set_acked(&stream, seq)?;
+        Ok(())
+    }
+
+    /// Opens a receive batch, unless one is open.
+    fn begin_receive_batch(&mut self) -> Result<(), ClientError> {
+        if self.receive_batch.is_none() {
+            self.engine.begin_receive_batch()?;
+            self.receive_batch = Some(receive_batch::ReceiveBatch::open(self.now()));
+        }
+        Ok(())
+    }
+
+    /// Ends the open receive batch: writes the engine's state, then acknowledges the
+    /// batch's entries (REQ-6.5-3). Nothing without a batch.
+    fn end_receive_batch(&mut self) -> Result<(), ClientError> {
+        let Some(batch) = self.receive_batch.take() else {
+            return Ok(());
+        };
+        self.engine.end_receive_batch()?;
+        for (stream, seq) in batch.acks {
+            self.acknowledge(stream, seq)?;
+        }
         Ok(())
     }
 }

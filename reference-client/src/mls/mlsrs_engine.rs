@@ -4,8 +4,13 @@
 //! writes the group state and its epochs in one SQLite transaction. This engine calls it
 //! after every mutation and before it returns anything derived from the new state. On any
 //! failure it drops the cached group, so the next use reloads the durable state.
+//!
+//! In a receive batch ([`MlsEngine::begin_receive_batch`]) application messages are
+//! processed in memory: their journal entries go into one transaction on the journal's
+//! connection, and the groups they advanced are written once, when the batch ends (the
+//! journal first). Any other mutation ends the batch first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,12 +18,14 @@ use mls_rs::client_builder::MlsConfig;
 use mls_rs::error::{IntoAnyError, MlsError};
 use mls_rs::extension::ExtensionType;
 use mls_rs::extension::recommended::LastResortKeyPackageExt;
-use mls_rs::group::ReceivedMessage;
+use mls_rs::group::{ContentType, ReceivedMessage};
 use mls_rs::identity::basic::BasicCredential;
 use mls_rs::identity::{CredentialType, SigningIdentity};
 use mls_rs::mls_rules::DefaultMlsRules;
 use mls_rs::time::MlsTime;
-use mls_rs::{CipherSuite, Client, ExtensionList, Group, IdentityProvider, MlsMessage};
+use mls_rs::{
+    CipherSuite, Client, ExtensionList, Group, IdentityProvider, MlsMessage, MlsMessageDescription,
+};
 use mls_rs_core::identity::MemberValidationContext;
 use mls_rs_core::psk::{ExternalPskId, PreSharedKey};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
@@ -45,6 +52,8 @@ pub struct MlsRsEngine<C: MlsConfig> {
     groups: HashMap<ConversationId, Group<C>>,
     /// A connection of our own to the state file, for the decryption journal.
     journal: rusqlite::Connection,
+    /// The groups a receive batch advanced in memory only; `None` outside a batch.
+    batch: Option<BTreeSet<ConversationId>>,
 }
 
 /// Opens or creates the state at `path` for the device in `credentials`.
@@ -101,6 +110,7 @@ pub fn open(
         clock,
         groups: HashMap::new(),
         journal,
+        batch: None,
     }))
 }
 
@@ -227,6 +237,19 @@ fn roster<C: MlsConfig>(group: &Group<C>) -> Result<Vec<(u32, DeviceId)>, Engine
         .collect()
 }
 
+/// The device of the member at leaf `index`.
+fn member_device<C: MlsConfig>(group: &Group<C>, index: u32) -> Result<DeviceId, EngineError> {
+    let member = group
+        .member_at_index(index)
+        .ok_or_else(|| EngineError::UnknownMember(format!("leaf {index}")))?;
+    let id = member
+        .signing_identity
+        .credential
+        .as_basic()
+        .ok_or_else(|| EngineError::InvalidCertificate("not a basic credential".into()))?;
+    device_of(&id.identifier)
+}
+
 fn leaf_of<C: MlsConfig>(group: &Group<C>, device: &DeviceId) -> Result<u32, EngineError> {
     roster(group)?
         .into_iter()
@@ -258,12 +281,14 @@ fn mls_time(now: UnixMs) -> MlsTime {
 }
 
 impl<C: MlsConfig + Clone> MlsRsEngine<C> {
-    /// Runs `f` on the group, then persists it; on failure forgets the cached group.
+    /// Runs `f` on the group, then persists it; on failure forgets the cached group. An
+    /// open receive batch ends first.
     fn mutate<T>(
         &mut self,
         id: &ConversationId,
         f: impl FnOnce(&mut Group<C>, UnixMs) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
+        self.end_receive_batch()?;
         let now = (self.clock)();
         let result = self.load(id).and_then(|g| {
             let value = f(g, now)?;
@@ -284,6 +309,7 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         mut group: Group<C>,
         replaces: Option<&ConversationId>,
     ) -> Result<ConversationId, EngineError> {
+        self.end_receive_batch()?;
         let id = ConversationId::from_slice(group.group_id())
             .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
         if replaces == Some(&id) {
@@ -300,6 +326,7 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         &mut self,
         id: &ConversationId,
     ) -> Result<mls_rs::group::ReinitClient<C>, EngineError> {
+        self.end_receive_batch()?;
         self.load(id)?;
         let g = self.groups.remove(id).ok_or(EngineError::GroupNotFound)?;
         g.get_reinit_client(None, None).map_err(map_err)
@@ -666,6 +693,7 @@ where
     }
 
     fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError> {
+        self.end_receive_batch()?;
         let now = (self.clock)();
         let message = parse(welcome)?;
         let (g, _) = self
@@ -720,6 +748,7 @@ where
         self.load(group)?;
         let journal = &self.journal;
         let loaded = self.groups.get_mut(group).ok_or(EngineError::GroupNotFound);
+        let batch = &mut self.batch;
         let result = loaded.and_then(|g| {
             let processed = process_in(g, own, now, message)?;
             if let Processed::Application { sender, plaintext } = &processed {
@@ -727,14 +756,59 @@ where
                 // crash in between, the key is still in the old state and the outcome is
                 // in the journal.
                 super::journal::put(journal, group, seq, sender, plaintext)?;
+                if let Some(dirty) = batch.as_mut() {
+                    dirty.insert(*group);
+                    return Ok(processed);
+                }
             }
             g.write_to_storage().map_err(map_err)?;
             Ok(processed)
         });
         if result.is_err() {
+            // The group is reloaded from its durable state. In a batch that state predates
+            // the batch's earlier entries: it still holds their keys (less forward
+            // secrecy until the next write, no loss; their outcomes are recorded).
             self.groups.remove(group);
+            if let Some(dirty) = self.batch.as_mut() {
+                dirty.remove(group);
+            }
         }
         result
+    }
+
+    fn begin_receive_batch(&mut self) -> Result<(), EngineError> {
+        if self.batch.is_none() {
+            self.journal.execute_batch("BEGIN").map_err(storage)?;
+            self.batch = Some(BTreeSet::new());
+        }
+        Ok(())
+    }
+
+    fn end_receive_batch(&mut self) -> Result<(), EngineError> {
+        let Some(dirty) = self.batch.take() else {
+            return Ok(());
+        };
+        // The journal first: a crash before the groups are written leaves their old state
+        // (with the keys) and the outcomes.
+        if let Err(e) = self.journal.execute_batch("COMMIT") {
+            let _ = self.journal.execute_batch("ROLLBACK");
+            for id in &dirty {
+                self.groups.remove(id);
+            }
+            return Err(storage(e));
+        }
+        let mut failed = None;
+        for id in dirty {
+            let written = match self.groups.get_mut(&id) {
+                Some(g) => g.write_to_storage().map_err(map_err),
+                None => Ok(()),
+            };
+            if let Err(e) = written {
+                self.groups.remove(&id);
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {
@@ -794,7 +868,16 @@ fn process_in<C: MlsConfig>(
     now: UnixMs,
     message: MlsMessage,
 ) -> Result<Processed, EngineError> {
-    let before = roster(g)?;
+    // An application message changes no membership: only its sender is looked up (the
+    // roster decodes the certificate of every member, a cost that grows with the room).
+    let application = matches!(
+        message.description(),
+        MlsMessageDescription::PrivateProtocolMessage {
+            content_type: ContentType::Application,
+            ..
+        }
+    );
+    let before = if application { Vec::new() } else { roster(g)? };
     let received = g
         .process_incoming_message_with_time(message, mls_time(now))
         .map_err(map_err)?;
@@ -803,8 +886,7 @@ fn process_in<C: MlsConfig>(
     };
     match received {
         ReceivedMessage::ApplicationMessage(app) => Ok(Processed::Application {
-            sender: member(app.sender_index, &before)
-                .ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
+            sender: member_device(g, app.sender_index)?,
             plaintext: app.data().to_vec(),
         }),
         ReceivedMessage::Proposal(p) => Ok(Processed::Proposal {

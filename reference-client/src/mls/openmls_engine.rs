@@ -4,8 +4,14 @@
 //! each operation in one SQLite transaction on the same connection (`BEGIN IMMEDIATE` …
 //! `COMMIT`), so an operation's writes land together or not at all; on failure it rolls
 //! back and drops the cached group, which is reloaded from disk on next use.
+//!
+//! A receive batch ([`MlsEngine::begin_receive_batch`]) is one transaction around many
+//! [`MlsEngine::process_entry`] calls, each in a savepoint of its own; any other operation
+//! ends it first. Inside it, application messages are processed without openmls' write of
+//! the group's message secrets after each ([`super::openmls_deferred`]); the batch's end
+//! writes them once per group it advanced, then commits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use ed25519_dalek::Signer as _;
@@ -16,6 +22,7 @@ use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::signatures::{Signer, SignerError};
 
+use super::openmls_deferred::DeferringStorage;
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
     credential_identity, device_of, journal, verify_member,
@@ -39,6 +46,9 @@ pub struct OpenMlsEngine {
     device: DeviceId,
     clock: Clock,
     groups: HashMap<ConversationId, MlsGroup>,
+    /// The groups an open receive batch advanced without writing their message secrets;
+    /// `None` without a batch (its transaction is open while this is `Some`).
+    batch: Option<BTreeSet<ConversationId>>,
 }
 
 /// The serde codec openmls' SQLite provider stores values with.
@@ -59,13 +69,13 @@ impl Codec for JsonCodec {
 
 struct Provider<'a> {
     crypto: &'a RustCrypto,
-    storage: SqliteStorageProvider<JsonCodec, &'a Connection>,
+    storage: DeferringStorage<SqliteStorageProvider<JsonCodec, &'a Connection>>,
 }
 
 impl<'a> OpenMlsProvider for Provider<'a> {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<JsonCodec, &'a Connection>;
+    type StorageProvider = DeferringStorage<SqliteStorageProvider<JsonCodec, &'a Connection>>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -121,6 +131,7 @@ impl OpenMlsEngine {
             device: certificate.device_id(),
             clock,
             groups: HashMap::new(),
+            batch: None,
         })
     }
 }
@@ -347,19 +358,67 @@ fn map_process_error<E: std::fmt::Display>(e: ProcessMessageError<E>) -> EngineE
 }
 
 impl OpenMlsEngine {
-    /// Runs `f` inside one SQLite transaction; on failure rolls back and forgets `group`'s
-    /// cached state so that it is reloaded from disk.
+    /// Runs `f` inside one SQLite transaction (ending an open receive batch first); on
+    /// failure rolls back and forgets `group`'s cached state so that it is reloaded from
+    /// disk.
     fn with_tx<T>(
         &mut self,
         group: Option<&ConversationId>,
         f: impl FnOnce(&mut Ctx<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(storage)?;
+        self.end_receive_batch()?;
+        self.run(group, ["BEGIN IMMEDIATE", "COMMIT", "ROLLBACK"], false, f)
+    }
+
+    /// Runs `f` in a savepoint of the open receive batch, or in a transaction of its own
+    /// without one.
+    fn in_batch<T>(
+        &mut self,
+        group: &ConversationId,
+        f: impl FnOnce(&mut Ctx<'_>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if self.batch.is_none() {
+            return self.with_tx(Some(group), f);
+        }
+        let result = self.run(
+            Some(group),
+            [
+                "SAVEPOINT entry",
+                "RELEASE entry",
+                "ROLLBACK TO entry; RELEASE entry",
+            ],
+            true,
+            f,
+        );
+        if let Some(dirty) = self.batch.as_mut() {
+            match result {
+                Ok(_) => dirty.insert(*group),
+                // Reloaded from the transaction: its message secrets are those written
+                // before the batch, which still hold the keys of the batch's earlier
+                // messages (less forward secrecy until the next write, no loss).
+                Err(_) => dirty.remove(group),
+            };
+        }
+        result
+    }
+
+    /// Runs `f` between `begin` and `commit`, or `rollback` on failure (`[begin, commit,
+    /// rollback]`), forgetting the cached state of `group` (of every group without one)
+    /// when it fails. With `defer`, openmls' writes of message secrets are skipped.
+    fn run<T>(
+        &mut self,
+        group: Option<&ConversationId>,
+        [begin, commit, rollback]: [&str; 3],
+        defer: bool,
+        f: impl FnOnce(&mut Ctx<'_>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        self.conn.execute_batch(begin).map_err(storage)?;
         let provider = Provider {
             crypto: &self.crypto,
-            storage: SqliteStorageProvider::new(&self.conn),
+            storage: DeferringStorage {
+                inner: SqliteStorageProvider::new(&self.conn),
+                defer_message_secrets: defer,
+            },
         };
         let mut ctx = Ctx {
             conn: &self.conn,
@@ -370,11 +429,11 @@ impl OpenMlsEngine {
             now: (self.clock)(),
         };
         let result = f(&mut ctx).and_then(|v| {
-            self.conn.execute_batch("COMMIT").map_err(storage)?;
+            self.conn.execute_batch(commit).map_err(storage)?;
             Ok(v)
         });
         if result.is_err() {
-            let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = self.conn.execute_batch(rollback);
             match group {
                 Some(g) => {
                     self.groups.remove(g);
@@ -852,14 +911,64 @@ impl MlsEngine for OpenMlsEngine {
         if let Some(journaled) = journal::get(&self.conn, group, seq)? {
             return Ok(journaled);
         }
-        self.with_tx(Some(group), |ctx| {
+        let application = matches!(
+            MlsMessageIn::tls_deserialize_exact(message).map(|m| m.extract()),
+            Ok(MlsMessageBodyIn::PrivateMessage(p)) if p.content_type() == ContentType::Application
+        );
+        let step = |ctx: &mut Ctx<'_>| {
             let processed = process_in(ctx, group, message)?;
             if let Processed::Application { sender, plaintext } = &processed {
                 // In the transaction that stores the consumed secret.
                 journal::put(ctx.conn, group, seq, sender, plaintext)?;
             }
             Ok(processed)
-        })
+        };
+        if application {
+            self.in_batch(group, step)
+        } else {
+            self.with_tx(Some(group), step)
+        }
+    }
+
+    fn begin_receive_batch(&mut self) -> Result<(), EngineError> {
+        if self.batch.is_none() {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(storage)?;
+            self.batch = Some(BTreeSet::new());
+        }
+        Ok(())
+    }
+
+    fn end_receive_batch(&mut self) -> Result<(), EngineError> {
+        let Some(dirty) = self.batch.take() else {
+            return Ok(());
+        };
+        let provider = Provider {
+            crypto: &self.crypto,
+            storage: DeferringStorage {
+                inner: SqliteStorageProvider::new(&self.conn),
+                defer_message_secrets: false,
+            },
+        };
+        // Setting the deletion policy a group has is openmls' public way to write its
+        // message secrets (it resizes the store to the same size first: nothing changes).
+        let written = dirty.iter().try_for_each(|id| {
+            let Some(g) = self.groups.get_mut(id) else {
+                return Ok(());
+            };
+            let policy = g.past_epoch_deletion_policy().clone();
+            g.set_past_epoch_deletion_policy(&provider, policy)
+                .map_err(|e| other("write message secrets", e))
+        });
+        let committed = written.and_then(|()| self.conn.execute_batch("COMMIT").map_err(storage));
+        if let Err(e) = committed {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            // Back to the state from before the batch.
+            self.groups.clear();
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {

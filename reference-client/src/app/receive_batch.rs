@@ -1,0 +1,74 @@
+//! Receive batches: a device in a busy conversation decrypts application messages as they
+//! come but writes its MLS state, and acknowledges, once per batch: when the batch holds
+//! [`RECEIVE_BATCH_ENTRIES`] entries, [`RECEIVE_BATCH_MS`] after it opened, before any
+//! other event is handled, and at the end of [`super::Client::sync`].
+//!
+//! Each entry is still recorded in the client's store as it is processed, so a crash
+//! inside a batch loses nothing: the engine's durable state from before the batch still
+//! holds the keys of the batch's messages, and the unacknowledged entries come again.
+//! Acknowledgements wait for the engine's write (REQ-6.5-3).
+
+use std::collections::BTreeMap;
+
+use confab_spec::ids::{Seq, StreamId, UnixMs};
+
+/// Entries after which a batch ends.
+pub const RECEIVE_BATCH_ENTRIES: u32 = 64;
+
+/// How long a batch stays open, in milliseconds: the longest an acknowledgement waits.
+pub const RECEIVE_BATCH_MS: u64 = 100;
+
+/// An open batch.
+#[derive(Debug)]
+pub(super) struct ReceiveBatch {
+    /// When it ends at the latest.
+    pub due: UnixMs,
+    /// Entries in it.
+    pub entries: u32,
+    /// The highest seq to acknowledge per stream once the batch is written.
+    pub acks: BTreeMap<StreamId, Seq>,
+}
+
+impl ReceiveBatch {
+    /// A batch opened at `now`.
+    pub fn open(now: UnixMs) -> Self {
+        Self {
+            due: now.plus_ms(RECEIVE_BATCH_MS),
+            entries: 0,
+            acks: BTreeMap::new(),
+        }
+    }
+
+    /// Counts an entry of `stream` to acknowledge; whether the batch is full.
+    pub fn add(&mut self, stream: StreamId, seq: Seq) -> bool {
+        let ack = self.acks.entry(stream).or_insert(seq);
+        *ack = (*ack).max(seq);
+        self.entries += 1;
+        self.entries >= RECEIVE_BATCH_ENTRIES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_keeps_the_highest_seq_per_stream_and_fills_up() {
+        let mut batch = ReceiveBatch::open(UnixMs(1_000));
+        assert_eq!(batch.due, UnixMs(1_000 + RECEIVE_BATCH_MS));
+        let seq = |n| Seq::new(n).expect("seq");
+        let mut full = false;
+        for n in [5, 3, 9, 4] {
+            full |= batch.add(StreamId::Inbox, seq(n));
+        }
+        assert!(!full);
+        assert_eq!(batch.acks.get(&StreamId::Inbox), Some(&seq(9)));
+        let filled =
+            (4..RECEIVE_BATCH_ENTRIES).map(|n| batch.add(StreamId::Inbox, seq(u64::from(n) + 10)));
+        assert_eq!(
+            filled.filter(|f| *f).count(),
+            1,
+            "full exactly at the limit"
+        );
+    }
+}

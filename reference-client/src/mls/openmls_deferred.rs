@@ -1,0 +1,579 @@
+//! An openmls storage provider that can hold back the write of the message secrets, for
+//! receive batches ([`super::MlsEngine::begin_receive_batch`]).
+//!
+//! openmls writes a group's whole `MessageSecretsStore` after every application message it
+//! decrypts. With the past epochs' member lists inside it (openmls issue #2080) that write
+//! grows with the room: ~25 ms per message in a room of 1,000 on this project's machines.
+//! Inside a batch the engine processes application messages through this provider with
+//! `defer_message_secrets` set, which skips that one write (the ratchet's progress stays in
+//! the in-memory group), and writes the store once when the batch ends. Every other call
+//! goes to the wrapped provider unchanged; the method list follows the `StorageProvider`
+//! trait of openmls_traits 0.6.
+
+use openmls_traits::storage::{StorageProvider, traits};
+
+/// `inner`, except that `write_message_secrets` does nothing while
+/// `defer_message_secrets` is set.
+pub struct DeferringStorage<S> {
+    /// The provider every call goes to.
+    pub inner: S,
+    /// Skip writes of the message secrets (the caller writes them later).
+    pub defer_message_secrets: bool,
+}
+
+impl<const VERSION: u16, S: StorageProvider<VERSION>> StorageProvider<VERSION>
+    for DeferringStorage<S>
+{
+    type Error = S::Error;
+
+    fn write_mls_join_config<
+        GroupId: traits::GroupId<VERSION>,
+        MlsGroupJoinConfig: traits::MlsGroupJoinConfig<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        config: &MlsGroupJoinConfig,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_mls_join_config::<GroupId, MlsGroupJoinConfig>(group_id, config)
+    }
+
+    fn append_own_leaf_node<
+        GroupId: traits::GroupId<VERSION>,
+        LeafNode: traits::LeafNode<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        leaf_node: &LeafNode,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .append_own_leaf_node::<GroupId, LeafNode>(group_id, leaf_node)
+    }
+
+    fn queue_proposal<
+        GroupId: traits::GroupId<VERSION>,
+        ProposalRef: traits::ProposalRef<VERSION>,
+        QueuedProposal: traits::QueuedProposal<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        proposal_ref: &ProposalRef,
+        proposal: &QueuedProposal,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .queue_proposal::<GroupId, ProposalRef, QueuedProposal>(
+                group_id,
+                proposal_ref,
+                proposal,
+            )
+    }
+
+    fn write_tree<GroupId: traits::GroupId<VERSION>, TreeSync: traits::TreeSync<VERSION>>(
+        &self,
+        group_id: &GroupId,
+        tree: &TreeSync,
+    ) -> Result<(), Self::Error> {
+        self.inner.write_tree::<GroupId, TreeSync>(group_id, tree)
+    }
+
+    fn write_interim_transcript_hash<
+        GroupId: traits::GroupId<VERSION>,
+        InterimTranscriptHash: traits::InterimTranscriptHash<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        interim_transcript_hash: &InterimTranscriptHash,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_interim_transcript_hash::<GroupId, InterimTranscriptHash>(
+                group_id,
+                interim_transcript_hash,
+            )
+    }
+
+    fn write_context<
+        GroupId: traits::GroupId<VERSION>,
+        GroupContext: traits::GroupContext<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        group_context: &GroupContext,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_context::<GroupId, GroupContext>(group_id, group_context)
+    }
+
+    fn write_confirmation_tag<
+        GroupId: traits::GroupId<VERSION>,
+        ConfirmationTag: traits::ConfirmationTag<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        confirmation_tag: &ConfirmationTag,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_confirmation_tag::<GroupId, ConfirmationTag>(group_id, confirmation_tag)
+    }
+
+    fn write_group_state<
+        GroupState: traits::GroupState<VERSION>,
+        GroupId: traits::GroupId<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        group_state: &GroupState,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_group_state::<GroupState, GroupId>(group_id, group_state)
+    }
+
+    fn write_message_secrets<
+        GroupId: traits::GroupId<VERSION>,
+        MessageSecrets: traits::MessageSecrets<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        message_secrets: &MessageSecrets,
+    ) -> Result<(), Self::Error> {
+        if self.defer_message_secrets {
+            return Ok(());
+        }
+        self.inner
+            .write_message_secrets::<GroupId, MessageSecrets>(group_id, message_secrets)
+    }
+
+    fn write_resumption_psk_store<
+        GroupId: traits::GroupId<VERSION>,
+        ResumptionPskStore: traits::ResumptionPskStore<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        resumption_psk_store: &ResumptionPskStore,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_resumption_psk_store::<GroupId, ResumptionPskStore>(
+                group_id,
+                resumption_psk_store,
+            )
+    }
+
+    fn write_own_leaf_index<
+        GroupId: traits::GroupId<VERSION>,
+        LeafNodeIndex: traits::LeafNodeIndex<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        own_leaf_index: &LeafNodeIndex,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_own_leaf_index::<GroupId, LeafNodeIndex>(group_id, own_leaf_index)
+    }
+
+    fn write_group_epoch_secrets<
+        GroupId: traits::GroupId<VERSION>,
+        GroupEpochSecrets: traits::GroupEpochSecrets<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        group_epoch_secrets: &GroupEpochSecrets,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_group_epoch_secrets::<GroupId, GroupEpochSecrets>(group_id, group_epoch_secrets)
+    }
+
+    fn write_signature_key_pair<
+        SignaturePublicKey: traits::SignaturePublicKey<VERSION>,
+        SignatureKeyPair: traits::SignatureKeyPair<VERSION>,
+    >(
+        &self,
+        public_key: &SignaturePublicKey,
+        signature_key_pair: &SignatureKeyPair,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_signature_key_pair::<SignaturePublicKey, SignatureKeyPair>(
+                public_key,
+                signature_key_pair,
+            )
+    }
+
+    fn write_encryption_key_pair<
+        EncryptionKey: traits::EncryptionKey<VERSION>,
+        HpkeKeyPair: traits::HpkeKeyPair<VERSION>,
+    >(
+        &self,
+        public_key: &EncryptionKey,
+        key_pair: &HpkeKeyPair,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_encryption_key_pair::<EncryptionKey, HpkeKeyPair>(public_key, key_pair)
+    }
+
+    fn write_encryption_epoch_key_pairs<
+        GroupId: traits::GroupId<VERSION>,
+        EpochKey: traits::EpochKey<VERSION>,
+        HpkeKeyPair: traits::HpkeKeyPair<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        epoch: &EpochKey,
+        leaf_index: u32,
+        key_pairs: &[HpkeKeyPair],
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_encryption_epoch_key_pairs::<GroupId, EpochKey, HpkeKeyPair>(
+                group_id, epoch, leaf_index, key_pairs,
+            )
+    }
+
+    fn write_key_package<
+        HashReference: traits::HashReference<VERSION>,
+        KeyPackage: traits::KeyPackage<VERSION>,
+    >(
+        &self,
+        hash_ref: &HashReference,
+        key_package: &KeyPackage,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .write_key_package::<HashReference, KeyPackage>(hash_ref, key_package)
+    }
+
+    fn write_psk<PskId: traits::PskId<VERSION>, PskBundle: traits::PskBundle<VERSION>>(
+        &self,
+        psk_id: &PskId,
+        psk: &PskBundle,
+    ) -> Result<(), Self::Error> {
+        self.inner.write_psk::<PskId, PskBundle>(psk_id, psk)
+    }
+
+    fn mls_group_join_config<
+        GroupId: traits::GroupId<VERSION>,
+        MlsGroupJoinConfig: traits::MlsGroupJoinConfig<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<MlsGroupJoinConfig>, Self::Error> {
+        self.inner
+            .mls_group_join_config::<GroupId, MlsGroupJoinConfig>(group_id)
+    }
+
+    fn own_leaf_nodes<GroupId: traits::GroupId<VERSION>, LeafNode: traits::LeafNode<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Vec<LeafNode>, Self::Error> {
+        self.inner.own_leaf_nodes::<GroupId, LeafNode>(group_id)
+    }
+
+    fn queued_proposal_refs<
+        GroupId: traits::GroupId<VERSION>,
+        ProposalRef: traits::ProposalRef<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Vec<ProposalRef>, Self::Error> {
+        self.inner
+            .queued_proposal_refs::<GroupId, ProposalRef>(group_id)
+    }
+
+    fn queued_proposals<
+        GroupId: traits::GroupId<VERSION>,
+        ProposalRef: traits::ProposalRef<VERSION>,
+        QueuedProposal: traits::QueuedProposal<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Vec<(ProposalRef, QueuedProposal)>, Self::Error> {
+        self.inner
+            .queued_proposals::<GroupId, ProposalRef, QueuedProposal>(group_id)
+    }
+
+    fn tree<GroupId: traits::GroupId<VERSION>, TreeSync: traits::TreeSync<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<TreeSync>, Self::Error> {
+        self.inner.tree::<GroupId, TreeSync>(group_id)
+    }
+
+    fn group_context<
+        GroupId: traits::GroupId<VERSION>,
+        GroupContext: traits::GroupContext<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<GroupContext>, Self::Error> {
+        self.inner.group_context::<GroupId, GroupContext>(group_id)
+    }
+
+    fn interim_transcript_hash<
+        GroupId: traits::GroupId<VERSION>,
+        InterimTranscriptHash: traits::InterimTranscriptHash<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<InterimTranscriptHash>, Self::Error> {
+        self.inner
+            .interim_transcript_hash::<GroupId, InterimTranscriptHash>(group_id)
+    }
+
+    fn confirmation_tag<
+        GroupId: traits::GroupId<VERSION>,
+        ConfirmationTag: traits::ConfirmationTag<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<ConfirmationTag>, Self::Error> {
+        self.inner
+            .confirmation_tag::<GroupId, ConfirmationTag>(group_id)
+    }
+
+    fn group_state<GroupState: traits::GroupState<VERSION>, GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<GroupState>, Self::Error> {
+        self.inner.group_state::<GroupState, GroupId>(group_id)
+    }
+
+    fn message_secrets<
+        GroupId: traits::GroupId<VERSION>,
+        MessageSecrets: traits::MessageSecrets<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<MessageSecrets>, Self::Error> {
+        self.inner
+            .message_secrets::<GroupId, MessageSecrets>(group_id)
+    }
+
+    fn resumption_psk_store<
+        GroupId: traits::GroupId<VERSION>,
+        ResumptionPskStore: traits::ResumptionPskStore<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<ResumptionPskStore>, Self::Error> {
+        self.inner
+            .resumption_psk_store::<GroupId, ResumptionPskStore>(group_id)
+    }
+
+    fn own_leaf_index<
+        GroupId: traits::GroupId<VERSION>,
+        LeafNodeIndex: traits::LeafNodeIndex<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<LeafNodeIndex>, Self::Error> {
+        self.inner
+            .own_leaf_index::<GroupId, LeafNodeIndex>(group_id)
+    }
+
+    fn group_epoch_secrets<
+        GroupId: traits::GroupId<VERSION>,
+        GroupEpochSecrets: traits::GroupEpochSecrets<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<Option<GroupEpochSecrets>, Self::Error> {
+        self.inner
+            .group_epoch_secrets::<GroupId, GroupEpochSecrets>(group_id)
+    }
+
+    fn signature_key_pair<
+        SignaturePublicKey: traits::SignaturePublicKey<VERSION>,
+        SignatureKeyPair: traits::SignatureKeyPair<VERSION>,
+    >(
+        &self,
+        public_key: &SignaturePublicKey,
+    ) -> Result<Option<SignatureKeyPair>, Self::Error> {
+        self.inner
+            .signature_key_pair::<SignaturePublicKey, SignatureKeyPair>(public_key)
+    }
+
+    fn encryption_key_pair<
+        HpkeKeyPair: traits::HpkeKeyPair<VERSION>,
+        EncryptionKey: traits::EncryptionKey<VERSION>,
+    >(
+        &self,
+        public_key: &EncryptionKey,
+    ) -> Result<Option<HpkeKeyPair>, Self::Error> {
+        self.inner
+            .encryption_key_pair::<HpkeKeyPair, EncryptionKey>(public_key)
+    }
+
+    fn encryption_epoch_key_pairs<
+        GroupId: traits::GroupId<VERSION>,
+        EpochKey: traits::EpochKey<VERSION>,
+        HpkeKeyPair: traits::HpkeKeyPair<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        epoch: &EpochKey,
+        leaf_index: u32,
+    ) -> Result<Vec<HpkeKeyPair>, Self::Error> {
+        self.inner
+            .encryption_epoch_key_pairs::<GroupId, EpochKey, HpkeKeyPair>(
+                group_id, epoch, leaf_index,
+            )
+    }
+
+    fn key_package<
+        KeyPackageRef: traits::HashReference<VERSION>,
+        KeyPackage: traits::KeyPackage<VERSION>,
+    >(
+        &self,
+        hash_ref: &KeyPackageRef,
+    ) -> Result<Option<KeyPackage>, Self::Error> {
+        self.inner
+            .key_package::<KeyPackageRef, KeyPackage>(hash_ref)
+    }
+
+    fn psk<PskBundle: traits::PskBundle<VERSION>, PskId: traits::PskId<VERSION>>(
+        &self,
+        psk_id: &PskId,
+    ) -> Result<Option<PskBundle>, Self::Error> {
+        self.inner.psk::<PskBundle, PskId>(psk_id)
+    }
+
+    fn remove_proposal<
+        GroupId: traits::GroupId<VERSION>,
+        ProposalRef: traits::ProposalRef<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        proposal_ref: &ProposalRef,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .remove_proposal::<GroupId, ProposalRef>(group_id, proposal_ref)
+    }
+
+    fn delete_own_leaf_nodes<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_own_leaf_nodes::<GroupId>(group_id)
+    }
+
+    fn delete_group_config<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_group_config::<GroupId>(group_id)
+    }
+
+    fn delete_tree<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_tree::<GroupId>(group_id)
+    }
+
+    fn delete_confirmation_tag<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_confirmation_tag::<GroupId>(group_id)
+    }
+
+    fn delete_group_state<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_group_state::<GroupId>(group_id)
+    }
+
+    fn delete_context<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_context::<GroupId>(group_id)
+    }
+
+    fn delete_interim_transcript_hash<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .delete_interim_transcript_hash::<GroupId>(group_id)
+    }
+
+    fn delete_message_secrets<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_message_secrets::<GroupId>(group_id)
+    }
+
+    fn delete_all_resumption_psk_secrets<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .delete_all_resumption_psk_secrets::<GroupId>(group_id)
+    }
+
+    fn delete_own_leaf_index<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_own_leaf_index::<GroupId>(group_id)
+    }
+
+    fn delete_group_epoch_secrets<GroupId: traits::GroupId<VERSION>>(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_group_epoch_secrets::<GroupId>(group_id)
+    }
+
+    fn clear_proposal_queue<
+        GroupId: traits::GroupId<VERSION>,
+        ProposalRef: traits::ProposalRef<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .clear_proposal_queue::<GroupId, ProposalRef>(group_id)
+    }
+
+    fn delete_signature_key_pair<SignaturePublicKey: traits::SignaturePublicKey<VERSION>>(
+        &self,
+        public_key: &SignaturePublicKey,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .delete_signature_key_pair::<SignaturePublicKey>(public_key)
+    }
+
+    fn delete_encryption_key_pair<EncryptionKey: traits::EncryptionKey<VERSION>>(
+        &self,
+        public_key: &EncryptionKey,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .delete_encryption_key_pair::<EncryptionKey>(public_key)
+    }
+
+    fn delete_encryption_epoch_key_pairs<
+        GroupId: traits::GroupId<VERSION>,
+        EpochKey: traits::EpochKey<VERSION>,
+    >(
+        &self,
+        group_id: &GroupId,
+        epoch: &EpochKey,
+        leaf_index: u32,
+    ) -> Result<(), Self::Error> {
+        self.inner
+            .delete_encryption_epoch_key_pairs::<GroupId, EpochKey>(group_id, epoch, leaf_index)
+    }
+
+    fn delete_key_package<KeyPackageRef: traits::HashReference<VERSION>>(
+        &self,
+        hash_ref: &KeyPackageRef,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_key_package::<KeyPackageRef>(hash_ref)
+    }
+
+    fn delete_psk<PskKey: traits::PskId<VERSION>>(
+        &self,
+        psk_id: &PskKey,
+    ) -> Result<(), Self::Error> {
+        self.inner.delete_psk::<PskKey>(psk_id)
+    }
+}
