@@ -198,12 +198,48 @@ fn array<const N: usize>(v: Vec<u8>, what: &'static str) -> Result<[u8; N], Stor
 }
 
 /// Whether `seq` of the stream `key` is below its cursor (processed before).
-fn processed(tx: &rusqlite::Transaction<'_>, key: &[u8], seq: Seq) -> Result<bool, StoreError> {
+fn processed(tx: &Connection, key: &[u8], seq: Seq) -> Result<bool, StoreError> {
     let next: Option<i64> = tx
         .prepare_cached("SELECT next_seq FROM cursors WHERE stream = ?1")?
         .query_row([key], |r| r.get(0))
         .optional()?;
     Ok(next.is_some_and(|n| to_i64(seq.get()) < n))
+}
+
+/// Records one delivered entry in the open transaction `tx` (see [`ClientStore::deliver`]).
+fn deliver_in(
+    tx: &Connection,
+    stream: &StreamId,
+    seq: Seq,
+    message: Option<&Message>,
+) -> Result<bool, StoreError> {
+    let key = stream_key(stream);
+    if processed(tx, &key, seq)? {
+        return Ok(false);
+    }
+    if let Some(m) = message {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages (conversation, seq, sender, msg_id, accepted_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            m.conversation.0.as_slice(),
+            to_i64(m.seq.get()),
+            m.sender.to_bytes().as_slice(),
+            m.msg_id.0.as_slice(),
+            to_i64(m.accepted.0),
+            m.body,
+        ])?;
+        // One's own message is no longer waiting.
+        tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
+            .execute([m.msg_id.0.as_slice()])?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
+         ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+    )?
+    .execute(params![key, to_i64(seq.get() + 1)])?;
+    Ok(true)
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -446,35 +482,29 @@ impl ClientStore {
         seq: Seq,
         message: Option<&Message>,
     ) -> Result<bool, StoreError> {
-        let key = stream_key(stream);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if processed(&tx, &key, seq)? {
-            return Ok(false);
-        }
-        if let Some(m) = message {
-            tx.prepare_cached("INSERT OR IGNORE INTO messages (conversation, seq, sender, msg_id, accepted_ms, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
-                    m.conversation.0.as_slice(),
-                    to_i64(m.seq.get()),
-                    m.sender.to_bytes().as_slice(),
-                    m.msg_id.0.as_slice(),
-                    to_i64(m.accepted.0),
-                    m.body,
-                ],
-            )?;
-            // One's own message is no longer waiting.
-            tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
-                .execute([m.msg_id.0.as_slice()])?;
-        }
-        tx.prepare_cached(
-            "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
-             ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-        )?
-        .execute(params![key, to_i64(seq.get() + 1)])?;
+        let new = deliver_in(&tx, stream, seq, message)?;
         tx.commit()?;
-        Ok(true)
+        Ok(new)
+    }
+
+    /// [`ClientStore::deliver`] for many entries, in one transaction (a receive batch);
+    /// whether each was new.
+    pub fn deliver_all<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = (StreamId, Seq, Option<&'a Message>)>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let new = entries
+            .into_iter()
+            .map(|(stream, seq, message)| deliver_in(&tx, &stream, seq, message))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(new)
     }
 
     /// Records that `seq` was acknowledged (never moves back, REQ-6.8-3).

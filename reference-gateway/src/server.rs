@@ -35,7 +35,7 @@ use confab_spec::ids::{DeviceId, UnixMs};
 use confab_spec::limits;
 use futures_util::{SinkExt, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::durability::{GroupCommit, SyncPolicy};
 use crate::handler::{Action, Connection, Entropy, GatewayConfig};
@@ -53,7 +53,7 @@ pub struct Shared {
     /// The durable store (one writer; SQLite serialises writes anyway).
     pub store: Mutex<SqliteStore>,
     hub: Hub,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
     sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
     next_connection: AtomicU64,
@@ -147,6 +147,36 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Where `/metrics` reads from: `None` serves 404.
 pub type MetricsHandle = Option<PrometheusHandle>;
 
+/// The gateway's stop signal. A `watch` channel would wake the sessions in a random order
+/// (tokio spreads a watch's waiters over shards it picks at random), and the order in which
+/// sessions close decides what a simulated run does next: `Notify` wakes them in the
+/// order they started waiting, so one seed replays one run.
+#[derive(Default)]
+struct Shutdown {
+    stopping: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Shutdown {
+    /// Tells every task to stop.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once [`Shutdown::stop`] was called (at once if it was already).
+    async fn stopped(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a stop in between is not missed.
+        notified.as_mut().enable();
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// Runs the gateway on `listener` (a TCP listener, or any transport with socket addresses)
 /// until `shutdown` resolves, then closes every session with 4000 (SPEC.md REQ-5.7-3).
 /// Timers use only `tokio::time`; the wall clock and randomness come from `env`.
@@ -160,7 +190,6 @@ pub async fn serve<L>(
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    let (stop_tx, stop_rx) = watch::channel(false);
     let limiters = RateLimiters::new(&config);
     let mut store = store;
     store
@@ -180,7 +209,7 @@ where
         config,
         store: Mutex::new(store),
         hub: Hub::default(),
-        shutdown: stop_rx,
+        shutdown: Shutdown::default(),
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
         limiters,
@@ -213,14 +242,15 @@ where
         .route("/metrics", get(metrics_page))
         .route("/v1/info", get(info))
         .route("/v1/ws", get(upgrade))
-        .with_state(shared);
+        .with_state(shared.clone());
+    let stopping = shared;
     let result = axum::serve(
         PeerListener(listener),
         app.into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        stopping.shutdown.stop();
     })
     .await;
     gc.abort();
@@ -232,12 +262,11 @@ where
 /// is never held for long, and forgets idle per-address rate-limit state.
 async fn retention(shared: Arc<Shared>) {
     const SLICE: u64 = 10_000;
-    let mut shutdown = shared.shutdown.clone();
     let interval = Duration::from_millis(shared.config.gc_interval_ms.max(1));
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return,
+            () = shared.shutdown.stopped() => return,
             _ = tokio::time::sleep(interval) => {}
         }
         loop {
@@ -287,11 +316,10 @@ const PRESENCE_TICK: Duration = Duration::from_millis(500);
 
 /// Publishes due presence transitions and wakes the watchers they concern.
 async fn presence_ticker(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return,
+            () = shared.shutdown.stopped() => return,
             _ = tokio::time::sleep(PRESENCE_TICK) => {}
         }
         let woken = match (shared.store.lock(), shared.presence.lock()) {
@@ -798,7 +826,6 @@ async fn run_connection(
     let mut kicked: Option<oneshot::Receiver<CloseCode>> = None;
     let mut conn = Connection::new();
     let mut following = Followed(&shared.hub, Following::new(id));
-    let mut shutdown = shared.shutdown.clone();
     let presence_events = Arc::new(Notify::new());
     if let Ok(mut wakers) = shared.presence_wakers.lock() {
         wakers.insert(id, presence_events.clone());
@@ -821,7 +848,7 @@ async fn run_connection(
         }
         let code = tokio::select! {
             biased;
-            _ = shutdown.changed() => Some(CloseCode::ServerRestart),
+            () = shared.shutdown.stopped() => Some(CloseCode::ServerRestart),
             Ok(code) = async { match kicked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
                 if code == CloseCode::DeviceRevoked {
                     let frame =

@@ -39,6 +39,8 @@ pub const HEARTBEAT_TIMEOUT_MS: u64 = 3_000;
 const PARTITION_MS: u64 = 3 * HEARTBEAT_TIMEOUT_MS;
 /// Bound on set-up (KeyPackages, DM creation, joins), simulated.
 const SET_UP_MS: u64 = 120_000;
+/// How often the set-up reports progress, in simulated milliseconds.
+const SETUP_REPORT_MS: u64 = 10_000;
 /// Bound on catching up once faults stop (the liveness invariant), simulated.
 const SETTLE_MS: u64 = 120_000;
 /// Bound on the time without a completed cycle, simulated.
@@ -96,6 +98,9 @@ pub struct Progress {
     pub target: u64,
     /// Simulated milliseconds so far.
     pub sim_ms: u64,
+    /// Before the cycles: the set-up step, with how many devices are through it of how
+    /// many (reported every 10 simulated seconds; a big room takes a while to join).
+    pub setting_up: Option<(&'static str, usize, usize)>,
 }
 
 /// What a passing run did.
@@ -350,6 +355,7 @@ struct Orchestrator<'a> {
     next_sync: u64,
     step: u64,
     reported: u64,
+    next_setup_report: u64,
 }
 
 /// The engine of device `i`: each user and each DM pair holds both engines.
@@ -445,12 +451,15 @@ impl<'a> Orchestrator<'a> {
             next_sync: 0,
             step: 0,
             reported: 0,
+            next_setup_report: SETUP_REPORT_MS,
             options,
         };
         let w = orchestrator.world.clone();
         orchestrator.sim.host(GATEWAY_HOST, move || {
             run_gateway(w.clone(), gateway.clone())
         });
+        let per_host = orchestrator.options.scenario.devices_per_host().max(1);
+        let mut specs = Vec::new();
         for i in 0..clients {
             let user = match orchestrator.options.scenario.topology() {
                 Topology::TwoUsers => i % 2,
@@ -471,10 +480,23 @@ impl<'a> Orchestrator<'a> {
                 key_packages: 8,
             });
             let _ = std::fs::create_dir_all(&spec.dir);
+            specs.push(spec);
+        }
+        for (k, group) in specs.chunks(per_host).enumerate() {
             let w = orchestrator.world.clone();
-            orchestrator
-                .sim
-                .host(host_name(i), move || run_device(w.clone(), spec.clone()));
+            if let [spec] = group {
+                let spec = spec.clone();
+                orchestrator.sim.host(host_name(spec.index), move || {
+                    run_device(w.clone(), spec.clone())
+                });
+            } else {
+                let group = group.to_vec();
+                orchestrator.sim.host(format!("h{k}"), move || {
+                    let devices = group.iter().map(|spec| run_device(w.clone(), spec.clone()));
+                    let all = futures_util::future::try_join_all(devices);
+                    async move { all.await.map(|_| ()) }
+                });
+            }
         }
         orchestrator.dms = match orchestrator.options.scenario.topology() {
             Topology::Room => vec![Dm {
@@ -530,8 +552,43 @@ impl<'a> Orchestrator<'a> {
                     cycles: self.cycles,
                     target: self.options.cycles,
                     sim_ms: now,
+                    setting_up: None,
                 });
+            } else if now >= self.next_setup_report {
+                self.next_setup_report = now + SETUP_REPORT_MS;
+                if let Some(step) = self.setup_progress() {
+                    progress(Progress {
+                        cycles: 0,
+                        target: self.options.cycles,
+                        sim_ms: now,
+                        setting_up: Some(step),
+                    });
+                }
             }
+        }
+    }
+
+    /// The set-up step under way, with the devices through it and all devices.
+    fn setup_progress(&self) -> Option<(&'static str, usize, usize)> {
+        let w = self.world.borrow();
+        let total = w.devices.len();
+        match self.phase {
+            Phase::SetUp => Some((
+                "connecting and uploading KeyPackages",
+                w.devices.iter().filter(|d| d.set_up && d.ready).count(),
+                total,
+            )),
+            Phase::Creating => Some(("creating", 0, self.dms.len())),
+            Phase::Joining => {
+                let members = self.dms.iter().map(|dm| {
+                    dm.members
+                        .iter()
+                        .filter(|&&d| dm.conversation.is_some_and(|c| w.checker.is_member(d, &c)))
+                        .count()
+                });
+                Some(("joining", members.sum(), total))
+            }
+            Phase::Cycles | Phase::Settling => None,
         }
     }
 

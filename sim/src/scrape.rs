@@ -577,6 +577,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
                 cycles: minutes,
                 target: options.cycles,
                 sim_ms: now,
+                setting_up: None,
             });
         }
         if now >= end_ms {

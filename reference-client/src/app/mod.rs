@@ -1234,6 +1234,12 @@ impl Client {
     /// Processes one delivered entry, records it with the cursor, then acknowledges it.
     fn on_entry(&mut self, stream: StreamId, entry: Entry) -> Result<(), ClientError> {
         let seq = entry.seq;
+        if matches!(entry.body, EntryBody::Application { .. }) {
+            self.begin_receive_batch()?;
+        } else {
+            // Commits, proposals and Welcomes are applied and recorded one at a time.
+            self.end_receive_batch()?;
+        }
         let mut message = None;
         let mut journaled = None;
         let mut outcome = EntryOutcome::Ignored;
@@ -1297,7 +1303,6 @@ impl Client {
                     // Journaled by the engine until the store below holds it, so a crash in
                     // between does not lose it (its key is gone once it is decrypted).
                     journaled = Some(c);
-                    self.begin_receive_batch()?;
                     match self
                         .engine
                         .process_entry(&c, seq.get(), entry.payload.as_bytes())
@@ -1411,12 +1416,6 @@ impl Client {
         }
         // A Welcome's join recorded the inbox entry with the conversation already.
         let joined = matches!(stream, StreamId::Inbox) && outcome == EntryOutcome::Applied;
-        let new = self.store.deliver(&stream, seq, message.as_ref())? || joined;
-        if new {
-            if let Some(m) = message {
-                self.received.push(m);
-            }
-        }
         let group = match (stream, &entry.body) {
             (StreamId::Conversation(c), _) => Some(c),
             (StreamId::Inbox, EntryBody::Welcome { conversation, .. }) => Some(*conversation),
@@ -1426,29 +1425,51 @@ impl Client {
             (Some(_), Some(c)) => self.engine.epoch(&c).ok(),
             _ => None,
         };
-        self.observed(|o| {
-            o.log.push(EntryRecord {
-                epoch_after,
+        let record = self.observer.is_some().then_some(EntryRecord {
+            epoch_after,
+            stream,
+            seq,
+            msg_id: entry.msg_id,
+            sender: entry.sender,
+            kind: entry.body,
+            new: false,
+            outcome,
+        });
+        if let Some(batch) = self.receive_batch.as_mut() {
+            // Recorded, shown and acknowledged with the rest of the batch: a message is
+            // shown once it is durable, so a crash before that shows it once, after.
+            batch.deliveries.push(receive_batch::Delivery {
                 stream,
                 seq,
-                msg_id: entry.msg_id,
-                sender: entry.sender,
-                kind: entry.body,
-                new,
-                outcome,
-            })
-        });
+                message,
+                record,
+            });
+            batch.releases.extend(journaled.map(|c| (c, seq)));
+            if batch.add(stream, seq) {
+                self.end_receive_batch()?;
+            }
+            return Ok(());
+        }
+        let new = self.store.deliver(&stream, seq, message.as_ref())? || joined;
+        self.record_delivery(new, message, record);
         if let Some(c) = journaled {
             self.engine.release_processed(&c, seq.get())?;
         }
-        match self.receive_batch.as_mut() {
-            Some(batch) => {
-                if batch.add(stream, seq) {
-                    self.end_receive_batch()?;
-                }
-                Ok(())
-            }
-            None => self.acknowledge(stream, seq),
+        self.acknowledge(stream, seq)
+    }
+
+    /// Shows a recorded entry's message if it is `new`, and reports the entry.
+    fn record_delivery(
+        &mut self,
+        new: bool,
+        message: Option<Message>,
+        record: Option<EntryRecord>,
+    ) {
+        if let (true, Some(m)) = (new, message) {
+            self.received.push(m);
+        }
+        if let Some(record) = record {
+            self.observed(|o| o.log.push(EntryRecord { new, ..record }));
         }
     }
 
@@ -1467,13 +1488,30 @@ impl Client {
         Ok(())
     }
 
-    /// Ends the open receive batch: writes the engine's state, then acknowledges the
-    /// batch's entries (REQ-6.5-3). Nothing without a batch.
+    /// Ends the open receive batch: records its entries in the store (one transaction),
+    /// releases their journaled outcomes, writes the engine's state, then acknowledges the
+    /// entries (REQ-6.5-3). Nothing without a batch.
+    ///
+    /// In this order a crash loses nothing: before the store's write the engine's durable
+    /// state (or, if an operation ended the engine's batch early, its journal) still
+    /// yields the messages, and the unacknowledged entries come again.
     fn end_receive_batch(&mut self) -> Result<(), ClientError> {
         let Some(batch) = self.receive_batch.take() else {
             return Ok(());
         };
+        let new = self.store.deliver_all(
+            batch
+                .deliveries
+                .iter()
+                .map(|d| (d.stream, d.seq, d.message.as_ref())),
+        )?;
+        for (c, seq) in &batch.releases {
+            self.engine.release_processed(c, seq.get())?;
+        }
         self.engine.end_receive_batch()?;
+        for (delivery, new) in batch.deliveries.into_iter().zip(new) {
+            self.record_delivery(new, delivery.message, delivery.record);
+        }
         for (stream, seq) in batch.acks {
             self.acknowledge(stream, seq)?;
         }

@@ -3,14 +3,18 @@
 //! [`RECEIVE_BATCH_ENTRIES`] entries, [`RECEIVE_BATCH_MS`] after it opened, before any
 //! other event is handled, and at the end of [`super::Client::sync`].
 //!
-//! Each entry is still recorded in the client's store as it is processed, so a crash
-//! inside a batch loses nothing: the engine's durable state from before the batch still
-//! holds the keys of the batch's messages, and the unacknowledged entries come again.
-//! Acknowledgements wait for the engine's write (REQ-6.5-3).
+//! The batch's entries are recorded in the client's store in one transaction when it
+//! ends, then the engine's state is written, then the entries are acknowledged
+//! (REQ-6.5-3). A crash inside a batch loses nothing: the engine's durable state from
+//! before the batch still holds the keys of the batch's messages (or its journal their
+//! outcomes, when an operation wrote the state early), and the unacknowledged entries come
+//! again. Only application messages are batched; any other entry ends the batch first.
 
 use std::collections::BTreeMap;
 
-use confab_spec::ids::{Seq, StreamId, UnixMs};
+use confab_spec::ids::{ConversationId, Seq, StreamId, UnixMs};
+
+use crate::store::Message;
 
 /// Entries after which a batch ends.
 pub const RECEIVE_BATCH_ENTRIES: u32 = 64;
@@ -27,6 +31,23 @@ pub(super) struct ReceiveBatch {
     pub entries: u32,
     /// The highest seq to acknowledge per stream once the batch is written.
     pub acks: BTreeMap<StreamId, Seq>,
+    /// The entries to record in the store, show and report.
+    pub deliveries: Vec<Delivery>,
+    /// Journaled decryptions to release once the store holds them.
+    pub releases: Vec<(ConversationId, Seq)>,
+}
+
+/// An entry of a batch, processed and waiting to be recorded.
+#[derive(Debug)]
+pub(super) struct Delivery {
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its seq.
+    pub seq: Seq,
+    /// The message it holds, if any.
+    pub message: Option<Message>,
+    /// Its report to the observer, if there is one (`new` is set when it is recorded).
+    pub record: Option<super::EntryRecord>,
 }
 
 impl ReceiveBatch {
@@ -36,6 +57,8 @@ impl ReceiveBatch {
             due: now.plus_ms(RECEIVE_BATCH_MS),
             entries: 0,
             acks: BTreeMap::new(),
+            deliveries: Vec::new(),
+            releases: Vec::new(),
         }
     }
 

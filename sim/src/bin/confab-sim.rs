@@ -100,13 +100,19 @@ fn main() -> ExitCode {
                 "running {} with seed {} for {} cycles on {} devices",
                 options.scenario, options.seed, options.cycles, options.clients
             );
+            let started = std::time::Instant::now();
             let result = confab_sim::run(&options, &mut |p| {
-                eprintln!(
-                    "  {:>6} / {} cycles, {:.1} s simulated",
-                    p.cycles,
-                    p.target,
-                    p.sim_ms as f64 / 1_000.0
-                );
+                let simulated = p.sim_ms as f64 / 1_000.0;
+                let wall = started.elapsed().as_secs_f64();
+                match p.setting_up {
+                    Some((step, done, of)) => eprintln!(
+                        "  set-up: {step}, {done} / {of}, {simulated:.1} s simulated, {wall:.0} s wall"
+                    ),
+                    None => eprintln!(
+                        "  {:>6} / {} cycles, {simulated:.1} s simulated, {wall:.0} s wall",
+                        p.cycles, p.target
+                    ),
+                }
             });
             match result {
                 Ok(summary) => {
