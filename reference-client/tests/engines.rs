@@ -402,6 +402,13 @@ fn receive_batches_are_written_at_their_end_and_lose_nothing_in_a_crash() {
             b.engine().process_entry(&GROUP, seq, ct).expect("in batch");
             b.engine().release_processed(&GROUP, seq).expect("release");
         }
+        // Making KeyPackages inside a batch works (and ends it): mls-rs writes them through
+        // a connection of its own.
+        let kp = b
+            .engine()
+            .key_packages(1, false)
+            .expect("key package in a batch");
+        assert_eq!(kp.len(), 1);
         b.engine().end_receive_batch().expect("end");
         b.reload();
         let replay = b.engine().process_entry(&GROUP, 4, &sent[3].1);

@@ -1231,7 +1231,9 @@ impl Client {
         Ok(())
     }
 
-    /// Processes one delivered entry, records it with the cursor, then acknowledges it.
+    /// Processes one delivered entry, records it with the cursor, then acknowledges it; an
+    /// application message's recording and acknowledgement wait for its receive batch's
+    /// end ([`receive_batch`]).
     fn on_entry(&mut self, stream: StreamId, entry: Entry) -> Result<(), ClientError> {
         let seq = entry.seq;
         if matches!(entry.body, EntryBody::Application { .. }) {

@@ -382,6 +382,9 @@ where
         count: usize,
         last_resort: bool,
     ) -> Result<Vec<Vec<u8>>, EngineError> {
+        // mls-rs writes KeyPackages through its own connection, which would wait for the
+        // batch's journal transaction on this thread until it timed out.
+        self.end_receive_batch()?;
         // Backdated as openmls does, so that a member whose clock is behind this device's
         // (or an engine that reads another clock) does not see the lifetime as not yet
         // begun.
@@ -643,6 +646,7 @@ where
     }
 
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
+        self.end_receive_batch()?;
         self.psks
             .insert(id, &PreSharedKey::new(secret.to_vec()))
             .map_err(storage)
