@@ -1440,14 +1440,14 @@ impl Client {
         if let Some(batch) = self.receive_batch.as_mut() {
             // Recorded, shown and acknowledged with the rest of the batch: a message is
             // shown once it is durable, so a crash before that shows it once, after.
-            batch.deliveries.push(receive_batch::Delivery {
+            let full = batch.add(receive_batch::Delivery {
                 stream,
                 seq,
                 message,
                 record,
+                journaled,
             });
-            batch.releases.extend(journaled.map(|c| (c, seq)));
-            if batch.add(stream, seq) {
+            if full {
                 self.end_receive_batch()?;
             }
             return Ok(());
@@ -1507,14 +1507,17 @@ impl Client {
                 .iter()
                 .map(|d| (d.stream, d.seq, d.message.as_ref())),
         )?;
-        for (c, seq) in &batch.releases {
-            self.engine.release_processed(c, seq.get())?;
+        for d in &batch.deliveries {
+            if let Some(c) = &d.journaled {
+                self.engine.release_processed(c, d.seq.get())?;
+            }
         }
         self.engine.end_receive_batch()?;
+        let acks = batch.acks();
         for (delivery, new) in batch.deliveries.into_iter().zip(new) {
             self.record_delivery(new, delivery.message, delivery.record);
         }
-        for (stream, seq) in batch.acks {
+        for (stream, seq) in acks {
             self.acknowledge(stream, seq)?;
         }
         Ok(())

@@ -27,14 +27,8 @@ pub const RECEIVE_BATCH_MS: u64 = 100;
 pub(super) struct ReceiveBatch {
     /// When it ends at the latest.
     pub due: UnixMs,
-    /// Entries in it.
-    pub entries: u32,
-    /// The highest seq to acknowledge per stream once the batch is written.
-    pub acks: BTreeMap<StreamId, Seq>,
-    /// The entries to record in the store, show and report.
+    /// The entries to record in the store, show, report and acknowledge.
     pub deliveries: Vec<Delivery>,
-    /// Journaled decryptions to release once the store holds them.
-    pub releases: Vec<(ConversationId, Seq)>,
 }
 
 /// An entry of a batch, processed and waiting to be recorded.
@@ -48,6 +42,8 @@ pub(super) struct Delivery {
     pub message: Option<Message>,
     /// Its report to the observer, if there is one (`new` is set when it is recorded).
     pub record: Option<super::EntryRecord>,
+    /// The group whose engine journaled its decryption, released once the store holds it.
+    pub journaled: Option<ConversationId>,
 }
 
 impl ReceiveBatch {
@@ -55,19 +51,24 @@ impl ReceiveBatch {
     pub fn open(now: UnixMs) -> Self {
         Self {
             due: now.plus_ms(RECEIVE_BATCH_MS),
-            entries: 0,
-            acks: BTreeMap::new(),
             deliveries: Vec::new(),
-            releases: Vec::new(),
         }
     }
 
-    /// Counts an entry of `stream` to acknowledge; whether the batch is full.
-    pub fn add(&mut self, stream: StreamId, seq: Seq) -> bool {
-        let ack = self.acks.entry(stream).or_insert(seq);
-        *ack = (*ack).max(seq);
-        self.entries += 1;
-        self.entries >= RECEIVE_BATCH_ENTRIES
+    /// Adds an entry; whether the batch is full.
+    pub fn add(&mut self, delivery: Delivery) -> bool {
+        self.deliveries.push(delivery);
+        self.deliveries.len() >= RECEIVE_BATCH_ENTRIES as usize
+    }
+
+    /// The highest seq to acknowledge per stream once the batch is written.
+    pub fn acks(&self) -> BTreeMap<StreamId, Seq> {
+        let mut acks = BTreeMap::new();
+        for d in &self.deliveries {
+            let ack = acks.entry(d.stream).or_insert(d.seq);
+            *ack = (*ack).max(d.seq);
+        }
+        acks
     }
 }
 
@@ -80,14 +81,20 @@ mod tests {
         let mut batch = ReceiveBatch::open(UnixMs(1_000));
         assert_eq!(batch.due, UnixMs(1_000 + RECEIVE_BATCH_MS));
         let seq = |n| Seq::new(n).expect("seq");
+        let entry = |n| Delivery {
+            stream: StreamId::Inbox,
+            seq: seq(n),
+            message: None,
+            record: None,
+            journaled: None,
+        };
         let mut full = false;
         for n in [5, 3, 9, 4] {
-            full |= batch.add(StreamId::Inbox, seq(n));
+            full |= batch.add(entry(n));
         }
         assert!(!full);
-        assert_eq!(batch.acks.get(&StreamId::Inbox), Some(&seq(9)));
-        let filled =
-            (4..RECEIVE_BATCH_ENTRIES).map(|n| batch.add(StreamId::Inbox, seq(u64::from(n) + 10)));
+        assert_eq!(batch.acks().get(&StreamId::Inbox), Some(&seq(9)));
+        let filled = (4..RECEIVE_BATCH_ENTRIES).map(|n| batch.add(entry(u64::from(n) + 10)));
         assert_eq!(
             filled.filter(|f| *f).count(),
             1,
