@@ -453,3 +453,74 @@ fn receive_batches_are_written_at_their_end_and_lose_nothing_in_a_crash() {
         assert_eq!(got, Ok(expect(&sent[8].0)), "{ka}->{kb}: past epoch");
     }
 }
+
+#[test]
+fn a_shared_signature_memo_answers_a_repeated_check_and_changes_no_outcome() {
+    use confab_client::mls::open_engine_with;
+    use confab_client::mls::signature_memo::SignatureMemo;
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let memo = SignatureMemo::new(1_024);
+        let mut devices: Vec<Device> = [(1, ka), (2, kb), (3, kb)]
+            .into_iter()
+            .map(|(seed, kind)| {
+                let mut d = Device::new(&dir, seed, kind);
+                d.engine = None;
+                d.engine = Some(
+                    open_engine_with(
+                        kind,
+                        &d.path,
+                        d.credentials.clone(),
+                        clock(),
+                        Some(memo.clone()),
+                    )
+                    .expect("open with memo"),
+                );
+                d
+            })
+            .collect();
+        let [a, b, c] = &mut devices[..] else {
+            unreachable!()
+        };
+        a.engine().create_group(&GROUP).expect("create");
+        let mut kps = b.engine().key_packages(1, false).expect("key package");
+        kps.extend(c.engine().key_packages(1, false).expect("key package"));
+        let out = a.engine().add_members(&GROUP, &kps).expect("add");
+        a.engine().merge_pending_commit(&GROUP).expect("merge");
+        for d in [&mut *b, &mut *c] {
+            d.engine()
+                .join(out.welcome.as_deref().expect("welcome"))
+                .expect("join");
+        }
+        assert_agree(&[a, b, c], &GROUP);
+
+        let ct = a
+            .engine()
+            .encrypt(&GROUP, b"checked once")
+            .expect("encrypt");
+        let before = memo.stats();
+        let at_b = b.engine().process(&GROUP, &ct).expect("b decrypts");
+        let after_b = memo.stats();
+        let at_c = c.engine().process(&GROUP, &ct).expect("c decrypts");
+        let after_c = memo.stats();
+        assert_eq!(at_b, at_c, "{ka}->{kb}: the same outcome");
+        assert!(
+            matches!(&at_c, Processed::Application { plaintext, .. } if plaintext == b"checked once"),
+            "{ka}->{kb}: {at_c:?}"
+        );
+        assert_eq!(after_b.misses, before.misses + 1, "{ka}->{kb}: b checks it");
+        assert_eq!(after_c.misses, after_b.misses, "{ka}->{kb}: c does not");
+        assert_eq!(
+            after_c.hits,
+            after_b.hits + 1,
+            "{ka}->{kb}: the memo answers c"
+        );
+
+        // The memo answers signature checks only: the same message again is still refused
+        // (its key is used up).
+        assert!(
+            c.engine().process(&GROUP, &ct).is_err(),
+            "{ka}->{kb}: replay"
+        );
+    }
+}

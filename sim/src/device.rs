@@ -9,9 +9,11 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use confab_client::app::receive_batch::ReceiveBatchLimits;
 use confab_client::app::{Client, ClientError, Observer};
 use confab_client::environment::{Dialing, Entropy, Environment, Io};
-use confab_client::mls::{EngineKind, open_engine};
+use confab_client::mls::signature_memo::SignatureMemo;
+use confab_client::mls::{EngineKind, open_engine_with};
 use confab_client::store::ClientStore;
 use confab_client::transport::Transport;
 use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
@@ -89,6 +91,10 @@ pub struct DeviceSpec {
     pub backoff_cap_ms: u64,
     /// KeyPackages to upload at the start.
     pub key_packages: u64,
+    /// When its client's receive batches end.
+    pub receive_batch: ReceiveBatchLimits,
+    /// Signatures checked once for all devices, if the scenario shares them.
+    pub signatures: Option<Arc<SignatureMemo>>,
 }
 
 impl DeviceSpec {
@@ -127,7 +133,9 @@ impl DeviceSpec {
             backoff_cap_ms: self.backoff_cap_ms,
             jitter,
             entropy: derive_seed(self.seed, "device", n),
+            signatures: self.signatures.clone(),
         })?;
+        client.set_receive_batch_limits(self.receive_batch);
         let observer = client.observe();
         Ok((client, observer))
     }
@@ -151,16 +159,19 @@ pub struct ClientParts<'a> {
     pub jitter: u64,
     /// The seed of its randomness (msg_ids, nonces).
     pub entropy: [u8; 32],
+    /// Signatures checked once for all devices, if the scenario shares them.
+    pub signatures: Option<Arc<SignatureMemo>>,
 }
 
 /// A reference client on simulated TCP, the simulated clock and seeded randomness, with
 /// its files in `parts.dir`.
 pub fn sim_client(parts: &ClientParts<'_>) -> Result<Client, String> {
-    let engine = open_engine(
+    let engine = open_engine_with(
         parts.engine,
         &parts.dir.join("mls.db"),
         parts.credentials.clone(),
         Arc::new(sim_now),
+        parts.signatures.clone(),
     )
     .map_err(|e| format!("engine: {e}"))?;
     let store =

@@ -12,9 +12,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use confab_client::mls::EngineKind;
+use confab_client::mls::signature_memo::{MemoStats, SignatureMemo};
 use confab_gateway::durability::SyncPolicy;
 use confab_gateway::faults::Faults;
 use confab_gateway::handler::GatewayConfig;
@@ -41,6 +43,10 @@ const PARTITION_MS: u64 = 3 * HEARTBEAT_TIMEOUT_MS;
 const SET_UP_MS: u64 = 120_000;
 /// How often the set-up reports progress, in simulated milliseconds.
 const SETUP_REPORT_MS: u64 = 10_000;
+
+/// Signatures the shared memo holds: the soak's messages in flight (a few seconds at 100
+/// a second) and a room's leaf signatures, which every joiner checks (1,000).
+const SIGNATURE_MEMO_CAPACITY: usize = 16_384;
 /// Bound on catching up once faults stop (the liveness invariant), simulated.
 const SETTLE_MS: u64 = 120_000;
 /// Bound on the time without a completed cycle, simulated.
@@ -140,6 +146,8 @@ pub struct Summary {
     pub digest: String,
     /// What `presence-scrape` measured (that scenario only).
     pub presence: Option<crate::scrape::ScrapeReport>,
+    /// How the shared signature memo answered, in scenarios that share one.
+    pub signatures: Option<MemoStats>,
 }
 
 /// A failed run: the broken invariant and how to replay it.
@@ -302,6 +310,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
                 wall: wall.elapsed(),
                 digest: world.trace.digest(),
                 presence: None,
+                signatures: orchestrator.signatures.as_ref().map(|m| m.stats()),
             })
         }
     }
@@ -356,6 +365,8 @@ struct Orchestrator<'a> {
     step: u64,
     reported: u64,
     next_setup_report: u64,
+    /// Signatures checked once for all devices, in scenarios that share them.
+    signatures: Option<Arc<SignatureMemo>>,
 }
 
 /// The engine of device `i`: each user and each DM pair holds both engines.
@@ -452,6 +463,10 @@ impl<'a> Orchestrator<'a> {
             step: 0,
             reported: 0,
             next_setup_report: SETUP_REPORT_MS,
+            signatures: options
+                .scenario
+                .shares_signature_checks()
+                .then(|| SignatureMemo::new(SIGNATURE_MEMO_CAPACITY)),
             options,
         };
         let w = orchestrator.world.clone();
@@ -478,6 +493,8 @@ impl<'a> Orchestrator<'a> {
                 backoff_base_ms: 20,
                 backoff_cap_ms: 2_000,
                 key_packages: 8,
+                receive_batch: orchestrator.options.scenario.receive_batch_limits(),
+                signatures: orchestrator.signatures.clone(),
             });
             let _ = std::fs::create_dir_all(&spec.dir);
             specs.push(spec);

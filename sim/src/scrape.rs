@@ -185,6 +185,7 @@ impl HostSpec {
             backoff_cap_ms: 5_000,
             jitter: n,
             entropy: derive_seed(self.seed, name, n),
+            signatures: None,
         })
     }
 }
@@ -605,6 +606,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
         wall: wall.elapsed(),
         digest,
         presence: Some(report),
+        signatures: None,
     })
 }
 

@@ -156,6 +156,8 @@ pub struct Client {
     presence: Tracker,
     /// The receive batch open now, if any.
     receive_batch: Option<receive_batch::ReceiveBatch>,
+    /// When receive batches end.
+    receive_batch_limits: receive_batch::ReceiveBatchLimits,
 }
 
 /// What a client reports to its observer as it goes ([`Client::observe`]).
@@ -271,7 +273,14 @@ impl Client {
             observer: None,
             presence: Tracker::default(),
             receive_batch: None,
+            receive_batch_limits: receive_batch::ReceiveBatchLimits::default(),
         }
+    }
+
+    /// Sets when receive batches end ([`receive_batch`]); batches opened from now on
+    /// follow them.
+    pub fn set_receive_batch_limits(&mut self, limits: receive_batch::ReceiveBatchLimits) {
+        self.receive_batch_limits = limits;
     }
 
     /// This device.
@@ -1485,7 +1494,10 @@ impl Client {
     fn begin_receive_batch(&mut self) -> Result<(), ClientError> {
         if self.receive_batch.is_none() {
             self.engine.begin_receive_batch()?;
-            self.receive_batch = Some(receive_batch::ReceiveBatch::open(self.now()));
+            self.receive_batch = Some(receive_batch::ReceiveBatch::open(
+                self.now(),
+                self.receive_batch_limits,
+            ));
         }
         Ok(())
     }

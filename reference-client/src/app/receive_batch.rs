@@ -1,7 +1,14 @@
 //! Receive batches: a device in a busy conversation decrypts application messages as they
 //! come but writes its MLS state, and acknowledges, once per batch: when the batch holds
-//! [`RECEIVE_BATCH_ENTRIES`] entries, [`RECEIVE_BATCH_MS`] after it opened, before any
-//! other event is handled, and at the end of [`super::Client::sync`].
+//! [`ReceiveBatchLimits::entries`] entries (by default [`RECEIVE_BATCH_ENTRIES`]),
+//! [`ReceiveBatchLimits::window_ms`] after it opened (by default [`RECEIVE_BATCH_MS`]),
+//! before any other event is handled, and at the end of [`super::Client::sync`].
+//!
+//! The window is the longest a message waits to be shown, so the default is short; a
+//! device that only reads (a bot, an archive, a simulated member of a 1,000-member room)
+//! can take longer windows: in a room of 1,000 a write of the state costs milliseconds
+//! (openmls writes the member lists of its past epochs with it), so how many messages
+//! share one write decides what a member pays per message.
 //!
 //! The batch's entries are recorded in the client's store in one transaction when it
 //! ends, then the engine's state is written, then the entries are acknowledged
@@ -22,11 +29,32 @@ pub const RECEIVE_BATCH_ENTRIES: u32 = 64;
 /// How long a batch stays open, in milliseconds: the longest an acknowledgement waits.
 pub const RECEIVE_BATCH_MS: u64 = 100;
 
+/// When a receive batch ends ([`super::Client::set_receive_batch_limits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiveBatchLimits {
+    /// Entries after which a batch ends (at least 1).
+    pub entries: u32,
+    /// How long a batch stays open, in milliseconds: the longest a message waits to be
+    /// shown and acknowledged.
+    pub window_ms: u64,
+}
+
+impl Default for ReceiveBatchLimits {
+    fn default() -> Self {
+        Self {
+            entries: RECEIVE_BATCH_ENTRIES,
+            window_ms: RECEIVE_BATCH_MS,
+        }
+    }
+}
+
 /// An open batch.
 #[derive(Debug)]
 pub(super) struct ReceiveBatch {
     /// When it ends at the latest.
     pub due: UnixMs,
+    /// Entries after which it ends.
+    pub entries: u32,
     /// The entries to record in the store, show, report and acknowledge.
     pub deliveries: Vec<Delivery>,
 }
@@ -48,9 +76,10 @@ pub(super) struct Delivery {
 
 impl ReceiveBatch {
     /// A batch opened at `now`.
-    pub fn open(now: UnixMs) -> Self {
+    pub fn open(now: UnixMs, limits: ReceiveBatchLimits) -> Self {
         Self {
-            due: now.plus_ms(RECEIVE_BATCH_MS),
+            due: now.plus_ms(limits.window_ms),
+            entries: limits.entries.max(1),
             deliveries: Vec::new(),
         }
     }
@@ -58,7 +87,7 @@ impl ReceiveBatch {
     /// Adds an entry; whether the batch is full.
     pub fn add(&mut self, delivery: Delivery) -> bool {
         self.deliveries.push(delivery);
-        self.deliveries.len() >= RECEIVE_BATCH_ENTRIES as usize
+        self.deliveries.len() >= self.entries as usize
     }
 
     /// The highest seq to acknowledge per stream once the batch is written.
@@ -78,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_batch_keeps_the_highest_seq_per_stream_and_fills_up() {
-        let mut batch = ReceiveBatch::open(UnixMs(1_000));
+        let mut batch = ReceiveBatch::open(UnixMs(1_000), ReceiveBatchLimits::default());
         assert_eq!(batch.due, UnixMs(1_000 + RECEIVE_BATCH_MS));
         let seq = |n| Seq::new(n).expect("seq");
         let entry = |n| Delivery {

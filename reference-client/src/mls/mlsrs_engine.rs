@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mls_rs::client_builder::MlsConfig;
@@ -29,6 +30,9 @@ use mls_rs::{
 use mls_rs_core::identity::MemberValidationContext;
 use mls_rs_core::psk::{ExternalPskId, PreSharedKey};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
+
+use super::mlsrs_memo_crypto::MemoCryptoProvider;
+use super::signature_memo::SignatureMemo;
 use mls_rs_provider_sqlite::SqLiteDataStorageEngine;
 use mls_rs_provider_sqlite::connection_strategy::FileConnectionStrategy;
 use mls_rs_provider_sqlite::storage::{SqLiteGroupStateStorage, SqLitePreSharedKeyStorage};
@@ -61,6 +65,7 @@ pub fn open(
     path: &Path,
     credentials: DeviceCredentials,
     clock: Clock,
+    signatures: Option<Arc<SignatureMemo>>,
 ) -> Result<Box<dyn MlsEngine>, EngineError> {
     let engine = SqLiteDataStorageEngine::new(FileConnectionStrategy::new(path))
         .map_err(storage)?
@@ -81,7 +86,10 @@ pub fn open(
     let mut secret = credentials.key.seed().to_vec();
     secret.extend_from_slice(certificate.device_key.as_bytes());
     let client = Client::builder()
-        .crypto_provider(RustCryptoProvider::default())
+        .crypto_provider(MemoCryptoProvider {
+            inner: RustCryptoProvider::default(),
+            memo: signatures,
+        })
         .identity_provider(CertificateIdentity {
             clock: clock.clone(),
         })
@@ -269,9 +277,9 @@ fn extension_list(list: &[(u16, Vec<u8>)]) -> ExtensionList {
     out
 }
 
-/// Past epochs whose secrets are kept, as the openmls engine keeps them (REQ-7.2-4 asks
-/// for at least `limits::APP_EPOCH_LAG_MAX`).
-const PAST_EPOCHS: u64 = 8;
+/// Past epochs whose secrets are kept, as the openmls engine keeps them: what REQ-7.2-4
+/// asks, `limits::APP_EPOCH_LAG_MAX` (the gateway accepts nothing older, REQ-7.2-3).
+const PAST_EPOCHS: u64 = confab_spec::limits::APP_EPOCH_LAG_MAX;
 
 /// How far a KeyPackage's lifetime starts before its creation (openmls uses one hour).
 const KEY_PACKAGE_BACKDATE_MS: u64 = 3_600_000;

@@ -15,8 +15,11 @@
 
 pub mod journal;
 pub mod mlsrs_engine;
+pub mod mlsrs_memo_crypto;
 pub mod openmls_deferred;
 pub mod openmls_engine;
+pub mod openmls_memo_crypto;
+pub mod signature_memo;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -78,13 +81,26 @@ pub fn open_engine(
     credentials: DeviceCredentials,
     clock: Clock,
 ) -> Result<Box<dyn MlsEngine>, EngineError> {
+    open_engine_with(kind, path, credentials, clock, None)
+}
+
+/// [`open_engine`], checking signatures through `signatures`, a memo shared with the
+/// engines of other devices in this process ([`signature_memo`]; for simulations).
+pub fn open_engine_with(
+    kind: EngineKind,
+    path: &Path,
+    credentials: DeviceCredentials,
+    clock: Clock,
+    signatures: Option<Arc<signature_memo::SignatureMemo>>,
+) -> Result<Box<dyn MlsEngine>, EngineError> {
     Ok(match kind {
         EngineKind::OpenMls => Box::new(openmls_engine::OpenMlsEngine::open(
             path,
             credentials,
             clock,
+            signatures,
         )?),
-        EngineKind::MlsRs => mlsrs_engine::open(path, credentials, clock)?,
+        EngineKind::MlsRs => mlsrs_engine::open(path, credentials, clock, signatures)?,
     })
 }
 

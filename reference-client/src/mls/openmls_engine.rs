@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use ed25519_dalek::Signer as _;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -23,6 +24,8 @@ use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::signatures::{Signer, SignerError};
 
 use super::openmls_deferred::DeferringStorage;
+use super::openmls_memo_crypto::MemoCrypto;
+use super::signature_memo::SignatureMemo;
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
     credential_identity, device_of, journal, verify_member,
@@ -31,8 +34,11 @@ use confab_spec::ids::{ConversationId, DeviceId};
 use confab_spec::session::DeviceCredentials;
 
 const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
-/// Past epochs whose application messages can still be decrypted (SPEC.md REQ-7.2-3).
-const MAX_PAST_EPOCHS: usize = 8;
+/// Past epochs whose application messages can still be decrypted: `app_epoch_lag_max`,
+/// what SPEC.md REQ-7.2-4 asks (the gateway accepts nothing older, REQ-7.2-3). openmls
+/// writes the member list of each past epoch with every write of the message secrets, so
+/// each one more costs a room's size per write.
+const MAX_PAST_EPOCHS: usize = confab_spec::limits::APP_EPOCH_LAG_MAX as usize;
 
 /// openmls 0.9 has no public API for subgroup branching or ReInit.
 const NO_RESUMPTION: &str = "openmls 0.9 (no public branch or ReInit API)";
@@ -40,7 +46,7 @@ const NO_RESUMPTION: &str = "openmls 0.9 (no public branch or ReInit API)";
 /// The openmls engine of one device.
 pub struct OpenMlsEngine {
     conn: Connection,
-    crypto: RustCrypto,
+    crypto: MemoCrypto,
     signer: DeviceSigner,
     credential: CredentialWithKey,
     device: DeviceId,
@@ -68,12 +74,12 @@ impl Codec for JsonCodec {
 }
 
 struct Provider<'a> {
-    crypto: &'a RustCrypto,
+    crypto: &'a MemoCrypto,
     storage: DeferringStorage<SqliteStorageProvider<JsonCodec, &'a Connection>>,
 }
 
 impl<'a> OpenMlsProvider for Provider<'a> {
-    type CryptoProvider = RustCrypto;
+    type CryptoProvider = MemoCrypto;
     type RandProvider = RustCrypto;
     type StorageProvider = DeferringStorage<SqliteStorageProvider<JsonCodec, &'a Connection>>;
 
@@ -86,7 +92,7 @@ impl<'a> OpenMlsProvider for Provider<'a> {
     }
 
     fn rand(&self) -> &Self::RandProvider {
-        self.crypto
+        &self.crypto.inner
     }
 }
 
@@ -109,6 +115,7 @@ impl OpenMlsEngine {
         path: &Path,
         credentials: DeviceCredentials,
         clock: Clock,
+        signatures: Option<Arc<SignatureMemo>>,
     ) -> Result<Self, EngineError> {
         let mut conn = Connection::open(path).map_err(storage)?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
@@ -125,7 +132,10 @@ impl OpenMlsEngine {
         };
         Ok(Self {
             conn,
-            crypto: RustCrypto::default(),
+            crypto: MemoCrypto {
+                inner: RustCrypto::default(),
+                memo: signatures,
+            },
             signer: DeviceSigner(signing_key),
             credential,
             device: certificate.device_id(),

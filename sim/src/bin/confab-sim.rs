@@ -148,6 +148,13 @@ fn print_summary(s: &Summary) {
         ("faults injected", faults.to_string()),
         ("invariant checks", s.checks.to_string()),
         (
+            "signature checks",
+            s.signatures.map_or_else(
+                || "every device checks its own".to_owned(),
+                |m| format!("{} computed, {} shared", m.misses, m.hits),
+            ),
+        ),
+        (
             "simulated time",
             format!("{:.1} s", s.sim_ms as f64 / 1_000.0),
         ),
