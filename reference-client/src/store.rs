@@ -131,6 +131,8 @@ pub struct Cursor {
 /// The client's SQLite store.
 pub struct ClientStore {
     conn: Connection,
+    /// Messages kept per conversation, the newest; `None` keeps all.
+    keep_messages: Option<std::num::NonZeroU32>,
 }
 
 const SCHEMA: &str = "
@@ -206,6 +208,22 @@ fn processed(tx: &Connection, key: &[u8], seq: Seq) -> Result<bool, StoreError> 
     Ok(next.is_some_and(|n| to_i64(seq.get()) < n))
 }
 
+/// Deletes the messages of `conversation` older than its `keep` newest, in `tx`.
+fn prune_messages(
+    tx: &Connection,
+    conversation: &ConversationId,
+    keep: std::num::NonZeroU32,
+) -> Result<(), StoreError> {
+    // The subquery is the seq of the keep-th newest message (none while there are fewer).
+    tx.prepare_cached(
+        "DELETE FROM messages WHERE conversation = ?1 AND seq < (
+             SELECT seq FROM messages WHERE conversation = ?1
+             ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+    )?
+    .execute(params![conversation.0.as_slice(), keep.get() - 1])?;
+    Ok(())
+}
+
 /// Records one delivered entry in the open transaction `tx` (see [`ClientStore::deliver`]).
 fn deliver_in(
     tx: &Connection,
@@ -270,7 +288,19 @@ impl ClientStore {
         // Every statement is prepared once per connection (parsing cost more than running
         // them on the per-entry path).
         conn.set_prepared_statement_cache_capacity(64);
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            keep_messages: None,
+        })
+    }
+
+    /// Keeps at most `keep` messages per conversation, the newest by seq: recording a
+    /// message deletes the oldest beyond that (a device that only needs recent history:
+    /// a bot, a simulated member of a busy room). `None`, the default, keeps every
+    /// message. Which entries were processed is tracked by the cursors, not by the kept
+    /// messages, so an entry that comes again is still recognised.
+    pub fn set_message_retention(&mut self, keep: Option<std::num::NonZeroU32>) {
+        self.keep_messages = keep;
     }
 
     /// The identity, once `init` stored one.
@@ -486,6 +516,9 @@ impl ClientStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let new = deliver_in(&tx, stream, seq, message)?;
+        if let (Some(keep), Some(m)) = (self.keep_messages, message) {
+            prune_messages(&tx, &m.conversation, keep)?;
+        }
         tx.commit()?;
         Ok(new)
     }
@@ -499,10 +532,21 @@ impl ClientStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conversations = std::collections::BTreeSet::new();
         let new = entries
             .into_iter()
-            .map(|(stream, seq, message)| deliver_in(&tx, &stream, seq, message))
+            .map(|(stream, seq, message)| {
+                if let Some(m) = message {
+                    conversations.insert(m.conversation);
+                }
+                deliver_in(&tx, &stream, seq, message)
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(keep) = self.keep_messages {
+            for c in &conversations {
+                prune_messages(&tx, c, keep)?;
+            }
+        }
         tx.commit()?;
         Ok(new)
     }

@@ -1,7 +1,8 @@
 //! The client's local store against a model, over random sequences of deliveries
 //! (in order, replayed, out of order), acks, outbox puts and reopenings: a seq is recorded
 //! once, the cursor only moves forward, a duplicate changes nothing, one's own delivered
-//! message leaves the outbox, and everything survives reopening the file.
+//! message leaves the outbox, and everything survives reopening the file. With a retention
+//! limit only the newest messages stay, and dropped ones are still recognised as processed.
 
 use std::collections::BTreeMap;
 
@@ -56,10 +57,15 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_the_model(ops in prop::collection::vec(op(), 1..60)) {
+    fn store_matches_the_model(
+        ops in prop::collection::vec(op(), 1..60),
+        keep in prop::option::of(1u32..6),
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("confab.db");
+        let keep = keep.and_then(std::num::NonZeroU32::new);
         let mut store = ClientStore::open(&path).expect("open");
+        store.set_message_retention(keep);
         let (mut next, mut acked) = (1u64, 0u64);
         let mut messages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut outbox: Vec<u8> = Vec::new();
@@ -76,6 +82,10 @@ proptest! {
                         if with_message {
                             messages.entry(u64::from(seq)).or_insert(m.body.clone());
                             outbox.retain(|id| *id != seq);
+                            // Retention keeps the newest `keep` messages.
+                            while keep.is_some_and(|k| messages.len() > k.get() as usize) {
+                                messages.pop_first();
+                            }
                         }
                     }
                 }
@@ -103,6 +113,7 @@ proptest! {
                 Op::Reopen => {
                     drop(store);
                     store = ClientStore::open(&path).expect("reopen");
+                    store.set_message_retention(keep);
                 }
             }
             if let Some(c) = store.cursor(&STREAM).expect("cursor") {

@@ -4,6 +4,7 @@
 //! [`World`](crate::world::World)'s checker. A crash drops the client mid-flight; the
 //! restarted software reopens the same files, as a restarted app would.
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,8 @@ pub struct DeviceSpec {
     pub receive_batch: ReceiveBatchLimits,
     /// Signatures checked once for all devices, if the scenario shares them.
     pub signatures: Option<Arc<SignatureMemo>>,
+    /// Messages its client keeps per conversation (`None`: all).
+    pub keep_messages: Option<NonZeroU32>,
 }
 
 impl DeviceSpec {
@@ -134,6 +137,7 @@ impl DeviceSpec {
             jitter,
             entropy: derive_seed(self.seed, "device", n),
             signatures: self.signatures.clone(),
+            keep_messages: self.keep_messages,
         })?;
         client.set_receive_batch_limits(self.receive_batch);
         let observer = client.observe();
@@ -161,6 +165,8 @@ pub struct ClientParts<'a> {
     pub entropy: [u8; 32],
     /// Signatures checked once for all devices, if the scenario shares them.
     pub signatures: Option<Arc<SignatureMemo>>,
+    /// Messages it keeps per conversation (`None`: all).
+    pub keep_messages: Option<NonZeroU32>,
 }
 
 /// A reference client on simulated TCP, the simulated clock and seeded randomness, with
@@ -174,8 +180,9 @@ pub fn sim_client(parts: &ClientParts<'_>) -> Result<Client, String> {
         parts.signatures.clone(),
     )
     .map_err(|e| format!("engine: {e}"))?;
-    let store =
+    let mut store =
         ClientStore::open(&parts.dir.join("client.db")).map_err(|e| format!("store: {e}"))?;
+    store.set_message_retention(parts.keep_messages);
     let mut config = SessionConfig::new(parts.origin.to_owned());
     config.backoff_base_ms = parts.backoff_base_ms;
     config.backoff_cap_ms = parts.backoff_cap_ms;

@@ -495,6 +495,7 @@ impl<'a> Orchestrator<'a> {
                 key_packages: 8,
                 receive_batch: orchestrator.options.scenario.receive_batch_limits(),
                 signatures: orchestrator.signatures.clone(),
+                keep_messages: orchestrator.options.scenario.keep_messages(),
             });
             let _ = std::fs::create_dir_all(&spec.dir);
             specs.push(spec);

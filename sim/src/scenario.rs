@@ -200,6 +200,17 @@ impl Scenario {
         matches!(self, Scenario::RoomSoak)
     }
 
+    /// Messages each client keeps per conversation (`None`: all). The soak's members
+    /// receive 100 messages a second: kept whole, 1,000 members' stores grow by 110 MB a
+    /// simulated second (the files are in RAM). The simulator checks deliveries as the
+    /// clients report them, not by reading their stores.
+    pub fn keep_messages(self) -> Option<std::num::NonZeroU32> {
+        match self {
+            Scenario::RoomSoak => std::num::NonZeroU32::new(100),
+            _ => None,
+        }
+    }
+
     /// How its devices are grouped.
     pub fn topology(self) -> Topology {
         match self {

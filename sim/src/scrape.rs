@@ -186,6 +186,7 @@ impl HostSpec {
             jitter: n,
             entropy: derive_seed(self.seed, name, n),
             signatures: None,
+            keep_messages: None,
         })
     }
 }
