@@ -318,19 +318,53 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
 
 /// Where the hosts' files go: RAM (`/dev/shm`) when there is one, since fsync there is
 /// free and crashes are simulated in-process anyway; else the system's temp directory.
+/// The name carries the process id: a run that was killed cannot remove its files (a
+/// 1,000-member soak leaves gigabytes in RAM), so each run first removes those of
+/// processes that no longer exist.
 pub(crate) fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     let ram = Path::new("/dev/shm");
+    let prefix = format!("{SCRATCH_PREFIX}{}-", std::process::id());
     let builder = {
         let mut b = tempfile::Builder::new();
-        b.prefix("confab-sim-");
+        b.prefix(&prefix);
         b
     };
     if ram.is_dir() {
+        remove_abandoned_scratch(ram);
         if let Ok(dir) = builder.tempdir_in(ram) {
             return Ok(dir);
         }
     }
     builder.tempdir()
+}
+
+/// How scratch directories' names begin, before the process id.
+const SCRATCH_PREFIX: &str = "confab-sim-";
+
+/// Removes the scratch directories in `parent` left by processes that are gone (known by
+/// `/proc`; without it, nothing is removed).
+fn remove_abandoned_scratch(parent: &Path) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn setup_failure(options: &Options, detail: String) -> Failure {
@@ -1316,5 +1350,34 @@ impl<'a> Orchestrator<'a> {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_of_processes_that_are_gone_is_removed_and_nothing_else() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let mine = format!("{SCRATCH_PREFIX}{}-live", std::process::id());
+        // Above Linux's largest pid (2^22), so never a running process.
+        let gone = format!("{SCRATCH_PREFIX}4294967295-dead");
+        for name in [
+            mine.as_str(),
+            gone.as_str(),
+            "confab-sim-nopid",
+            "unrelated",
+        ] {
+            std::fs::create_dir_all(parent.path().join(name).join("h0")).expect("mkdir");
+        }
+        remove_abandoned_scratch(parent.path());
+        let exists = |name: &str| parent.path().join(name).exists();
+        assert!(exists(&mine) && exists("confab-sim-nopid") && exists("unrelated"));
+        assert_eq!(
+            exists(&gone),
+            !Path::new("/proc/self").exists(),
+            "removed where /proc tells which processes exist"
+        );
     }
 }
