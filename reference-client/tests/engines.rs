@@ -524,3 +524,37 @@ fn a_shared_signature_memo_answers_a_repeated_check_and_changes_no_outcome() {
         );
     }
 }
+
+/// REQ-7.2-4: a member keeps the secrets of `app_epoch_lag_max` past epochs, so a message
+/// the gateway still accepts (at most that many epochs old, REQ-7.2-3) is readable.
+#[test]
+fn messages_up_to_app_epoch_lag_max_epochs_old_are_readable() {
+    use confab_spec::limits::APP_EPOCH_LAG_MAX;
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
+        let start = b.get().epoch(&GROUP).expect("epoch");
+        // Both composed by `a` at the starting epoch, which `a` keeps (it never processes
+        // `b`'s Commits here).
+        let oldest = a.engine().encrypt(&GROUP, b"lag max").expect("encrypt");
+        let too_old = a.engine().encrypt(&GROUP, b"lag max + 1").expect("encrypt");
+        for _ in 0..APP_EPOCH_LAG_MAX {
+            b.engine().self_update(&GROUP).expect("update");
+            b.engine().merge_pending_commit(&GROUP).expect("merge");
+        }
+        assert_eq!(
+            b.get().epoch(&GROUP).expect("epoch"),
+            start + APP_EPOCH_LAG_MAX
+        );
+        match b.engine().process(&GROUP, &oldest) {
+            Ok(Processed::Application { plaintext, .. }) => assert_eq!(plaintext, b"lag max"),
+            other => panic!("{ka}->{kb}: {APP_EPOCH_LAG_MAX} epochs old: {other:?}"),
+        }
+        b.engine().self_update(&GROUP).expect("update");
+        b.engine().merge_pending_commit(&GROUP).expect("merge");
+        assert!(
+            b.engine().process(&GROUP, &too_old).is_err(),
+            "{ka}->{kb}: more than {APP_EPOCH_LAG_MAX} epochs old is gone (secrets deleted)"
+        );
+    }
+}

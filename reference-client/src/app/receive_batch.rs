@@ -130,4 +130,32 @@ mod tests {
             "full exactly at the limit"
         );
     }
+
+    #[test]
+    fn a_batch_follows_the_limits_it_was_opened_with() {
+        let limits = ReceiveBatchLimits {
+            entries: 2,
+            window_ms: 5_000,
+        };
+        let mut batch = ReceiveBatch::open(UnixMs(1_000), limits);
+        assert_eq!(batch.due, UnixMs(6_000));
+        let entry = |n| Delivery {
+            stream: StreamId::Inbox,
+            seq: Seq::new(n).expect("seq"),
+            message: None,
+            record: None,
+            journaled: None,
+        };
+        assert!(!batch.add(entry(1)));
+        assert!(batch.add(entry(2)), "full at two entries");
+        // No limit below one entry: a batch of zero would never end by size.
+        let mut one = ReceiveBatch::open(
+            UnixMs(0),
+            ReceiveBatchLimits {
+                entries: 0,
+                window_ms: 0,
+            },
+        );
+        assert!(one.add(entry(1)));
+    }
 }
