@@ -6,23 +6,99 @@
 //! grows with the room: ~25 ms per message in a room of 1,000 on this project's machines.
 //! Inside a batch the engine processes application messages through this provider with
 //! `defer_message_secrets` set, which skips that one write (the ratchet's progress stays in
-//! the in-memory group), and writes the store once when the batch ends. Every other call
-//! goes to the wrapped provider unchanged; the method list follows the `StorageProvider`
-//! trait of openmls_traits 0.6.
+//! the in-memory group), and writes the store once when the batch ends.
+//!
+//! The message secrets are also the one entity kept in a compact binary form (postcard, in
+//! the table [`MESSAGE_SECRETS_TABLE`]) instead of the JSON of the SQLite provider, whose
+//! byte arrays are arrays of decimal numbers: for a room of 1,000 with 4 past epochs that
+//! is ~4.9 MB per write, against 1.3 MB in postcard, written ~4 times and read ~7 times
+//! faster. Secrets written in JSON before are still read, and the next write replaces
+//! them. Every other call goes to the wrapped provider unchanged; the method list follows
+//! the `StorageProvider` trait of openmls_traits 0.6.
 
 use openmls_traits::storage::{StorageProvider, traits};
+use rusqlite::{Connection, OptionalExtension as _, params};
 
-/// `inner`, except that `write_message_secrets` does nothing while
-/// `defer_message_secrets` is set.
-pub struct DeferringStorage<S> {
-    /// The provider every call goes to.
+/// The table of the message secrets in postcard: group id (JSON, as the provider's keys)
+/// and the format byte [`MESSAGE_SECRETS_FORMAT`] followed by the postcard bytes.
+pub const MESSAGE_SECRETS_TABLE: &str = "CREATE TABLE IF NOT EXISTS confab_message_secrets (
+    group_id BLOB PRIMARY KEY,
+    secrets BLOB NOT NULL
+) WITHOUT ROWID;";
+
+/// The first byte of a stored value: its format, so that another one can follow.
+const MESSAGE_SECRETS_FORMAT: u8 = 1;
+
+/// `inner`, except that the message secrets live in [`MESSAGE_SECRETS_TABLE`] of `conn`
+/// and `write_message_secrets` does nothing while `defer_message_secrets` is set.
+pub struct DeferringStorage<'a, S> {
+    /// The provider every other call goes to.
     pub inner: S,
+    /// The connection holding [`MESSAGE_SECRETS_TABLE`] (the one `inner` uses).
+    pub conn: &'a Connection,
     /// Skip writes of the message secrets (the caller writes them later).
     pub defer_message_secrets: bool,
 }
 
-impl<const VERSION: u16, S: StorageProvider<VERSION>> StorageProvider<VERSION>
-    for DeferringStorage<S>
+fn encode_error(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+fn decode_error(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+}
+
+impl<S> DeferringStorage<'_, S> {
+    fn secrets_key(group_id: &impl serde::Serialize) -> Result<Vec<u8>, rusqlite::Error> {
+        serde_json::to_vec(group_id).map_err(encode_error)
+    }
+
+    fn write_secrets(
+        &self,
+        group_id: &impl serde::Serialize,
+        secrets: &impl serde::Serialize,
+    ) -> Result<(), rusqlite::Error> {
+        let value =
+            postcard::to_extend(secrets, vec![MESSAGE_SECRETS_FORMAT]).map_err(encode_error)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO confab_message_secrets (group_id, secrets) VALUES (?1, ?2)
+                 ON CONFLICT (group_id) DO UPDATE SET secrets = excluded.secrets",
+            )?
+            .execute(params![Self::secrets_key(group_id)?, value])?;
+        Ok(())
+    }
+
+    fn read_secrets<T: serde::de::DeserializeOwned>(
+        &self,
+        group_id: &impl serde::Serialize,
+    ) -> Result<Option<T>, rusqlite::Error> {
+        let value: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT secrets FROM confab_message_secrets WHERE group_id = ?1")?
+            .query_row([Self::secrets_key(group_id)?], |r| r.get(0))
+            .optional()?;
+        match value.as_deref() {
+            None => Ok(None),
+            Some([MESSAGE_SECRETS_FORMAT, rest @ ..]) => {
+                postcard::from_bytes(rest).map(Some).map_err(decode_error)
+            }
+            Some(_) => Err(decode_error(std::io::Error::other(
+                "message secrets in an unknown format",
+            ))),
+        }
+    }
+
+    fn delete_secrets(&self, group_id: &impl serde::Serialize) -> Result<(), rusqlite::Error> {
+        self.conn
+            .prepare_cached("DELETE FROM confab_message_secrets WHERE group_id = ?1")?
+            .execute([Self::secrets_key(group_id)?])?;
+        Ok(())
+    }
+}
+
+impl<const VERSION: u16, S: StorageProvider<VERSION, Error = rusqlite::Error>>
+    StorageProvider<VERSION> for DeferringStorage<'_, S>
 {
     type Error = S::Error;
 
@@ -138,8 +214,9 @@ impl<const VERSION: u16, S: StorageProvider<VERSION>> StorageProvider<VERSION>
         if self.defer_message_secrets {
             return Ok(());
         }
-        self.inner
-            .write_message_secrets::<GroupId, MessageSecrets>(group_id, message_secrets)
+        self.write_secrets(group_id, message_secrets)?;
+        // Secrets written in JSON before this table existed are replaced.
+        self.inner.delete_message_secrets::<GroupId>(group_id)
     }
 
     fn write_resumption_psk_store<
@@ -339,8 +416,13 @@ impl<const VERSION: u16, S: StorageProvider<VERSION>> StorageProvider<VERSION>
         &self,
         group_id: &GroupId,
     ) -> Result<Option<MessageSecrets>, Self::Error> {
-        self.inner
-            .message_secrets::<GroupId, MessageSecrets>(group_id)
+        match self.read_secrets(group_id)? {
+            Some(secrets) => Ok(Some(secrets)),
+            // Written in JSON before this table existed.
+            None => self
+                .inner
+                .message_secrets::<GroupId, MessageSecrets>(group_id),
+        }
     }
 
     fn resumption_psk_store<
@@ -498,6 +580,7 @@ impl<const VERSION: u16, S: StorageProvider<VERSION>> StorageProvider<VERSION>
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
+        self.delete_secrets(group_id)?;
         self.inner.delete_message_secrets::<GroupId>(group_id)
     }
 
@@ -575,5 +658,105 @@ impl<const VERSION: u16, S: StorageProvider<VERSION>> StorageProvider<VERSION>
         psk_id: &PskKey,
     ) -> Result<(), Self::Error> {
         self.inner.delete_psk::<PskKey>(psk_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mls::openmls_engine::JsonCodec;
+    use openmls_sqlite_storage::SqliteStorageProvider;
+    use openmls_traits::storage::{CURRENT_VERSION, Entity, Key};
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Secrets {
+        epoch: u64,
+        keys: Vec<Vec<u8>>,
+        added_at: Option<u64>,
+    }
+    impl Entity<CURRENT_VERSION> for Secrets {}
+    impl traits::MessageSecrets<CURRENT_VERSION> for Secrets {}
+
+    #[derive(serde::Serialize)]
+    struct Group(Vec<u8>);
+    impl Key<CURRENT_VERSION> for Group {}
+    impl traits::GroupId<CURRENT_VERSION> for Group {}
+
+    fn secrets(epoch: u64) -> Secrets {
+        Secrets {
+            epoch,
+            keys: vec![vec![7; 32], vec![]],
+            added_at: Some(epoch * 10),
+        }
+    }
+
+    /// Secrets written in JSON by the SQLite provider (before the postcard table) are
+    /// read, replaced by the next write, and deleted with the group; a deferred write
+    /// writes nothing.
+    #[test]
+    fn message_secrets_move_from_json_to_postcard_and_deferred_writes_wait() {
+        let mut conn = Connection::open_in_memory().expect("sqlite");
+        SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
+            .run_migrations()
+            .expect("migrations");
+        conn.execute_batch(MESSAGE_SECRETS_TABLE).expect("table");
+        let legacy = SqliteStorageProvider::<JsonCodec, &Connection>::new(&conn);
+        let storage = |defer| DeferringStorage {
+            inner: SqliteStorageProvider::<JsonCodec, &Connection>::new(&conn),
+            conn: &conn,
+            defer_message_secrets: defer,
+        };
+        let (g, other) = (Group(vec![1, 2]), Group(vec![3]));
+        let read = |g: &Group| -> Option<Secrets> {
+            StorageProvider::<CURRENT_VERSION>::message_secrets(&storage(false), g).expect("read")
+        };
+        let legacy_read = |g: &Group| -> Option<Secrets> {
+            StorageProvider::<CURRENT_VERSION>::message_secrets(&legacy, g).expect("read")
+        };
+
+        StorageProvider::<CURRENT_VERSION>::write_message_secrets(&legacy, &g, &secrets(1))
+            .expect("legacy write");
+        assert_eq!(read(&g), Some(secrets(1)), "JSON secrets still read");
+
+        StorageProvider::<CURRENT_VERSION>::write_message_secrets(&storage(true), &g, &secrets(2))
+            .expect("deferred write");
+        assert_eq!(
+            read(&g),
+            Some(secrets(1)),
+            "a deferred write writes nothing"
+        );
+
+        StorageProvider::<CURRENT_VERSION>::write_message_secrets(&storage(false), &g, &secrets(3))
+            .expect("write");
+        assert_eq!(read(&g), Some(secrets(3)));
+        assert_eq!(legacy_read(&g), None, "the JSON row is replaced");
+        let stored: Vec<u8> = conn
+            .query_row("SELECT secrets FROM confab_message_secrets", [], |r| {
+                r.get(0)
+            })
+            .expect("row");
+        assert_eq!(stored.first(), Some(&MESSAGE_SECRETS_FORMAT));
+
+        assert_eq!(read(&other), None, "groups are apart");
+        StorageProvider::<CURRENT_VERSION>::write_message_secrets(&legacy, &g, &secrets(4))
+            .expect("legacy write");
+        StorageProvider::<CURRENT_VERSION>::delete_message_secrets(&storage(false), &g)
+            .expect("delete");
+        assert_eq!(read(&g), None, "deleted in both tables");
+        assert_eq!(legacy_read(&g), None);
+
+        conn.execute(
+            "INSERT INTO confab_message_secrets (group_id, secrets) VALUES (?1, ?2)",
+            params![serde_json::to_vec(&other).expect("key"), vec![9u8, 1, 2]],
+        )
+        .expect("insert");
+        assert!(
+            StorageProvider::<CURRENT_VERSION>::message_secrets::<Group, Secrets>(
+                &storage(false),
+                &other
+            )
+            .is_err(),
+            "an unknown format is an error, not a silent loss"
+        );
     }
 }

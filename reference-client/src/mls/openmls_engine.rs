@@ -23,7 +23,7 @@ use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::signatures::{Signer, SignerError};
 
-use super::openmls_deferred::DeferringStorage;
+use super::openmls_deferred::{DeferringStorage, MESSAGE_SECRETS_TABLE};
 use super::openmls_memo_crypto::MemoCrypto;
 use super::signature_memo::SignatureMemo;
 use super::{
@@ -75,13 +75,13 @@ impl Codec for JsonCodec {
 
 struct Provider<'a> {
     crypto: &'a MemoCrypto,
-    storage: DeferringStorage<SqliteStorageProvider<JsonCodec, &'a Connection>>,
+    storage: DeferringStorage<'a, SqliteStorageProvider<JsonCodec, &'a Connection>>,
 }
 
 impl<'a> OpenMlsProvider for Provider<'a> {
     type CryptoProvider = MemoCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = DeferringStorage<SqliteStorageProvider<JsonCodec, &'a Connection>>;
+    type StorageProvider = DeferringStorage<'a, SqliteStorageProvider<JsonCodec, &'a Connection>>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -124,6 +124,7 @@ impl OpenMlsEngine {
             .run_migrations()
             .map_err(|e| EngineError::Storage(e.to_string()))?;
         journal::create(&conn)?;
+        conn.execute_batch(MESSAGE_SECRETS_TABLE).map_err(storage)?;
         let certificate = credentials.certificate;
         let signing_key = ed25519_dalek::SigningKey::from_bytes(&credentials.key.seed());
         let credential = CredentialWithKey {
@@ -427,6 +428,7 @@ impl OpenMlsEngine {
             crypto: &self.crypto,
             storage: DeferringStorage {
                 inner: SqliteStorageProvider::new(&self.conn),
+                conn: &self.conn,
                 defer_message_secrets: defer,
             },
         };
@@ -463,7 +465,11 @@ impl OpenMlsEngine {
         if let Some(g) = self.groups.get(id) {
             return f(g);
         }
-        let storage = SqliteStorageProvider::<JsonCodec, &Connection>::new(&self.conn);
+        let storage = DeferringStorage {
+            inner: SqliteStorageProvider::<JsonCodec, &Connection>::new(&self.conn),
+            conn: &self.conn,
+            defer_message_secrets: false,
+        };
         let group = MlsGroup::load(&storage, &GroupId::from_slice(&id.0))
             .map_err(self::storage)?
             .ok_or(EngineError::GroupNotFound)?;
@@ -958,6 +964,7 @@ impl MlsEngine for OpenMlsEngine {
             crypto: &self.crypto,
             storage: DeferringStorage {
                 inner: SqliteStorageProvider::new(&self.conn),
+                conn: &self.conn,
                 defer_message_secrets: false,
             },
         };
