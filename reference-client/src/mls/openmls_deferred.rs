@@ -3,7 +3,8 @@
 //!
 //! openmls writes a group's whole `MessageSecretsStore` after every application message it
 //! decrypts. With the past epochs' member lists inside it (openmls issue #2080) that write
-//! grows with the room: ~25 ms per message in a room of 1,000 on this project's machines.
+//! grows with the room: ~25 ms per message in a room of 1,000 on this project's machines,
+//! when it was JSON.
 //! Inside a batch the engine processes application messages through this provider with
 //! `defer_message_secrets` set, which skips that one write (the ratchet's progress stays in
 //! the in-memory group), and writes the store once when the batch ends.
@@ -13,7 +14,10 @@
 //! byte arrays are arrays of decimal numbers: for a room of 1,000 with 4 past epochs that
 //! is ~4.9 MB per write, against 1.3 MB in postcard, written ~4 times and read ~7 times
 //! faster. Secrets written in JSON before are still read, and the next write replaces
-//! them. Every other call goes to the wrapped provider unchanged; the method list follows
+//! them. postcard is not self-describing: the bytes follow openmls' field order, so
+//! `Cargo.toml` pins openmls exactly, and a release that changes the message secrets'
+//! fields needs a migration (read with the old release, write anew) before it is taken.
+//! Every other call goes to the wrapped provider unchanged; the method list follows
 //! the `StorageProvider` trait of openmls_traits 0.6.
 
 use openmls_traits::storage::{StorageProvider, traits};
