@@ -512,15 +512,8 @@ impl ClientStore {
         seq: Seq,
         message: Option<&Message>,
     ) -> Result<bool, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let new = deliver_in(&tx, stream, seq, message)?;
-        if let (Some(keep), Some(m)) = (self.keep_messages, message) {
-            prune_messages(&tx, &m.conversation, keep)?;
-        }
-        tx.commit()?;
-        Ok(new)
+        let new = self.deliver_all([(*stream, seq, message)])?;
+        Ok(new.first().copied().unwrap_or(false))
     }
 
     /// [`ClientStore::deliver`] for many entries, in one transaction (a receive batch);

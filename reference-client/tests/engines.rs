@@ -456,7 +456,6 @@ fn receive_batches_are_written_at_their_end_and_lose_nothing_in_a_crash() {
 
 #[test]
 fn a_shared_signature_memo_answers_a_repeated_check_and_changes_no_outcome() {
-    use confab_client::mls::open_engine_with;
     use confab_client::mls::signature_memo::SignatureMemo;
     for (ka, kb) in pairings() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -465,17 +464,7 @@ fn a_shared_signature_memo_answers_a_repeated_check_and_changes_no_outcome() {
             .into_iter()
             .map(|(seed, kind)| {
                 let mut d = Device::new(&dir, seed, kind);
-                d.engine = None;
-                d.engine = Some(
-                    open_engine_with(
-                        kind,
-                        &d.path,
-                        d.credentials.clone(),
-                        clock(),
-                        Some(memo.clone()),
-                    )
-                    .expect("open with memo"),
-                );
+                d.reload_with(Some(memo.clone()));
                 d
             })
             .collect();

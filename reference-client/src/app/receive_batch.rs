@@ -105,18 +105,22 @@ impl ReceiveBatch {
 mod tests {
     use super::*;
 
+    /// An entry of the inbox at `seq`, without message.
+    fn entry(seq: u64) -> Delivery {
+        Delivery {
+            stream: StreamId::Inbox,
+            seq: Seq::new(seq).expect("seq"),
+            message: None,
+            record: None,
+            journaled: None,
+        }
+    }
+
     #[test]
     fn a_batch_keeps_the_highest_seq_per_stream_and_fills_up() {
         let mut batch = ReceiveBatch::open(UnixMs(1_000), ReceiveBatchLimits::default());
         assert_eq!(batch.due, UnixMs(1_000 + RECEIVE_BATCH_MS));
         let seq = |n| Seq::new(n).expect("seq");
-        let entry = |n| Delivery {
-            stream: StreamId::Inbox,
-            seq: seq(n),
-            message: None,
-            record: None,
-            journaled: None,
-        };
         let mut full = false;
         for n in [5, 3, 9, 4] {
             full |= batch.add(entry(n));
@@ -139,13 +143,6 @@ mod tests {
         };
         let mut batch = ReceiveBatch::open(UnixMs(1_000), limits);
         assert_eq!(batch.due, UnixMs(6_000));
-        let entry = |n| Delivery {
-            stream: StreamId::Inbox,
-            seq: Seq::new(n).expect("seq"),
-            message: None,
-            record: None,
-            journaled: None,
-        };
         assert!(!batch.add(entry(1)));
         assert!(batch.add(entry(2)), "full at two entries");
         // No limit below one entry: a batch of zero would never end by size.

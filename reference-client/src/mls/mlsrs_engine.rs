@@ -30,13 +30,12 @@ use mls_rs::{
 use mls_rs_core::identity::MemberValidationContext;
 use mls_rs_core::psk::{ExternalPskId, PreSharedKey};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
-
-use super::mlsrs_memo_crypto::MemoCryptoProvider;
-use super::signature_memo::SignatureMemo;
 use mls_rs_provider_sqlite::SqLiteDataStorageEngine;
 use mls_rs_provider_sqlite::connection_strategy::FileConnectionStrategy;
 use mls_rs_provider_sqlite::storage::{SqLiteGroupStateStorage, SqLitePreSharedKeyStorage};
 
+use super::mlsrs_memo_crypto::MemoCryptoProvider;
+use super::signature_memo::SignatureMemo;
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
     credential_identity, device_of, verify_member,

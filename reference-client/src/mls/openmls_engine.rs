@@ -73,15 +73,27 @@ impl Codec for JsonCodec {
     }
 }
 
+/// The engine's storage: openmls' SQLite provider on `conn`, with the message secrets in
+/// postcard on the same connection, their writes skipped while `defer_message_secrets`.
+type Storage<'a> = DeferringStorage<'a, SqliteStorageProvider<JsonCodec, &'a Connection>>;
+
+fn storage_on(conn: &Connection, defer_message_secrets: bool) -> Storage<'_> {
+    DeferringStorage {
+        inner: SqliteStorageProvider::new(conn),
+        conn,
+        defer_message_secrets,
+    }
+}
+
 struct Provider<'a> {
     crypto: &'a MemoCrypto,
-    storage: DeferringStorage<'a, SqliteStorageProvider<JsonCodec, &'a Connection>>,
+    storage: Storage<'a>,
 }
 
 impl<'a> OpenMlsProvider for Provider<'a> {
     type CryptoProvider = MemoCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = DeferringStorage<'a, SqliteStorageProvider<JsonCodec, &'a Connection>>;
+    type StorageProvider = Storage<'a>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage
@@ -426,11 +438,7 @@ impl OpenMlsEngine {
         self.conn.execute_batch(begin).map_err(storage)?;
         let provider = Provider {
             crypto: &self.crypto,
-            storage: DeferringStorage {
-                inner: SqliteStorageProvider::new(&self.conn),
-                conn: &self.conn,
-                defer_message_secrets: defer,
-            },
+            storage: storage_on(&self.conn, defer),
         };
         let mut ctx = Ctx {
             conn: &self.conn,
@@ -465,12 +473,7 @@ impl OpenMlsEngine {
         if let Some(g) = self.groups.get(id) {
             return f(g);
         }
-        let storage = DeferringStorage {
-            inner: SqliteStorageProvider::<JsonCodec, &Connection>::new(&self.conn),
-            conn: &self.conn,
-            defer_message_secrets: false,
-        };
-        let group = MlsGroup::load(&storage, &GroupId::from_slice(&id.0))
+        let group = MlsGroup::load(&storage_on(&self.conn, false), &GroupId::from_slice(&id.0))
             .map_err(self::storage)?
             .ok_or(EngineError::GroupNotFound)?;
         f(&group)
@@ -962,11 +965,7 @@ impl MlsEngine for OpenMlsEngine {
         };
         let provider = Provider {
             crypto: &self.crypto,
-            storage: DeferringStorage {
-                inner: SqliteStorageProvider::new(&self.conn),
-                conn: &self.conn,
-                defer_message_secrets: false,
-            },
+            storage: storage_on(&self.conn, false),
         };
         // Setting the deletion policy a group has is openmls' public way to write its
         // message secrets (it resizes the store to the same size first: nothing changes).

@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use confab_client::mls::{Clock, EngineKind, MlsEngine, open_engine};
+use confab_client::mls::signature_memo::SignatureMemo;
+use confab_client::mls::{Clock, EngineKind, MlsEngine, open_engine, open_engine_with};
 use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::{ConversationId, DeviceId, ProcessId, UnixMs};
 use confab_spec::session::DeviceCredentials;
@@ -73,10 +75,21 @@ impl Device {
 
     /// Drops the engine and opens it again from its SQLite state.
     pub fn reload(&mut self) {
+        self.reload_with(None);
+    }
+
+    /// [`Device::reload`], checking signatures through `signatures`.
+    pub fn reload_with(&mut self, signatures: Option<Arc<SignatureMemo>>) {
         self.engine = None;
         self.engine = Some(
-            open_engine(self.kind, &self.path, self.credentials.clone(), clock())
-                .expect("reopen engine"),
+            open_engine_with(
+                self.kind,
+                &self.path,
+                self.credentials.clone(),
+                clock(),
+                signatures,
+            )
+            .expect("reopen engine"),
         );
     }
 }
