@@ -29,4 +29,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 # nextest's summary line closes the output: "N tests run: N passed, N skipped".
 cargo nextest run --workspace --locked --no-fail-fast
+
+# Issue 9's exit criterion, shortened: the 1,000-member room for two simulated minutes. It
+# needs both cores and ~7 GB on its own, so it runs after the parallel run, not inside it.
+step "room-soak: 1,000 members"
+cargo nextest run -p confab-sim --locked --run-ignored only --no-capture \
+  -E 'test(=room_soak_1000_members)'
 step "done"
