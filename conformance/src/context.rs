@@ -110,13 +110,26 @@ impl Ctx {
     /// limits connections per address (SPEC.md 11, HTTP 429) is given the time its
     /// `Retry-After` asks for, up to [`RATE_LIMIT_WAIT_MAX`] in all.
     pub async fn open(&self, name: &str) -> Result<Peer, Stop> {
+        self.open_with(name, None).await
+    }
+
+    /// [`Ctx::open`] with the socket's send and receive buffers set to `socket_buffers`
+    /// bytes (`SO_SNDBUF`, `SO_RCVBUF`, which also stop the kernel from growing them): for a
+    /// case that stops reading and wants the server's queue, not the client's kernel, to
+    /// fill up.
+    pub async fn open_with(&self, name: &str, socket_buffers: Option<u32>) -> Result<Peer, Stop> {
         let mut waited = Duration::ZERO;
         loop {
-            let connected = tokio::time::timeout(
-                ANSWER_WAIT,
-                tokio_tungstenite::connect_async(self.url.as_str()),
-            )
-            .await;
+            let connect = async {
+                let Some(bytes) = socket_buffers else {
+                    return tokio_tungstenite::connect_async(self.url.as_str()).await;
+                };
+                let stream = connect_tcp(&self.url, bytes)
+                    .await
+                    .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+                tokio_tungstenite::client_async_tls(self.url.as_str(), stream).await
+            };
+            let connected = tokio::time::timeout(ANSWER_WAIT, connect).await;
             let error = match connected {
                 Ok(Ok((ws, _))) => {
                     return Ok(Peer {
@@ -161,12 +174,57 @@ impl Ctx {
         }
     }
 
-    /// Opens a connection and authenticates `device` on it (Hello, Challenge, Auth, Ready).
-    pub async fn ready(&self, name: &str, device: &Device) -> Result<(Peer, Ready), Stop> {
-        let mut peer = self.open(name).await?;
+    /// [`Ctx::ready`] on a connection opened with [`Ctx::open_with`].
+    pub async fn ready_with(
+        &self,
+        name: &str,
+        device: &Device,
+        socket_buffers: Option<u32>,
+    ) -> Result<(Peer, Ready), Stop> {
+        let mut peer = self.open_with(name, socket_buffers).await?;
         let ready = peer.authenticate(self, device).await?;
         Ok((peer, ready))
     }
+
+    /// Opens a connection and authenticates `device` on it (Hello, Challenge, Auth, Ready).
+    pub async fn ready(&self, name: &str, device: &Device) -> Result<(Peer, Ready), Stop> {
+        self.ready_with(name, device, None).await
+    }
+}
+
+/// A TCP connection to the host of a `ws://` or `wss://` URL, its send and receive buffers
+/// set to `buffers` bytes before connecting.
+async fn connect_tcp(url: &str, buffers: u32) -> std::io::Result<tokio::net::TcpStream> {
+    let origin = origin_of(url);
+    let default_port = if origin.starts_with("wss://") {
+        443
+    } else {
+        80
+    };
+    let authority = origin.split_once("://").map_or(origin.as_str(), |(_, a)| a);
+    let address = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    let mut last = std::io::Error::other(format!("{address} resolves to no address"));
+    for addr in tokio::net::lookup_host(address).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_recv_buffer_size(buffers)?;
+        socket.set_send_buffer_size(buffers)?;
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// The origin a client signs for a gateway URL: scheme, host and port.

@@ -67,6 +67,15 @@ pub struct Info {
     /// `retention_ms`, when announced.
     #[serde(default)]
     pub retention_ms: Option<u64>,
+    /// `retention_unacked_ms`, when announced.
+    #[serde(default)]
+    pub retention_unacked_ms: Option<u64>,
+    /// `outbound_queue_max` (SPEC.md 6.4), when announced.
+    #[serde(default)]
+    pub outbound_queue_max: Option<u64>,
+    /// `outbound_queue_bytes_max` (SPEC.md 6.4), when announced.
+    #[serde(default)]
+    pub outbound_queue_bytes_max: Option<u64>,
     /// The limits.
     pub limits: Limits,
     /// The rate limits, as announced (SPEC.md 11).

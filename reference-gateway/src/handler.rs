@@ -87,6 +87,14 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The bytes a session's outbound queue holds, as enforced and announced:
+    /// `outbound_queue_bytes_max`, but at least two frames of `frame_bytes_max`, so that
+    /// the largest frame never closes a session that reads.
+    pub fn outbound_queue_bytes(&self) -> usize {
+        self.outbound_queue_bytes_max
+            .max(2 * usize::try_from(self.limits.frame_bytes_max).unwrap_or(usize::MAX / 2))
+    }
+
     /// Defaults of SPEC.md for `origin`.
     pub fn new(origin: impl Into<String>) -> Self {
         Self {

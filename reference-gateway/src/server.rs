@@ -422,7 +422,7 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "retention_unacked_ms": c.retention.retention_unacked_ms,
         "gc_interval_ms": c.gc_interval_ms,
         "outbound_queue_max": c.outbound_queue_max,
-        "outbound_queue_bytes_max": c.outbound_queue_bytes_max,
+        "outbound_queue_bytes_max": c.outbound_queue_bytes(),
         "limits": {
             "frame_bytes_max": c.limits.frame_bytes_max,
             "collection_len_max": c.limits.collection_len_max,
@@ -747,10 +747,7 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
         close,
         abort: Some(abort),
         queued_bytes,
-        queued_bytes_max: shared
-            .config
-            .outbound_queue_bytes_max
-            .max(2 * usize::try_from(shared.config.limits.frame_bytes_max).unwrap_or(usize::MAX)),
+        queued_bytes_max: shared.config.outbound_queue_bytes(),
         group: shared.group.clone(),
     };
     let mut device = None;

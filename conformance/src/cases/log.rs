@@ -34,6 +34,13 @@ pub fn cases() -> Vec<Case> {
             messages_within_limit
         ),
         case!(
+            "6.4-7.slow-session-closed",
+            "REQ-6.4-7",
+            Must,
+            "a session that stops reading is closed with 4002 once its outbound queue overflows, with no frame dropped before",
+            slow_session_closed
+        ),
+        case!(
             "7.2-2.opaque-ciphertext",
             "REQ-7.2-2",
             Must,
@@ -250,18 +257,24 @@ pub async fn with_conversation(
 ) -> Result<(Peer, Device, ConversationId), Stop> {
     let device = Device::fresh();
     let (mut peer, _) = cx.ready(name, &device).await?;
+    let conversation = create_conversation(&mut peer, 1).await?;
+    Ok((peer, device, conversation))
+}
+
+/// Creates a conversation on a ready session (request `rid`); its id.
+pub async fn create_conversation(peer: &mut Peer, rid: u64) -> Result<ConversationId, Stop> {
     let conversation = ConversationId(random());
     peer.send(&ClientFrame::CreateConversation(CreateConversation {
-        rid: 1,
+        rid,
         conversation,
         kind: ConversationKind::DirectMessage,
     }))
     .await?;
     peer.expect("Created", |f| {
-        matches!(f, ServerFrame::Created(c) if c.rid == 1).then_some(())
+        matches!(f, ServerFrame::Created(c) if c.rid == rid).then_some(())
     })
     .await?;
-    Ok((peer, device, conversation))
+    Ok(conversation)
 }
 
 /// A `Send` of `payload` with `msg_id`.
@@ -406,6 +419,15 @@ pub async fn send_mls(
     .await
 }
 
+/// Acknowledges `conversation` up to `seq`.
+pub async fn ack(peer: &mut Peer, conversation: ConversationId, seq: u64) -> CaseResult {
+    peer.send(&ClientFrame::Ack(Ack {
+        stream: StreamId::Conversation(conversation),
+        seq: Seq::new(seq).unwrap_or(Seq::FIRST),
+    }))
+    .await
+}
+
 /// Waits for the `Subscribed` of `rid`.
 pub async fn subscribed(peer: &mut Peer, rid: u64) -> CaseResult {
     peer.expect(&format!("Subscribed for rid {rid}"), |f| {
@@ -426,7 +448,7 @@ pub fn subscribe(rid: u64, conversation: ConversationId, from: Option<u64>) -> C
 /// Reads a whole replay (answering every `more` batch with `Continue`); the seqs in
 /// order, the largest batch, and the frames that followed the last batch within a short
 /// wait are not read.
-async fn replay(
+pub async fn replay(
     peer: &mut Peer,
     conversation: ConversationId,
 ) -> Result<(Vec<Entry>, usize), Stop> {
@@ -458,7 +480,8 @@ async fn replay(
     }
 }
 
-fn check_seqs(what: &str, got: &[u64], expected: impl Iterator<Item = u64>) -> CaseResult {
+/// `got` must be `expected`, in order.
+pub fn check_seqs(what: &str, got: &[u64], expected: impl Iterator<Item = u64>) -> CaseResult {
     let expected: Vec<u64> = expected.collect();
     if got != expected {
         return Err(Failure::new(
@@ -901,6 +924,102 @@ fn application_of_size(conversation: &ConversationId, size: usize) -> MlsBytes {
             _ => return m,
         }
     }
+}
+
+/// The socket buffers the slow-session case asks for, so that what is in flight sits in
+/// the server's queue rather than in the client's kernel.
+const SLOW_SESSION_SOCKET_BUFFERS: u32 = 65_536;
+
+/// What can be in flight between a session that stops reading and the server's queue,
+/// besides the queue: the server's socket buffers (Linux grows them up to 6 MiB for
+/// receiving and 4 MiB for sending by default; a margin for other kernels) and the
+/// client's (the kernel doubles what is asked).
+const SOCKET_BUFFERS_BYTES: u64 = 16 * 1_048_576 + 4 * SLOW_SESSION_SOCKET_BUFFERS as u64;
+
+/// Most `Send` frames the slow-session case sends.
+const SLOW_SESSION_SENDS_MAX: u64 = 2_000;
+
+async fn slow_session_closed(cx: &mut Ctx) -> CaseResult {
+    let Some(queue_bytes) = cx.info.outbound_queue_bytes_max else {
+        return Err(Stop::Skipped(
+            "/v1/info announces no outbound_queue_bytes_max".into(),
+        ));
+    };
+    let size = payload_bytes_max(cx).max(1);
+    let sends = (queue_bytes + SOCKET_BUFFERS_BYTES).div_ceil(size as u64);
+    if sends > SLOW_SESSION_SENDS_MAX {
+        return Err(Stop::Skipped(format!(
+            "overflowing an outbound queue of {queue_bytes} bytes takes {sends} sends of \
+             {size} bytes, more than this case sends ({SLOW_SESSION_SENDS_MAX}); the \
+             reference gateway's conformance profile sets 1 MiB"
+        )));
+    }
+    let (mut a, _) = cx
+        .ready_with("a", &Device::fresh(), Some(SLOW_SESSION_SOCKET_BUFFERS))
+        .await?;
+    let conversation = create_conversation(&mut a, 1).await?;
+    a.send(&subscribe(5, conversation, Some(1))).await?;
+    subscribed(&mut a, 5).await?;
+    a.expect("an empty Batch", |f| {
+        matches!(f, ServerFrame::Batch(b) if b.entries.is_empty() && !b.more).then_some(())
+    })
+    .await?;
+    // The session stops reading; each message comes back to it as a Deliver. Sends are
+    // paced to the announced rate, and stop when the server stops reading them.
+    let mut pace = cx
+        .info
+        .rate_limit("sends_per_device")
+        .map(|(per_minute, burst)| SendPace::new(per_minute, burst));
+    for i in 0..sends {
+        if let Some(pace) = &mut pace {
+            pace.take().await;
+        }
+        let frame = send_frame(
+            4_000 + i,
+            conversation,
+            MsgId(random()),
+            application_of_size(&conversation, size),
+        );
+        if tokio::time::timeout(ANSWER_WAIT, a.send(&frame))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    // Now it reads: the frames still in flight, then the close.
+    let mut delivered = Vec::new();
+    loop {
+        match a.next(ANSWER_WAIT).await {
+            Observed::Frame(ServerFrame::Deliver(d)) => delivered.push(d.entry.seq.get()),
+            Observed::Frame(_) => {}
+            Observed::Closed(Some(4002)) => break,
+            // Everything came through: the queue never filled.
+            _ if delivered.len() as u64 == sends => {
+                return Err(Stop::Skipped(format!(
+                    "all {sends} messages of {size} bytes reached the session that did not \
+                     read: the server buffers more than outbound_queue_bytes_max \
+                     ({queue_bytes}) and {SOCKET_BUFFERS_BYTES} bytes of socket buffers"
+                )));
+            }
+            other => {
+                return Err(Failure::new(
+                    format!(
+                        "close 4002 after {sends} messages of {size} bytes with the session \
+                         not reading (outbound_queue_bytes_max {queue_bytes})"
+                    ),
+                    format!("{other} after {} Deliver frames", delivered.len()),
+                )
+                .into());
+            }
+        }
+    }
+    let count = delivered.len() as u64;
+    check_seqs(
+        "the Deliver frames before the close (none dropped)",
+        &delivered,
+        1..=count,
+    )
 }
 
 async fn payload_too_large(cx: &mut Ctx) -> CaseResult {

@@ -5,6 +5,7 @@ mod framing;
 mod groups;
 pub mod log;
 mod presence;
+mod retention;
 mod rooms;
 mod session;
 
@@ -18,6 +19,7 @@ pub fn all() -> Vec<Case> {
     all.extend(session::cases());
     all.extend(framing::cases());
     all.extend(log::cases());
+    all.extend(retention::cases());
     all.extend(directory::cases());
     all.extend(groups::cases());
     all.extend(presence::cases());

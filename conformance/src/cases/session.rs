@@ -1,5 +1,5 @@
 //! SPEC.md sections 3.3, 5 and 5.9: authentication, resume tokens, heartbeats, the one
-//! session per device, revocation.
+//! session per device, revocation; and section 11's limit on upgrades per address.
 
 use std::collections::HashSet;
 
@@ -11,11 +11,18 @@ use confab_spec::ids::{DevicePublicKey, ResumeToken, Signature, UnixMs};
 
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
-use crate::context::{Ctx, Device, Observed, Peer};
+use crate::context::{ANSWER_WAIT, Ctx, Device, Observed, Peer};
 
 /// The cases of sections 3.3, 5 and 5.9.
 pub fn cases() -> Vec<Case> {
     vec![
+        case!(
+            "11-2.connect-limit",
+            "REQ-11-2",
+            Must,
+            "an upgrade beyond connects_per_ip is HTTP 429 with Retry-After and {code: 900, retry_after_ms}",
+            connect_limit
+        ),
         case!(
             "5.7-2.superseded",
             "REQ-5.7-2",
@@ -831,4 +838,119 @@ async fn auth_timeout_after_hello(cx: &mut Ctx) -> CaseResult {
     let opened = tokio::time::Instant::now();
     let (mut a, _) = challenge(cx, "a").await?;
     auth_timeout_close(cx, &mut a, opened).await
+}
+
+/// Concurrent upgrades per wave of the connect-limit case.
+const CONNECT_WAVE: u64 = 32;
+
+/// Most upgrades the connect-limit case makes before it gives up on seeing a 429.
+const CONNECTS_MAX: u64 = 3_000;
+
+/// The largest `connects_per_ip` burst the connect-limit case tries to exceed.
+const CONNECT_BURST_MAX: u64 = 1_000;
+
+async fn connect_limit(cx: &mut Ctx) -> CaseResult {
+    let Some((per_minute, burst)) = cx.info.rate_limit("connects_per_ip") else {
+        return Err(Stop::Skipped(
+            "/v1/info announces no connects_per_ip limit".into(),
+        ));
+    };
+    if burst > CONNECT_BURST_MAX {
+        return Err(Stop::Skipped(format!(
+            "needs a connects_per_ip burst of at most {CONNECT_BURST_MAX} to exceed it; the \
+             server announces {burst} (the reference gateway's conformance profile sets 200)"
+        )));
+    }
+    let started = std::time::Instant::now();
+    let mut opened = 0u64;
+    loop {
+        // A wave of upgrades at once, each dropped as soon as it is answered.
+        let wave = (0..CONNECT_WAVE).map(|_| {
+            tokio::time::timeout(
+                ANSWER_WAIT,
+                tokio_tungstenite::connect_async(cx.url.as_str()),
+            )
+        });
+        for answer in futures_util::future::join_all(wave).await {
+            match answer {
+                Ok(Ok(_)) => opened += 1,
+                Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
+                    if response.status().as_u16() == 429 =>
+                {
+                    let result = check_rate_limited(&response);
+                    // Let the bucket refill for the cases after this one.
+                    let wait = retry_after_seconds(&response).unwrap_or(1).min(20);
+                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                    return result;
+                }
+                Ok(Err(e)) => {
+                    return Err(Failure::new("an upgrade, or HTTP 429", e.to_string()).into());
+                }
+                Err(_) => {
+                    return Err(Failure::new("an upgrade, or HTTP 429", "no answer in 5 s").into());
+                }
+            }
+        }
+        let refilled = per_minute.saturating_mul(started.elapsed().as_millis() as u64) / 60_000;
+        if opened > burst + refilled + CONNECT_WAVE {
+            return Err(Failure::new(
+                format!(
+                    "HTTP 429 once upgrades from one address exceed connects_per_ip ({burst} at \
+                     once, {per_minute} a minute)"
+                ),
+                format!(
+                    "{opened} upgrades in {} ms, none refused",
+                    started.elapsed().as_millis()
+                ),
+            )
+            .into());
+        }
+        if opened >= CONNECTS_MAX {
+            return Err(Stop::Skipped(format!(
+                "{opened} upgrades could not outrun the limit's refill of {per_minute} a minute"
+            )));
+        }
+    }
+}
+
+/// `Retry-After` as whole seconds.
+fn retry_after_seconds(
+    response: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
+) -> Option<u64> {
+    response
+        .headers()
+        .get("retry-after")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A 429 must carry `Retry-After` (whole seconds, rounded up) and the JSON body
+/// `{"code": 900, "retry_after_ms": N}` that agrees with it.
+fn check_rate_limited(
+    response: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
+) -> CaseResult {
+    let expected = "HTTP 429 with Retry-After = ceil(retry_after_ms / 1000) and the body \
+                    {\"code\": 900, \"retry_after_ms\": N}";
+    let body = response.body().as_deref().unwrap_or_default();
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let code = json.as_ref().and_then(|j| j.get("code")?.as_u64());
+    let retry_after_ms = json
+        .as_ref()
+        .and_then(|j| j.get("retry_after_ms")?.as_u64());
+    let header = retry_after_seconds(response);
+    match (code, retry_after_ms, header) {
+        (Some(900), Some(ms), Some(seconds)) if ms.div_ceil(1_000) == seconds => Ok(()),
+        _ => Err(Failure::new(
+            expected,
+            format!(
+                "Retry-After {:?}, body {:?}",
+                response.headers().get("retry-after"),
+                String::from_utf8_lossy(body)
+            ),
+        )
+        .into()),
+    }
 }
