@@ -224,7 +224,6 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-10-1",
     "REQ-10-2",
     // Server requirements still to be written as cases (issue 7).
-    "REQ-4.4-4",
     "REQ-5.5-7",
     "REQ-5.7-3",
     "REQ-6.3-1",

@@ -286,6 +286,12 @@ impl Connection {
                 let device = *device;
                 self.on_ready_frame(config, store, limiters, now, device, frame, &mut out)
             }
+            // Answered in every state (SPEC.md 5.1); before Ready it counts toward
+            // `pre_auth_frames_max` like any frame.
+            (State::Opened | State::Challenged { .. }, ClientFrame::Heartbeat(h)) => {
+                out.push(heartbeat_ack(&h));
+                Ok(())
+            }
             (_, frame) => {
                 out.push(error(
                     ErrorCode::UnexpectedFrame,
@@ -654,11 +660,7 @@ impl Connection {
         out: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         match frame {
-            ClientFrame::Heartbeat(h) => {
-                out.push(Action::Send(ServerFrame::HeartbeatAck(HeartbeatAck {
-                    nonce: h.nonce,
-                })));
-            }
+            ClientFrame::Heartbeat(h) => out.push(heartbeat_ack(&h)),
             ClientFrame::CreateConversation(c) => {
                 if let Err(retry_after_ms) = limiters.creates_per_system.check(&device.system, now)
                 {
@@ -1350,6 +1352,13 @@ fn rate_limited(rid: Option<u64>, retry_after_ms: u64) -> Action {
         rid,
         retry_after_ms: Some(retry_after_ms),
         ..ErrorFrame::new(ErrorCode::RateLimited)
+    }))
+}
+
+/// The answer to a `Heartbeat` (SPEC.md 5.6), in any state.
+fn heartbeat_ack(heartbeat: &frame::Heartbeat) -> Action {
+    Action::Send(ServerFrame::HeartbeatAck(HeartbeatAck {
+        nonce: heartbeat.nonce,
     }))
 }
 

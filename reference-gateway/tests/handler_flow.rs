@@ -545,32 +545,47 @@ fn auth_rejections_close_with_their_codes() {
     );
     assert_eq!(error_code(&out), Some(ErrorCode::MalformedFrame));
     assert_eq!(out.last(), Some(&Action::Close(CloseCode::ProtocolError)));
-    // Too many frames before Ready.
+    // Heartbeats before Ready are answered, and count: the frame after
+    // `pre_auth_frames_max` closes with 4006 (Hello first, then heartbeats, in `challenged`).
     let mut conn = Connection::new();
     let hello = ClientFrame::Hello(Hello {
         versions: Versions::current(),
         resume_token: None,
     })
     .encode();
-    let mut closed = None;
-    for _ in 0..10 {
+    let out = conn.handle(
+        &w.config,
+        &mut w.store,
+        &w.limiters,
+        &mut w.rng,
+        w.now,
+        &hello,
+    );
+    assert!(matches!(
+        out.as_slice(),
+        [Action::Send(ServerFrame::Challenge(_))]
+    ));
+    for n in 2..=w.config.pre_auth_frames_max + 1 {
+        let heartbeat = ClientFrame::Heartbeat(Heartbeat { nonce: n }).encode();
         let out = conn.handle(
             &w.config,
             &mut w.store,
             &w.limiters,
             &mut w.rng,
             w.now,
-            &hello,
+            &heartbeat,
         );
-        if let Some(Action::Close(code)) = out.last() {
-            closed = Some(*code);
-            break;
+        if n <= w.config.pre_auth_frames_max {
+            assert_eq!(
+                out,
+                vec![Action::Send(ServerFrame::HeartbeatAck(HeartbeatAck {
+                    nonce: n
+                }))]
+            );
+        } else {
+            assert_eq!(out, vec![Action::Close(CloseCode::PreAuthFlood)]);
         }
     }
-    assert!(matches!(
-        closed,
-        Some(CloseCode::ProtocolError | CloseCode::PreAuthFlood)
-    ));
 }
 
 mod hostile {

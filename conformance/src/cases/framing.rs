@@ -131,6 +131,13 @@ pub fn cases() -> Vec<Case> {
             oversize_message
         ),
         case!(
+            "4.4-4.pre-auth-flood",
+            "REQ-4.4-4",
+            Must,
+            "the frame after pre_auth_frames_max before Ready closes with 4006 (heartbeats count)",
+            pre_auth_flood
+        ),
+        case!(
             "4.4-3.collection-too-long",
             "REQ-4.4-3",
             Must,
@@ -292,6 +299,27 @@ async fn unknown_frame_type(cx: &mut Ctx) -> CaseResult {
     .await?;
     a.expect_error(ErrorCode::UnknownFrameType, None).await?;
     Ok(())
+}
+
+async fn pre_auth_flood(cx: &mut Ctx) -> CaseResult {
+    let max = cx.info.limits.pre_auth_frames_max;
+    let mut a = cx.open("a").await?;
+    // Heartbeats are allowed before Ready (SPEC.md 5.1), so a flood of them is what
+    // pre_auth_frames_max bounds: each is answered until the limit, the next closes.
+    for nonce in 1..=max {
+        a.send(&ClientFrame::Heartbeat(Heartbeat { nonce })).await?;
+        a.expect(
+            &format!("HeartbeatAck {nonce} (frame {nonce} of {max} before Ready)"),
+            |f| {
+                matches!(f, confab_spec::ServerFrame::HeartbeatAck(h) if h.nonce == nonce)
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+    a.send(&ClientFrame::Heartbeat(Heartbeat { nonce: max + 1 }))
+        .await?;
+    a.expect_close(4006).await
 }
 
 async fn wrong_state(cx: &mut Ctx) -> CaseResult {

@@ -227,6 +227,13 @@ pub fn cases() -> Vec<Case> {
             heartbeat_ack
         ),
         case!(
+            "5.6-2.heartbeat-before-ready",
+            "REQ-5.6-2",
+            Must,
+            "a Heartbeat before Ready is answered too, and the handshake goes on",
+            heartbeat_before_ready
+        ),
+        case!(
             "5.9-1.revoke-other-system",
             "REQ-5.9-1",
             Must,
@@ -558,6 +565,20 @@ async fn one_session_per_device(cx: &mut Ctx) -> CaseResult {
     let (mut a, _) = cx.ready("a", &device).await?;
     let (_b, _) = cx.ready("b", &device).await?;
     a.expect_close(4104).await
+}
+
+async fn heartbeat_before_ready(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let mut a = cx.open("a").await?;
+    a.send(&ClientFrame::Heartbeat(Heartbeat { nonce: 7 }))
+        .await?;
+    a.expect("HeartbeatAck 7 in state opened (SPEC.md 5.1)", |f| {
+        matches!(f, ServerFrame::HeartbeatAck(h) if h.nonce == 7).then_some(())
+    })
+    .await?;
+    // It changed no state: the handshake goes on as usual.
+    a.authenticate(cx, &device).await?;
+    Ok(())
 }
 
 async fn heartbeat_ack(cx: &mut Ctx) -> CaseResult {
