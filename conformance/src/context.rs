@@ -93,6 +93,8 @@ pub struct Ctx {
     pub info: Info,
     /// The current case's transcript.
     pub transcript: Transcript,
+    /// The server's log file, when the run was told it (`--server-log`).
+    pub server_log: Option<std::path::PathBuf>,
 }
 
 impl Ctx {
@@ -103,6 +105,7 @@ impl Ctx {
             url,
             info,
             transcript: Transcript::default(),
+            server_log: None,
         }
     }
 
@@ -517,6 +520,15 @@ impl Peer {
 
     /// Hello, Challenge, Auth (with a certificate valid around the server's clock), Ready.
     pub async fn authenticate(&mut self, cx: &Ctx, device: &Device) -> Result<Ready, Stop> {
+        Ok(self.authenticate_with(cx, device).await?.0)
+    }
+
+    /// [`Peer::authenticate`], also giving the `Auth` frame it sent.
+    pub async fn authenticate_with(
+        &mut self,
+        cx: &Ctx,
+        device: &Device,
+    ) -> Result<(Ready, Auth), Stop> {
         self.hello(vec![1], None).await?;
         let challenge = self
             .expect("Challenge", |f| match f {
@@ -526,11 +538,13 @@ impl Peer {
             .await?;
         let now = challenge.server_time_ms;
         let auth = device.auth(device.certificate(now), &cx.origin, challenge.nonce, now);
-        self.send(&ClientFrame::Auth(auth)).await?;
-        self.expect("Ready", |f| match f {
-            ServerFrame::Ready(r) => Some(r.clone()),
-            _ => None,
-        })
-        .await
+        self.send(&ClientFrame::Auth(auth.clone())).await?;
+        let ready = self
+            .expect("Ready", |f| match f {
+                ServerFrame::Ready(r) => Some(r.clone()),
+                _ => None,
+            })
+            .await?;
+        Ok((ready, auth))
     }
 }

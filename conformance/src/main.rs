@@ -27,6 +27,11 @@ struct Cli {
     /// Print every case (id, requirement, level, description) and exit.
     #[arg(long)]
     list: bool,
+    /// The file the server writes its log to (at its most detailed level): the cases of
+    /// REQ-5.5-7 and REQ-14-1 look there for the tokens, signatures and payloads they
+    /// used. Without it they are skipped.
+    #[arg(long)]
+    server_log: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -70,17 +75,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let run = runtime.block_on(runner::run(&url, &selection, |i, n, case| {
-        let outcome = match &case.outcome {
-            Outcome::Passed => "passed",
-            Outcome::Failed(_) => "FAILED",
-            Outcome::Skipped { .. } => "skipped",
-        };
-        eprintln!(
-            "[{i:>3}/{n}] {:<44} {outcome} ({} ms)",
-            case.id, case.duration_ms
-        );
-    }));
+    let run = runtime.block_on(runner::run(
+        &url,
+        &selection,
+        cli.server_log.as_deref(),
+        |i, n, case| {
+            let outcome = match &case.outcome {
+                Outcome::Passed => "passed",
+                Outcome::Failed(_) => "FAILED",
+                Outcome::Skipped { .. } => "skipped",
+            };
+            eprintln!(
+                "[{i:>3}/{n}] {:<44} {outcome} ({} ms)",
+                case.id, case.duration_ms
+            );
+        },
+    ));
     let run = match run {
         Ok(run) => run,
         Err(e) => {

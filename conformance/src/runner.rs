@@ -44,16 +44,19 @@ pub fn selected(selection: &Selection) -> Vec<Case> {
         .collect()
 }
 
-/// Runs `selection` against the gateway at `url`; `progress` is told about each case as
-/// it ends (its index, the total and its report).
+/// Runs `selection` against the gateway at `url`, whose log is `server_log` when given
+/// (the log cases are skipped without it); `progress` is told about each case as it ends
+/// (its index, the total and its report).
 pub async fn run(
     url: &str,
     selection: &Selection,
+    server_log: Option<&std::path::Path>,
     mut progress: impl FnMut(usize, usize, &CaseReport),
 ) -> Result<RunReport, InfoError> {
     let started = tokio::time::Instant::now();
     let info = info::fetch(url).await?;
     let mut cx = Ctx::new(url.to_owned(), info);
+    cx.server_log = server_log.map(std::path::Path::to_path_buf);
     let cases = selected(selection);
     let mut reports = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {

@@ -625,8 +625,16 @@ struct Outbox {
 impl Outbox {
     /// Queues one frame; `Err` with 4002 when the queue is full (REQ-6.4-7).
     fn frame(&mut self, frame: &ServerFrame) -> Result<(), CloseCode> {
-        if let ServerFrame::Error(ErrorFrame { code, .. }) = frame {
-            telemetry::error_sent(*code);
+        if let ServerFrame::Error(e) = frame {
+            telemetry::error_sent(e.code);
+            // The detail is a ShortText, which never carries payloads, keys or tokens.
+            tracing::debug!(
+                code = e.code.value(),
+                name = e.code.name(),
+                rid = ?e.rid,
+                detail = e.detail.as_ref().map_or("", |d| d.as_str()),
+                "error sent"
+            );
         }
         let bytes = frame.encode();
         let len = bytes.len();

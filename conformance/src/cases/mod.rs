@@ -4,6 +4,7 @@ mod directory;
 mod framing;
 mod groups;
 pub mod log;
+mod logs;
 mod presence;
 mod retention;
 mod rooms;
@@ -24,6 +25,7 @@ pub fn all() -> Vec<Case> {
     all.extend(groups::cases());
     all.extend(presence::cases());
     all.extend(rooms::cases());
+    all.extend(logs::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",
