@@ -31,8 +31,10 @@ fi
 cargo nextest run --workspace --locked --no-fail-fast
 
 # Issue 9's exit criterion, shortened: the 1,000-member room for two simulated minutes. It
-# needs both cores and ~7 GB on its own, so it runs after the parallel run, not inside it.
+# needs ~13 GB (RAM and /dev/shm) on its own, so it runs after the parallel run, not inside
+# it; --workspace keeps the build above (`-p confab-sim` alone unifies features differently
+# and rebuilds for minutes).
 step "room-soak: 1,000 members"
-cargo nextest run -p confab-sim --locked --run-ignored only --no-capture \
+cargo nextest run --workspace --locked --run-ignored only --no-capture \
   -E 'test(=room_soak_1000_members)'
 step "done"

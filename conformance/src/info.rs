@@ -132,6 +132,11 @@ pub enum InfoError {
 
 /// The `http(s)://host:port/v1/info` URL for a gateway's WebSocket URL.
 pub fn info_url(ws_url: &str) -> Result<String, InfoError> {
+    http_url(ws_url, "/v1/info")
+}
+
+/// The `http(s)://host:port{path}` URL on the host of a gateway's WebSocket URL.
+pub fn http_url(ws_url: &str, path: &str) -> Result<String, InfoError> {
     let (scheme, rest) = if let Some(rest) = ws_url.strip_prefix("ws://") {
         ("http", rest)
     } else if let Some(rest) = ws_url.strip_prefix("wss://") {
@@ -140,14 +145,24 @@ pub fn info_url(ws_url: &str) -> Result<String, InfoError> {
         return Err(InfoError::Url(ws_url.to_owned()));
     };
     let host = rest.split('/').next().unwrap_or(rest);
-    Ok(format!("{scheme}://{host}/v1/info"))
+    Ok(format!("{scheme}://{host}{path}"))
 }
 
 /// Reads `/v1/info` of the gateway at `ws_url`.
 pub async fn fetch(ws_url: &str) -> Result<Info, InfoError> {
     let url = info_url(ws_url)?;
+    let body = get_text(&url).await?;
+    serde_json::from_str(&body).map_err(|e| InfoError::Body {
+        url,
+        error: e.to_string(),
+    })
+}
+
+/// The body of `GET url` (a 2xx answer), within 10 s.
+pub async fn get_text(url: &str) -> Result<String, InfoError> {
+    let url = url.to_owned();
     let request_url = url.clone();
-    let body = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(std::time::Duration::from_secs(10)))
             .build()
@@ -163,10 +178,6 @@ pub async fn fetch(ws_url: &str) -> Result<Info, InfoError> {
         error: e.to_string(),
     })?
     .map_err(|e| InfoError::Http {
-        url: url.clone(),
-        error: e.to_string(),
-    })?;
-    serde_json::from_str(&body).map_err(|e| InfoError::Body {
         url,
         error: e.to_string(),
     })

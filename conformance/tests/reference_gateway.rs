@@ -15,15 +15,26 @@ use confab_gateway::server;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_spec::requirements::{SPEC_MD, requirements};
 
-/// A gateway on a free loopback port in a thread of its own; its WebSocket URL.
+/// A gateway on a free loopback port in a thread of its own, serving `/metrics`; its
+/// WebSocket URL.
 fn start_gateway(dir: &std::path::Path) -> (String, tokio::sync::oneshot::Sender<()>) {
-    start_gateway_with(dir, Faults::default())
+    // The process's one recorder (the `metrics` facade has one per process).
+    static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    let metrics = METRICS.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("the test's recorder")
+    });
+    start_gateway_with(dir, Faults::default(), Some(metrics.clone()))
 }
 
-/// [`start_gateway`] with deliberately broken behaviours switched on.
+/// [`start_gateway`] with deliberately broken behaviours switched on, serving `/metrics`
+/// when given its handle.
 fn start_gateway_with(
     dir: &std::path::Path,
     faults: Faults,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -44,7 +55,10 @@ fn start_gateway_with(
                 listener,
                 config,
                 SqliteStore::open(&db).expect("store"),
-                server::Environment::default(),
+                server::Environment {
+                    metrics,
+                    ..server::Environment::default()
+                },
                 async {
                     let _ = stopped.await;
                 },
@@ -130,7 +144,7 @@ async fn every_broken_behaviour_fails_a_case() {
     let runs = broken.map(|(name, requirement)| async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let faults = Faults::only(name).expect("a switch");
-        let (url, stop) = start_gateway_with(dir.path(), faults);
+        let (url, stop) = start_gateway_with(dir.path(), faults, None);
         let run = runner::run(&url, &Selection::musts(), None, |_, _, _| {})
             .await
             .expect("the suite reads /v1/info");
@@ -239,11 +253,14 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-12-1",
     "REQ-10-1",
     "REQ-10-2",
-    // Server requirements still to be written as cases (issue 7).
+    // Server requirements still to be written as cases (issue 7). A suite on the wire
+    // cannot see them without control of the server: 5.7-3 needs a graceful shutdown and
+    // 6.3-1 a crash, each followed by a restart (an option naming the commands would do
+    // it; today the gateway's own tests and the simulator's `ack_before_durable` self-test
+    // check them); 6.3-5 asks for documentation (the README's storage section).
     "REQ-5.7-3",
     "REQ-6.3-1",
     "REQ-6.3-5",
-    "REQ-13.1-1",
 ];
 
 #[test]

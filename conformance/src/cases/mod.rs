@@ -3,8 +3,8 @@
 mod directory;
 mod framing;
 mod groups;
+mod leaks;
 pub mod log;
-mod logs;
 mod presence;
 mod retention;
 mod rooms;
@@ -25,7 +25,7 @@ pub fn all() -> Vec<Case> {
     all.extend(groups::cases());
     all.extend(presence::cases());
     all.extend(rooms::cases());
-    all.extend(logs::cases());
+    all.extend(leaks::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",

@@ -1,11 +1,14 @@
-//! SPEC.md 5.5 and 14: what a server's log must not hold. A server's log is not on the
-//! wire, so these cases need to be told where it is (`confab-conformance --server-log
+//! SPEC.md 5.5, 13.1 and 14: what a server's log and metrics must not reveal. Each case
+//! does some work with fresh secrets (a token, a signature, payloads, ids) and looks for
+//! them in the usual printable encodings: hex (either case), base64 (standard and
+//! URL-safe, with and without padding) and a decimal byte list (`[12, 34, ...]`, Rust's
+//! `Debug`).
+//!
+//! `/metrics` is on the server's own origin (SPEC.md 13.1). A server's log is not on the
+//! wire, so the log cases need to be told where it is (`confab-conformance --server-log
 //! FILE`, the file the server writes its log to, at the most detailed level it has); they
 //! are skipped without it, or when the log does not grow while they run (each makes the
-//! server refuse something). Each case reads only what the log gained while it ran, and looks
-//! for the secrets it used there in the usual printable encodings: hex (either case),
-//! base64 (standard and URL-safe, with and without padding) and a decimal byte list
-//! (`[12, 34, ...]`, Rust's `Debug`).
+//! server refuse something). They read only what the log gained while they ran.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,13 +21,21 @@ use super::log::{application, create_conversation, random, send_mls};
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::context::{Ctx, Device};
+use crate::info::{get_text, http_url};
 
 /// How long a case gives the server to write its log before reading it.
 const LOG_FLUSH: Duration = Duration::from_millis(500);
 
-/// The cases of sections 5.5 and 14 that read the server's log.
+/// The cases of sections 5.5, 13.1 and 14.
 pub fn cases() -> Vec<Case> {
     vec![
+        case!(
+            "13.1-1.metrics-reveal-nothing",
+            "REQ-13.1-1",
+            Must,
+            "/metrics holds no device id, user key, conversation id, payload, signature or token the case used",
+            metrics_reveal_nothing
+        ),
         case!(
             "5.5-7.tokens-not-logged",
             "REQ-5.5-7",
@@ -148,6 +159,35 @@ async fn tokens_not_logged(cx: &mut Ctx) -> CaseResult {
 
 async fn no_secrets_logged(cx: &mut Ctx) -> CaseResult {
     let (path, mark) = log_mark(cx)?;
+    let secrets = work_with_secrets(cx).await?;
+    check_log(&path, mark, &secrets).await
+}
+
+async fn metrics_reveal_nothing(cx: &mut Ctx) -> CaseResult {
+    let url = http_url(&cx.url, "/metrics").map_err(|e| Stop::Skipped(e.to_string()))?;
+    if let Err(e) = get_text(&url).await {
+        return Err(Stop::Skipped(format!(
+            "{e}; the case needs the server's /metrics (SPEC.md 13.1)"
+        )));
+    }
+    let secrets = work_with_secrets(cx).await?;
+    let metrics = get_text(&url)
+        .await
+        .map_err(|e| Failure::new(format!("GET {url} answered again"), e.to_string()))?;
+    let found = found_in(&metrics, &secrets);
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::new(
+        "no ids, payloads, keys or tokens in metric labels",
+        format!("{} found in {url}", found.join(", ")),
+    )
+    .into())
+}
+
+/// Authenticates a fresh device, creates a conversation and sends to it one payload that
+/// is accepted and one that is refused; the secrets and ids it used, named.
+async fn work_with_secrets(cx: &Ctx) -> Result<Vec<(&'static str, Vec<u8>)>, Stop> {
     let device = Device::fresh();
     let mut a = cx.open("a").await?;
     let (ready, auth) = a.authenticate_with(cx, &device).await?;
@@ -170,17 +210,19 @@ async fn no_secrets_logged(cx: &mut Ctx) -> CaseResult {
     let bytes = confab_spec::ids::MlsBytes::new(refused.to_vec())
         .map_err(|_| Stop::Skipped("the suite built an invalid payload".into()))?;
     let _ = send_mls(&mut a, 3, conversation, MsgId(random()), bytes, None).await?;
-    check_log(
-        &path,
-        mark,
-        &[
-            ("an accepted payload", accepted.to_vec()),
-            ("a refused payload", refused.to_vec()),
-            ("the Auth signature", auth.signature.as_bytes().to_vec()),
-            ("the resume token", ready.resume_token.as_bytes().to_vec()),
-        ],
-    )
-    .await
+    Ok(vec![
+        ("an accepted payload", accepted.to_vec()),
+        ("a refused payload", refused.to_vec()),
+        ("the Auth signature", auth.signature.as_bytes().to_vec()),
+        ("the resume token", ready.resume_token.as_bytes().to_vec()),
+        ("the device's key", device.key.public().as_bytes().to_vec()),
+        ("the user's key", device.system.public().as_bytes().to_vec()),
+        (
+            "the device's process id",
+            device.process.as_bytes().to_vec(),
+        ),
+        ("the conversation id", conversation.0.to_vec()),
+    ])
 }
 
 #[cfg(test)]
