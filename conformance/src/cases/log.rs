@@ -951,7 +951,7 @@ async fn slow_session_closed(cx: &mut Ctx) -> CaseResult {
         return Err(Stop::Skipped(format!(
             "overflowing an outbound queue of {queue_bytes} bytes takes {sends} sends of \
              {size} bytes, more than this case sends ({SLOW_SESSION_SENDS_MAX}); the \
-             reference gateway's conformance profile sets 1 MiB"
+             reference gateway's 8 MiB and 1 MiB frames take 25"
         )));
     }
     let (mut a, _) = cx
