@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use confab_spec::frame::{Auth, ClientFrame, ErrorFrame, Hello, Ready, Versions};
+use confab_spec::frame::{Auth, Challenge, ClientFrame, ErrorFrame, Hello, Ready, Versions};
 use confab_spec::identity::{DeviceCertificate, DeviceKeyPair, SystemKeyPair, sign_auth};
 use confab_spec::ids::{DeviceId, Nonce, ProcessId, ResumeToken, UnixMs};
 use confab_spec::{DecodeLimits, ServerFrame};
@@ -518,6 +518,16 @@ impl Peer {
         .await
     }
 
+    /// Sends `Hello` for version 1 without a token; the `Challenge` that must answer it.
+    pub async fn challenge(&mut self) -> Result<Challenge, Stop> {
+        self.hello(vec![1], None).await?;
+        self.expect("Challenge", |f| match f {
+            ServerFrame::Challenge(c) => Some(c.clone()),
+            _ => None,
+        })
+        .await
+    }
+
     /// Hello, Challenge, Auth (with a certificate valid around the server's clock), Ready.
     pub async fn authenticate(&mut self, cx: &Ctx, device: &Device) -> Result<Ready, Stop> {
         Ok(self.authenticate_with(cx, device).await?.0)
@@ -529,13 +539,7 @@ impl Peer {
         cx: &Ctx,
         device: &Device,
     ) -> Result<(Ready, Auth), Stop> {
-        self.hello(vec![1], None).await?;
-        let challenge = self
-            .expect("Challenge", |f| match f {
-                ServerFrame::Challenge(c) => Some(c.clone()),
-                _ => None,
-            })
-            .await?;
+        let challenge = self.challenge().await?;
         let now = challenge.server_time_ms;
         let auth = device.auth(device.certificate(now), &cx.origin, challenge.nonce, now);
         self.send(&ClientFrame::Auth(auth.clone())).await?;

@@ -75,13 +75,18 @@ impl World {
     }
 
     fn send(&mut self, c: &mut Client, frame: ClientFrame) -> Vec<Action> {
-        c.conn.handle(
+        self.feed(&mut c.conn, &frame.encode())
+    }
+
+    /// Hands one WebSocket message to `conn`; what it does in answer.
+    fn feed(&mut self, conn: &mut Connection, message: &[u8]) -> Vec<Action> {
+        conn.handle(
             &self.config,
             &mut self.store,
             &self.limiters,
             &mut self.rng,
             self.now,
-            &frame.encode(),
+            message,
         )
     }
 
@@ -535,14 +540,7 @@ fn auth_rejections_close_with_their_codes() {
     }
     // Garbage before authentication: an error, then a protocol-error close.
     let mut conn = Connection::new();
-    let out = conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
-        &[0xff, 0x00],
-    );
+    let out = w.feed(&mut conn, &[0xff, 0x00]);
     assert_eq!(error_code(&out), Some(ErrorCode::MalformedFrame));
     assert_eq!(out.last(), Some(&Action::Close(CloseCode::ProtocolError)));
     // Heartbeats before Ready are answered, and count: the frame after
@@ -553,28 +551,14 @@ fn auth_rejections_close_with_their_codes() {
         resume_token: None,
     })
     .encode();
-    let out = conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
-        &hello,
-    );
+    let out = w.feed(&mut conn, &hello);
     assert!(matches!(
         out.as_slice(),
         [Action::Send(ServerFrame::Challenge(_))]
     ));
     for n in 2..=w.config.pre_auth_frames_max + 1 {
         let heartbeat = ClientFrame::Heartbeat(Heartbeat { nonce: n }).encode();
-        let out = conn.handle(
-            &w.config,
-            &mut w.store,
-            &w.limiters,
-            &mut w.rng,
-            w.now,
-            &heartbeat,
-        );
+        let out = w.feed(&mut conn, &heartbeat);
         if n <= w.config.pre_auth_frames_max {
             assert_eq!(
                 out,
@@ -602,7 +586,7 @@ mod hostile {
             let mut conn = Connection::new();
             let mut closed = false;
             for m in messages {
-                let out = conn.handle(&w.config, &mut w.store, &w.limiters, &mut w.rng, w.now, &m);
+                let out = w.feed(&mut conn, &m);
                 if closed {
                     prop_assert!(out.is_empty(), "a closed connection answered");
                 }
@@ -623,23 +607,13 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
         })
         .encode()
     };
-    let handle = |w: &mut World, conn: &mut Connection, bytes: &[u8]| {
-        conn.handle(
-            &w.config,
-            &mut w.store,
-            &w.limiters,
-            &mut w.rng,
-            w.now,
-            bytes,
-        )
-    };
     // A full authentication yields the first token.
     let (_, first) = authenticate(&mut w, &creds);
     assert!(!first.resumed);
 
     // Resuming with it: the same session, a new token.
     let mut conn = Connection::new();
-    let out = handle(&mut w, &mut conn, &hello(Some(first.resume_token.clone())));
+    let out = w.feed(&mut conn, &hello(Some(first.resume_token.clone())));
     let Some(Action::Send(ServerFrame::Ready(second))) = out.first().cloned() else {
         panic!("{out:?}")
     };
@@ -654,7 +628,7 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
 
     // Reusing the first token: resume_token_reused, then a fresh challenge.
     let mut conn = Connection::new();
-    let out = handle(&mut w, &mut conn, &hello(Some(first.resume_token.clone())));
+    let out = w.feed(&mut conn, &hello(Some(first.resume_token.clone())));
     assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenReused));
     assert!(matches!(
         frames(&out).last(),
@@ -662,7 +636,7 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
     ));
     // ... and the token issued in its place is revoked with it.
     let mut conn = Connection::new();
-    let out = handle(&mut w, &mut conn, &hello(Some(second.resume_token.clone())));
+    let out = w.feed(&mut conn, &hello(Some(second.resume_token.clone())));
     assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
     assert!(matches!(
         frames(&out).last(),
@@ -672,8 +646,7 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
 
     // An unknown token is invalid.
     let mut conn = Connection::new();
-    let out = handle(
-        &mut w,
+    let out = w.feed(
         &mut conn,
         &hello(Some(ResumeToken::new(vec![9; 32]).expect("token"))),
     );
@@ -684,7 +657,7 @@ fn resume_tokens_rotate_and_reuse_revokes_the_chain() {
     let (_, ready) = authenticate(&mut w, &creds);
     w.now = w.now.plus_ms(1_001);
     let mut conn = Connection::new();
-    let out = handle(&mut w, &mut conn, &hello(Some(ready.resume_token)));
+    let out = w.feed(&mut conn, &hello(Some(ready.resume_token)));
     assert_eq!(error_code(&out), Some(ErrorCode::ResumeTokenInvalid));
 }
 
@@ -699,26 +672,12 @@ fn handshake(
         versions: Versions::current(),
         resume_token: None,
     });
-    let out = conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
-        &hello.encode(),
-    );
+    let out = w.feed(conn, &hello.encode());
     let Some(Action::Send(ServerFrame::Challenge(ch))) = out.first() else {
         panic!("expected Challenge, got {out:?}")
     };
     let auth = make(ch.nonce);
-    conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
-        &ClientFrame::Auth(auth).encode(),
-    )
+    w.feed(conn, &ClientFrame::Auth(auth).encode())
 }
 
 /// [`handshake`] on a fresh connection.
@@ -812,12 +771,8 @@ fn revocation_is_checked_on_auth_and_resume_and_closes_the_device() {
     let phone_id = phone.certificate.device_id();
     let revoke =
         |w: &mut World, conn: &mut Connection, revocation: confab_spec::identity::Revocation| {
-            conn.handle(
-                &w.config,
-                &mut w.store,
-                &w.limiters,
-                &mut w.rng,
-                w.now,
+            w.feed(
+                conn,
                 &ClientFrame::RevokeDevice(RevokeDevice { rid: 7, revocation }).encode(),
             )
         };
@@ -858,12 +813,8 @@ fn revocation_is_checked_on_auth_and_resume_and_closes_the_device() {
     assert_eq!(error_code(&out), Some(ErrorCode::AuthCertificateRevoked));
     assert_eq!(out.last(), Some(&Action::Close(CloseCode::AuthFailed)));
     let mut conn = Connection::new();
-    let out = conn.handle(
-        &w.config,
-        &mut w.store,
-        &w.limiters,
-        &mut w.rng,
-        w.now,
+    let out = w.feed(
+        &mut conn,
         &ClientFrame::Hello(Hello {
             versions: Versions::current(),
             resume_token: Some(phone_ready.resume_token),
@@ -1288,14 +1239,7 @@ mod directory {
                 .collect(),
             last_resort: last_resort.map(|p| MlsBytes::new(p).expect("bytes")),
         });
-        frames(&conn.handle(
-            &w.config,
-            &mut w.store,
-            &w.limiters,
-            &mut w.rng,
-            w.now,
-            &frame.encode(),
-        ))
+        frames(&w.feed(conn, &frame.encode()))
     }
 
     fn claim(w: &mut World, conn: &mut Connection, user: SystemKey) -> Vec<ServerFrame> {
@@ -1334,14 +1278,7 @@ mod directory {
 
     /// Hands `frame` to the connection; returns the frames it answers with.
     fn exchange(w: &mut World, conn: &mut Connection, frame: ClientFrame) -> Vec<ServerFrame> {
-        frames(&conn.handle(
-            &w.config,
-            &mut w.store,
-            &w.limiters,
-            &mut w.rng,
-            w.now,
-            &frame.encode(),
-        ))
+        frames(&w.feed(conn, &frame.encode()))
     }
 
     fn status(frames: &[ServerFrame]) -> Option<(u64, bool, bool)> {

@@ -267,13 +267,7 @@ pub fn cases() -> Vec<Case> {
 /// Opens a connection, sends Hello and returns the Challenge.
 async fn challenge(cx: &Ctx, name: &str) -> Result<(Peer, Challenge), Stop> {
     let mut peer = cx.open(name).await?;
-    peer.hello(vec![1], None).await?;
-    let challenge = peer
-        .expect("Challenge", |f| match f {
-            ServerFrame::Challenge(c) => Some(c.clone()),
-            _ => None,
-        })
-        .await?;
+    let challenge = peer.challenge().await?;
     Ok((peer, challenge))
 }
 
