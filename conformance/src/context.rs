@@ -95,6 +95,8 @@ pub struct Ctx {
     pub transcript: Transcript,
     /// The server's log file, when the run was told it (`--server-log`).
     pub server_log: Option<std::path::PathBuf>,
+    /// The commands that stop, kill and start the server, as far as the run was given them.
+    pub control: crate::control::ServerControl,
 }
 
 impl Ctx {
@@ -106,6 +108,7 @@ impl Ctx {
             info,
             transcript: Transcript::default(),
             server_log: None,
+            control: crate::control::ServerControl::default(),
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod case;
 pub mod cases;
 pub mod context;
+pub mod control;
 pub mod info;
 pub mod mls;
 pub mod report;

@@ -1,11 +1,13 @@
 //! `confab-conformance --url ws://HOST:PORT/v1/ws [--cases PATTERN] [--strict]
-//! [--report-dir DIR] [--list]`
+//! [--report-dir DIR] [--list] [--server-log FILE] [--stop-command CMD] [--kill-command CMD]
+//! [--start-command CMD]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use confab_conformance::case::{Level, Outcome};
+use confab_conformance::control::{Action, ServerControl};
 use confab_conformance::runner::{self, Selection};
 
 /// Checks a Confab gateway against SPEC.md, one case per requirement.
@@ -32,6 +34,21 @@ struct Cli {
     /// used. Without it they are skipped.
     #[arg(long)]
     server_log: Option<PathBuf>,
+    /// A shell command that shuts the server down gracefully (say, `kill -TERM "$(cat
+    /// server.pid)"`) and returns once it has exited. With --start-command it lets the case
+    /// of REQ-5.7-3 run; that case is skipped without them.
+    #[arg(long)]
+    stop_command: Option<String>,
+    /// A shell command that ends the server without warning (say, `kill -KILL "$(cat
+    /// server.pid)"`) and returns once it has exited. With --start-command it lets the case
+    /// of REQ-6.3-1 (acknowledged entries survive a crash) run.
+    #[arg(long)]
+    kill_command: Option<String>,
+    /// A shell command that starts the server in the background, on the same URL and
+    /// storage, and returns (send the server's output to a file, not to the suite's); the
+    /// suite then waits up to 20 s for /v1/info.
+    #[arg(long)]
+    start_command: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -75,22 +92,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let run = runtime.block_on(runner::run(
-        &url,
-        &selection,
-        cli.server_log.as_deref(),
-        |i, n, case| {
-            let outcome = match &case.outcome {
-                Outcome::Passed => "passed",
-                Outcome::Failed(_) => "FAILED",
-                Outcome::Skipped { .. } => "skipped",
-            };
-            eprintln!(
-                "[{i:>3}/{n}] {:<44} {outcome} ({} ms)",
-                case.id, case.duration_ms
-            );
+    let access = runner::Access {
+        server_log: cli.server_log,
+        control: ServerControl {
+            stop: cli.stop_command.map(Action::Shell),
+            kill: cli.kill_command.map(Action::Shell),
+            start: cli.start_command.map(Action::Shell),
         },
-    ));
+    };
+    let run = runtime.block_on(runner::run(&url, &selection, &access, |i, n, case| {
+        let outcome = match &case.outcome {
+            Outcome::Passed => "passed",
+            Outcome::Failed(_) => "FAILED",
+            Outcome::Skipped { .. } => "skipped",
+        };
+        eprintln!(
+            "[{i:>3}/{n}] {:<44} {outcome} ({} ms)",
+            case.id, case.duration_ms
+        );
+    }));
     let run = match run {
         Ok(run) => run,
         Err(e) => {

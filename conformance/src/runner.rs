@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::case::{Case, Level, Outcome, Stop};
 use crate::cases;
 use crate::context::{Ctx, Transcript};
+use crate::control::ServerControl;
 use crate::info::{self, InfoError};
 use crate::report::{CaseReport, RunReport};
 
@@ -44,19 +45,29 @@ pub fn selected(selection: &Selection) -> Vec<Case> {
         .collect()
 }
 
-/// Runs `selection` against the gateway at `url`, whose log is `server_log` when given
-/// (the log cases are skipped without it); `progress` is told about each case as it ends
-/// (its index, the total and its report).
+/// What the run may use of the server besides its URL; the cases that need a part that is
+/// missing are skipped and say so.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// The file the server writes its log to (the log cases read it).
+    pub server_log: Option<std::path::PathBuf>,
+    /// Commands that stop, kill and start the server (the shutdown and crash cases).
+    pub control: ServerControl,
+}
+
+/// Runs `selection` against the gateway at `url`, with what `access` gives of the server;
+/// `progress` is told about each case as it ends (its index, the total and its report).
 pub async fn run(
     url: &str,
     selection: &Selection,
-    server_log: Option<&std::path::Path>,
+    access: &Access,
     mut progress: impl FnMut(usize, usize, &CaseReport),
 ) -> Result<RunReport, InfoError> {
     let started = tokio::time::Instant::now();
     let info = info::fetch(url).await?;
     let mut cx = Ctx::new(url.to_owned(), info);
-    cx.server_log = server_log.map(std::path::Path::to_path_buf);
+    cx.server_log = access.server_log.clone();
+    cx.control = access.control.clone();
     let cases = selected(selection);
     let mut reports = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {

@@ -54,6 +54,7 @@ pub struct Shared {
     pub store: Mutex<SqliteStore>,
     hub: Hub,
     shutdown: Shutdown,
+    open: OpenConnections,
     /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
     sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
     next_connection: AtomicU64,
@@ -177,8 +178,52 @@ impl Shutdown {
     }
 }
 
+/// The WebSocket connections still running. Their tasks outlive the HTTP server's own
+/// graceful shutdown (an upgraded connection is no longer the server's), so a shutdown
+/// waits here for their closing handshakes: a process that exited at once would cut a busy
+/// session off without its 4000 (REQ-5.7-3).
+#[derive(Default)]
+struct OpenConnections {
+    count: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl OpenConnections {
+    /// Counts a connection until the returned guard is dropped.
+    fn enter(&self) -> OpenConnection<'_> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(self)
+    }
+
+    /// Resolves once no connection is open.
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read: the last close in between is not missed.
+            notified.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One open connection of [`OpenConnections`].
+struct OpenConnection<'a>(&'a OpenConnections);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
 /// Runs the gateway on `listener` (a TCP listener, or any transport with socket addresses)
-/// until `shutdown` resolves, then closes every session with 4000 (SPEC.md REQ-5.7-3).
+/// until `shutdown` resolves, then closes every session with 4000 (SPEC.md REQ-5.7-3) and
+/// returns once their closing handshakes are done (each within its grace period).
 /// Timers use only `tokio::time`; the wall clock and randomness come from `env`.
 pub async fn serve<L>(
     listener: L,
@@ -210,6 +255,7 @@ where
         store: Mutex::new(store),
         hub: Hub::default(),
         shutdown: Shutdown::default(),
+        open: OpenConnections::default(),
         sessions: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
         limiters,
@@ -243,7 +289,7 @@ where
         .route("/v1/info", get(info))
         .route("/v1/ws", get(upgrade))
         .with_state(shared.clone());
-    let stopping = shared;
+    let stopping = shared.clone();
     let result = axum::serve(
         PeerListener(listener),
         app.into_make_service_with_connect_info::<PeerAddr>(),
@@ -252,6 +298,13 @@ where
         shutdown.await;
         stopping.shutdown.stop();
     })
+    .await;
+    // Every session was told to close when the shutdown began; each takes at most its
+    // grace period from then.
+    let _ = tokio::time::timeout(
+        CLOSE_GRACE + Duration::from_secs(1),
+        shared.open.all_closed(),
+    )
     .await;
     gc.abort();
     presence_ticks.abort();
@@ -736,6 +789,7 @@ fn pull(
 }
 
 async fn connection(socket: WebSocket, shared: Arc<Shared>) {
+    let _open = shared.open.enter();
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     telemetry::connections_open(1.0);
     let (sink, mut stream) = socket.split();

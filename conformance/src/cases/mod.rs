@@ -6,6 +6,7 @@ mod groups;
 mod leaks;
 pub mod log;
 mod presence;
+mod restart;
 mod retention;
 mod rooms;
 mod session;
@@ -26,6 +27,7 @@ pub fn all() -> Vec<Case> {
     all.extend(presence::cases());
     all.extend(rooms::cases());
     all.extend(leaks::cases());
+    all.extend(restart::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",
