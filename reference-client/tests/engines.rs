@@ -454,6 +454,64 @@ fn receive_batches_are_written_at_their_end_and_lose_nothing_in_a_crash() {
     }
 }
 
+/// The journal in a receive batch: an outcome the client has not released when the batch
+/// ends (at its end, or early, by an operation that ends it) is journaled with the state
+/// that consumed its key, so the entry gives it again after a restart; a released one
+/// is gone with its key.
+#[test]
+fn unreleased_outcomes_are_journaled_when_a_batch_ends() {
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
+        let sent: Vec<(Vec<u8>, Vec<u8>)> = (0..3u8)
+            .map(|i| {
+                let text = vec![i; 24];
+                let ct = a.engine().encrypt(&GROUP, &text).expect("encrypt");
+                (text, ct)
+            })
+            .collect();
+        let expect = |text: &[u8]| Processed::Application {
+            sender: a.id(),
+            plaintext: text.to_vec(),
+        };
+        b.engine().begin_receive_batch().expect("begin");
+        for (seq, (_, ct)) in (1..).zip(&sent[..2]) {
+            b.engine().process_entry(&GROUP, seq, ct).expect("in batch");
+        }
+        b.engine().release_processed(&GROUP, 1).expect("release");
+        b.engine().end_receive_batch().expect("end");
+        b.reload();
+        assert_eq!(
+            b.engine().process_entry(&GROUP, 2, &sent[1].1),
+            Ok(expect(&sent[1].0)),
+            "{ka}->{kb}: unreleased at the batch's end"
+        );
+        let released = b.engine().process_entry(&GROUP, 1, &sent[0].1);
+        assert!(
+            matches!(released, Err(EngineError::SecretReused(_))),
+            "{ka}->{kb}: released: {released:?}"
+        );
+        // Ended early: sending ends the batch before it encrypts.
+        b.engine().begin_receive_batch().expect("begin");
+        b.engine()
+            .process_entry(&GROUP, 3, &sent[2].1)
+            .expect("in batch");
+        b.engine().encrypt(&GROUP, b"reply").expect("encrypt");
+        b.reload();
+        assert_eq!(
+            b.engine().process_entry(&GROUP, 3, &sent[2].1),
+            Ok(expect(&sent[2].0)),
+            "{ka}->{kb}: unreleased when a send ended the batch"
+        );
+        b.engine().release_processed(&GROUP, 3).expect("release");
+        let gone = b.engine().process_entry(&GROUP, 3, &sent[2].1);
+        assert!(
+            matches!(gone, Err(EngineError::SecretReused(_))),
+            "{ka}->{kb}: released after the restart: {gone:?}"
+        );
+    }
+}
+
 #[test]
 fn a_shared_signature_memo_answers_a_repeated_check_and_changes_no_outcome() {
     use confab_client::mls::signature_memo::SignatureMemo;

@@ -6,9 +6,10 @@
 //! failure it drops the cached group, so the next use reloads the durable state.
 //!
 //! In a receive batch ([`MlsEngine::begin_receive_batch`]) application messages are
-//! processed in memory: their journal entries go into one transaction on the journal's
-//! connection, and the groups they advanced are written once, when the batch ends (the
-//! journal first). Any other mutation ends the batch first.
+//! processed in memory: their outcomes are kept in memory, and when the batch ends those
+//! the client has not released yet are journaled in one transaction on the journal's
+//! connection, before the groups they advanced are written, once each. Any other mutation
+//! ends the batch first.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -34,6 +35,7 @@ use mls_rs_provider_sqlite::SqLiteDataStorageEngine;
 use mls_rs_provider_sqlite::connection_strategy::FileConnectionStrategy;
 use mls_rs_provider_sqlite::storage::{SqLiteGroupStateStorage, SqLitePreSharedKeyStorage};
 
+use super::journal::Journal;
 use super::mlsrs_memo_crypto::MemoCryptoProvider;
 use super::signature_memo::SignatureMemo;
 use super::{
@@ -54,7 +56,9 @@ pub struct MlsRsEngine<C: MlsConfig> {
     clock: Clock,
     groups: HashMap<ConversationId, Group<C>>,
     /// A connection of our own to the state file, for the decryption journal.
-    journal: rusqlite::Connection,
+    journal_conn: rusqlite::Connection,
+    /// The decryption journal's outcomes in memory and the keys of those in the table.
+    journal: Journal,
     /// The groups a receive batch advanced in memory only; `None` outside a batch.
     batch: Option<BTreeSet<ConversationId>>,
 }
@@ -101,14 +105,14 @@ pub fn open(
         .extension_type(ExtensionType::new(confab_spec::rooms::ROLES_EXTENSION_TYPE))
         .signing_identity(identity, secret.into(), CIPHERSUITE)
         .build();
-    let journal = rusqlite::Connection::open(path).map_err(storage)?;
-    journal
+    let journal_conn = rusqlite::Connection::open(path).map_err(storage)?;
+    journal_conn
         .execute_batch("PRAGMA synchronous=FULL;")
         .map_err(storage)?;
-    journal
+    journal_conn
         .busy_timeout(std::time::Duration::from_secs(5))
         .map_err(storage)?;
-    super::journal::create(&journal)?;
+    let journal = Journal::open(&journal_conn)?;
     Ok(Box::new(MlsRsEngine {
         client,
         psks,
@@ -116,6 +120,7 @@ pub fn open(
         device: certificate.device_id(),
         clock,
         groups: HashMap::new(),
+        journal_conn,
         journal,
         batch: None,
     }))
@@ -750,14 +755,14 @@ where
         seq: u64,
         message: &[u8],
     ) -> Result<Processed, EngineError> {
-        if let Some(journaled) = super::journal::get(&self.journal, group, seq)? {
+        if let Some(journaled) = self.journal.get(&self.journal_conn, group, seq)? {
             return Ok(journaled);
         }
         let message = parse(message)?;
         let own = self.device;
         let now = (self.clock)();
         self.load(group)?;
-        let journal = &self.journal;
+        let (journal, journal_conn) = (&mut self.journal, &self.journal_conn);
         let loaded = self.groups.get_mut(group).ok_or(EngineError::GroupNotFound);
         let batch = &mut self.batch;
         let result = loaded.and_then(|g| {
@@ -766,11 +771,14 @@ where
                 // Journaled before the state that consumed the secret is written: after a
                 // crash in between, the key is still in the old state and the outcome is
                 // in the journal.
-                super::journal::put(journal, group, seq, sender, plaintext)?;
                 if let Some(dirty) = batch.as_mut() {
+                    // Written when the batch ends, before the groups (or never, if the
+                    // client recorded the message by then).
+                    journal.record(group, seq, sender, plaintext);
                     dirty.insert(*group);
                     return Ok(processed);
                 }
+                journal.put(journal_conn, group, seq, sender, plaintext)?;
             }
             g.write_to_storage().map_err(map_err)?;
             Ok(processed)
@@ -789,7 +797,7 @@ where
 
     fn begin_receive_batch(&mut self) -> Result<(), EngineError> {
         if self.batch.is_none() {
-            self.journal.execute_batch("BEGIN").map_err(storage)?;
+            self.journal_conn.execute_batch("BEGIN").map_err(storage)?;
             self.batch = Some(BTreeSet::new());
         }
         Ok(())
@@ -801,12 +809,19 @@ where
         };
         // The journal first: a crash before the groups are written leaves their old state
         // (with the keys) and the outcomes.
-        if let Err(e) = self.journal.execute_batch("COMMIT") {
-            let _ = self.journal.execute_batch("ROLLBACK");
+        let committed = self
+            .journal
+            .flush(&self.journal_conn)
+            .and_then(|()| self.journal_conn.execute_batch("COMMIT").map_err(storage));
+        if let Err(e) = committed {
+            let _ = self.journal_conn.execute_batch("ROLLBACK");
             for id in &dirty {
                 self.groups.remove(id);
             }
-            return Err(storage(e));
+            // The groups go back to their state from before the batch, which still holds
+            // the keys of the outcomes that were not written.
+            self.journal.reload(&self.journal_conn)?;
+            return Err(e);
         }
         let mut failed = None;
         for id in dirty {
@@ -823,7 +838,7 @@ where
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {
-        super::journal::release(&self.journal, group, seq)
+        self.journal.release(&self.journal_conn, group, seq)
     }
 
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError> {

@@ -55,6 +55,8 @@ pub struct OpenMlsEngine {
     /// The groups an open receive batch advanced without writing their message secrets;
     /// `None` without a batch (its transaction is open while this is `Some`).
     batch: Option<BTreeSet<ConversationId>>,
+    /// The decryption journal's outcomes in memory and the keys of those in the table.
+    journal: journal::Journal,
 }
 
 /// The serde codec openmls' SQLite provider stores values with.
@@ -135,7 +137,7 @@ impl OpenMlsEngine {
         SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
             .run_migrations()
             .map_err(|e| EngineError::Storage(e.to_string()))?;
-        journal::create(&conn)?;
+        let journal = journal::Journal::open(&conn)?;
         conn.execute_batch(MESSAGE_SECRETS_TABLE).map_err(storage)?;
         let certificate = credentials.certificate;
         let signing_key = ed25519_dalek::SigningKey::from_bytes(&credentials.key.seed());
@@ -155,6 +157,7 @@ impl OpenMlsEngine {
             clock,
             groups: HashMap::new(),
             batch: None,
+            journal,
         })
     }
 }
@@ -927,26 +930,34 @@ impl MlsEngine for OpenMlsEngine {
         seq: u64,
         message: &[u8],
     ) -> Result<Processed, EngineError> {
-        if let Some(journaled) = journal::get(&self.conn, group, seq)? {
+        if let Some(journaled) = self.journal.get(&self.conn, group, seq)? {
             return Ok(journaled);
         }
         let application = matches!(
             MlsMessageIn::tls_deserialize_exact(message).map(|m| m.extract()),
             Ok(MlsMessageBodyIn::PrivateMessage(p)) if p.content_type() == ContentType::Application
         );
-        let step = |ctx: &mut Ctx<'_>| {
+        if application && self.batch.is_some() {
+            // Recorded in memory: the batch's end journals it (if the client has not
+            // released it by then) in the transaction that stores the consumed secret.
+            let processed = self.in_batch(group, |ctx| process_in(ctx, group, message))?;
+            if let Processed::Application { sender, plaintext } = &processed {
+                self.journal.record(group, seq, sender, plaintext);
+            }
+            return Ok(processed);
+        }
+        let processed = self.with_tx(Some(group), |ctx| {
             let processed = process_in(ctx, group, message)?;
             if let Processed::Application { sender, plaintext } = &processed {
                 // In the transaction that stores the consumed secret.
                 journal::put(ctx.conn, group, seq, sender, plaintext)?;
             }
             Ok(processed)
-        };
-        if application {
-            self.in_batch(group, step)
-        } else {
-            self.with_tx(Some(group), step)
+        })?;
+        if matches!(processed, Processed::Application { .. }) {
+            self.journal.note_stored(group, seq);
         }
+        Ok(processed)
     }
 
     fn begin_receive_batch(&mut self) -> Result<(), EngineError> {
@@ -969,26 +980,31 @@ impl MlsEngine for OpenMlsEngine {
         };
         // Setting the deletion policy a group has is openmls' public way to write its
         // message secrets (it resizes the store to the same size first: nothing changes).
-        let written = dirty.iter().try_for_each(|id| {
-            let Some(g) = self.groups.get_mut(id) else {
-                return Ok(());
-            };
-            let policy = g.past_epoch_deletion_policy().clone();
-            g.set_past_epoch_deletion_policy(&provider, policy)
-                .map_err(|e| other("write message secrets", e))
+        let journaled = self.journal.flush(&self.conn);
+        let written = journaled.and_then(|()| {
+            dirty.iter().try_for_each(|id| {
+                let Some(g) = self.groups.get_mut(id) else {
+                    return Ok(());
+                };
+                let policy = g.past_epoch_deletion_policy().clone();
+                g.set_past_epoch_deletion_policy(&provider, policy)
+                    .map_err(|e| other("write message secrets", e))
+            })
         });
         let committed = written.and_then(|()| self.conn.execute_batch("COMMIT").map_err(storage));
         if let Err(e) = committed {
             let _ = self.conn.execute_batch("ROLLBACK");
-            // Back to the state from before the batch.
+            // Back to the state from before the batch, which still holds the keys of the
+            // outcomes that were not journaled.
             self.groups.clear();
+            self.journal.reload(&self.conn)?;
             return Err(e);
         }
         Ok(())
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {
-        journal::release(&self.conn, group, seq)
+        self.journal.release(&self.conn, group, seq)
     }
 
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError> {
