@@ -136,7 +136,7 @@ impl Journal {
     pub fn flush(&mut self, conn: &Connection) -> Result<(), EngineError> {
         let mut pending: Vec<_> = self.pending.drain().collect();
         // In key order: the same writes on every run of a simulation's seed.
-        pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pending.sort_unstable_by_key(|(key, _)| *key);
         for ((group, seq), (sender, plaintext)) in pending {
             put(conn, &group, seq, &sender, &plaintext)?;
             self.stored.insert((group, seq));
