@@ -463,7 +463,7 @@ fn unreleased_outcomes_are_journaled_when_a_batch_ends() {
     for (ka, kb) in pairings() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut a, mut b) = two_member_group(&dir, ka, kb);
-        let sent: Vec<(Vec<u8>, Vec<u8>)> = (0..3u8)
+        let sent: Vec<(Vec<u8>, Vec<u8>)> = (0..4u8)
             .map(|i| {
                 let text = vec![i; 24];
                 let ct = a.engine().encrypt(&GROUP, &text).expect("encrypt");
@@ -508,6 +508,24 @@ fn unreleased_outcomes_are_journaled_when_a_batch_ends() {
         assert!(
             matches!(gone, Err(EngineError::SecretReused(_))),
             "{ka}->{kb}: released after the restart: {gone:?}"
+        );
+        // A send that fails in a batch (a Commit of its own is pending) loses nothing.
+        b.engine().self_update(&GROUP).expect("pending commit");
+        b.engine().begin_receive_batch().expect("begin");
+        b.engine()
+            .process_entry(&GROUP, 4, &sent[3].1)
+            .expect("in batch");
+        let refused = b.engine().encrypt(&GROUP, b"not now");
+        assert!(
+            matches!(refused, Err(EngineError::PendingCommit)),
+            "{ka}->{kb}: {refused:?}"
+        );
+        b.engine().end_receive_batch().expect("end");
+        b.reload();
+        assert_eq!(
+            b.engine().process_entry(&GROUP, 4, &sent[3].1),
+            Ok(expect(&sent[3].0)),
+            "{ka}->{kb}: after a refused send in a batch"
         );
     }
 }

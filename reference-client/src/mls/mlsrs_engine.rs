@@ -294,13 +294,15 @@ fn mls_time(now: UnixMs) -> MlsTime {
 
 impl<C: MlsConfig + Clone> MlsRsEngine<C> {
     /// Runs `f` on the group, then persists it; on failure forgets the cached group. An
-    /// open receive batch ends first.
+    /// open receive batch ends first, except that this group's state is written once, after
+    /// `f`, with what the batch did to it (its outcomes are journaled before: a failure of
+    /// `f` leaves the state from before the batch, which still holds their keys).
     fn mutate<T>(
         &mut self,
         id: &ConversationId,
         f: impl FnOnce(&mut Group<C>, UnixMs) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        self.end_receive_batch()?;
+        self.end_receive_batch_except(Some(id))?;
         let now = (self.clock)();
         let result = self.load(id).and_then(|g| {
             let value = f(g, now)?;
@@ -311,6 +313,48 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
             self.groups.remove(id);
         }
         result
+    }
+
+    /// Ends the open receive batch: journals the outcomes not released yet, then writes
+    /// every group the batch advanced but `except` (which the caller writes next).
+    fn end_receive_batch_except(
+        &mut self,
+        except: Option<&ConversationId>,
+    ) -> Result<(), EngineError> {
+        let Some(mut dirty) = self.batch.take() else {
+            return Ok(());
+        };
+        // The journal first: a crash before the groups are written leaves their old state
+        // (with the keys) and the outcomes.
+        let committed = self
+            .journal
+            .flush(&self.journal_conn)
+            .and_then(|()| self.journal_conn.execute_batch("COMMIT").map_err(storage));
+        if let Err(e) = committed {
+            let _ = self.journal_conn.execute_batch("ROLLBACK");
+            for id in &dirty {
+                self.groups.remove(id);
+            }
+            // The groups go back to their state from before the batch, which still holds
+            // the keys of the outcomes that were not written.
+            self.journal.reload(&self.journal_conn)?;
+            return Err(e);
+        }
+        if let Some(id) = except {
+            dirty.remove(id);
+        }
+        let mut failed = None;
+        for id in dirty {
+            let written = match self.groups.get_mut(&id) {
+                Some(g) => g.write_to_storage().map_err(map_err),
+                None => Ok(()),
+            };
+            if let Err(e) = written {
+                self.groups.remove(&id);
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Persists a group this device just created or joined and caches it; returns its id.
@@ -804,37 +848,7 @@ where
     }
 
     fn end_receive_batch(&mut self) -> Result<(), EngineError> {
-        let Some(dirty) = self.batch.take() else {
-            return Ok(());
-        };
-        // The journal first: a crash before the groups are written leaves their old state
-        // (with the keys) and the outcomes.
-        let committed = self
-            .journal
-            .flush(&self.journal_conn)
-            .and_then(|()| self.journal_conn.execute_batch("COMMIT").map_err(storage));
-        if let Err(e) = committed {
-            let _ = self.journal_conn.execute_batch("ROLLBACK");
-            for id in &dirty {
-                self.groups.remove(id);
-            }
-            // The groups go back to their state from before the batch, which still holds
-            // the keys of the outcomes that were not written.
-            self.journal.reload(&self.journal_conn)?;
-            return Err(e);
-        }
-        let mut failed = None;
-        for id in dirty {
-            let written = match self.groups.get_mut(&id) {
-                Some(g) => g.write_to_storage().map_err(map_err),
-                None => Ok(()),
-            };
-            if let Err(e) = written {
-                self.groups.remove(&id);
-                failed.get_or_insert(e);
-            }
-        }
-        failed.map_or(Ok(()), Err)
+        self.end_receive_batch_except(None)
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {

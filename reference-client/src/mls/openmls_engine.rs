@@ -905,7 +905,7 @@ impl MlsEngine for OpenMlsEngine {
         group: &ConversationId,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, EngineError> {
-        self.with_tx(Some(group), |ctx| {
+        let step = |ctx: &mut Ctx<'_>| {
             let provider = ctx.provider;
             let signer = ctx.signer;
             let g = ctx.group_without_pending_commit(group)?;
@@ -913,7 +913,31 @@ impl MlsEngine for OpenMlsEngine {
                 .create_message(provider, signer, plaintext)
                 .map_err(|e| other("encrypt", e))?;
             serialize(&message)
-        })
+        };
+        if !self
+            .batch
+            .as_ref()
+            .is_some_and(|dirty| dirty.contains(group))
+        {
+            return self.with_tx(Some(group), step);
+        }
+        // The open batch advanced this group: openmls writes its message secrets as it
+        // encrypts, so in the batch's transaction that one write covers both, and the
+        // batch commits with it. The message goes nowhere before the commit: a failed
+        // commit returns the error and the generation is used again.
+        let encrypted = self.run(
+            Some(group),
+            ["SAVEPOINT op", "RELEASE op", "ROLLBACK TO op; RELEASE op"],
+            false,
+            step,
+        );
+        if encrypted.is_ok() {
+            if let Some(dirty) = self.batch.as_mut() {
+                dirty.remove(group);
+            }
+        }
+        self.end_receive_batch()?;
+        encrypted
     }
 
     fn process(
