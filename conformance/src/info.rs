@@ -70,6 +70,9 @@ pub struct Info {
     /// `retention_unacked_ms`, when announced.
     #[serde(default)]
     pub retention_unacked_ms: Option<u64>,
+    /// `durability` (SPEC.md 6.3): what acknowledged entries survive, when announced.
+    #[serde(default)]
+    pub durability: Option<String>,
     /// `outbound_queue_max` (SPEC.md 6.4), when announced.
     #[serde(default)]
     pub outbound_queue_max: Option<u64>,

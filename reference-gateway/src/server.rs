@@ -473,6 +473,9 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "resume_token_ttl_ms": c.resume_token_ttl_ms,
         "retention_ms": c.retention.retention_ms,
         "retention_unacked_ms": c.retention.retention_unacked_ms,
+        // Both sync policies flush to the disk before an entry is acknowledged (README,
+        // "Durability").
+        "durability": "power_loss",
         "gc_interval_ms": c.gc_interval_ms,
         "outbound_queue_max": c.outbound_queue_max,
         "outbound_queue_bytes_max": c.outbound_queue_bytes(),

@@ -1,7 +1,8 @@
-//! The cases that stop the server: a graceful shutdown (REQ-5.7-3) and a crash
+//! Durability: the cases that stop the server, a graceful shutdown (REQ-5.7-3) and a crash
 //! (REQ-6.3-1), each followed by a restart and a replay that must hold every entry the
-//! server acknowledged. They need the run's server control ([`crate::control`]) and are
-//! skipped without it.
+//! server acknowledged (they need the run's server control, [`crate::control`], and are
+//! skipped without it); and what the server says its acknowledgements survive
+//! (REQ-6.3-5).
 //!
 //! Each case starts the server again whatever it observed, before it judges, so that the
 //! cases after it find a server.
@@ -19,7 +20,7 @@ use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::context::{ANSWER_WAIT, Ctx, Device, Observed, Peer};
 use crate::control::{COMMAND_WAIT, Command};
 
-/// The cases of REQ-5.7-3 and REQ-6.3-1.
+/// The cases of REQ-5.7-3, REQ-6.3-1 and REQ-6.3-5.
 pub fn cases() -> Vec<Case> {
     vec![
         case!(
@@ -36,7 +37,29 @@ pub fn cases() -> Vec<Case> {
             "every entry acknowledged before the server was killed mid-stream is there after the restart, at its seq",
             acknowledged_survives_crash
         ),
+        case!(
+            "6.3-5.durability-reported",
+            "REQ-6.3-5",
+            Must,
+            "/v1/info reports durability: process_crash or power_loss",
+            durability_reported
+        ),
     ]
+}
+
+async fn durability_reported(cx: &mut Ctx) -> CaseResult {
+    // The run read /v1/info before the first case.
+    match cx.info.durability.as_deref() {
+        Some("process_crash" | "power_loss") => Ok(()),
+        other => Err(Failure::new(
+            "\"durability\": \"process_crash\" or \"power_loss\" in /v1/info",
+            match other {
+                Some(value) => format!("\"durability\": {value:?}"),
+                None => "no durability".into(),
+            },
+        )
+        .into()),
+    }
 }
 
 /// Sends in flight at once while the server goes down.
