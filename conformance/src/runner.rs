@@ -77,10 +77,17 @@ pub async fn run(
             Ok(Ok(())) => Outcome::Passed,
             Ok(Err(Stop::Failed(f))) => Outcome::Failed(f),
             Ok(Err(Stop::Skipped(reason))) => Outcome::Skipped { reason },
-            Err(_) => Outcome::Failed(crate::case::Failure::new(
-                format!("the case to finish within {} s", CASE_TIMEOUT.as_secs()),
-                "it did not",
-            )),
+            Err(_) => {
+                // A case cut off while the server was down (a stop or a kill, and the
+                // start not yet run) would fail every case after it: start it again.
+                if cx.control.start.is_some() && info::fetch(url).await.is_err() {
+                    let _ = cx.control.start_and_wait(url).await;
+                }
+                Outcome::Failed(crate::case::Failure::new(
+                    format!("the case to finish within {} s", CASE_TIMEOUT.as_secs()),
+                    "it did not",
+                ))
+            }
         };
         let report = CaseReport {
             id: case.id.to_owned(),
