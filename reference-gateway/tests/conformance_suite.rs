@@ -12,6 +12,10 @@ use confab_conformance::cases;
 use confab_conformance::control::{Action, ServerControl};
 use confab_conformance::runner::{self, Access, Selection};
 
+mod support;
+
+use support::free_port;
+
 /// Starts, stops and kills one gateway process through `control.sh` in `dir`, which keeps
 /// the process id in `gateway.pid`; kills it when dropped.
 struct GatewayProcess {
@@ -76,13 +80,6 @@ impl Drop for GatewayProcess {
             .arg(self.command("kill"))
             .status();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,7 +278,7 @@ pub async fn create_conversation(peer: &mut Peer, rid: u64) -> Result<Conversati
 }
 
 /// A `Send` of `payload` with `msg_id`.
-fn send_frame(
+pub fn send_frame(
     rid: u64,
     conversation: ConversationId,
     msg_id: MsgId,

@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use confab_spec::ServerFrame;
-use confab_spec::frame::ClientFrame;
 use confab_spec::ids::{ConversationId, MsgId};
 
-use super::log::{application, random, replay, subscribe, subscribed, with_conversation};
+use super::log::{
+    application, check_seqs, random, replay, send_frame, subscribe, subscribed, with_conversation,
+};
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::context::{ANSWER_WAIT, Ctx, Device, Observed, Peer};
@@ -95,13 +96,12 @@ async fn send_unanswered(
 ) -> Result<MsgId, Stop> {
     let msg_id = MsgId(random());
     let body = format!("entry {rid}");
-    peer.send(&ClientFrame::Send(confab_spec::frame::Send {
+    peer.send(&send_frame(
         rid,
         conversation,
         msg_id,
-        payload: application(&conversation, body.as_bytes()),
-        welcome: None,
-    }))
+        application(&conversation, body.as_bytes()),
+    ))
     .await?;
     Ok(msg_id)
 }
@@ -194,14 +194,11 @@ async fn check_replay(
         .into());
     }
     let seqs: Vec<u64> = found.keys().copied().collect();
-    if seqs.iter().zip(1..).any(|(seq, n)| *seq != n) {
-        return Err(Failure::new(
-            format!("after {after}, dense seqs from 1 (REQ-6.2-1)"),
-            format!("seqs {seqs:?}"),
-        )
-        .into());
-    }
-    Ok(())
+    check_seqs(
+        &format!("after {after}, dense seqs from 1 (REQ-6.2-1)"),
+        &seqs,
+        1..=seqs.len() as u64,
+    )
 }
 
 async fn graceful_shutdown(cx: &mut Ctx) -> CaseResult {

@@ -108,25 +108,8 @@ impl Journal {
             .insert((*group, seq), (*sender, plaintext.to_vec()));
     }
 
-    /// Journals the outcome of `(group, seq)` in the table now (in the caller's
-    /// transaction).
-    pub fn put(
-        &mut self,
-        conn: &Connection,
-        group: &ConversationId,
-        seq: u64,
-        sender: &DeviceId,
-        plaintext: &[u8],
-    ) -> Result<(), EngineError> {
-        put(conn, group, seq, sender, plaintext)?;
-        self.pending.remove(&(*group, seq));
-        self.stored.insert((*group, seq));
-        Ok(())
-    }
-
-    /// Notes that `(group, seq)` was journaled with [`put`] by code that could not reach
-    /// this journal (a closure that holds only the connection), once its transaction
-    /// committed.
+    /// Notes that `(group, seq)` was journaled with [`put`] (outside a batch, in the
+    /// transaction that stores the consumed secret).
     pub fn note_stored(&mut self, group: &ConversationId, seq: u64) {
         self.stored.insert((*group, seq));
     }

@@ -822,7 +822,8 @@ where
                     dirty.insert(*group);
                     return Ok(processed);
                 }
-                journal.put(journal_conn, group, seq, sender, plaintext)?;
+                super::journal::put(journal_conn, group, seq, sender, plaintext)?;
+                journal.note_stored(group, seq);
             }
             g.write_to_storage().map_err(map_err)?;
             Ok(processed)
