@@ -15,6 +15,17 @@ pub enum Level {
     Should,
 }
 
+/// What a case checks: a gateway, or a client through the suite's proxy (client mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A requirement on gateways: the suite talks to the server directly.
+    Server,
+    /// A requirement on clients: the suite drives a client (`--client-command`) and
+    /// watches and steers its connections from the proxy in front of a gateway.
+    Client,
+}
+
 /// Why a case failed: what SPEC.md calls for and what the server did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
@@ -65,6 +76,8 @@ pub struct Case {
     pub requirement: &'static str,
     /// MUST or SHOULD.
     pub level: Level,
+    /// Whether it checks a server or a client.
+    pub target: Target,
     /// One line: what the server must do.
     pub description: &'static str,
     /// The case.
@@ -87,6 +100,23 @@ macro_rules! case {
             id: $id,
             requirement: $req,
             level: $crate::case::Level::$level,
+            target: $crate::case::Target::Server,
+            description: $description,
+            body: |cx| Box::pin($body(cx)),
+        }
+    };
+}
+
+/// Declares a client-mode [`Case`] (its body gets the client under test from
+/// [`Ctx::client`](crate::context::Ctx::client)).
+#[macro_export]
+macro_rules! client_case {
+    ($id:literal, $req:literal, $level:ident, $description:literal, $body:path) => {
+        $crate::case::Case {
+            id: $id,
+            requirement: $req,
+            level: $crate::case::Level::$level,
+            target: $crate::case::Target::Client,
             description: $description,
             body: |cx| Box::pin($body(cx)),
         }

@@ -59,7 +59,7 @@ impl Default for Transcript {
 }
 
 impl Transcript {
-    fn push(&self, peer: &str, direction: &'static str, frame: String, bytes: &[u8]) {
+    pub(crate) fn push(&self, peer: &str, direction: &'static str, frame: String, bytes: &[u8]) {
         const SHOWN: usize = 512;
         let mut hex = hex::encode(&bytes[..bytes.len().min(SHOWN)]);
         if bytes.len() > SHOWN {
@@ -75,6 +75,11 @@ impl Transcript {
         if let Ok(mut records) = self.records.lock() {
             records.push(record);
         }
+    }
+
+    /// Whether `other` is this transcript (a clone of it), not another case's.
+    pub fn same(&self, other: &Transcript) -> bool {
+        Arc::ptr_eq(&self.records, &other.records)
     }
 
     /// The records so far.
@@ -97,6 +102,8 @@ pub struct Ctx {
     pub server_log: Option<std::path::PathBuf>,
     /// The commands that stop, kill and start the server, as far as the run was given them.
     pub control: crate::control::ServerControl,
+    /// The client under test, in client mode.
+    pub client: Option<crate::client::ClientUnderTest>,
 }
 
 impl Ctx {
@@ -109,7 +116,22 @@ impl Ctx {
             transcript: Transcript::default(),
             server_log: None,
             control: crate::control::ServerControl::default(),
+            client: None,
         }
+    }
+
+    /// The client under test, its proxy set to follow `script` from now on with a fresh
+    /// record; a case without one (a run without `--client-command`) is skipped.
+    pub fn client(
+        &self,
+        script: Box<dyn crate::client::Script>,
+    ) -> Result<&crate::client::ClientUnderTest, Stop> {
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| Stop::Skipped("a client case: run with --client-command".into()))?;
+        client.proxy.reset(script, self.transcript.clone());
+        Ok(client)
     }
 
     /// Opens a WebSocket to the server, named `name` in the transcript. A server that

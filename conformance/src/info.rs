@@ -58,6 +58,9 @@ pub struct Info {
     pub heartbeat_interval_ms: u64,
     /// `heartbeat_timeout_ms`.
     pub heartbeat_timeout_ms: u64,
+    /// The origin clients sign (SPEC.md 5.3), when announced.
+    #[serde(default)]
+    pub origin: Option<String>,
     /// `auth_timeout_ms`.
     pub auth_timeout_ms: u64,
     /// `clock_skew_max_ms`.

@@ -8,6 +8,7 @@
 
 pub mod case;
 pub mod cases;
+pub mod client;
 pub mod context;
 pub mod control;
 pub mod info;

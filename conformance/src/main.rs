@@ -1,14 +1,14 @@
 //! `confab-conformance --url ws://HOST:PORT/v1/ws [--cases PATTERN] [--strict]
 //! [--report-dir DIR] [--list] [--server-log FILE] [--stop-command CMD] [--kill-command CMD]
-//! [--start-command CMD]`
+//! [--start-command CMD] [--client-command TEMPLATE [--proxy-listen ADDR]]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use confab_conformance::case::{Level, Outcome};
+use confab_conformance::case::{Level, Outcome, Target};
 use confab_conformance::control::{Action, ServerControl};
-use confab_conformance::runner::{self, Selection};
+use confab_conformance::runner::{self, ClientMode, Selection};
 
 /// Checks a Confab gateway against SPEC.md, one case per requirement.
 #[derive(Parser)]
@@ -49,6 +49,17 @@ struct Cli {
     /// suite then waits up to 20 s for /v1/info.
     #[arg(long)]
     start_command: Option<String>,
+    /// Client mode: check a client instead of the server. TEMPLATE is a shell command that
+    /// runs one action of the client, e.g. `confab --home {home} --server {url} {action}`:
+    /// `{home}` is the device's state directory, `{url}` the suite's proxy (which forwards
+    /// to --url), `{action}` one of `init`, `room create NAME`, `send NAME TEXT`, `read
+    /// NAME` (prints each message's text) and `watch` (stays connected until killed).
+    #[arg(long, value_name = "TEMPLATE")]
+    client_command: Option<String>,
+    /// Client mode: where the proxy listens. The server at --url must be configured with
+    /// origin `ws://` this address, which is what the client signs.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    proxy_listen: std::net::SocketAddr,
 }
 
 fn main() -> ExitCode {
@@ -70,9 +81,13 @@ fn main() -> ExitCode {
                 Level::Must => "MUST",
                 Level::Should => "SHOULD",
             };
+            let target = match case.target {
+                Target::Server => "server",
+                Target::Client => "client",
+            };
             println!(
-                "{:<40} {:<12} {:<6} {}",
-                case.id, case.requirement, level, case.description
+                "{:<40} {:<12} {:<6} {:<6} {}",
+                case.id, case.requirement, level, target, case.description
             );
         }
         return ExitCode::SUCCESS;
@@ -99,6 +114,10 @@ fn main() -> ExitCode {
             kill: cli.kill_command.map(Action::Shell),
             start: cli.start_command.map(Action::Shell),
         },
+        client: cli.client_command.map(|template| ClientMode {
+            template,
+            listen: cli.proxy_listen,
+        }),
     };
     let run = runtime.block_on(runner::run(&url, &selection, &access, |i, n, case| {
         let outcome = match &case.outcome {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::case::{Case, Level, Outcome, Stop};
+use crate::case::{Case, Level, Outcome, Stop, Target};
 use crate::cases;
 use crate::context::{Ctx, Transcript};
 use crate::control::ServerControl;
@@ -53,22 +53,92 @@ pub struct Access {
     pub server_log: Option<std::path::PathBuf>,
     /// Commands that stop, kill and start the server (the shutdown and crash cases).
     pub control: ServerControl,
+    /// Client mode: the client to check instead of the server.
+    pub client: Option<ClientMode>,
 }
 
-/// Runs `selection` against the gateway at `url`, with what `access` gives of the server;
-/// `progress` is told about each case as it ends (its index, the total and its report).
+/// Client mode: the run checks a client, not the server (which it still needs: the proxy
+/// forwards the client's connections to it).
+#[derive(Debug, Clone)]
+pub struct ClientMode {
+    /// The command template (`{home}`, `{url}`, `{action}`; see [`crate::client`]).
+    pub template: String,
+    /// Where the proxy listens; the server's origin must be `ws://` this address.
+    pub listen: std::net::SocketAddr,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// `/v1/info` could not be read.
+    #[error(transparent)]
+    Info(#[from] InfoError),
+    /// The proxy of client mode could not listen.
+    #[error("the client-mode proxy cannot listen on {listen}: {error}")]
+    Proxy {
+        /// The address.
+        listen: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The server signs another origin than the proxy's, so the client could not
+    /// authenticate through it.
+    #[error(
+        "the server's origin is {announced}, but in client mode the client reaches it through \
+         the proxy: configure the server with origin {needed} (or pick the proxy's address \
+         with --proxy-listen)"
+    )]
+    Origin {
+        /// What `/v1/info` announces.
+        announced: String,
+        /// The proxy's origin.
+        needed: String,
+    },
+}
+
+/// Runs `selection` against the gateway at `url`, with what `access` gives of the server
+/// (or, in client mode, against the client `access` names, through a proxy in front of
+/// that gateway); `progress` is told about each case as it ends (its index, the total and
+/// its report).
 pub async fn run(
     url: &str,
     selection: &Selection,
     access: &Access,
     mut progress: impl FnMut(usize, usize, &CaseReport),
-) -> Result<RunReport, InfoError> {
+) -> Result<RunReport, RunError> {
     let started = tokio::time::Instant::now();
     let info = info::fetch(url).await?;
+    let announced = info.origin.clone();
     let mut cx = Ctx::new(url.to_owned(), info);
     cx.server_log = access.server_log.clone();
     cx.control = access.control.clone();
-    let cases = selected(selection);
+    let target = match &access.client {
+        None => Target::Server,
+        Some(mode) => {
+            let proxy = crate::client::Proxy::start(mode.listen, url.to_owned())
+                .await
+                .map_err(|error| RunError::Proxy {
+                    listen: mode.listen,
+                    error,
+                })?;
+            let client = crate::client::ClientUnderTest {
+                template: mode.template.clone(),
+                proxy,
+            };
+            if let Some(announced) = announced.filter(|a| *a != client.origin()) {
+                return Err(RunError::Origin {
+                    announced,
+                    needed: client.origin(),
+                });
+            }
+            cx.client = Some(client);
+            Target::Client
+        }
+    };
+    let cases: Vec<Case> = selected(selection)
+        .into_iter()
+        .filter(|c| c.target == target)
+        .collect();
     let mut reports = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {
         cx.transcript = Transcript::default();

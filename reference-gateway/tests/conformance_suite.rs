@@ -96,6 +96,7 @@ async fn every_case_passes_against_the_gateway_binary() {
     let access = Access {
         server_log: Some(dir.path().join("gateway.log")),
         control,
+        client: None,
     };
     let selection = Selection {
         pattern: None,

@@ -751,6 +751,17 @@ impl ClientSession {
         }
     }
 
+    /// Closes the current connection (normally) and reconnects after a backoff delay.
+    fn abandon_connection(&mut self, now: UnixMs) {
+        if let Some(conn) = self.current_conn() {
+            self.outputs.push_back(Output::Close {
+                conn,
+                code: CloseCode::Normal.value(),
+            });
+        }
+        self.schedule_reconnect(now, None);
+    }
+
     /// Closes the current connection because the gateway broke the protocol.
     fn violation(&mut self, now: UnixMs, detail: String) {
         if let Some(conn) = self.current_conn() {
@@ -968,6 +979,10 @@ impl ClientSession {
             ) => {
                 self.on_ready(now, conn, ready);
             }
+            (_, ServerFrame::Error(e)) if ends_connection(e.code) => {
+                self.last_error = Some(e.code);
+                self.abandon_connection(now);
+            }
             (_, ServerFrame::Error(e)) => {
                 if matches!(
                     e.code,
@@ -1138,6 +1153,12 @@ impl ClientSession {
     }
 
     fn on_error(&mut self, now: UnixMs, e: frame::ErrorFrame) {
+        if ends_connection(e.code) {
+            // Its request (if any) is resent or re-made on the next connection.
+            self.last_error = Some(e.code);
+            self.abandon_connection(now);
+            return;
+        }
         let Some(rid) = e.rid else {
             // Connection-level error; the gateway closes next.
             self.last_error = Some(e.code);
@@ -1284,4 +1305,11 @@ mod hex_bytes {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
+}
+
+/// Whether the client must end the connection on this error itself: an *unknown* code of
+/// the 1xx or 2xx group is fatal for the connection (SPEC.md 12, REQ-12-1). Known codes of
+/// those groups come before a close of the gateway's, which decides what follows.
+fn ends_connection(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Unknown(v) if matches!(v / 100, 1 | 2))
 }

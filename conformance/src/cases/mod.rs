@@ -1,5 +1,6 @@
 //! Every case, by SPEC.md section.
 
+mod client;
 mod directory;
 mod framing;
 mod groups;
@@ -28,6 +29,7 @@ pub fn all() -> Vec<Case> {
     all.extend(rooms::cases());
     all.extend(leaks::cases());
     all.extend(restart::cases());
+    all.extend(client::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",

@@ -1,0 +1,852 @@
+//! Client mode (`--client-command`): the requirements SPEC.md puts on clients that show on
+//! the wire. The client under test connects to the suite's proxy, which forwards to a real
+//! gateway; each case has the client act (`init`, `room create`, `send`, `read`, `watch`),
+//! steers its connections from the proxy (rewrites `Ready`, refuses or closes connections,
+//! swallows frames, answers with errors) and checks what the client sent and when.
+
+use std::time::Duration;
+
+use confab_spec::error::ErrorCode;
+use confab_spec::frame::{ClientFrame, ErrorFrame, Send, ServerFrame};
+use confab_spec::mls_framing::{self, ContentType, Peek, WireFormat};
+use confab_spec::rooms::ROLES_EXTENSION_TYPE;
+use tokio::time::Instant;
+
+use crate::case::{Case, CaseResult, Failure};
+use crate::client::{ClientUnderTest, Event, PassThrough, Script, Verdict, What, home};
+use crate::client_case;
+use crate::context::Ctx;
+
+pub(super) fn cases() -> Vec<Case> {
+    vec![
+        client_case!(
+            "4.2-1.client-canonical-frames",
+            "REQ-4.2-1",
+            Must,
+            "every frame the client sends re-encodes to its own bytes (canonical CBOR)",
+            canonical_frames
+        ),
+        client_case!(
+            "5.4-5.client-signs-its-origin",
+            "REQ-5.4-5",
+            Must,
+            "the client's Auth names the origin of the URL it connected to",
+            signs_its_origin
+        ),
+        client_case!(
+            "5.6-1.client-heartbeat-interval",
+            "REQ-5.6-1",
+            Must,
+            "the client sends a frame at least every heartbeat_interval_ms of its Ready",
+            heartbeat_interval
+        ),
+        client_case!(
+            "5.6-4.client-detects-dead-connection",
+            "REQ-5.6-4",
+            Must,
+            "no frame for heartbeat_timeout_ms after a Heartbeat: the client closes and reconnects",
+            dead_connection
+        ),
+        client_case!(
+            "5.7-1.client-no-reconnect-after-41xx",
+            "REQ-5.7-1",
+            Must,
+            "after a close with 4104 the client does not reconnect by itself",
+            no_reconnect_after_fatal_close
+        ),
+        client_case!(
+            "5.8-1.client-backoff",
+            "REQ-5.8-1",
+            Must,
+            "failed attempts are retried with growing, jittered delays, not in a storm",
+            backoff
+        ),
+        client_case!(
+            "5.8-2.client-retry-after",
+            "REQ-5.8-2",
+            Must,
+            "after an Error with retry_after_ms and a close with 4003 the client waits that long",
+            retry_after
+        ),
+        client_case!(
+            "6.3-4.client-resends-same-message",
+            "REQ-6.3-4",
+            Must,
+            "a Send cut off by a dropped connection is sent again with the same msg_id and payload",
+            resends_same_message
+        ),
+        client_case!(
+            "7.1-1.client-ciphersuite",
+            "REQ-7.1-1",
+            Must,
+            "the client's KeyPackages use ciphersuite 0x0001",
+            key_package_ciphersuite
+        ),
+        client_case!(
+            "7.1-2.client-wire-formats",
+            "REQ-7.1-2",
+            Must,
+            "application messages go as PrivateMessage, handshake messages as PublicMessage",
+            wire_formats
+        ),
+        client_case!(
+            "10-1.client-roles-capability",
+            "REQ-10-1",
+            Must,
+            "the client's KeyPackages list 0xF0C0 in their capabilities' extensions",
+            key_package_capability
+        ),
+        client_case!(
+            "12-1.client-unknown-error-codes",
+            "REQ-12-1",
+            Must,
+            "an unknown 1xx error ends the connection; an unknown 3xx fails only the request",
+            unknown_error_codes
+        ),
+    ]
+}
+
+/// Slack for the client's timers and process scheduling on a busy machine.
+const TIMER_SLACK: Duration = Duration::from_millis(700);
+
+/// The frames the client sent, with when and on which connection.
+fn sent(events: &[Event]) -> impl Iterator<Item = (Instant, usize, &ClientFrame)> {
+    events.iter().filter_map(|e| match &e.what {
+        What::FromClient(Some(f), _) => Some((e.at, e.conn, f)),
+        _ => None,
+    })
+}
+
+/// When connection `conn` was opened, and when the client closed it.
+fn opened_at(events: &[Event], conn: usize) -> Option<Instant> {
+    events
+        .iter()
+        .find(|e| e.conn == conn && matches!(e.what, What::Opened))
+        .map(|e| e.at)
+}
+
+fn closed_at(events: &[Event], conn: usize) -> Option<Instant> {
+    events
+        .iter()
+        .find(|e| e.conn == conn && matches!(e.what, What::ClientClosed(_) | What::ProxyClosed(_)))
+        .map(|e| e.at)
+}
+
+fn connections(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e.what, What::Opened))
+        .count()
+}
+
+/// Sets up a device with a room named `room` under pass-through.
+async fn device_with_room(
+    client: &ClientUnderTest,
+    home: &std::path::Path,
+    room: &str,
+) -> CaseResult {
+    client.run_ok(home, &["init"]).await?;
+    client.run_ok(home, &["room", "create", room]).await?;
+    Ok(())
+}
+
+/// The application messages among the `Send`s the client sent.
+fn application_sends(events: &[Event]) -> Vec<&Send> {
+    sent(events)
+        .filter_map(|(_, _, f)| match f {
+            ClientFrame::Send(s) if is_application(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_application(send: &Send) -> bool {
+    matches!(
+        mls_framing::peek(send.payload.as_bytes()),
+        Ok(Peek::Framed(f)) if f.content_type == ContentType::Application
+    )
+}
+
+async fn canonical_frames(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "canonical").await?;
+    client
+        .run_ok(home.path(), &["send", "canonical", "a canonical message"])
+        .await?;
+    client.run_ok(home.path(), &["read", "canonical"]).await?;
+    let events = client.proxy.events();
+    let mut frames = 0;
+    for e in &events {
+        if let What::FromClient(frame, bytes) = &e.what {
+            frames += 1;
+            let Some(frame) = frame else {
+                return Err(Failure::new(
+                    "every frame to decode under SPEC.md 4.2 (the transcript has the bytes)",
+                    format!("an undecodable frame on connection {}", e.conn),
+                )
+                .into());
+            };
+            if frame.encode() != *bytes {
+                return Err(Failure::new(
+                    "every frame in the canonical encoding (it re-encodes to its own bytes)",
+                    format!("{} on connection {} does not", frame.name(), e.conn),
+                )
+                .into());
+            }
+        }
+    }
+    if application_sends(&events).is_empty() {
+        return Err(Failure::new(
+            "the client to send its message",
+            format!("no application Send among {frames} frames"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn signs_its_origin(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let origin = client.origin();
+    let events = client.proxy.events();
+    let mut auths = 0;
+    for (_, conn, frame) in sent(&events) {
+        if let ClientFrame::Auth(auth) = frame {
+            auths += 1;
+            if auth.origin.as_str() != origin {
+                return Err(Failure::new(
+                    format!("Auth.origin {origin:?}, the origin of the URL it was given"),
+                    format!("{:?} on connection {conn}", auth.origin.as_str()),
+                )
+                .into());
+            }
+        }
+    }
+    if auths == 0 {
+        return Err(Failure::new("an Auth", "the client authenticated no connection").into());
+    }
+    Ok(())
+}
+
+/// Rewrites every `Ready` to these heartbeat settings.
+struct HeartbeatSettings {
+    interval_ms: u64,
+    timeout_ms: u64,
+}
+
+impl Script for HeartbeatSettings {
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if let ServerFrame::Ready(ready) = frame {
+            ready.heartbeat_interval_ms = self.interval_ms;
+            ready.heartbeat_timeout_ms = self.timeout_ms;
+        }
+        Verdict::Forward
+    }
+}
+
+/// When the client was given `Ready` on each connection.
+fn ready_at(events: &[Event]) -> Vec<(usize, Instant)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::ToClient(ServerFrame::Ready(_)) => Some((e.conn, e.at)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn heartbeat_interval(cx: &mut Ctx) -> CaseResult {
+    const INTERVAL_MS: u64 = 500;
+    const WATCHED: Duration = Duration::from_secs(4);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client = cx.client(Box::new(HeartbeatSettings {
+        interval_ms: INTERVAL_MS,
+        timeout_ms: 60_000,
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(WATCHED).await;
+    let end = Instant::now();
+    watch.stop().await;
+    let events = client.proxy.events();
+    let Some(&(conn, ready)) = ready_at(&events).first() else {
+        return Err(Failure::new("the client to authenticate", "no Ready reached it").into());
+    };
+    let mut last = ready;
+    let mut heartbeats = 0;
+    let limit = Duration::from_millis(INTERVAL_MS) + TIMER_SLACK;
+    let mut times: Vec<Instant> = sent(&events)
+        .filter(|(at, c, _)| *c == conn && *at > ready)
+        .map(|(at, _, f)| {
+            if matches!(f, ClientFrame::Heartbeat(_)) {
+                heartbeats += 1;
+            }
+            at
+        })
+        .collect();
+    let closed = closed_at(&events, conn).unwrap_or(end);
+    times.push(closed.min(end));
+    for at in times {
+        let gap = at.saturating_duration_since(last);
+        if gap > limit {
+            return Err(Failure::new(
+                format!("a frame at least every {INTERVAL_MS} ms (heartbeat_interval_ms of its Ready; {} ms allowed)", limit.as_millis()),
+                format!("{} ms without one, {} ms after Ready", gap.as_millis(), last.duration_since(ready).as_millis()),
+            )
+            .into());
+        }
+        last = at;
+    }
+    if heartbeats == 0 {
+        return Err(Failure::new(
+            "Heartbeats while nothing else is sent",
+            "none in 4 s with an interval of 500 ms",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Connection 1 gets short heartbeat settings and, once `Ready` went through, nothing more
+/// from the gateway; later connections are forwarded unchanged.
+struct DeadAfterReady {
+    interval_ms: u64,
+    timeout_ms: u64,
+    ready_sent: bool,
+}
+
+impl Script for DeadAfterReady {
+    fn on_server_frame(&mut self, conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if conn != 1 {
+            return Verdict::Forward;
+        }
+        if self.ready_sent {
+            return Verdict::Drop;
+        }
+        if let ServerFrame::Ready(ready) = frame {
+            ready.heartbeat_interval_ms = self.interval_ms;
+            ready.heartbeat_timeout_ms = self.timeout_ms;
+            self.ready_sent = true;
+        }
+        Verdict::Forward
+    }
+}
+
+async fn dead_connection(cx: &mut Ctx) -> CaseResult {
+    const TIMEOUT_MS: u64 = 1_500;
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client = cx.client(Box::new(DeadAfterReady {
+        interval_ms: 500,
+        timeout_ms: TIMEOUT_MS,
+        ready_sent: false,
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let end = Instant::now();
+    watch.stop().await;
+    let events = client.proxy.events();
+    let Some(&(_, ready)) = ready_at(&events).iter().find(|(c, _)| *c == 1) else {
+        return Err(Failure::new("the client to authenticate", "no Ready reached it").into());
+    };
+    let Some(heartbeat) = sent(&events)
+        .find(|(at, c, f)| *c == 1 && *at > ready && matches!(f, ClientFrame::Heartbeat(_)))
+        .map(|(at, _, _)| at)
+    else {
+        return Err(Failure::new(
+            "a Heartbeat once heartbeat_interval_ms (500) passed",
+            "none on the silent connection",
+        )
+        .into());
+    };
+    let closed = events
+        .iter()
+        .find(|e| e.conn == 1 && e.at < end && matches!(e.what, What::ClientClosed(_)))
+        .map(|e| e.at);
+    let Some(closed) = closed else {
+        return Err(Failure::new(
+            format!(
+                "the client to close the connection {TIMEOUT_MS} ms after its unanswered Heartbeat"
+            ),
+            "it kept it open for the 6 s watched",
+        )
+        .into());
+    };
+    let waited = closed.saturating_duration_since(heartbeat);
+    if waited > Duration::from_millis(TIMEOUT_MS) + TIMER_SLACK {
+        return Err(Failure::new(
+            format!("a close {TIMEOUT_MS} ms after the unanswered Heartbeat"),
+            format!("{} ms after it", waited.as_millis()),
+        )
+        .into());
+    }
+    let Some(reopened) = opened_at(&events, 2) else {
+        return Err(Failure::new(
+            "a reconnect (SPEC.md 5.8) after the dead connection",
+            "no new connection",
+        )
+        .into());
+    };
+    if reopened < closed {
+        return Err(Failure::new("the reconnect after the close", "it came before").into());
+    }
+    Ok(())
+}
+
+/// Closes connection 1 with `code` at the client's first frame after `Ready`.
+struct CloseAfterReady {
+    code: u16,
+    ready_sent: bool,
+}
+
+impl Script for CloseAfterReady {
+    fn on_server_frame(&mut self, conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if conn == 1 && matches!(frame, ServerFrame::Ready(_)) {
+            self.ready_sent = true;
+        }
+        Verdict::Forward
+    }
+
+    fn on_client_frame(&mut self, conn: usize, _frame: &ClientFrame) -> Verdict {
+        if conn == 1 && self.ready_sent {
+            return Verdict::Close {
+                error: None,
+                code: self.code,
+            };
+        }
+        Verdict::Forward
+    }
+}
+
+async fn no_reconnect_after_fatal_close(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client = cx.client(Box::new(CloseAfterReady {
+        code: 4104,
+        ready_sent: false,
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    watch.stop().await;
+    let events = client.proxy.events();
+    if !events
+        .iter()
+        .any(|e| e.conn == 1 && matches!(e.what, What::ProxyClosed(4104)))
+    {
+        return Err(Failure::new(
+            "the client to send a frame after Ready (the case closes then)",
+            "it did not",
+        )
+        .into());
+    }
+    let n = connections(&events);
+    if n > 1 {
+        return Err(Failure::new(
+            "no connection after the close with 4104 (a 41xx code: no automatic reconnect)",
+            format!("{} more connection(s) in 4 s", n - 1),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Lets connection 1 reach `Ready` and closes it with 4000 at the client's next frame (a
+/// gateway restarting); refuses every later connection with 4000 before the gateway hears
+/// of it, so that every reconnection attempt fails.
+#[derive(Default)]
+struct RestartThenRefuse {
+    ready_sent: bool,
+}
+
+impl Script for RestartThenRefuse {
+    fn on_open(&mut self, conn: usize) -> Option<Verdict> {
+        (conn > 1).then_some(Verdict::Close {
+            error: None,
+            code: 4000,
+        })
+    }
+
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if matches!(frame, ServerFrame::Ready(_)) {
+            self.ready_sent = true;
+        }
+        Verdict::Forward
+    }
+
+    fn on_client_frame(&mut self, _conn: usize, _frame: &ClientFrame) -> Verdict {
+        if self.ready_sent {
+            return Verdict::Close {
+                error: None,
+                code: 4000,
+            };
+        }
+        Verdict::Forward
+    }
+}
+
+async fn backoff(cx: &mut Ctx) -> CaseResult {
+    // With full jitter (base 250 ms, cap 30 s), attempts 1..=14 after the close
+    // wait on average 0.125 + 0.25 + 0.5 + ... s; fitting 14 of them into 5 s needs the
+    // five or more waits drawn from [0, 30 s) to be under 5 s each: probability < 1e-5.
+    // A client without backoff makes hundreds; one with a fixed 300 ms delay, 16.
+    const WINDOW: Duration = Duration::from_secs(5);
+    const ATTEMPTS_MAX: usize = 14;
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client = cx.client(Box::<RestartThenRefuse>::default())?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(WINDOW + Duration::from_secs(1)).await;
+    watch.stop().await;
+    let events = client.proxy.events();
+    let Some(first) = closed_at(&events, 1) else {
+        return Err(Failure::new("the client to connect", "it did not").into());
+    };
+    let retries = events
+        .iter()
+        .filter(|e| matches!(e.what, What::Opened) && e.at > first && e.at <= first + WINDOW)
+        .count();
+    if retries > ATTEMPTS_MAX {
+        return Err(Failure::new(
+            format!("at most {ATTEMPTS_MAX} attempts within 5 s of a close 4000 when every attempt fails (full-jitter backoff from 250 ms)"),
+            format!("{retries} attempts"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Refuses connections 1 and 2 with an `Error` carrying `retry_after_ms` and a close 4003.
+struct Overloaded {
+    retry_after_ms: [u64; 2],
+}
+
+impl Script for Overloaded {
+    fn on_open(&mut self, conn: usize) -> Option<Verdict> {
+        let retry_after_ms = *self.retry_after_ms.get(conn.checked_sub(1)?)?;
+        let mut error = ErrorFrame::new(ErrorCode::Overloaded);
+        error.retry_after_ms = Some(retry_after_ms);
+        Some(Verdict::Close {
+            error: Some(error),
+            code: 4003,
+        })
+    }
+}
+
+async fn retry_after(cx: &mut Ctx) -> CaseResult {
+    let waits = [2_000, 1_500];
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client = cx.client(Box::new(Overloaded {
+        retry_after_ms: waits,
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    watch.stop().await;
+    let events = client.proxy.events();
+    for (i, wait) in waits.iter().enumerate() {
+        let conn = i + 1;
+        let Some(closed) = closed_at(&events, conn) else {
+            return Err(Failure::new("the client to connect", "it did not").into());
+        };
+        let Some(next) = opened_at(&events, conn + 1) else {
+            return Err(crate::case::Stop::Skipped(format!(
+                "the client did not reconnect after close 4003 (a SHOULD, SPEC.md 5.7), so \
+                 its wait cannot be measured (attempt {conn})"
+            )));
+        };
+        let waited = next.saturating_duration_since(closed);
+        if waited < Duration::from_millis(*wait) {
+            return Err(Failure::new(
+                format!("at least retry_after_ms ({wait} ms) before the next attempt"),
+                format!("{} ms (attempt {})", waited.as_millis(), conn + 1),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Swallows the first application `Send` and closes its connection with 4000.
+#[derive(Default)]
+struct CutFirstSend {
+    cut: bool,
+}
+
+impl Script for CutFirstSend {
+    fn on_client_frame(&mut self, _conn: usize, frame: &ClientFrame) -> Verdict {
+        match frame {
+            ClientFrame::Send(s) if !self.cut && is_application(s) => {
+                self.cut = true;
+                Verdict::Close {
+                    error: None,
+                    code: 4000,
+                }
+            }
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+async fn resends_same_message(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "resend").await?;
+    let client = cx.client(Box::<CutFirstSend>::default())?;
+    let sent_ok = client
+        .run(home.path(), &["send", "resend", "sent twice, shown once"])
+        .await?
+        .success;
+    if !sent_ok {
+        // A client may leave the message in its outbox and send it on the next
+        // connection.
+        client.run_ok(home.path(), &["read", "resend"]).await?;
+    }
+    let events = client.proxy.events();
+    let sends = application_sends(&events);
+    let Some(first) = sends.first() else {
+        return Err(Failure::new("the client to send its message", "no application Send").into());
+    };
+    let Some(again) = sends.get(1) else {
+        return Err(Failure::new(
+            "the cut-off Send sent again after reconnecting",
+            "it was not sent again",
+        )
+        .into());
+    };
+    if again.msg_id != first.msg_id
+        || again.payload != first.payload
+        || again.conversation != first.conversation
+    {
+        return Err(Failure::new(
+            format!(
+                "the same msg_id ({}) and payload",
+                hex::encode(first.msg_id.0)
+            ),
+            format!(
+                "msg_id {}, payload {}",
+                hex::encode(again.msg_id.0),
+                if again.payload == first.payload {
+                    "the same"
+                } else {
+                    "different"
+                }
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Every KeyPackage the client uploaded (`init` publishes its pool).
+async fn uploaded_key_packages(
+    cx: &mut Ctx,
+) -> Result<Vec<mls_framing::KeyPackageInfo>, crate::case::Stop> {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let events = client.proxy.events();
+    let mut out = Vec::new();
+    for (_, _, frame) in sent(&events) {
+        if let ClientFrame::UploadKeyPackages(up) = frame {
+            for kp in up.key_packages.iter().chain(up.last_resort.as_ref()) {
+                let info = mls_framing::key_package(kp.as_bytes()).map_err(|e| {
+                    Failure::new(
+                        "KeyPackages as RFC 9420 defines them",
+                        format!("one does not read: {e}"),
+                    )
+                })?;
+                out.push(info);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Failure::new("init to publish KeyPackages", "no UploadKeyPackages").into());
+    }
+    Ok(out)
+}
+
+async fn key_package_ciphersuite(cx: &mut Ctx) -> CaseResult {
+    for kp in uploaded_key_packages(cx).await? {
+        if kp.cipher_suite != 1 {
+            return Err(Failure::new(
+                "ciphersuite 0x0001 (MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519)",
+                format!("a KeyPackage of ciphersuite {:#06x}", kp.cipher_suite),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+async fn key_package_capability(cx: &mut Ctx) -> CaseResult {
+    for kp in uploaded_key_packages(cx).await? {
+        if !kp.extension_types.contains(&ROLES_EXTENSION_TYPE) {
+            return Err(Failure::new(
+                "0xf0c0 among the leaf capabilities' extensions",
+                format!("a KeyPackage listing {:04x?}", kp.extension_types),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+async fn wire_formats(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "formats").await?;
+    client
+        .run_ok(home.path(), &["send", "formats", "one"])
+        .await?;
+    client
+        .run_ok(home.path(), &["send", "formats", "two"])
+        .await?;
+    let events = client.proxy.events();
+    let mut applications = 0;
+    for (_, conn, frame) in sent(&events) {
+        let ClientFrame::Send(send) = frame else {
+            continue;
+        };
+        let framing = match mls_framing::peek(send.payload.as_bytes()) {
+            Ok(Peek::Framed(f)) => f,
+            Ok(Peek::Unframed(w)) => {
+                return Err(Failure::new(
+                    "Send payloads framed as PublicMessage or PrivateMessage",
+                    format!("{w:?} on connection {conn}"),
+                )
+                .into());
+            }
+            Err(e) => {
+                return Err(
+                    Failure::new("Send payloads that are MLSMessages", e.to_string()).into(),
+                );
+            }
+        };
+        let wanted = match framing.content_type {
+            ContentType::Application => {
+                applications += 1;
+                WireFormat::PrivateMessage
+            }
+            _ => WireFormat::PublicMessage,
+        };
+        if framing.wire_format != wanted {
+            return Err(Failure::new(
+                format!("{:?} content as {wanted:?}", framing.content_type),
+                format!("{:?} on connection {conn}", framing.wire_format),
+            )
+            .into());
+        }
+    }
+    if applications < 2 {
+        return Err(Failure::new(
+            "two application messages",
+            format!("{applications} application Send(s)"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Answers the first `Subscribe` on connection 1 itself (the gateway never sees it) with an
+/// `Error` of `code`, and `rid` when `with_rid`; forwards the rest.
+struct AnswerSubscribe {
+    code: u16,
+    with_rid: bool,
+    answered: bool,
+}
+
+impl Script for AnswerSubscribe {
+    fn on_client_frame(&mut self, conn: usize, frame: &ClientFrame) -> Verdict {
+        let ClientFrame::Subscribe(subscribe) = frame else {
+            return Verdict::Forward;
+        };
+        if conn != 1 || self.answered {
+            return Verdict::Forward;
+        }
+        self.answered = true;
+        let mut error = ErrorFrame::new(ErrorCode::from_value(self.code));
+        if self.with_rid {
+            error.rid = Some(subscribe.rid);
+        }
+        Verdict::Answer(ServerFrame::Error(error))
+    }
+}
+
+async fn unknown_error_codes(cx: &mut Ctx) -> CaseResult {
+    const WATCHED: Duration = Duration::from_secs(3);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    // 3xx: the one request failed; the connection stays.
+    let client = cx.client(Box::new(AnswerSubscribe {
+        code: 399,
+        with_rid: true,
+        answered: false,
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(WATCHED).await;
+    let end = Instant::now();
+    watch.stop().await;
+    let events = client.proxy.events();
+    let Some(answered) = events
+        .iter()
+        .find(|e| e.conn == 1 && matches!(e.what, What::ToClient(ServerFrame::Error(_))))
+        .map(|e| e.at)
+    else {
+        return Err(
+            Failure::new("the client to subscribe", "no Subscribe on its connection").into(),
+        );
+    };
+    if let Some(closed) = closed_at(&events, 1).filter(|at| *at < end) {
+        return Err(Failure::new(
+            "an unknown 3xx code to fail only its request: the connection stays",
+            format!(
+                "the client closed the connection {} ms after the Error 399",
+                closed.saturating_duration_since(answered).as_millis()
+            ),
+        )
+        .into());
+    }
+    // 1xx: fatal for the connection.
+    let client = cx.client(Box::new(AnswerSubscribe {
+        code: 199,
+        with_rid: false,
+        answered: false,
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(WATCHED).await;
+    let end = Instant::now();
+    watch.stop().await;
+    let events = client.proxy.events();
+    if !events
+        .iter()
+        .any(|e| e.conn == 1 && matches!(e.what, What::ToClient(ServerFrame::Error(_))))
+    {
+        return Err(
+            Failure::new("the client to subscribe", "no Subscribe on its connection").into(),
+        );
+    }
+    // The kill at the end also ends the connection: only a close before it counts.
+    match events
+        .iter()
+        .find(|e| e.conn == 1 && e.at < end && matches!(e.what, What::ClientClosed(_)))
+    {
+        Some(_) => Ok(()),
+        None => Err(Failure::new(
+            "an unknown 1xx code to end the connection: the client closes it",
+            format!(
+                "it kept the connection open for the {} s watched",
+                WATCHED.as_secs()
+            ),
+        )
+        .into()),
+    }
+}
