@@ -52,8 +52,9 @@ struct Cli {
     /// Client mode: check a client instead of the server. TEMPLATE is a shell command that
     /// runs one action of the client, e.g. `confab --home {home} --server {url} {action}`:
     /// `{home}` is the device's state directory, `{url}` the suite's proxy (which forwards
-    /// to --url), `{action}` one of `init`, `room create NAME`, `send NAME TEXT`, `read
-    /// NAME` (prints each message's text) and `watch` (stays connected until killed).
+    /// to --url), `{action}` one of `init`, `room create NAME`, `room invite NAME
+    /// USERKEY`, `send NAME TEXT`, `read NAME` (prints each message's text) and `watch`
+    /// (stays connected until killed).
     #[arg(long, value_name = "TEMPLATE")]
     client_command: Option<String>,
     /// Client mode: where the proxy listens. The server at --url must be configured with

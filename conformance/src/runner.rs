@@ -131,6 +131,9 @@ pub async fn run(
                     needed: client.origin(),
                 });
             }
+            // The suite's own connections (a case's other users) sign the origin the
+            // server is configured with: the proxy's.
+            cx.origin = client.origin();
             cx.client = Some(client);
             Target::Client
         }

@@ -283,7 +283,6 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-7.2-4",
     "REQ-7.4-1",
     "REQ-7.4-2",
-    "REQ-7.4-3",
     "REQ-10-2",
 ];
 

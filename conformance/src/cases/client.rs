@@ -90,6 +90,13 @@ pub(super) fn cases() -> Vec<Case> {
             wire_formats
         ),
         client_case!(
+            "7.4-3.client-no-send-with-pending-commit",
+            "REQ-7.4-3",
+            Must,
+            "no application message goes out while a Commit of the client's own is unanswered",
+            no_send_with_pending_commit
+        ),
+        client_case!(
             "10-1.client-roles-capability",
             "REQ-10-1",
             Must,
@@ -107,7 +114,7 @@ pub(super) fn cases() -> Vec<Case> {
 }
 
 /// Slack for the client's timers and process scheduling on a busy machine.
-const TIMER_SLACK: Duration = Duration::from_millis(700);
+const TIMER_SLACK: Duration = Duration::from_millis(600);
 
 /// The frames the client sent, with when and on which connection.
 fn sent(events: &[Event]) -> impl Iterator<Item = (Instant, usize, &ClientFrame)> {
@@ -259,7 +266,10 @@ fn ready_at(events: &[Event]) -> Vec<(usize, Instant)> {
 }
 
 async fn heartbeat_interval(cx: &mut Ctx) -> CaseResult {
-    const INTERVAL_MS: u64 = 500;
+    // Well under the gateway's own interval (1 s on the conformance profile, 15 s by
+    // default), with the slack: a client that keeps to the gateway's announced setting
+    // instead of its Ready's is caught.
+    const INTERVAL_MS: u64 = 300;
     const WATCHED: Duration = Duration::from_secs(4);
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
@@ -304,7 +314,7 @@ async fn heartbeat_interval(cx: &mut Ctx) -> CaseResult {
     if heartbeats == 0 {
         return Err(Failure::new(
             "Heartbeats while nothing else is sent",
-            "none in 4 s with an interval of 500 ms",
+            format!("none in 4 s with an interval of {INTERVAL_MS} ms"),
         )
         .into());
     }
@@ -849,4 +859,147 @@ async fn unknown_error_codes(cx: &mut Ctx) -> CaseResult {
         )
         .into()),
     }
+}
+
+fn is_commit(send: &Send) -> bool {
+    matches!(
+        mls_framing::peek(send.payload.as_bytes()),
+        Ok(Peek::Framed(f)) if f.content_type == ContentType::Commit
+    )
+}
+
+/// Swallows every Commit the client sends (no answer) and remembers the first's msg_id.
+#[derive(Default)]
+struct SwallowCommits {
+    swallowed: Option<confab_spec::ids::MsgId>,
+}
+
+impl Script for SwallowCommits {
+    fn on_client_frame(&mut self, _conn: usize, frame: &ClientFrame) -> Verdict {
+        match frame {
+            ClientFrame::Send(s) if is_commit(s) => {
+                self.swallowed.get_or_insert(s.msg_id);
+                Verdict::Drop
+            }
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+/// A suite user with KeyPackages on the gateway, for the client to invite.
+async fn invitee(cx: &Ctx) -> Result<confab_spec::ids::SystemKey, crate::case::Stop> {
+    let device = crate::context::Device::fresh();
+    let (mut peer, ready) = cx.ready("invitee", &device).await?;
+    let mut member = crate::mls::Member::new(
+        device,
+        confab_client::mls::EngineKind::OpenMls,
+        ready.server_time_ms,
+    )?;
+    let key_packages = member.key_packages(2, false)?;
+    let last_resort = member.key_packages(1, true)?.pop();
+    peer.send(&ClientFrame::UploadKeyPackages(
+        confab_spec::frame::UploadKeyPackages {
+            rid: 1,
+            key_packages,
+            last_resort,
+        },
+    ))
+    .await?;
+    peer.expect("KeyPackagesStored", |f| match f {
+        ServerFrame::KeyPackagesStored(s) if s.rid == 1 => Some(()),
+        _ => None,
+    })
+    .await?;
+    Ok(member.device.system.public())
+}
+
+async fn no_send_with_pending_commit(cx: &mut Ctx) -> CaseResult {
+    let invited = hex::encode(invitee(cx).await?.0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "pending").await?;
+    // The invite's Commit never reaches the gateway, and the client hears nothing of it.
+    let client = cx.client(Box::<SwallowCommits>::default())?;
+    let invite = client.spawn(home.path(), &["room", "invite", "pending", &invited])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let swallowed = loop {
+        let events = client.proxy.events();
+        if let Some(s) = sent(&events).find_map(|(_, _, f)| match f {
+            ClientFrame::Send(s) if is_commit(s) => Some(s.msg_id),
+            _ => None,
+        }) {
+            break s;
+        }
+        if Instant::now() > deadline {
+            invite.stop().await;
+            return Err(
+                Failure::new("`room invite` to send a Commit", "no Commit within 10 s").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    invite.stop().await;
+    let held = client.proxy.events();
+    if let Some(s) = application_sends(&held).first() {
+        return Err(Failure::new(
+            "no application message while the Commit is unanswered",
+            format!("msg_id {} sent during the invite", hex::encode(s.msg_id.0)),
+        )
+        .into());
+    }
+    // Now a message: the client must first settle the Commit (resend it, get its answer).
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run_ok(home.path(), &["send", "pending", "after the commit"])
+        .await?;
+    let events = client.proxy.events();
+    let mut pending = std::collections::BTreeSet::from([swallowed]);
+    let mut commit_of_rid = std::collections::BTreeMap::new();
+    let mut applications = 0;
+    for e in &events {
+        match &e.what {
+            What::FromClient(Some(ClientFrame::Send(s)), _) if is_commit(s) => {
+                pending.insert(s.msg_id);
+                commit_of_rid.insert((e.conn, s.rid), s.msg_id);
+            }
+            What::FromClient(Some(ClientFrame::Send(s)), _) if is_application(s) => {
+                applications += 1;
+                if let Some(commit) = pending.first() {
+                    return Err(Failure::new(
+                        "no application message while a Commit of its own is unanswered",
+                        format!(
+                            "msg_id {} sent while Commit {} waited for its answer",
+                            hex::encode(s.msg_id.0),
+                            hex::encode(commit.0)
+                        ),
+                    )
+                    .into());
+                }
+            }
+            What::ToClient(ServerFrame::Accepted(a)) => {
+                if let Some(id) = commit_of_rid.get(&(e.conn, a.rid)) {
+                    pending.remove(id);
+                }
+            }
+            What::ToClient(ServerFrame::Error(err)) => {
+                if let Some(id) = err.rid.and_then(|rid| commit_of_rid.get(&(e.conn, rid))) {
+                    pending.remove(id);
+                }
+            }
+            What::ToClient(ServerFrame::Deliver(d)) => {
+                pending.remove(&d.entry.msg_id);
+            }
+            What::ToClient(ServerFrame::Batch(b)) => {
+                for entry in &b.entries {
+                    pending.remove(&entry.msg_id);
+                }
+            }
+            _ => {}
+        }
+    }
+    if applications == 0 {
+        return Err(Failure::new("the message sent", "no application Send").into());
+    }
+    Ok(())
 }

@@ -816,6 +816,7 @@ impl Client {
         conversation: ConversationId,
         mut make: impl FnMut(&mut dyn MlsEngine) -> Result<Option<CommitOutput>, EngineError>,
     ) -> Result<Option<Seq>, ClientError> {
+        self.settle_resent_commit(conversation).await?;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -866,6 +867,8 @@ impl Client {
         conversation: ConversationId,
         text: &[u8],
     ) -> Result<Seq, ClientError> {
+        // No application message while a Commit of this device's is pending (REQ-7.4-3).
+        self.settle_resent_commit(conversation).await?;
         let mut payload = self.engine.encrypt(&conversation, text)?;
         let msg_id = self.new_msg_id();
         loop {
@@ -1147,14 +1150,22 @@ impl Client {
                 self.sends.insert(msg_id, Ok(seq));
             }
             Event::SendRejected {
+                conversation,
                 msg_id,
                 code,
                 epoch,
                 seq,
-                ..
             } => {
                 if self.resent.remove(&msg_id) {
-                    if code == ErrorCode::EpochTooOld {
+                    let handshake = self.store.outbox_plaintext(&msg_id)?.is_none();
+                    if handshake {
+                        // A resent Commit refused (another won its epoch, or it is too
+                        // old): it will never apply.
+                        self.store.outbox_remove(&msg_id)?;
+                        if self.engine.has_pending_commit(&conversation)? {
+                            self.engine.discard_pending_commit(&conversation)?;
+                        }
+                    } else if code == ErrorCode::EpochTooOld {
                         // Resent after the group moved on: encrypted again (the stream is
                         // live, so this device is at the current epoch) and sent again.
                         self.reencrypt_outbox(msg_id)?;
@@ -1176,18 +1187,52 @@ impl Client {
         Ok(())
     }
 
-    /// Sends again the application messages of `conversation` that an earlier process put
-    /// in the outbox and whose echo has not come (the stream is caught up, so an echo would
-    /// have been delivered by now). They keep their msg_ids, so the gateway answers one it
-    /// already accepted with its seq instead of appending it twice (SPEC.md 6.3).
+    /// Waits until a Commit of this device's that an earlier process sent and
+    /// [`Client::resend_outbox`] sent again has its outcome (merged at its entry, or
+    /// discarded when refused), so that nothing is sent in an epoch the Commit may end.
+    async fn settle_resent_commit(
+        &mut self,
+        conversation: ConversationId,
+    ) -> Result<(), ClientError> {
+        let stream = StreamId::Conversation(conversation);
+        while self.followed.contains(&stream)
+            && self.engine.has_pending_commit(&conversation)?
+            && self.store.outbox()?.iter().any(|i| {
+                i.conversation == conversation
+                    && i.plaintext.is_none()
+                    && !self.in_flight.contains(&i.msg_id)
+            })
+        {
+            self.pump().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends again the messages of `conversation` that an earlier process put in the
+    /// outbox and that have no outcome yet (the stream is caught up, so an echo would have
+    /// been delivered by now): application messages whose echo has not come, and a Commit
+    /// the engine still holds pending, which would otherwise block the group for good
+    /// (REQ-6.3-4, 7.4). They keep their msg_ids, so the gateway answers one it already
+    /// accepted with its seq instead of appending it twice (SPEC.md 6.3). A pending Commit
+    /// that never reached the outbox was never sent: it is discarded.
     fn resend_outbox(&mut self, conversation: ConversationId) -> Result<(), ClientError> {
+        let pending_commit = self.engine.has_pending_commit(&conversation)?;
+        let mut commit_in_outbox = false;
         for item in self.store.outbox()? {
-            if item.conversation != conversation
-                || item.plaintext.is_none()
-                || self.in_flight.contains(&item.msg_id)
-                || self.resent.contains(&item.msg_id)
-            {
+            if item.conversation != conversation {
                 continue;
+            }
+            if self.in_flight.contains(&item.msg_id) || self.resent.contains(&item.msg_id) {
+                commit_in_outbox |= item.plaintext.is_none();
+                continue;
+            }
+            if item.plaintext.is_none() {
+                if !pending_commit || commit_in_outbox {
+                    // A proposal, or a Commit whose outcome the log already gave.
+                    self.store.outbox_remove(&item.msg_id)?;
+                    continue;
+                }
+                commit_in_outbox = true;
             }
             let (Ok(payload), Ok(welcome)) = (
                 MlsBytes::new(item.payload),
@@ -1203,6 +1248,9 @@ impl Client {
                 welcome,
             })?;
             self.resent.insert(item.msg_id);
+        }
+        if pending_commit && !commit_in_outbox {
+            self.engine.discard_pending_commit(&conversation)?;
         }
         Ok(())
     }
@@ -1371,6 +1419,9 @@ impl Client {
                     if self.engine.has_pending_commit(&c)? {
                         self.engine.merge_pending_commit(&c)?;
                     }
+                    // A Commit an earlier process sent has its outcome.
+                    self.resent.remove(&entry.msg_id);
+                    self.store.outbox_remove(&entry.msg_id)?;
                 } else {
                     // The gateway accepted this Commit for the epoch: a pending Commit of
                     // our own for the same epoch has lost and is discarded (SPEC.md 7.3).
