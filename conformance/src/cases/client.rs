@@ -76,6 +76,34 @@ pub(super) fn cases() -> Vec<Case> {
             resends_same_message
         ),
         client_case!(
+            "6.8-1.client-drops-duplicates",
+            "REQ-6.8-1",
+            Must,
+            "every entry delivered twice: each message is shown once",
+            drops_duplicates
+        ),
+        client_case!(
+            "6.8-2.client-resubscribes-at-a-gap",
+            "REQ-6.8-2",
+            Must,
+            "an entry missing from a replay: nothing past it is acked; the client re-subscribes from it",
+            resubscribes_at_a_gap
+        ),
+        client_case!(
+            "6.8-3.client-ack-cursor-forward",
+            "REQ-6.8-3",
+            Must,
+            "older entries delivered again after newer ones: the client's acks never go back",
+            ack_cursor_forward
+        ),
+        client_case!(
+            "6.8-4.client-refuses-reused-msg-id",
+            "REQ-6.8-4",
+            Must,
+            "an entry reusing a processed msg_id under another seq is not shown",
+            refuses_reused_msg_id
+        ),
+        client_case!(
             "7.1-1.client-ciphersuite",
             "REQ-7.1-1",
             Must,
@@ -1000,6 +1028,361 @@ async fn no_send_with_pending_commit(cx: &mut Ctx) -> CaseResult {
     }
     if applications == 0 {
         return Err(Failure::new("the message sent", "no application Send").into());
+    }
+    Ok(())
+}
+
+/// Three messages the suite sent into a room it owns and added the client's device to.
+struct Delivered {
+    /// The texts, in the order sent (entries of increasing seq).
+    texts: Vec<String>,
+}
+
+/// Makes the client's device (`init` under pass-through) a member of a room the suite
+/// owns, and sends three messages there; the client has not read anything yet.
+async fn suite_room_with_client(
+    cx: &Ctx,
+    client: &ClientUnderTest,
+    home: &std::path::Path,
+) -> Result<Delivered, crate::case::Stop> {
+    use confab_spec::frame::{ClaimKeyPackages, ConversationKind, CreateConversation};
+    use confab_spec::ids::{ConversationId, MsgId};
+    use confab_spec::rooms::RoomRoles;
+
+    use crate::cases::log::{random, send_mls};
+    use crate::mls::{broken, bytes};
+
+    client.run_ok(home, &["init"]).await?;
+    let events = client.proxy.events();
+    let Some(user) = sent(&events).find_map(|(_, _, f)| match f {
+        ClientFrame::Auth(a) => Some(a.certificate.system),
+        _ => None,
+    }) else {
+        return Err(Failure::new("init to authenticate", "no Auth").into());
+    };
+    let device = crate::context::Device::fresh();
+    let (mut peer, ready) = cx.ready("owner", &device).await?;
+    let mut owner = crate::mls::Member::new(
+        device,
+        confab_client::mls::EngineKind::OpenMls,
+        ready.server_time_ms,
+    )?;
+    let id = ConversationId(random());
+    peer.send(&ClientFrame::CreateConversation(CreateConversation {
+        rid: 1,
+        conversation: id,
+        kind: ConversationKind::Room,
+    }))
+    .await?;
+    peer.expect("Created", |f| match f {
+        ServerFrame::Created(c) if c.rid == 1 => Some(()),
+        _ => None,
+    })
+    .await?;
+    let roles = RoomRoles::new(owner.device.id().system);
+    owner
+        .engine
+        .create_group_with(&id, &roles.context_extensions())
+        .map_err(|e| broken("create a group", e))?;
+    peer.send(&ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
+        rid: 2,
+        user,
+        devices: None,
+    }))
+    .await?;
+    let claimed = peer
+        .expect("KeyPackagesClaimed", |f| match f {
+            ServerFrame::KeyPackagesClaimed(c) if c.rid == 2 => Some(c.claimed.clone()),
+            _ => None,
+        })
+        .await?;
+    let packages: Vec<Vec<u8>> = claimed
+        .iter()
+        .map(|c| c.key_package.as_bytes().to_vec())
+        .collect();
+    // The room's first Commit states its roles (SPEC.md 10.1), as every client's does.
+    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+        roles.context_extensions(),
+    )];
+    let out = owner
+        .engine
+        .commit(&id, &packages, &[], &extra, true)
+        .map_err(|e| broken("commit", e))?;
+    let welcome = out.welcome.clone().map(bytes).transpose()?;
+    send_mls(
+        &mut peer,
+        3,
+        id,
+        MsgId(random()),
+        bytes(out.commit)?,
+        welcome,
+    )
+    .await?
+    .map_err(|e| {
+        broken(
+            "add the client to a room",
+            crate::context::describe_error(&e),
+        )
+    })?;
+    owner
+        .engine
+        .merge_pending_commit(&id)
+        .map_err(|e| broken("merge", e))?;
+    let mut texts = Vec::new();
+    for i in 0..3u64 {
+        let text = format!("message {i} {}", hex::encode(random::<8>()));
+        let payload = owner
+            .engine
+            .encrypt(&id, text.as_bytes())
+            .map_err(|e| broken("encrypt", e))?;
+        send_mls(&mut peer, 4 + i, id, MsgId(random()), bytes(payload)?, None)
+            .await?
+            .map_err(|e| broken("send a message", crate::context::describe_error(&e)))?;
+        texts.push(text);
+    }
+    Ok(Delivered { texts })
+}
+
+/// Whether a frame carries a conversation's entries.
+fn conversation_batch(frame: &mut ServerFrame) -> Option<&mut confab_spec::frame::Batch> {
+    match frame {
+        ServerFrame::Batch(b)
+            if matches!(b.stream, confab_spec::ids::StreamId::Conversation(_))
+                && !b.entries.is_empty() =>
+        {
+            Some(b)
+        }
+        _ => None,
+    }
+}
+
+/// Delivers every entry of a conversation's replay twice (each right after itself, then
+/// the older ones again after the newest: `1 1 2 2 3 3 1 2`).
+struct Repeat;
+
+impl Script for Repeat {
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if let Some(batch) = conversation_batch(frame) {
+            let mut entries = Vec::new();
+            for e in &batch.entries {
+                entries.push(e.clone());
+                entries.push(e.clone());
+            }
+            let n = batch.entries.len();
+            entries.extend(batch.entries[..n.saturating_sub(1)].iter().cloned());
+            batch.entries = entries;
+        }
+        Verdict::Forward
+    }
+}
+
+/// How many times `text` is in `output`.
+fn shown(output: &str, text: &str) -> usize {
+    output.matches(text).count()
+}
+
+async fn drops_duplicates(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let client = cx.client(Box::new(Repeat))?;
+    let out = client.run_ok(home.path(), &["read"]).await?;
+    for text in &delivered.texts {
+        let n = shown(&out.stdout, text);
+        if n != 1 {
+            return Err(Failure::new(
+                format!("{text:?} shown once by `read`"),
+                format!("shown {n} times"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+async fn ack_cursor_forward(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    suite_room_with_client(cx, client, home.path()).await?;
+    let client = cx.client(Box::new(Repeat))?;
+    client.run_ok(home.path(), &["read"]).await?;
+    let events = client.proxy.events();
+    let mut highest = std::collections::BTreeMap::new();
+    let mut acks = 0;
+    for (_, conn, frame) in sent(&events) {
+        if let ClientFrame::Ack(ack) = frame {
+            acks += 1;
+            let seq = ack.seq.get();
+            let top = highest.entry(ack.stream).or_insert(seq);
+            if seq < *top {
+                return Err(Failure::new(
+                    format!("acks on {:?} that never go below {top}", ack.stream),
+                    format!("Ack of seq {seq} on connection {conn}"),
+                )
+                .into());
+            }
+            *top = seq;
+        }
+    }
+    if acks == 0 {
+        return Err(Failure::new("the client to ack what it read", "no Ack").into());
+    }
+    Ok(())
+}
+
+/// Leaves the second entry out of the first conversation replay of two entries or more.
+#[derive(Default)]
+struct Gap {
+    dropped: Option<(confab_spec::ids::StreamId, u64)>,
+}
+
+impl Script for Gap {
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if self.dropped.is_none()
+            && let Some(batch) = conversation_batch(frame)
+            && batch.entries.len() >= 2
+        {
+            let gone = batch.entries.remove(1);
+            self.dropped = Some((batch.stream, gone.seq.get()));
+        }
+        Verdict::Forward
+    }
+}
+
+async fn resubscribes_at_a_gap(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let client = cx.client(Box::<Gap>::default())?;
+    let out = client.run_ok(home.path(), &["read"]).await?;
+    let events = client.proxy.events();
+    // The seq left out: the entry after the first of that batch.
+    let Some((stream, missing)) = events.iter().find_map(|e| match &e.what {
+        What::ToClient(ServerFrame::Batch(b))
+            if matches!(b.stream, confab_spec::ids::StreamId::Conversation(_))
+                && b.entries.len() >= 2
+                && b.entries[1].seq.get() != b.entries[0].seq.get() + 1 =>
+        {
+            Some((b.stream, b.entries[0].seq.get() + 1))
+        }
+        _ => None,
+    }) else {
+        return Err(Failure::new(
+            "the client to replay the room (the case leaves an entry out)",
+            "no replay of two entries or more",
+        )
+        .into());
+    };
+    let mut gap_seen = false;
+    let mut resubscribed = false;
+    for e in &events {
+        match &e.what {
+            What::ToClient(ServerFrame::Batch(b))
+                if b.stream == stream
+                    && b.entries.len() >= 2
+                    && b.entries[1].seq.get() != b.entries[0].seq.get() + 1 =>
+            {
+                gap_seen = true;
+            }
+            What::FromClient(Some(ClientFrame::Ack(a)), _)
+                if a.stream == stream && gap_seen && !resubscribed && a.seq.get() >= missing =>
+            {
+                return Err(Failure::new(
+                    format!("nothing acked past the gap at seq {missing} before it is filled"),
+                    format!("Ack of seq {} on connection {}", a.seq.get(), e.conn),
+                )
+                .into());
+            }
+            What::FromClient(Some(ClientFrame::Subscribe(s)), _)
+                if gap_seen
+                    && s.stream == stream
+                    && s.from_seq.is_none_or(|f| f.get() <= missing) =>
+            {
+                resubscribed = true;
+            }
+            _ => {}
+        }
+    }
+    if !resubscribed {
+        return Err(Failure::new(
+            format!("a Subscribe from seq {missing} (the first missing one) after the gap"),
+            "none",
+        )
+        .into());
+    }
+    for text in &delivered.texts {
+        if shown(&out.stdout, text) != 1 {
+            return Err(Failure::new(
+                format!("{text:?} shown once after the gap was filled"),
+                format!("shown {} times", shown(&out.stdout, text)),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// In the first conversation replay, gives the third application entry the msg_id of the
+/// second (a gateway fault).
+#[derive(Default)]
+struct ReuseMsgId {
+    done: bool,
+}
+
+impl Script for ReuseMsgId {
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if self.done {
+            return Verdict::Forward;
+        }
+        if let Some(batch) = conversation_batch(frame) {
+            let apps: Vec<usize> = batch
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| {
+                    matches!(e.body, confab_spec::frame::EntryBody::Application { .. })
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if let [_, second, third, ..] = apps[..] {
+                batch.entries[third].msg_id = batch.entries[second].msg_id;
+                self.done = true;
+            }
+        }
+        Verdict::Forward
+    }
+}
+
+async fn refuses_reused_msg_id(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let client = cx.client(Box::<ReuseMsgId>::default())?;
+    let out = client.run(home.path(), &["read"]).await?;
+    let events = client.proxy.events();
+    let rewritten = events
+        .iter()
+        .any(|e| matches!(&e.what, What::ToClient(ServerFrame::Batch(b)) if b.entries.len() >= 3));
+    if !rewritten {
+        return Err(Failure::new(
+            "the client to replay the room's three messages at once",
+            "no such replay",
+        )
+        .into());
+    }
+    for (i, text) in delivered.texts.iter().enumerate() {
+        let n = shown(&out.stdout, text);
+        let (want, why) = if i == 2 {
+            (
+                0,
+                "not shown: its msg_id was already processed under another seq",
+            )
+        } else {
+            (1, "shown once")
+        };
+        if n != want {
+            return Err(Failure::new(format!("{text:?} {why}"), format!("shown {n} times")).into());
+        }
     }
     Ok(())
 }

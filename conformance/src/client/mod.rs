@@ -10,7 +10,7 @@
 //! | `room create NAME` | creates a room it owns, named NAME locally |
 //! | `room invite NAME USERKEY` | adds the user (system key in hex) to the room: a Commit |
 //! | `send NAME TEXT` | sends TEXT to the room NAME and exits once the gateway accepted it |
-//! | `read NAME` | catches up and prints every message of NAME, one per line, with its text |
+//! | `read [NAME]` | catches up (joining rooms it was added to) and prints every message of NAME, or of every conversation, with its text |
 //! | `watch` | stays connected (and reconnects as SPEC.md 5.8 says) until it is killed |
 //!
 //! The template's `{home}` is a fresh directory for each device of a case, `{url}` the
