@@ -29,15 +29,22 @@ impl Member {
     /// A member for `device` on engine `kind`, its credential valid from an hour before
     /// `now` for a day (SPEC.md 7.1: the credential is the device certificate).
     pub fn new(device: Device, kind: EngineKind, now: UnixMs) -> Result<Self, Stop> {
-        let dir = tempfile::tempdir().map_err(|e| broken("make a directory", e))?;
         let certificate = device.certificate_between(
             UnixMs(now.0.saturating_sub(3_600_000)),
             now.plus_ms(86_400_000),
         );
-        let credentials = DeviceCredentials {
-            key: DeviceKeyPair::from_seed(&device.key.seed()),
-            certificate,
-        };
+        let key = DeviceKeyPair::from_seed(&device.key.seed());
+        Self::with_credentials(device, kind, DeviceCredentials { key, certificate })
+    }
+
+    /// A member for `device` on engine `kind` signing with `credentials` as they are (a
+    /// case may give it an expired certificate, or one naming another key).
+    pub fn with_credentials(
+        device: Device,
+        kind: EngineKind,
+        credentials: DeviceCredentials,
+    ) -> Result<Self, Stop> {
+        let dir = tempfile::tempdir().map_err(|e| broken("make a directory", e))?;
         let engine = open_engine(
             kind,
             &dir.path().join("mls.db"),

@@ -111,6 +111,13 @@ pub(super) fn cases() -> Vec<Case> {
             key_package_ciphersuite
         ),
         client_case!(
+            "7.1-3.client-rejects-bad-key-packages",
+            "REQ-7.1-3",
+            Must,
+            "a claimed KeyPackage with an expired certificate, or another key than its leaf's, is not added",
+            rejects_bad_key_packages
+        ),
+        client_case!(
             "7.1-2.client-wire-formats",
             "REQ-7.1-2",
             Must,
@@ -1382,6 +1389,112 @@ async fn refuses_reused_msg_id(cx: &mut Ctx) -> CaseResult {
         };
         if n != want {
             return Err(Failure::new(format!("{text:?} {why}"), format!("shown {n} times")).into());
+        }
+    }
+    Ok(())
+}
+
+/// Answers the client's `ClaimKeyPackages` itself with one package: `bad`, of `device`.
+struct ClaimAnswer {
+    device: confab_spec::ids::DeviceId,
+    bad: confab_spec::ids::MlsBytes,
+}
+
+impl Script for ClaimAnswer {
+    fn on_client_frame(&mut self, _conn: usize, frame: &ClientFrame) -> Verdict {
+        match frame {
+            ClientFrame::ClaimKeyPackages(claim) => Verdict::Answer(
+                ServerFrame::KeyPackagesClaimed(confab_spec::frame::KeyPackagesClaimed {
+                    rid: claim.rid,
+                    user: claim.user,
+                    claimed: vec![confab_spec::frame::ClaimedKeyPackage {
+                        device: self.device,
+                        key_package: self.bad.clone(),
+                        last_resort: false,
+                    }],
+                }),
+            ),
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+async fn rejects_bad_key_packages(cx: &mut Ctx) -> CaseResult {
+    use confab_spec::identity::DeviceKeyPair;
+    use confab_spec::ids::UnixMs;
+    use confab_spec::session::DeviceCredentials;
+
+    let now = UnixMs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    );
+    let day = 86_400_000;
+    // An expired certificate, and a valid one naming another key than the one that signs.
+    let expired = crate::context::Device::fresh();
+    let expired_credentials = DeviceCredentials {
+        key: DeviceKeyPair::from_seed(&expired.key.seed()),
+        certificate: expired.certificate_between(UnixMs(now.0 - 2 * day), UnixMs(now.0 - day)),
+    };
+    let other_key = crate::context::Device::fresh();
+    let stranger = crate::context::Device::fresh();
+    let stranger_credentials = DeviceCredentials {
+        key: DeviceKeyPair::from_seed(&other_key.key.seed()),
+        certificate: stranger.certificate_between(UnixMs(now.0 - day), UnixMs(now.0 + day)),
+    };
+    // And a good one, answered the same way: the client must add that one (so that the
+    // case sees a refusal of the bad ones, not of the way they were handed over).
+    let good = crate::context::Device::fresh();
+    let good_credentials = DeviceCredentials {
+        key: DeviceKeyPair::from_seed(&good.key.seed()),
+        certificate: good.certificate_between(UnixMs(now.0 - day), UnixMs(now.0 + day)),
+    };
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "careful").await?;
+    for (what, device, credentials) in [
+        ("an expired certificate", expired, expired_credentials),
+        (
+            "a certificate of another key than the leaf's",
+            stranger,
+            stranger_credentials,
+        ),
+        ("", good, good_credentials),
+    ] {
+        let id = device.id();
+        let user = hex::encode(device.system.public().0);
+        let mut member = crate::mls::Member::with_credentials(
+            device,
+            confab_client::mls::EngineKind::OpenMls,
+            credentials,
+        )?;
+        let Some(bad) = member.key_packages(1, false)?.pop() else {
+            return Err(crate::mls::broken("make a KeyPackage", "none made"));
+        };
+        let client = cx.client(Box::new(ClaimAnswer { device: id, bad }))?;
+        client
+            .run(home.path(), &["room", "invite", "careful", &user])
+            .await?;
+        let events = client.proxy.events();
+        if !sent(&events).any(|(_, _, f)| matches!(f, ClientFrame::ClaimKeyPackages(_))) {
+            return Err(Failure::new("`room invite` to claim KeyPackages", "no claim").into());
+        }
+        let commit =
+            sent(&events).find(|(_, _, f)| matches!(f, ClientFrame::Send(s) if is_commit(s)));
+        if what.is_empty() {
+            if commit.is_none() {
+                return Err(Failure::new(
+                    "a valid KeyPackage handed over the same way added: a Commit",
+                    "no Commit",
+                )
+                .into());
+            }
+        } else if let Some((_, conn, _)) = commit {
+            return Err(Failure::new(
+                format!("a KeyPackage whose leaf has {what} refused: no Commit adding it"),
+                format!("a Commit on connection {conn}"),
+            )
+            .into());
         }
     }
     Ok(())
