@@ -276,7 +276,6 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-5.5-8",
     "REQ-6.5-3",
     "REQ-7.2-4",
-    "REQ-7.4-1",
     "REQ-7.4-2",
     "REQ-10-2",
 ];

@@ -1311,5 +1311,5 @@ mod hex_bytes {
 /// the 1xx or 2xx group is fatal for the connection (SPEC.md 12, REQ-12-1). Known codes of
 /// those groups come before a close of the gateway's, which decides what follows.
 fn ends_connection(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::Unknown(v) if matches!(v / 100, 1 | 2))
+    matches!(code, ErrorCode::Unknown(_)) && code.is_fatal_for_connection()
 }

@@ -125,6 +125,13 @@ pub(super) fn cases() -> Vec<Case> {
             wire_formats
         ),
         client_case!(
+            "7.4-1.client-keeps-commit-pending",
+            "REQ-7.4-1",
+            Must,
+            "a Commit refused before any Accepted was never merged: the next message is in the old epoch",
+            keeps_commit_pending
+        ),
+        client_case!(
             "7.4-3.client-no-send-with-pending-commit",
             "REQ-7.4-3",
             Must,
@@ -1496,6 +1503,72 @@ async fn rejects_bad_key_packages(cx: &mut Ctx) -> CaseResult {
             )
             .into());
         }
+    }
+    Ok(())
+}
+
+/// Answers every Commit the client sends with `forbidden` (303) itself: the gateway never
+/// sees it.
+struct RefuseCommits;
+
+impl Script for RefuseCommits {
+    fn on_client_frame(&mut self, _conn: usize, frame: &ClientFrame) -> Verdict {
+        match frame {
+            ClientFrame::Send(s) if is_commit(s) => {
+                let mut error = ErrorFrame::new(ErrorCode::Forbidden);
+                error.rid = Some(s.rid);
+                Verdict::Answer(ServerFrame::Error(error))
+            }
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+/// The epoch in an MLS message's framing.
+fn epoch_of(send: &Send) -> Option<u64> {
+    match mls_framing::peek(send.payload.as_bytes()) {
+        Ok(Peek::Framed(f)) => Some(f.epoch),
+        _ => None,
+    }
+}
+
+async fn keeps_commit_pending(cx: &mut Ctx) -> CaseResult {
+    let invited = hex::encode(invitee(cx).await?.0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "early").await?;
+    let client = cx.client(Box::new(RefuseCommits))?;
+    client
+        .run(home.path(), &["room", "invite", "early", &invited])
+        .await?;
+    let events = client.proxy.events();
+    let Some(commit_epoch) = sent(&events).find_map(|(_, _, f)| match f {
+        ClientFrame::Send(s) if is_commit(s) => epoch_of(s),
+        _ => None,
+    }) else {
+        return Err(Failure::new("`room invite` to send a Commit", "no Commit").into());
+    };
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run_ok(
+            home.path(),
+            &["send", "early", "in the epoch before the refused Commit"],
+        )
+        .await?;
+    let events = client.proxy.events();
+    let sends = application_sends(&events);
+    let Some(message) = sends.first() else {
+        return Err(Failure::new("the message sent", "no application Send").into());
+    };
+    let epoch = epoch_of(message).unwrap_or(u64::MAX);
+    if epoch != commit_epoch {
+        return Err(Failure::new(
+            format!(
+                "the message in epoch {commit_epoch}, the one the refused Commit was made in (it was never accepted, so never merged)"
+            ),
+            format!("epoch {epoch}"),
+        )
+        .into());
     }
     Ok(())
 }
