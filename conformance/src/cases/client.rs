@@ -34,6 +34,13 @@ pub(super) fn cases() -> Vec<Case> {
             signs_its_origin
         ),
         client_case!(
+            "5.5-8.client-resumes-with-newest-token",
+            "REQ-5.5-8",
+            Must,
+            "every resume presents the token of the latest Ready, never an older one",
+            resumes_with_newest_token
+        ),
+        client_case!(
             "5.6-1.client-heartbeat-interval",
             "REQ-5.6-1",
             Must,
@@ -144,6 +151,13 @@ pub(super) fn cases() -> Vec<Case> {
             Must,
             "the client's KeyPackages list 0xF0C0 in their capabilities' extensions",
             key_package_capability
+        ),
+        client_case!(
+            "10-2.client-room-extensions",
+            "REQ-10-2",
+            Must,
+            "a room the client created carries required_capabilities and roles naming it owner, no admins",
+            room_extensions
         ),
         client_case!(
             "12-1.client-unknown-error-codes",
@@ -930,6 +944,14 @@ impl Script for SwallowCommits {
 
 /// A suite user with KeyPackages on the gateway, for the client to invite.
 async fn invitee(cx: &Ctx) -> Result<confab_spec::ids::SystemKey, crate::case::Stop> {
+    let (_, member) = invitee_member(cx).await?;
+    Ok(member.device.system.public())
+}
+
+/// [`invitee`], with its connection and MLS state.
+async fn invitee_member(
+    cx: &Ctx,
+) -> Result<(crate::context::Peer, crate::mls::Member), crate::case::Stop> {
     let device = crate::context::Device::fresh();
     let (mut peer, ready) = cx.ready("invitee", &device).await?;
     let mut member = crate::mls::Member::new(
@@ -952,7 +974,7 @@ async fn invitee(cx: &Ctx) -> Result<confab_spec::ids::SystemKey, crate::case::S
         _ => None,
     })
     .await?;
-    Ok(member.device.system.public())
+    Ok((peer, member))
 }
 
 async fn no_send_with_pending_commit(cx: &mut Ctx) -> CaseResult {
@@ -1567,6 +1589,162 @@ async fn keeps_commit_pending(cx: &mut Ctx) -> CaseResult {
                 "the message in epoch {commit_epoch}, the one the refused Commit was made in (it was never accepted, so never merged)"
             ),
             format!("epoch {epoch}"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Closes connections 1 to `closes` with 4000 at the client's first frame after `Ready`.
+struct CloseEachAfterReady {
+    closes: usize,
+    ready_on: std::collections::BTreeSet<usize>,
+}
+
+impl Script for CloseEachAfterReady {
+    fn on_server_frame(&mut self, conn: usize, frame: &mut ServerFrame) -> Verdict {
+        if matches!(frame, ServerFrame::Ready(_)) {
+            self.ready_on.insert(conn);
+        }
+        Verdict::Forward
+    }
+
+    fn on_client_frame(&mut self, conn: usize, _frame: &ClientFrame) -> Verdict {
+        if conn <= self.closes && self.ready_on.contains(&conn) {
+            return Verdict::Close {
+                error: None,
+                code: 4000,
+            };
+        }
+        Verdict::Forward
+    }
+}
+
+async fn resumes_with_newest_token(cx: &mut Ctx) -> CaseResult {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client = cx.client(Box::new(CloseEachAfterReady {
+        closes: 3,
+        ready_on: Default::default(),
+    }))?;
+    let watch = client.spawn(home.path(), &["watch"])?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    watch.stop().await;
+    let events = client.proxy.events();
+    let mut newest: Option<confab_spec::ids::ResumeToken> = None;
+    let mut resumes = 0;
+    for e in &events {
+        match &e.what {
+            What::ToClient(ServerFrame::Ready(ready)) => newest = Some(ready.resume_token.clone()),
+            What::FromClient(Some(ClientFrame::Hello(hello)), _) => {
+                if let Some(token) = &hello.resume_token {
+                    resumes += 1;
+                    if Some(token) != newest.as_ref() {
+                        return Err(Failure::new(
+                            "a resume with the token of the latest Ready",
+                            format!(
+                                "connection {} presented {}",
+                                e.conn,
+                                if newest.is_some() {
+                                    "an older token"
+                                } else {
+                                    "a token no Ready gave"
+                                }
+                            ),
+                        )
+                        .into());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if resumes < 3 {
+        return Err(crate::case::Stop::Skipped(format!(
+            "the client resumed {resumes} time(s) after three closes with 4000 (resuming is \
+             optional), so which token it keeps cannot be seen"
+        )));
+    }
+    Ok(())
+}
+
+async fn room_extensions(cx: &mut Ctx) -> CaseResult {
+    use confab_spec::frame::{EntryBody, Subscribe};
+    use confab_spec::ids::StreamId;
+    use confab_spec::rooms::{
+        REQUIRED_CAPABILITIES_EXTENSION_TYPE, ROOM_REQUIRED_CAPABILITIES, RoomRoles,
+    };
+
+    let (mut peer, mut member) = invitee_member(cx).await?;
+    let invited = hex::encode(member.device.system.public().0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "shaped").await?;
+    client
+        .run_ok(home.path(), &["room", "invite", "shaped", &invited])
+        .await?;
+    let events = client.proxy.events();
+    let Some(creator) = sent(&events).find_map(|(_, _, f)| match f {
+        ClientFrame::Auth(a) => Some(a.certificate.system),
+        _ => None,
+    }) else {
+        return Err(Failure::new("the client to authenticate", "no Auth").into());
+    };
+    peer.send(&ClientFrame::Subscribe(Subscribe {
+        rid: 2,
+        stream: StreamId::Inbox,
+        from_seq: None,
+    }))
+    .await?;
+    peer.expect("Subscribed", |f| match f {
+        ServerFrame::Subscribed(s) if s.rid == 2 => Some(()),
+        _ => None,
+    })
+    .await?;
+    let welcome = peer
+        .expect("the Welcome in the invitee's inbox", |f| match f {
+            ServerFrame::Batch(b) if b.stream == StreamId::Inbox => b
+                .entries
+                .iter()
+                .find(|e| matches!(e.body, EntryBody::Welcome { .. }))
+                .map(|e| e.payload.clone()),
+            _ => None,
+        })
+        .await?;
+    let room = member
+        .engine
+        .join(welcome.as_bytes())
+        .map_err(|e| Failure::new("a Welcome the suite's member can join", e.to_string()))?;
+    let extension = |t: u16| {
+        member
+            .engine
+            .context_extension(&room, t)
+            .map_err(|e| crate::mls::broken("read the group context", e))
+    };
+    let required = extension(REQUIRED_CAPABILITIES_EXTENSION_TYPE)?;
+    if required.as_deref() != Some(&ROOM_REQUIRED_CAPABILITIES[..]) {
+        return Err(Failure::new(
+            format!(
+                "required_capabilities {}",
+                hex::encode(ROOM_REQUIRED_CAPABILITIES)
+            ),
+            format!("{:?}", required.map(hex::encode)),
+        )
+        .into());
+    }
+    let roles = extension(ROLES_EXTENSION_TYPE)?
+        .map(|d| RoomRoles::from_extension(&d))
+        .transpose()
+        .map_err(|e| Failure::new("a roles extension that reads (SPEC.md 10.1)", e.to_string()))?;
+    let expected = RoomRoles::new(creator);
+    if roles.as_ref() != Some(&expected) {
+        return Err(Failure::new(
+            format!(
+                "roles naming the creator {} as owner and no admins",
+                hex::encode(creator.0)
+            ),
+            format!("{roles:?}"),
         )
         .into());
     }

@@ -1063,12 +1063,28 @@ impl MlsEngine for OpenMlsEngine {
         extension_type: u16,
     ) -> Result<Option<Vec<u8>>, EngineError> {
         self.read(group, |g| {
-            Ok(g.extensions().iter().find_map(|e| match e {
-                Extension::Unknown(ty, UnknownExtension(data)) if *ty == extension_type => {
-                    Some(data.clone())
-                }
-                _ => None,
-            }))
+            let Some(extension) = g
+                .extensions()
+                .iter()
+                .find(|e| u16::from(e.extension_type()) == extension_type)
+            else {
+                return Ok(None);
+            };
+            if let Extension::Unknown(_, UnknownExtension(data)) = extension {
+                return Ok(Some(data.clone()));
+            }
+            // A type openmls knows (required_capabilities, ...): its data is what follows
+            // the type and the length in its encoding.
+            let bytes = extension
+                .tls_serialize_detached()
+                .map_err(|e| other("encode an extension", e))?;
+            let data_at = match bytes.get(2).map(|b| b >> 6) {
+                Some(0) => 3,
+                Some(1) => 4,
+                Some(2) => 6,
+                _ => return Err(EngineError::Malformed("extension length".into())),
+            };
+            Ok(bytes.get(data_at..).map(<[u8]>::to_vec))
         })
     }
 }
