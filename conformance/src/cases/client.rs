@@ -14,6 +14,9 @@ use tokio::time::Instant;
 
 use crate::case::{Case, CaseResult, Failure};
 use crate::client::{ClientUnderTest, Event, PassThrough, Script, Verdict, What, home};
+
+/// How long a case waits for the client to do what an action starts.
+const ACTION_WAIT: Duration = Duration::from_secs(10);
 use crate::client_case;
 use crate::context::Ctx;
 
@@ -81,6 +84,13 @@ pub(super) fn cases() -> Vec<Case> {
             Must,
             "a Send cut off by a dropped connection is sent again with the same msg_id and payload",
             resends_same_message
+        ),
+        client_case!(
+            "6.5-3.client-acks-what-it-stored",
+            "REQ-6.5-3",
+            Must,
+            "killed at its first Ack of the room, the client still shows every acked message afterwards",
+            acks_what_it_stored
         ),
         client_case!(
             "6.8-1.client-drops-duplicates",
@@ -1747,6 +1757,75 @@ async fn room_extensions(cx: &mut Ctx) -> CaseResult {
             format!("{roles:?}"),
         )
         .into());
+    }
+    Ok(())
+}
+
+async fn acks_what_it_stored(cx: &mut Ctx) -> CaseResult {
+    let Some(retention_ms) = cx.info.retention_ms.filter(|r| *r <= 10_000) else {
+        return Err(crate::case::Stop::Skipped(
+            "needs retention_ms of at most 10 s in /v1/info, so that acknowledged entries are \
+             gone from the gateway when the client reads again"
+                .into(),
+        ));
+    };
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let client = cx.client(Box::new(PassThrough))?;
+    let read = client.spawn(home.path(), &["read"])?;
+    // Killed the moment it acks an entry of the room: whatever it acked must be stored.
+    let deadline = Instant::now() + ACTION_WAIT;
+    let acked = loop {
+        let events = client.proxy.events();
+        let ack = sent(&events).find_map(|(_, _, f)| match f {
+            ClientFrame::Ack(a)
+                if matches!(a.stream, confab_spec::ids::StreamId::Conversation(_)) =>
+            {
+                Some(a.seq.get())
+            }
+            _ => None,
+        });
+        if let Some(seq) = ack {
+            read.stop().await;
+            break seq;
+        }
+        if Instant::now() > deadline {
+            read.stop().await;
+            return Err(
+                Failure::new("the client to ack the room's entries it read", "no Ack").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    // Retention deletes acknowledged entries: the gateway cannot give them again.
+    tokio::time::sleep(Duration::from_millis(retention_ms + 1_500)).await;
+    let client = cx.client(Box::new(PassThrough))?;
+    let out = client.run(home.path(), &["read"]).await?;
+    // The room's log: the Add at seq 1, then the three messages at seqs 2, 3 and 4. Those
+    // acknowledged are owed.
+    let mut owed = 0;
+    for (seq, text) in (2u64..).zip(&delivered.texts) {
+        if seq > acked {
+            continue;
+        }
+        owed += 1;
+        if shown(&out.stdout, text) == 0 {
+            return Err(Failure::new(
+                format!("{text:?} (seq {seq}; acknowledged up to {acked}) shown after a restart"),
+                format!(
+                    "not shown{}",
+                    if out.success { "" } else { "; the read failed" }
+                ),
+            )
+            .into());
+        }
+    }
+    if owed == 0 {
+        return Err(crate::case::Stop::Skipped(format!(
+            "the client's first Ack of the room was of seq {acked}, before any message, so no \
+             acknowledged message could be checked"
+        )));
     }
     Ok(())
 }
