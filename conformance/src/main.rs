@@ -52,8 +52,8 @@ struct Cli {
     /// Client mode: check a client instead of the server. TEMPLATE is a shell command that
     /// runs one action of the client, e.g. `confab --home {home} --server {url} {action}`:
     /// `{home}` is the device's state directory, `{url}` the suite's proxy (which forwards
-    /// to --url), `{action}` one of `init`, `room create NAME`, `room invite NAME
-    /// USERKEY`, `send NAME TEXT`, `read [NAME]` (prints each message's text) and `watch`
+    /// to --url), `{action}` one of `init`, `init --import BACKUP`, `room create NAME`,
+    /// `room invite NAME USERKEY`, `send NAME TEXT`, `read [NAME]` (prints each message's text) and `watch`
     /// (stays connected until killed).
     #[arg(long, value_name = "TEMPLATE")]
     client_command: Option<String>,
@@ -108,6 +108,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let client_mode = cli.client_command.is_some();
     let access = runner::Access {
         server_log: cli.server_log,
         control: ServerControl {
@@ -138,6 +139,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if run.cases.is_empty() {
+        let mode = if client_mode { "client" } else { "server" };
+        eprintln!(
+            "error: no {mode} case matches --cases {} (see --list; the pattern is a glob \
+             without braces)",
+            cli.cases.as_deref().unwrap_or("*")
+        );
+        return ExitCode::from(2);
+    }
     let failures: Vec<_> = run
         .cases
         .iter()

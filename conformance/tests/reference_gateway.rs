@@ -271,7 +271,6 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     // checked by the reference client's tests.
     "REQ-3.1-1",
     "REQ-3.4-1",
-    "REQ-3.5-1",
     "REQ-4.6-1",
     "REQ-7.2-4",
     "REQ-7.4-2",

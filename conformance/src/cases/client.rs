@@ -23,6 +23,13 @@ use crate::context::Ctx;
 pub(super) fn cases() -> Vec<Case> {
     vec![
         client_case!(
+            "3.5-1.client-checks-imported-keys",
+            "REQ-3.5-1",
+            Must,
+            "a backup string whose seed does not derive its public key is refused; a true one is taken",
+            checks_imported_keys
+        ),
+        client_case!(
             "4.2-1.client-canonical-frames",
             "REQ-4.2-1",
             Must,
@@ -1826,6 +1833,74 @@ async fn acks_what_it_stored(cx: &mut Ctx) -> CaseResult {
             "the client's first Ack of the room was of seq {acked}, before any message, so no \
              acknowledged message could be checked"
         )));
+    }
+    Ok(())
+}
+
+/// A Polycentric backup string (SPEC.md 3.5) carrying `seed` and `public_key`.
+fn backup_string(seed: &[u8; 32], public_key: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    // Protobuf by hand: KeyPair { key_type 1, private_key, public_key } inside
+    // ExportBundle { key_pair } inside URLInfo { url_type 3, body }.
+    let mut key_pair = vec![0x08, 0x01, 0x12, 32];
+    key_pair.extend_from_slice(seed);
+    key_pair.extend_from_slice(&[0x1a, 32]);
+    key_pair.extend_from_slice(public_key);
+    let mut bundle = vec![0x0a, key_pair.len() as u8];
+    bundle.extend(key_pair);
+    let mut url_info = vec![0x08, 0x03, 0x12, bundle.len() as u8];
+    url_info.extend(bundle);
+    format!(
+        "polycentric://{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(url_info)
+    )
+}
+
+async fn checks_imported_keys(cx: &mut Ctx) -> CaseResult {
+    use confab_spec::identity::SystemKeyPair;
+
+    let mine = SystemKeyPair::generate(&mut rand_core::OsRng);
+    let someone_else = SystemKeyPair::generate(&mut rand_core::OsRng);
+    let forged = backup_string(&mine.seed(), &someone_else.public().0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let forged_home = home()?;
+    let out = client
+        .run(forged_home.path(), &["init", "--import", &forged])
+        .await?;
+    let events = client.proxy.events();
+    let authenticated = sent(&events).find_map(|(_, _, f)| match f {
+        ClientFrame::Auth(a) => Some(a.certificate.system),
+        _ => None,
+    });
+    if out.success || authenticated.is_some() {
+        return Err(Failure::new(
+            "a backup string whose seed does not derive its public_key refused",
+            match authenticated {
+                Some(system) => format!("the client authenticated as {}", hex::encode(system.0)),
+                None => "the import succeeded".to_owned(),
+            },
+        )
+        .into());
+    }
+    // The same string with the right key: taken (so the refusal was of the key, not of the
+    // string's form).
+    let client = cx.client(Box::new(PassThrough))?;
+    let true_home = home()?;
+    let true_backup = backup_string(&mine.seed(), &mine.public().0);
+    client
+        .run_ok(true_home.path(), &["init", "--import", &true_backup])
+        .await?;
+    let events = client.proxy.events();
+    let authenticated = sent(&events).find_map(|(_, _, f)| match f {
+        ClientFrame::Auth(a) => Some(a.certificate.system),
+        _ => None,
+    });
+    if authenticated != Some(mine.public()) {
+        return Err(Failure::new(
+            "a true backup string imported: the client authenticates as its user",
+            format!("{:?}", authenticated.map(|s| hex::encode(s.0))),
+        )
+        .into());
     }
     Ok(())
 }

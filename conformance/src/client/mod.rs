@@ -7,6 +7,7 @@
 //! | action | the client … |
 //! | --- | --- |
 //! | `init` | creates an identity and this device in `{home}` and publishes KeyPackages |
+//! | `init --import BACKUP` | the same from a Polycentric backup string (SPEC.md 3.5) |
 //! | `room create NAME` | creates a room it owns, named NAME locally |
 //! | `room invite NAME USERKEY` | adds the user (system key in hex) to the room: a Commit |
 //! | `send NAME TEXT` | sends TEXT to the room NAME and exits once the gateway accepted it |
