@@ -219,6 +219,28 @@ fn connections(events: &[Event]) -> usize {
         .count()
 }
 
+/// A fresh device of the client under test (`init` under pass-through): its home.
+async fn initialised_device(cx: &Ctx) -> Result<tempfile::TempDir, crate::case::Stop> {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    Ok(home)
+}
+
+/// Runs `watch` for `window`, then kills it; returns when the window ended (the kill also
+/// ends the client's connection: only what happened before counts).
+async fn watch_for(
+    client: &ClientUnderTest,
+    home: &std::path::Path,
+    window: Duration,
+) -> Result<Instant, crate::case::Stop> {
+    let watch = client.spawn(home, &["watch"])?;
+    tokio::time::sleep(window).await;
+    let end = Instant::now();
+    watch.stop().await;
+    Ok(end)
+}
+
 /// Sets up a device with a room named `room` under pass-through.
 async fn device_with_room(
     client: &ClientUnderTest,
@@ -344,17 +366,12 @@ async fn heartbeat_interval(cx: &mut Ctx) -> CaseResult {
     // instead of its Ready's is caught.
     const INTERVAL_MS: u64 = 300;
     const WATCHED: Duration = Duration::from_secs(4);
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    client.run_ok(home.path(), &["init"]).await?;
+    let home = initialised_device(cx).await?;
     let client = cx.client(Box::new(HeartbeatSettings {
         interval_ms: INTERVAL_MS,
         timeout_ms: 60_000,
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(WATCHED).await;
-    let end = Instant::now();
-    watch.stop().await;
+    let end = watch_for(client, home.path(), WATCHED).await?;
     let events = client.proxy.events();
     let Some(&(conn, ready)) = ready_at(&events).first() else {
         return Err(Failure::new("the client to authenticate", "no Ready reached it").into());
@@ -421,18 +438,13 @@ impl Script for DeadAfterReady {
 
 async fn dead_connection(cx: &mut Ctx) -> CaseResult {
     const TIMEOUT_MS: u64 = 1_500;
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    client.run_ok(home.path(), &["init"]).await?;
+    let home = initialised_device(cx).await?;
     let client = cx.client(Box::new(DeadAfterReady {
         interval_ms: 500,
         timeout_ms: TIMEOUT_MS,
         ready_sent: false,
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let end = Instant::now();
-    watch.stop().await;
+    let end = watch_for(client, home.path(), Duration::from_secs(6)).await?;
     let events = client.proxy.events();
     let Some(&(_, ready)) = ready_at(&events).iter().find(|(c, _)| *c == 1) else {
         return Err(Failure::new("the client to authenticate", "no Ready reached it").into());
@@ -507,16 +519,12 @@ impl Script for CloseAfterReady {
 }
 
 async fn no_reconnect_after_fatal_close(cx: &mut Ctx) -> CaseResult {
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    client.run_ok(home.path(), &["init"]).await?;
+    let home = initialised_device(cx).await?;
     let client = cx.client(Box::new(CloseAfterReady {
         code: 4104,
         ready_sent: false,
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    watch.stop().await;
+    watch_for(client, home.path(), Duration::from_secs(4)).await?;
     let events = client.proxy.events();
     if !events
         .iter()
@@ -580,13 +588,9 @@ async fn backoff(cx: &mut Ctx) -> CaseResult {
     // A client without backoff makes hundreds; one with a fixed 300 ms delay, 16.
     const WINDOW: Duration = Duration::from_secs(5);
     const ATTEMPTS_MAX: usize = 14;
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    client.run_ok(home.path(), &["init"]).await?;
+    let home = initialised_device(cx).await?;
     let client = cx.client(Box::<RestartThenRefuse>::default())?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(WINDOW + Duration::from_secs(1)).await;
-    watch.stop().await;
+    watch_for(client, home.path(), WINDOW + Duration::from_secs(1)).await?;
     let events = client.proxy.events();
     let Some(first) = closed_at(&events, 1) else {
         return Err(Failure::new("the client to connect", "it did not").into());
@@ -624,15 +628,11 @@ impl Script for Overloaded {
 
 async fn retry_after(cx: &mut Ctx) -> CaseResult {
     let waits = [2_000, 1_500];
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    client.run_ok(home.path(), &["init"]).await?;
+    let home = initialised_device(cx).await?;
     let client = cx.client(Box::new(Overloaded {
         retry_after_ms: waits,
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    watch.stop().await;
+    watch_for(client, home.path(), Duration::from_secs(8)).await?;
     let events = client.proxy.events();
     for (i, wait) in waits.iter().enumerate() {
         let conn = i + 1;
@@ -874,10 +874,7 @@ async fn unknown_error_codes(cx: &mut Ctx) -> CaseResult {
         with_rid: true,
         answered: false,
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(WATCHED).await;
-    let end = Instant::now();
-    watch.stop().await;
+    let end = watch_for(client, home.path(), WATCHED).await?;
     let events = client.proxy.events();
     let Some(answered) = events
         .iter()
@@ -904,10 +901,7 @@ async fn unknown_error_codes(cx: &mut Ctx) -> CaseResult {
         with_rid: false,
         answered: false,
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(WATCHED).await;
-    let end = Instant::now();
-    watch.stop().await;
+    let end = watch_for(client, home.path(), WATCHED).await?;
     let events = client.proxy.events();
     if !events
         .iter()
@@ -1638,16 +1632,12 @@ impl Script for CloseEachAfterReady {
 }
 
 async fn resumes_with_newest_token(cx: &mut Ctx) -> CaseResult {
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    client.run_ok(home.path(), &["init"]).await?;
+    let home = initialised_device(cx).await?;
     let client = cx.client(Box::new(CloseEachAfterReady {
         closes: 3,
         ready_on: Default::default(),
     }))?;
-    let watch = client.spawn(home.path(), &["watch"])?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    watch.stop().await;
+    watch_for(client, home.path(), Duration::from_secs(4)).await?;
     let events = client.proxy.events();
     let mut newest: Option<confab_spec::ids::ResumeToken> = None;
     let mut resumes = 0;
