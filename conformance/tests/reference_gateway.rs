@@ -272,7 +272,6 @@ const WAITING_FOR_A_CASE: &[&str] = &[
     "REQ-3.1-1",
     "REQ-3.4-1",
     "REQ-4.6-1",
-    "REQ-7.2-4",
     "REQ-7.4-2",
 ];
 

@@ -149,6 +149,13 @@ pub(super) fn cases() -> Vec<Case> {
             wire_formats
         ),
         client_case!(
+            "7.2-4.client-reads-past-epochs",
+            "REQ-7.2-4",
+            Must,
+            "messages sent 1 to 4 epochs late (app_epoch_lag_max) are all shown",
+            reads_past_epochs
+        ),
+        client_case!(
             "7.4-1.client-keeps-commit-pending",
             "REQ-7.4-1",
             Must,
@@ -1083,6 +1090,14 @@ async fn no_send_with_pending_commit(cx: &mut Ctx) -> CaseResult {
 struct Delivered {
     /// The texts, in the order sent (entries of increasing seq).
     texts: Vec<String>,
+    /// The room.
+    room: confab_spec::ids::ConversationId,
+    /// The owner's connection.
+    peer: crate::context::Peer,
+    /// The owner's MLS state.
+    owner: crate::mls::Member,
+    /// The next request id on `peer`.
+    rid: u64,
 }
 
 /// Makes the client's device (`init` under pass-through) a member of a room the suite
@@ -1187,7 +1202,13 @@ async fn suite_room_with_client(
             .map_err(|e| broken("send a message", crate::context::describe_error(&e)))?;
         texts.push(text);
     }
-    Ok(Delivered { texts })
+    Ok(Delivered {
+        texts,
+        room: id,
+        peer,
+        owner,
+        rid: 7,
+    })
 }
 
 /// Whether a frame carries a conversation's entries.
@@ -1891,6 +1912,85 @@ async fn checks_imported_keys(cx: &mut Ctx) -> CaseResult {
             format!("{:?}", authenticated.map(|s| hex::encode(s.0))),
         )
         .into());
+    }
+    Ok(())
+}
+
+async fn reads_past_epochs(cx: &mut Ctx) -> CaseResult {
+    use confab_spec::ids::MsgId;
+
+    use crate::cases::log::{random, send_mls};
+    use crate::mls::{broken, bytes};
+
+    /// SPEC.md 7.2: application messages up to this many epochs old are accepted.
+    const APP_EPOCH_LAG_MAX: u64 = 4;
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let mut room = suite_room_with_client(cx, client, home.path()).await?;
+    // One message encrypted in each of four epochs, each followed by a Commit; all four are
+    // sent once the group is four epochs on (lags 4, 3, 2 and 1).
+    let mut late = Vec::new();
+    for i in 0..APP_EPOCH_LAG_MAX {
+        let text = format!(
+            "late by {} epochs {}",
+            APP_EPOCH_LAG_MAX - i,
+            hex::encode(random::<8>())
+        );
+        let payload = room
+            .owner
+            .engine
+            .encrypt(&room.room, text.as_bytes())
+            .map_err(|e| broken("encrypt", e))?;
+        late.push((text, payload));
+        // A room's Commits state its roles (SPEC.md 10.1): unchanged here.
+        let roles = confab_spec::rooms::RoomRoles::new(room.owner.device.id().system);
+        let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+            roles.context_extensions(),
+        )];
+        let commit = room
+            .owner
+            .engine
+            .commit(&room.room, &[], &[], &extra, true)
+            .map_err(|e| broken("commit", e))?;
+        room.rid += 1;
+        send_mls(
+            &mut room.peer,
+            room.rid,
+            room.room,
+            MsgId(random()),
+            bytes(commit.commit)?,
+            None,
+        )
+        .await?
+        .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
+        room.owner
+            .engine
+            .merge_pending_commit(&room.room)
+            .map_err(|e| broken("merge", e))?;
+    }
+    for (_, payload) in &late {
+        room.rid += 1;
+        send_mls(
+            &mut room.peer,
+            room.rid,
+            room.room,
+            MsgId(random()),
+            bytes(payload.clone())?,
+            None,
+        )
+        .await?
+        .map_err(|e| broken("send a late message", crate::context::describe_error(&e)))?;
+    }
+    let client = cx.client(Box::new(PassThrough))?;
+    let out = client.run_ok(home.path(), &["read"]).await?;
+    for (text, _) in &late {
+        if shown(&out.stdout, text) != 1 {
+            return Err(Failure::new(
+                format!("{text:?} shown (its epoch is within app_epoch_lag_max of the group's)"),
+                format!("shown {} times", shown(&out.stdout, text)),
+            )
+            .into());
+        }
     }
     Ok(())
 }
