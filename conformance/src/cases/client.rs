@@ -163,6 +163,13 @@ pub(super) fn cases() -> Vec<Case> {
             keeps_commit_pending
         ),
         client_case!(
+            "7.4-2.client-retries-after-stale-commit",
+            "REQ-7.4-2",
+            Must,
+            "after stale_commit the client processes the winner first, then commits again on top of it",
+            retries_after_stale_commit
+        ),
+        client_case!(
             "7.4-3.client-no-send-with-pending-commit",
             "REQ-7.4-3",
             Must,
@@ -1096,6 +1103,8 @@ struct Delivered {
     peer: crate::context::Peer,
     /// The owner's MLS state.
     owner: crate::mls::Member,
+    /// The room's roles.
+    roles: confab_spec::rooms::RoomRoles,
     /// The next request id on `peer`.
     rid: u64,
 }
@@ -1106,6 +1115,7 @@ async fn suite_room_with_client(
     cx: &Ctx,
     client: &ClientUnderTest,
     home: &std::path::Path,
+    client_is_admin: bool,
 ) -> Result<Delivered, crate::case::Stop> {
     use confab_spec::frame::{ClaimKeyPackages, ConversationKind, CreateConversation};
     use confab_spec::ids::{ConversationId, MsgId};
@@ -1162,7 +1172,12 @@ async fn suite_room_with_client(
         .iter()
         .map(|c| c.key_package.as_bytes().to_vec())
         .collect();
-    // The room's first Commit states its roles (SPEC.md 10.1), as every client's does.
+    // The room's first Commit states its roles (SPEC.md 10.1), as every client's does;
+    // the owner may make the client's user an admin in it.
+    let mut roles = roles;
+    if client_is_admin {
+        roles.admins = vec![user];
+    }
     let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
         roles.context_extensions(),
     )];
@@ -1207,6 +1222,7 @@ async fn suite_room_with_client(
         room: id,
         peer,
         owner,
+        roles,
         rid: 7,
     })
 }
@@ -1252,7 +1268,7 @@ fn shown(output: &str, text: &str) -> usize {
 async fn drops_duplicates(cx: &mut Ctx) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
-    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let delivered = suite_room_with_client(cx, client, home.path(), false).await?;
     let client = cx.client(Box::new(Repeat))?;
     let out = client.run_ok(home.path(), &["read"]).await?;
     for text in &delivered.texts {
@@ -1271,7 +1287,7 @@ async fn drops_duplicates(cx: &mut Ctx) -> CaseResult {
 async fn ack_cursor_forward(cx: &mut Ctx) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
-    suite_room_with_client(cx, client, home.path()).await?;
+    suite_room_with_client(cx, client, home.path(), false).await?;
     let client = cx.client(Box::new(Repeat))?;
     client.run_ok(home.path(), &["read"]).await?;
     let events = client.proxy.events();
@@ -1320,7 +1336,7 @@ impl Script for Gap {
 async fn resubscribes_at_a_gap(cx: &mut Ctx) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
-    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let delivered = suite_room_with_client(cx, client, home.path(), false).await?;
     let client = cx.client(Box::<Gap>::default())?;
     let out = client.run_ok(home.path(), &["read"]).await?;
     let events = client.proxy.events();
@@ -1424,7 +1440,7 @@ impl Script for ReuseMsgId {
 async fn refuses_reused_msg_id(cx: &mut Ctx) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
-    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let delivered = suite_room_with_client(cx, client, home.path(), false).await?;
     let client = cx.client(Box::<ReuseMsgId>::default())?;
     let out = client.run(home.path(), &["read"]).await?;
     let events = client.proxy.events();
@@ -1789,7 +1805,7 @@ async fn acks_what_it_stored(cx: &mut Ctx) -> CaseResult {
     };
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
-    let delivered = suite_room_with_client(cx, client, home.path()).await?;
+    let delivered = suite_room_with_client(cx, client, home.path(), false).await?;
     let client = cx.client(Box::new(PassThrough))?;
     let read = client.spawn(home.path(), &["read"])?;
     // Killed the moment it acks an entry of the room: whatever it acked must be stored.
@@ -1926,7 +1942,7 @@ async fn reads_past_epochs(cx: &mut Ctx) -> CaseResult {
     const APP_EPOCH_LAG_MAX: u64 = 4;
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
-    let mut room = suite_room_with_client(cx, client, home.path()).await?;
+    let mut room = suite_room_with_client(cx, client, home.path(), false).await?;
     // One message encrypted in each of four epochs, each followed by a Commit; all four are
     // sent once the group is four epochs on (lags 4, 3, 2 and 1).
     let mut late = Vec::new();
@@ -1993,4 +2009,164 @@ async fn reads_past_epochs(cx: &mut Ctx) -> CaseResult {
         }
     }
     Ok(())
+}
+
+/// Swallows the client's first Commit; once `release` is set, closes the connection it
+/// came on at the client's next frame there (so that the client sends the Commit again on
+/// a new one) and forwards everything else.
+struct HoldFirstCommit {
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held_on: Option<usize>,
+}
+
+impl Script for HoldFirstCommit {
+    fn on_client_frame(&mut self, conn: usize, frame: &ClientFrame) -> Verdict {
+        match (self.held_on, frame) {
+            (None, ClientFrame::Send(s)) if is_commit(s) => {
+                self.held_on = Some(conn);
+                Verdict::Drop
+            }
+            (Some(held), _)
+                if held == conn && self.release.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Verdict::Close {
+                    error: None,
+                    code: 4000,
+                }
+            }
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+async fn retries_after_stale_commit(cx: &mut Ctx) -> CaseResult {
+    use confab_spec::ids::MsgId;
+
+    use crate::cases::log::{random, send_mls};
+    use crate::mls::{broken, bytes};
+
+    let invited = hex::encode(invitee(cx).await?.0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let mut room = suite_room_with_client(cx, client, home.path(), true).await?;
+    let room_id = hex::encode(room.room.0);
+    client.run_ok(home.path(), &["read"]).await?;
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = cx.client(Box::new(HoldFirstCommit {
+        release: release.clone(),
+        held_on: None,
+    }))?;
+    let invite = client.spawn(home.path(), &["room", "invite", &room_id, &invited])?;
+    let deadline = Instant::now() + ACTION_WAIT;
+    let held_epoch = loop {
+        let events = client.proxy.events();
+        if let Some(epoch) = sent(&events).find_map(|(_, _, f)| match f {
+            ClientFrame::Send(s) if is_commit(s) => epoch_of(s),
+            _ => None,
+        }) {
+            break epoch;
+        }
+        if Instant::now() > deadline {
+            invite.stop().await;
+            return Err(Failure::new("the admin's `room invite` to send a Commit", "none").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The owner's Commit wins the epoch the client's was made in.
+    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+        room.roles.context_extensions(),
+    )];
+    let winner = room
+        .owner
+        .engine
+        .commit(&room.room, &[], &[], &extra, true)
+        .map_err(|e| broken("commit", e))?;
+    room.rid += 1;
+    let (winner_seq, _) = send_mls(
+        &mut room.peer,
+        room.rid,
+        room.room,
+        MsgId(random()),
+        bytes(winner.commit)?,
+        None,
+    )
+    .await?
+    .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The client resends its Commit, is told stale_commit, and commits again.
+    let deadline = Instant::now() + ACTION_WAIT + ACTION_WAIT;
+    loop {
+        let events = client.proxy.events();
+        let commits = sent(&events)
+            .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if is_commit(s)))
+            .count();
+        if commits >= 3 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    invite.stop().await;
+    let events = client.proxy.events();
+    let mut stale_at = None;
+    let mut winner_seen = false;
+    let mut commit_rids = std::collections::BTreeSet::new();
+    for e in &events {
+        match &e.what {
+            What::FromClient(Some(ClientFrame::Send(s)), _) if is_commit(s) => {
+                let epoch = epoch_of(s).unwrap_or(u64::MAX);
+                if stale_at.is_none() {
+                    commit_rids.insert((e.conn, s.rid));
+                    continue;
+                }
+                if !winner_seen {
+                    return Err(Failure::new(
+                        "a new Commit only after the winning Commit was delivered and processed",
+                        "a Commit before the winner's entry reached the client",
+                    )
+                    .into());
+                }
+                if epoch != held_epoch + 1 {
+                    return Err(Failure::new(
+                        format!(
+                            "the new Commit on top of the winner: epoch {}",
+                            held_epoch + 1
+                        ),
+                        format!("epoch {epoch}"),
+                    )
+                    .into());
+                }
+                return Ok(());
+            }
+            What::ToClient(ServerFrame::Error(err))
+                if err.code == ErrorCode::StaleCommit
+                    && err
+                        .rid
+                        .is_some_and(|rid| commit_rids.contains(&(e.conn, rid))) =>
+            {
+                stale_at = Some(e.at);
+            }
+            What::ToClient(ServerFrame::Deliver(d)) if d.entry.seq.get() == winner_seq => {
+                winner_seen = true;
+            }
+            What::ToClient(ServerFrame::Batch(b))
+                if b.entries.iter().any(|x| x.seq.get() == winner_seq) =>
+            {
+                winner_seen = true;
+            }
+            _ => {}
+        }
+    }
+    match stale_at {
+        None => Err(crate::case::Stop::Skipped(
+            "the client's resent Commit was not answered stale_commit (the gateway or the \
+             client took another path), so what follows it cannot be checked"
+                .into(),
+        )),
+        Some(_) => Err(Failure::new(
+            "a new Commit (the invite is still needed) after stale_commit",
+            "none",
+        )
+        .into()),
+    }
 }
