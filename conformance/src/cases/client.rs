@@ -23,6 +23,13 @@ use crate::context::Ctx;
 pub(super) fn cases() -> Vec<Case> {
     vec![
         client_case!(
+            "3.1-1.client-random-process-ids",
+            "REQ-3.1-1",
+            Must,
+            "two devices' process ids look random: distinct, not zero, far apart in bits",
+            random_process_ids
+        ),
+        client_case!(
             "3.5-1.client-checks-imported-keys",
             "REQ-3.5-1",
             Must,
@@ -35,6 +42,13 @@ pub(super) fn cases() -> Vec<Case> {
             Must,
             "every frame the client sends re-encodes to its own bytes (canonical CBOR)",
             canonical_frames
+        ),
+        client_case!(
+            "4.6-1.client-random-ids",
+            "REQ-4.6-1",
+            Must,
+            "msg_ids and conversation ids look random: distinct, balanced bits, no counters",
+            random_ids
         ),
         client_case!(
             "5.4-5.client-signs-its-origin",
@@ -2168,5 +2182,143 @@ async fn retries_after_stale_commit(cx: &mut Ctx) -> CaseResult {
             "none",
         )
         .into()),
+    }
+}
+
+/// What the outside can check of ids that must come from a secure random source: they
+/// are distinct, none is all zeros, every pair differs in at least a quarter of its bits
+/// (random ones differ in half, give or take a few; a counter or a clock changes only a
+/// few low bits), and the ones over all of them are within five standard
+/// deviations of half. No test can prove randomness; this catches the usual faults (a
+/// constant, a counter, a clock, a zeroed buffer).
+fn looks_random(what: &str, ids: &[Vec<u8>]) -> Result<(), Failure> {
+    let bits = |a: &[u8]| a.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+    for (i, a) in ids.iter().enumerate() {
+        if a.iter().all(|b| *b == 0) {
+            return Err(Failure::new(format!("random {what}s"), "one is all zeros"));
+        }
+        for b in &ids[i + 1..] {
+            let differ: usize = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x ^ y).count_ones() as usize)
+                .sum();
+            if differ < a.len() * 8 / 4 {
+                return Err(Failure::new(
+                    format!("random {what}s: any two differ in about half their bits"),
+                    format!(
+                        "{} and {} differ in {differ} bits",
+                        hex::encode(a),
+                        hex::encode(b)
+                    ),
+                ));
+            }
+        }
+    }
+    let n: usize = ids.iter().map(|a| a.len() * 8).sum();
+    let ones: usize = ids.iter().map(|a| bits(a)).sum();
+    let sigma = (n as f64 / 4.0).sqrt();
+    if (ones as f64 - n as f64 / 2.0).abs() > 5.0 * sigma {
+        return Err(Failure::new(
+            format!("random {what}s: about half of their {n} bits set"),
+            format!("{ones} set"),
+        ));
+    }
+    Ok(())
+}
+
+async fn random_process_ids(cx: &mut Ctx) -> CaseResult {
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let client = cx.client(Box::new(PassThrough))?;
+        let home = home()?;
+        client.run_ok(home.path(), &["init"]).await?;
+        let events = client.proxy.events();
+        let Some(process) = sent(&events).find_map(|(_, _, f)| match f {
+            ClientFrame::Auth(a) => Some(a.certificate.process),
+            _ => None,
+        }) else {
+            return Err(Failure::new("the client to authenticate", "no Auth").into());
+        };
+        ids.push(process.0.to_vec());
+    }
+    looks_random("process id", &ids)?;
+    Ok(())
+}
+
+async fn random_ids(cx: &mut Ctx) -> CaseResult {
+    let home = initialised_device(cx).await?;
+    let client = cx.client(Box::new(PassThrough))?;
+    for room in ["ids-a", "ids-b", "ids-c"] {
+        client
+            .run_ok(home.path(), &["room", "create", room])
+            .await?;
+    }
+    for i in 0..6 {
+        client
+            .run_ok(home.path(), &["send", "ids-a", &format!("message {i}")])
+            .await?;
+    }
+    let events = client.proxy.events();
+    let mut conversations = Vec::new();
+    let mut msg_ids = Vec::new();
+    for (_, _, frame) in sent(&events) {
+        match frame {
+            ClientFrame::CreateConversation(c) => conversations.push(c.conversation.0.to_vec()),
+            ClientFrame::Send(s) if !msg_ids.contains(&s.msg_id.0.to_vec()) => {
+                msg_ids.push(s.msg_id.0.to_vec());
+            }
+            _ => {}
+        }
+    }
+    if conversations.len() < 3 || msg_ids.len() < 6 {
+        return Err(Failure::new(
+            "three CreateConversation and six Sends",
+            format!("{} and {}", conversations.len(), msg_ids.len()),
+        )
+        .into());
+    }
+    looks_random("conversation id", &conversations)?;
+    looks_random("msg_id", &msg_ids)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_random;
+
+    fn ids(hexes: &[&str]) -> Vec<Vec<u8>> {
+        hexes.iter().map(|h| hex::decode(h).expect("hex")).collect()
+    }
+
+    #[test]
+    fn random_ids_pass_and_counters_zeros_and_repeats_do_not() {
+        // Drawn from a secure random source once.
+        let random = ids(&[
+            "24a059c2ee2636a44a0ffe96c0d5c4aa",
+            "be8167d82ea0d4a443c04baf61f9f156",
+            "5122d271d44f847651c912710465de5c",
+            "582410c30141fa9c9b370db67ec9ef2f",
+            "df5344d559ba2216e2133a40c71f3af7",
+            "0bc7183dd1e747214ece20b4dc2fa886",
+        ]);
+        assert!(looks_random("id", &random).is_ok());
+        // A random prefix and a counter: neighbours differ in a few low bits.
+        let counter: Vec<Vec<u8>> = (1u32..=6)
+            .map(|i| {
+                let mut id = hex::decode("91b012eb21447a4e2d321af4").expect("hex");
+                id.extend(i.to_be_bytes());
+                id
+            })
+            .collect();
+        assert!(looks_random("id", &counter).is_err());
+        let mut zero = random.clone();
+        zero[3] = vec![0; 16];
+        assert!(looks_random("id", &zero).is_err());
+        let mut repeated = random.clone();
+        repeated[5] = random[0].clone();
+        assert!(looks_random("id", &repeated).is_err());
+        // Every bit of every id set: balanced pairs are impossible, and the count is off.
+        assert!(looks_random("id", &[vec![0xff; 16]]).is_err());
     }
 }
