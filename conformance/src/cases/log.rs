@@ -946,12 +946,15 @@ async fn slow_session_closed(cx: &mut Ctx) -> CaseResult {
         ));
     };
     let size = payload_bytes_max(cx).max(1);
-    let sends = (queue_bytes + SOCKET_BUFFERS_BYTES).div_ceil(size as u64);
+    // Half again as much as the queue and the socket buffers hold, so that a kernel or a
+    // WebSocket writer that buffers a little more than estimated does not leave the queue
+    // short of full (seen once in a full test run: all 25 reached the silent session).
+    let sends = ((queue_bytes + SOCKET_BUFFERS_BYTES) * 3 / 2).div_ceil(size as u64);
     if sends > SLOW_SESSION_SENDS_MAX {
         return Err(Stop::Skipped(format!(
             "overflowing an outbound queue of {queue_bytes} bytes takes {sends} sends of \
              {size} bytes, more than this case sends ({SLOW_SESSION_SENDS_MAX}); the \
-             reference gateway's 8 MiB and 1 MiB frames take 25"
+             reference gateway's 8 MiB and 1 MiB frames take 37"
         )));
     }
     let (mut a, _) = cx
