@@ -1199,7 +1199,7 @@ impl Client {
             && self.engine.has_pending_commit(&conversation)?
             && self.store.outbox()?.iter().any(|i| {
                 i.conversation == conversation
-                    && i.plaintext.is_none()
+                    && is_commit(&i.payload)
                     && !self.in_flight.contains(&i.msg_id)
             })
         {
@@ -1222,13 +1222,17 @@ impl Client {
             if item.conversation != conversation {
                 continue;
             }
+            let commit = is_commit(&item.payload);
             if self.in_flight.contains(&item.msg_id) || self.resent.contains(&item.msg_id) {
-                commit_in_outbox |= item.plaintext.is_none();
+                commit_in_outbox |= commit;
                 continue;
             }
-            if item.plaintext.is_none() {
+            if item.plaintext.is_none() && !commit {
+                continue; // a proposal: left as it is
+            }
+            if commit {
                 if !pending_commit || commit_in_outbox {
-                    // A proposal, or a Commit whose outcome the log already gave.
+                    // A Commit whose outcome the log already gave.
                     self.store.outbox_remove(&item.msg_id)?;
                     continue;
                 }
@@ -1598,4 +1602,13 @@ fn member(
         Err(EngineError::GroupNotFound | EngineError::Removed) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Whether an outbox payload is a Commit (a PublicMessage of content type commit).
+fn is_commit(payload: &[u8]) -> bool {
+    matches!(
+        confab_spec::mls_framing::peek(payload),
+        Ok(confab_spec::mls_framing::Peek::Framed(f))
+            if f.content_type == confab_spec::mls_framing::ContentType::Commit
+    )
 }
