@@ -225,6 +225,14 @@ fn sent(events: &[Event]) -> impl Iterator<Item = (Instant, usize, &ClientFrame)
     })
 }
 
+/// The certificate of the client's first `Auth`.
+fn authenticated_as(events: &[Event]) -> Option<confab_spec::identity::DeviceCertificate> {
+    sent(events).find_map(|(_, _, f)| match f {
+        ClientFrame::Auth(a) => Some(a.certificate.clone()),
+        _ => None,
+    })
+}
+
 /// When connection `conn` was opened, and when the client closed it.
 fn opened_at(events: &[Event], conn: usize) -> Option<Instant> {
     events
@@ -1123,6 +1131,41 @@ struct Delivered {
     rid: u64,
 }
 
+impl Delivered {
+    /// The owner commits nothing but the room's roles, unchanged (a room's Commits state
+    /// them, SPEC.md 10.1), and merges it once accepted: the group moves one epoch on.
+    /// Returns the Commit's seq.
+    async fn commit_roles(&mut self) -> Result<u64, crate::case::Stop> {
+        use crate::cases::log::{random, send_mls};
+        use crate::mls::{broken, bytes};
+
+        let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+            self.roles.context_extensions(),
+        )];
+        let commit = self
+            .owner
+            .engine
+            .commit(&self.room, &[], &[], &extra, true)
+            .map_err(|e| broken("commit", e))?;
+        self.rid += 1;
+        let (seq, _) = send_mls(
+            &mut self.peer,
+            self.rid,
+            self.room,
+            confab_spec::ids::MsgId(random()),
+            bytes(commit.commit)?,
+            None,
+        )
+        .await?
+        .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
+        self.owner
+            .engine
+            .merge_pending_commit(&self.room)
+            .map_err(|e| broken("merge", e))?;
+        Ok(seq)
+    }
+}
+
 /// Makes the client's device (`init` under pass-through) a member of a room the suite
 /// owns, and sends three messages there; the client has not read anything yet.
 async fn suite_room_with_client(
@@ -1140,10 +1183,7 @@ async fn suite_room_with_client(
 
     client.run_ok(home, &["init"]).await?;
     let events = client.proxy.events();
-    let Some(user) = sent(&events).find_map(|(_, _, f)| match f {
-        ClientFrame::Auth(a) => Some(a.certificate.system),
-        _ => None,
-    }) else {
+    let Some(user) = authenticated_as(&events).map(|c| c.system) else {
         return Err(Failure::new("init to authenticate", "no Auth").into());
     };
     let device = crate::context::Device::fresh();
@@ -1743,10 +1783,7 @@ async fn room_extensions(cx: &mut Ctx) -> CaseResult {
         .run_ok(home.path(), &["room", "invite", "shaped", &invited])
         .await?;
     let events = client.proxy.events();
-    let Some(creator) = sent(&events).find_map(|(_, _, f)| match f {
-        ClientFrame::Auth(a) => Some(a.certificate.system),
-        _ => None,
-    }) else {
+    let Some(creator) = authenticated_as(&events).map(|c| c.system) else {
         return Err(Failure::new("the client to authenticate", "no Auth").into());
     };
     peer.send(&ClientFrame::Subscribe(Subscribe {
@@ -1909,10 +1946,7 @@ async fn checks_imported_keys(cx: &mut Ctx) -> CaseResult {
         .run(forged_home.path(), &["init", "--import", &forged])
         .await?;
     let events = client.proxy.events();
-    let authenticated = sent(&events).find_map(|(_, _, f)| match f {
-        ClientFrame::Auth(a) => Some(a.certificate.system),
-        _ => None,
-    });
+    let authenticated = authenticated_as(&events).map(|c| c.system);
     if out.success || authenticated.is_some() {
         return Err(Failure::new(
             "a backup string whose seed does not derive its public_key refused",
@@ -1932,10 +1966,7 @@ async fn checks_imported_keys(cx: &mut Ctx) -> CaseResult {
         .run_ok(true_home.path(), &["init", "--import", &true_backup])
         .await?;
     let events = client.proxy.events();
-    let authenticated = sent(&events).find_map(|(_, _, f)| match f {
-        ClientFrame::Auth(a) => Some(a.certificate.system),
-        _ => None,
-    });
+    let authenticated = authenticated_as(&events).map(|c| c.system);
     if authenticated != Some(mine.public()) {
         return Err(Failure::new(
             "a true backup string imported: the client authenticates as its user",
@@ -1972,31 +2003,7 @@ async fn reads_past_epochs(cx: &mut Ctx) -> CaseResult {
             .encrypt(&room.room, text.as_bytes())
             .map_err(|e| broken("encrypt", e))?;
         late.push((text, payload));
-        // A room's Commits state its roles (SPEC.md 10.1): unchanged here.
-        let roles = confab_spec::rooms::RoomRoles::new(room.owner.device.id().system);
-        let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
-            roles.context_extensions(),
-        )];
-        let commit = room
-            .owner
-            .engine
-            .commit(&room.room, &[], &[], &extra, true)
-            .map_err(|e| broken("commit", e))?;
-        room.rid += 1;
-        send_mls(
-            &mut room.peer,
-            room.rid,
-            room.room,
-            MsgId(random()),
-            bytes(commit.commit)?,
-            None,
-        )
-        .await?
-        .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
-        room.owner
-            .engine
-            .merge_pending_commit(&room.room)
-            .map_err(|e| broken("merge", e))?;
+        room.commit_roles().await?;
     }
     for (_, payload) in &late {
         room.rid += 1;
@@ -2054,11 +2061,6 @@ impl Script for HoldFirstCommit {
 }
 
 async fn retries_after_stale_commit(cx: &mut Ctx) -> CaseResult {
-    use confab_spec::ids::MsgId;
-
-    use crate::cases::log::{random, send_mls};
-    use crate::mls::{broken, bytes};
-
     let invited = hex::encode(invitee(cx).await?.0);
     let client = cx.client(Box::new(PassThrough))?;
     let home = home()?;
@@ -2087,25 +2089,7 @@ async fn retries_after_stale_commit(cx: &mut Ctx) -> CaseResult {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // The owner's Commit wins the epoch the client's was made in.
-    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
-        room.roles.context_extensions(),
-    )];
-    let winner = room
-        .owner
-        .engine
-        .commit(&room.room, &[], &[], &extra, true)
-        .map_err(|e| broken("commit", e))?;
-    room.rid += 1;
-    let (winner_seq, _) = send_mls(
-        &mut room.peer,
-        room.rid,
-        room.room,
-        MsgId(random()),
-        bytes(winner.commit)?,
-        None,
-    )
-    .await?
-    .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
+    let winner_seq = room.commit_roles().await?;
     release.store(true, std::sync::atomic::Ordering::SeqCst);
     // The client resends its Commit, is told stale_commit, and commits again.
     let deadline = Instant::now() + ACTION_WAIT + ACTION_WAIT;
@@ -2234,10 +2218,7 @@ async fn random_process_ids(cx: &mut Ctx) -> CaseResult {
         let home = home()?;
         client.run_ok(home.path(), &["init"]).await?;
         let events = client.proxy.events();
-        let Some(process) = sent(&events).find_map(|(_, _, f)| match f {
-            ClientFrame::Auth(a) => Some(a.certificate.process),
-            _ => None,
-        }) else {
+        let Some(process) = authenticated_as(&events).map(|c| c.process) else {
             return Err(Failure::new("the client to authenticate", "no Auth").into());
         };
         ids.push(process.0.to_vec());
