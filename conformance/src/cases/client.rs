@@ -1032,22 +1032,17 @@ async fn no_send_with_pending_commit(cx: &mut Ctx) -> CaseResult {
     // The invite's Commit never reaches the gateway, and the client hears nothing of it.
     let client = cx.client(Box::<SwallowCommits>::default())?;
     let invite = client.spawn(home.path(), &["room", "invite", "pending", &invited])?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let swallowed = loop {
-        let events = client.proxy.events();
-        if let Some(s) = sent(&events).find_map(|(_, _, f)| match f {
-            ClientFrame::Send(s) if is_commit(s) => Some(s.msg_id),
-            _ => None,
-        }) {
-            break s;
-        }
-        if Instant::now() > deadline {
-            invite.stop().await;
-            return Err(
-                Failure::new("`room invite` to send a Commit", "no Commit within 10 s").into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let swallowed = client
+        .wait_for(ACTION_WAIT, Duration::from_millis(50), |events| {
+            sent(events).find_map(|(_, _, f)| match f {
+                ClientFrame::Send(s) if is_commit(s) => Some(s.msg_id),
+                _ => None,
+            })
+        })
+        .await;
+    let Some(swallowed) = swallowed else {
+        invite.stop().await;
+        return Err(Failure::new("`room invite` to send a Commit", "no Commit within 10 s").into());
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     invite.stop().await;
@@ -1860,28 +1855,21 @@ async fn acks_what_it_stored(cx: &mut Ctx) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     let read = client.spawn(home.path(), &["read"])?;
     // Killed the moment it acks an entry of the room: whatever it acked must be stored.
-    let deadline = Instant::now() + ACTION_WAIT;
-    let acked = loop {
-        let events = client.proxy.events();
-        let ack = sent(&events).find_map(|(_, _, f)| match f {
-            ClientFrame::Ack(a)
-                if matches!(a.stream, confab_spec::ids::StreamId::Conversation(_)) =>
-            {
-                Some(a.seq.get())
-            }
-            _ => None,
-        });
-        if let Some(seq) = ack {
-            read.stop().await;
-            break seq;
-        }
-        if Instant::now() > deadline {
-            read.stop().await;
-            return Err(
-                Failure::new("the client to ack the room's entries it read", "no Ack").into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    let ack = client
+        .wait_for(ACTION_WAIT, Duration::from_millis(2), |events| {
+            sent(events).find_map(|(_, _, f)| match f {
+                ClientFrame::Ack(a)
+                    if matches!(a.stream, confab_spec::ids::StreamId::Conversation(_)) =>
+                {
+                    Some(a.seq.get())
+                }
+                _ => None,
+            })
+        })
+        .await;
+    read.stop().await;
+    let Some(acked) = ack else {
+        return Err(Failure::new("the client to ack the room's entries it read", "no Ack").into());
     };
     // Retention deletes acknowledged entries: the gateway cannot give them again.
     tokio::time::sleep(Duration::from_millis(retention_ms + 1_500)).await;
@@ -2073,36 +2061,34 @@ async fn retries_after_stale_commit(cx: &mut Ctx) -> CaseResult {
         held_on: None,
     }))?;
     let invite = client.spawn(home.path(), &["room", "invite", &room_id, &invited])?;
-    let deadline = Instant::now() + ACTION_WAIT;
-    let held_epoch = loop {
-        let events = client.proxy.events();
-        if let Some(epoch) = sent(&events).find_map(|(_, _, f)| match f {
-            ClientFrame::Send(s) if is_commit(s) => epoch_of(s),
-            _ => None,
-        }) {
-            break epoch;
-        }
-        if Instant::now() > deadline {
-            invite.stop().await;
-            return Err(Failure::new("the admin's `room invite` to send a Commit", "none").into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let held_epoch = client
+        .wait_for(ACTION_WAIT, Duration::from_millis(20), |events| {
+            sent(events).find_map(|(_, _, f)| match f {
+                ClientFrame::Send(s) if is_commit(s) => epoch_of(s),
+                _ => None,
+            })
+        })
+        .await;
+    let Some(held_epoch) = held_epoch else {
+        invite.stop().await;
+        return Err(Failure::new("the admin's `room invite` to send a Commit", "none").into());
     };
     // The owner's Commit wins the epoch the client's was made in.
     let winner_seq = room.commit_roles().await?;
     release.store(true, std::sync::atomic::Ordering::SeqCst);
     // The client resends its Commit, is told stale_commit, and commits again.
-    let deadline = Instant::now() + ACTION_WAIT + ACTION_WAIT;
-    loop {
-        let events = client.proxy.events();
-        let commits = sent(&events)
-            .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if is_commit(s)))
-            .count();
-        if commits >= 3 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    client
+        .wait_for(
+            ACTION_WAIT + ACTION_WAIT,
+            Duration::from_millis(50),
+            |events| {
+                let commits = sent(events)
+                    .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if is_commit(s)))
+                    .count();
+                (commits >= 3).then_some(())
+            },
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     invite.stop().await;
     let events = client.proxy.events();

@@ -56,6 +56,26 @@ pub fn shell_quote(word: &str) -> String {
 }
 
 impl ClientUnderTest {
+    /// Looks at what the proxy saw every `every` until `found` finds what it wants, for at
+    /// most `within` (then `None`).
+    pub async fn wait_for<T>(
+        &self,
+        within: Duration,
+        every: Duration,
+        mut found: impl FnMut(&[Event]) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(t) = found(&self.proxy.events()) {
+                return Some(t);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// The proxy's WebSocket URL, which the client is given.
     pub fn url(&self) -> String {
         format!("ws://{}/v1/ws", self.proxy.addr())
