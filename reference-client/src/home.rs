@@ -11,6 +11,7 @@ use confab_spec::session::{ClientSession, DeviceCredentials, SessionConfig};
 use rand_core::RngCore as _;
 
 use crate::app::Client;
+use crate::faults::Faults;
 use crate::identity::{ImportError, import_backup};
 use crate::mls::{EngineError, EngineKind, open_engine, system_clock};
 use crate::store::{ClientStore, StoreError, StoredIdentity};
@@ -74,12 +75,22 @@ pub enum HomeError {
 /// A state directory.
 pub struct Home {
     dir: PathBuf,
+    faults: Faults,
 }
 
 impl Home {
     /// The directory `dir` (not touched until used).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            faults: Faults::default(),
+        }
+    }
+
+    /// The same directory, with deliberately broken behaviours switched on (for the
+    /// conformance suite's self-test).
+    pub fn with_faults(self, faults: Faults) -> Self {
+        Self { faults, ..self }
     }
 
     /// The directory.
@@ -117,7 +128,11 @@ impl Home {
             Some(b) => import_backup(b)?,
             None => SystemKeyPair::generate(&mut rand_core::OsRng),
         };
-        let device = DeviceKeyPair::generate(&mut rand_core::OsRng);
+        let device = if self.faults.device_key_is_system_key {
+            DeviceKeyPair::from_seed(&system.seed())
+        } else {
+            DeviceKeyPair::generate(&mut rand_core::OsRng)
+        };
         let mut process = [0u8; 16];
         rand_core::OsRng.fill_bytes(&mut process);
         let now = system_now();
@@ -188,6 +203,7 @@ impl Home {
         let url = server.unwrap_or(&settings.server).to_owned();
         let mut config = SessionConfig::new(origin_of(&url));
         config.connect_timeout_ms = Duration::from_secs(5).as_millis() as u64;
+        config.faults = self.faults.session;
         let mut seed = [0u8; 8];
         rand_core::OsRng.fill_bytes(&mut seed);
         let session = ClientSession::new(config, credentials, u64::from_le_bytes(seed));
@@ -196,7 +212,7 @@ impl Home {
             let pem = std::fs::read(path).map_err(|e| self.io(path, e))?;
             transport.trust_pem(&pem).map_err(|e| self.io(path, e))?;
         }
-        Ok(Client::new(transport, engine, self.local_store()?))
+        Ok(Client::new(transport, engine, self.local_store()?).with_faults(self.faults))
     }
 }
 

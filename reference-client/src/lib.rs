@@ -8,11 +8,15 @@
 //! - [`transport`]: the sans-IO [`confab_spec::session::ClientSession`] over a WebSocket;
 //! - [`app`]: the client application tying them together;
 //! - [`presence`]: the client's presence lease, watchlist and what it knows of others;
-//! - [`home`]: a device's state directory, used by the `confab` CLI (`src/bin/confab.rs`);
-//! - [`interop`]: the IETF interop scenario harness.
+//! - [`home`]: a device's state directory, used by the `confab` CLI ([`cli`]);
+//! - [`interop`]: the IETF interop scenario harness;
+//! - [`cli`]: the `confab` command line;
+//! - [`faults`]: deliberately broken behaviours for the conformance suite's self-test.
 
 pub mod app;
+pub mod cli;
 pub mod environment;
+pub mod faults;
 pub mod home;
 pub mod identity;
 pub mod interop;

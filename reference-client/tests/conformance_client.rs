@@ -3,6 +3,10 @@
 //! reference gateway (on the conformance profile, its origin set to the proxy's), and every
 //! client case must pass with none skipped. The reports are kept in
 //! `target/tmp/conformance-client-ENGINE/`.
+//!
+//! And the suite's teeth in client mode: the CLI with one deliberately broken behaviour
+//! switched on (the example `confab_with_faults`) fails the case of the requirement it
+//! breaks, on both engines.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -57,8 +61,13 @@ fn free_addr() -> SocketAddr {
         .expect("a free port")
 }
 
-/// Runs every client case against the CLI on `engine`; returns the cases that did not pass.
-async fn run_against_the_cli(engine: &str) -> Vec<String> {
+/// Runs the client cases `pattern` selects (every one when `None`) against the command
+/// `program` (the CLI, or the CLI with a fault) on `engine`, with a gateway of its own.
+async fn run_client_cases(
+    program: &str,
+    engine: &str,
+    pattern: Option<&str>,
+) -> confab_conformance::report::RunReport {
     let dir = tempfile::tempdir().expect("tempdir");
     let proxy = free_addr();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -71,25 +80,31 @@ async fn run_against_the_cli(engine: &str) -> Vec<String> {
     let access = Access {
         client: Some(ClientMode {
             template: format!(
-                "'{}' --home {{home}} --server {{url}} --engine {engine} {{action}}",
-                env!("CARGO_BIN_EXE_confab")
+                "{program} --home {{home}} --server {{url}} --engine {engine} {{action}}"
             ),
             listen: proxy,
         }),
         ..Access::default()
     };
     let selection = Selection {
-        pattern: None,
+        pattern: pattern.map(|p| glob::Pattern::new(p).expect("a glob")),
         strict: true,
     };
     let run = runner::run(&url, &selection, &access, |_, _, _| {})
         .await
-        .unwrap_or_else(|e| panic!("{engine}: the run did not start: {e}"));
+        .unwrap_or_else(|e| panic!("{engine} {program}: the run did not start: {e}"));
+    drop(stop);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    run
+}
+
+/// Runs every client case against the CLI on `engine`; returns the cases that did not pass.
+async fn run_against_the_cli(engine: &str) -> Vec<String> {
+    let program = format!("'{}'", env!("CARGO_BIN_EXE_confab"));
+    let run = run_client_cases(&program, engine, None).await;
     let reports =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("conformance-client-{engine}"));
     confab_conformance::report::write(&reports, &run).expect("the reports");
-    drop(stop);
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     let expected = cases::all()
         .iter()
         .filter(|c| c.target == Target::Client)
@@ -130,4 +145,76 @@ async fn every_client_case_passes_against_the_cli_on_both_engines() {
         "client cases that did not pass:\n{}",
         not_passed.join("\n")
     );
+}
+
+/// The example `confab_with_faults`, built beside the `confab` binary (cargo builds a
+/// package's examples with its tests).
+fn faulty_cli() -> std::path::PathBuf {
+    let confab = Path::new(env!("CARGO_BIN_EXE_confab"));
+    let example = confab
+        .parent()
+        .expect("the binaries' directory")
+        .join("examples")
+        .join(format!(
+            "confab_with_faults{}",
+            std::env::consts::EXE_SUFFIX
+        ));
+    assert!(
+        example.is_file(),
+        "{} is missing: build it with `cargo build -p confab-client --example confab_with_faults` \
+         (a test run of the whole package builds it)",
+        example.display()
+    );
+    example
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_broken_client_behaviour_fails_its_case() {
+    use confab_client::faults::Faults;
+
+    let broken = [
+        ("no_heartbeat", "REQ-5.6-1"),
+        ("no_backoff", "REQ-5.8-1"),
+        ("ignore_retry_after", "REQ-5.8-2"),
+        ("reconnect_after_fatal_close", "REQ-5.7-1"),
+        ("keep_first_resume_token", "REQ-5.5-8"),
+        ("new_msg_id_on_resend", "REQ-6.3-4"),
+        ("device_key_is_system_key", "REQ-3.4-1"),
+        ("counter_msg_ids", "REQ-4.6-1"),
+        ("merge_before_accepted", "REQ-7.4-1"),
+    ];
+    assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
+    let example = faulty_cli();
+    // Every switch on both engines, one engine after the other; within an engine, all
+    // switches at once (most of a failing case's time is waiting).
+    for engine in ["openmls", "mls-rs"] {
+        let runs = broken.map(|(name, requirement)| {
+            let program = format!("'{}' {name}", example.display());
+            async move {
+                let pattern = format!("{}.*", &requirement["REQ-".len()..]);
+                let run = run_client_cases(&program, engine, Some(&pattern)).await;
+                (name, requirement, run)
+            }
+        });
+        for (name, requirement, run) in futures_util::future::join_all(runs).await {
+            assert!(
+                !run.cases.is_empty(),
+                "{engine} {name}: no client case of {requirement}"
+            );
+            let failed: Vec<&str> = run
+                .cases
+                .iter()
+                .filter(|c| matches!(c.outcome, Outcome::Failed(_)))
+                .map(|c| c.id.as_str())
+                .collect();
+            assert!(
+                !failed.is_empty(),
+                "{engine} {name}: no case of {requirement} failed: {:?}",
+                run.cases
+                    .iter()
+                    .map(|c| (&c.id, &c.outcome))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
 }

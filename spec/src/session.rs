@@ -51,6 +51,28 @@ pub struct SessionConfig {
     pub dedup_window: usize,
     /// Limits applied when decoding frames before `Ready` announces the gateway's.
     pub decode_limits: DecodeLimits,
+    /// Deliberately broken behaviours; all off by default.
+    pub faults: SessionFaults,
+}
+
+/// Deliberately broken behaviours of the session, for the self-test of the conformance
+/// suite's client mode: each switch makes the session break one MUST of SPEC.md, so a test
+/// can show that the suite notices. All are off by default; only code that builds a
+/// [`SessionConfig`] can turn one on (the `confab` CLI never does).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionFaults {
+    /// Never send a heartbeat (REQ-5.6-1).
+    pub no_heartbeat: bool,
+    /// Reconnect at once after every failure, without backoff (REQ-5.8-1).
+    pub no_backoff: bool,
+    /// Ignore a connection-level `retry_after_ms` (REQ-5.8-2).
+    pub ignore_retry_after: bool,
+    /// Reconnect after a close code that forbids it (REQ-5.7-1).
+    pub reconnect_after_fatal_close: bool,
+    /// Resume with the first resume token ever received, not the newest (REQ-5.5-8).
+    pub keep_first_resume_token: bool,
+    /// Give a resent message a new msg_id (REQ-6.3-4).
+    pub new_msg_id_on_resend: bool,
 }
 
 impl SessionConfig {
@@ -66,6 +88,7 @@ impl SessionConfig {
             pending_sends_max: limits::PENDING_SENDS_MAX_DEFAULT as usize,
             dedup_window: 1_024,
             decode_limits: DecodeLimits::default(),
+            faults: SessionFaults::default(),
         }
     }
 }
@@ -431,6 +454,8 @@ struct PendingSend {
     welcome: Option<MlsBytes>,
     in_flight: Option<u64>,
     retry_at: Option<UnixMs>,
+    /// Whether it went out at least once.
+    transmitted: bool,
 }
 
 #[derive(Debug)]
@@ -712,7 +737,8 @@ impl ClientSession {
         if self.current_conn() != Some(conn) {
             return;
         }
-        let fatal = code.is_some_and(|c| !CloseCode::from_value(c).may_reconnect());
+        let fatal = code.is_some_and(|c| !CloseCode::from_value(c).may_reconnect())
+            && !self.config.faults.reconnect_after_fatal_close;
         if fatal {
             self.reset_connection_state();
             self.conn = ConnState::Stopped;
@@ -731,7 +757,11 @@ impl ClientSession {
             .backoff_base_ms
             .saturating_mul(1u64 << self.attempt.min(20));
         let ceiling = exp.min(self.config.backoff_cap_ms);
-        let delay = self.rng.next_u64() % (ceiling + 1);
+        let delay = if self.config.faults.no_backoff {
+            0
+        } else {
+            self.rng.next_u64() % (ceiling + 1)
+        };
         self.attempt = self.attempt.saturating_add(1);
         let until = now.plus_ms(delay).max(self.not_before);
         self.conn = ConnState::Waiting { until };
@@ -810,7 +840,9 @@ impl ClientSession {
                     self.schedule_reconnect(now, None);
                     return;
                 }
-                if now.since(live.last_sent) >= live.heartbeat_interval_ms {
+                if now.since(live.last_sent) >= live.heartbeat_interval_ms
+                    && !self.config.faults.no_heartbeat
+                {
                     self.heartbeat_nonce += 1;
                     let nonce = self.heartbeat_nonce;
                     if let ConnState::Ready(live) = &mut self.conn {
@@ -859,6 +891,7 @@ impl ClientSession {
             welcome,
             in_flight: None,
             retry_at: None,
+            transmitted: false,
         });
         if self.is_ready() {
             self.transmit_send(now, self.outbox.len() - 1);
@@ -867,6 +900,12 @@ impl ClientSession {
     }
 
     fn transmit_send(&mut self, now: UnixMs, index: usize) {
+        if self.config.faults.new_msg_id_on_resend && self.outbox[index].transmitted {
+            let mut fresh = [0u8; 16];
+            self.rng.fill_bytes(&mut fresh);
+            self.outbox[index].msg_id = MsgId(fresh);
+        }
+        self.outbox[index].transmitted = true;
         let msg_id = self.outbox[index].msg_id;
         let rid = self.rid(Request::Send(msg_id));
         let p = &mut self.outbox[index];
@@ -992,7 +1031,10 @@ impl ClientSession {
                 } else {
                     self.last_error = Some(e.code);
                 }
-                if let Some(ms) = e.retry_after_ms {
+                if let Some(ms) = e
+                    .retry_after_ms
+                    .filter(|_| !self.config.faults.ignore_retry_after)
+                {
                     self.not_before = now.plus_ms(ms);
                 }
             }
@@ -1003,7 +1045,9 @@ impl ClientSession {
     fn on_ready(&mut self, now: UnixMs, conn: ConnId, ready: frame::Ready) {
         self.attempt = 0;
         self.last_error = None;
-        self.resume_token = Some(ready.resume_token);
+        if !(self.config.faults.keep_first_resume_token && self.resume_token.is_some()) {
+            self.resume_token = Some(ready.resume_token);
+        }
         let interval = ready.heartbeat_interval_ms.max(1);
         self.conn = ConnState::Ready(Box::new(Live {
             conn,
@@ -1162,7 +1206,10 @@ impl ClientSession {
         let Some(rid) = e.rid else {
             // Connection-level error; the gateway closes next.
             self.last_error = Some(e.code);
-            if let Some(ms) = e.retry_after_ms {
+            if let Some(ms) = e
+                .retry_after_ms
+                .filter(|_| !self.config.faults.ignore_retry_after)
+            {
                 self.not_before = now.plus_ms(ms);
             }
             return;

@@ -376,6 +376,163 @@ async fn signs_its_origin(cx: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
+async fn keys_sign_their_inputs(cx: &mut Ctx) -> CaseResult {
+    use confab_client::mls::Processed;
+    use confab_spec::frame::{EntryBody, Subscribe};
+    use confab_spec::identity::{AuthTranscript, IdentityError};
+    use confab_spec::ids::StreamId;
+
+    let (mut peer, mut member) = invitee_member(cx).await?;
+    let invited = hex::encode(member.device.system.public().0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "signed").await?;
+    client
+        .run_ok(home.path(), &["room", "invite", "signed", &invited])
+        .await?;
+    let text = format!("signed {}", hex::encode(crate::cases::log::random::<8>()));
+    client
+        .run_ok(home.path(), &["send", "signed", &text])
+        .await?;
+    let events = client.proxy.events();
+
+    // What each key signed in every Auth: the system key its certificate, the device key the
+    // transcript of the connection's Challenge. A device key equal to the system key would
+    // make every MLS signature a system-key signature over MLS content.
+    let mut device = None;
+    for (_, conn, frame) in sent(&events) {
+        let ClientFrame::Auth(auth) = frame else {
+            continue;
+        };
+        let certificate = &auth.certificate;
+        if certificate.device_key.0 == certificate.system.0 {
+            return Err(Failure::new(
+                "a device key of its own, not the system key",
+                format!("connection {conn}: device key = system key"),
+            )
+            .into());
+        }
+        if let Err(IdentityError::BadSignature) =
+            certificate.verify(certificate.not_before_ms, 0, |_| None)
+        {
+            return Err(Failure::new(
+                "the system key's signature over the certificate's signing input (SPEC.md 3.2)",
+                format!("connection {conn}: a certificate signature that does not verify"),
+            )
+            .into());
+        }
+        let challenge = events.iter().find_map(|e| match &e.what {
+            What::ToClient(ServerFrame::Challenge(c)) if e.conn == conn => Some(c.version),
+            _ => None,
+        });
+        let Some(version) = challenge else {
+            return Err(Failure::new(
+                "an Auth after a Challenge",
+                format!("connection {conn}: Auth without one"),
+            )
+            .into());
+        };
+        let transcript = AuthTranscript {
+            version,
+            origin: auth.origin.as_str(),
+            nonce: auth.nonce,
+            time_ms: auth.time_ms,
+            process: certificate.process,
+        };
+        if transcript
+            .verify(&certificate.device_key, &auth.signature)
+            .is_err()
+        {
+            return Err(Failure::new(
+                "the device key's signature over the auth transcript (SPEC.md 5.3)",
+                format!("connection {conn}: an Auth signature that does not verify"),
+            )
+            .into());
+        }
+        device.get_or_insert(certificate.clone());
+    }
+    let Some(certificate) = device else {
+        return Err(Failure::new("an Auth", "the client authenticated no connection").into());
+    };
+
+    // Every KeyPackage is signed by the device key, over KeyPackageTBS with MLS's label.
+    for (_, _, frame) in sent(&events) {
+        let ClientFrame::UploadKeyPackages(up) = frame else {
+            continue;
+        };
+        for kp in up.key_packages.iter().chain(up.last_resort.as_ref()) {
+            let info = mls_framing::key_package(kp.as_bytes())
+                .map_err(|e| Failure::new("KeyPackages that read", e.to_string()))?;
+            if info.signature_key != certificate.device_key.0 {
+                return Err(Failure::new(
+                    format!(
+                        "KeyPackages whose leaf signature key is the device key {}",
+                        hex::encode(certificate.device_key.0)
+                    ),
+                    format!("signature key {}", hex::encode(&info.signature_key)),
+                )
+                .into());
+            }
+            if !info.verify_signature() {
+                return Err(Failure::new(
+                    "the device key's signature over the KeyPackageTBS SignContent",
+                    "a KeyPackage whose signature does not verify",
+                )
+                .into());
+            }
+        }
+    }
+
+    // The room: the suite's member joins it (the GroupInfo signature and every member's
+    // credential, whose leaf key must be its certificate's device key, are checked on
+    // join) and reads the client's message, whose signature over its FramedContentTBS is
+    // checked as it is decrypted.
+    let room = join_welcome(&mut peer, &mut member, 2).await?;
+    peer.send(&ClientFrame::Subscribe(Subscribe {
+        rid: 3,
+        stream: StreamId::Conversation(room),
+        from_seq: Some(confab_spec::ids::Seq::FIRST),
+    }))
+    .await?;
+    peer.expect("Subscribed", |f| match f {
+        ServerFrame::Subscribed(s) if s.rid == 3 => Some(()),
+        _ => None,
+    })
+    .await?;
+    // The replay: the Commit that added the suite's member, then the message.
+    let message = loop {
+        let found = peer
+            .expect("the client's message in the room", |f| match f {
+                ServerFrame::Batch(b) if b.stream == StreamId::Conversation(room) => Some(
+                    b.entries
+                        .iter()
+                        .find(|e| matches!(e.body, EntryBody::Application { .. }))
+                        .map(|e| e.payload.clone()),
+                ),
+                _ => None,
+            })
+            .await?;
+        if let Some(message) = found {
+            break message;
+        }
+    };
+    match member.engine.process(&room, message.as_bytes()) {
+        Ok(Processed::Application { sender, plaintext })
+            if sender == certificate.device_id() && plaintext == text.as_bytes() =>
+        {
+            Ok(())
+        }
+        other => Err(Failure::new(
+            format!(
+                "the message {text:?}, signed by the client's device {:?}",
+                certificate.device_id()
+            ),
+            format!("{other:?}"),
+        )
+        .into()),
+    }
+}
+
 /// Rewrites every `Ready` to these heartbeat settings.
 struct HeartbeatSettings {
     interval_ms: u64,
@@ -726,11 +883,15 @@ async fn resends_same_message(cx: &mut Ctx) -> CaseResult {
     let home = home()?;
     device_with_room(client, home.path(), "resend").await?;
     let client = cx.client(Box::<CutFirstSend>::default())?;
-    let sent_ok = client
+    let sent = client
         .run(home.path(), &["send", "resend", "sent twice, shown once"])
-        .await?
-        .success;
-    if !sent_ok {
+        .await;
+    // A resend under another msg_id is the failure to report, even when it left the
+    // client waiting for an answer to the first one until the action timed out.
+    if let [first, again, ..] = application_sends(&client.proxy.events())[..] {
+        same_message(first, again)?;
+    }
+    if !sent?.success {
         // A client may leave the message in its outbox and send it on the next
         // connection.
         client.run_ok(home.path(), &["read", "resend"]).await?;
@@ -747,6 +908,11 @@ async fn resends_same_message(cx: &mut Ctx) -> CaseResult {
         )
         .into());
     };
+    same_message(first, again)
+}
+
+/// `again` is `first` sent again: same msg_id, conversation and payload.
+fn same_message(first: &Send, again: &Send) -> CaseResult {
     if again.msg_id != first.msg_id
         || again.payload != first.payload
         || again.conversation != first.conversation
@@ -2305,162 +2471,5 @@ mod tests {
         assert!(looks_random("id", &repeated).is_err());
         // Every bit of every id set: balanced pairs are impossible, and the count is off.
         assert!(looks_random("id", &[vec![0xff; 16]]).is_err());
-    }
-}
-
-async fn keys_sign_their_inputs(cx: &mut Ctx) -> CaseResult {
-    use confab_client::mls::Processed;
-    use confab_spec::frame::{EntryBody, Subscribe};
-    use confab_spec::identity::{AuthTranscript, IdentityError};
-    use confab_spec::ids::StreamId;
-
-    let (mut peer, mut member) = invitee_member(cx).await?;
-    let invited = hex::encode(member.device.system.public().0);
-    let client = cx.client(Box::new(PassThrough))?;
-    let home = home()?;
-    device_with_room(client, home.path(), "signed").await?;
-    client
-        .run_ok(home.path(), &["room", "invite", "signed", &invited])
-        .await?;
-    let text = format!("signed {}", hex::encode(crate::cases::log::random::<8>()));
-    client
-        .run_ok(home.path(), &["send", "signed", &text])
-        .await?;
-    let events = client.proxy.events();
-
-    // What each key signed in every Auth: the system key its certificate, the device key the
-    // transcript of the connection's Challenge. A device key equal to the system key would
-    // make every MLS signature a system-key signature over MLS content.
-    let mut device = None;
-    for (_, conn, frame) in sent(&events) {
-        let ClientFrame::Auth(auth) = frame else {
-            continue;
-        };
-        let certificate = &auth.certificate;
-        if certificate.device_key.0 == certificate.system.0 {
-            return Err(Failure::new(
-                "a device key of its own, not the system key",
-                format!("connection {conn}: device key = system key"),
-            )
-            .into());
-        }
-        if let Err(IdentityError::BadSignature) =
-            certificate.verify(certificate.not_before_ms, 0, |_| None)
-        {
-            return Err(Failure::new(
-                "the system key's signature over the certificate's signing input (SPEC.md 3.2)",
-                format!("connection {conn}: a certificate signature that does not verify"),
-            )
-            .into());
-        }
-        let challenge = events.iter().find_map(|e| match &e.what {
-            What::ToClient(ServerFrame::Challenge(c)) if e.conn == conn => Some(c.version),
-            _ => None,
-        });
-        let Some(version) = challenge else {
-            return Err(Failure::new(
-                "an Auth after a Challenge",
-                format!("connection {conn}: Auth without one"),
-            )
-            .into());
-        };
-        let transcript = AuthTranscript {
-            version,
-            origin: auth.origin.as_str(),
-            nonce: auth.nonce,
-            time_ms: auth.time_ms,
-            process: certificate.process,
-        };
-        if transcript
-            .verify(&certificate.device_key, &auth.signature)
-            .is_err()
-        {
-            return Err(Failure::new(
-                "the device key's signature over the auth transcript (SPEC.md 5.3)",
-                format!("connection {conn}: an Auth signature that does not verify"),
-            )
-            .into());
-        }
-        device.get_or_insert(certificate.clone());
-    }
-    let Some(certificate) = device else {
-        return Err(Failure::new("an Auth", "the client authenticated no connection").into());
-    };
-
-    // Every KeyPackage is signed by the device key, over KeyPackageTBS with MLS's label.
-    for (_, _, frame) in sent(&events) {
-        let ClientFrame::UploadKeyPackages(up) = frame else {
-            continue;
-        };
-        for kp in up.key_packages.iter().chain(up.last_resort.as_ref()) {
-            let info = mls_framing::key_package(kp.as_bytes())
-                .map_err(|e| Failure::new("KeyPackages that read", e.to_string()))?;
-            if info.signature_key != certificate.device_key.0 {
-                return Err(Failure::new(
-                    format!(
-                        "KeyPackages whose leaf signature key is the device key {}",
-                        hex::encode(certificate.device_key.0)
-                    ),
-                    format!("signature key {}", hex::encode(&info.signature_key)),
-                )
-                .into());
-            }
-            if !info.verify_signature() {
-                return Err(Failure::new(
-                    "the device key's signature over the KeyPackageTBS SignContent",
-                    "a KeyPackage whose signature does not verify",
-                )
-                .into());
-            }
-        }
-    }
-
-    // The room: the suite's member joins it (the GroupInfo signature and every member's
-    // credential, whose leaf key must be its certificate's device key, are checked on
-    // join) and reads the client's message, whose signature over its FramedContentTBS is
-    // checked as it is decrypted.
-    let room = join_welcome(&mut peer, &mut member, 2).await?;
-    peer.send(&ClientFrame::Subscribe(Subscribe {
-        rid: 3,
-        stream: StreamId::Conversation(room),
-        from_seq: Some(confab_spec::ids::Seq::FIRST),
-    }))
-    .await?;
-    peer.expect("Subscribed", |f| match f {
-        ServerFrame::Subscribed(s) if s.rid == 3 => Some(()),
-        _ => None,
-    })
-    .await?;
-    // The replay: the Commit that added the suite's member, then the message.
-    let message = loop {
-        let found = peer
-            .expect("the client's message in the room", |f| match f {
-                ServerFrame::Batch(b) if b.stream == StreamId::Conversation(room) => Some(
-                    b.entries
-                        .iter()
-                        .find(|e| matches!(e.body, EntryBody::Application { .. }))
-                        .map(|e| e.payload.clone()),
-                ),
-                _ => None,
-            })
-            .await?;
-        if let Some(message) = found {
-            break message;
-        }
-    };
-    match member.engine.process(&room, message.as_bytes()) {
-        Ok(Processed::Application { sender, plaintext })
-            if sender == certificate.device_id() && plaintext == text.as_bytes() =>
-        {
-            Ok(())
-        }
-        other => Err(Failure::new(
-            format!(
-                "the message {text:?}, signed by the client's device {:?}",
-                certificate.device_id()
-            ),
-            format!("{other:?}"),
-        )
-        .into()),
     }
 }

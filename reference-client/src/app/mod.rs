@@ -42,6 +42,7 @@ use confab_spec::limits;
 use confab_spec::mls_framing::{self, CommitProposal};
 use confab_spec::session::{Event, Input, SessionError};
 
+use crate::faults::Faults;
 use crate::mls::{CommitOutput, EngineError, MlsEngine, Processed};
 use crate::presence::{LEASE_TTL_MS, Tracker};
 use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
@@ -158,6 +159,10 @@ pub struct Client {
     receive_batch: Option<receive_batch::ReceiveBatch>,
     /// When receive batches end.
     receive_batch_limits: receive_batch::ReceiveBatchLimits,
+    /// Deliberately broken behaviours ([`crate::faults`]); all off but in self-tests.
+    faults: Faults,
+    /// msg_ids numbered so far under [`Faults::counter_msg_ids`].
+    msg_id_counter: std::cell::Cell<u64>,
 }
 
 /// What a client reports to its observer as it goes ([`Client::observe`]).
@@ -274,7 +279,16 @@ impl Client {
             presence: Tracker::default(),
             receive_batch: None,
             receive_batch_limits: receive_batch::ReceiveBatchLimits::default(),
+            faults: Faults::default(),
+            msg_id_counter: std::cell::Cell::new(0),
         }
+    }
+
+    /// The same client with deliberately broken behaviours switched on (for the
+    /// conformance suite's self-test). The session's switches are set where the session
+    /// is built ([`confab_spec::session::SessionConfig::faults`]).
+    pub fn with_faults(self, faults: Faults) -> Self {
+        Self { faults, ..self }
     }
 
     /// Sets when receive batches end ([`receive_batch`]); batches opened from now on
@@ -823,6 +837,9 @@ impl Client {
             let Some(commit) = make(&mut *self.engine)? else {
                 return Ok(None);
             };
+            if self.faults.merge_before_accepted {
+                self.engine.merge_pending_commit(&conversation)?;
+            }
             match self
                 .send(conversation, commit.commit, commit.welcome, None)
                 .await
@@ -926,6 +943,13 @@ impl Client {
 
     fn new_msg_id(&self) -> MsgId {
         let mut id = [0u8; 16];
+        if self.faults.counter_msg_ids {
+            let n = self.msg_id_counter.get() + 1;
+            self.msg_id_counter.set(n);
+            let numbered = self.now().0.wrapping_mul(1_000).wrapping_add(n);
+            id[8..].copy_from_slice(&numbered.to_be_bytes());
+            return MsgId(id);
+        }
         self.random(&mut id);
         MsgId(id)
     }

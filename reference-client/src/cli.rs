@@ -1,0 +1,981 @@
+//! The `confab` command line (the `confab` binary is [`main`]): chat from the command line.
+//!
+//! ```text
+//! confab [--home DIR] [--server URL] [--engine openmls|mls-rs] [--ca-file PEM] [--json] <command>
+//!   init [--import BACKUP]     create an identity (or import a Polycentric one) and this device
+//!   whoami                     your user key (give it to contacts) and this device
+//!   export                     print the identity's backup string (for a new device)
+//!   device list | add DEVICE | remove DEVICE | revoke DEVICE
+//!   contacts add NAME KEY | list | remove NAME
+//!   dm NAME                    start a DM with a contact
+//!   room create ROOM | invite ROOM USER.. | remove ROOM USER.. | leave ROOM
+//!        promote ROOM USER | demote ROOM USER | list | members ROOM
+//!   send NAME|ROOM|CONVERSATION TEXT
+//!   read [NAME|ROOM|CONVERSATION]   catch up and print messages
+//!   watch                      print messages as they arrive; survives reconnects
+//!   status                     connection, KeyPackage pool, pending outbox
+//!   presence online | invisible | offline
+//!   presence share NAME.. | unshare NAME.. | block NAME.. | unblock NAME.. | lists
+//!   watch-presence [NAME..]    print contacts' presence and its changes
+//! ```
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::app::{Client, ClientError};
+use crate::faults::Faults;
+use crate::home::{Home, HomeError, Settings};
+use crate::store::Message;
+use clap::{Parser, Subcommand};
+use confab_spec::error::ErrorCode;
+use confab_spec::frame::{ConversationKind, PresenceMode, PresenceState};
+use confab_spec::identity::SystemKeyPair;
+use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
+use confab_spec::rooms::Role;
+
+/// Confab: end-to-end-encrypted chat on MLS for Polycentric identities.
+#[derive(Parser)]
+#[command(name = "confab", version, about)]
+struct Cli {
+    /// State directory of this device [default: $CONFAB_HOME, else ~/.confab].
+    #[arg(long, global = true, env = "CONFAB_HOME")]
+    home: Option<PathBuf>,
+    /// The gateway's WebSocket URL [default: the one given at init, else
+    /// ws://127.0.0.1:8080/v1/ws].
+    #[arg(long, global = true, env = "CONFAB_SERVER")]
+    server: Option<String>,
+    /// MLS engine for a new device (init only): openmls or mls-rs [default: openmls].
+    #[arg(long, global = true)]
+    engine: Option<String>,
+    /// PEM certificates to trust for a wss:// gateway besides the public roots, e.g. a
+    /// private CA (init only; kept in the settings).
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an identity and this device, or import an identity with --import.
+    Init {
+        /// A Polycentric backup string (polycentric://…).
+        #[arg(long)]
+        import: Option<String>,
+    },
+    /// Show your user key (share it with contacts) and this device.
+    Whoami,
+    /// Print this identity's Polycentric backup string. It holds your secret user key:
+    /// use it only to set up another device with `confab init --import`.
+    Export,
+    /// Manage this user's devices.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
+    /// Manage contacts.
+    Contacts {
+        #[command(subcommand)]
+        action: ContactsAction,
+    },
+    /// Start a DM with a contact.
+    Dm {
+        /// The contact's name.
+        name: String,
+    },
+    /// Invite-only rooms: you own the rooms you create; you and your admins invite.
+    Room {
+        #[command(subcommand)]
+        action: RoomAction,
+    },
+    /// Send a message.
+    Send {
+        /// A contact with a DM, a room's name, or a conversation id (hex, or its start).
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Catch up and print messages.
+    Read {
+        /// A contact with a DM, a room's name, or a conversation id [default: all].
+        conversation: Option<String>,
+    },
+    /// Print messages as they arrive (Ctrl-C stops).
+    Watch,
+    /// Show the connection, the KeyPackage pool and the outbox.
+    Status,
+    /// Your presence, and who may see it.
+    Presence {
+        #[command(subcommand)]
+        action: PresenceAction,
+    },
+    /// Print the presence of contacts (default: all) and its changes (Ctrl-C stops).
+    WatchPresence {
+        /// Contacts (names or user keys).
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PresenceAction {
+    /// Show as online to the users you share presence with, while `watch` or
+    /// `watch-presence` runs.
+    Online,
+    /// Show as offline to everyone (your last-seen stops), and still watch others.
+    Invisible,
+    /// Release this device's presence now.
+    Offline,
+    /// Let these users (contact names or user keys) see your presence.
+    Share { names: Vec<String> },
+    /// Stop sharing your presence with these users.
+    Unshare { names: Vec<String> },
+    /// Block these users: they see nothing of your presence.
+    Block { names: Vec<String> },
+    /// Unblock these users.
+    Unblock { names: Vec<String> },
+    /// Show who you share presence with and whom you block.
+    Lists,
+}
+
+#[derive(Subcommand)]
+enum RoomAction {
+    /// Create a room; ROOM is your name for it (others name it as they like).
+    Create { room: String },
+    /// Invite users (contact names or user keys): their devices join the room. Owner and
+    /// admins only.
+    Invite { room: String, users: Vec<String> },
+    /// Remove users from the room. The owner removes anyone, admins remove members.
+    Remove { room: String, users: Vec<String> },
+    /// Leave the room: a member commits your removal (you see it on your next command).
+    Leave { room: String },
+    /// Make a member an admin (owner only); with --owner, hand the room over to them.
+    Promote {
+        room: String,
+        user: String,
+        /// Make them the owner; you keep no role.
+        #[arg(long)]
+        owner: bool,
+    },
+    /// Make an admin a plain member again (owner only; an admin may demote itself).
+    Demote { room: String, user: String },
+    /// Your rooms: name, id, your role, members.
+    List,
+    /// A room's members and their roles.
+    Members { room: String },
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// List your devices that the gateway knows (those that published KeyPackages).
+    List,
+    /// Add a new device to all your conversations. Set it up first with
+    /// `confab --home NEW init --import "$(confab export)"`; DEVICE is the id it prints.
+    Add { device: String },
+    /// Remove a device from all your conversations (it can be added again).
+    Remove { device: String },
+    /// Revoke a device for good (lost or stolen) and remove it from all conversations.
+    Revoke { device: String },
+}
+
+#[derive(Subcommand)]
+enum ContactsAction {
+    /// Add a contact: a name of your choice and their user key (from `confab whoami`).
+    Add { name: String, key: String },
+    /// List contacts.
+    List,
+    /// Remove a contact.
+    Remove { name: String },
+}
+
+/// A user error, printed without a backtrace.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Home(#[from] HomeError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot reach the gateway at {0} (is it running? is --server right?)")]
+    Unreachable(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+const DEFAULT_SERVER: &str = "ws://127.0.0.1:8080/v1/ws";
+/// KeyPackages kept in the directory for others to start DMs.
+const POOL_TARGET: u64 = 20;
+
+/// The `confab` command line on this process's arguments.
+pub fn main() -> ExitCode {
+    run_with_faults(std::env::args_os(), Faults::default())
+}
+
+/// The command line on `args` (the first is the program's name), with the deliberately
+/// broken behaviours `faults` switched on (for the conformance suite's self-test; the
+/// `confab` binary never turns one on).
+pub fn run_with_faults(args: impl IntoIterator<Item = OsString>, faults: Faults) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let home = Home::new(cli.home.clone().unwrap_or_else(default_home)).with_faults(faults);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, home)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".confab")
+}
+
+/// A device of this user, named by its id (32 hex digits, from `confab whoami`).
+fn parse_device(user: SystemKey, s: &str) -> Result<DeviceId, CliError> {
+    let process: [u8; 16] = hex::decode(s.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| CliError::Usage(format!("{s:?} is not a device id (32 hex digits)")))?;
+    Ok(DeviceId {
+        system: user,
+        process: ProcessId(process),
+    })
+}
+
+fn hex_key(key: &SystemKey) -> String {
+    hex::encode(key.0)
+}
+
+fn parse_key(s: &str) -> Result<SystemKey, CliError> {
+    let bytes = hex::decode(s.trim())
+        .map_err(|_| CliError::Usage(format!("{s:?} is not a user key (64 hex digits)")))?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| CliError::Usage(format!("{s:?} is not a user key (64 hex digits)")))?;
+    Ok(SystemKey(key))
+}
+
+/// A user named by a contact name or a user key.
+fn user_of(client: &Client, name: &str) -> Result<SystemKey, CliError> {
+    if let Some((_, key)) = client
+        .store()
+        .contacts()?
+        .into_iter()
+        .find(|(n, _)| n == name)
+    {
+        return Ok(key);
+    }
+    parse_key(name).map_err(|_| {
+        CliError::Usage(format!(
+            "{name:?} is neither a contact nor a user key (64 hex digits)"
+        ))
+    })
+}
+
+fn users_of(client: &Client, names: &[String]) -> Result<Vec<SystemKey>, CliError> {
+    names.iter().map(|n| user_of(client, n)).collect()
+}
+
+/// A contact's name for a user key, or the key's start.
+fn name_of(client: &Client, key: &SystemKey) -> String {
+    client
+        .store()
+        .contacts()
+        .ok()
+        .and_then(|c| c.into_iter().find(|(_, k)| k == key))
+        .map_or_else(|| hex_key(key)[..12].to_owned(), |(n, _)| n)
+}
+
+fn presence_name(state: PresenceState) -> &'static str {
+    match state {
+        PresenceState::Online => "online",
+        PresenceState::WithinHour => "seen within the hour",
+        PresenceState::Today => "seen today",
+        PresenceState::ThisWeek => "seen this week",
+        PresenceState::Longer => "not seen for a week or more",
+        PresenceState::Unavailable => "shares no presence with you",
+    }
+}
+
+fn print_presence(client: &Client, key: &SystemKey, state: PresenceState, json: bool) {
+    let name = name_of(client, key);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"user": hex_key(key), "name": name, "presence": state.name()})
+        );
+    } else {
+        println!("{name}: {}", presence_name(state));
+    }
+}
+
+/// Takes the lease the settings ask for (`confab presence online|invisible`); the client
+/// renews it while the command runs.
+async fn keep_presence(home: &Home, client: &mut Client) -> Result<(), CliError> {
+    let mode = match home.settings()?.presence.as_deref() {
+        Some("online") => PresenceMode::Online,
+        Some("invisible") => PresenceMode::Invisible,
+        _ => return Ok(()),
+    };
+    client.set_presence(mode).await?;
+    Ok(())
+}
+
+/// Connects within 10 s, or says the gateway is unreachable.
+async fn connect(home: &Home, server: Option<&str>) -> Result<Client, CliError> {
+    let mut client = home.client(server)?;
+    let url = server
+        .map(str::to_owned)
+        .or_else(|| home.settings().ok().map(|s| s.server))
+        .unwrap_or_default();
+    match tokio::time::timeout(Duration::from_secs(10), client.connect()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(ClientError::Unreachable(_))) | Err(_) => return Err(CliError::Unreachable(url)),
+        Ok(Err(e)) => return Err(e.into()),
+    }
+    match tokio::time::timeout(Duration::from_secs(30), client.sync()).await {
+        Ok(result) => result?,
+        Err(_) => return Err(CliError::Unreachable(url)),
+    }
+    Ok(client)
+}
+
+/// A conversation named by a contact (its DM), a room's name, or its id (hex, or the start
+/// of it when only one conversation starts so).
+fn conversation(client: &Client, name: &str) -> Result<ConversationId, CliError> {
+    let store = client.store();
+    if let Some(room) = store.room_named(name)? {
+        return Ok(room);
+    }
+    if name.len() >= 8 && name.len() < 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let lower = name.to_ascii_lowercase();
+        let matches: Vec<ConversationId> = store
+            .conversations()?
+            .into_iter()
+            .map(|c| c.id)
+            .filter(|id| hex::encode(id.0).starts_with(&lower))
+            .collect();
+        return match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(CliError::Usage(format!(
+                "no conversation starts with {name}"
+            ))),
+            _ => Err(CliError::Usage(format!(
+                "several conversations start with {name}: give more of the id"
+            ))),
+        };
+    }
+    if let Some((_, key)) = store.contacts()?.into_iter().find(|(n, _)| n == name) {
+        return store
+            .conversations()?
+            .into_iter()
+            .find(|c| c.peer == Some(key) && !c.removed)
+            .map(|c| c.id)
+            .ok_or_else(|| {
+                CliError::Usage(format!("no DM with {name} yet: run `confab dm {name}`"))
+            });
+    }
+    let bytes = hex::decode(name)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{name:?} is neither a contact nor a conversation id"
+            ))
+        })?;
+    Ok(ConversationId(bytes))
+}
+
+fn sender_name(client: &Client, m: &Message) -> String {
+    if m.sender.system == client.device().system {
+        return "me".into();
+    }
+    client
+        .store()
+        .contacts()
+        .ok()
+        .and_then(|c| c.into_iter().find(|(_, k)| *k == m.sender.system))
+        .map_or_else(|| hex_key(&m.sender.system)[..12].to_owned(), |(n, _)| n)
+}
+
+fn print_message(client: &Client, m: &Message, json: bool) {
+    let from = sender_name(client, m);
+    let text = String::from_utf8_lossy(&m.body);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "conversation": hex::encode(m.conversation.0),
+                "seq": m.seq.get(),
+                "from": from,
+                "accepted_ms": m.accepted.0,
+                "text": text,
+            })
+        );
+    } else {
+        println!("[{}] {from}: {text}", m.seq.get());
+    }
+}
+
+async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
+    let server = cli.server.as_deref();
+    match cli.command {
+        Command::Init { import } => {
+            let settings = Settings {
+                server: server.unwrap_or(DEFAULT_SERVER).to_owned(),
+                engine: cli.engine.unwrap_or_else(|| "openmls".into()),
+                ca_file: cli.ca_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                presence: None,
+            };
+            let identity = home.init(import.as_deref(), &settings)?;
+            let mut client = connect(&home, None).await?;
+            let pool = client.top_up_key_packages(POOL_TARGET).await?;
+            let device = hex::encode(client.device().process.0);
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"user": hex_key(&identity.system), "device": device,
+                        "key_packages": pool.pool_count})
+                );
+            } else {
+                println!("created your identity in {}", home.dir().display());
+                println!(
+                    "your user key (give it to your contacts): {}",
+                    hex_key(&identity.system)
+                );
+                println!("this device: {device}");
+                println!("{} KeyPackages published", pool.pool_count);
+                if import.is_some() {
+                    println!(
+                        "to join your conversations, run on one of your other devices: confab device add {device}"
+                    );
+                }
+            }
+        }
+        Command::Whoami => {
+            let (identity, credentials) = home.identity()?;
+            let device = credentials.certificate.device_id();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"user": hex_key(&identity.system), "device": hex::encode(device.process.0)})
+                );
+            } else {
+                println!("user   {}", hex_key(&identity.system));
+                println!("device {}", hex::encode(device.process.0));
+            }
+        }
+        Command::Export => {
+            let (identity, _) = home.identity()?;
+            let seed = identity.system_seed.ok_or_else(|| {
+                CliError::Usage("this device does not hold the user's secret key".into())
+            })?;
+            let backup = crate::identity::export_backup(&SystemKeyPair::from_seed(&seed));
+            if cli.json {
+                println!("{}", serde_json::json!({ "backup": backup }));
+            } else {
+                println!("{backup}");
+            }
+        }
+        Command::Device { action } => {
+            let (identity, _) = home.identity()?;
+            let mut client = connect(&home, server).await?;
+            let change = match action {
+                DeviceAction::List => {
+                    let conversations: Vec<_> = client
+                        .store()
+                        .conversations()?
+                        .into_iter()
+                        .filter(|c| !c.removed)
+                        .collect();
+                    for d in client.devices().await? {
+                        let mut joined = 0;
+                        for c in &conversations {
+                            joined += usize::from(client.is_member(&c.id, d.device)?);
+                        }
+                        let id = hex::encode(d.device.process.0);
+                        let this = d.device == client.device();
+                        if cli.json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"device": id, "this_device": this,
+                                    "key_packages": d.pool_count, "last_resort": d.last_resort_present,
+                                    "conversations": joined, "of": conversations.len()})
+                            );
+                        } else {
+                            println!(
+                                "{id}{}  key packages {:>3}  in {joined} of {} conversations",
+                                if this { " (this device)" } else { "" },
+                                d.pool_count,
+                                conversations.len()
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+                DeviceAction::Add { device } => {
+                    client
+                        .add_device(parse_device(identity.system, &device)?)
+                        .await?
+                }
+                DeviceAction::Remove { device } => {
+                    client
+                        .remove_device(parse_device(identity.system, &device)?)
+                        .await?
+                }
+                DeviceAction::Revoke { device } => {
+                    let device = parse_device(identity.system, &device)?;
+                    let seed = identity.system_seed.ok_or_else(|| {
+                        CliError::Usage("this device does not hold the user's secret key".into())
+                    })?;
+                    let now = crate::transport::system_now();
+                    let revocation = SystemKeyPair::from_seed(&seed).revoke(device.process, now);
+                    client.revoke_device(revocation).await?
+                }
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversations": change.conversations, "unchanged": change.unchanged})
+                );
+            } else {
+                println!(
+                    "done: {} conversations changed, {} needed nothing",
+                    change.conversations, change.unchanged
+                );
+            }
+        }
+        Command::Contacts { action } => {
+            home.identity()?;
+            let mut store = home.local_store()?;
+            match action {
+                ContactsAction::Add { name, key } => {
+                    store.add_contact(&name, &parse_key(&key)?)?;
+                    if !cli.json {
+                        println!("added {name}");
+                    }
+                }
+                ContactsAction::List => {
+                    for (name, key) in store.contacts()? {
+                        if cli.json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"name": name, "user": hex_key(&key)})
+                            );
+                        } else {
+                            println!("{name}\t{}", hex_key(&key));
+                        }
+                    }
+                }
+                ContactsAction::Remove { name } => {
+                    if !store.remove_contact(&name)? {
+                        return Err(CliError::Usage(format!("no contact named {name}")));
+                    }
+                }
+            }
+        }
+        Command::Dm { name } => {
+            let mut client = connect(&home, server).await?;
+            let key = client
+                .store()
+                .contacts()?
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, k)| k)
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "no contact named {name}: `confab contacts add {name} KEY`"
+                    ))
+                })?;
+            if let Some(existing) = client
+                .store()
+                .conversations()?
+                .into_iter()
+                .find(|c| c.peer == Some(key) && !c.removed)
+            {
+                println!("{}", hex::encode(existing.id.0));
+                return Ok(());
+            }
+            let dm = client.create_dm(key).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(dm.0), "with": name})
+                );
+            } else {
+                println!("{}", hex::encode(dm.0));
+            }
+        }
+        Command::Room { action } => room(&home, server, cli.json, action).await?,
+        Command::Send { to, text } => {
+            let mut client = connect(&home, server).await?;
+            let dm = conversation(&client, &to)?;
+            let seq = client.send_text(dm, text.as_bytes()).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(dm.0), "seq": seq.get()})
+                );
+            }
+        }
+        Command::Read {
+            conversation: which,
+        } => {
+            let mut client = connect(&home, server).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            let wanted = which.map(|w| conversation(&client, &w)).transpose()?;
+            for c in client.store().conversations()? {
+                if wanted.is_some_and(|w| w != c.id) {
+                    continue;
+                }
+                for m in client.store().messages(&c.id, 0, usize::MAX)? {
+                    print_message(&client, &m, cli.json);
+                }
+            }
+        }
+        Command::Watch => {
+            let mut client = connect(&home, server).await?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            keep_presence(&home, &mut client).await?;
+            client.take_received();
+            // A long-running device commits the leave requests that are its turn (SPEC.md
+            // 10.3) every few seconds, as other commands do when they start.
+            let mut leaves = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = leaves.tick() => match client.commit_leave_requests().await {
+                        Ok(_) | Err(ClientError::SendRefused { .. } | ClientError::RateLimited { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    },
+                    result = client.pump() => result?,
+                }
+                for m in client.take_received() {
+                    print_message(&client, &m, cli.json);
+                }
+            }
+        }
+        Command::Presence { action } => {
+            let mut client = connect(&home, server).await?;
+            let mode = match action {
+                PresenceAction::Online => Some(PresenceMode::Online),
+                PresenceAction::Invisible => Some(PresenceMode::Invisible),
+                PresenceAction::Offline => Some(PresenceMode::Offline),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                let lease = client.set_presence(mode).await?;
+                let mut settings = home.settings()?;
+                settings.presence = match mode {
+                    PresenceMode::Online => Some("online".into()),
+                    PresenceMode::Invisible => Some("invisible".into()),
+                    PresenceMode::Offline => None,
+                };
+                home.save_settings(&settings)?;
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"presence": format!("{mode:?}").to_lowercase(), "lease_ms": lease.ttl_ms})
+                    );
+                } else if mode == PresenceMode::Offline {
+                    println!("offline");
+                } else {
+                    println!(
+                        "{}: kept while `confab watch` or `confab watch-presence` runs (lease {} s, renewed)",
+                        format!("{mode:?}").to_lowercase(),
+                        lease.ttl_ms / 1_000
+                    );
+                }
+                return Ok(());
+            }
+            let (share, unshare, block, unblock) = match action {
+                PresenceAction::Share { names } => {
+                    (users_of(&client, &names)?, vec![], vec![], vec![])
+                }
+                PresenceAction::Unshare { names } => {
+                    (vec![], users_of(&client, &names)?, vec![], vec![])
+                }
+                PresenceAction::Block { names } => {
+                    (vec![], vec![], users_of(&client, &names)?, vec![])
+                }
+                PresenceAction::Unblock { names } => {
+                    (vec![], vec![], vec![], users_of(&client, &names)?)
+                }
+                _ => (vec![], vec![], vec![], vec![]),
+            };
+            let lists = client
+                .update_presence_lists(share, unshare, block, unblock)
+                .await?;
+            let names = |keys: &[SystemKey]| -> Vec<String> {
+                keys.iter().map(|k| name_of(&client, k)).collect()
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"shared": names(&lists.shared), "blocked": names(&lists.blocked), "invisible": lists.invisible})
+                );
+            } else {
+                println!("shared with  {}", names(&lists.shared).join(", "));
+                println!("blocked      {}", names(&lists.blocked).join(", "));
+                println!("invisible    {}", lists.invisible);
+            }
+        }
+        Command::WatchPresence { names } => {
+            let mut client = connect(&home, server).await?;
+            let targets = if names.is_empty() {
+                client
+                    .store()
+                    .contacts()?
+                    .into_iter()
+                    .map(|(_, k)| k)
+                    .collect()
+            } else {
+                users_of(&client, &names)?
+            };
+            if targets.is_empty() {
+                return Err(CliError::Usage(
+                    "no contacts to watch: `confab contacts add NAME KEY`".into(),
+                ));
+            }
+            keep_presence(&home, &mut client).await?;
+            for s in client.watch_presence(targets).await? {
+                print_presence(&client, &s.target, s.state, cli.json);
+            }
+            client.take_presence_changes();
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    result = client.pump() => result?,
+                }
+                for (key, state) in client.take_presence_changes() {
+                    print_presence(&client, &key, state, cli.json);
+                }
+            }
+        }
+        Command::Status => {
+            let mut client = connect(&home, server).await?;
+            let pool = client.top_up_key_packages(POOL_TARGET).await?;
+            let outbox = client.store().outbox()?.len();
+            let conversations = client.store().conversations()?.len();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"connected": client.is_ready(), "key_packages": pool.pool_count,
+                        "uploaded": pool.uploaded, "outbox": outbox, "conversations": conversations})
+                );
+            } else {
+                println!("connected      {}", client.is_ready());
+                println!(
+                    "key packages   {} (uploaded {} now)",
+                    pool.pool_count, pool.uploaded
+                );
+                println!("outbox         {outbox} pending");
+                println!("conversations  {conversations}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why the gateway refused a room change, in words.
+fn room_refusal(e: ClientError, what: &str) -> CliError {
+    match e {
+        ClientError::SendRefused {
+            code: ErrorCode::Forbidden,
+            ..
+        } => CliError::Usage(format!(
+            "the room's rules do not allow you to {what} (the owner and admins invite and remove; the owner names admins; nobody invites a user who blocks them)"
+        )),
+        ClientError::SendRefused {
+            code: ErrorCode::RoomFull,
+            ..
+        } => CliError::Usage("the room is full (the gateway's room_members_max)".into()),
+        ClientError::SendRefused {
+            code: ErrorCode::TooManyRooms,
+            ..
+        }
+        | ClientError::Refused(ErrorCode::TooManyRooms) => CliError::Usage(
+            "too many rooms: that user is in the gateway's rooms_per_user_max rooms already".into(),
+        ),
+        other => other.into(),
+    }
+}
+
+fn room_of(client: &Client, name: &str) -> Result<ConversationId, CliError> {
+    let id = conversation(client, name)?;
+    match client.room_roles(&id)? {
+        Some(_) => Ok(id),
+        None => Err(CliError::Usage(format!(
+            "{name:?} is not a room you are in"
+        ))),
+    }
+}
+
+async fn room(
+    home: &Home,
+    server: Option<&str>,
+    json: bool,
+    action: RoomAction,
+) -> Result<(), CliError> {
+    let mut client = connect(home, server).await?;
+    let say = |text: String, value: serde_json::Value| {
+        if json {
+            println!("{value}");
+        } else {
+            println!("{text}");
+        }
+    };
+    match action {
+        RoomAction::Create { room } => {
+            let id = client
+                .create_room(&room)
+                .await
+                .map_err(|e| room_refusal(e, "create a room"))?;
+            client.top_up_key_packages(POOL_TARGET).await?;
+            say(
+                format!(
+                    "created {room} ({}); invite with `confab room invite {room} NAME`",
+                    hex::encode(id.0)
+                ),
+                serde_json::json!({"room": hex::encode(id.0), "name": room}),
+            );
+        }
+        RoomAction::Invite { room, users } => {
+            let id = room_of(&client, &room)?;
+            for name in users {
+                let user = user_of(&client, &name)?;
+                match client.invite(id, user).await {
+                    Ok(Some(seq)) => say(
+                        format!("invited {name}"),
+                        serde_json::json!({"invited": name, "seq": seq.get()}),
+                    ),
+                    Ok(None) => say(
+                        format!("{name} is in the room already"),
+                        serde_json::json!({"invited": name, "already": true}),
+                    ),
+                    Err(ClientError::NoKeyPackages) => {
+                        return Err(CliError::Usage(format!(
+                            "{name} has no KeyPackages: they must run confab once to publish some"
+                        )));
+                    }
+                    Err(e) => return Err(room_refusal(e, "invite")),
+                }
+            }
+        }
+        RoomAction::Remove { room, users } => {
+            let id = room_of(&client, &room)?;
+            for name in users {
+                let user = user_of(&client, &name)?;
+                match client.remove_member(id, user).await {
+                    Ok(Some(seq)) => say(
+                        format!("removed {name}"),
+                        serde_json::json!({"removed": name, "seq": seq.get()}),
+                    ),
+                    Ok(None) => say(
+                        format!("{name} is not in the room"),
+                        serde_json::json!({"removed": name, "absent": true}),
+                    ),
+                    Err(e) => return Err(room_refusal(e, "remove them")),
+                }
+            }
+        }
+        RoomAction::Leave { room } => {
+            let id = room_of(&client, &room)?;
+            client.leave_room(id).await?;
+            say(
+                format!("asked to leave {room}: a member commits it; you read nothing after that"),
+                serde_json::json!({"left": hex::encode(id.0)}),
+            );
+        }
+        RoomAction::Promote { room, user, owner } => {
+            let id = room_of(&client, &room)?;
+            let key = user_of(&client, &user)?;
+            let role = if owner { Role::Owner } else { Role::Admin };
+            match client.set_role(id, key, role).await {
+                Ok(_) => say(
+                    format!("{user} is now {}", role.name()),
+                    serde_json::json!({"user": user, "role": role.name()}),
+                ),
+                Err(ClientError::NotInRoom) => {
+                    return Err(CliError::Usage(format!("{user} is not in the room")));
+                }
+                Err(e) => return Err(room_refusal(e, "promote them")),
+            }
+        }
+        RoomAction::Demote { room, user } => {
+            let id = room_of(&client, &room)?;
+            let key = user_of(&client, &user)?;
+            match client.set_role(id, key, Role::Member).await {
+                Ok(_) => say(
+                    format!("{user} is now a member"),
+                    serde_json::json!({"user": user, "role": "member"}),
+                ),
+                Err(ClientError::NotInRoom) => {
+                    return Err(CliError::Usage(format!("{user} is not in the room")));
+                }
+                Err(e) => return Err(room_refusal(e, "demote them")),
+            }
+        }
+        RoomAction::List => {
+            for c in client.store().conversations()? {
+                if c.kind != ConversationKind::Room || c.removed {
+                    continue;
+                }
+                let Some(roles) = client.room_roles(&c.id)? else {
+                    continue;
+                };
+                let name = client.store().room_name(&c.id)?;
+                let members = client.room_members(&c.id)?.len();
+                let role = roles.role_of(&client.device().system).name();
+                let id = hex::encode(c.id.0);
+                say(
+                    format!(
+                        "{}  {}  {role}  {members} members",
+                        name.as_deref().unwrap_or("-"),
+                        &id[..16]
+                    ),
+                    serde_json::json!({"room": id, "name": name, "role": role, "members": members}),
+                );
+            }
+        }
+        RoomAction::Members { room } => {
+            let id = room_of(&client, &room)?;
+            for m in client.room_members(&id)? {
+                let name = if m.user == client.device().system {
+                    "me".to_owned()
+                } else {
+                    name_of(&client, &m.user)
+                };
+                say(
+                    format!("{name}  {}  {} devices", m.role.name(), m.devices.len()),
+                    serde_json::json!({"user": hex_key(&m.user), "name": name,
+                        "role": m.role.name(), "devices": m.devices.len()}),
+                );
+            }
+        }
+    }
+    Ok(())
+}
