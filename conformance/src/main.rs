@@ -119,6 +119,7 @@ fn main() -> ExitCode {
         client: cli.client_command.map(|template| ClientMode {
             template,
             listen: cli.proxy_listen,
+            bound: None,
         }),
     };
     let run = runtime.block_on(runner::run(&url, &selection, &access, |i, n, case| {

@@ -65,6 +65,10 @@ pub struct ClientMode {
     pub template: String,
     /// Where the proxy listens; the server's origin must be `ws://` this address.
     pub listen: std::net::SocketAddr,
+    /// A listener already bound to `listen`, for the proxy to take (a test binds port 0
+    /// itself, so that nothing else takes the port between choosing it and the run);
+    /// `None`: the run binds `listen`.
+    pub bound: Option<std::sync::Arc<std::net::TcpListener>>,
 }
 
 /// Why a run could not start.
@@ -115,12 +119,20 @@ pub async fn run(
     let target = match &access.client {
         None => Target::Server,
         Some(mode) => {
-            let proxy = crate::client::Proxy::start(mode.listen, url.to_owned())
-                .await
-                .map_err(|error| RunError::Proxy {
-                    listen: mode.listen,
-                    error,
-                })?;
+            let started = match &mode.bound {
+                None => crate::client::Proxy::start(mode.listen, url.to_owned()).await,
+                Some(bound) => bound
+                    .try_clone()
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
+                    .and_then(|l| crate::client::Proxy::start_on(l, url.to_owned())),
+            };
+            let proxy = started.map_err(|error| RunError::Proxy {
+                listen: mode.listen,
+                error,
+            })?;
             let client = crate::client::ClientUnderTest {
                 template: mode.template.clone(),
                 proxy,

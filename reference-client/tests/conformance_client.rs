@@ -8,7 +8,6 @@
 //! switched on (the example `confab_with_faults`) fails the case of the requirement it
 //! breaks, on both engines.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use confab_conformance::case::{Outcome, Target};
@@ -55,12 +54,6 @@ fn gateway(
     (stop, thread)
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
 /// Runs the client cases `pattern` selects (every one when `None`) against the command
 /// `program` (the CLI, or the CLI with a fault) on `engine`, with a gateway of its own.
 async fn run_client_cases(
@@ -69,7 +62,9 @@ async fn run_client_cases(
     pattern: Option<&str>,
 ) -> confab_conformance::report::RunReport {
     let dir = tempfile::tempdir().expect("tempdir");
-    let proxy = free_addr();
+    // The proxy's port, held from now on: the gateway's origin names it.
+    let proxy_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let proxy = proxy_listener.local_addr().expect("addr");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
     let (stop, thread) = gateway(
@@ -83,6 +78,7 @@ async fn run_client_cases(
                 "{program} --home {{home}} --server {{url}} --engine {engine} {{action}}"
             ),
             listen: proxy,
+            bound: Some(std::sync::Arc::new(proxy_listener)),
         }),
         ..Access::default()
     };

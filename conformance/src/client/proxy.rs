@@ -117,7 +117,11 @@ impl Drop for Proxy {
 impl Proxy {
     /// Listens on `listen` and forwards to the gateway at `upstream` (its WebSocket URL).
     pub async fn start(listen: SocketAddr, upstream: String) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(listen).await?;
+        Self::start_on(TcpListener::bind(listen).await?, upstream)
+    }
+
+    /// [`Proxy::start`] on a listener already bound.
+    pub fn start_on(listener: TcpListener, upstream: String) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             script: Box::new(PassThrough),
