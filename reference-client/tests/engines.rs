@@ -530,6 +530,130 @@ fn unreleased_outcomes_are_journaled_when_a_batch_ends() {
     }
 }
 
+/// A state-write window: batches that end leave the state they advanced in memory, so a
+/// crash goes back to the state last written, from which every message read since decrypts
+/// again (nothing is lost). The state is written once the window passes, once one sender's
+/// unwritten messages reach the bound, and before any other operation.
+#[test]
+fn a_state_write_window_defers_writes_and_loses_nothing_in_a_crash() {
+    use confab_client::mls::unwritten::{MAX_UNWRITTEN_PER_SENDER, StateWriteWindow};
+    const HOUR: StateWriteWindow = StateWriteWindow { ms: 3_600_000 };
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
+        let count = MAX_UNWRITTEN_PER_SENDER as usize + 16;
+        let sent: Vec<(Vec<u8>, Vec<u8>)> = (0..count)
+            .map(|i| {
+                let text = (i as u32).to_le_bytes().to_vec();
+                let ct = a.engine().encrypt(&GROUP, &text).expect("encrypt");
+                (text, ct)
+            })
+            .collect();
+        let sender = a.id();
+        let expect = |i: usize| Processed::Application {
+            sender,
+            plaintext: sent[i].0.clone(),
+        };
+        // Entry `seq` holds `sent[seq - 1]`; a batch reads and releases `range`.
+        let batch = |b: &mut Device, range: std::ops::Range<usize>| {
+            b.engine().begin_receive_batch().expect("begin");
+            for i in range {
+                let got = b.engine().process_entry(&GROUP, i as u64 + 1, &sent[i].1);
+                assert_eq!(got, Ok(expect(i)), "{ka}->{kb}: entry {}", i + 1);
+                b.engine()
+                    .release_processed(&GROUP, i as u64 + 1)
+                    .expect("release");
+            }
+            b.engine().end_receive_batch().expect("end");
+        };
+        let written = |b: &mut Device, i: usize| {
+            matches!(
+                b.engine().process_entry(&GROUP, i as u64 + 1, &sent[i].1),
+                Err(EngineError::SecretReused(_))
+            )
+        };
+
+        // Two batches end unwritten: after a crash both decrypt again, and a message after
+        // them too (the older state ratchets forward).
+        b.engine().set_state_write_window(HOUR);
+        batch(&mut b, 0..3);
+        batch(&mut b, 3..5);
+        let due = b.get().unwritten_due_in();
+        assert!(
+            due.is_some_and(|ms| ms > 0),
+            "{ka}->{kb}: unwritten, not due: {due:?}"
+        );
+        b.reload();
+        assert_eq!(b.get().unwritten_due_in(), None, "{ka}->{kb}");
+        batch(&mut b, 0..6);
+        b.reload();
+        assert!(
+            written(&mut b, 5),
+            "{ka}->{kb}: no window, written at the end"
+        );
+
+        // Any other operation writes the state first.
+        b.engine().set_state_write_window(HOUR);
+        batch(&mut b, 6..9);
+        let reply = b.engine().encrypt(&GROUP, b"reply").expect("encrypt");
+        assert_eq!(b.get().unwritten_due_in(), None, "{ka}->{kb}");
+        b.reload();
+        assert!(written(&mut b, 8), "{ka}->{kb}: a send wrote the state");
+        assert!(matches!(
+            a.engine().process(&GROUP, &reply),
+            Ok(Processed::Application { .. })
+        ));
+
+        // One sender's unwritten messages reach the bound: written at that batch's end.
+        let (first, bound) = (9, MAX_UNWRITTEN_PER_SENDER as usize);
+        b.engine().set_state_write_window(HOUR);
+        batch(&mut b, first..first + bound - 1);
+        assert!(
+            b.get().unwritten_due_in().is_some_and(|ms| ms > 0),
+            "{ka}->{kb}"
+        );
+        b.reload();
+        assert!(
+            !written(&mut b, first),
+            "{ka}->{kb}: below the bound, unwritten"
+        );
+        // That read outside a batch wrote the state and journaled the outcome.
+        b.engine()
+            .release_processed(&GROUP, first as u64 + 1)
+            .expect("release");
+        b.engine().set_state_write_window(HOUR);
+        batch(&mut b, first + 1..first + 1 + bound);
+        assert_eq!(b.get().unwritten_due_in(), None, "{ka}->{kb}");
+        b.reload();
+        assert!(
+            written(&mut b, first + bound),
+            "{ka}->{kb}: written at the bound"
+        );
+
+        // The window passes: written at the next batch's end.
+        let last = first + 1 + bound;
+        b.engine()
+            .set_state_write_window(StateWriteWindow { ms: 1 });
+        b.engine().begin_receive_batch().expect("begin");
+        let got = b
+            .engine()
+            .process_entry(&GROUP, last as u64 + 1, &sent[last].1);
+        assert_eq!(got, Ok(expect(last)), "{ka}->{kb}");
+        b.engine()
+            .release_processed(&GROUP, last as u64 + 1)
+            .expect("release");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        b.engine().end_receive_batch().expect("end");
+        b.reload();
+        assert!(
+            written(&mut b, last),
+            "{ka}->{kb}: written once the window passed"
+        );
+        // And the messages after it still decrypt.
+        batch(&mut b, last + 1..count);
+    }
+}
+
 #[test]
 fn a_shared_signature_memo_answers_a_repeated_check_and_changes_no_outcome() {
     use confab_client::mls::signature_memo::SignatureMemo;

@@ -14,6 +14,7 @@ use confab_client::app::receive_batch::ReceiveBatchLimits;
 use confab_client::app::{Client, ClientError, Observer};
 use confab_client::environment::{Dialing, Entropy, Environment, Io};
 use confab_client::mls::signature_memo::SignatureMemo;
+use confab_client::mls::unwritten::StateWriteWindow;
 use confab_client::mls::{EngineKind, open_engine_with};
 use confab_client::store::ClientStore;
 use confab_client::transport::Transport;
@@ -94,6 +95,8 @@ pub struct DeviceSpec {
     pub key_packages: u64,
     /// When its client's receive batches end.
     pub receive_batch: ReceiveBatchLimits,
+    /// How long its client's receive batches may leave the MLS state unwritten.
+    pub state_write_window: StateWriteWindow,
     /// Signatures checked once for all devices, if the scenario shares them.
     pub signatures: Option<Arc<SignatureMemo>>,
     /// Messages its client keeps per conversation (`None`: all).
@@ -140,6 +143,7 @@ impl DeviceSpec {
             keep_messages: self.keep_messages,
         })?;
         client.set_receive_batch_limits(self.receive_batch);
+        client.set_state_write_window(self.state_write_window);
         let observer = client.observe();
         Ok((client, observer))
     }

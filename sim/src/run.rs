@@ -528,6 +528,7 @@ impl<'a> Orchestrator<'a> {
                 backoff_cap_ms: 2_000,
                 key_packages: 8,
                 receive_batch: orchestrator.options.scenario.receive_batch_limits(),
+                state_write_window: orchestrator.options.scenario.state_write_window(),
                 signatures: orchestrator.signatures.clone(),
                 keep_messages: orchestrator.options.scenario.keep_messages(),
             });

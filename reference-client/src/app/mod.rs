@@ -297,6 +297,14 @@ impl Client {
         self.receive_batch_limits = limits;
     }
 
+    /// Lets receive batches leave the MLS state they advanced unwritten for up to `window`
+    /// ([`crate::mls::unwritten`]): each batch still records, shows and acknowledges its
+    /// messages when it ends, but one write of the state covers many batches. The client
+    /// wakes up to write it when it is due. The default writes it at every batch's end.
+    pub fn set_state_write_window(&mut self, window: crate::mls::unwritten::StateWriteWindow) {
+        self.engine.set_state_write_window(window);
+    }
+
     /// This device.
     pub fn device(&self) -> DeviceId {
         self.device
@@ -409,7 +417,13 @@ impl Client {
             .receive_batch
             .as_ref()
             .map(|b| b.due.0.saturating_sub(now.0));
-        let wake_in = renew_in.into_iter().chain(batch_in).min();
+        // Unwritten MLS state is written when it is due, at the latest when the open batch
+        // ends (which writes what is due).
+        let state_in = match self.receive_batch {
+            None => self.engine.unwritten_due_in(),
+            Some(_) => None,
+        };
+        let wake_in = renew_in.into_iter().chain(batch_in).chain(state_in).min();
         let event = match wake_in {
             Some(0) => None,
             // Biased: an unbiased select draws its order from a random number, which would
@@ -425,6 +439,9 @@ impl Client {
             let now = self.now();
             if self.receive_batch.as_ref().is_some_and(|b| b.due <= now) {
                 self.end_receive_batch()?;
+            }
+            if self.receive_batch.is_none() && self.engine.unwritten_due_in() == Some(0) {
+                self.engine.end_receive_batch()?;
             }
             if renew_in.is_some() && self.presence.renew_in(now) == Some(0) {
                 self.renew_presence();
@@ -886,7 +903,7 @@ impl Client {
     ) -> Result<Seq, ClientError> {
         // No application message while a Commit of this device's is pending (REQ-7.4-3).
         self.settle_resent_commit(conversation).await?;
-        let mut payload = self.engine.encrypt(&conversation, text)?;
+        let mut payload = self.encrypt(&conversation, text)?;
         let msg_id = self.new_msg_id();
         loop {
             match self
@@ -901,11 +918,24 @@ impl Client {
                     epoch: Some(current),
                     ..
                 }) if self.catch_up(conversation, current).await? => {
-                    payload = self.engine.encrypt(&conversation, text)?;
+                    payload = self.encrypt(&conversation, text)?;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// Encrypts an application message. The open receive batch ends first: the engine
+    /// writes its state before a ciphertext leaves it, and with the batch's outcomes
+    /// released that one write is all it costs (in the batch, they would be journaled and
+    /// the entries after it read outside any batch, a write each).
+    fn encrypt(
+        &mut self,
+        conversation: &ConversationId,
+        text: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        self.end_receive_batch()?;
+        Ok(self.engine.encrypt(conversation, text)?)
     }
 
     /// Applies this device's accepted Commit when its entry is processed, in seq order, so
@@ -1092,8 +1122,10 @@ impl Client {
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), ClientError> {
-        if !matches!(event, Event::Delivered { .. }) {
+        if !matches!(event, Event::Delivered { .. } | Event::SendAccepted { .. }) {
             // Whatever else happens sees the received entries written and acknowledged.
+            // A send's acceptance only hands its seq to the caller, and the send already
+            // ended the batch it was encrypted in: the entries after it stay batched.
             self.end_receive_batch()?;
         }
         match event {
@@ -1298,7 +1330,7 @@ impl Client {
             return Ok(());
         };
         let conversation = item.conversation;
-        let payload = self.engine.encrypt(&conversation, &plaintext)?;
+        let payload = self.encrypt(&conversation, &plaintext)?;
         self.store.outbox_remove(&msg_id)?;
         self.store.outbox_put(&OutboxItem {
             payload: payload.clone(),
@@ -1571,8 +1603,10 @@ impl Client {
 
     /// Opens a receive batch, unless one is open.
     fn begin_receive_batch(&mut self) -> Result<(), ClientError> {
+        // Also when the client's batch is open: an engine operation in between (a Commit
+        // sent meanwhile) ended the engine's, and the entries after it belong in one too.
+        self.engine.begin_receive_batch()?;
         if self.receive_batch.is_none() {
-            self.engine.begin_receive_batch()?;
             self.receive_batch = Some(receive_batch::ReceiveBatch::open(
                 self.now(),
                 self.receive_batch_limits,

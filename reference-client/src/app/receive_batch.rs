@@ -5,10 +5,11 @@
 //! before any other event is handled, and at the end of [`super::Client::sync`].
 //!
 //! The window is the longest a message waits to be shown, so the default is short; a
-//! device that only reads (a bot, an archive, a simulated member of a 1,000-member room)
-//! can take longer windows: in a room of 1,000 a write of the state costs milliseconds
-//! (openmls writes the member lists of its past epochs with it), so how many messages
-//! share one write decides what a member pays per message.
+//! device that only reads (a bot, an archive) can take longer windows. In a room of 1,000
+//! a write of the MLS state costs milliseconds (openmls writes the member lists of its
+//! past epochs with it), so how many messages share one write decides what a member pays
+//! per message: a state-write window ([`crate::mls::unwritten`],
+//! [`super::Client::set_state_write_window`]) lets one write cover many batches.
 //!
 //! The batch's entries are recorded in the client's store in one transaction when it
 //! ends, then the engine's state is written, then the entries are acknowledged

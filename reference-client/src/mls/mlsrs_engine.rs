@@ -8,10 +8,11 @@
 //! In a receive batch ([`MlsEngine::begin_receive_batch`]) application messages are
 //! processed in memory: their outcomes are kept in memory, and when the batch ends those
 //! the client has not released yet are journaled in one transaction on the journal's
-//! connection, before the groups they advanced are written, once each. Any other mutation
-//! ends the batch first.
+//! connection, before the groups they advanced are written, once each (or, with a
+//! state-write window, once each that is due: [`super::unwritten`]). Any other mutation
+//! ends the batch and writes every unwritten group first.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ use mls_rs_provider_sqlite::storage::{SqLiteGroupStateStorage, SqLitePreSharedKe
 use super::journal::Journal;
 use super::mlsrs_memo_crypto::MemoCryptoProvider;
 use super::signature_memo::SignatureMemo;
+use super::unwritten::{StateWriteWindow, UnwrittenGroups};
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
     credential_identity, device_of, verify_member,
@@ -59,8 +61,10 @@ pub struct MlsRsEngine<C: MlsConfig> {
     journal_conn: rusqlite::Connection,
     /// The decryption journal's outcomes in memory and the keys of those in the table.
     journal: Journal,
-    /// The groups a receive batch advanced in memory only; `None` outside a batch.
-    batch: Option<BTreeSet<ConversationId>>,
+    /// Whether a receive batch's journal transaction is open.
+    batch: bool,
+    /// The groups receive batches advanced in memory and did not write yet.
+    unwritten: UnwrittenGroups,
 }
 
 /// Opens or creates the state at `path` for the device in `credentials`.
@@ -122,7 +126,8 @@ pub fn open(
         groups: HashMap::new(),
         journal_conn,
         journal,
-        batch: None,
+        batch: false,
+        unwritten: UnwrittenGroups::default(),
     }))
 }
 
@@ -294,15 +299,17 @@ fn mls_time(now: UnixMs) -> MlsTime {
 
 impl<C: MlsConfig + Clone> MlsRsEngine<C> {
     /// Runs `f` on the group, then persists it; on failure forgets the cached group. An
-    /// open receive batch ends first, except that this group's state is written once, after
-    /// `f`, with what the batch did to it (its outcomes are journaled before: a failure of
-    /// `f` leaves the state from before the batch, which still holds their keys).
+    /// open receive batch ends first and every unwritten group is written, except that this
+    /// group's state is written once, after `f`, with what the batches did to it (their
+    /// outcomes are journaled before: a failure of `f` leaves the state last written, which
+    /// still holds their keys).
     fn mutate<T>(
         &mut self,
         id: &ConversationId,
         f: impl FnOnce(&mut Group<C>, UnixMs) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        self.end_receive_batch_except(Some(id))?;
+        let all = self.unwritten.take_all();
+        self.finish(all, Some(id))?;
         let now = (self.clock)();
         let result = self.load(id).and_then(|g| {
             let value = f(g, now)?;
@@ -315,36 +322,36 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         result
     }
 
-    /// Ends the open receive batch: journals the outcomes not released yet, then writes
-    /// every group the batch advanced but `except` (which the caller writes next).
-    fn end_receive_batch_except(
+    /// Ends the open receive batch, if any, journaling the outcomes not released yet, then
+    /// writes `groups` but `except` (which the caller writes next).
+    fn finish(
         &mut self,
+        mut groups: Vec<ConversationId>,
         except: Option<&ConversationId>,
     ) -> Result<(), EngineError> {
-        let Some(mut dirty) = self.batch.take() else {
-            return Ok(());
-        };
-        // The journal first: a crash before the groups are written leaves their old state
-        // (with the keys) and the outcomes.
-        let committed = self
-            .journal
-            .flush(&self.journal_conn)
-            .and_then(|()| self.journal_conn.execute_batch("COMMIT").map_err(storage));
-        if let Err(e) = committed {
-            let _ = self.journal_conn.execute_batch("ROLLBACK");
-            for id in &dirty {
-                self.groups.remove(id);
+        if self.batch {
+            self.batch = false;
+            // The journal first: a crash before the groups are written leaves their old
+            // state (with the keys) and the outcomes.
+            let committed = self
+                .journal
+                .flush(&self.journal_conn)
+                .and_then(|()| self.journal_conn.execute_batch("COMMIT").map_err(storage));
+            if let Err(e) = committed {
+                let _ = self.journal_conn.execute_batch("ROLLBACK");
+                // The groups go back to their state last written, which still holds the
+                // keys of the outcomes that were not written.
+                groups.extend(self.unwritten.take_all());
+                for id in &groups {
+                    self.groups.remove(id);
+                }
+                self.journal.reload(&self.journal_conn)?;
+                return Err(e);
             }
-            // The groups go back to their state from before the batch, which still holds
-            // the keys of the outcomes that were not written.
-            self.journal.reload(&self.journal_conn)?;
-            return Err(e);
         }
-        if let Some(id) = except {
-            dirty.remove(id);
-        }
+        groups.retain(|id| Some(id) != except);
         let mut failed = None;
-        for id in dirty {
+        for id in groups {
             let written = match self.groups.get_mut(&id) {
                 Some(g) => g.write_to_storage().map_err(map_err),
                 None => Ok(()),
@@ -357,6 +364,13 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         failed.map_or(Ok(()), Err)
     }
 
+    /// Ends the open batch and writes every group with unwritten state (before any other
+    /// operation).
+    fn write_all(&mut self) -> Result<(), EngineError> {
+        let all = self.unwritten.take_all();
+        self.finish(all, None)
+    }
+
     /// Persists a group this device just created or joined and caches it; returns its id.
     /// A group re-initialised under the id of the group it `replaces` starts from epoch 0
     /// again, so the old epochs are deleted before the new state is written.
@@ -365,7 +379,7 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         mut group: Group<C>,
         replaces: Option<&ConversationId>,
     ) -> Result<ConversationId, EngineError> {
-        self.end_receive_batch()?;
+        self.write_all()?;
         let id = ConversationId::from_slice(group.group_id())
             .map_err(|_| EngineError::Malformed("group id is not a conversation id".into()))?;
         if replaces == Some(&id) {
@@ -382,7 +396,7 @@ impl<C: MlsConfig + Clone> MlsRsEngine<C> {
         &mut self,
         id: &ConversationId,
     ) -> Result<mls_rs::group::ReinitClient<C>, EngineError> {
-        self.end_receive_batch()?;
+        self.write_all()?;
         self.load(id)?;
         let g = self.groups.remove(id).ok_or(EngineError::GroupNotFound)?;
         g.get_reinit_client(None, None).map_err(map_err)
@@ -440,7 +454,7 @@ where
     ) -> Result<Vec<Vec<u8>>, EngineError> {
         // mls-rs writes KeyPackages through its own connection, which would wait for the
         // batch's journal transaction on this thread until it timed out.
-        self.end_receive_batch()?;
+        self.write_all()?;
         // Backdated as openmls does, so that a member whose clock is behind this device's
         // (or an engine that reads another clock) does not see the lifetime as not yet
         // begun.
@@ -702,7 +716,7 @@ where
     }
 
     fn install_external_psk(&mut self, id: &[u8], secret: &[u8]) -> Result<(), EngineError> {
-        self.end_receive_batch()?;
+        self.write_all()?;
         self.psks
             .insert(id, &PreSharedKey::new(secret.to_vec()))
             .map_err(storage)
@@ -753,7 +767,7 @@ where
     }
 
     fn join(&mut self, welcome: &[u8]) -> Result<ConversationId, EngineError> {
-        self.end_receive_batch()?;
+        self.write_all()?;
         let now = (self.clock)();
         let message = parse(welcome)?;
         let (g, _) = self
@@ -808,48 +822,57 @@ where
         self.load(group)?;
         let (journal, journal_conn) = (&mut self.journal, &self.journal_conn);
         let loaded = self.groups.get_mut(group).ok_or(EngineError::GroupNotFound);
-        let batch = &mut self.batch;
+        let (batch, unwritten) = (self.batch, &mut self.unwritten);
         let result = loaded.and_then(|g| {
             let processed = process_in(g, own, now, message)?;
             if let Processed::Application { sender, plaintext } = &processed {
                 // Journaled before the state that consumed the secret is written: after a
                 // crash in between, the key is still in the old state and the outcome is
                 // in the journal.
-                if let Some(dirty) = batch.as_mut() {
+                if batch {
                     // Written when the batch ends, before the groups (or never, if the
                     // client recorded the message by then).
                     journal.record(group, seq, sender, plaintext);
-                    dirty.insert(*group);
+                    unwritten.read(group, sender, now);
                     return Ok(processed);
                 }
                 super::journal::put(journal_conn, group, seq, sender, plaintext)?;
                 journal.note_stored(group, seq);
             }
             g.write_to_storage().map_err(map_err)?;
+            // The write covers what earlier batches read.
+            unwritten.forget(group);
             Ok(processed)
         });
         if result.is_err() {
-            // The group is reloaded from its durable state. In a batch that state predates
-            // the batch's earlier entries: it still holds their keys (less forward
-            // secrecy until the next write, no loss; their outcomes are recorded).
+            // The group is reloaded from its durable state. That state may predate entries
+            // read since: it still holds their keys (less forward secrecy until the next
+            // write, no loss; their outcomes are recorded or journaled).
             self.groups.remove(group);
-            if let Some(dirty) = self.batch.as_mut() {
-                dirty.remove(group);
-            }
+            self.unwritten.forget(group);
         }
         result
     }
 
     fn begin_receive_batch(&mut self) -> Result<(), EngineError> {
-        if self.batch.is_none() {
+        if !self.batch {
             self.journal_conn.execute_batch("BEGIN").map_err(storage)?;
-            self.batch = Some(BTreeSet::new());
+            self.batch = true;
         }
         Ok(())
     }
 
     fn end_receive_batch(&mut self) -> Result<(), EngineError> {
-        self.end_receive_batch_except(None)
+        let due = self.unwritten.take_due((self.clock)());
+        self.finish(due, None)
+    }
+
+    fn set_state_write_window(&mut self, window: StateWriteWindow) {
+        self.unwritten.set_window(window);
+    }
+
+    fn unwritten_due_in(&self) -> Option<u64> {
+        self.unwritten.due_in((self.clock)())
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {

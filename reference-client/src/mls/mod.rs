@@ -20,6 +20,7 @@ pub mod openmls_deferred;
 pub mod openmls_engine;
 pub mod openmls_memo_crypto;
 pub mod signature_memo;
+pub mod unwritten;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -407,10 +408,20 @@ pub trait MlsEngine: Send {
     /// of the whole group (issue 9's room-soak). Starting an open batch does nothing.
     fn begin_receive_batch(&mut self) -> Result<(), EngineError>;
 
-    /// Ends the receive batch: the state it advanced is durable when this returns `Ok`.
-    /// Nothing to do without a batch. A caller acknowledges the batch's entries only
-    /// after this (REQ-6.5-3).
+    /// Ends the receive batch: when this returns `Ok`, the outcomes the caller has not
+    /// released are journaled, and the state it advanced is durable unless the state-write
+    /// window ([`MlsEngine::set_state_write_window`]) lets it wait. Writes the state that
+    /// is due even without a batch. A caller acknowledges the batch's entries only after
+    /// this, and only those it recorded itself (REQ-6.5-3).
     fn end_receive_batch(&mut self) -> Result<(), EngineError>;
+
+    /// Lets receive batches leave the state they advanced unwritten for up to `window`
+    /// ([`unwritten`]); the default writes it at every batch's end.
+    fn set_state_write_window(&mut self, window: unwritten::StateWriteWindow);
+
+    /// Milliseconds until unwritten state is due (0: now), for a caller that wakes up to
+    /// write it with [`MlsEngine::end_receive_batch`]; `None` if every state is written.
+    fn unwritten_due_in(&self) -> Option<u64>;
 
     /// The group's current epoch.
     fn epoch(&self, group: &ConversationId) -> Result<u64, EngineError>;

@@ -9,9 +9,10 @@
 //! [`MlsEngine::process_entry`] calls, each in a savepoint of its own; any other operation
 //! ends it first. Inside it, application messages are processed without openmls' write of
 //! the group's message secrets after each ([`super::openmls_deferred`]); the batch's end
-//! writes them once per group it advanced, then commits.
+//! writes them once per group it advanced (or, with a state-write window, once per group
+//! that is due: [`super::unwritten`]), then commits.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use openmls_traits::signatures::{Signer, SignerError};
 use super::openmls_deferred::{DeferringStorage, MESSAGE_SECRETS_TABLE};
 use super::openmls_memo_crypto::MemoCrypto;
 use super::signature_memo::SignatureMemo;
+use super::unwritten::{StateWriteWindow, UnwrittenGroups};
 use super::{
     Clock, CommitOutput, EngineError, EngineKind, ExtraProposal, MlsEngine, Processed,
     credential_identity, device_of, journal, verify_member,
@@ -52,9 +54,10 @@ pub struct OpenMlsEngine {
     device: DeviceId,
     clock: Clock,
     groups: HashMap<ConversationId, MlsGroup>,
-    /// The groups an open receive batch advanced without writing their message secrets;
-    /// `None` without a batch (its transaction is open while this is `Some`).
-    batch: Option<BTreeSet<ConversationId>>,
+    /// Whether a receive batch's transaction is open.
+    batch: bool,
+    /// The groups whose message secrets receive batches advanced and did not write yet.
+    unwritten: UnwrittenGroups,
     /// The decryption journal's outcomes in memory and the keys of those in the table.
     journal: journal::Journal,
 }
@@ -156,7 +159,8 @@ impl OpenMlsEngine {
             device: certificate.device_id(),
             clock,
             groups: HashMap::new(),
-            batch: None,
+            batch: false,
+            unwritten: UnwrittenGroups::default(),
             journal,
         })
     }
@@ -384,7 +388,8 @@ fn map_process_error<E: std::fmt::Display>(e: ProcessMessageError<E>) -> EngineE
 }
 
 impl OpenMlsEngine {
-    /// Runs `f` inside one SQLite transaction (ending an open receive batch first); on
+    /// Runs `f` inside one SQLite transaction (ending an open receive batch and writing
+    /// every group with unwritten message secrets first); on
     /// failure rolls back and forgets `group`'s cached state so that it is reloaded from
     /// disk.
     fn with_tx<T>(
@@ -392,8 +397,58 @@ impl OpenMlsEngine {
         group: Option<&ConversationId>,
         f: impl FnOnce(&mut Ctx<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        self.end_receive_batch()?;
+        self.write_all()?;
         self.run(group, ["BEGIN IMMEDIATE", "COMMIT", "ROLLBACK"], false, f)
+    }
+
+    /// Ends the open batch's transaction, if any, after writing the message secrets of
+    /// `groups` and journaling the outcomes not released yet; without a batch, writes
+    /// `groups` in a transaction of their own.
+    fn finish(&mut self, groups: Vec<ConversationId>) -> Result<(), EngineError> {
+        if !self.batch && groups.is_empty() {
+            return Ok(());
+        }
+        if !self.batch {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(storage)?;
+        }
+        self.batch = false;
+        let provider = Provider {
+            crypto: &self.crypto,
+            storage: storage_on(&self.conn, false),
+        };
+        // Setting the deletion policy a group has is openmls' public way to write its
+        // message secrets (it resizes the store to the same size first: nothing changes).
+        let journaled = self.journal.flush(&self.conn);
+        let written = journaled.and_then(|()| {
+            groups.iter().try_for_each(|id| {
+                let Some(g) = self.groups.get_mut(id) else {
+                    return Ok(());
+                };
+                let policy = g.past_epoch_deletion_policy().clone();
+                g.set_past_epoch_deletion_policy(&provider, policy)
+                    .map_err(|e| other("write message secrets", e))
+            })
+        });
+        let committed = written.and_then(|()| self.conn.execute_batch("COMMIT").map_err(storage));
+        if let Err(e) = committed {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            // Back to the state on disk, which still holds the keys of the outcomes that
+            // were not journaled.
+            self.groups.clear();
+            self.unwritten.clear();
+            self.journal.reload(&self.conn)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Ends the open batch and writes every group with unwritten message secrets (before
+    /// any other operation).
+    fn write_all(&mut self) -> Result<(), EngineError> {
+        let all = self.unwritten.take_all();
+        self.finish(all)
     }
 
     /// Runs `f` in a savepoint of the open receive batch, or in a transaction of its own
@@ -403,10 +458,13 @@ impl OpenMlsEngine {
         group: &ConversationId,
         f: impl FnOnce(&mut Ctx<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        if self.batch.is_none() {
+        if !self.batch {
             return self.with_tx(Some(group), f);
         }
-        let result = self.run(
+        // On failure the group is reloaded from the transaction: its message secrets are
+        // those last written, which still hold the keys of the messages read since (less
+        // forward secrecy until the next write, no loss).
+        self.run(
             Some(group),
             [
                 "SAVEPOINT entry",
@@ -415,17 +473,7 @@ impl OpenMlsEngine {
             ],
             true,
             f,
-        );
-        if let Some(dirty) = self.batch.as_mut() {
-            match result {
-                Ok(_) => dirty.insert(*group),
-                // Reloaded from the transaction: its message secrets are those written
-                // before the batch, which still hold the keys of the batch's earlier
-                // messages (less forward secrecy until the next write, no loss).
-                Err(_) => dirty.remove(group),
-            };
-        }
-        result
+        )
     }
 
     /// Runs `f` between `begin` and `commit`, or `rollback` on failure (`[begin, commit,
@@ -460,8 +508,12 @@ impl OpenMlsEngine {
             match group {
                 Some(g) => {
                     self.groups.remove(g);
+                    self.unwritten.forget(g);
                 }
-                None => self.groups.clear(),
+                None => {
+                    self.groups.clear();
+                    self.unwritten.clear();
+                }
             }
         }
         result
@@ -914,29 +966,23 @@ impl MlsEngine for OpenMlsEngine {
                 .map_err(|e| other("encrypt", e))?;
             serialize(&message)
         };
-        if !self
-            .batch
-            .as_ref()
-            .is_some_and(|dirty| dirty.contains(group))
-        {
+        if !self.unwritten.contains(group) {
             return self.with_tx(Some(group), step);
         }
-        // The open batch advanced this group: openmls writes its message secrets as it
-        // encrypts, so in the batch's transaction that one write covers both, and the
-        // batch commits with it. The message goes nowhere before the commit: a failed
-        // commit returns the error and the generation is used again.
+        // Receive batches advanced this group without writing it: openmls writes its
+        // message secrets as it encrypts, so in one transaction with the batch's that one
+        // write covers both. The message goes nowhere before the commit: a failed commit
+        // returns the error and the generation is used again.
+        self.begin_receive_batch()?;
         let encrypted = self.run(
             Some(group),
             ["SAVEPOINT op", "RELEASE op", "ROLLBACK TO op; RELEASE op"],
             false,
             step,
         );
-        if encrypted.is_ok() {
-            if let Some(dirty) = self.batch.as_mut() {
-                dirty.remove(group);
-            }
-        }
-        self.end_receive_batch()?;
+        // Written, or dropped from the cache on failure.
+        self.unwritten.forget(group);
+        self.write_all()?;
         encrypted
     }
 
@@ -961,12 +1007,17 @@ impl MlsEngine for OpenMlsEngine {
             MlsMessageIn::tls_deserialize_exact(message).map(|m| m.extract()),
             Ok(MlsMessageBodyIn::PrivateMessage(p)) if p.content_type() == ContentType::Application
         );
-        if application && self.batch.is_some() {
+        if application && self.batch {
             // Recorded in memory: the batch's end journals it (if the client has not
             // released it by then) in the transaction that stores the consumed secret.
             let processed = self.in_batch(group, |ctx| process_in(ctx, group, message))?;
-            if let Processed::Application { sender, plaintext } = &processed {
-                self.journal.record(group, seq, sender, plaintext);
+            let now = (self.clock)();
+            match &processed {
+                Processed::Application { sender, plaintext } => {
+                    self.journal.record(group, seq, sender, plaintext);
+                    self.unwritten.read(group, sender, now);
+                }
+                _ => self.unwritten.changed(group, now),
             }
             return Ok(processed);
         }
@@ -985,46 +1036,26 @@ impl MlsEngine for OpenMlsEngine {
     }
 
     fn begin_receive_batch(&mut self) -> Result<(), EngineError> {
-        if self.batch.is_none() {
+        if !self.batch {
             self.conn
                 .execute_batch("BEGIN IMMEDIATE")
                 .map_err(storage)?;
-            self.batch = Some(BTreeSet::new());
+            self.batch = true;
         }
         Ok(())
     }
 
+    fn set_state_write_window(&mut self, window: StateWriteWindow) {
+        self.unwritten.set_window(window);
+    }
+
+    fn unwritten_due_in(&self) -> Option<u64> {
+        self.unwritten.due_in((self.clock)())
+    }
+
     fn end_receive_batch(&mut self) -> Result<(), EngineError> {
-        let Some(dirty) = self.batch.take() else {
-            return Ok(());
-        };
-        let provider = Provider {
-            crypto: &self.crypto,
-            storage: storage_on(&self.conn, false),
-        };
-        // Setting the deletion policy a group has is openmls' public way to write its
-        // message secrets (it resizes the store to the same size first: nothing changes).
-        let journaled = self.journal.flush(&self.conn);
-        let written = journaled.and_then(|()| {
-            dirty.iter().try_for_each(|id| {
-                let Some(g) = self.groups.get_mut(id) else {
-                    return Ok(());
-                };
-                let policy = g.past_epoch_deletion_policy().clone();
-                g.set_past_epoch_deletion_policy(&provider, policy)
-                    .map_err(|e| other("write message secrets", e))
-            })
-        });
-        let committed = written.and_then(|()| self.conn.execute_batch("COMMIT").map_err(storage));
-        if let Err(e) = committed {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            // Back to the state from before the batch, which still holds the keys of the
-            // outcomes that were not journaled.
-            self.groups.clear();
-            self.journal.reload(&self.conn)?;
-            return Err(e);
-        }
-        Ok(())
+        let due = self.unwritten.take_due((self.clock)());
+        self.finish(due)
     }
 
     fn release_processed(&mut self, group: &ConversationId, seq: u64) -> Result<(), EngineError> {

@@ -1193,15 +1193,21 @@ impl Store for SqliteStore {
         // Entries accepted before these times pass condition 1 / the unacked bound.
         let aged = to_i64(now.0.saturating_sub(policy.retention_ms));
         let abandoned = to_i64(now.0.saturating_sub(policy.retention_unacked_ms));
+        // Only streams whose oldest entry was accepted before `aged` can lose anything (no
+        // entry goes before that, whatever the cursors), so the others cost one index
+        // lookup here instead of a transaction of their own.
         let streams: Vec<(Vec<u8>, i64, i64)> = {
             let mut stmt = self
                 .conn
                 .prepare_cached(
-                    "SELECT stream, head_seq, oldest_seq FROM streams WHERE oldest_seq <= head_seq",
+                    "SELECT s.stream, s.head_seq, s.oldest_seq FROM streams s
+                     LEFT JOIN entries e ON e.stream = s.stream AND e.seq = s.oldest_seq
+                     WHERE s.oldest_seq <= s.head_seq
+                     AND (e.accepted_ms IS NULL OR e.accepted_ms < ?1)",
                 )
                 .map_err(db)?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_map(params![aged], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)?
         };
