@@ -409,9 +409,13 @@ impl OpenMlsEngine {
             return Ok(());
         }
         if !self.batch {
-            self.conn
-                .execute_batch("BEGIN IMMEDIATE")
-                .map_err(storage)?;
+            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                // Reloaded from disk on next use, as after any failed write.
+                for id in &groups {
+                    self.groups.remove(id);
+                }
+                return Err(storage(e));
+            }
         }
         self.batch = false;
         let provider = Provider {
