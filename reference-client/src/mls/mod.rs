@@ -11,7 +11,10 @@
 //!
 //! State lives in one SQLite file per device. Every operation that changes state writes it
 //! durably before it returns success, so no ciphertext derived from a state can leave the
-//! process before that state is on disk, and a reloaded engine never reuses a secret.
+//! process before that state is on disk, and a reloaded engine never reuses a secret. The
+//! one exception is reading application messages in a receive batch
+//! ([`MlsEngine::begin_receive_batch`], [`unwritten`]): that advance may stay in memory,
+//! and a reloaded engine reads those messages again from the older state.
 
 pub mod journal;
 pub mod mlsrs_engine;
@@ -400,7 +403,8 @@ pub trait MlsEngine: Send {
 
     /// Starts a receive batch: until [`MlsEngine::end_receive_batch`], the state that
     /// [`MlsEngine::process_entry`] advances for application messages may stay in memory,
-    /// and is written once at the end. Any other mutating operation ends the batch first,
+    /// and is written once at the end (or later, within the state-write window:
+    /// [`MlsEngine::set_state_write_window`]). Any other mutating operation ends the batch first,
     /// so nothing is sent from a state that is not durable. A crash inside a batch leaves
     /// the state from before it, which still holds the keys of the batch's messages:
     /// nothing is lost, and their outcomes are in the journal or with the caller. What a
