@@ -24,7 +24,7 @@ use openmls_traits::storage::{StorageProvider, traits};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 /// The table of the message secrets in postcard: group id (JSON, as the provider's keys)
-/// and the format byte [`MESSAGE_SECRETS_FORMAT`] followed by the postcard bytes.
+/// and the format byte (1) followed by the postcard bytes.
 pub const MESSAGE_SECRETS_TABLE: &str = "CREATE TABLE IF NOT EXISTS confab_message_secrets (
     group_id BLOB PRIMARY KEY,
     secrets BLOB NOT NULL
