@@ -61,13 +61,18 @@ impl UnwrittenGroups {
         self.window = window;
     }
 
-    /// Notes that `group`'s state in memory read a message of `sender` at `now`.
-    pub fn read(&mut self, group: &ConversationId, sender: &DeviceId, now: UnixMs) {
-        let entry = self.groups.entry(*group).or_insert_with(|| Unwritten {
+    /// What `group` read since its last write, from `now` if nothing.
+    fn unwritten(&mut self, group: &ConversationId, now: UnixMs) -> &mut Unwritten {
+        self.groups.entry(*group).or_insert_with(|| Unwritten {
             since: now,
             per_sender: HashMap::new(),
             most: 0,
-        });
+        })
+    }
+
+    /// Notes that `group`'s state in memory read a message of `sender` at `now`.
+    pub fn read(&mut self, group: &ConversationId, sender: &DeviceId, now: UnixMs) {
+        let entry = self.unwritten(group, now);
         let count = entry.per_sender.entry(*sender).or_insert(0);
         *count += 1;
         entry.most = entry.most.max(*count);
@@ -76,26 +81,27 @@ impl UnwrittenGroups {
     /// Notes that `group` changed in memory in a way that is not an application message
     /// (its state must be written at the batch's end whatever the window).
     pub fn changed(&mut self, group: &ConversationId, now: UnixMs) {
-        let entry = self.groups.entry(*group).or_insert_with(|| Unwritten {
-            since: now,
-            per_sender: HashMap::new(),
-            most: 0,
-        });
-        entry.most = MAX_UNWRITTEN_PER_SENDER;
+        self.unwritten(group, now).most = MAX_UNWRITTEN_PER_SENDER;
     }
 
-    /// Takes the groups whose state must be written at a batch's end at `now`: past the
-    /// window, or at the bound per sender. The others stay unwritten.
+    /// Milliseconds from `now` until `u` is due to be written (0: due now): when the window
+    /// has passed since its first unwritten message, or at once without a window or at
+    /// the bound per sender.
+    fn due_in_of(&self, u: &Unwritten, now: UnixMs) -> u64 {
+        if self.window.ms == 0 || u.most >= MAX_UNWRITTEN_PER_SENDER {
+            0
+        } else {
+            (u.since.0 + self.window.ms).saturating_sub(now.0)
+        }
+    }
+
+    /// Takes the groups whose state must be written at a batch's end at `now`
+    /// ([`UnwrittenGroups::due_in`] is 0 for them). The others stay unwritten.
     pub fn take_due(&mut self, now: UnixMs) -> Vec<ConversationId> {
-        let window = self.window.ms;
         let due: Vec<ConversationId> = self
             .groups
             .iter()
-            .filter(|(_, u)| {
-                window == 0
-                    || now.0.saturating_sub(u.since.0) >= window
-                    || u.most >= MAX_UNWRITTEN_PER_SENDER
-            })
+            .filter(|(_, u)| self.due_in_of(u, now) == 0)
             .map(|(id, _)| *id)
             .collect();
         for id in &due {
@@ -107,16 +113,7 @@ impl UnwrittenGroups {
     /// Milliseconds from `now` until a group's state is due to be written (0: due now);
     /// `None` if every state is written.
     pub fn due_in(&self, now: UnixMs) -> Option<u64> {
-        self.groups
-            .values()
-            .map(|u| {
-                if self.window.ms == 0 || u.most >= MAX_UNWRITTEN_PER_SENDER {
-                    0
-                } else {
-                    (u.since.0 + self.window.ms).saturating_sub(now.0)
-                }
-            })
-            .min()
+        self.groups.values().map(|u| self.due_in_of(u, now)).min()
     }
 
     /// Takes every group with unwritten state (before any other operation).
