@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use support::{Counter, median, now, scratch};
 
-use confab_gateway::handler::{Action, GatewayConfig};
+use confab_gateway::handler::{Action, GatewayConfig, LiveEntry};
 use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
 use confab_gateway::store::{Store, StreamKey};
@@ -48,6 +48,7 @@ fn encode_all(actions: &[Action]) -> usize {
         .iter()
         .map(|a| match a {
             Action::Send(frame) => std::hint::black_box(frame.encode()).len(),
+            Action::SendEncoded(bytes) => bytes.len(),
             _ => 0,
         })
         .sum()
@@ -234,7 +235,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             seq += 1;
             let out = subscriber
-                .on_entry(&config, &stream, &entry(seq))
+                .on_entry(&config, &stream, &LiveEntry::new(&stream, entry(seq)))
                 .expect("delivered from memory");
             encode_all(&out)
         })

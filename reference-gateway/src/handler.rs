@@ -149,6 +149,9 @@ impl GatewayConfig {
 pub enum Action {
     /// Send this frame.
     Send(ServerFrame),
+    /// Send this frame, already encoded: a [`LiveEntry`]'s `Deliver`, encoded once for
+    /// every subscriber.
+    SendEncoded(std::sync::Arc<[u8]>),
     /// Close the connection with this code (after sending what precedes it).
     Close(CloseCode),
     /// A stream grew to `seq`: the hub calls `on_entry` or `on_appended` on every
@@ -161,7 +164,7 @@ pub enum Action {
         /// The entry itself, when live subscribers may take it without reading the store:
         /// application messages and proposals (a Commit may end subscriptions, REQ-7.6-3,
         /// so it always goes through the store).
-        entry: Option<std::sync::Arc<Entry>>,
+        entry: Option<std::sync::Arc<LiveEntry>>,
     },
     /// A revocation of `device` was stored: close its sessions with 4105 (REQ-3.3-3).
     Revoked {
@@ -373,8 +376,9 @@ impl Connection {
         &mut self,
         config: &GatewayConfig,
         stream: &StreamKey,
-        entry: &Entry,
+        live: &LiveEntry,
     ) -> Option<Vec<Action>> {
+        let entry = &live.entry;
         let Some(Sub::Live { rid, next }) = self.subscriptions.get(stream).copied() else {
             return Some(Vec::new());
         };
@@ -390,12 +394,7 @@ impl Connection {
         {
             return None;
         }
-        let deliver = || {
-            Action::Send(ServerFrame::Deliver(Deliver {
-                stream: wire_stream(stream),
-                entry: entry.clone(),
-            }))
-        };
+        let deliver = || Action::SendEncoded(live.deliver_frame());
         let mut out = vec![deliver()];
         if config.faults.deliver_twice {
             out.push(deliver());
@@ -909,21 +908,19 @@ impl Connection {
                     AppendKind::Commit { .. } => "commit",
                 });
                 out.push(accepted(seq, false));
+                let stream = StreamKey::Conversation(s.conversation);
                 let entry = live_body.zip(live_payload).map(|(body, payload)| {
-                    std::sync::Arc::new(Entry {
+                    let entry = Entry {
                         seq,
                         msg_id: s.msg_id,
                         sender: device,
                         accepted_ms: now,
                         payload,
                         body,
-                    })
+                    };
+                    std::sync::Arc::new(LiveEntry::new(&stream, entry))
                 });
-                out.push(Action::Appended {
-                    stream: StreamKey::Conversation(s.conversation),
-                    seq,
-                    entry,
-                });
+                out.push(Action::Appended { stream, seq, entry });
                 if let AppendKind::Commit { added, .. } = kind {
                     for d in added {
                         let (head, _) = store.bounds(&StreamKey::Inbox(d))?;
@@ -1336,6 +1333,55 @@ fn stream_key(stream: &StreamId, device: DeviceId) -> StreamKey {
     match stream {
         StreamId::Inbox => StreamKey::Inbox(device),
         StreamId::Conversation(c) => StreamKey::Conversation(*c),
+    }
+}
+
+/// An application message or proposal that live subscribers take from memory
+/// ([`Connection::on_entry`]), with its `Deliver` frame encoded once for all of them (a
+/// room's message is delivered to every subscribed member device).
+#[derive(Debug)]
+pub struct LiveEntry {
+    stream: StreamId,
+    entry: Entry,
+    deliver: std::sync::OnceLock<std::sync::Arc<[u8]>>,
+}
+
+/// Equal when the stream and the entry are; the encoding is a cache.
+impl PartialEq for LiveEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.stream == other.stream && self.entry == other.entry
+    }
+}
+
+impl Eq for LiveEntry {}
+
+impl LiveEntry {
+    /// `entry`, appended to `stream`.
+    pub fn new(stream: &StreamKey, entry: Entry) -> Self {
+        Self {
+            stream: wire_stream(stream),
+            entry,
+            deliver: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The entry.
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    /// Its `Deliver` frame, encoded on first use.
+    pub fn deliver_frame(&self) -> std::sync::Arc<[u8]> {
+        self.deliver
+            .get_or_init(|| {
+                ServerFrame::Deliver(Deliver {
+                    stream: self.stream,
+                    entry: self.entry.clone(),
+                })
+                .encode()
+                .into()
+            })
+            .clone()
     }
 }
 

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use confab_spec::frame::Entry;
 use tokio::sync::mpsc;
 
+use crate::handler::LiveEntry;
 use crate::store::StreamKey;
 
 /// Messages a connection's hub queue holds; beyond it the connection is marked lagged.
@@ -26,7 +26,7 @@ pub struct Appended {
     /// The stream.
     pub stream: StreamKey,
     /// The entry, for application messages and proposals.
-    pub entry: Option<Arc<Entry>>,
+    pub entry: Option<Arc<LiveEntry>>,
 }
 
 /// How the hub reaches one connection.

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
@@ -585,7 +586,7 @@ enum Outbound {
     /// A binary frame, and the group-commit barrier it waits for ([`crate::durability`]).
     /// Boxed: the queue allocates its first block of slots up front, and a small slot
     /// keeps that block (and so every idle connection) small.
-    Frame(Box<(Vec<u8>, u64)>),
+    Frame(Box<(Bytes, u64)>),
     /// Flush what is queued, send this close code and stop.
     Close(CloseCode),
 }
@@ -638,7 +639,7 @@ async fn writer(
                     }
                 }
                 queued_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
-                Message::Binary(bytes.into())
+                Message::Binary(bytes)
             }
             Outbound::Close(code) => {
                 telemetry::closed(code);
@@ -692,7 +693,11 @@ impl Outbox {
                 "error sent"
             );
         }
-        let bytes = frame.encode();
+        self.bytes(Bytes::from(frame.encode()))
+    }
+
+    /// Queues one frame already encoded; `Err` as for [`Outbox::frame`].
+    fn bytes(&mut self, bytes: Bytes) -> Result<(), CloseCode> {
         let len = bytes.len();
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.queued_bytes_max {
             return Err(CloseCode::SlowConsumer);
@@ -731,6 +736,11 @@ fn apply(shared: &Shared, id: u64, outbox: &mut Outbox, actions: Vec<Action>) ->
         match action {
             Action::Send(frame) => {
                 if let Err(code) = outbox.frame(&frame) {
+                    return Some(code);
+                }
+            }
+            Action::SendEncoded(bytes) => {
+                if let Err(code) = outbox.bytes(Bytes::from_owner(bytes)) {
                     return Some(code);
                 }
             }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use confab_client::app::receive_batch::ReceiveBatchLimits;
-use confab_client::app::{Client, ClientError, Observer};
+use confab_client::app::{Client, ClientError, Observer, Woken};
 use confab_client::environment::{Dialing, Entropy, Environment, Io};
 use confab_client::mls::signature_memo::SignatureMemo;
 use confab_client::mls::unwritten::StateWriteWindow;
@@ -19,13 +19,14 @@ use confab_client::mls::{EngineKind, open_engine_with};
 use confab_client::store::ClientStore;
 use confab_client::transport::Transport;
 use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
-use confab_spec::ids::{DeviceId, ProcessId, UnixMs};
+use confab_spec::ids::{ConversationId, DeviceId, ProcessId, UnixMs};
 use confab_spec::session::{ClientSession, DeviceCredentials, SessionConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore as _, SeedableRng as _};
 use tokio::sync::mpsc;
 
 use crate::check::Violation;
+use crate::workers::Workers;
 use crate::world::{Command, Shared};
 
 /// The gateway's host name and port in the simulation.
@@ -33,15 +34,23 @@ pub const GATEWAY_HOST: &str = "gateway";
 /// The gateway's port.
 pub const GATEWAY_PORT: u16 = 443;
 
-/// The simulated wall clock: the simulation's epoch plus its elapsed time.
+/// The simulated wall clock: the simulation's epoch plus its elapsed time (on a worker,
+/// the time its job was handed over at: [`crate::workers`]).
 pub fn sim_now() -> UnixMs {
-    UnixMs(turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64))
+    let now = turmoil::since_epoch().or_else(crate::workers::frozen_since_epoch);
+    UnixMs(now.map_or(0, |d| d.as_millis() as u64))
 }
 
-/// Milliseconds of simulated time since the start.
+/// Milliseconds of simulated time since the start (on a worker, at the time its job was
+/// handed over).
 pub fn sim_ms() -> u64 {
-    turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as u64)
+    let elapsed = turmoil::sim_elapsed().or_else(crate::workers::frozen_elapsed);
+    elapsed.map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Events a device host takes from its transport for one job on a worker (the soak's
+/// receive batches hold up to 512 entries).
+const EVENTS_PER_JOB: usize = 512;
 
 /// Randomness from a seed, shareable across threads (the environment types require it).
 pub fn seeded_entropy(seed: [u8; 32]) -> Entropy {
@@ -101,6 +110,9 @@ pub struct DeviceSpec {
     pub signatures: Option<Arc<SignatureMemo>>,
     /// Messages its client keeps per conversation (`None`: all).
     pub keep_messages: Option<NonZeroU32>,
+    /// Where its client's synchronous work runs, if the scenario hands it to workers
+    /// ([`crate::workers`]); `None`: inline, as each event arrives.
+    pub workers: Option<Arc<Workers>>,
 }
 
 impl DeviceSpec {
@@ -219,6 +231,8 @@ pub async fn run_device(world: Shared, spec: Rc<DeviceSpec>) -> turmoil::Result 
         slot.incarnation += 1;
         slot.ready = false;
         slot.busy = false;
+        // A crash may have come while the client was on a worker.
+        slot.handed_over = false;
         slot.commands = Some(commands);
         slot.id = Some(spec.id());
         slot.incarnation
@@ -251,13 +265,20 @@ pub async fn run_device(world: Shared, spec: Rc<DeviceSpec>) -> turmoil::Result 
         }
         enum Step {
             Command(Option<Command>),
-            Pumped(Result<(), ClientError>),
+            Pumped(Result<Option<Woken>, ClientError>),
         }
-        // `Client::pump` is cancel-safe: a command may interrupt it.
+        // With workers the host only waits here, and the work is handed over below.
+        let pumped = async {
+            match spec.workers {
+                None => client.pump().await.map(|()| None),
+                Some(_) => client.wait(EVENTS_PER_JOB).await.map(Some),
+            }
+        };
+        // `Client::pump` and `Client::wait` are cancel-safe: a command may interrupt them.
         let step = tokio::select! {
             biased;
             command = inbox.recv() => Step::Command(command),
-            result = client.pump() => Step::Pumped(result),
+            result = pumped => Step::Pumped(result),
         };
         match step {
             Step::Command(None) => return Ok(()),
@@ -270,17 +291,25 @@ pub async fn run_device(world: Shared, spec: Rc<DeviceSpec>) -> turmoil::Result 
                         report(&world, i, &observer, &mut seen);
                     }
                 };
-                let result = tokio::select! {
+                let (back, result) = tokio::select! {
                     biased;
-                    result = execute(&world, &spec, &mut client, command) => result,
-                    () = reporter => Ok(()),
+                    done = execute(&world, &spec, client, command) => done,
+                    () = reporter => return fail(&world, i, "the reporter stopped".to_owned()),
                 };
+                client = back;
                 world.borrow_mut().devices[i].busy = false;
                 if let Err(e) = result {
                     return fail(&world, i, e);
                 }
             }
-            Step::Pumped(Ok(())) => {}
+            Step::Pumped(Ok(None)) => {}
+            Step::Pumped(Ok(Some(woken))) => {
+                let (back, result) = hand_over(&world, &spec, client, move |c| c.work(woken)).await;
+                client = back;
+                if let Err(e) = result {
+                    return fail(&world, i, format!("client: {e}"));
+                }
+            }
             Step::Pumped(Err(e)) => return fail(&world, i, format!("client: {e}")),
         }
     }
@@ -298,6 +327,9 @@ fn fail(world: &Shared, device: usize, what: String) -> turmoil::Result {
 /// Reports what the client's observer recorded since the last report (entries processed,
 /// connection state, resumes) to the checker and the trace.
 fn report(world: &Shared, i: usize, observer: &Observer, seen_readies: &mut u64) {
+    if world.borrow().devices[i].handed_over {
+        return;
+    }
     let Ok(mut observed) = observer.lock() else {
         return;
     };
@@ -406,8 +438,105 @@ fn report_client(world: &Shared, i: usize, client: &mut Client) {
     }
 }
 
-/// Runs one command to its end.
+/// Runs `job` on `client` on a worker if the scenario has them (sleeping the workers'
+/// fixed delay meanwhile), else here; gives the client back with the job's result.
+async fn hand_over<T: Send + 'static>(
+    world: &Shared,
+    spec: &DeviceSpec,
+    mut client: Client,
+    job: impl FnOnce(&mut Client) -> T + Send + 'static,
+) -> (Client, T) {
+    let Some(workers) = &spec.workers else {
+        let result = job(&mut client);
+        return (client, result);
+    };
+    // The reporter of a running command must not read the observer meanwhile.
+    world.borrow_mut().devices[spec.index].handed_over = true;
+    let pending = workers.run(move || {
+        let result = job(&mut client);
+        (client, result)
+    });
+    // Always the same simulated delay, however fast the worker is.
+    tokio::time::sleep(workers.sleep()).await;
+    let back = pending.wait();
+    world.borrow_mut().devices[spec.index].handed_over = false;
+    back
+}
+
+/// Runs one command; the client comes back with the outcome (a send's encryption may run
+/// on a worker: [`hand_over`]).
 async fn execute(
+    world: &Shared,
+    spec: &DeviceSpec,
+    mut client: Client,
+    command: Command,
+) -> (Client, Result<(), String>) {
+    let result = match command {
+        Command::Send { conversation } => {
+            let (back, result) = send(world, spec, client, conversation).await;
+            client = back;
+            result
+        }
+        command => execute_here(world, spec, &mut client, command).await,
+    };
+    (client, result)
+}
+
+/// `Command::Send`: a fresh message, encrypted on a worker if the scenario has them.
+async fn send(
+    world: &Shared,
+    spec: &DeviceSpec,
+    mut client: Client,
+    conversation: ConversationId,
+) -> (Client, Result<(), String>) {
+    let i = spec.index;
+    let body = {
+        let mut w = world.borrow_mut();
+        let slot = &mut w.devices[i];
+        slot.composed += 1;
+        let body = format!("m{i}.{}", slot.composed).into_bytes();
+        w.checker.composed(spec.id(), body.clone());
+        body
+    };
+    let composed = match client.ready_to_compose(conversation).await {
+        Ok(()) => {
+            let text = body.clone();
+            let (back, composed) = hand_over(world, spec, client, move |c| {
+                c.compose_text(conversation, &text)
+            })
+            .await;
+            client = back;
+            composed
+        }
+        Err(e) => Err(e),
+    };
+    let sent = match composed {
+        Ok(composed) => client.send_composed(composed).await,
+        Err(e) => Err(e),
+    };
+    let result = match sent {
+        Ok(seq) => {
+            let mut w = world.borrow_mut();
+            let result = w.checker.accepted(conversation, seq.get(), &body);
+            w.check(result);
+            Ok(())
+        }
+        // Refused, or sent from a group this device was just removed from (the
+        // orchestrator's view of membership can lag the device's).
+        Err(
+            ClientError::SendRefused { .. }
+            | ClientError::Engine(confab_client::mls::EngineError::Removed),
+        ) => {
+            world.borrow_mut().devices[i].refused += 1;
+            Ok(())
+        }
+        Err(e) => Err(format!("send: {e}")),
+    };
+    (client, result)
+}
+
+/// Every command but `Send`, on the client in place.
+async fn execute_here(
     world: &Shared,
     spec: &DeviceSpec,
     client: &mut Client,
@@ -426,30 +555,8 @@ async fn execute(
                 w.conversations.push(conversation);
             }
         }
-        Command::Send { conversation } => {
-            let body = {
-                let mut w = world.borrow_mut();
-                let slot = &mut w.devices[i];
-                slot.composed += 1;
-                let body = format!("m{i}.{}", slot.composed).into_bytes();
-                w.checker.composed(spec.id(), body.clone());
-                body
-            };
-            match client.send_text(conversation, &body).await {
-                Ok(seq) => {
-                    let mut w = world.borrow_mut();
-                    let result = w.checker.accepted(conversation, seq.get(), &body);
-                    w.check(result);
-                }
-                // Refused, or sent from a group this device was just removed from (the
-                // orchestrator's view of membership can lag the device's).
-                Err(
-                    ClientError::SendRefused { .. }
-                    | ClientError::Engine(confab_client::mls::EngineError::Removed),
-                ) => world.borrow_mut().devices[i].refused += 1,
-                Err(e) => return Err(format!("send: {e}")),
-            }
-        }
+        // `execute` gives sends to `send`, which may hand the client over.
+        Command::Send { .. } => return Err("a send runs through `send`".to_owned()),
         Command::Update { conversation } => {
             let lost_before = client.lost_commit_races();
             let result = client.update(conversation).await;

@@ -10,6 +10,7 @@
 //! - [`device`]: a device host (`confab_client::app::Client` on simulated TCP);
 //! - [`scrape`]: the `presence-scrape` scenario (bots against presence);
 //! - [`check`]: the invariants;
+//! - [`workers`]: threads that run devices' synchronous work beside turmoil's;
 //! - [`world`]: what hosts and orchestrator share, and the trace digest.
 //!
 //! The session-level chaos property test in `spec/tests/session_props.rs` is its
@@ -21,6 +22,7 @@ pub mod gateway;
 pub mod run;
 pub mod scenario;
 pub mod scrape;
+pub mod workers;
 pub mod world;
 
 pub use run::{Failure, Options, Progress, Summary, run};

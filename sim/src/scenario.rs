@@ -231,6 +231,15 @@ impl Scenario {
         }
     }
 
+    /// Whether its devices hand their synchronous work (decrypting, recording and
+    /// acknowledging what they receive) to worker threads ([`crate::workers`]): the soak's
+    /// 1,000 members receiving 100 messages a second keep one core busy with little else.
+    /// Each hand-over delays the device one simulation step; the run does not depend on
+    /// the number of workers.
+    pub fn offloads_work(self) -> bool {
+        matches!(self, Scenario::RoomSoak)
+    }
+
     /// How its devices are grouped.
     pub fn topology(self) -> Topology {
         match self {

@@ -24,7 +24,7 @@
 //! ([`crate::mls::journal`]); a Welcome's join is recorded with the conversation's cursor
 //! in one transaction, and a join the store missed is recognised by the group being there.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use confab_spec::error::ErrorCode;
@@ -163,6 +163,27 @@ pub struct Client {
     faults: Faults,
     /// msg_ids numbered so far under [`Faults::counter_msg_ids`].
     msg_id_counter: std::cell::Cell<u64>,
+    /// Events [`Client::wait`] took from the transport that [`Client::work`] has not
+    /// handled yet.
+    pending_events: VecDeque<Event>,
+}
+
+/// A text message encrypted and given its msg_id by [`Client::compose_text`], not sent yet.
+#[derive(Debug)]
+#[must_use = "a composed text is sent by Client::send_composed"]
+pub struct ComposedText {
+    conversation: ConversationId,
+    text: Vec<u8>,
+    payload: Vec<u8>,
+    msg_id: MsgId,
+}
+
+/// What woke a client in [`Client::wait`], for [`Client::work`] to handle.
+#[derive(Debug)]
+#[must_use = "the events taken are handled by Client::work"]
+pub struct Woken {
+    /// The timer fired while the presence lease was due for renewal.
+    renew: bool,
 }
 
 /// What a client reports to its observer as it goes ([`Client::observe`]).
@@ -281,6 +302,7 @@ impl Client {
             receive_batch_limits: receive_batch::ReceiveBatchLimits::default(),
             faults: Faults::default(),
             msg_id_counter: std::cell::Cell::new(0),
+            pending_events: VecDeque::new(),
         }
     }
 
@@ -406,10 +428,24 @@ impl Client {
         self.ready
     }
 
-    /// Runs the transport once: waits for one event and handles it.
+    /// Runs the transport once: waits for one event (or a timer) and handles it.
+    /// [`Client::wait`] and [`Client::work`] are its two halves.
     pub async fn pump(&mut self) -> Result<(), ClientError> {
+        let woken = self.wait(1).await?;
+        self.work(woken)
+    }
+
+    /// The waiting half of [`Client::pump`]: waits until there is something to do and
+    /// takes up to `max_events` transport events that are ready (at least one unless a
+    /// timer fired), keeping them in the client until [`Client::work`] handles them. It
+    /// decrypts and writes nothing, and it is cancel-safe: nothing taken from the
+    /// transport is dropped.
+    pub async fn wait(&mut self, max_events: usize) -> Result<Woken, ClientError> {
         if let Some(error) = self.stopped {
             return Err(ClientError::Stopped(error));
+        }
+        if !self.pending_events.is_empty() {
+            return Ok(Woken { renew: false });
         }
         let now = self.now();
         let renew_in = self.presence.renew_in(now).filter(|_| self.ready);
@@ -436,6 +472,31 @@ impl Client {
             None => Some(self.transport.next_event().await),
         };
         let Some(event) = event else {
+            return Ok(Woken {
+                renew: renew_in.is_some(),
+            });
+        };
+        self.pending_events.push_back(event);
+        // More events that are ready now, without waiting (`next_event` is cancel-safe).
+        while self.pending_events.len() < max_events {
+            use futures_util::FutureExt as _;
+            match self.transport.next_event().now_or_never() {
+                Some(event) => self.pending_events.push_back(event),
+                None => break,
+            }
+        }
+        Ok(Woken { renew: false })
+    }
+
+    /// The working half of [`Client::pump`]: handles the events [`Client::wait`] took
+    /// (decrypting, recording and acknowledging entries) or the timer that woke it. It
+    /// does no network I/O and awaits nothing (frames it answers with go out as the
+    /// client next waits), so it may run on another thread than the one that waits. An
+    /// event whose handling fails stays taken: the next `work` handles the events after it.
+    pub fn work(&mut self, woken: Woken) -> Result<(), ClientError> {
+        let lost = self.transport.deliveries_lost();
+        self.observed(|o| o.lost_deliveries = lost);
+        if self.pending_events.is_empty() {
             let now = self.now();
             if self.receive_batch.as_ref().is_some_and(|b| b.due <= now) {
                 self.end_receive_batch()?;
@@ -443,14 +504,15 @@ impl Client {
             if self.receive_batch.is_none() && self.engine.unwritten_due_in() == Some(0) {
                 self.engine.end_receive_batch()?;
             }
-            if renew_in.is_some() && self.presence.renew_in(now) == Some(0) {
+            if woken.renew && self.presence.renew_in(now) == Some(0) {
                 self.renew_presence();
             }
             return Ok(());
-        };
-        let lost = self.transport.deliveries_lost();
-        self.observed(|o| o.lost_deliveries = lost);
-        self.on_event(event)
+        }
+        while let Some(event) = self.pending_events.pop_front() {
+            self.on_event(event)?;
+        }
+        Ok(())
     }
 
     /// Takes, renews or releases this device's presence lease (SPEC.md 9.1). While the
@@ -895,19 +957,60 @@ impl Client {
         }
     }
 
-    /// Sends `text` to `conversation`; returns its seq once the gateway accepted it.
+    /// Sends `text` to `conversation`; returns its seq once the gateway accepted it. Its
+    /// three steps are public for a caller that runs the synchronous one elsewhere:
+    /// [`Client::ready_to_compose`], [`Client::compose_text`], [`Client::send_composed`].
     pub async fn send_text(
         &mut self,
         conversation: ConversationId,
         text: &[u8],
     ) -> Result<Seq, ClientError> {
-        // No application message while a Commit of this device's is pending (REQ-7.4-3).
-        self.settle_resent_commit(conversation).await?;
-        let mut payload = self.encrypt(&conversation, text)?;
-        let msg_id = self.new_msg_id();
+        self.ready_to_compose(conversation).await?;
+        let composed = self.compose_text(conversation, text)?;
+        self.send_composed(composed).await
+    }
+
+    /// Waits until `conversation` can take a new application message: no application
+    /// message is sent while a Commit of this device's is pending (REQ-7.4-3), so one an
+    /// earlier process sent is settled first. Then call [`Client::compose_text`].
+    pub async fn ready_to_compose(
+        &mut self,
+        conversation: ConversationId,
+    ) -> Result<(), ClientError> {
+        self.settle_resent_commit(conversation).await
+    }
+
+    /// Encrypts `text` for `conversation` and gives it its msg_id, after
+    /// [`Client::ready_to_compose`]. Synchronous: it writes the engine's state and
+    /// awaits nothing, so it may run on another thread. Nothing is sent until
+    /// [`Client::send_composed`].
+    pub fn compose_text(
+        &mut self,
+        conversation: ConversationId,
+        text: &[u8],
+    ) -> Result<ComposedText, ClientError> {
+        let payload = self.encrypt(&conversation, text)?;
+        Ok(ComposedText {
+            conversation,
+            text: text.to_vec(),
+            payload,
+            msg_id: self.new_msg_id(),
+        })
+    }
+
+    /// Sends what [`Client::compose_text`] composed and returns its seq once the gateway
+    /// accepted it. Refused as too old for its epoch, it catches up, encrypts the text
+    /// again and sends it under the same msg_id.
+    pub async fn send_composed(&mut self, composed: ComposedText) -> Result<Seq, ClientError> {
+        let ComposedText {
+            conversation,
+            text,
+            mut payload,
+            msg_id,
+        } = composed;
         loop {
             match self
-                .send_as(msg_id, conversation, payload, None, Some(text.to_vec()))
+                .send_as(msg_id, conversation, payload, None, Some(text.clone()))
                 .await
             {
                 // Sent too long after its epoch (the device was cut off while the group
@@ -918,7 +1021,7 @@ impl Client {
                     epoch: Some(current),
                     ..
                 }) if self.catch_up(conversation, current).await? => {
-                    payload = self.encrypt(&conversation, text)?;
+                    payload = self.encrypt(&conversation, &text)?;
                 }
                 other => return other,
             }

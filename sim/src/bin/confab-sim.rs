@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! confab-sim list
-//! confab-sim run --scenario NAME --seed S [--cycles N] [--clients N]
+//! confab-sim run --scenario NAME --seed S [--cycles N] [--clients N] [--threads N]
 //! ```
 //!
 //! A run shows progress on stderr and ends with a summary table; a broken invariant prints
@@ -42,6 +42,10 @@ enum Command {
         /// Devices (default: the scenario's).
         #[arg(long)]
         clients: Option<usize>,
+        /// Worker threads for devices' work in scenarios that hand it over (room-soak);
+        /// any number gives the same run, 0 runs it inline (default: the machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Turns on a deliberately broken gateway behaviour (self-test; repeatable).
         #[arg(long = "gateway-fault", hide = true)]
         gateway_faults: Vec<String>,
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
             seed,
             cycles,
             clients,
+            threads,
             gateway_faults,
         } => {
             let Some(scenario) = Scenario::parse(&scenario) else {
@@ -84,6 +89,9 @@ fn main() -> ExitCode {
             }
             if let Some(c) = clients {
                 options.clients = c;
+            }
+            if let Some(t) = threads {
+                options.threads = t;
             }
             for name in gateway_faults {
                 let Some(one) = Faults::only(&name) else {
@@ -101,6 +109,8 @@ fn main() -> ExitCode {
                 options.scenario, options.seed, options.cycles, options.clients
             );
             let started = std::time::Instant::now();
+            // The first cycle report (wall seconds, cycles): the rate after the set-up.
+            let mut first_cycles: Option<(f64, u64)> = None;
             let result = confab_sim::run(&options, &mut |p| {
                 let simulated = p.sim_ms as f64 / 1_000.0;
                 let wall = started.elapsed().as_secs_f64();
@@ -108,10 +118,24 @@ fn main() -> ExitCode {
                     Some((step, done, of)) => eprintln!(
                         "  set-up: {step}, {done} / {of}, {simulated:.1} s simulated, {wall:.0} s wall"
                     ),
-                    None => eprintln!(
-                        "  {:>6} / {} cycles, {simulated:.1} s simulated, {wall:.0} s wall",
-                        p.cycles, p.target
-                    ),
+                    None => {
+                        let (wall_0, cycles_0) = *first_cycles.get_or_insert((wall, p.cycles));
+                        let eta = match p.cycles.checked_sub(cycles_0) {
+                            Some(done) if done > 0 => {
+                                let per_cycle = (wall - wall_0) / done as f64;
+                                let left = p.target.saturating_sub(p.cycles) as f64 * per_cycle;
+                                format!(
+                                    ", {per_cycle:.2} s wall per cycle, {:.0} min left",
+                                    left / 60.0
+                                )
+                            }
+                            _ => String::new(),
+                        };
+                        eprintln!(
+                            "  {:>6} / {} cycles, {simulated:.1} s simulated, {wall:.0} s wall{eta}",
+                            p.cycles, p.target
+                        )
+                    }
                 }
             });
             match result {
