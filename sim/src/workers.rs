@@ -5,7 +5,7 @@
 //! decrypting, recording and acknowledging what it receives ([`confab_client::app::Client::work`]),
 //! which is synchronous and touches only that device's own state. A device host hands that
 //! work to a worker ([`Workers::run`]), sleeps a fixed simulated time
-//! ([`Workers::sleep`]: one and a half steps), then takes its client back
+//! ([`Workers::sleep`], set by the scenario), then takes its client back
 //! ([`Pending::wait`], blocking until the worker is done). Meanwhile turmoil steps the
 //! other hosts: a step runs each host until its clock reaches the step's end, so a shorter
 //! sleep would end in the same step and the host would block on the worker at once.
@@ -60,9 +60,10 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// `threads` workers for a simulation stepping `step` at a time; with zero threads,
+    /// `threads` workers whose hosts sleep `hand_over` of simulated time before taking a
+    /// result ([`Workers::sleep`]; more than one simulation step); with zero threads,
     /// [`Workers::run`] runs each job inline.
-    pub fn new(threads: usize, step: Duration) -> std::io::Result<Self> {
+    pub fn new(threads: usize, hand_over: Duration) -> std::io::Result<Self> {
         let (jobs, queue) = channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let mut spawned = Vec::with_capacity(threads);
@@ -88,13 +89,14 @@ impl Workers {
         Ok(Self {
             jobs: (threads > 0).then_some(jobs),
             threads: spawned,
-            sleep: step * 3 / 2,
+            sleep: hand_over,
         })
     }
 
     /// The simulated time a host sleeps after handing work over and before it takes the
-    /// result: one and a half steps, so it takes the result in a later step than it handed
-    /// the work over in. The host never observes a worker's speed, only this fixed delay.
+    /// result, always the same, so the host never observes a worker's speed. It must end
+    /// in a later step than the hand-over; a longer one lets more events gather for the
+    /// next job and lets the workers finish before the host blocks on them.
     pub fn sleep(&self) -> Duration {
         self.sleep
     }
