@@ -304,7 +304,8 @@ pub async fn run_device(world: Shared, spec: Rc<DeviceSpec>) -> turmoil::Result 
             }
             Step::Pumped(Ok(None)) => {}
             Step::Pumped(Ok(Some(woken))) => {
-                let (back, result) = hand_over(&world, &spec, client, move |c| c.work(woken)).await;
+                let (back, result) =
+                    hand_over(&world, &spec, client, Job::Work, move |c| c.work(woken)).await;
                 client = back;
                 if let Err(e) = result {
                     return fail(&world, i, format!("client: {e}"));
@@ -438,12 +439,23 @@ fn report_client(world: &Shared, i: usize, client: &mut Client) {
     }
 }
 
+/// What a job handed to a worker is, which sets how long its device sleeps meanwhile.
+#[derive(Clone, Copy)]
+enum Job {
+    /// Handling received events: [`crate::workers::Workers::sleep`].
+    Work,
+    /// Encrypting a send: [`crate::workers::Workers::send_sleep`].
+    Send,
+}
+
 /// Runs `job` on `client` on a worker if the scenario has them (sleeping the workers'
-/// fixed delay meanwhile), else here; gives the client back with the job's result.
+/// fixed delay for that kind of job meanwhile), else here; gives the client back with the
+/// job's result.
 async fn hand_over<T: Send + 'static>(
     world: &Shared,
     spec: &DeviceSpec,
     mut client: Client,
+    kind: Job,
     job: impl FnOnce(&mut Client) -> T + Send + 'static,
 ) -> (Client, T) {
     let Some(workers) = &spec.workers else {
@@ -457,7 +469,11 @@ async fn hand_over<T: Send + 'static>(
         (client, result)
     });
     // Always the same simulated delay, however fast the worker is.
-    tokio::time::sleep(workers.sleep()).await;
+    let sleep = match kind {
+        Job::Work => workers.sleep(),
+        Job::Send => workers.send_sleep(),
+    };
+    tokio::time::sleep(sleep).await;
     let back = pending.wait();
     world.borrow_mut().devices[spec.index].handed_over = false;
     back
@@ -501,7 +517,7 @@ async fn send(
     let composed = match client.ready_to_compose(conversation).await {
         Ok(()) => {
             let text = body.clone();
-            let (back, composed) = hand_over(world, spec, client, move |c| {
+            let (back, composed) = hand_over(world, spec, client, Job::Send, move |c| {
                 c.compose_text(conversation, &text)
             })
             .await;

@@ -295,6 +295,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
         true => Some(Arc::new(
             Workers::new(
                 options.threads,
+                Duration::from_millis(options.scenario.tick_ms()),
                 Duration::from_millis(options.scenario.hand_over_ms()),
             )
             .map_err(|e| setup_failure(options, format!("worker threads: {e}")))?,

@@ -240,8 +240,8 @@ impl Scenario {
         matches!(self, Scenario::RoomSoak)
     }
 
-    /// The simulated time a device sleeps after handing its work to a worker, before it
-    /// takes the result ([`crate::workers::Workers::sleep`]). The soak's is 30 steps: its
+    /// The simulated time a device sleeps after handing a received batch's work to a
+    /// worker, before it takes the result ([`crate::workers::Workers::sleep`]). The soak's is 30 steps: its
     /// members then take about 30 entries per job instead of one or two, and the workers
     /// are done before the device needs its client back. Measured on 2 cores (seed 1, 40
     /// simulated seconds, 2 workers): 2.96 s of wall time per simulated second at 1.5

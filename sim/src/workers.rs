@@ -49,6 +49,7 @@ pub struct Workers {
     jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
     sleep: Duration,
+    send_sleep: Duration,
 }
 
 impl std::fmt::Debug for Workers {
@@ -60,10 +61,12 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// `threads` workers whose hosts sleep `hand_over` of simulated time before taking a
-    /// result ([`Workers::sleep`]; more than one simulation step); with zero threads,
-    /// [`Workers::run`] runs each job inline.
-    pub fn new(threads: usize, hand_over: Duration) -> std::io::Result<Self> {
+    /// `threads` workers for a simulation stepping `step` at a time, whose hosts sleep
+    /// `hand_over` of simulated time before taking a received batch's result
+    /// ([`Workers::sleep`]; more than one step) and one and a half steps before taking a
+    /// send's ([`Workers::send_sleep`]); with zero threads, [`Workers::run`] runs each job
+    /// inline.
+    pub fn new(threads: usize, step: Duration, hand_over: Duration) -> std::io::Result<Self> {
         let (jobs, queue) = channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let mut spawned = Vec::with_capacity(threads);
@@ -90,6 +93,7 @@ impl Workers {
             jobs: (threads > 0).then_some(jobs),
             threads: spawned,
             sleep: hand_over,
+            send_sleep: step * 3 / 2,
         })
     }
 
@@ -99,6 +103,13 @@ impl Workers {
     /// next job and lets the workers finish before the host blocks on them.
     pub fn sleep(&self) -> Duration {
         self.sleep
+    }
+
+    /// The simulated time a host sleeps after handing a send's encryption over: one and a
+    /// half steps, the least that ends in a later step, because a member sending is busy
+    /// until its message is accepted.
+    pub fn send_sleep(&self) -> Duration {
+        self.send_sleep
     }
 
     /// Worker threads (zero: jobs run inline).
@@ -230,7 +241,12 @@ mod tests {
     #[test]
     fn jobs_run_on_workers_and_inline_with_the_same_results() {
         for threads in [0, 1, 3] {
-            let workers = Workers::new(threads, Duration::from_millis(10)).expect("threads");
+            let workers = Workers::new(
+                threads,
+                Duration::from_millis(10),
+                Duration::from_millis(30),
+            )
+            .expect("threads");
             assert_eq!(workers.threads(), threads);
             let pending: Vec<_> = (0..50u64).map(|n| workers.run(move || n * n)).collect();
             let results: Vec<u64> = pending.into_iter().map(Pending::wait).collect();
@@ -240,7 +256,8 @@ mod tests {
 
     #[test]
     fn a_dropped_pending_job_has_finished_when_the_drop_returns() {
-        let workers = Workers::new(1, Duration::from_millis(10)).expect("threads");
+        let workers =
+            Workers::new(1, Duration::from_millis(10), Duration::from_millis(30)).expect("threads");
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let set = flag.clone();
         let pending = workers.run(move || {
@@ -253,7 +270,8 @@ mod tests {
 
     #[test]
     fn a_panicking_job_panics_where_its_result_is_taken_and_the_worker_lives_on() {
-        let workers = Workers::new(1, Duration::from_millis(10)).expect("threads");
+        let workers =
+            Workers::new(1, Duration::from_millis(10), Duration::from_millis(30)).expect("threads");
         let pending = workers.run(|| -> u32 { panic!("job failed") });
         let caught = catch_unwind(AssertUnwindSafe(|| pending.wait()));
         assert!(caught.is_err());
@@ -263,7 +281,12 @@ mod tests {
     #[test]
     fn the_frozen_clock_is_set_only_inside_a_job() {
         for threads in [0, 1] {
-            let workers = Workers::new(threads, Duration::from_millis(10)).expect("threads");
+            let workers = Workers::new(
+                threads,
+                Duration::from_millis(10),
+                Duration::from_millis(30),
+            )
+            .expect("threads");
             // Outside a simulation turmoil's clock reads as zero: the job sees that value.
             let seen = workers
                 .run(|| (frozen_since_epoch(), frozen_elapsed()))
