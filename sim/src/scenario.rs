@@ -245,7 +245,8 @@ impl Scenario {
     /// members then take about 30 entries per job instead of one or two, and the workers
     /// are done before the device needs its client back. Measured on 2 cores (seed 1, 40
     /// simulated seconds, 2 workers): 2.96 s of wall time per simulated second at 1.5
-    /// steps, 2.27 at 5, 1.91 at 15, 1.55 at 30.
+    /// steps, 2.27 at 5, 1.91 at 15, 1.55 at 30 (sends then slept as long; they now sleep
+    /// 1.5 steps, [`crate::workers::Workers::send_sleep`]).
     pub fn hand_over_ms(self) -> u64 {
         match self {
             Scenario::RoomSoak => 300,
