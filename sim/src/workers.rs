@@ -63,7 +63,7 @@ impl std::fmt::Debug for Workers {
 impl Workers {
     /// `threads` workers for a simulation stepping `step` at a time, whose hosts sleep
     /// `hand_over` of simulated time before taking a received batch's result
-    /// ([`Workers::sleep`]; more than one step) and one and a half steps before taking a
+    /// ([`Workers::sleep`]; at least one and a half steps) and one and a half steps before taking a
     /// send's ([`Workers::send_sleep`]); with zero threads, [`Workers::run`] runs each job
     /// inline.
     pub fn new(threads: usize, step: Duration, hand_over: Duration) -> std::io::Result<Self> {
@@ -92,7 +92,8 @@ impl Workers {
         Ok(Self {
             jobs: (threads > 0).then_some(jobs),
             threads: spawned,
-            sleep: hand_over,
+            // Never shorter than a send's: it must end in a later step.
+            sleep: hand_over.max(step * 3 / 2),
             send_sleep: step * 3 / 2,
         })
     }
