@@ -1365,11 +1365,6 @@ impl LiveEntry {
         }
     }
 
-    /// The entry.
-    pub fn entry(&self) -> &Entry {
-        &self.entry
-    }
-
     /// Its `Deliver` frame, encoded on first use.
     pub fn deliver_frame(&self) -> std::sync::Arc<[u8]> {
         self.deliver
