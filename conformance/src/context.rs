@@ -166,6 +166,7 @@ impl Ctx {
                         transcript: self.transcript.clone(),
                         limits: self.info.decode_limits(),
                         largest_received: 0,
+                        authenticated: None,
                     });
                 }
                 Ok(Err(e)) => e,
@@ -274,6 +275,16 @@ pub struct Device {
     pub process: ProcessId,
 }
 
+impl Clone for Device {
+    fn clone(&self) -> Self {
+        Self {
+            system: SystemKeyPair::from_seed(&self.system.seed()),
+            key: self.key.clone(),
+            process: self.process,
+        }
+    }
+}
+
 impl Device {
     /// A new user with one device, from the operating system's random source.
     pub fn fresh() -> Self {
@@ -368,9 +379,17 @@ pub struct Peer {
     transcript: Transcript,
     limits: DecodeLimits,
     largest_received: usize,
+    /// The device this connection authenticated as, and the server's time then.
+    authenticated: Option<(Device, UnixMs)>,
 }
 
 impl Peer {
+    /// The device this connection authenticated as and the server's time at its
+    /// `Challenge`, once [`Peer::authenticate`] succeeded.
+    pub fn authenticated(&self) -> Option<(&Device, UnixMs)> {
+        self.authenticated.as_ref().map(|(d, t)| (d, *t))
+    }
+
     /// Sends a frame.
     pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), Stop> {
         let bytes = frame.encode();
@@ -574,6 +593,7 @@ impl Peer {
                 _ => None,
             })
             .await?;
+        self.authenticated = Some((device.clone(), now));
         Ok((ready, auth))
     }
 }

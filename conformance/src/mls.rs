@@ -4,8 +4,10 @@
 //! the output of both.
 
 use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
+use confab_spec::frame::{ClientFrame, ConversationKind, CreateConversation};
 use confab_spec::identity::DeviceKeyPair;
-use confab_spec::ids::{MlsBytes, UnixMs};
+use confab_spec::ids::{ConversationId, MlsBytes, UnixMs};
+use confab_spec::rooms::RoomRoles;
 use confab_spec::session::DeviceCredentials;
 
 use crate::case::Stop;
@@ -68,6 +70,48 @@ impl Member {
             .map(|kp| MlsBytes::new(kp).map_err(|e| broken("wrap a KeyPackage", e)))
             .collect()
     }
+}
+
+impl Member {
+    /// Creates the MLS group of a new conversation with these group context extensions and
+    /// returns the `CreateConversation` that hands its GroupInfo to the server (SPEC.md
+    /// 6.1).
+    pub fn create_frame(
+        &mut self,
+        rid: u64,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        extensions: &[(u16, Vec<u8>)],
+    ) -> Result<ClientFrame, Stop> {
+        let group_info = self
+            .engine
+            .create_group_with(&conversation, extensions)
+            .map_err(|e| broken("create a group", e))?;
+        Ok(ClientFrame::CreateConversation(CreateConversation {
+            rid,
+            conversation,
+            kind,
+            group_info: bytes(group_info)?,
+        }))
+    }
+}
+
+/// A `CreateConversation` from `device` (authenticated at server time `now`) for a group
+/// the suite never commits in: made by a member that is dropped at once. A room gets the
+/// roles naming `device`'s user as owner (SPEC.md 10.1).
+pub fn create_frame(
+    device: &Device,
+    now: UnixMs,
+    rid: u64,
+    conversation: ConversationId,
+    kind: ConversationKind,
+) -> Result<ClientFrame, Stop> {
+    let mut member = Member::new(device.clone(), EngineKind::MlsRs, now)?;
+    let extensions = match kind {
+        ConversationKind::Room => RoomRoles::new(device.id().system).context_extensions(),
+        _ => Vec::new(),
+    };
+    member.create_frame(rid, conversation, kind, &extensions)
 }
 
 /// Bytes from the engine as a payload.

@@ -168,6 +168,10 @@ async fn every_broken_behaviour_fails_a_case() {
         ("presence_to_everyone", "REQ-9.2-1"),
         ("no_presence_target_limit", "REQ-9.5-1"),
         ("no_room_rules", "REQ-10-4"),
+        ("no_handshake_verification", "REQ-7.7-2"),
+        ("no_group_info_check", "REQ-6.1-3"),
+        ("no_welcome_check", "REQ-7.5-3"),
+        ("stale_group_state", "REQ-7.7-1"),
         // Seen only by killing the server: the suite is given control of it.
         ("ack_before_durable", "REQ-6.3-1"),
     ];

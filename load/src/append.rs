@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_spec::frame::{ClientFrame, ConversationKind, CreateConversation, ServerFrame};
+use confab_spec::frame::{ConversationKind, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::Barrier;
@@ -71,15 +71,8 @@ async fn connection(
     let mut ws = wire::open(&endpoint, wire::source(i)).await?;
     wire::authenticate(&mut ws, &endpoint, &identity).await?;
     let conversation = wire::random_conversation();
-    wire::send(
-        &mut ws,
-        &ClientFrame::CreateConversation(CreateConversation {
-            rid: 1,
-            conversation,
-            kind: ConversationKind::DirectMessage,
-        }),
-    )
-    .await?;
+    let create = setup::creation(&identity, 1, conversation, ConversationKind::DirectMessage)?;
+    wire::send(&mut ws, &create).await?;
     wire::expect(&mut ws, "Created", |f| match f {
         ServerFrame::Created(_) => Ok(Some(())),
         other => Err(Box::new(other)),

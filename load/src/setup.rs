@@ -47,6 +47,42 @@ fn engine_for(
         .or_else(|e| fail("opening an MLS engine", e))
 }
 
+/// A `CreateConversation` carrying the GroupInfo of the new group (SPEC.md 6.1).
+fn create_frame(
+    rid: u64,
+    conversation: ConversationId,
+    kind: ConversationKind,
+    group_info: Vec<u8>,
+) -> Result<ClientFrame, LoadError> {
+    Ok(ClientFrame::CreateConversation(CreateConversation {
+        rid,
+        conversation,
+        kind,
+        group_info: MlsBytes::new(group_info).or_else(|e| fail("a GroupInfo", e))?,
+    }))
+}
+
+/// A `CreateConversation` by `creator` for a conversation that only carries application
+/// messages: the GroupInfo of a group made by a throwaway engine.
+pub fn creation(
+    creator: &Identity,
+    rid: u64,
+    conversation: ConversationId,
+    kind: ConversationKind,
+) -> Result<ClientFrame, LoadError> {
+    let dir = tempfile::tempdir().or_else(|e| fail("a scratch directory", e))?;
+    let mut engine = engine_for(creator, EngineKind::MlsRs, dir.path(), "creator.db")?;
+    let context = if kind == ConversationKind::Room {
+        RoomRoles::new(creator.system_key()).context_extensions()
+    } else {
+        Vec::new()
+    };
+    let group_info = engine
+        .create_group_with(&conversation, &context)
+        .or_else(|e| fail("creating the MLS group", e))?;
+    create_frame(rid, conversation, kind, group_info)
+}
+
 fn now() -> UnixMs {
     UnixMs(
         std::time::SystemTime::now()
@@ -131,13 +167,18 @@ pub async fn conversation(
     let kinds = EngineKind::ALL;
     let mut engine = engine_for(creator, kinds[index % 2], dir.path(), "creator.db")?;
     let conversation = wire::random_conversation();
+    // A room states its roles in its group context and in every Commit (SPEC.md 10.1).
+    let context = if kind == ConversationKind::Room {
+        RoomRoles::new(creator.system_key()).context_extensions()
+    } else {
+        Vec::new()
+    };
+    let group_info = engine
+        .create_group_with(&conversation, &context)
+        .or_else(|e| fail("creating the MLS group", e))?;
     wire::send(
         &mut creator_ws,
-        &ClientFrame::CreateConversation(CreateConversation {
-            rid: 1,
-            conversation,
-            kind,
-        }),
+        &create_frame(1, conversation, kind, group_info)?,
     )
     .await?;
     wire::expect(&mut creator_ws, "Created", |f| match f {
@@ -146,15 +187,6 @@ pub async fn conversation(
         _ => Ok(None),
     })
     .await?;
-    // A room states its roles in its group context and in every Commit (SPEC.md 10.1).
-    let context = if kind == ConversationKind::Room {
-        RoomRoles::new(creator.system_key()).context_extensions()
-    } else {
-        Vec::new()
-    };
-    engine
-        .create_group_with(&conversation, &context)
-        .or_else(|e| fail("creating the MLS group", e))?;
     let restated: Vec<ExtraProposal> = (!context.is_empty())
         .then(|| ExtraProposal::GroupContextExtensions(context.clone()))
         .into_iter()

@@ -114,7 +114,13 @@ fn benches(c: &mut Criterion) {
     let mut sender = support::ready(&config, &mut store, &limiters, &mut Counter(7), ORIGIN);
     let device = sender.device().expect("device");
     store
-        .create_conversation(&CONV, ConversationKind::Room, &device, u64::MAX, now())
+        .create_conversation(
+            &CONV,
+            ConversationKind::Room,
+            &support::new_room(&device),
+            u64::MAX,
+            now(),
+        )
         .expect("create");
     let mut entropy = Counter(1);
     let mut group = c.benchmark_group("frame_path");
@@ -180,7 +186,13 @@ fn benches(c: &mut Criterion) {
     let base_path = dir.path().join("baseline.db");
     SqliteStore::open(&base_path)
         .expect("baseline store")
-        .create_conversation(&CONV, ConversationKind::Room, &device, u64::MAX, now())
+        .create_conversation(
+            &CONV,
+            ConversationKind::Room,
+            &support::new_room(&device),
+            u64::MAX,
+            now(),
+        )
         .expect("baseline conversation");
     let mut raw = rusqlite::Connection::open(&base_path).expect("raw");
     raw.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")

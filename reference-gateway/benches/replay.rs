@@ -139,7 +139,13 @@ fn benches(c: &mut Criterion) {
     let mut conn = support::ready(&config, &mut store, &limiters, &mut entropy, ORIGIN);
     let creator = conn.device().expect("device");
     store
-        .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, now())
+        .create_conversation(
+            &CONV,
+            ConversationKind::Room,
+            &support::new_room(&creator),
+            u64::MAX,
+            now(),
+        )
         .expect("create");
     for i in 0..BACKLOG {
         let mut id = [0u8; 16];

@@ -36,6 +36,16 @@ pub struct Faults {
     /// Accept every room Commit whatever the committer's role (REQ-10-4); stated roles
     /// are taken as they come.
     pub no_room_rules: bool,
+    /// Sequence handshake messages that fail MLS verification, with the tracked group left
+    /// as it was (REQ-7.7-2, REQ-7.7-3, REQ-7.7-4).
+    pub no_handshake_verification: bool,
+    /// Create conversations from any GroupInfo, verified or not (REQ-6.1-3).
+    pub no_group_info_check: bool,
+    /// Store any bytes as a Commit's Welcome (REQ-7.5-3).
+    pub no_welcome_check: bool,
+    /// Keep the tracked group state of a conversation's creation: accepted Commits update
+    /// the roster but not the state (REQ-7.7-1).
+    pub stale_group_state: bool,
 }
 
 impl Faults {
@@ -56,6 +66,10 @@ impl Faults {
             "presence_to_everyone" => &mut f.presence_to_everyone,
             "no_presence_target_limit" => &mut f.no_presence_target_limit,
             "no_room_rules" => &mut f.no_room_rules,
+            "no_handshake_verification" => &mut f.no_handshake_verification,
+            "no_group_info_check" => &mut f.no_group_info_check,
+            "no_welcome_check" => &mut f.no_welcome_check,
+            "stale_group_state" => &mut f.stale_group_state,
             _ => return None,
         };
         *switch = true;
@@ -80,11 +94,16 @@ impl Faults {
             no_presence_target_limit: self.no_presence_target_limit
                 || other.no_presence_target_limit,
             no_room_rules: self.no_room_rules || other.no_room_rules,
+            no_handshake_verification: self.no_handshake_verification
+                || other.no_handshake_verification,
+            no_group_info_check: self.no_group_info_check || other.no_group_info_check,
+            no_welcome_check: self.no_welcome_check || other.no_welcome_check,
+            stale_group_state: self.stale_group_state || other.stale_group_state,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 17] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -98,5 +117,9 @@ impl Faults {
         "presence_to_everyone",
         "no_presence_target_limit",
         "no_room_rules",
+        "no_handshake_verification",
+        "no_group_info_check",
+        "no_welcome_check",
+        "stale_group_state",
     ];
 }

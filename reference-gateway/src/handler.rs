@@ -27,6 +27,7 @@ use crate::store::{
     RetentionPolicy, RoomLimits, Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
 };
 use crate::telemetry;
+use crate::tracked_group::{self, Revocations, TrackedGroup};
 use sha2::{Digest, Sha256};
 
 /// Settings the handler enforces and announces.
@@ -666,26 +667,7 @@ impl Connection {
                     out.push(rate_limited(Some(c.rid), retry_after_ms));
                     return Ok(());
                 }
-                match store.create_conversation(
-                    &c.conversation,
-                    c.kind,
-                    &device,
-                    config.rooms.rooms_per_user_max,
-                    now,
-                )? {
-                    CreateOutcome::Created => {
-                        out.push(Action::Send(ServerFrame::Created(Created {
-                            rid: c.rid,
-                            conversation: c.conversation,
-                        })))
-                    }
-                    CreateOutcome::Exists => {
-                        out.push(error(ErrorCode::ConversationExists, Some(c.rid), None))
-                    }
-                    CreateOutcome::TooManyRooms => {
-                        out.push(error(ErrorCode::TooManyRooms, Some(c.rid), None))
-                    }
-                }
+                self.on_create(config, store, now, device, c, out)?;
             }
             ClientFrame::Send(s) => {
                 if let Err(retry_after_ms) = limiters.sends_per_device.check(&device, now) {
@@ -807,6 +789,62 @@ impl Connection {
         Ok(())
     }
 
+    /// `CreateConversation` (SPEC.md 6.1): the id must be free, then the GroupInfo must be
+    /// a valid new group of this device (REQ-6.1-3); the conversation starts from it.
+    fn on_create(
+        &mut self,
+        config: &GatewayConfig,
+        store: &mut dyn Store,
+        now: UnixMs,
+        device: DeviceId,
+        c: frame::CreateConversation,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let rid = Some(c.rid);
+        if store.conversation(&c.conversation)?.is_some() {
+            out.push(error(ErrorCode::ConversationExists, rid, None));
+            return Ok(());
+        }
+        if c.group_info.as_bytes().len() > payload_bytes_max(config) {
+            out.push(error(ErrorCode::PayloadTooLarge, rid, None));
+            return Ok(());
+        }
+        let revocations = revocations_of(store, [device])?;
+        let group = match tracked_group::observe_new_group(
+            c.group_info.as_bytes(),
+            &c.conversation,
+            c.kind,
+            &device,
+            now,
+            &revocations,
+        ) {
+            Ok(group) => group,
+            Err(refusal) if config.faults.no_group_info_check => {
+                tracing::debug!(detail = %refusal.detail, "fault: GroupInfo taken unverified");
+                unverified_new_group(c.kind, device)
+            }
+            Err(refusal) => {
+                out.push(error(refusal.code, rid, Some(&refusal.detail)));
+                return Ok(());
+            }
+        };
+        match store.create_conversation(
+            &c.conversation,
+            c.kind,
+            &group,
+            config.rooms.rooms_per_user_max,
+            now,
+        )? {
+            CreateOutcome::Created => out.push(Action::Send(ServerFrame::Created(Created {
+                rid: c.rid,
+                conversation: c.conversation,
+            }))),
+            CreateOutcome::Exists => out.push(error(ErrorCode::ConversationExists, rid, None)),
+            CreateOutcome::TooManyRooms => out.push(error(ErrorCode::TooManyRooms, rid, None)),
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn on_send(
         &mut self,
@@ -819,9 +857,7 @@ impl Connection {
         out: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let rid = Some(s.rid);
-        let payload_max = limits::payload_bytes_max(
-            usize::try_from(config.limits.frame_bytes_max).unwrap_or(usize::MAX),
-        );
+        let payload_max = payload_bytes_max(config);
         if s.payload.as_bytes().len() > payload_max
             || s.welcome
                 .as_ref()
@@ -830,29 +866,36 @@ impl Connection {
             out.push(error(ErrorCode::PayloadTooLarge, rid, None));
             return Ok(());
         }
-        let kind = match classify(store, &s, device, now)? {
+        let kind = match classify(config, store, &s, device, now)? {
             Ok(kind) => kind,
-            Err((code, epoch, seq)) => {
+            Err(refusal) => {
                 out.push(Action::Send(ServerFrame::Error(ErrorFrame {
-                    code,
+                    code: refusal.code,
                     rid,
                     retry_after_ms: None,
-                    epoch,
-                    seq,
-                    detail: None,
+                    epoch: refusal.epoch,
+                    seq: refusal.seq,
+                    detail: refusal.detail.as_deref().map(ShortText::truncated),
                 })));
                 return Ok(());
             }
         };
         // `invites_per_user`: one token per user whose first device the Commit adds
         // (SPEC.md 10.4).
-        if let AppendKind::Commit { added, .. } = &kind {
+        let mut added = Vec::new();
+        if let AppendKind::Commit {
+            next: Some(next), ..
+        } = &kind
+        {
+            let roster = store.roster(&s.conversation)?;
+            added = tracked_group::membership_change(&roster, &next.members)
+                .added
+                .into_iter()
+                .map(|(_, d)| d)
+                .collect();
             if !added.is_empty() {
-                let present: std::collections::BTreeSet<_> = store
-                    .roster(&s.conversation)?
-                    .into_iter()
-                    .map(|(_, d)| d.system)
-                    .collect();
+                let present: std::collections::BTreeSet<_> =
+                    roster.into_iter().map(|(_, d)| d.system).collect();
                 let invited: std::collections::BTreeSet<_> = added
                     .iter()
                     .map(|d| d.system)
@@ -921,7 +964,7 @@ impl Connection {
                     std::sync::Arc::new(LiveEntry::new(&stream, entry))
                 });
                 out.push(Action::Appended { stream, seq, entry });
-                if let AppendKind::Commit { added, .. } = kind {
+                if matches!(kind, AppendKind::Commit { .. }) {
                     for d in added {
                         let (head, _) = store.bounds(&StreamKey::Inbox(d))?;
                         if let Some(seq) = Seq::new(head) {
@@ -962,6 +1005,10 @@ impl Connection {
             }
             AppendOutcome::WelcomeMismatch => {
                 out.push(error(ErrorCode::WelcomeMismatch, rid, None))
+            }
+            AppendOutcome::Unverified => {
+                tracing::error!("a Commit reached the store unverified");
+                out.push(error(ErrorCode::InternalError, rid, None))
             }
             AppendOutcome::NotMember => out.push(error(ErrorCode::NotMember, rid, None)),
             AppendOutcome::NotFound => out.push(error(ErrorCode::ConversationNotFound, rid, None)),
@@ -1224,16 +1271,64 @@ fn validate_key_package(
     })
 }
 
-type Refusal = (ErrorCode, Option<Epoch>, Option<Seq>);
+/// Why a `Send` is refused before the store sees it.
+struct Refusal {
+    code: ErrorCode,
+    epoch: Option<Epoch>,
+    seq: Option<Seq>,
+    detail: Option<String>,
+}
 
-/// Applies SPEC.md 7.2 to a `Send`: what the payload is, or why it is refused.
+impl From<tracked_group::Refusal> for Refusal {
+    fn from(r: tracked_group::Refusal) -> Self {
+        Refusal {
+            code: r.code,
+            epoch: None,
+            seq: None,
+            detail: Some(r.detail),
+        }
+    }
+}
+
+/// The largest `payload`, `welcome` or `group_info` a frame may carry.
+fn payload_bytes_max(config: &GatewayConfig) -> usize {
+    limits::payload_bytes_max(usize::try_from(config.limits.frame_bytes_max).unwrap_or(usize::MAX))
+}
+
+/// The known revocations of `devices`, for credential checks.
+fn revocations_of(
+    store: &dyn Store,
+    devices: impl IntoIterator<Item = DeviceId>,
+) -> Result<Revocations, StoreError> {
+    let mut revocations = Revocations::new();
+    for device in devices {
+        if let Some(at) = store.revoked_at(&device)? {
+            revocations.insert(device, at);
+        }
+    }
+    Ok(revocations)
+}
+
+/// Applies SPEC.md 7.2, 7.3 and 7.7 to a `Send`: what the payload is, or why it is
+/// refused. A handshake message for the conversation's current epoch from a member, whose
+/// msg_id is new, is verified against the tracked group; any other is left to the store,
+/// which answers it as a duplicate, a conflict, `not_member`, `stale_commit` or
+/// `epoch_ahead` and never appends it unverified.
 fn classify(
+    config: &GatewayConfig,
     store: &dyn Store,
     s: &frame::Send,
     device: DeviceId,
     now: UnixMs,
 ) -> Result<Result<AppendKind, Refusal>, StoreError> {
-    let refuse = |code| Ok(Err((code, None, None)));
+    let refuse = |code| {
+        Ok(Err(Refusal {
+            code,
+            epoch: None,
+            seq: None,
+            detail: None,
+        }))
+    };
     let framing = match mls_framing::peek(s.payload.as_bytes()) {
         Ok(Peek::Framed(f)) => f,
         Ok(Peek::Unframed(_)) => return refuse(ErrorCode::MlsWireFormatNotAllowed),
@@ -1254,71 +1349,195 @@ fn classify(
             if own_leaf.is_some() && framing.sender != own_leaf.map(Sender::Member) {
                 return refuse(ErrorCode::MlsSenderMismatch);
             }
+            let current = store.conversation(&s.conversation)?.map(|c| c.epoch);
+            let fresh = own_leaf.is_some() && !store.sequenced(&s.conversation, &s.msg_id)?;
+            let verify = fresh && current == Some(epoch);
             if framing.content_type == ContentType::Proposal {
-                let removes = match mls_framing::proposal_contents(s.payload.as_bytes()) {
-                    Ok((_, CommitProposal::Remove { leaf })) => Some(leaf),
-                    Ok(_) => None,
-                    Err(_) => return refuse(ErrorCode::MlsMalformed),
-                };
-                return Ok(Ok(AppendKind::Proposal { epoch, removes }));
+                return classify_proposal(config, store, s, device, epoch, verify, now);
             }
-            let contents = match mls_framing::commit_contents(s.payload.as_bytes()) {
-                Ok(c) => c,
-                Err(_) => return refuse(ErrorCode::MlsMalformed),
-            };
-            if contents.by_reference > 0 {
-                return refuse(ErrorCode::MlsCommitByReference);
-            }
-            let mut added = Vec::new();
-            let mut removed_leaves = Vec::new();
-            let mut roles = None;
-            let mut context_changes = 0;
-            for p in contents.by_value {
-                match p {
-                    CommitProposal::Add {
-                        credential_type: 1,
-                        identity,
-                    } => {
-                        let Ok(cert) = confab_spec::cbor::from_slice::<DeviceCertificate>(
-                            &identity,
-                            &confab_spec::DecodeLimits::default(),
-                        ) else {
-                            return refuse(ErrorCode::MlsMalformed);
-                        };
-                        let revoked = store.revoked_at(&cert.device_id())?;
-                        if cert
-                            .verify(now, limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| revoked)
-                            .is_err()
-                        {
-                            return refuse(ErrorCode::MlsMalformed);
-                        }
-                        added.push(cert.device_id());
-                    }
-                    CommitProposal::Add { .. } => return refuse(ErrorCode::MlsMalformed),
-                    CommitProposal::Remove { leaf } => removed_leaves.push(leaf),
-                    CommitProposal::GroupContextExtensions { extensions } => {
-                        // RFC 9420 12.2: at most one per Commit.
-                        context_changes += 1;
-                        if context_changes > 1 {
-                            return refuse(ErrorCode::MlsMalformed);
-                        }
-                        roles = extensions
-                            .iter()
-                            .find(|(t, _)| *t == confab_spec::rooms::ROLES_EXTENSION_TYPE)
-                            .map(|(_, data)| confab_spec::rooms::RoomRoles::from_extension(data));
-                    }
-                    CommitProposal::Other { .. } => {}
-                }
-            }
-            Ok(Ok(AppendKind::Commit {
-                epoch,
-                removed_leaves,
-                added,
-                welcome: s.welcome.clone(),
-                roles,
-            }))
+            // The `two_commits_per_epoch` fault lets a stale Commit through: it takes the
+            // epoch unverified, the group as it was.
+            let stale =
+                config.faults.two_commits_per_epoch && fresh && current.is_some_and(|c| c > epoch);
+            classify_commit(config, store, s, device, epoch, (verify, stale), now)
         }
         _ => refuse(ErrorCode::MlsWireFormatNotAllowed),
+    }
+}
+
+/// A standalone proposal: a leave request, verified when `verify` (SPEC.md 7.7, 10.3).
+fn classify_proposal(
+    config: &GatewayConfig,
+    store: &dyn Store,
+    s: &frame::Send,
+    device: DeviceId,
+    epoch: Epoch,
+    verify: bool,
+    now: UnixMs,
+) -> Result<Result<AppendKind, Refusal>, StoreError> {
+    let framed = match mls_framing::proposal_contents(s.payload.as_bytes()) {
+        Ok((_, CommitProposal::Remove { leaf })) => Some(leaf),
+        Ok(_) => None,
+        Err(_) => {
+            return Ok(Err(Refusal::from(tracked_group::Refusal {
+                code: ErrorCode::MlsMalformed,
+                detail: "the proposal does not parse".into(),
+            })));
+        }
+    };
+    if !verify {
+        return Ok(Ok(AppendKind::Proposal {
+            epoch,
+            removes: framed,
+        }));
+    }
+    let Some(snapshot) = store.group_state(&s.conversation)? else {
+        return Ok(Err(untracked()));
+    };
+    let revocations = revocations_of(store, [device])?;
+    match tracked_group::verify_proposal(&snapshot, s.payload.as_bytes(), now, &revocations) {
+        Ok(verified) => Ok(Ok(AppendKind::Proposal {
+            epoch,
+            removes: Some(verified.removes),
+        })),
+        Err(refusal) if config.faults.no_handshake_verification => {
+            tracing::debug!(detail = %refusal.detail, "fault: proposal taken unverified");
+            Ok(Ok(AppendKind::Proposal {
+                epoch,
+                removes: framed,
+            }))
+        }
+        Err(refusal) => Ok(Err(refusal.into())),
+    }
+}
+
+/// A Commit: all proposals by value (REQ-7.3-3), verified with its Welcome when `verify`
+/// (SPEC.md 7.5, 7.7); taken unverified when `stale` (the `two_commits_per_epoch` fault).
+fn classify_commit(
+    config: &GatewayConfig,
+    store: &dyn Store,
+    s: &frame::Send,
+    device: DeviceId,
+    epoch: Epoch,
+    (verify, stale): (bool, bool),
+    now: UnixMs,
+) -> Result<Result<AppendKind, Refusal>, StoreError> {
+    let contents = match mls_framing::commit_contents(s.payload.as_bytes()) {
+        Ok(c) => c,
+        Err(_) => {
+            return Ok(Err(Refusal::from(tracked_group::Refusal {
+                code: ErrorCode::MlsMalformed,
+                detail: "the Commit does not parse".into(),
+            })));
+        }
+    };
+    if contents.by_reference > 0 {
+        return Ok(Err(Refusal {
+            code: ErrorCode::MlsCommitByReference,
+            epoch: None,
+            seq: None,
+            detail: None,
+        }));
+    }
+    let mut adds = Vec::new();
+    let mut roles = None;
+    for p in &contents.by_value {
+        match p {
+            CommitProposal::Add { identity, .. } => {
+                if let Ok(cert) = confab_spec::identity::certificate_of_credential(identity) {
+                    adds.push(cert.device_id());
+                }
+            }
+            CommitProposal::GroupContextExtensions { extensions } => {
+                roles = extensions
+                    .iter()
+                    .find(|(t, _)| *t == confab_spec::rooms::ROLES_EXTENSION_TYPE)
+                    .map(|(_, data)| confab_spec::rooms::RoomRoles::from_extension(data));
+            }
+            _ => {}
+        }
+    }
+    let commit = |next| {
+        Ok(Ok(AppendKind::Commit {
+            epoch,
+            welcome: s.welcome.clone(),
+            roles: roles.clone(),
+            next,
+        }))
+    };
+    if stale {
+        let snapshot = store.group_state(&s.conversation)?.unwrap_or_default();
+        let next = unverified_next(store, s, epoch, snapshot, roles.clone())?;
+        return commit(Some(Box::new(next)));
+    }
+    if !verify {
+        return commit(None);
+    }
+    let Some(snapshot) = store.group_state(&s.conversation)? else {
+        return Ok(Err(untracked()));
+    };
+    let revocations = revocations_of(store, adds.into_iter().chain([device]))?;
+    let welcome = s
+        .welcome
+        .as_ref()
+        .map(|w| w.as_bytes())
+        .filter(|_| !config.faults.no_welcome_check);
+    match tracked_group::verify_commit(&snapshot, s.payload.as_bytes(), welcome, now, &revocations)
+    {
+        Ok(next) => commit(Some(Box::new(next))),
+        Err(refusal)
+            if config.faults.no_handshake_verification
+                && refusal.code != ErrorCode::MlsWelcomeInvalid =>
+        {
+            tracing::debug!(detail = %refusal.detail, "fault: Commit taken unverified");
+            let next = unverified_next(store, s, epoch, snapshot, roles.clone())?;
+            commit(Some(Box::new(next)))
+        }
+        Err(refusal) => Ok(Err(refusal.into())),
+    }
+}
+
+/// A conversation the gateway holds no group state for: created before it tracked groups.
+fn untracked() -> Refusal {
+    Refusal::from(tracked_group::Refusal {
+        code: ErrorCode::MlsHandshakeInvalid,
+        detail: "the gateway holds no group state for this conversation".into(),
+    })
+}
+
+/// The `no_handshake_verification` fault: the group after an unverified Commit is the
+/// group before it, one epoch on.
+fn unverified_next(
+    store: &dyn Store,
+    s: &frame::Send,
+    epoch: Epoch,
+    snapshot: Vec<u8>,
+    stated: Option<Result<confab_spec::rooms::RoomRoles, confab_spec::rooms::RolesError>>,
+) -> Result<TrackedGroup, StoreError> {
+    let roles = match stated {
+        Some(Ok(roles)) => Some(roles),
+        _ => store.room_roles(&s.conversation)?,
+    };
+    Ok(TrackedGroup {
+        epoch: Epoch(epoch.0 + 1),
+        snapshot,
+        members: store.roster(&s.conversation)?,
+        extensions: roles.map(|r| r.context_extensions()).unwrap_or_default(),
+    })
+}
+
+/// The `no_group_info_check` fault: a new group taken on the creator's word.
+fn unverified_new_group(kind: frame::ConversationKind, creator: DeviceId) -> TrackedGroup {
+    TrackedGroup {
+        epoch: Epoch(0),
+        snapshot: Vec::new(),
+        members: vec![(0, creator)],
+        extensions: match kind {
+            frame::ConversationKind::Room => {
+                confab_spec::rooms::RoomRoles::new(creator.system).context_extensions()
+            }
+            _ => Vec::new(),
+        },
     }
 }
 

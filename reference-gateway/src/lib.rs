@@ -23,3 +23,4 @@ pub mod rate;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tracked_group;

@@ -13,6 +13,8 @@ use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 use confab_spec::rooms::{RolesError, RoomRoles};
 
+use crate::tracked_group::TrackedGroup;
+
 /// A stream the gateway sequences (SPEC.md section 6.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StreamKey {
@@ -53,19 +55,22 @@ pub enum AppendKind {
         /// device of the sender's own user, a leave request (SPEC.md 10.3).
         removes: Option<u32>,
     },
-    /// A Commit created in `epoch`, with the membership change it makes.
+    /// A Commit created in `epoch`.
     Commit {
         /// Its epoch.
         epoch: Epoch,
-        /// Leaves it removes.
-        removed_leaves: Vec<u32>,
-        /// Devices it adds, in proposal order; they take the leftmost free leaves.
-        added: Vec<DeviceId>,
         /// The Welcome for the added devices.
         welcome: Option<MlsBytes>,
         /// The roles its GroupContextExtensions proposal states (`None`: it states none),
         /// judged in a room (SPEC.md 10.2).
         roles: Option<Result<RoomRoles, RolesError>>,
+        /// The group after the Commit, as the gateway verified it (SPEC.md 7.7): its
+        /// roster replaces the conversation's, and its state is stored with the entry.
+        /// `None` when the Commit was not verified because it is not for the
+        /// conversation's current epoch or its msg_id was already sequenced: the store
+        /// then answers duplicate, conflict, `stale_commit` or `epoch_ahead`, and never
+        /// appends it.
+        next: Option<Box<TrackedGroup>>,
     },
 }
 
@@ -153,6 +158,9 @@ pub enum AppendOutcome {
     },
     /// A Commit that adds devices without a Welcome, or a Welcome without adds.
     WelcomeMismatch,
+    /// A Commit for the current epoch that reached the store without its verified next
+    /// state: a bug of the caller (`internal_error`); nothing was appended.
+    Unverified,
     /// The sender is not a member (`not_member`).
     NotMember,
     /// A Commit that breaks a governance rule (`forbidden`, SPEC.md 10.2); the detail
@@ -179,17 +187,25 @@ pub enum StoreError {
 
 /// The gateway's durable state.
 pub trait Store: Send {
-    /// Creates a conversation with `creator` at leaf 0, epoch 0; a room with the creator's
-    /// user as owner (SPEC.md 10.2), unless that user is already in `rooms_per_user_max`
-    /// rooms.
+    /// Creates a conversation from its verified new group (`group`: the creator at leaf 0,
+    /// epoch 0, SPEC.md 6.1); a room with the creator's user as owner (SPEC.md 10.2),
+    /// unless that user is already in `rooms_per_user_max` rooms.
     fn create_conversation(
         &mut self,
         id: &ConversationId,
         kind: ConversationKind,
-        creator: &DeviceId,
+        group: &TrackedGroup,
         rooms_per_user_max: u64,
         now: UnixMs,
     ) -> Result<CreateOutcome, StoreError>;
+
+    /// The tracked MLS group state of a conversation (SPEC.md 7.7): mls-rs's
+    /// `ExternalSnapshot` after its latest accepted Commit. `None` for no such conversation.
+    fn group_state(&self, id: &ConversationId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Whether `msg_id` is already sequenced in the conversation (the store's
+    /// idempotency record, SPEC.md 6.3).
+    fn sequenced(&self, id: &ConversationId, msg_id: &MsgId) -> Result<bool, StoreError>;
 
     /// A room's roles as the gateway holds them (`None` for a direct message or no such
     /// conversation).

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use confab_client::transport::{Transport, system_now};
-use confab_spec::frame::ConversationKind;
+use confab_spec::frame::{ClientFrame, ConversationKind};
 use confab_spec::identity::{DeviceKeyPair, SystemKeyPair};
 use confab_spec::ids::{ConversationId, MsgId, ProcessId, StreamId, UnixMs};
 use confab_spec::session::{ClientSession, DeviceCredentials, Event, Input, SessionConfig};
@@ -53,6 +53,11 @@ async fn the_client_reconnects_resumes_and_resends_across_a_gateway_kill() {
     let system = SystemKeyPair::from_seed(&[41; 32]);
     let key = DeviceKeyPair::from_seed(&[42; 32]);
     let now = system_now();
+    let ClientFrame::CreateConversation(create) =
+        support::create_room(&system, &key, ProcessId([43; 16]), CONV, 0, now)
+    else {
+        unreachable!("create_room makes a CreateConversation")
+    };
     let certificate = system.issue_certificate(
         ProcessId([43; 16]),
         key.public(),
@@ -80,6 +85,7 @@ async fn the_client_reconnects_resumes_and_resends_across_a_gateway_kill() {
             Input::CreateConversation {
                 conversation: CONV,
                 kind: ConversationKind::Room,
+                group_info: create.group_info,
             },
         )
         .expect("create");

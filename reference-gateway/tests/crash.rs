@@ -61,17 +61,17 @@ async fn acknowledged_sends_survive_sigkill() {
             continue;
         }
         if !created {
-            ws.send(Message::Binary(
-                ClientFrame::CreateConversation(CreateConversation {
-                    rid: 0,
-                    conversation: CONV,
-                    kind: ConversationKind::Room,
-                })
-                .encode()
-                .into(),
-            ))
-            .await
-            .expect("create");
+            let create = support::create_room(
+                &system,
+                &key,
+                confab_spec::ids::ProcessId([3; 16]),
+                CONV,
+                0,
+                confab_client::mls::system_clock()(),
+            );
+            ws.send(Message::Binary(create.encode().into()))
+                .await
+                .expect("create");
             match recv(&mut ws).await {
                 Some(ServerFrame::Created(_)) => created = true,
                 Some(ServerFrame::Error(e))

@@ -140,6 +140,27 @@ impl World {
     }
 }
 
+/// A `CreateConversation` of `CONV` by `c`: creates its MLS group (a room's with the
+/// roles naming `c`'s user as owner) and carries the group's GroupInfo (SPEC.md 6.1).
+fn creation(c: &mut Client, rid: u64, kind: ConversationKind) -> ClientFrame {
+    let extensions = match kind {
+        ConversationKind::Room => {
+            confab_spec::rooms::RoomRoles::new(c.creds.certificate.system).context_extensions()
+        }
+        _ => Vec::new(),
+    };
+    let group_info = c
+        .engine
+        .create_group_with(&CONV, &extensions)
+        .expect("create the group");
+    ClientFrame::CreateConversation(CreateConversation {
+        rid,
+        conversation: CONV,
+        kind,
+        group_info: MlsBytes::new(group_info).expect("bytes"),
+    })
+}
+
 fn auth_for(creds: &DeviceCredentials, origin: &str, nonce: Nonce, now: UnixMs) -> Auth {
     support::sign_auth(creds.certificate.clone(), &creds.key, origin, nonce, now)
 }
@@ -207,28 +228,14 @@ fn dm_flow_in_every_engine_pairing() {
             let mut a = w.client(1, ka, &dir);
             let mut b = w.client(2, kb, &dir);
 
-            let out = w.send(
-                &mut a,
-                ClientFrame::CreateConversation(CreateConversation {
-                    rid: 1,
-                    conversation: CONV,
-                    kind: ConversationKind::DirectMessage,
-                }),
-            );
+            let create = creation(&mut a, 1, ConversationKind::DirectMessage);
+            let out = w.send(&mut a, create.clone());
             assert!(
                 matches!(frames(&out)[..], [ServerFrame::Created(_)]),
                 "{out:?}"
             );
-            let again = w.send(
-                &mut a,
-                ClientFrame::CreateConversation(CreateConversation {
-                    rid: 2,
-                    conversation: CONV,
-                    kind: ConversationKind::DirectMessage,
-                }),
-            );
+            let again = w.send(&mut a, create);
             assert_eq!(error_code(&again), Some(ErrorCode::ConversationExists));
-            a.engine.create_group(&CONV).expect("create");
 
             // A adds B: the Commit is sequenced and the Welcome lands in B's inbox.
             let kp = b.engine.key_packages(1, false).expect("kp");
@@ -419,15 +426,8 @@ fn replay_crosses_batch_boundaries_with_continue() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut w = World::new(2);
     let mut a = w.client(1, EngineKind::MlsRs, &dir);
-    w.send(
-        &mut a,
-        ClientFrame::CreateConversation(CreateConversation {
-            rid: 1,
-            conversation: CONV,
-            kind: ConversationKind::Room,
-        }),
-    );
-    a.engine.create_group(&CONV).expect("create");
+    let create = creation(&mut a, 1, ConversationKind::Room);
+    w.send(&mut a, create);
     for i in 0..5u8 {
         let ct = a.engine.encrypt(&CONV, &[i]).expect("encrypt");
         assert_eq!(
@@ -846,15 +846,8 @@ fn continuity_lost_with(kind: EngineKind) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut w = World::new(2);
     let mut a = w.client(1, kind, &dir);
-    w.send(
-        &mut a,
-        ClientFrame::CreateConversation(CreateConversation {
-            rid: 1,
-            conversation: CONV,
-            kind: ConversationKind::Room,
-        }),
-    );
-    a.engine.create_group(&CONV).expect("create");
+    let create = creation(&mut a, 1, ConversationKind::Room);
+    w.send(&mut a, create);
     for i in 0..5u8 {
         let ct = a.engine.encrypt(&CONV, &[i]).expect("encrypt");
         assert!(accepted_seq(&send_mls(&mut w, &mut a, i, ct, None)).is_some());
@@ -958,15 +951,8 @@ fn byte_bounds_with(kind: EngineKind) {
     let frame_max = confab_spec::limits::FRAME_BYTES_MAX_MINIMUM;
     let payload_max = confab_spec::limits::payload_bytes_max(frame_max);
     let mut a = w.client(1, kind, &dir);
-    w.send(
-        &mut a,
-        ClientFrame::CreateConversation(CreateConversation {
-            rid: 1,
-            conversation: CONV,
-            kind: ConversationKind::Room,
-        }),
-    );
-    a.engine.create_group(&CONV).expect("create");
+    let create = creation(&mut a, 1, ConversationKind::Room);
+    w.send(&mut a, create);
     // Five entries of about 30 KB: at most two fit in one Batch.
     for i in 0..5u8 {
         let ct = a.engine.encrypt(&CONV, &vec![i; 30_000]).expect("encrypt");
@@ -1158,12 +1144,8 @@ mod frame_sequences {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let mut w = World::new(3);
                 let mut a = w.client(1, kind, &dir);
-                w.send(&mut a, ClientFrame::CreateConversation(CreateConversation {
-                    rid: 1,
-                    conversation: CONV,
-                    kind: ConversationKind::Room,
-                }));
-                a.engine.create_group(&CONV).expect("create");
+                let create = creation(&mut a, 1, ConversationKind::Room);
+                w.send(&mut a, create);
                 let messages: Vec<Vec<u8>> = (0..12u8)
                     .map(|i| a.engine.encrypt(&CONV, &[i]).expect("encrypt"))
                     .collect();

@@ -277,12 +277,35 @@ async fn a_slow_consumer_is_closed_with_4002_and_the_gateway_keeps_serving() {
     let key = DeviceKeyPair::from_seed(&[7; 32]);
     let (mut ws, _) = handshake(&gw.origin, &system, &key).await;
     let conv = ConversationId([0x51; 32]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = system_clock()();
+    let credentials = DeviceCredentials {
+        certificate: system.issue_certificate(
+            ProcessId([3; 16]),
+            key.public(),
+            UnixMs(now.0 - 60_000),
+            now.plus_ms(3_600_000),
+        ),
+        key: key.clone(),
+    };
+    let mut engine = open_engine(
+        EngineKind::OpenMls,
+        &dir.path().join("c.db"),
+        credentials,
+        system_clock(),
+    )
+    .expect("engine");
+    let roles = confab_spec::rooms::RoomRoles::new(system.public());
+    let group_info = engine
+        .create_group_with(&conv, &roles.context_extensions())
+        .expect("group");
     send_frame(
         &mut ws,
         ClientFrame::CreateConversation(CreateConversation {
             rid: 1,
             conversation: conv,
             kind: ConversationKind::Room,
+            group_info: MlsBytes::new(group_info).expect("bytes"),
         }),
     )
     .await;
@@ -310,25 +333,6 @@ async fn a_slow_consumer_is_closed_with_4002_and_the_gateway_keeps_serving() {
 
     // Large application messages, each echoed back live: far more than the socket buffers
     // and the queue hold while the client does not read.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let now = system_clock()();
-    let credentials = DeviceCredentials {
-        certificate: system.issue_certificate(
-            ProcessId([3; 16]),
-            key.public(),
-            UnixMs(now.0 - 60_000),
-            now.plus_ms(3_600_000),
-        ),
-        key: key.clone(),
-    };
-    let mut engine = open_engine(
-        EngineKind::OpenMls,
-        &dir.path().join("c.db"),
-        credentials,
-        system_clock(),
-    )
-    .expect("engine");
-    engine.create_group(&conv).expect("group");
     let payloads: Vec<Vec<u8>> = (0..80u8)
         .map(|i| {
             engine

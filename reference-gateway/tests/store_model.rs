@@ -12,6 +12,7 @@ use confab_gateway::store::{
     AppendKind, AppendOutcome, AppendRequest, CreateOutcome, RetentionPolicy, RoomLimits, Store,
     StreamKey,
 };
+use confab_gateway::tracked_group::TrackedGroup;
 use confab_spec::frame::{ConversationKind, EntryBody};
 use confab_spec::ids::{
     ConversationId, DeviceId, Epoch, MlsBytes, MsgId, ProcessId, Seq, SystemKey, UnixMs,
@@ -32,6 +33,17 @@ fn device(n: u8) -> DeviceId {
 }
 
 const USER: SystemKey = SystemKey([1; 32]);
+
+/// A new group of `creator` as the gateway would have verified it (SPEC.md 6.1); the
+/// store keeps its state without reading it.
+fn new_group(creator: &DeviceId) -> TrackedGroup {
+    TrackedGroup {
+        epoch: Epoch(0),
+        snapshot: vec![0x60, 0],
+        members: vec![(0, *creator)],
+        extensions: RoomRoles::new(creator.system).context_extensions(),
+    }
+}
 
 /// No room limit gets in the model's way.
 const NO_LIMITS: RoomLimits = RoomLimits {
@@ -97,6 +109,8 @@ struct Model {
     /// The lowest retained seq.
     oldest: u64,
     roster: BTreeMap<u32, DeviceId>,
+    /// The tracked group state of the last accepted Commit (SPEC.md 7.7).
+    group_state: Vec<u8>,
     /// Per device: (commit seq, accept time) of each Welcome, and how many were deleted.
     inbox: HashMap<DeviceId, (Vec<(u64, u64)>, usize)>,
     cursors: HashMap<DeviceId, u64>,
@@ -145,13 +159,25 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
     let creator = device(0);
     prop_assert_eq!(
         store
-            .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
+            .create_conversation(
+                &CONV,
+                ConversationKind::Room,
+                &new_group(&creator),
+                u64::MAX,
+                UnixMs(1)
+            )
             .expect("create"),
         CreateOutcome::Created
     );
     prop_assert_eq!(
         store
-            .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
+            .create_conversation(
+                &CONV,
+                ConversationKind::Room,
+                &new_group(&creator),
+                u64::MAX,
+                UnixMs(1)
+            )
             .expect("again"),
         CreateOutcome::Exists
     );
@@ -161,6 +187,7 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     m.roster.insert(0, creator);
+    m.group_state = new_group(&creator).snapshot;
     for (step, op) in ops.iter().enumerate() {
         if grouped && step % 3 == 2 {
             store.commit_batch().expect("commit the batch");
@@ -278,13 +305,29 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                         };
                         let welcome = (!added.is_empty())
                             .then(|| MlsBytes::new(vec![0x3E, *msg]).expect("bytes"));
+                        // The group after it, as the handler's verification would give it:
+                        // removals blank leaves, adds take the leftmost blanks (RFC 9420
+                        // 12.3); a state the store must keep with the entry.
+                        let mut after = m.roster.clone();
+                        for l in &removed {
+                            after.remove(l);
+                        }
+                        for d in &added {
+                            let leaf = (0u32..).find(|l| !after.contains_key(l)).expect("a leaf");
+                            after.insert(leaf, *d);
+                        }
+                        let next = TrackedGroup {
+                            epoch: Epoch(epoch + 1),
+                            snapshot: vec![0x61, step as u8, (step >> 8) as u8],
+                            members: after.into_iter().collect(),
+                            extensions: RoomRoles::new(USER).context_extensions(),
+                        };
                         (
                             AppendKind::Commit {
                                 epoch: Epoch(epoch),
-                                removed_leaves: removed.clone(),
-                                added: added.clone(),
                                 welcome,
                                 roles: Some(Ok(RoomRoles::new(USER))),
+                                next: Some(Box::new(next)),
                             },
                             added,
                             removed,
@@ -340,6 +383,7 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                     if is_commit {
                         m.epoch += 1;
                         m.epoch_seq = seq;
+                        m.group_state = vec![0x61, step as u8, (step >> 8) as u8];
                         for l in &removed_leaves {
                             m.roster.remove(l);
                         }
@@ -394,6 +438,11 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
         let roster: BTreeMap<u32, DeviceId> =
             store.roster(&CONV).expect("roster").into_iter().collect();
         prop_assert_eq!(&roster, &m.roster);
+        // The tracked state moves with its Commit's entry, across reopening (REQ-7.7-1).
+        prop_assert_eq!(
+            store.group_state(&CONV).expect("group state"),
+            Some(m.group_state.clone())
+        );
         for (d, (welcomes, gone)) in &m.inbox {
             let seqs: Vec<u64> = welcomes[*gone..].iter().map(|(s, _)| *s).collect();
             let inbox = store
@@ -448,7 +497,7 @@ fn acknowledged_entries_survive_reopening() {
             .create_conversation(
                 &CONV,
                 ConversationKind::DirectMessage,
-                &creator,
+                &new_group(&creator),
                 u64::MAX,
                 UnixMs(1),
             )
@@ -492,7 +541,13 @@ fn retention_runs_in_bounded_slices_and_only_advances_oldest() {
     let mut store = SqliteStore::open(&dir.path().join("gw.db")).expect("open");
     let creator = device(0);
     store
-        .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
+        .create_conversation(
+            &CONV,
+            ConversationKind::Room,
+            &new_group(&creator),
+            u64::MAX,
+            UnixMs(1),
+        )
         .expect("create");
     for n in 0..25u8 {
         append_application(&mut store, &creator, n, UnixMs(10));
@@ -689,7 +744,13 @@ fn group_commit_batches_are_invisible_until_committed() {
     let before = counters.barrier();
     let creator = device(0);
     store
-        .create_conversation(&CONV, ConversationKind::Room, &creator, u64::MAX, UnixMs(1))
+        .create_conversation(
+            &CONV,
+            ConversationKind::Room,
+            &new_group(&creator),
+            u64::MAX,
+            UnixMs(1),
+        )
         .expect("create");
     assert!(matches!(
         append_application(&mut store, &creator, 1, UnixMs(2)),

@@ -146,6 +146,20 @@ registry! {
         MlsSenderMismatch = 406 => "mls_sender_mismatch",
         /// The Commit holds a proposal reference.
         MlsCommitByReference = 407 => "mls_commit_by_reference",
+        /// A handshake message's signature does not verify under its sender leaf's key in
+        /// the group's tracked state (SPEC.md 7.7).
+        MlsSignatureInvalid = 409 => "mls_signature_invalid",
+        /// A `CreateConversation`'s GroupInfo is not a valid new group of the creating
+        /// device (SPEC.md 6.1).
+        MlsGroupInfoInvalid = 410 => "mls_group_info_invalid",
+        /// A Commit or proposal breaks RFC 9420's validity rules as far as the group's
+        /// public state can tell, or Confab's profile (SPEC.md 7.7).
+        MlsHandshakeInvalid = 411 => "mls_handshake_invalid",
+        /// A Commit adds a KeyPackage that does not verify, has expired, or whose credential
+        /// is not a valid, unrevoked device certificate (SPEC.md 7.7).
+        MlsKeyPackageInvalid = 412 => "mls_key_package_invalid",
+        /// `Send.welcome` is not an MLSMessage carrying a Welcome (SPEC.md 7.5).
+        MlsWelcomeInvalid = 413 => "mls_welcome_invalid",
         /// An uploaded KeyPackage failed validation.
         KeyPackageInvalid = 500 => "key_package_invalid",
         /// The target user has no KeyPackages.

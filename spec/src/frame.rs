@@ -134,6 +134,10 @@ cbor_map! {
         2 req conversation: ConversationId,
         /// Direct message or room.
         3 req kind: ConversationKind,
+        /// An MLSMessage carrying the GroupInfo of the creator's new group (epoch 0, the
+        /// ratchet tree in its `ratchet_tree` extension): the public state the gateway
+        /// verifies every handshake message against (SPEC.md 7.7).
+        4 req group_info: MlsBytes,
     }
 }
 

@@ -264,6 +264,50 @@ impl Revocation {
     }
 }
 
+/// Why an MLS member credential was refused (SPEC.md 7.1, REQ-7.1-3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    /// The basic credential's identity is not a device certificate.
+    #[error("credential is not a device certificate")]
+    NotACertificate,
+    /// The certificate is not valid at the time of processing.
+    #[error("certificate: {0}")]
+    Certificate(IdentityError),
+    /// The leaf's signature key is not the certificate's device key.
+    #[error("leaf signature key is not the certificate's device key")]
+    KeyMismatch,
+}
+
+/// Checks an MLS member credential (SPEC.md 7.1): `identity`, a basic credential's
+/// identity, is a device certificate valid at `now` (with `clock_skew_max_ms` on its start,
+/// and not revoked by then according to `revoked_at`) whose device key is `signature_key`,
+/// the leaf's signature key. Returns the device it names. Clients and the gateway apply the
+/// same check.
+pub fn verify_member_credential(
+    identity: &[u8],
+    signature_key: &[u8],
+    now: UnixMs,
+    clock_skew_max_ms: u64,
+    revoked_at: impl FnOnce(&DeviceId) -> Option<UnixMs>,
+) -> Result<DeviceId, CredentialError> {
+    let certificate = certificate_of_credential(identity)?;
+    certificate
+        .verify(now, clock_skew_max_ms, revoked_at)
+        .map_err(CredentialError::Certificate)?;
+    if certificate.device_key.as_bytes().as_slice() != signature_key {
+        return Err(CredentialError::KeyMismatch);
+    }
+    Ok(certificate.device_id())
+}
+
+/// The device certificate in a basic credential's identity, unchecked (for members already
+/// admitted).
+pub fn certificate_of_credential(identity: &[u8]) -> Result<DeviceCertificate, CredentialError> {
+    crate::cbor::from_slice(identity, &crate::DecodeLimits::default())
+        .map_err(|_| CredentialError::NotACertificate)
+}
+
 /// The auth transcript (SPEC.md section 5.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthTranscript<'a> {

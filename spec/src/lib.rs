@@ -13,7 +13,8 @@
 //! - section 4.2 (CBOR rules) and 4.4 (limits): [`cbor`], [`limits`];
 //! - section 4.6 (identifiers): [`ids`];
 //! - Appendix A (frames): [`frame`];
-//! - section 7.2 (what the gateway reads of MLS): [`mls_framing`];
+//! - section 7.2 (what the gateway reads of MLS): [`mls_framing`], and writers of MLS
+//!   messages for tests and hostile peers: [`mls_write`];
 //! - section 10 (rooms and governance): [`rooms`];
 //! - sections 5.7 and 12 (close and error codes): [`error`];
 //! - sections 5 and 6.8 (client behaviour): [`session`];
@@ -27,6 +28,7 @@ pub mod identity;
 pub mod ids;
 pub mod limits;
 pub mod mls_framing;
+pub mod mls_write;
 pub mod requirements;
 pub mod rooms;
 pub mod session;

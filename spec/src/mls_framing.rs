@@ -466,8 +466,98 @@ pub fn key_package(bytes: &[u8]) -> Result<KeyPackageInfo, PeekError> {
     })
 }
 
+/// A PublicMessage cut into its parts (RFC 9420 section 6.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicMessageParts {
+    /// The `FramedContent` bytes, which the signature covers (with the group context).
+    pub content: Vec<u8>,
+    /// For a Commit, its encoded `UpdatePath`, when it has one.
+    pub path: Option<Vec<u8>>,
+    /// The signature.
+    pub signature: Vec<u8>,
+    /// A Commit's confirmation tag.
+    pub confirmation_tag: Option<Vec<u8>>,
+    /// A member sender's membership tag.
+    pub membership_tag: Option<Vec<u8>>,
+}
+
+/// Cuts a PublicMessage MLSMessage into its parts; the bytes must hold exactly one.
+pub fn public_message_parts(bytes: &[u8]) -> Result<PublicMessageParts, PeekError> {
+    let mut r = Cursor { bytes, pos: 0 };
+    let framing = match peek_framing(&mut r)? {
+        Peek::Framed(f) if f.wire_format == WireFormat::PublicMessage => f,
+        _ => return Err(PeekError::Invalid("not a PublicMessage")),
+    };
+    let mut path = None;
+    match framing.content_type {
+        ContentType::Application => {
+            r.vector()?;
+        }
+        ContentType::Proposal => {
+            proposal(&mut r)?;
+        }
+        ContentType::Commit => {
+            r.vector()?;
+            match r.u8()? {
+                0 => {}
+                1 => {
+                    let start = r.pos;
+                    leaf_node_fields(&mut r)?;
+                    r.vector()?;
+                    path = Some(bytes[start..r.pos].to_vec());
+                }
+                _ => return Err(PeekError::Invalid("optional path")),
+            }
+        }
+    }
+    // The content starts after version and wire format.
+    let content = bytes[4..r.pos].to_vec();
+    let signature = r.vector()?.to_vec();
+    let confirmation_tag = match framing.content_type {
+        ContentType::Commit => Some(r.vector()?.to_vec()),
+        _ => None,
+    };
+    let membership_tag = match framing.sender {
+        Some(Sender::Member(_)) => Some(r.vector()?.to_vec()),
+        _ => None,
+    };
+    if r.pos != bytes.len() {
+        return Err(PeekError::Invalid("trailing bytes after the PublicMessage"));
+    }
+    Ok(PublicMessageParts {
+        content,
+        path,
+        signature,
+        confirmation_tag,
+        membership_tag,
+    })
+}
+
+/// The `GroupContext` bytes of an MLSMessage carrying a GroupInfo (RFC 9420 section
+/// 12.4.3): version, ciphersuite, group id, epoch, tree hash, confirmed transcript hash and
+/// extensions.
+pub fn group_info_context(bytes: &[u8]) -> Result<&[u8], PeekError> {
+    let mut r = Cursor { bytes, pos: 0 };
+    let version = r.u16()?;
+    if version != MLS_VERSION_1_0 {
+        return Err(PeekError::Version(version));
+    }
+    if WireFormat::from_u16(r.u16()?) != WireFormat::GroupInfo {
+        return Err(PeekError::Invalid("wire format (not a GroupInfo)"));
+    }
+    let start = r.pos;
+    r.u16()?; // version
+    r.u16()?; // cipher suite
+    r.vector()?; // group id
+    r.u64()?; // epoch
+    r.vector()?; // tree hash
+    r.vector()?; // confirmed transcript hash
+    r.vector()?; // extensions
+    Ok(&bytes[start..r.pos])
+}
+
 /// Appends an MLS variable-length vector holding `data` (at most 2^30 - 1 bytes).
-fn push_vector(out: &mut Vec<u8>, data: &[u8]) {
+pub(crate) fn push_vector(out: &mut Vec<u8>, data: &[u8]) {
     let len = data.len();
     if len < 64 {
         out.push(len as u8);

@@ -174,6 +174,8 @@ pub enum Input {
         conversation: ConversationId,
         /// Its kind.
         kind: ConversationKind,
+        /// The GroupInfo of the creator's new MLS group (SPEC.md 6.1).
+        group_info: MlsBytes,
     },
     /// Follow a stream, from `from_seq` or from where the session is.
     Subscribe {
@@ -629,7 +631,11 @@ impl ClientSession {
             } => {
                 return self.send(now, conversation, msg_id, payload, welcome);
             }
-            Input::CreateConversation { conversation, kind } => {
+            Input::CreateConversation {
+                conversation,
+                kind,
+                group_info,
+            } => {
                 if let ConnState::Ready(_) = self.conn {
                     let rid = self.rid(Request::Create);
                     self.transmit(
@@ -638,6 +644,7 @@ impl ClientSession {
                             rid,
                             conversation,
                             kind,
+                            group_info,
                         }),
                     );
                 } else {

@@ -197,6 +197,7 @@ pub fn sample_frames() -> SampleFrames {
                 rid: 1,
                 conversation: conv,
                 kind: ConversationKind::DirectMessage,
+                group_info: mls(4, 120),
             }),
         ),
         (
@@ -205,6 +206,7 @@ pub fn sample_frames() -> SampleFrames {
                 rid: 2,
                 conversation: conv,
                 kind: ConversationKind::Room,
+                group_info: mls(4, 160),
             }),
         ),
         (

@@ -1342,7 +1342,7 @@ async fn suite_room_with_client(
     home: &std::path::Path,
     client_is_admin: bool,
 ) -> Result<Delivered, crate::case::Stop> {
-    use confab_spec::frame::{ClaimKeyPackages, ConversationKind, CreateConversation};
+    use confab_spec::frame::{ClaimKeyPackages, ConversationKind};
     use confab_spec::ids::{ConversationId, MsgId};
     use confab_spec::rooms::RoomRoles;
 
@@ -1362,22 +1362,14 @@ async fn suite_room_with_client(
         ready.server_time_ms,
     )?;
     let id = ConversationId(random());
-    peer.send(&ClientFrame::CreateConversation(CreateConversation {
-        rid: 1,
-        conversation: id,
-        kind: ConversationKind::Room,
-    }))
-    .await?;
+    let roles = RoomRoles::new(owner.device.id().system);
+    let frame = owner.create_frame(1, id, ConversationKind::Room, &roles.context_extensions())?;
+    peer.send(&frame).await?;
     peer.expect("Created", |f| match f {
         ServerFrame::Created(c) if c.rid == 1 => Some(()),
         _ => None,
     })
     .await?;
-    let roles = RoomRoles::new(owner.device.id().system);
-    owner
-        .engine
-        .create_group_with(&id, &roles.context_extensions())
-        .map_err(|e| broken("create a group", e))?;
     peer.send(&ClientFrame::ClaimKeyPackages(ClaimKeyPackages {
         rid: 2,
         user,

@@ -3,7 +3,7 @@
 
 use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
-use confab_spec::frame::{ClientFrame, ConversationKind, CreateConversation, EntryBody, Subscribe};
+use confab_spec::frame::{ClientFrame, ConversationKind, EntryBody, Subscribe};
 use confab_spec::ids::{ConversationId, MlsBytes, MsgId, StreamId};
 
 use crate::case;
@@ -96,34 +96,27 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// A (openmls) with a new conversation and its group, and B (mls-rs) connected, not added.
-struct Pair {
-    a: Peer,
-    am: Member,
-    b: Peer,
-    bm: Member,
-    conversation: ConversationId,
+pub(crate) struct Pair {
+    pub(crate) a: Peer,
+    pub(crate) am: Member,
+    pub(crate) b: Peer,
+    pub(crate) bm: Member,
+    pub(crate) conversation: ConversationId,
 }
 
 impl Pair {
-    async fn new(cx: &Ctx) -> Result<Self, Stop> {
+    pub(crate) async fn new(cx: &Ctx) -> Result<Self, Stop> {
         let da = Device::fresh();
         let (mut a, ready) = cx.ready("a", &da).await?;
         let now = ready.server_time_ms;
         let mut am = Member::new(da, PAIR[0], now)?;
         let conversation = ConversationId(random());
-        a.send(&ClientFrame::CreateConversation(CreateConversation {
-            rid: 1,
-            conversation,
-            kind: ConversationKind::DirectMessage,
-        }))
-        .await?;
+        a.send(&am.create_frame(1, conversation, ConversationKind::DirectMessage, &[])?)
+            .await?;
         a.expect("Created", |f| {
             matches!(f, ServerFrame::Created(c) if c.rid == 1).then_some(())
         })
         .await?;
-        am.engine
-            .create_group(&conversation)
-            .map_err(|e| broken("create a group", e))?;
         let db = Device::fresh();
         let (b, _) = cx.ready("b", &db).await?;
         let bm = Member::new(db, PAIR[1], now)?;
@@ -137,7 +130,7 @@ impl Pair {
     }
 
     /// A adds B (Commit with Welcome); the Commit's seq and the Welcome.
-    async fn add_b(&mut self, rid: u64) -> Result<(u64, MlsBytes), Stop> {
+    pub(crate) async fn add_b(&mut self, rid: u64) -> Result<(u64, MlsBytes), Stop> {
         let kp = self.bm.key_packages(1, false)?;
         let kp: Vec<Vec<u8>> = kp.iter().map(|k| k.as_bytes().to_vec()).collect();
         let add = self
@@ -172,7 +165,7 @@ impl Pair {
     }
 
     /// `add_b`, then B joins from the Welcome the suite sent.
-    async fn joined(cx: &Ctx) -> Result<Self, Stop> {
+    pub(crate) async fn joined(cx: &Ctx) -> Result<Self, Stop> {
         let mut pair = Self::new(cx).await?;
         let (_, welcome) = pair.add_b(2).await?;
         pair.bm
@@ -184,7 +177,7 @@ impl Pair {
 }
 
 /// A self-update Commit of `m`, pending.
-fn update(m: &mut Member, conversation: &ConversationId) -> Result<MlsBytes, Stop> {
+pub(crate) fn update(m: &mut Member, conversation: &ConversationId) -> Result<MlsBytes, Stop> {
     let c = m
         .engine
         .self_update(conversation)
@@ -340,14 +333,11 @@ async fn stale_commit(cx: &mut Ctx) -> CaseResult {
 }
 
 async fn commit_by_reference(cx: &mut Ctx) -> CaseResult {
-    // B proposes an update of its own leaf; a Commit of A can carry another member's
-    // Update only by reference (RFC 9420 12.4).
+    // B asks to leave (a standalone Remove proposal, SPEC.md 10.3); A commits it by
+    // reference instead of by value.
     let mut p = Pair::joined(cx).await?;
     let c = p.conversation;
-    let proposal =
-        p.bm.engine
-            .propose_update(&c)
-            .map_err(|e| broken("propose", e))?;
+    let proposal = p.bm.engine.leave(&c).map_err(|e| broken("propose", e))?;
     send_mls(
         &mut p.b,
         3,

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
 use confab_spec::frame::{
-    Ack, ClientFrame, Continue, ConversationKind, CreateConversation, Entry, ErrorFrame, Send,
-    Subscribe,
+    Ack, ClientFrame, Continue, ConversationKind, Entry, ErrorFrame, Send, Subscribe,
 };
 use confab_spec::ids::{ConversationId, MlsBytes, MsgId, Seq, StreamId};
 use rand_core::RngCore as _;
@@ -264,17 +263,30 @@ pub async fn with_conversation(
 /// Creates a conversation on a ready session (request `rid`); its id.
 pub async fn create_conversation(peer: &mut Peer, rid: u64) -> Result<ConversationId, Stop> {
     let conversation = ConversationId(random());
-    peer.send(&ClientFrame::CreateConversation(CreateConversation {
-        rid,
-        conversation,
-        kind: ConversationKind::DirectMessage,
-    }))
-    .await?;
+    let frame = creation(peer, rid, conversation, ConversationKind::DirectMessage)?;
+    peer.send(&frame).await?;
     peer.expect("Created", |f| {
         matches!(f, ServerFrame::Created(c) if c.rid == rid).then_some(())
     })
     .await?;
     Ok(conversation)
+}
+
+/// A `CreateConversation` of `conversation` by the device `peer` authenticated as, with
+/// the GroupInfo of a new group of that device (SPEC.md 6.1).
+pub fn creation(
+    peer: &Peer,
+    rid: u64,
+    conversation: ConversationId,
+    kind: ConversationKind,
+) -> Result<ClientFrame, Stop> {
+    let Some((device, now)) = peer.authenticated() else {
+        return Err(crate::mls::broken(
+            "create a conversation",
+            "the connection is not authenticated",
+        ));
+    };
+    crate::mls::create_frame(device, now, rid, conversation, kind)
 }
 
 /// A `Send` of `payload` with `msg_id`.
@@ -500,12 +512,8 @@ pub fn check_seqs(what: &str, got: &[u64], expected: impl Iterator<Item = u64>) 
 async fn conversation_exists(cx: &mut Ctx) -> CaseResult {
     let (_a, _, conversation) = with_conversation(cx, "a").await?;
     let (mut b, _) = cx.ready("b", &Device::fresh()).await?;
-    b.send(&ClientFrame::CreateConversation(CreateConversation {
-        rid: 2,
-        conversation,
-        kind: ConversationKind::Room,
-    }))
-    .await?;
+    b.send(&creation(&b, 2, conversation, ConversationKind::Room)?)
+        .await?;
     b.expect_error(ErrorCode::ConversationExists, Some(2))
         .await?;
     Ok(())

@@ -4,6 +4,7 @@ mod client;
 mod directory;
 mod framing;
 mod groups;
+mod handshake;
 mod leaks;
 pub mod log;
 mod presence;
@@ -25,6 +26,7 @@ pub fn all() -> Vec<Case> {
     all.extend(retention::cases());
     all.extend(directory::cases());
     all.extend(groups::cases());
+    all.extend(handshake::cases());
     all.extend(presence::cases());
     all.extend(rooms::cases());
     all.extend(leaks::cases());

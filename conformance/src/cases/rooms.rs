@@ -4,7 +4,7 @@
 
 use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
-use confab_spec::frame::{ClientFrame, ConversationKind, CreateConversation, UpdatePresenceLists};
+use confab_spec::frame::{ClientFrame, ConversationKind, UpdatePresenceLists};
 use confab_spec::ids::{ConversationId, DeviceId, MsgId};
 use confab_spec::rooms::{Role, RoomRoles};
 
@@ -121,14 +121,14 @@ impl Room {
         }
         let id = ConversationId(random());
         let owner = &mut seats[0];
-        owner
-            .peer
-            .send(&ClientFrame::CreateConversation(CreateConversation {
-                rid: 1,
-                conversation: id,
-                kind,
-            }))
-            .await?;
+        let extensions = match kind {
+            ConversationKind::Room => {
+                RoomRoles::new(owner.member.device.id().system).context_extensions()
+            }
+            _ => Vec::new(),
+        };
+        let frame = owner.member.create_frame(1, id, kind, &extensions)?;
+        owner.peer.send(&frame).await?;
         owner
             .peer
             .expect("Created", |f| match f {
@@ -138,17 +138,6 @@ impl Room {
             })
             .await?
             .map_err(|code| Failure::new("Created", format!("Error {}", code.name())))?;
-        let context = match kind {
-            ConversationKind::Room => {
-                RoomRoles::new(owner.member.device.id().system).context_extensions()
-            }
-            _ => Vec::new(),
-        };
-        owner
-            .member
-            .engine
-            .create_group_with(&id, &context)
-            .map_err(|e| broken("create a group", e))?;
         let mut joined = vec![false; seats.len()];
         joined[0] = true;
         Ok(Self {
@@ -470,12 +459,13 @@ async fn too_many_rooms(cx: &mut Ctx) -> CaseResult {
     let peer = &mut room.seats[1].peer;
     for n in 0..=max {
         let rid = 100 + n;
-        peer.send(&ClientFrame::CreateConversation(CreateConversation {
+        let frame = crate::cases::log::creation(
+            peer,
             rid,
-            conversation: ConversationId(random()),
-            kind: ConversationKind::Room,
-        }))
-        .await?;
+            ConversationId(random()),
+            ConversationKind::Room,
+        )?;
+        peer.send(&frame).await?;
         let answer = peer
             .expect("Created or Error", |f| match f {
                 ServerFrame::Created(c) if c.rid == rid => Some(Ok(())),

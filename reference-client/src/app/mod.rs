@@ -706,9 +706,8 @@ impl Client {
             .map(|p| p.key_package.as_bytes().to_vec())
             .collect();
         let conversation = self
-            .create_conversation(ConversationKind::DirectMessage)
+            .create_conversation(ConversationKind::DirectMessage, &[])
             .await?;
-        self.engine.create_group(&conversation)?;
         let add = self.engine.add_members(&conversation, &packages)?;
         self.store.add_conversation(&ConversationRecord {
             id: conversation,
@@ -728,21 +727,28 @@ impl Client {
         Ok(conversation)
     }
 
-    /// Creates a conversation with a fresh random id (REQ-4.6-1) at the gateway; a refusal
-    /// (`too_many_rooms`, `rate_limited`, ...) is the error.
+    /// Creates a conversation with a fresh random id (REQ-4.6-1): its MLS group with these
+    /// group context extensions, then the conversation at the gateway from the group's
+    /// GroupInfo (SPEC.md 6.1); a refusal (`too_many_rooms`, `rate_limited`, ...) is the
+    /// error, and leaves the new group unused in the engine's state.
     async fn create_conversation(
         &mut self,
         kind: ConversationKind,
+        extensions: &[(u16, Vec<u8>)],
     ) -> Result<ConversationId, ClientError> {
         let mut id = [0u8; 32];
         self.random(&mut id);
         let conversation = ConversationId(id);
+        let group_info = self.engine.create_group_with(&conversation, extensions)?;
+        let group_info = MlsBytes::new(group_info)
+            .map_err(|_| ClientError::Refused(ErrorCode::PayloadTooLarge))?;
         match self
             .request(|rid| {
                 ClientFrame::CreateConversation(confab_spec::frame::CreateConversation {
                     rid,
                     conversation,
                     kind,
+                    group_info: group_info.clone(),
                 })
             })
             .await?

@@ -162,10 +162,10 @@ impl Client {
         if self.store.room_named(name)?.is_some() {
             return Err(ClientError::NameTaken(name.to_owned()));
         }
-        let room = self.create_conversation(ConversationKind::Room).await?;
         let roles = RoomRoles::new(self.device.system);
-        self.engine
-            .create_group_with(&room, &roles.context_extensions())?;
+        let room = self
+            .create_conversation(ConversationKind::Room, &roles.context_extensions())
+            .await?;
         self.store.add_conversation(&ConversationRecord {
             id: room,
             kind: ConversationKind::Room,

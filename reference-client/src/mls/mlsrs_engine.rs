@@ -484,7 +484,7 @@ where
         &mut self,
         group: &ConversationId,
         extensions: &[(u16, Vec<u8>)],
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<u8>, EngineError> {
         let now = (self.clock)();
         let g = self
             .client
@@ -495,7 +495,10 @@ where
                 Some(mls_time(now)),
             )
             .map_err(map_err)?;
-        self.adopt(g, None).map(|_| ())
+        // The ratchet tree goes in-band (SPEC.md 6.1, 7.1).
+        let info = to_bytes(&g.group_info_message(true).map_err(map_err)?)?;
+        self.adopt(g, None)?;
+        Ok(info)
     }
 
     fn add_members(

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use confab_spec::cbor;
-use confab_spec::identity::{DeviceCertificate, IdentityError};
+use confab_spec::identity::DeviceCertificate;
 use confab_spec::ids::{ConversationId, DeviceId, UnixMs};
 use confab_spec::session::DeviceCredentials;
 
@@ -226,7 +226,9 @@ pub trait MlsEngine: Send {
     ) -> Result<Vec<Vec<u8>>, EngineError>;
 
     /// Creates a group with `group` as group id and this device as its only member.
-    fn create_group(&mut self, group: &ConversationId) -> Result<(), EngineError> {
+    /// Returns the new group's GroupInfo (an MLSMessage, with the ratchet tree in its
+    /// extension), which `CreateConversation` hands to the gateway (SPEC.md 6.1).
+    fn create_group(&mut self, group: &ConversationId) -> Result<Vec<u8>, EngineError> {
         self.create_group_with(group, &[])
     }
 
@@ -236,7 +238,7 @@ pub trait MlsEngine: Send {
         &mut self,
         group: &ConversationId,
         extensions: &[(u16, Vec<u8>)],
-    ) -> Result<(), EngineError>;
+    ) -> Result<Vec<u8>, EngineError>;
 
     /// The data of the group context extension of type `extension_type`, if the group's
     /// current epoch has one.
@@ -459,31 +461,22 @@ pub fn verify_member(
     signature_key: &[u8],
     now: UnixMs,
 ) -> Result<DeviceId, EngineError> {
-    let certificate: DeviceCertificate =
-        cbor::from_slice(identity, &confab_spec::DecodeLimits::default()).map_err(|e| {
-            EngineError::InvalidCertificate(format!("credential is not a certificate: {e}"))
-        })?;
-    certificate
-        .verify(now, confab_spec::limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| {
-            None
-        })
-        .map_err(|e: IdentityError| EngineError::InvalidCertificate(e.to_string()))?;
-    if certificate.device_key.as_bytes().as_slice() != signature_key {
-        return Err(EngineError::InvalidCertificate(
-            "leaf signature key is not the certificate's device key".into(),
-        ));
-    }
-    Ok(certificate.device_id())
+    confab_spec::identity::verify_member_credential(
+        identity,
+        signature_key,
+        now,
+        confab_spec::limits::CLOCK_SKEW_MAX_MS_DEFAULT,
+        |_| None,
+    )
+    .map_err(|e| EngineError::InvalidCertificate(e.to_string()))
 }
 
 /// The device named by a credential identity, without checking validity (for members
 /// already admitted).
 pub fn device_of(identity: &[u8]) -> Result<DeviceId, EngineError> {
-    let certificate: DeviceCertificate =
-        cbor::from_slice(identity, &confab_spec::DecodeLimits::default()).map_err(|e| {
-            EngineError::InvalidCertificate(format!("credential is not a certificate: {e}"))
-        })?;
-    Ok(certificate.device_id())
+    confab_spec::identity::certificate_of_credential(identity)
+        .map(|c| c.device_id())
+        .map_err(|e| EngineError::InvalidCertificate(e.to_string()))
 }
 
 #[cfg(test)]

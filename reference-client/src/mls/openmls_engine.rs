@@ -580,7 +580,7 @@ impl MlsEngine for OpenMlsEngine {
         &mut self,
         group: &ConversationId,
         extensions: &[(u16, Vec<u8>)],
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<u8>, EngineError> {
         let extensions = context_extensions(extensions)?;
         self.with_tx(Some(group), |ctx| {
             let g = MlsGroup::new_with_group_id(
@@ -591,8 +591,12 @@ impl MlsEngine for OpenMlsEngine {
                 ctx.credential.clone(),
             )
             .map_err(|e| other("create group", e))?;
+            // The ratchet tree goes in-band (SPEC.md 6.1, 7.1).
+            let info = g
+                .export_group_info(ctx.provider.crypto(), ctx.signer, true)
+                .map_err(|e| other("group info", e))?;
             ctx.groups.insert(*group, g);
-            Ok(())
+            serialize(&info)
         })
     }
 

@@ -101,3 +101,16 @@ pub fn ready(
     ));
     conn
 }
+
+/// A room's new group of `creator` as the store keeps it, its state a stand-in: the
+/// benchmarks send application messages, which the gateway never verifies against it.
+pub fn new_room(
+    creator: &confab_spec::ids::DeviceId,
+) -> confab_gateway::tracked_group::TrackedGroup {
+    confab_gateway::tracked_group::TrackedGroup {
+        epoch: confab_spec::ids::Epoch(0),
+        snapshot: Vec::new(),
+        members: vec![(0, *creator)],
+        extensions: confab_spec::rooms::RoomRoles::new(creator.system).context_extensions(),
+    }
+}

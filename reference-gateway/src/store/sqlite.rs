@@ -14,6 +14,7 @@ use super::{
 };
 use crate::durability::WriteCounters;
 use crate::faults::Faults;
+use crate::tracked_group::{TrackedGroup, membership_change};
 use confab_spec::frame::{ConversationKind, Entry, EntryBody};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
@@ -189,7 +190,11 @@ CREATE TABLE IF NOT EXISTS share_lists (
     peer BLOB NOT NULL,
     PRIMARY KEY (user, peer, list)
 ) WITHOUT ROWID;
-PRAGMA user_version = 6;
+CREATE TABLE IF NOT EXISTS group_states (
+    conversation BLOB PRIMARY KEY,
+    snapshot BLOB NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version = 7;
 ";
 
 impl SqliteStore {
@@ -390,6 +395,41 @@ fn put_roles(conn: &Connection, id: &ConversationId, roles: &RoomRoles) -> Resul
     Ok(())
 }
 
+/// Stores the tracked group after a creation or an accepted Commit: its state (unless
+/// `roster_only`, the `stale_group_state` fault), and its roster in place of the
+/// conversation's (SPEC.md 7.6: membership follows MLS).
+fn put_group(
+    conn: &Connection,
+    id: &ConversationId,
+    group: &TrackedGroup,
+    roster_only: bool,
+) -> Result<(), StoreError> {
+    if !roster_only {
+        conn.prepare_cached(
+            "INSERT INTO group_states (conversation, snapshot) VALUES (?1, ?2)
+             ON CONFLICT (conversation) DO UPDATE SET snapshot = excluded.snapshot",
+        )
+        .map_err(db)?
+        .execute(params![id.0.as_slice(), group.snapshot.as_slice()])
+        .map_err(db)?;
+    }
+    conn.prepare_cached("DELETE FROM roster WHERE conversation = ?1")
+        .map_err(db)?
+        .execute([id.0.as_slice()])
+        .map_err(db)?;
+    for (leaf, device) in &group.members {
+        conn.prepare_cached("INSERT INTO roster (conversation, leaf, device) VALUES (?1, ?2, ?3)")
+            .map_err(db)?
+            .execute(params![
+                id.0.as_slice(),
+                i64::from(*leaf),
+                device.to_bytes().as_slice()
+            ])
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
 fn roles_of(conn: &Connection, id: &ConversationId) -> Result<Option<RoomRoles>, StoreError> {
     let data: Option<Vec<u8>> = conn
         .prepare_cached("SELECT roles FROM room_roles WHERE conversation = ?1")
@@ -422,9 +462,14 @@ struct Governed<'a> {
     conversation: &'a ConversationId,
     room: bool,
     committer: &'a DeviceId,
-    removed_leaves: &'a [u32],
+    /// Leaves and devices the Commit removes.
+    removed: &'a [(u32, DeviceId)],
+    /// Devices it adds.
     added: &'a [DeviceId],
+    /// The roles its GroupContextExtensions proposal states.
     roles: &'a Option<Result<RoomRoles, RolesError>>,
+    /// The group after it.
+    next: &'a TrackedGroup,
     limits: &'a super::RoomLimits,
     /// The `no_room_rules` fault: rules 1–7 are not checked.
     no_rules: bool,
@@ -438,31 +483,27 @@ fn govern(
     g: &Governed<'_>,
 ) -> Result<Result<Option<RoomRoles>, AppendOutcome>, StoreError> {
     let forbidden = |why: String| Ok(Err(AppendOutcome::Forbidden(why)));
-    let mut roster: std::collections::BTreeMap<u32, DeviceId> =
-        roster_of(conn, g.conversation)?.into_iter().collect();
-    let present_before: std::collections::BTreeSet<SystemKey> =
-        roster.values().map(|d| d.system).collect();
-    let mut removed = Vec::with_capacity(g.removed_leaves.len());
-    for leaf in g.removed_leaves {
-        // A Remove of an empty leaf is invalid MLS; the members refuse it, nothing to judge.
-        if let Some(device) = roster.remove(leaf) {
-            let leaving: bool = conn
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM leaving WHERE conversation = ?1 AND leaf = ?2)",
-                )
-                .map_err(db)?
-                .query_row(
-                    params![g.conversation.0.as_slice(), i64::from(*leaf)],
-                    |r| r.get(0),
-                )
-                .map_err(db)?;
-            removed.push((device, leaving));
-        }
+    let present_before: std::collections::BTreeSet<SystemKey> = roster_of(conn, g.conversation)?
+        .into_iter()
+        .map(|(_, d)| d.system)
+        .collect();
+    let mut removed = Vec::with_capacity(g.removed.len());
+    for (leaf, device) in g.removed {
+        let leaving: bool = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM leaving WHERE conversation = ?1 AND leaf = ?2)",
+            )
+            .map_err(db)?
+            .query_row(
+                params![g.conversation.0.as_slice(), i64::from(*leaf)],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        removed.push((*device, leaving));
     }
-    let members_after = roster.len() + g.added.len();
-    let mut present_after: std::collections::BTreeSet<SystemKey> =
-        roster.values().map(|d| d.system).collect();
-    present_after.extend(g.added.iter().map(|d| d.system));
+    let members_after = g.next.members.len();
+    let present_after: std::collections::BTreeSet<SystemKey> =
+        g.next.members.iter().map(|(_, d)| d.system).collect();
     // Rule 7: nobody adds a user that blocks them (rooms and direct messages alike).
     let committer = g.committer.system;
     if g.no_rules {
@@ -512,6 +553,16 @@ fn govern(
         Some(Err(e)) => return forbidden(format!("rule 1: {e}")),
         None => None,
     };
+    // A GroupContextExtensions proposal replaces the whole list: it must restate
+    // required_capabilities, or later Adds could bring devices without the roles
+    // capability (SPEC.md 10.1).
+    if stated.is_some() && !g.next.requires_roles_capability() {
+        return forbidden(
+            "rule 1: the group context extensions must restate required_capabilities with \
+             the roles extension"
+                .into(),
+        );
+    }
     if let Err(violation) = rooms::check_commit(&CommitView {
         committer,
         before: &before,
@@ -635,29 +686,31 @@ impl Store for SqliteStore {
         &mut self,
         id: &ConversationId,
         kind: ConversationKind,
-        creator: &DeviceId,
+        group: &TrackedGroup,
         rooms_per_user_max: u64,
         now: UnixMs,
     ) -> Result<CreateOutcome, StoreError> {
         let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
         let room = kind == ConversationKind::Room;
-        if room && rooms_of(&tx, &creator.system)? >= rooms_per_user_max {
-            return Ok(CreateOutcome::TooManyRooms);
+        let creator = group.members.first().map(|(_, d)| d.system);
+        if let Some(creator) = creator.filter(|_| room) {
+            if rooms_of(&tx, &creator)? >= rooms_per_user_max {
+                return Ok(CreateOutcome::TooManyRooms);
+            }
         }
         let inserted = tx
-            .prepare_cached("INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, 0, 0, ?3)")
+            .prepare_cached("INSERT OR IGNORE INTO conversations (id, kind, epoch, epoch_seq, created_ms) VALUES (?1, ?2, ?3, 0, ?4)")
             .map_err(db)?
             .execute(
-                params![id.0.as_slice(), kind_code(kind), to_i64(now.0)],
+                params![id.0.as_slice(), kind_code(kind), to_i64(group.epoch.0), to_i64(now.0)],
             )
             .map_err(db)?;
         if inserted == 1 {
-            tx.prepare_cached("INSERT INTO roster (conversation, leaf, device) VALUES (?1, 0, ?2)")
-                .map_err(db)?
-                .execute(params![id.0.as_slice(), creator.to_bytes().as_slice()])
-                .map_err(db)?;
+            put_group(&tx, id, group, false)?;
             if room {
-                put_roles(&tx, id, &RoomRoles::new(creator.system))?;
+                if let Some(Ok(roles)) = group.roles() {
+                    put_roles(&tx, id, &roles)?;
+                }
             }
         }
         tx.commit().map_err(db)?;
@@ -666,6 +719,31 @@ impl Store for SqliteStore {
         } else {
             CreateOutcome::Exists
         })
+    }
+
+    fn group_state(&self, id: &ConversationId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT snapshot FROM group_states WHERE conversation = ?1")
+            .map_err(db)?
+            .query_row([id.0.as_slice()], |r| r.get(0))
+            .optional()
+            .map_err(db)
+    }
+
+    fn sequenced(&self, id: &ConversationId, msg_id: &MsgId) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM entries WHERE stream = ?1 AND msg_id = ?2)",
+            )
+            .map_err(db)?
+            .query_row(
+                params![
+                    stream_key(&StreamKey::Conversation(*id)),
+                    msg_id.0.as_slice()
+                ],
+                |r| r.get(0),
+            )
+            .map_err(db)
     }
 
     fn room_roles(&self, id: &ConversationId) -> Result<Option<RoomRoles>, StoreError> {
@@ -797,33 +875,40 @@ impl Store for SqliteStore {
                 epoch: Epoch(epoch),
             });
         }
-        let mut new_roles = None;
+        // A Commit for the current epoch: its verified next state decides who joins and
+        // leaves (SPEC.md 7.6, 7.7).
+        let mut commit = None;
         if let AppendKind::Commit {
-            added,
             welcome,
-            removed_leaves,
             roles,
+            next,
             ..
         } = &request.kind
         {
-            if added.is_empty() != welcome.is_none() {
+            let Some(next) = next else {
+                return Ok(AppendOutcome::Unverified);
+            };
+            let change = membership_change(&roster_of(&tx, &conv)?, &next.members);
+            if change.added.is_empty() != welcome.is_none() {
                 return Ok(AppendOutcome::WelcomeMismatch);
             }
+            let added: Vec<DeviceId> = change.added.iter().map(|(_, d)| *d).collect();
             let judged = govern(
                 &tx,
                 &Governed {
                     conversation: &conv,
                     room,
                     committer: &request.sender,
-                    removed_leaves,
-                    added,
+                    removed: &change.removed,
+                    added: &added,
                     roles,
+                    next,
                     limits: &request.rooms,
                     no_rules: self.faults.no_room_rules,
                 },
             )?;
             match judged {
-                Ok(roles) => new_roles = roles,
+                Ok(roles) => commit = Some((next, change, roles, welcome)),
                 Err(refusal) => return Ok(refusal),
             }
         }
@@ -841,13 +926,7 @@ impl Store for SqliteStore {
                 payload: request.payload.as_bytes(),
             },
         )?;
-        if let AppendKind::Commit {
-            removed_leaves,
-            added,
-            welcome,
-            ..
-        } = &request.kind
-        {
+        if let Some((next, change, new_roles, welcome)) = commit {
             // One Commit per epoch, decided in this transaction (REQ-7.3-1).
             tx.prepare_cached(
                 "UPDATE conversations SET epoch = epoch + 1, epoch_seq = ?2 WHERE id = ?1",
@@ -855,55 +934,27 @@ impl Store for SqliteStore {
             .map_err(db)?
             .execute(params![conv.0.as_slice(), seq])
             .map_err(db)?;
-            // RFC 9420 12.3: removals blank leaves, then adds take the leftmost blanks.
             if let Some(roles) = &new_roles {
                 put_roles(&tx, &conv, roles)?;
             }
-            for leaf in removed_leaves {
+            for (leaf, device) in &change.removed {
                 tx.prepare_cached("DELETE FROM leaving WHERE conversation = ?1 AND leaf = ?2")
                     .map_err(db)?
                     .execute(params![conv.0.as_slice(), i64::from(*leaf)])
                     .map_err(db)?;
                 // Where the removed device's reading ends (REQ-7.6-2).
-                tx.prepare_cached("INSERT OR IGNORE INTO departures (conversation, device, seq)
-                     SELECT conversation, device, ?3 FROM roster WHERE conversation = ?1 AND leaf = ?2")
-            .map_err(db)?
-            .execute(
-                    params![conv.0.as_slice(), i64::from(*leaf), seq],
-                )
-                .map_err(db)?;
-                tx.prepare_cached("DELETE FROM roster WHERE conversation = ?1 AND leaf = ?2")
-                    .map_err(db)?
-                    .execute(params![conv.0.as_slice(), i64::from(*leaf)])
-                    .map_err(db)?;
-            }
-            let mut taken: Vec<i64> = {
-                let mut stmt = tx
-                    .prepare_cached("SELECT leaf FROM roster WHERE conversation = ?1")
-                    .map_err(db)?;
-                let leaves = stmt
-                    .query_map([conv.0.as_slice()], |r| r.get(0))
-                    .map_err(db)?;
-                leaves.collect::<Result<_, _>>().map_err(db)?
-            };
-            for device in added {
-                let mut leaf = 0i64;
-                while taken.contains(&leaf) {
-                    leaf += 1;
-                }
-                taken.push(leaf);
                 tx.prepare_cached(
-                    "INSERT INTO roster (conversation, leaf, device) VALUES (?1, ?2, ?3)",
+                    "INSERT OR IGNORE INTO departures (conversation, device, seq) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(db)?
-                .execute(params![
-                    conv.0.as_slice(),
-                    leaf,
-                    device.to_bytes().as_slice()
-                ])
+                .execute(params![conv.0.as_slice(), device.to_bytes().as_slice(), seq])
                 .map_err(db)?;
-                // The Welcome reaches each added device with its Commit (REQ-7.5-1).
-                if let Some(welcome) = welcome {
+            }
+            // The tracked state and the roster move with the entry (REQ-7.7-1).
+            put_group(&tx, &conv, next, self.faults.stale_group_state)?;
+            // The Welcome reaches each added device with its Commit (REQ-7.5-1).
+            if let Some(welcome) = welcome {
+                for (_, device) in &change.added {
                     push(
                         &tx,
                         &stream_key(&StreamKey::Inbox(*device)),

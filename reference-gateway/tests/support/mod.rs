@@ -112,3 +112,44 @@ pub fn private_message(
     m.extend_from_slice(body);
     confab_spec::ids::MlsBytes::new(m).expect("bytes")
 }
+
+/// A `CreateConversation` of a room `conversation` by the device `process` of `system`
+/// (device key `key`), for tests that send only application messages: the GroupInfo of a
+/// new group made by a throwaway mls-rs engine, its certificate valid around `now`
+/// (SPEC.md 6.1).
+pub fn create_room(
+    system: &SystemKeyPair,
+    key: &DeviceKeyPair,
+    process: ProcessId,
+    conversation: confab_spec::ids::ConversationId,
+    rid: u64,
+    now: UnixMs,
+) -> ClientFrame {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = confab_spec::session::DeviceCredentials {
+        certificate: system.issue_certificate(
+            process,
+            key.public(),
+            UnixMs(now.0.saturating_sub(3_600_000)),
+            now.plus_ms(86_400_000),
+        ),
+        key: key.clone(),
+    };
+    let mut engine = confab_client::mls::open_engine(
+        confab_client::mls::EngineKind::MlsRs,
+        &dir.path().join("creator.db"),
+        credentials,
+        confab_client::mls::system_clock(),
+    )
+    .expect("engine");
+    let roles = confab_spec::rooms::RoomRoles::new(system.public());
+    let group_info = engine
+        .create_group_with(&conversation, &roles.context_extensions())
+        .expect("group");
+    ClientFrame::CreateConversation(confab_spec::frame::CreateConversation {
+        rid,
+        conversation,
+        kind: confab_spec::frame::ConversationKind::Room,
+        group_info: confab_spec::ids::MlsBytes::new(group_info).expect("bytes"),
+    })
+}
