@@ -32,7 +32,7 @@ use clap::{Parser, Subcommand};
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{ConversationKind, PresenceMode, PresenceState};
 use confab_spec::identity::SystemKeyPair;
-use confab_spec::ids::{ConversationId, DeviceId, ProcessId, SystemKey};
+use confab_spec::ids::{ConversationId, DeviceId, ProcessId, Seq, SystemKey};
 use confab_spec::rooms::Role;
 
 /// Confab: end-to-end-encrypted chat on MLS for Polycentric identities.
@@ -421,6 +421,35 @@ fn sender_name(client: &Client, m: &Message) -> String {
 
 fn print_message(client: &Client, m: &Message, json: bool) {
     let from = sender_name(client, m);
+    if let Some(reason) = &m.unreadable {
+        // Never dropped silently (SPEC.md 7.7): the entry is shown with why it could not
+        // be read. The sender is the one the gateway names; MLS could not confirm it.
+        let device = hex::encode(&m.sender.process.0[..2]);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "conversation": hex::encode(m.conversation.0),
+                    "seq": m.seq.get(),
+                    "from": from,
+                    "device": hex::encode(m.sender.process.0),
+                    "accepted_ms": m.accepted.0,
+                    "unreadable": reason,
+                })
+            );
+        } else {
+            let whose = if from == "me" {
+                "my".to_owned()
+            } else {
+                format!("{from}'s")
+            };
+            println!(
+                "[{}] (a message from {whose} device {device}… could not be read: {reason})",
+                m.seq.get()
+            );
+        }
+        return;
+    }
     let text = String::from_utf8_lossy(&m.body);
     if json {
         println!(
@@ -435,6 +464,27 @@ fn print_message(client: &Client, m: &Message, json: bool) {
         );
     } else {
         println!("[{}] {from}: {text}", m.seq.get());
+    }
+}
+
+/// Tells the user a conversation forked here (a Commit this device could not apply).
+fn print_fork(conversation: &ConversationId, seq: Seq, reason: &str, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "conversation": hex::encode(conversation.0),
+                "forked_at": seq.get(),
+                "reason": reason,
+            })
+        );
+    } else {
+        println!(
+            "! conversation {} forked at [{}]: {reason}; this device no longer shares the \
+             group with the others, and sending into it is stopped",
+            &hex::encode(conversation.0)[..8],
+            seq.get()
+        );
     }
 }
 
@@ -654,6 +704,9 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 for m in client.store().messages(&c.id, 0, usize::MAX)? {
                     print_message(&client, &m, cli.json);
                 }
+                if let Some((seq, reason)) = client.store().forked(&c.id)? {
+                    print_fork(&c.id, seq, &reason, cli.json);
+                }
             }
         }
         Command::Watch => {
@@ -675,6 +728,13 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 }
                 for m in client.take_received() {
                     print_message(&client, &m, cli.json);
+                    if m.unreadable.is_some() {
+                        if let Some((seq, reason)) = client.store().forked(&m.conversation)? {
+                            if seq == m.seq {
+                                print_fork(&m.conversation, seq, &reason, cli.json);
+                            }
+                        }
+                    }
                 }
             }
         }

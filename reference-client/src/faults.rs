@@ -18,6 +18,11 @@ pub struct Faults {
     pub counter_msg_ids: bool,
     /// Merge its own Commit before the gateway accepted it (REQ-7.4-1).
     pub merge_before_accepted: bool,
+    /// Stop processing a stream at an entry it cannot read, as clients did before
+    /// SPEC.md 6.8 said otherwise (REQ-6.8-5).
+    pub stop_at_unreadable: bool,
+    /// Keep sending into a conversation whose Commit it could not apply (REQ-7.7-5).
+    pub send_after_fork: bool,
 }
 
 impl Faults {
@@ -32,6 +37,8 @@ impl Faults {
         "device_key_is_system_key",
         "counter_msg_ids",
         "merge_before_accepted",
+        "stop_at_unreadable",
+        "send_after_fork",
     ];
 
     /// One switch on, by its name (the field's name); `None` for an unknown name.
@@ -47,6 +54,8 @@ impl Faults {
             "device_key_is_system_key" => &mut f.device_key_is_system_key,
             "counter_msg_ids" => &mut f.counter_msg_ids,
             "merge_before_accepted" => &mut f.merge_before_accepted,
+            "stop_at_unreadable" => &mut f.stop_at_unreadable,
+            "send_after_fork" => &mut f.send_after_fork,
             _ => return None,
         };
         *switch = true;

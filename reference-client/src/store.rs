@@ -105,8 +105,11 @@ pub struct Message {
     pub msg_id: MsgId,
     /// When the gateway sequenced it.
     pub accepted: UnixMs,
-    /// The plaintext.
+    /// The plaintext (empty when the message is unreadable).
     pub body: Vec<u8>,
+    /// Why the entry could not be read, when it could not (a message that fails MLS, or a
+    /// Commit this device could not apply): shown in its place, never lost silently.
+    pub unreadable: Option<String>,
 }
 
 impl std::fmt::Debug for Message {
@@ -151,7 +154,9 @@ CREATE TABLE IF NOT EXISTS conversations (
     id BLOB PRIMARY KEY,
     kind INTEGER NOT NULL,
     peer BLOB,
-    removed INTEGER NOT NULL DEFAULT 0
+    removed INTEGER NOT NULL DEFAULT 0,
+    forked_seq INTEGER,
+    forked_reason TEXT
 );
 CREATE TABLE IF NOT EXISTS cursors (
     stream BLOB PRIMARY KEY,
@@ -174,6 +179,7 @@ CREATE TABLE IF NOT EXISTS messages (
     msg_id BLOB NOT NULL,
     accepted_ms INTEGER NOT NULL,
     body BLOB NOT NULL,
+    unreadable TEXT,
     PRIMARY KEY (conversation, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS room_names (
@@ -185,7 +191,7 @@ CREATE TABLE IF NOT EXISTS leave_requests (
     device BLOB NOT NULL,
     PRIMARY KEY (conversation, device)
 ) WITHOUT ROWID;
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -235,19 +241,26 @@ fn deliver_in(
     if processed(tx, &key, seq)? {
         return Ok(false);
     }
+    // A message already kept at this seq (the entry was processed before the cursor was
+    // lost) is not shown again, readable or not (REQ-6.8-1).
+    let mut shown_before = false;
     if let Some(m) = message {
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO messages (conversation, seq, sender, msg_id, accepted_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            m.conversation.0.as_slice(),
-            to_i64(m.seq.get()),
-            m.sender.to_bytes().as_slice(),
-            m.msg_id.0.as_slice(),
-            to_i64(m.accepted.0),
-            m.body,
-        ])?;
+        shown_before = 0
+            == tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO messages
+                 (conversation, seq, sender, msg_id, accepted_ms, body, unreadable)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    m.conversation.0.as_slice(),
+                    to_i64(m.seq.get()),
+                    m.sender.to_bytes().as_slice(),
+                    m.msg_id.0.as_slice(),
+                    to_i64(m.accepted.0),
+                    m.body,
+                    m.unreadable,
+                ])?;
         // One's own message is no longer waiting.
         tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
             .execute([m.msg_id.0.as_slice()])?;
@@ -257,7 +270,27 @@ fn deliver_in(
          ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
     )?
     .execute(params![key, to_i64(seq.get() + 1)])?;
-    Ok(true)
+    Ok(!shown_before)
+}
+
+/// Adds `column` to `table` unless the table has it (a migration).
+fn add_column_if_missing(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    declaration: &str,
+) -> Result<(), StoreError> {
+    let has: bool = conn
+        .prepare(&format!(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"
+        ))?
+        .query_row([column], |r| r.get(0))?;
+    if !has {
+        conn.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {declaration};"
+        ))?;
+    }
+    Ok(())
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -285,6 +318,17 @@ impl ClientStore {
             )?;
         }
         conn.execute_batch(SCHEMA)?;
+        if !fresh && version < 4 {
+            // Version 4 records unreadable entries and forked conversations (tables
+            // created above by this version's schema already have the columns).
+            for (table, column, declaration) in [
+                ("messages", "unreadable", "TEXT"),
+                ("conversations", "forked_seq", "INTEGER"),
+                ("conversations", "forked_reason", "TEXT"),
+            ] {
+                add_column_if_missing(&conn, table, column, declaration)?;
+            }
+        }
         // Every statement is prepared once per connection (parsing cost more than running
         // them on the per-entry path).
         conn.set_prepared_statement_cache_capacity(64);
@@ -411,6 +455,49 @@ impl ClientStore {
         Ok(())
     }
 
+    /// Records that `conversation` forked at `seq`: a Commit the gateway accepted there
+    /// could not be applied here, for `reason`. The first fork is kept.
+    pub fn set_forked(
+        &mut self,
+        conversation: &ConversationId,
+        seq: Seq,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE conversations SET forked_seq = ?2, forked_reason = ?3
+                 WHERE id = ?1 AND forked_seq IS NULL",
+            )?
+            .execute(params![
+                conversation.0.as_slice(),
+                to_i64(seq.get()),
+                reason
+            ])?;
+        Ok(())
+    }
+
+    /// Where and why `conversation` forked, if it did ([`ClientStore::set_forked`]).
+    pub fn forked(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<Option<(Seq, String)>, StoreError> {
+        let row: Option<(Option<i64>, Option<String>)> = self
+            .conn
+            .prepare_cached("SELECT forked_seq, forked_reason FROM conversations WHERE id = ?1")?
+            .query_row([conversation.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(match row {
+            Some((Some(seq), reason)) => Some((
+                u64::try_from(seq)
+                    .ok()
+                    .and_then(Seq::new)
+                    .ok_or(StoreError::Corrupt("fork seq"))?,
+                reason.unwrap_or_default(),
+            )),
+            _ => None,
+        })
+    }
+
     /// Records a join from a Welcome, in one transaction: the conversation (a member again
     /// if it was removed), its cursor moved forward to `from_seq` (the seq after the Commit
     /// that added this device: what came before is not for it), and the inbox entry
@@ -505,7 +592,8 @@ impl ClientStore {
 
     /// Records that the entry `seq` of `stream` was processed, with the message it held if
     /// any, and moves the stream's `next_seq` past it, in one transaction. `false`, changing
-    /// nothing, when `seq` was already processed (a duplicate).
+    /// nothing, when `seq` was already processed (a duplicate); `false` too when a message
+    /// is already kept at that seq (processed before the cursor was lost: not shown again).
     pub fn deliver(
         &mut self,
         stream: &StreamId,
@@ -737,7 +825,7 @@ impl ClientStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, sender, msg_id, accepted_ms, body FROM messages
+            "SELECT seq, sender, msg_id, accepted_ms, body, unreadable FROM messages
              WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
         let rows = stmt.query_map(
@@ -753,11 +841,12 @@ impl ClientStore {
                     r.get::<_, Vec<u8>>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
                 ))
             },
         )?;
         rows.map(|row| {
-            let (seq, sender, msg_id, accepted, body) = row?;
+            let (seq, sender, msg_id, accepted, body, unreadable) = row?;
             Ok(Message {
                 conversation: *conversation,
                 seq: u64::try_from(seq)
@@ -768,6 +857,7 @@ impl ClientStore {
                 msg_id: MsgId(array(msg_id, "msg_id")?),
                 accepted: UnixMs(accepted as u64),
                 body,
+                unreadable,
             })
         })
         .collect()

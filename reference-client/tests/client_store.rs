@@ -42,14 +42,17 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The message at `seq`; every fifth is an unreadable entry, kept with its reason.
 fn message(seq: u8) -> Message {
+    let unreadable = seq % 5 == 0;
     Message {
         conversation: CONV,
         seq: Seq::new(u64::from(seq)).expect("seq"),
         sender: sender(),
         msg_id: MsgId([seq; 16]),
         accepted: UnixMs(1_000 + u64::from(seq)),
-        body: vec![seq; 3],
+        body: if unreadable { Vec::new() } else { vec![seq; 3] },
+        unreadable: unreadable.then(|| format!("reason {seq}")),
     }
 }
 
@@ -231,10 +234,21 @@ fn version_1_databases_are_migrated() {
     let conversations = store.conversations().expect("conversations");
     assert_eq!(conversations.len(), 1);
     assert!(!conversations[0].removed);
+    // Version 4's columns: no fork recorded yet, and one can be.
+    let id = conversations[0].id;
+    assert_eq!(store.forked(&id).expect("forked"), None);
+    drop(store);
+    let mut store = ClientStore::open(&path).expect("reopens");
+    let seq = confab_spec::ids::Seq::new(7).expect("seq");
+    store.set_forked(&id, seq, "a reason").expect("fork");
+    assert_eq!(
+        store.forked(&id).expect("forked"),
+        Some((seq, "a reason".to_owned()))
+    );
     drop(store);
     let conn = rusqlite::Connection::open(&path).expect("open");
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 }

@@ -178,6 +178,8 @@ async fn every_broken_client_behaviour_fails_its_case() {
         ("device_key_is_system_key", "REQ-3.4-1"),
         ("counter_msg_ids", "REQ-4.6-1"),
         ("merge_before_accepted", "REQ-7.4-1"),
+        ("stop_at_unreadable", "REQ-6.8-5"),
+        ("send_after_fork", "REQ-7.7-5"),
     ];
     assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
     let example = faulty_cli();

@@ -86,6 +86,12 @@ pub struct Checker {
     pub shown: u64,
     /// Sends the gateway accepted.
     pub accepted: u64,
+    /// The hostile member of the `hostile-member` scenario: what it sends may be
+    /// unreadable to every member (garbage under a valid header), and is exempt from "no
+    /// decryption failure".
+    pub hostile: Option<DeviceId>,
+    /// Entries of the hostile member that devices could not read.
+    pub unreadable_hostile: u64,
 }
 
 fn ensure(
@@ -150,8 +156,15 @@ impl Checker {
         if record.outcome == EntryOutcome::Removed {
             self.removed_at.insert((device, conversation), seq);
         }
-        self.checks += 1;
-        if record.outcome == EntryOutcome::Undecryptable {
+        self.checks += 2;
+        ensure(record.outcome != EntryOutcome::Forked, "no fork", || {
+            format!(
+                "device {device} could not apply the Commit at seq {seq} of conversation {conversation:?}"
+            )
+        })?;
+        if record.outcome == EntryOutcome::Undecryptable && Some(record.sender) == self.hostile {
+            self.unreadable_hostile += 1;
+        } else if record.outcome == EntryOutcome::Undecryptable {
             let before_join = match (record.kind, self.joined_at.get(&(device, conversation))) {
                 (EntryBody::Application { epoch }, Some(&joined)) => epoch.0 < joined,
                 _ => false,

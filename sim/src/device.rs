@@ -116,7 +116,7 @@ pub struct DeviceSpec {
 }
 
 impl DeviceSpec {
-    fn credentials(&self) -> DeviceCredentials {
+    pub(crate) fn credentials(&self) -> DeviceCredentials {
         let system = user_key(self.user);
         let key = DeviceKeyPair::from_seed(&derive_seed(0, "device", self.index as u64));
         let mut process = [0u8; 16];
@@ -411,7 +411,9 @@ fn report_client(world: &Shared, i: usize, client: &mut Client) {
     let mut guard = world.borrow_mut();
     let w = &mut *guard;
     let now = sim_ms();
-    for m in &received {
+    // Unreadable entries are the checker's `entry` concern (their outcome); only messages
+    // shown with a text are checked against what was composed.
+    for m in received.iter().filter(|m| m.unreadable.is_none()) {
         let result = w
             .checker
             .shown(i, m.conversation, m.seq.get(), m.sender, &m.body);
@@ -618,6 +620,27 @@ async fn execute_here(
         }
         Command::Drop => client.drop_connection(),
         Command::LoseDeliveries { n } => client.lose_deliveries(n),
+        Command::Hostile { conversation, draw } => {
+            let mut stash = std::mem::take(&mut world.borrow_mut().devices[i].hostile_stash);
+            let key = spec.credentials().key;
+            let result = crate::hostile::act(client, &key, conversation, draw, &mut stash).await;
+            let mut w = world.borrow_mut();
+            let slot = &mut w.devices[i];
+            slot.hostile_stash = stash;
+            slot.hostile_acts += 1;
+            match result {
+                Ok(crate::hostile::Answered::Refused) => slot.hostile_refused += 1,
+                Ok(_) => {}
+                Err(crate::hostile::ActError::Client(e)) => return Err(e),
+                Err(crate::hostile::ActError::Gateway(e)) => {
+                    w.check(Err(Violation::new(
+                        "the gateway refuses forged handshakes",
+                        format!("device {i}: {e}"),
+                    )));
+                    return Ok(());
+                }
+            }
+        }
         Command::RemoveDevice { device } => {
             let result = client.remove_device(device).await;
             return allowed(world, i, result.map(|_| ()), "remove_device");

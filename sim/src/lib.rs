@@ -9,6 +9,7 @@
 //! - [`gateway`]: the gateway host (`confab_gateway::server::serve` on simulated TCP);
 //! - [`device`]: a device host (`confab_client::app::Client` on simulated TCP);
 //! - [`scrape`]: the `presence-scrape` scenario (bots against presence);
+//! - [`hostile`]: the `hostile-member` scenario's acts;
 //! - [`check`]: the invariants;
 //! - [`workers`]: threads that run devices' synchronous work beside turmoil's;
 //! - [`world`]: what hosts and orchestrator share, and the trace digest.
@@ -19,6 +20,7 @@
 pub mod check;
 pub mod device;
 pub mod gateway;
+pub mod hostile;
 pub mod run;
 pub mod scenario;
 pub mod scrape;

@@ -148,6 +148,9 @@ pub struct Summary {
     pub unreadable_before_join: u64,
     /// Sends, updates and membership changes refused for a reason the scenario allows.
     pub refused: u64,
+    /// `hostile-member`: acts done, acts the gateway refused, and the hostile member's
+    /// entries other devices could not read.
+    pub hostile: (u64, u64, u64),
     /// Invariant checks made.
     pub checks: u64,
     /// Simulated time.
@@ -329,6 +332,11 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
                 faults: orchestrator.faults.clone(),
                 unreadable_before_join: world.checker.unreadable_before_join,
                 refused: devices.iter().map(|d| d.refused).sum(),
+                hostile: (
+                    devices.iter().map(|d| d.hostile_acts).sum(),
+                    devices.iter().map(|d| d.hostile_refused).sum(),
+                    world.checker.unreadable_hostile,
+                ),
                 checks: world.checker.checks,
                 sim_ms,
                 steps: step,
@@ -1051,6 +1059,7 @@ impl<'a> Orchestrator<'a> {
             Scenario::PresenceScrape => {}
             Scenario::RoomChurn => self.room_workload(now),
             Scenario::RoomSoak => self.soak_workload(now),
+            Scenario::HostileMember => self.hostile_workload(now),
             Scenario::MultiDeviceChurn => {
                 let out = self.churning();
                 for i in self.idle() {
@@ -1092,6 +1101,43 @@ impl<'a> Orchestrator<'a> {
             self.send(i);
         }
         self.cycles = (now - self.phase_since) / 1_000;
+    }
+
+    /// `hostile-member`: the last device acts as a hostile member now and then; the others
+    /// send and now and then commit an update; a few network faults. A cycle is one
+    /// hostile act.
+    fn hostile_workload(&mut self, now: u64) {
+        let Some(room) = self.conversation_of(0) else {
+            return;
+        };
+        let hostile = self.options.clients - 1;
+        let id = self.world.borrow().devices[hostile].id;
+        if let Some(id) = id {
+            self.world.borrow_mut().checker.hostile = Some(id);
+        }
+        for i in self.idle() {
+            if !self.in_room(i) {
+                continue;
+            }
+            if i == hostile {
+                if self.roll(100) {
+                    let draw = self.rng.next_u64();
+                    self.command(
+                        i,
+                        Command::Hostile {
+                            conversation: room,
+                            draw,
+                        },
+                    );
+                }
+            } else if self.roll(30) {
+                self.send(i);
+            } else if self.roll(3) {
+                self.command(i, Command::Update { conversation: room });
+            }
+        }
+        self.network_fault(now, 2);
+        self.cycles = self.world.borrow().devices[hostile].hostile_acts;
     }
 
     /// Whether `device` is in the room now, as it processed it.

@@ -42,6 +42,12 @@ pub enum Scenario {
     /// reaches every member, in order, decrypted, and every member agrees on every epoch.
     /// A cycle is one simulated second (the default is one hour).
     RoomSoak,
+    /// One room in which the last device is a hostile member: throughout the room's life
+    /// it sends garbage, garbage under a valid header, unsigned and forged Commits, and
+    /// replays of its own old Commits, while the others talk and commit (SPEC.md 7.7). The
+    /// gateway must refuse every forged handshake; honest members never stop, agree on
+    /// every epoch and lose nothing an honest member sent. A cycle is one hostile act.
+    HostileMember,
 }
 
 /// How the devices are grouped.
@@ -59,7 +65,7 @@ pub enum Topology {
 
 impl Scenario {
     /// Every scenario, in `list` order.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::DisconnectCycles,
         Scenario::ReconnectStorm,
         Scenario::DuplicateSends,
@@ -70,6 +76,7 @@ impl Scenario {
         Scenario::PresenceScrape,
         Scenario::RoomChurn,
         Scenario::RoomSoak,
+        Scenario::HostileMember,
     ];
 
     /// Its name on the command line.
@@ -85,6 +92,7 @@ impl Scenario {
             Scenario::PresenceScrape => "presence-scrape",
             Scenario::RoomChurn => "room-churn",
             Scenario::RoomSoak => "room-soak",
+            Scenario::HostileMember => "hostile-member",
         }
     }
 
@@ -124,6 +132,9 @@ impl Scenario {
             Scenario::RoomSoak => {
                 "a 1,000-member room at 100 messages a second, everything delivered and decrypted everywhere; cycle = one simulated second"
             }
+            Scenario::HostileMember => {
+                "a room member sends garbage, forged and replayed handshakes; the gateway refuses them, honest members agree and lose nothing; cycle = one hostile act"
+            }
         }
     }
 
@@ -140,6 +151,7 @@ impl Scenario {
             Scenario::PresenceScrape => 10,
             Scenario::RoomChurn => 30,
             Scenario::RoomSoak => 3_600,
+            Scenario::HostileMember => 200,
         }
     }
 
@@ -150,6 +162,7 @@ impl Scenario {
             Scenario::PresenceScrape => 8,
             Scenario::RoomChurn => 6,
             Scenario::RoomSoak => 1_000,
+            Scenario::HostileMember => 5,
             _ => 4,
         }
     }
@@ -258,7 +271,7 @@ impl Scenario {
     pub fn topology(self) -> Topology {
         match self {
             Scenario::ReconnectStorm => Topology::Pairs,
-            Scenario::RoomChurn | Scenario::RoomSoak => Topology::Room,
+            Scenario::RoomChurn | Scenario::RoomSoak | Scenario::HostileMember => Topology::Room,
             _ => Topology::TwoUsers,
         }
     }

@@ -600,6 +600,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Summ
         lost_races: 0,
         faults: BTreeMap::new(),
         unreadable_before_join: 0,
+        hostile: (0, 0, 0),
         refused: report.bot_rate_limited + report.bot_too_large,
         checks: report.bot_watches + report.deliveries,
         sim_ms: end_ms,

@@ -85,6 +85,14 @@ pub enum Command {
         /// How many.
         n: u32,
     },
+    /// Act as a hostile member of `conversation` once: the act is drawn from `draw`
+    /// ([`crate::hostile`]).
+    Hostile {
+        /// Where.
+        conversation: ConversationId,
+        /// The orchestrator's random draw (the run stays one seed's).
+        draw: u64,
+    },
 }
 
 /// One device as the world sees it.
@@ -125,6 +133,12 @@ pub struct DeviceSlot {
     pub gaps: u64,
     /// Sends and updates refused for a reason the scenario allows.
     pub refused: u64,
+    /// Hostile acts done.
+    pub hostile_acts: u64,
+    /// Hostile acts the gateway refused, as it must.
+    pub hostile_refused: u64,
+    /// The hostile member's own Commits, by epoch, made and discarded to replay later.
+    pub hostile_stash: Vec<(u64, Vec<u8>)>,
 }
 
 /// The gateway as the world sees it.

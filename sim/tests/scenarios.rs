@@ -254,3 +254,26 @@ fn soak(members: usize, cycles: u64, progress: &mut dyn FnMut(confab_sim::Progre
 fn gap_recovery() {
     scenario(Scenario::GapRecovery, &[1, 2, fresh_seed()]);
 }
+
+#[test]
+fn hostile_member() {
+    for seed in [1, 2, fresh_seed()] {
+        let options = Options::new(Scenario::HostileMember, seed);
+        let summary = run(&options);
+        let (acts, refused, unreadable) = summary.hostile;
+        assert!(
+            summary.cycles >= options.cycles,
+            "cycles: {}",
+            summary.cycles
+        );
+        assert!(
+            acts >= summary.cycles,
+            "a cycle is one hostile act: {acts} acts"
+        );
+        // Four of the six acts are forgeries the gateway must refuse (the run fails on any
+        // it accepts); garbage under a valid header is accepted and unreadable to all.
+        assert!(refused > acts / 3, "{refused} of {acts} acts refused");
+        assert!(unreadable > 0, "members met the garbage and went on");
+        assert!(summary.accepted > 0 && summary.shown >= summary.accepted);
+    }
+}

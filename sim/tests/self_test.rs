@@ -106,3 +106,13 @@ fn a_missing_per_target_limit_is_caught() {
         &["probing is throttled per target"],
     );
 }
+
+#[test]
+fn unverified_handshakes_are_caught() {
+    caught(
+        "no_handshake_verification",
+        Scenario::HostileMember,
+        200,
+        &["the gateway refuses forged handshakes"],
+    );
+}

@@ -481,6 +481,25 @@ pub struct PublicMessageParts {
     pub membership_tag: Option<Vec<u8>>,
 }
 
+impl PublicMessageParts {
+    /// The PublicMessage MLSMessage of these parts (the inverse of
+    /// [`public_message_parts`]; a test may change a part in between).
+    pub fn to_message(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(self.content.len() + self.signature.len() + 80);
+        m.extend_from_slice(&MLS_VERSION_1_0.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.extend_from_slice(&self.content);
+        push_vector(&mut m, &self.signature);
+        if let Some(tag) = &self.confirmation_tag {
+            push_vector(&mut m, tag);
+        }
+        if let Some(tag) = &self.membership_tag {
+            push_vector(&mut m, tag);
+        }
+        m
+    }
+}
+
 /// Cuts a PublicMessage MLSMessage into its parts; the bytes must hold exactly one.
 pub fn public_message_parts(bytes: &[u8]) -> Result<PublicMessageParts, PeekError> {
     let mut r = Cursor { bytes, pos: 0 };

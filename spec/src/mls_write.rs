@@ -216,6 +216,11 @@ mod tests {
         assert_eq!(parts.content, content);
         assert_eq!(parts.signature, signature);
         assert_eq!(parts.path, None);
+        assert_eq!(
+            parts.to_message(),
+            message,
+            "the parts join into the message again"
+        );
         assert_eq!(parts.confirmation_tag.map(|t| t.len()), Some(TAG_BYTES));
         assert_eq!(parts.membership_tag.map(|t| t.len()), Some(TAG_BYTES));
     }

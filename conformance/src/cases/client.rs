@@ -149,6 +149,20 @@ pub(super) fn cases() -> Vec<Case> {
             refuses_reused_msg_id
         ),
         client_case!(
+            "6.8-5.client-reads-past-unreadable",
+            "REQ-6.8-5",
+            Must,
+            "a message nobody can decrypt in the middle of a room: every message after it is shown",
+            reads_past_unreadable
+        ),
+        client_case!(
+            "7.7-5.client-stops-at-fork",
+            "REQ-7.7-5",
+            Must,
+            "a room Commit the gateway accepted but the client cannot apply (broken confirmation tag): the client sends nothing more into the room",
+            stops_at_fork
+        ),
+        client_case!(
             "7.1-1.client-ciphersuite",
             "REQ-7.1-1",
             Must,
@@ -2423,6 +2437,138 @@ async fn random_ids(cx: &mut Ctx) -> CaseResult {
     }
     looks_random("conversation id", &conversations)?;
     looks_random("msg_id", &msg_ids)?;
+    Ok(())
+}
+
+async fn reads_past_unreadable(cx: &mut Ctx) -> CaseResult {
+    use crate::cases::log::{random, send_mls};
+    use crate::mls::{broken, bytes};
+
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    let mut delivered = suite_room_with_client(cx, client, home.path(), false).await?;
+    let room = delivered.room;
+    let epoch = delivered
+        .owner
+        .engine
+        .epoch(&room)
+        .map_err(|e| broken("read the epoch", e))?;
+    // A header of the room's epoch around bytes no key decrypts, then a real message.
+    let garbage = confab_spec::mls_write::private_message(&room.0, epoch, &[0xEE; 48]);
+    delivered.rid += 1;
+    send_mls(
+        &mut delivered.peer,
+        delivered.rid,
+        room,
+        confab_spec::ids::MsgId(random()),
+        bytes(garbage)?,
+        None,
+    )
+    .await?
+    .map_err(|e| broken("send garbage", crate::context::describe_error(&e)))?;
+    let after = format!("after the unreadable one {}", hex::encode(random::<8>()));
+    let payload = delivered
+        .owner
+        .engine
+        .encrypt(&room, after.as_bytes())
+        .map_err(|e| broken("encrypt", e))?;
+    delivered.rid += 1;
+    send_mls(
+        &mut delivered.peer,
+        delivered.rid,
+        room,
+        confab_spec::ids::MsgId(random()),
+        bytes(payload)?,
+        None,
+    )
+    .await?
+    .map_err(|e| broken("send a message", crate::context::describe_error(&e)))?;
+    let client = cx.client(Box::new(PassThrough))?;
+    let out = client.run(home.path(), &["read"]).await?;
+    for text in delivered.texts.iter().chain([&after]) {
+        if shown(&out.stdout, text) == 0 {
+            return Err(Failure::new(
+                format!("{text:?} shown by `read` (the unreadable entry skipped)"),
+                if out.success {
+                    "not shown".to_owned()
+                } else {
+                    format!("`read` failed: {}", out.stderr.trim())
+                },
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+async fn stops_at_fork(cx: &mut Ctx) -> CaseResult {
+    use crate::cases::log::{random, send_mls};
+    use crate::mls::{broken, bytes};
+
+    let (mut peer, mut member) = invitee_member(cx).await?;
+    let invited = hex::encode(member.device.system.public().0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "forked").await?;
+    client
+        .run_ok(home.path(), &["room", "invite", "forked", &invited])
+        .await?;
+    let room = join_welcome(&mut peer, &mut member, 20).await?;
+    // The suite's member commits an update restating the roles (SPEC.md 10.1); only its
+    // confirmation tag is broken, which the gateway cannot check and every member does.
+    let roles = member
+        .engine
+        .context_extension(&room, ROLES_EXTENSION_TYPE)
+        .map_err(|e| broken("read the roles", e))?
+        .ok_or_else(|| broken("read the roles", "the room has none"))?;
+    let roles = confab_spec::rooms::RoomRoles::from_extension(&roles)
+        .map_err(|e| broken("read the roles", e))?;
+    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+        roles.context_extensions(),
+    )];
+    let commit = member
+        .engine
+        .commit(&room, &[], &[], &extra, true)
+        .map_err(|e| broken("commit", e))?;
+    member
+        .engine
+        .discard_pending_commit(&room)
+        .map_err(|e| broken("discard", e))?;
+    let mut parts = mls_framing::public_message_parts(&commit.commit)
+        .map_err(|e| broken("read a Commit", e))?;
+    if let Some(byte) = parts.confirmation_tag.as_mut().and_then(|t| t.first_mut()) {
+        *byte ^= 0x01;
+    }
+    let (fork_seq, _) = send_mls(
+        &mut peer,
+        21,
+        room,
+        confab_spec::ids::MsgId(random()),
+        bytes(parts.to_message())?,
+        None,
+    )
+    .await?
+    .map_err(|e| broken("send the Commit", crate::context::describe_error(&e)))?;
+    // The client reads the Commit, then is asked to send into the room.
+    let client = cx.client(Box::new(PassThrough))?;
+    client.run(home.path(), &["read", "forked"]).await?;
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run(home.path(), &["send", "forked", "into the fork"])
+        .await?;
+    let events = client.proxy.events();
+    let into_room = sent(&events)
+        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room))
+        .count();
+    if into_room > 0 {
+        return Err(Failure::new(
+            format!(
+                "nothing sent into the room after the Commit at seq {fork_seq} it could not apply"
+            ),
+            format!("{into_room} Send(s) into it"),
+        )
+        .into());
+    }
     Ok(())
 }
 

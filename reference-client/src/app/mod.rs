@@ -119,6 +119,34 @@ pub enum ClientError {
     /// This device asked to leave the room; it makes no more changes there.
     #[error("you are leaving that room")]
     Leaving,
+    /// A Commit the gateway accepted at `seq` could not be applied here: the conversation
+    /// has forked, and nothing more is sent into it until it is recovered.
+    #[error("this conversation forked at [{}] ({reason}): sending into it is stopped until it is recovered", seq.get())]
+    Forked {
+        /// The seq of the Commit this device could not apply.
+        seq: Seq,
+        /// Why it could not.
+        reason: String,
+    },
+}
+
+/// Why an entry could not be read, for the user: short, without any of its bytes.
+pub fn unreadable_reason(e: &EngineError) -> String {
+    match e {
+        EngineError::WrongEpoch(_) => "sent in a group epoch this device does not have".into(),
+        EngineError::SecretReused(_) => {
+            "its key was already used (a replay, or a sender restored from an old copy)".into()
+        }
+        EngineError::UnknownMember(_) => "its sender is not a member".into(),
+        EngineError::InvalidCertificate(_) => "its sender's certificate is not valid".into(),
+        EngineError::Malformed(_) => "malformed, or a bad signature".into(),
+        EngineError::GroupNotFound => "this device is not in the group".into(),
+        EngineError::Removed => "this device was removed from the group".into(),
+        other => {
+            let text = other.to_string();
+            text.chars().take(120).collect()
+        }
+    }
 }
 
 /// What the KeyPackage pool looks like after [`Client::top_up_key_packages`].
@@ -216,8 +244,11 @@ pub type Observer = Arc<Mutex<Observed>>;
 pub enum EntryOutcome {
     /// An application message decrypted (or one's own, from the outbox) and shown.
     Shown,
-    /// An application message that could not be decrypted.
+    /// An application message that could not be decrypted: recorded as unreadable.
     Undecryptable,
+    /// A Commit of another member that this device could not apply: the conversation has
+    /// forked here (recorded as unreadable and as a fork).
+    Forked,
     /// A Commit or Proposal applied, or a Welcome joined.
     Applied,
     /// A Commit that removed this device from the group, applied.
@@ -340,6 +371,13 @@ impl Client {
     /// The MLS engine (read-only: epochs, members, authenticators).
     pub fn engine(&self) -> &dyn MlsEngine {
         &*self.engine
+    }
+
+    /// The MLS engine, to change: for tests and simulations that make what the client
+    /// never would (a Commit to tamper with, then discard). Whatever is done through it
+    /// bypasses the client's discipline (echo before apply, the outbox).
+    pub fn engine_mut(&mut self) -> &mut dyn MlsEngine {
+        &mut *self.engine
     }
 
     /// The local store.
@@ -915,6 +953,7 @@ impl Client {
         conversation: ConversationId,
         mut make: impl FnMut(&mut dyn MlsEngine) -> Result<Option<CommitOutput>, EngineError>,
     ) -> Result<Option<Seq>, ClientError> {
+        self.check_not_forked(&conversation)?;
         self.settle_resent_commit(conversation).await?;
         let mut attempts = 0;
         loop {
@@ -995,6 +1034,7 @@ impl Client {
         conversation: ConversationId,
         text: &[u8],
     ) -> Result<ComposedText, ClientError> {
+        self.check_not_forked(&conversation)?;
         let payload = self.encrypt(&conversation, text)?;
         Ok(ComposedText {
             conversation,
@@ -1038,6 +1078,18 @@ impl Client {
     /// writes its state before a ciphertext leaves it, and with the batch's outcomes
     /// released that one write is all it costs (in the batch, they would be journaled and
     /// the entries after it read outside any batch, a write each).
+    /// Refuses to send into a conversation that forked here (SPEC.md 7.7): whatever this
+    /// device sent would be in a group the others no longer share.
+    fn check_not_forked(&self, conversation: &ConversationId) -> Result<(), ClientError> {
+        if self.faults.send_after_fork {
+            return Ok(());
+        }
+        match self.store.forked(conversation)? {
+            Some((seq, reason)) => Err(ClientError::Forked { seq, reason }),
+            None => Ok(()),
+        }
+    }
+
     fn encrypt(
         &mut self,
         conversation: &ConversationId,
@@ -1105,6 +1157,18 @@ impl Client {
         let msg_id = self.new_msg_id();
         self.send_as(msg_id, conversation, payload, welcome, plaintext)
             .await
+    }
+
+    /// Sends `payload` into `conversation` as it is, under a fresh msg_id, and returns its
+    /// seq once the gateway accepted it: bytes no MLS engine made, for tests and
+    /// simulations of a hostile member (garbage, replays, forged handshakes). The CLI never
+    /// calls it.
+    pub async fn send_raw(
+        &mut self,
+        conversation: ConversationId,
+        payload: Vec<u8>,
+    ) -> Result<Seq, ClientError> {
+        self.send(conversation, payload, None, None).await
     }
 
     /// [`Client::send`] under a given msg_id.
@@ -1524,6 +1588,7 @@ impl Client {
                 // not decryptable): recorded as processed so it is not retried.
             }
             (StreamId::Conversation(c), EntryBody::Application { .. }) => {
+                let mut unreadable = None;
                 let body = if entry.sender == self.device {
                     // One's own message: the plaintext kept in the outbox.
                     self.store.outbox_plaintext(&entry.msg_id)?
@@ -1536,23 +1601,48 @@ impl Client {
                         .process_entry(&c, seq.get(), entry.payload.as_bytes())
                     {
                         Ok(Processed::Application { plaintext, .. }) => Some(plaintext),
-                        _ => {
-                            outcome = EntryOutcome::Undecryptable;
+                        Ok(_) => {
+                            unreadable = Some("not an application message".to_owned());
+                            None
+                        }
+                        // The state could not be read or written: nothing is recorded, the
+                        // entry is processed again.
+                        Err(e @ EngineError::Storage(_)) => return Err(e.into()),
+                        Err(e) if self.faults.stop_at_unreadable => return Err(e.into()),
+                        // Anything else is the message's own fault: recorded as unreadable
+                        // with its reason, and the stream goes on (never wedged on it).
+                        Err(e) => {
+                            unreadable = Some(unreadable_reason(&e));
                             None
                         }
                     }
                 };
                 if body.is_some() {
                     outcome = EntryOutcome::Shown;
+                } else if unreadable.is_some() {
+                    outcome = EntryOutcome::Undecryptable;
                 }
-                message = body.map(|body| Message {
-                    conversation: c,
-                    seq,
-                    sender: entry.sender,
-                    msg_id: entry.msg_id,
-                    accepted: entry.accepted_ms,
-                    body,
-                });
+                message = match (body, unreadable) {
+                    (Some(body), _) => Some(Message {
+                        conversation: c,
+                        seq,
+                        sender: entry.sender,
+                        msg_id: entry.msg_id,
+                        accepted: entry.accepted_ms,
+                        body,
+                        unreadable: None,
+                    }),
+                    (None, Some(reason)) => Some(Message {
+                        conversation: c,
+                        seq,
+                        sender: entry.sender,
+                        msg_id: entry.msg_id,
+                        accepted: entry.accepted_ms,
+                        body: Vec::new(),
+                        unreadable: Some(reason),
+                    }),
+                    (None, None) => None,
+                };
             }
             (StreamId::Conversation(c), EntryBody::Proposal { .. }) => {
                 // Proposals are not handed to the MLS engine: Commits carry every proposal
@@ -1604,13 +1694,38 @@ impl Client {
                         Some(_) => self.store.leave_requests(&c)?,
                         None => Vec::new(),
                     };
-                    let processed = self.engine.process(&c, entry.payload.as_bytes())?;
-                    if let Processed::Commit {
+                    let processed = match self.engine.process(&c, entry.payload.as_bytes()) {
+                        Ok(processed) => Some(processed),
+                        Err(e @ EngineError::Storage(_)) => return Err(e.into()),
+                        Err(e) if self.faults.stop_at_unreadable => return Err(e.into()),
+                        Err(e) => {
+                            // The gateway sequenced a Commit this device cannot apply: the
+                            // group has forked here. Recorded, shown, and the stream goes
+                            // on; nothing more is sent into it (SPEC.md 7.7).
+                            let reason = unreadable_reason(&e);
+                            self.store.set_forked(&c, seq, &reason)?;
+                            message = Some(Message {
+                                conversation: c,
+                                seq,
+                                sender: entry.sender,
+                                msg_id: entry.msg_id,
+                                accepted: entry.accepted_ms,
+                                body: Vec::new(),
+                                unreadable: Some(format!(
+                                    "a change to the group could not be applied ({reason}); \
+                                     this conversation has forked"
+                                )),
+                            });
+                            outcome = EntryOutcome::Forked;
+                            None
+                        }
+                    };
+                    if let Some(Processed::Commit {
                         self_removed,
                         added,
                         removed,
                         ..
-                    } = &processed
+                    }) = &processed
                     {
                         if let (Some(before), false) = (&before, *self_removed) {
                             let change = rooms::Change {

@@ -169,6 +169,13 @@ fn print_summary(s: &Summary) {
         ),
         ("refused, retried", s.refused.to_string()),
         ("unreadable: pre-join", s.unreadable_before_join.to_string()),
+        (
+            "hostile acts",
+            format!(
+                "{} ({} refused; {} of its entries unreadable to others)",
+                s.hostile.0, s.hostile.1, s.hostile.2
+            ),
+        ),
         ("faults injected", faults.to_string()),
         ("invariant checks", s.checks.to_string()),
         (
@@ -185,6 +192,9 @@ fn print_summary(s: &Summary) {
         ("wall time", format!("{:.1} s", s.wall.as_secs_f64())),
         ("trace digest", s.digest.clone()),
     ];
+    if s.options.scenario != confab_sim::Scenario::HostileMember {
+        rows.retain(|(k, _)| *k != "hostile acts");
+    }
     if s.presence.is_some() {
         // No messages, commits or faults in that scenario.
         let messaging = [
