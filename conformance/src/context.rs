@@ -219,6 +219,12 @@ impl Ctx {
     pub async fn ready(&self, name: &str, device: &Device) -> Result<(Peer, Ready), Stop> {
         self.ready_with(name, device, None).await
     }
+
+    /// A bare TCP connection to the server's host and port, nothing sent (the cases of
+    /// connection hygiene, SPEC.md 11).
+    pub async fn tcp(&self) -> std::io::Result<tokio::net::TcpStream> {
+        connect_tcp(&self.url, 65_536).await
+    }
 }
 
 /// A TCP connection to the host of a `ws://` or `wss://` URL, its send and receive buffers

@@ -34,6 +34,15 @@ pub struct Limits {
     /// `rooms_per_user_max` (SPEC.md 10.4), when the server has rooms.
     #[serde(default)]
     pub rooms_per_user_max: Option<u64>,
+    /// `http_request_timeout_ms` (SPEC.md 11).
+    #[serde(default)]
+    pub http_request_timeout_ms: Option<u64>,
+    /// `connections_per_ip_max` (SPEC.md 11).
+    #[serde(default)]
+    pub connections_per_ip_max: Option<u64>,
+    /// `connections_max` (SPEC.md 11).
+    #[serde(default)]
+    pub connections_max: Option<u64>,
 }
 
 /// The presence settings of `/v1/info` (SPEC.md 9).

@@ -172,6 +172,8 @@ async fn every_broken_behaviour_fails_a_case() {
         ("no_group_info_check", "REQ-6.1-3"),
         ("no_welcome_check", "REQ-7.5-3"),
         ("stale_group_state", "REQ-7.7-1"),
+        ("no_claim_pair_limit", "REQ-8-10"),
+        ("no_connection_hygiene", "REQ-11-3"),
         // Seen only by killing the server: the suite is given control of it.
         ("ack_before_durable", "REQ-6.3-1"),
     ];

@@ -38,10 +38,15 @@ pub struct FileConfig {
     pub outbound_queue_bytes_max: Option<usize>,
     pub connects_per_ip_per_minute: Option<u32>,
     pub connects_per_ip_burst: Option<u32>,
+    pub connections_max: Option<usize>,
+    pub connections_per_ip_max: Option<usize>,
+    pub http_request_timeout_ms: Option<u64>,
     pub claims_per_claimer_per_minute: Option<u32>,
     pub claims_per_claimer_burst: Option<u32>,
     pub claims_per_target_per_minute: Option<u32>,
     pub claims_per_target_burst: Option<u32>,
+    pub claims_per_pair_per_minute: Option<u32>,
+    pub claims_per_pair_burst: Option<u32>,
     pub sends_per_device_per_minute: Option<u32>,
     pub sends_per_device_burst: Option<u32>,
     pub creates_per_system_per_minute: Option<u32>,
@@ -111,6 +116,15 @@ impl FileConfig {
         if let Some(v) = self.outbound_queue_bytes_max {
             config.outbound_queue_bytes_max = v;
         }
+        if let Some(v) = self.connections_max {
+            config.connections_max = v.max(1);
+        }
+        if let Some(v) = self.connections_per_ip_max {
+            config.connections_per_ip_max = v.max(1);
+        }
+        if let Some(v) = self.http_request_timeout_ms {
+            config.http_request_timeout_ms = v.max(1);
+        }
         let limit = |target: &mut RateLimit, per_minute: Option<u32>, burst: Option<u32>| {
             if let Some(v) = per_minute {
                 target.per_minute = v.max(1);
@@ -133,6 +147,11 @@ impl FileConfig {
             &mut config.claims_per_target,
             self.claims_per_target_per_minute,
             self.claims_per_target_burst,
+        );
+        limit(
+            &mut config.claims_per_pair,
+            self.claims_per_pair_per_minute,
+            self.claims_per_pair_burst,
         );
         limit(
             &mut config.sends_per_device,

@@ -46,6 +46,10 @@ pub struct Faults {
     /// Keep the tracked group state of a conversation's creation: accepted Commits update
     /// the roster but not the state (REQ-7.7-1).
     pub stale_group_state: bool,
+    /// Limit claims per claimer and per target, but not per (claimer, target) (REQ-8-10).
+    pub no_claim_pair_limit: bool,
+    /// Hold connections without a request deadline or a per-address cap (REQ-11-3).
+    pub no_connection_hygiene: bool,
 }
 
 impl Faults {
@@ -70,6 +74,8 @@ impl Faults {
             "no_group_info_check" => &mut f.no_group_info_check,
             "no_welcome_check" => &mut f.no_welcome_check,
             "stale_group_state" => &mut f.stale_group_state,
+            "no_claim_pair_limit" => &mut f.no_claim_pair_limit,
+            "no_connection_hygiene" => &mut f.no_connection_hygiene,
             _ => return None,
         };
         *switch = true;
@@ -99,11 +105,13 @@ impl Faults {
             no_group_info_check: self.no_group_info_check || other.no_group_info_check,
             no_welcome_check: self.no_welcome_check || other.no_welcome_check,
             stale_group_state: self.stale_group_state || other.stale_group_state,
+            no_claim_pair_limit: self.no_claim_pair_limit || other.no_claim_pair_limit,
+            no_connection_hygiene: self.no_connection_hygiene || other.no_connection_hygiene,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 19] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -121,5 +129,7 @@ impl Faults {
         "no_group_info_check",
         "no_welcome_check",
         "stale_group_state",
+        "no_claim_pair_limit",
+        "no_connection_hygiene",
     ];
 }

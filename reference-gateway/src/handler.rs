@@ -62,10 +62,23 @@ pub struct GatewayConfig {
     pub outbound_queue_bytes_max: usize,
     /// `connects_per_ip` (SPEC.md 11).
     pub connects_per_ip: RateLimit,
+    /// `connections_max`: connections open at once, in all (SPEC.md 11); one more is
+    /// closed as it is accepted.
+    pub connections_max: usize,
+    /// `connections_per_ip_max`: connections open at once from one source address.
+    pub connections_per_ip_max: usize,
+    /// `http_request_timeout_ms`: how long a connection has to send its HTTP request and
+    /// begin the WebSocket upgrade; plain HTTP connections (`/v1/info`, `/metrics`) are
+    /// closed after it too.
+    pub http_request_timeout_ms: u64,
     /// `claims_per_claimer` (SPEC.md 11).
     pub claims_per_claimer: RateLimit,
     /// `claims_per_target` (SPEC.md 11).
     pub claims_per_target: RateLimit,
+    /// `claims_per_pair`: claims of one target by one claiming user (SPEC.md 8, 11); its
+    /// burst stays below `claims_per_target`'s so that one claimer never takes a target's
+    /// whole allowance.
+    pub claims_per_pair: RateLimit,
     /// `sends_per_device` (SPEC.md 11).
     pub sends_per_device: RateLimit,
     /// `creates_per_system` (SPEC.md 11).
@@ -115,6 +128,9 @@ impl GatewayConfig {
                 per_minute: 20,
                 burst: 40,
             },
+            connections_max: 16_000,
+            connections_per_ip_max: 256,
+            http_request_timeout_ms: 10_000,
             claims_per_claimer: RateLimit {
                 per_minute: 30,
                 burst: 30,
@@ -122,6 +138,10 @@ impl GatewayConfig {
             claims_per_target: RateLimit {
                 per_minute: 60,
                 burst: 60,
+            },
+            claims_per_pair: RateLimit {
+                per_minute: 6,
+                burst: 10,
             },
             sends_per_device: RateLimit {
                 per_minute: 3_000,
@@ -726,9 +746,19 @@ impl Connection {
                 on_upload(config, store, now, device, u, out)?;
             }
             ClientFrame::ClaimKeyPackages(c) => {
+                // The pair before the target: a claimer held back by its own pair limit
+                // takes nothing from what other claimers of the target may use (REQ-8-10).
                 let limited = limiters
                     .claims_per_claimer
                     .check(&device, now)
+                    .and_then(|()| {
+                        if config.faults.no_claim_pair_limit {
+                            return Ok(());
+                        }
+                        limiters
+                            .claims_per_pair
+                            .check(&(device.system, c.user), now)
+                    })
                     .and_then(|()| limiters.claims_per_target.check(&c.user, now));
                 if let Err(retry_after_ms) = limited {
                     out.push(rate_limited(Some(c.rid), retry_after_ms));

@@ -37,7 +37,8 @@ struct ServeArgs {
     /// heartbeat_timeout_ms, auth_timeout_ms, replay_batch_max, retention_ms, retention_unacked_ms,
     /// gc_interval_ms, outbound_queue_max, outbound_queue_bytes_max, connects_per_ip_per_minute,
     /// connects_per_ip_burst, claims_per_claimer_per_minute, claims_per_claimer_burst,
-    /// claims_per_target_per_minute, claims_per_target_burst, key_package_low_watermark,
+    /// claims_per_target_per_minute, claims_per_target_burst, claims_per_pair_per_minute,
+    /// claims_per_pair_burst, key_package_low_watermark,
     /// key_package_pool_max (README, "Configuration").
     #[arg(long, env = "CONFAB_CONFIG")]
     config: Option<PathBuf>,

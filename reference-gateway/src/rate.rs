@@ -140,6 +140,8 @@ pub struct RateLimiters {
     pub claims_per_claimer: Limiter<DeviceId>,
     /// `claims_per_target`: KeyPackage claims per target user.
     pub claims_per_target: Limiter<SystemKey>,
+    /// `claims_per_pair`: KeyPackage claims per (claiming user, target user).
+    pub claims_per_pair: Limiter<(SystemKey, SystemKey)>,
     /// `sends_per_device`: `Send` frames per device.
     pub sends_per_device: Limiter<DeviceId>,
     /// `creates_per_system`: `CreateConversation` frames per user.
@@ -155,6 +157,7 @@ impl RateLimiters {
             connects_per_ip: Limiter::new("connects_per_ip", config.connects_per_ip),
             claims_per_claimer: Limiter::new("claims_per_claimer", config.claims_per_claimer),
             claims_per_target: Limiter::new("claims_per_target", config.claims_per_target),
+            claims_per_pair: Limiter::new("claims_per_pair", config.claims_per_pair),
             sends_per_device: Limiter::new("sends_per_device", config.sends_per_device),
             creates_per_system: Limiter::new("creates_per_system", config.creates_per_system),
             invites_per_user: Limiter::new("invites_per_user", config.invites_per_user),
@@ -169,6 +172,7 @@ impl RateLimiters {
             self.connects_per_ip.name(): entry(self.connects_per_ip.limit()),
             self.claims_per_claimer.name(): entry(self.claims_per_claimer.limit()),
             self.claims_per_target.name(): entry(self.claims_per_target.limit()),
+            self.claims_per_pair.name(): entry(self.claims_per_pair.limit()),
             self.sends_per_device.name(): entry(self.sends_per_device.limit()),
             self.creates_per_system.name(): entry(self.creates_per_system.limit()),
             self.invites_per_user.name(): entry(self.invites_per_user.limit()),
@@ -180,6 +184,7 @@ impl RateLimiters {
         self.connects_per_ip.forget_idle();
         self.claims_per_claimer.forget_idle();
         self.claims_per_target.forget_idle();
+        self.claims_per_pair.forget_idle();
         self.sends_per_device.forget_idle();
         self.creates_per_system.forget_idle();
         self.invites_per_user.forget_idle();

@@ -19,7 +19,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,27 +104,55 @@ impl Default for Environment {
     }
 }
 
-/// The peer's socket address, as the connect limit reads it.
-#[derive(Clone, Copy, Debug)]
-struct PeerAddr(SocketAddr);
+/// The peer's socket address, as the connect limit reads it, and the flag that ends its
+/// connection's HTTP request deadline once the upgrade begins.
+#[derive(Clone, Debug)]
+struct PeerAddr(SocketAddr, Arc<AtomicBool>);
 
 /// Any listener with socket addresses (TCP, or simulated TCP in the simulator), so that
-/// [`PeerAddr`] can be read from every accepted connection.
-struct PeerListener<L>(L);
+/// [`PeerAddr`] can be read from every accepted connection. It holds every connection to
+/// the caps of SPEC.md 11 from the moment it is accepted, before a byte of HTTP is read:
+/// beyond `connections_max` open connections, or `connections_per_ip_max` from one
+/// address, it closes the new one at once; and a connection that has not begun its
+/// WebSocket upgrade within `http_request_timeout_ms` is cut (a slow or half-sent request
+/// holds nothing for long).
+struct PeerListener<L> {
+    inner: L,
+    caps: Arc<ConnectionCaps>,
+    request_timeout: Duration,
+}
 
 impl<L> axum::serve::Listener for PeerListener<L>
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    type Io = L::Io;
+    type Io = GuardedIo<L::Io>;
     type Addr = SocketAddr;
 
-    fn accept(&mut self) -> impl Future<Output = (Self::Io, Self::Addr)> + Send {
-        self.0.accept()
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (io, addr) = self.inner.accept().await;
+            match self.caps.admit(addr.ip()) {
+                Ok(guard) => {
+                    let deadline = Box::pin(tokio::time::sleep(self.request_timeout));
+                    return (
+                        GuardedIo {
+                            inner: io,
+                            _guard: guard,
+                            upgraded: Arc::new(AtomicBool::new(false)),
+                            deadline: Some(deadline),
+                        },
+                        addr,
+                    );
+                }
+                // Closed unread: the peer sees its connection end.
+                Err(reason) => telemetry::connection_refused(reason),
+            }
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
+        self.inner.local_addr()
     }
 }
 
@@ -133,7 +162,128 @@ where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, PeerListener<L>>) -> Self {
-        Self(*stream.remote_addr())
+        Self(*stream.remote_addr(), stream.io().upgraded.clone())
+    }
+}
+
+/// Open connections, in all and per source address (SPEC.md 11).
+struct ConnectionCaps {
+    max: usize,
+    per_ip_max: usize,
+    open: std::sync::Mutex<(usize, HashMap<std::net::IpAddr, usize>)>,
+}
+
+impl ConnectionCaps {
+    /// Counts a new connection from `ip` until the guard drops; the cap it would pass.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<CapGuard, &'static str> {
+        let Ok(mut open) = self.open.lock() else {
+            return Err("connections_max");
+        };
+        let (total, per_ip) = &mut *open;
+        if *total >= self.max {
+            return Err("connections_max");
+        }
+        let from_ip = per_ip.entry(ip).or_default();
+        if *from_ip >= self.per_ip_max {
+            return Err("connections_per_ip_max");
+        }
+        *from_ip += 1;
+        *total += 1;
+        Ok(CapGuard {
+            caps: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection counted by [`ConnectionCaps`].
+struct CapGuard {
+    caps: Arc<ConnectionCaps>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for CapGuard {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.caps.open.lock() {
+            let (total, per_ip) = &mut *open;
+            *total = total.saturating_sub(1);
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// An accepted connection, counted against the caps while it lives, and cut if its HTTP
+/// request has not led to an upgrade by its deadline.
+struct GuardedIo<I> {
+    inner: I,
+    _guard: CapGuard,
+    /// Set when the WebSocket upgrade begins: the deadline no longer applies.
+    upgraded: Arc<AtomicBool>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for GuardedIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.upgraded.load(Ordering::Relaxed) {
+            this.deadline = None;
+        }
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                telemetry::connection_refused("http_request_timeout");
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the HTTP request did not complete within http_request_timeout_ms",
+                )));
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for GuardedIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -291,8 +441,26 @@ where
         .route("/v1/ws", get(upgrade))
         .with_state(shared.clone());
     let stopping = shared.clone();
+    let hygiene = !shared.config.faults.no_connection_hygiene;
+    let listener = PeerListener {
+        inner: listener,
+        caps: Arc::new(ConnectionCaps {
+            max: shared.config.connections_max,
+            per_ip_max: if hygiene {
+                shared.config.connections_per_ip_max
+            } else {
+                usize::MAX
+            },
+            open: std::sync::Mutex::new((0, HashMap::new())),
+        }),
+        request_timeout: Duration::from_millis(if hygiene {
+            shared.config.http_request_timeout_ms
+        } else {
+            86_400_000
+        }),
+    };
     let result = axum::serve(
-        PeerListener(listener),
+        listener,
         app.into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(async move {
@@ -493,6 +661,9 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "presence_list_max": c.presence.list_max,
             "room_members_max": c.rooms.members_max,
             "rooms_per_user_max": c.rooms.rooms_per_user_max,
+            "connections_max": c.connections_max,
+            "connections_per_ip_max": c.connections_per_ip_max,
+            "http_request_timeout_ms": c.http_request_timeout_ms,
             "payload_bytes_max": limits::payload_bytes_max(
                 usize::try_from(c.limits.frame_bytes_max).unwrap_or(usize::MAX)
             ),
@@ -542,9 +713,12 @@ fn rate_limited(retry_after_ms: u64) -> Response {
 
 async fn upgrade(
     ws: WebSocketUpgrade,
-    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    ConnectInfo(PeerAddr(peer, upgraded)): ConnectInfo<PeerAddr>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
+    // The request is complete: its deadline ends here (the session's own deadlines take
+    // over: auth_timeout_ms, heartbeats).
+    upgraded.store(true, Ordering::Relaxed);
     if let Err(retry_after_ms) = shared
         .limiters
         .connects_per_ip

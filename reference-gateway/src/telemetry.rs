@@ -39,6 +39,11 @@ pub const REVOCATIONS_TOTAL: &str = "confab_revocations_total";
 /// Entries deleted by retention.
 pub const GC_ENTRIES_DELETED_TOTAL: &str = "confab_gc_entries_deleted_total";
 
+/// TCP connections closed before any HTTP was served, by `reason` (`connections_max`,
+/// `connections_per_ip_max`), and connections closed because their HTTP request did not
+/// complete in time (`http_request_timeout`).
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "confab_connections_refused_total";
+
 /// Presence transitions published (online or offline, after jitter).
 pub const PRESENCE_TRANSITIONS_TOTAL: &str = "confab_presence_transitions_total";
 /// `PresenceChanged` frames queued to watchers.
@@ -70,6 +75,10 @@ pub fn describe() {
         "Requests refused by a rate limit, by limit."
     );
     describe_counter!(REVOCATIONS_TOTAL, "Device revocations stored.");
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections refused at accept or cut for a slow HTTP request, by reason."
+    );
     describe_counter!(GC_ENTRIES_DELETED_TOTAL, "Entries deleted by retention.");
     describe_counter!(
         PRESENCE_TRANSITIONS_TOTAL,
@@ -156,6 +165,11 @@ pub fn connections_open(delta: f64) {
         counter!(CONNECTIONS_TOTAL).increment(1);
     }
     gauge!(CONNECTIONS_OPEN).increment(delta);
+}
+
+/// A connection was refused or cut before its upgrade, for `reason`.
+pub fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// A presence transition was published.

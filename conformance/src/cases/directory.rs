@@ -82,6 +82,13 @@ pub fn cases() -> Vec<Case> {
             claims_rate_limited
         ),
         case!(
+            "8-10.claims-per-pair",
+            "REQ-8-10",
+            Must,
+            "one user claiming one target from several devices is held to the per-pair burst, and another user's claim of that target still passes",
+            claims_per_pair
+        ),
+        case!(
             "8-7.revoked-device",
             "REQ-8-7",
             Must,
@@ -320,6 +327,81 @@ async fn claims_rate_limited(cx: &mut Ctx) -> CaseResult {
     match limited.retry_after_ms {
         Some(ms) if ms > 0 => Ok(()),
         other => Err(Failure::new("retry_after_ms greater than 0", format!("{other:?}")).into()),
+    }
+}
+
+async fn claims_per_pair(cx: &mut Ctx) -> CaseResult {
+    let limits = ["claims_per_pair", "claims_per_target", "claims_per_claimer"]
+        .map(|name| cx.info.rate_limit(name).map(|(_, burst)| burst));
+    let [Some(pair), Some(target), Some(claimer)] = limits else {
+        return Err(Stop::Skipped(
+            "/v1/info does not announce claims_per_pair, claims_per_target and claims_per_claimer"
+                .into(),
+        ));
+    };
+    if pair >= target {
+        return Err(Failure::new(
+            "a claims_per_pair burst below claims_per_target's",
+            format!("{pair} and {target}"),
+        )
+        .into());
+    }
+    if target > 500 {
+        return Err(Stop::Skipped(format!(
+            "claims_per_target burst {target} is over the suite's 500"
+        )));
+    }
+    // The target: one device with only a last-resort package, handed out again and again.
+    let (mut t, mut tm) = member(cx, "target", Device::fresh(), 0).await?;
+    let last_resort = tm.key_packages(1, true)?.pop();
+    stored(upload(&mut t, 1, Vec::new(), last_resort).await?)?;
+    let user = tm.device.system.public();
+    // One claiming user with enough devices to pass the target's burst on the per-device
+    // limit alone: each device claims until it is limited.
+    let devices = target.div_ceil(claimer.max(1)) + 1;
+    let first = Device::fresh();
+    let mut granted = 0;
+    let mut rid = 10;
+    for d in 0..devices {
+        let device = if d == 0 {
+            first.clone()
+        } else {
+            first.sibling()
+        };
+        let (mut a, _) = cx.ready(&format!("claimer device {d}"), &device).await?;
+        loop {
+            rid += 1;
+            match claim(&mut a, rid, user, None).await? {
+                Ok(_) => granted += 1,
+                Err(ErrorCode::RateLimited) => break,
+                Err(code) => {
+                    return Err(Failure::new(
+                        "KeyPackagesClaimed or rate_limited",
+                        format!("Error {}", code.name()),
+                    )
+                    .into());
+                }
+            }
+            if granted > target {
+                break;
+            }
+        }
+    }
+    if granted > pair {
+        return Err(Failure::new(
+            format!("at most claims_per_pair's burst ({pair}) claims of one target by one user"),
+            format!("{granted} granted over {devices} devices"),
+        )
+        .into());
+    }
+    let (mut b, _) = cx.ready("another claimer", &Device::fresh()).await?;
+    match claim(&mut b, 1, user, None).await? {
+        Ok(_) => Ok(()),
+        Err(code) => Err(Failure::new(
+            "another user's claim of the same target granted",
+            format!("Error {}", code.name()),
+        )
+        .into()),
     }
 }
 

@@ -5,6 +5,7 @@ mod directory;
 mod framing;
 mod groups;
 mod handshake;
+mod hygiene;
 mod leaks;
 pub mod log;
 mod presence;
@@ -27,6 +28,7 @@ pub fn all() -> Vec<Case> {
     all.extend(directory::cases());
     all.extend(groups::cases());
     all.extend(handshake::cases());
+    all.extend(hygiene::cases());
     all.extend(presence::cases());
     all.extend(rooms::cases());
     all.extend(leaks::cases());
