@@ -43,6 +43,12 @@ pub struct Limits {
     /// `connections_max` (SPEC.md 11).
     #[serde(default)]
     pub connections_max: Option<u64>,
+    /// `bytes_per_user_per_day` (SPEC.md 11).
+    #[serde(default)]
+    pub bytes_per_user_per_day: Option<u64>,
+    /// `conversation_bytes_max` (SPEC.md 11).
+    #[serde(default)]
+    pub conversation_bytes_max: Option<u64>,
 }
 
 /// The presence settings of `/v1/info` (SPEC.md 9).

@@ -174,6 +174,7 @@ async fn every_broken_behaviour_fails_a_case() {
         ("stale_group_state", "REQ-7.7-1"),
         ("no_claim_pair_limit", "REQ-8-10"),
         ("no_connection_hygiene", "REQ-11-3"),
+        ("no_storage_quotas", "REQ-11-4"),
         // Seen only by killing the server: the suite is given control of it.
         ("ack_before_durable", "REQ-6.3-1"),
     ];

@@ -159,6 +159,7 @@ fn benches(c: &mut Criterion) {
                 kind: AppendKind::Application { epoch: Epoch(0) },
                 now: now(),
                 rooms: Default::default(),
+                bytes_max: u64::MAX,
             })
             .expect("append");
     }

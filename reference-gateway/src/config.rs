@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub connects_per_ip_per_minute: Option<u32>,
     pub connects_per_ip_burst: Option<u32>,
     pub connections_max: Option<usize>,
+    pub bytes_per_user_per_day: Option<u64>,
+    pub conversation_bytes_max: Option<u64>,
     pub connections_per_ip_max: Option<usize>,
     pub http_request_timeout_ms: Option<u64>,
     pub claims_per_claimer_per_minute: Option<u32>,
@@ -115,6 +117,12 @@ impl FileConfig {
         }
         if let Some(v) = self.outbound_queue_bytes_max {
             config.outbound_queue_bytes_max = v;
+        }
+        if let Some(v) = self.bytes_per_user_per_day {
+            config.bytes_per_user_per_day = v;
+        }
+        if let Some(v) = self.conversation_bytes_max {
+            config.conversation_bytes_max = v;
         }
         if let Some(v) = self.connections_max {
             config.connections_max = v.max(1);

@@ -50,6 +50,8 @@ pub struct Faults {
     pub no_claim_pair_limit: bool,
     /// Hold connections without a request deadline or a per-address cap (REQ-11-3).
     pub no_connection_hygiene: bool,
+    /// Store whatever a user or a conversation sends, without byte quotas (REQ-11-4).
+    pub no_storage_quotas: bool,
 }
 
 impl Faults {
@@ -76,6 +78,7 @@ impl Faults {
             "stale_group_state" => &mut f.stale_group_state,
             "no_claim_pair_limit" => &mut f.no_claim_pair_limit,
             "no_connection_hygiene" => &mut f.no_connection_hygiene,
+            "no_storage_quotas" => &mut f.no_storage_quotas,
             _ => return None,
         };
         *switch = true;
@@ -107,11 +110,12 @@ impl Faults {
             stale_group_state: self.stale_group_state || other.stale_group_state,
             no_claim_pair_limit: self.no_claim_pair_limit || other.no_claim_pair_limit,
             no_connection_hygiene: self.no_connection_hygiene || other.no_connection_hygiene,
+            no_storage_quotas: self.no_storage_quotas || other.no_storage_quotas,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 20] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -131,5 +135,6 @@ impl Faults {
         "stale_group_state",
         "no_claim_pair_limit",
         "no_connection_hygiene",
+        "no_storage_quotas",
     ];
 }

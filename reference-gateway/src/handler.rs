@@ -71,6 +71,11 @@ pub struct GatewayConfig {
     /// begin the WebSocket upgrade; plain HTTP connections (`/v1/info`, `/metrics`) are
     /// closed after it too.
     pub http_request_timeout_ms: u64,
+    /// `bytes_per_user_per_day`: payload and Welcome bytes one user may append in a UTC
+    /// day (SPEC.md 11).
+    pub bytes_per_user_per_day: u64,
+    /// `conversation_bytes_max`: payload bytes a conversation's log may retain.
+    pub conversation_bytes_max: u64,
     /// `claims_per_claimer` (SPEC.md 11).
     pub claims_per_claimer: RateLimit,
     /// `claims_per_target` (SPEC.md 11).
@@ -128,6 +133,8 @@ impl GatewayConfig {
                 per_minute: 20,
                 burst: 40,
             },
+            bytes_per_user_per_day: 256 * 1_048_576,
+            conversation_bytes_max: 4 * 1_073_741_824,
             connections_max: 16_000,
             connections_per_ip_max: 256,
             http_request_timeout_ms: 10_000,
@@ -896,6 +903,25 @@ impl Connection {
             out.push(error(ErrorCode::PayloadTooLarge, rid, None));
             return Ok(());
         }
+        // The sender's daily bytes (SPEC.md 11); a resend of a sequenced msg_id is answered
+        // as section 6.3 says whatever the quota.
+        let bytes = (s.payload.as_bytes().len()
+            + s.welcome.as_ref().map_or(0, |w| w.as_bytes().len())) as u64;
+        let quotas = !config.faults.no_storage_quotas;
+        if quotas && !store.sequenced(&s.conversation, &s.msg_id)? {
+            if let Err(retry_after_ms) = limiters.bytes_per_user.allows(&device.system, bytes, now)
+            {
+                out.push(Action::Send(ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::QuotaExceeded,
+                    rid,
+                    retry_after_ms: Some(retry_after_ms),
+                    epoch: None,
+                    seq: None,
+                    detail: Some(ShortText::truncated("bytes_per_user_per_day")),
+                })));
+                return Ok(());
+            }
+        }
         let kind = match classify(config, store, &s, device, now)? {
             Ok(kind) => kind,
             Err(refusal) => {
@@ -955,6 +981,11 @@ impl Connection {
             kind: kind.clone(),
             now,
             rooms: config.rooms,
+            bytes_max: if quotas {
+                config.conversation_bytes_max
+            } else {
+                u64::MAX
+            },
         })?;
         let accepted = |seq: Seq, duplicate: bool| {
             Action::Send(ServerFrame::Accepted(Accepted {
@@ -975,6 +1006,7 @@ impl Connection {
         }
         match outcome {
             AppendOutcome::Appended { seq } => {
+                limiters.bytes_per_user.charge(&device.system, bytes, now);
                 telemetry::appended(match kind {
                     AppendKind::Application { .. } => "application",
                     AppendKind::Proposal { .. } => "proposal",
@@ -1047,6 +1079,11 @@ impl Connection {
                 ErrorCode::RoomFull,
                 rid,
                 Some("the room would pass room_members_max"),
+            )),
+            AppendOutcome::ConversationFull => out.push(error(
+                ErrorCode::QuotaExceeded,
+                rid,
+                Some("conversation_bytes_max"),
             )),
             AppendOutcome::TooManyRooms => out.push(error(
                 ErrorCode::TooManyRooms,

@@ -132,6 +132,70 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 }
 
+/// Bytes each user appended in the current UTC day, against `bytes_per_user_per_day`
+/// (SPEC.md 11). Kept in memory: a restart forgets the day's counts.
+pub struct DailyBytes {
+    max: u64,
+    counts: std::sync::Mutex<std::collections::HashMap<SystemKey, (u64, u64)>>,
+}
+
+/// Milliseconds in a day.
+const DAY_MS: u64 = 86_400_000;
+
+impl DailyBytes {
+    /// A quota of `max` bytes per user per UTC day.
+    pub fn new(max: u64) -> Self {
+        Self {
+            max,
+            counts: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Whether `user` may append `bytes` more at `now`; `Err(retry_after_ms)`, the time
+    /// to the next UTC day, when that would pass the quota. Nothing is counted.
+    pub fn allows(&self, user: &SystemKey, bytes: u64, now: UnixMs) -> Result<(), u64> {
+        let day = now.0 / DAY_MS;
+        let used = self
+            .counts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(user).copied())
+            .filter(|(d, _)| *d == day)
+            .map_or(0, |(_, b)| b);
+        if used.saturating_add(bytes) > self.max {
+            telemetry::rate_limited("bytes_per_user_per_day");
+            Err(((day + 1) * DAY_MS).saturating_sub(now.0).max(1))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts `bytes` appended by `user` at `now`.
+    pub fn charge(&self, user: &SystemKey, bytes: u64, now: UnixMs) {
+        let day = now.0 / DAY_MS;
+        if let Ok(mut counts) = self.counts.lock() {
+            let entry = counts.entry(*user).or_insert((day, 0));
+            if entry.0 != day {
+                *entry = (day, 0);
+            }
+            entry.1 = entry.1.saturating_add(bytes);
+        }
+    }
+
+    /// The quota.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Forgets the counts of past days.
+    fn forget_past(&self, now: UnixMs) {
+        let day = now.0 / DAY_MS;
+        if let Ok(mut counts) = self.counts.lock() {
+            counts.retain(|_, (d, _)| *d == day);
+        }
+    }
+}
+
 /// Every limit the gateway enforces, shared by all connections.
 pub struct RateLimiters {
     /// `connects_per_ip`: WebSocket upgrades per source address.
@@ -148,6 +212,8 @@ pub struct RateLimiters {
     pub creates_per_system: Limiter<SystemKey>,
     /// `invites_per_user`: users added to conversations, per inviting user.
     pub invites_per_user: Limiter<SystemKey>,
+    /// `bytes_per_user_per_day`.
+    pub bytes_per_user: DailyBytes,
 }
 
 impl RateLimiters {
@@ -161,6 +227,7 @@ impl RateLimiters {
             sends_per_device: Limiter::new("sends_per_device", config.sends_per_device),
             creates_per_system: Limiter::new("creates_per_system", config.creates_per_system),
             invites_per_user: Limiter::new("invites_per_user", config.invites_per_user),
+            bytes_per_user: DailyBytes::new(config.bytes_per_user_per_day),
         }
     }
 
@@ -179,8 +246,8 @@ impl RateLimiters {
         })
     }
 
-    /// Forgets idle buckets of every limit.
-    pub fn forget_idle(&self) {
+    /// Forgets idle buckets of every limit, and the byte counts of days before `now`'s.
+    pub fn forget_idle(&self, now: UnixMs) {
         self.connects_per_ip.forget_idle();
         self.claims_per_claimer.forget_idle();
         self.claims_per_target.forget_idle();
@@ -188,6 +255,7 @@ impl RateLimiters {
         self.sends_per_device.forget_idle();
         self.creates_per_system.forget_idle();
         self.invites_per_user.forget_idle();
+        self.bytes_per_user.forget_past(now);
     }
 }
 

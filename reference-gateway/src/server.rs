@@ -525,7 +525,7 @@ async fn retention(shared: Arc<Shared>) {
                 tracing::warn!(error = %e, "flush failed");
             }
         }
-        shared.limiters.forget_idle();
+        shared.limiters.forget_idle((shared.clock)());
         if let Ok(presence) = shared.presence.lock() {
             presence.forget_idle_limits();
         }
@@ -661,6 +661,8 @@ async fn info(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "presence_list_max": c.presence.list_max,
             "room_members_max": c.rooms.members_max,
             "rooms_per_user_max": c.rooms.rooms_per_user_max,
+            "bytes_per_user_per_day": c.bytes_per_user_per_day,
+            "conversation_bytes_max": c.conversation_bytes_max,
             "connections_max": c.connections_max,
             "connections_per_ip_max": c.connections_per_ip_max,
             "http_request_timeout_ms": c.http_request_timeout_ms,

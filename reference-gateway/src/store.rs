@@ -121,6 +121,8 @@ pub struct AppendRequest {
     pub now: UnixMs,
     /// The room limits in force.
     pub rooms: RoomLimits,
+    /// `conversation_bytes_max`: the payload bytes the conversation's log may retain.
+    pub bytes_max: u64,
 }
 
 /// The outcome of [`Store::append`].
@@ -168,6 +170,9 @@ pub enum AppendOutcome {
     Forbidden(String),
     /// A Commit that would pass `room_members_max` (`room_full`).
     RoomFull,
+    /// The conversation's log would retain more than `conversation_bytes_max`
+    /// (`quota_exceeded`).
+    ConversationFull,
     /// A Commit adding a user already in `rooms_per_user_max` rooms (`too_many_rooms`).
     TooManyRooms,
     /// No such conversation (`conversation_not_found`).

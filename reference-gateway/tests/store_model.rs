@@ -45,6 +45,10 @@ fn new_group(creator: &DeviceId) -> TrackedGroup {
     }
 }
 
+/// `conversation_bytes_max` of the model's runs: payloads are 2 or 3 bytes, so a long run
+/// reaches it and retention makes room again (SPEC.md 11).
+const BYTES_MAX: u64 = 48;
+
 /// No room limit gets in the model's way.
 const NO_LIMITS: RoomLimits = RoomLimits {
     members_max: u64::MAX,
@@ -137,6 +141,7 @@ fn append_application(
             kind: AppendKind::Application { epoch: Epoch(0) },
             now,
             rooms: NO_LIMITS,
+            bytes_max: u64::MAX,
         })
         .expect("append")
 }
@@ -349,6 +354,7 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                     kind,
                     now: UnixMs(step as u64),
                     rooms: NO_LIMITS,
+                    bytes_max: BYTES_MAX,
                 };
                 let got = store.append(&request).expect("append");
                 // The model's decision, in SPEC.md's order.
@@ -377,6 +383,14 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                         epoch: Epoch(m.epoch),
                         epoch_seq: m.epoch_seq,
                     }
+                } else if m.log[retained..]
+                    .iter()
+                    .map(|(_, _, p, _)| p.len() as u64)
+                    .sum::<u64>()
+                    + payload.len() as u64
+                    > BYTES_MAX
+                {
+                    AppendOutcome::ConversationFull
                 } else {
                     m.log.push((msg_id(*msg), sender, payload, step as u64));
                     let seq = m.log.len() as u64;
@@ -773,6 +787,7 @@ fn group_commit_batches_are_invisible_until_committed() {
             kind: AppendKind::Application { epoch: Epoch(0) },
             now: UnixMs(3),
             rooms: NO_LIMITS,
+            bytes_max: u64::MAX,
         })
         .expect("append");
     assert!(matches!(refused, AppendOutcome::NotMember));
@@ -793,4 +808,55 @@ fn group_commit_batches_are_invisible_until_committed() {
     // Nothing open: committing again changes nothing.
     store.commit_batch().expect("commit nothing");
     assert_eq!(counters.barrier(), before + 1);
+}
+
+/// A database of schema 7 (before streams counted their bytes) is migrated: the count is
+/// recomputed from the retained entries, so `conversation_bytes_max` holds from the first
+/// append after the upgrade.
+#[test]
+fn stream_bytes_are_recomputed_for_older_databases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.db");
+    let creator = device(0);
+    {
+        let mut store = SqliteStore::open(&path).expect("open");
+        store
+            .create_conversation(
+                &CONV,
+                ConversationKind::DirectMessage,
+                &new_group(&creator),
+                u64::MAX,
+                UnixMs(1),
+            )
+            .expect("create");
+        for n in 0..10u8 {
+            append_application(&mut store, &creator, n, UnixMs(2));
+        }
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw");
+        conn.execute_batch("ALTER TABLE streams DROP COLUMN bytes; PRAGMA user_version = 7;")
+            .expect("back to schema 7");
+    }
+    let mut store = SqliteStore::open(&path).expect("migrates");
+    // Ten one-byte payloads are retained: an eleventh fits under 11 bytes, a twelfth not.
+    let append = |store: &mut SqliteStore, n: u8| {
+        store
+            .append(&AppendRequest {
+                conversation: CONV,
+                sender: creator,
+                msg_id: msg_id(n),
+                payload: MlsBytes::new(vec![n]).expect("bytes"),
+                kind: AppendKind::Application { epoch: Epoch(0) },
+                now: UnixMs(3),
+                rooms: NO_LIMITS,
+                bytes_max: 11,
+            })
+            .expect("append")
+    };
+    assert!(matches!(
+        append(&mut store, 10),
+        AppendOutcome::Appended { .. }
+    ));
+    assert_eq!(append(&mut store, 11), AppendOutcome::ConversationFull);
 }

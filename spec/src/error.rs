@@ -128,6 +128,9 @@ registry! {
         RoomFull = 308 => "room_full",
         /// A user would be in more than `rooms_per_user_max` rooms.
         TooManyRooms = 309 => "too_many_rooms",
+        /// A `Send` would pass the sender's daily byte quota or its conversation's retained
+        /// byte quota (SPEC.md 11).
+        QuotaExceeded = 310 => "quota_exceeded",
         /// The payload is not a parseable MLSMessage.
         MlsMalformed = 400 => "mls_malformed",
         /// The MLS group id is not the conversation id.

@@ -913,14 +913,14 @@ async fn epoch_ahead(cx: &mut Ctx) -> CaseResult {
 }
 
 /// `payload_bytes_max` (SPEC.md 4.4: `frame_bytes_max` - 512).
-fn payload_bytes_max(cx: &Ctx) -> usize {
+pub(crate) fn payload_bytes_max(cx: &Ctx) -> usize {
     usize::try_from(cx.info.limits.frame_bytes_max)
         .unwrap_or(usize::MAX)
         .saturating_sub(512)
 }
 
 /// An application message of exactly `size` bytes.
-fn application_of_size(conversation: &ConversationId, size: usize) -> MlsBytes {
+pub(crate) fn application_of_size(conversation: &ConversationId, size: usize) -> MlsBytes {
     let header = application(conversation, b"").as_bytes().len();
     // The tail's length prefix grows with the tail; find the tail that fits exactly.
     let mut tail = size.saturating_sub(header);

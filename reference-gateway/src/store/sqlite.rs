@@ -116,7 +116,8 @@ CREATE TABLE IF NOT EXISTS leaving (
 CREATE TABLE IF NOT EXISTS streams (
     stream BLOB PRIMARY KEY,
     head_seq INTEGER NOT NULL,
-    oldest_seq INTEGER NOT NULL
+    oldest_seq INTEGER NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entries (
     stream BLOB NOT NULL,
@@ -194,7 +195,7 @@ CREATE TABLE IF NOT EXISTS group_states (
     conversation BLOB PRIMARY KEY,
     snapshot BLOB NOT NULL
 ) WITHOUT ROWID;
-PRAGMA user_version = 7;
+PRAGMA user_version = 8;
 ";
 
 impl SqliteStore {
@@ -206,7 +207,28 @@ impl SqliteStore {
         // Another process (a backup, an operator's query) may hold the write lock briefly.
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        if (1..8).contains(&version) {
+            // Version 8 counts the payload bytes each stream retains (SPEC.md 11).
+            let has: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM pragma_table_info('streams') WHERE name = 'bytes')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if !has {
+                conn.execute_batch(
+                    "ALTER TABLE streams ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+                     UPDATE streams SET bytes = (SELECT COALESCE(SUM(length(payload)), 0)
+                         FROM entries WHERE entries.stream = streams.stream);",
+                )
+                .map_err(db)?;
+            }
+        }
         // Every statement is prepared once and reused (parsing SQL cost more per append
         // than executing it).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -605,15 +627,20 @@ fn push(tx: &Connection, stream: &[u8], entry: &NewEntry<'_>) -> Result<i64, Sto
         .optional()
         .map_err(db)?;
     let seq = head.unwrap_or(0) + 1;
+    let bytes = i64::try_from(entry.payload.len()).unwrap_or(i64::MAX);
     match head {
         Some(_) => tx
-            .prepare_cached("UPDATE streams SET head_seq = ?2 WHERE stream = ?1")
+            .prepare_cached(
+                "UPDATE streams SET head_seq = ?2, bytes = bytes + ?3 WHERE stream = ?1",
+            )
             .map_err(db)?
-            .execute(params![stream, seq]),
+            .execute(params![stream, seq, bytes]),
         None => tx
-            .prepare_cached("INSERT INTO streams (stream, head_seq, oldest_seq) VALUES (?1, ?2, 1)")
+            .prepare_cached(
+                "INSERT INTO streams (stream, head_seq, oldest_seq, bytes) VALUES (?1, ?2, 1, ?3)",
+            )
             .map_err(db)?
-            .execute(params![stream, seq]),
+            .execute(params![stream, seq, bytes]),
     }
     .map_err(db)?;
     tx.prepare_cached("INSERT INTO entries (stream, seq, msg_id, sender, kind, epoch, conversation, commit_seq, accepted_ms, payload, payload_hash)
@@ -911,6 +938,18 @@ impl Store for SqliteStore {
                 Ok(roles) => commit = Some((next, change, roles, welcome)),
                 Err(refusal) => return Ok(refusal),
             }
+        }
+        // The conversation's retained bytes (SPEC.md 11), checked last.
+        let retained: i64 = tx
+            .prepare_cached("SELECT bytes FROM streams WHERE stream = ?1")
+            .map_err(db)?
+            .query_row([stream.as_slice()], |r| r.get(0))
+            .optional()
+            .map_err(db)?
+            .unwrap_or(0);
+        let size = request.payload.as_bytes().len() as u64;
+        if (retained.max(0) as u64).saturating_add(size) > request.bytes_max {
+            return Ok(AppendOutcome::ConversationFull);
         }
         let seq = push(
             &tx,
@@ -1308,6 +1347,20 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             let new_oldest = keep.unwrap_or(limit);
             if new_oldest > oldest {
+                let freed: i64 = tx
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(length(payload)), 0) FROM entries
+                         WHERE stream = ?1 AND seq < ?2",
+                    )
+                    .map_err(db)?
+                    .query_row(params![stream, new_oldest], |r| r.get(0))
+                    .map_err(db)?;
+                tx.prepare_cached(
+                    "UPDATE streams SET bytes = max(0, bytes - ?2) WHERE stream = ?1",
+                )
+                .map_err(db)?
+                .execute(params![stream, freed])
+                .map_err(db)?;
                 let deleted = tx
                     .prepare_cached("DELETE FROM entries WHERE stream = ?1 AND seq < ?2")
                     .map_err(db)?
