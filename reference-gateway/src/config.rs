@@ -24,6 +24,7 @@ pub enum LogFormat {
 #[allow(missing_docs)] // the keys are documented in the README
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
     pub db: Option<PathBuf>,
     pub origin: Option<String>,
     pub log_format: Option<LogFormat>,

@@ -337,8 +337,14 @@ impl Connection {
             }
         };
         if let Err(e) = result {
-            // The store failed: nothing changed; the client retries.
-            out.push(error(ErrorCode::InternalError, None, Some(&e.to_string())));
+            // The store failed: nothing changed; the client retries. What failed is for the
+            // operator's log, not for the peer (it can name tables, paths or SQL).
+            tracing::warn!(error = %e, "a store call failed");
+            out.push(error(
+                ErrorCode::InternalError,
+                None,
+                Some("the gateway's storage failed; nothing was changed, try again"),
+            ));
         }
         out
     }

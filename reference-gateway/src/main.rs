@@ -45,6 +45,10 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "CONFAB_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Serve /metrics on this address only (a private one), not on --listen [default:
+    /// /metrics is served on --listen].
+    #[arg(long, env = "CONFAB_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// SQLite database file, created and migrated on first start [default: confab-gateway.db].
     #[arg(long, env = "CONFAB_DB")]
     db: Option<PathBuf>,
@@ -131,9 +135,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         tracing::info!(%listen, db = %db.display(), origin = %config.origin, "confab-gateway listening");
+        // With a metrics address, /metrics moves there (SPEC.md 13.1: a private address)
+        // and the public listener answers it 404.
+        let metrics = match (metrics_listen, metrics) {
+            (Some(address), Some(handle)) => {
+                let private = tokio::net::TcpListener::bind(address).await?;
+                tracing::info!(%address, "metrics listening");
+                tokio::spawn(server::serve_metrics(private, handle));
+                None
+            }
+            (_, metrics) => metrics,
+        };
         server::serve(
             listener,
             config,

@@ -619,6 +619,27 @@ fn on_presence(
     }
 }
 
+/// Serves `/metrics` alone on `listener` (the gateway's `metrics_listen`, a private
+/// address), until the process ends.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
 async fn metrics_page(State(shared): State<Arc<Shared>>) -> Response {
     match &shared.metrics {
         Some(handle) => (

@@ -1506,3 +1506,31 @@ mod directory {
         }
     }
 }
+
+/// A failing store is answered `internal_error` with a fixed text: what failed (tables,
+/// paths, SQL) goes to the operator's log, never to the peer.
+#[test]
+fn store_failures_do_not_leak_their_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = World::new(4);
+    let mut a = w.client(1, EngineKind::MlsRs, &dir);
+    let create = creation(&mut a, 1, ConversationKind::Room);
+    w.send(&mut a, create);
+    // Another connection to the database takes a table away under the store.
+    let raw = rusqlite::Connection::open(w._dir.path().join("gw.db")).expect("raw");
+    raw.execute_batch("DROP TABLE entries;").expect("drop");
+    let ct = a.engine.encrypt(&CONV, b"x").expect("encrypt");
+    let out = send_mls(&mut w, &mut a, 1, ct, None);
+    let Some(e) = frames(&out).into_iter().find_map(|f| match f {
+        ServerFrame::Error(e) => Some(e),
+        _ => None,
+    }) else {
+        panic!("an Error for the failed send: {out:?}");
+    };
+    assert_eq!(e.code, ErrorCode::InternalError);
+    let detail = e.detail.as_ref().map(|d| d.as_str().to_owned()).unwrap_or_default();
+    assert!(
+        !detail.contains("entries") && !detail.contains("table") && !detail.contains("gw.db"),
+        "detail {detail:?}"
+    );
+}
