@@ -175,6 +175,9 @@ async fn every_broken_behaviour_fails_a_case() {
         ("no_claim_pair_limit", "REQ-8-10"),
         ("no_connection_hygiene", "REQ-11-3"),
         ("no_storage_quotas", "REQ-11-4"),
+        ("reuse_keeps_sessions", "REQ-5.5-10"),
+        ("session_outlives_certificate", "REQ-5.5-11"),
+        ("joiner_reads_history", "REQ-7.6-4"),
         // Seen only by killing the server: the suite is given control of it.
         ("ack_before_durable", "REQ-6.3-1"),
     ];

@@ -52,6 +52,13 @@ pub struct Faults {
     pub no_connection_hygiene: bool,
     /// Store whatever a user or a conversation sends, without byte quotas (REQ-11-4).
     pub no_storage_quotas: bool,
+    /// Leave the session of a resume-token chain open when a token of it is reused
+    /// (REQ-5.5-10).
+    pub reuse_keeps_sessions: bool,
+    /// Keep a session open after its device's certificate expired (REQ-5.5-11).
+    pub session_outlives_certificate: bool,
+    /// Replay a conversation to a device from before the Commit that added it (REQ-7.6-4).
+    pub joiner_reads_history: bool,
 }
 
 impl Faults {
@@ -79,6 +86,9 @@ impl Faults {
             "no_claim_pair_limit" => &mut f.no_claim_pair_limit,
             "no_connection_hygiene" => &mut f.no_connection_hygiene,
             "no_storage_quotas" => &mut f.no_storage_quotas,
+            "reuse_keeps_sessions" => &mut f.reuse_keeps_sessions,
+            "session_outlives_certificate" => &mut f.session_outlives_certificate,
+            "joiner_reads_history" => &mut f.joiner_reads_history,
             _ => return None,
         };
         *switch = true;
@@ -111,11 +121,15 @@ impl Faults {
             no_claim_pair_limit: self.no_claim_pair_limit || other.no_claim_pair_limit,
             no_connection_hygiene: self.no_connection_hygiene || other.no_connection_hygiene,
             no_storage_quotas: self.no_storage_quotas || other.no_storage_quotas,
+            reuse_keeps_sessions: self.reuse_keeps_sessions || other.reuse_keeps_sessions,
+            session_outlives_certificate: self.session_outlives_certificate
+                || other.session_outlives_certificate,
+            joiner_reads_history: self.joiner_reads_history || other.joiner_reads_history,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 20] = [
+    pub const NAMES: [&'static str; 23] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -136,5 +150,8 @@ impl Faults {
         "no_claim_pair_limit",
         "no_connection_hygiene",
         "no_storage_quotas",
+        "reuse_keeps_sessions",
+        "session_outlives_certificate",
+        "joiner_reads_history",
     ];
 }

@@ -199,6 +199,14 @@ pub enum Action {
         /// The revoked device.
         device: DeviceId,
     },
+    /// A resume token of `family` was used twice: close `device`'s session if it descends
+    /// from that chain, with `resume_token_reused` and 4103 (REQ-5.5-10).
+    ChainReused {
+        /// The device the token was bound to.
+        device: DeviceId,
+        /// The chain.
+        family: [u8; 16],
+    },
     /// A presence frame (SPEC.md 9) from `device`: the shell passes it to the gateway's
     /// [`crate::presence::Presence`], which serves every session.
     Presence {
@@ -236,6 +244,8 @@ pub struct Connection {
     state: State,
     frames_before_ready: u64,
     subscriptions: HashMap<StreamKey, Sub>,
+    /// Once `Ready`: the session's resume-token chain and the end of its certificate.
+    session: Option<([u8; 16], UnixMs)>,
 }
 
 impl Default for Connection {
@@ -251,7 +261,14 @@ impl Connection {
             state: State::Opened,
             frames_before_ready: 0,
             subscriptions: HashMap::new(),
+            session: None,
         }
+    }
+
+    /// Once `Ready`: the session's resume-token chain, and when its device's certificate
+    /// expires (the session ends then, REQ-5.5-11).
+    pub fn session(&self) -> Option<([u8; 16], UnixMs)> {
+        self.session
     }
 
     /// The authenticated device, once `Ready` was sent.
@@ -560,9 +577,12 @@ impl Connection {
                         out,
                     );
                 }
-                Redeemed::Reused => {
+                Redeemed::Reused { device, family } => {
                     telemetry::auth_rejected(ErrorCode::ResumeTokenReused);
                     out.push(error(ErrorCode::ResumeTokenReused, None, None));
+                    if !config.faults.reuse_keeps_sessions {
+                        out.push(Action::ChainReused { device, family });
+                    }
                 }
                 Redeemed::Invalid => {
                     telemetry::auth_rejected(ErrorCode::ResumeTokenInvalid);
@@ -619,6 +639,7 @@ impl Connection {
         let resume_token = ResumeToken::new(token)
             .map_err(|e| StoreError::Corrupt(format!("resume token: {e}")))?;
         self.state = State::Ready { device };
+        self.session = Some((family, certificate_not_after));
         telemetry::session_ready(resumed);
         out.push(Action::Send(ServerFrame::Ready(Ready {
             session_id: SessionId(session),
@@ -1114,6 +1135,18 @@ impl Connection {
         if let Some(code) = self.read_access(store, &stream, device, from)? {
             out.push(error(code, Some(s.rid), None));
             return Ok(());
+        }
+        // Nothing from before the Commit that added the device (REQ-7.6-4).
+        if let StreamKey::Conversation(c) = &stream {
+            let arrived = store.arrival(c, &device)?;
+            if arrived.is_some_and(|a| from < a) && !config.faults.joiner_reads_history {
+                out.push(error(
+                    ErrorCode::NotMember,
+                    Some(s.rid),
+                    Some("from_seq is before the Commit that added this device"),
+                ));
+                return Ok(());
+            }
         }
         let (head, oldest) = store.bounds(&stream)?;
         if from > head + 1 {

@@ -57,8 +57,9 @@ pub struct Shared {
     hub: Hub,
     shutdown: Shutdown,
     open: OpenConnections,
-    /// The live session of each device, and how to tell it to close (REQ-5.5-9, REQ-3.3-3).
-    sessions: Mutex<HashMap<DeviceId, (u64, oneshot::Sender<CloseCode>)>>,
+    /// The live session of each device: its connection, its resume-token chain, and how
+    /// to tell it to close (REQ-5.5-9, REQ-5.5-10, REQ-3.3-3).
+    sessions: Mutex<HashMap<DeviceId, LiveSession>>,
     next_connection: AtomicU64,
     limiters: RateLimiters,
     /// Presence for every session (SPEC.md 9); locked after `store` when both are needed.
@@ -70,6 +71,16 @@ pub struct Shared {
     group: Option<Arc<GroupCommit>>,
     clock: WallClock,
     entropy: EntropySource,
+}
+
+/// A device's live session, as [`Shared`] knows it.
+struct LiveSession {
+    /// The connection serving it.
+    connection: u64,
+    /// Its resume-token chain.
+    family: [u8; 16],
+    /// Tells the connection to close with a code.
+    close: oneshot::Sender<CloseCode>,
 }
 
 /// The gateway's wall clock (`UnixMs` for certificates, tokens and `accepted_ms`).
@@ -955,8 +966,19 @@ fn apply(shared: &Shared, id: u64, outbox: &mut Outbox, actions: Vec<Action>) ->
             Action::Revoked { device } => {
                 // Close the device's session, wherever it is (REQ-3.3-3).
                 if let Ok(mut sessions) = shared.sessions.lock() {
-                    if let Some((_, session)) = sessions.remove(&device) {
-                        let _ = session.send(CloseCode::DeviceRevoked);
+                    if let Some(session) = sessions.remove(&device) {
+                        let _ = session.close.send(CloseCode::DeviceRevoked);
+                    }
+                }
+            }
+            Action::ChainReused { device, family } => {
+                // A token of this chain was used twice: whoever holds the session that
+                // descends from it may be the thief (REQ-5.5-10).
+                if let Ok(mut sessions) = shared.sessions.lock() {
+                    if sessions.get(&device).is_some_and(|s| s.family == family) {
+                        if let Some(session) = sessions.remove(&device) {
+                            let _ = session.close.send(CloseCode::AuthFailed);
+                        }
                     }
                 }
             }
@@ -1057,19 +1079,32 @@ async fn connection(socket: WebSocket, shared: Arc<Shared>) {
     }
     // Forget this session unless a newer one already took the device's place.
     if let (Some(d), Ok(mut sessions)) = (device, shared.sessions.lock()) {
-        if sessions.get(&d).is_some_and(|(owner, _)| *owner == id) {
+        if sessions.get(&d).is_some_and(|s| s.connection == id) {
             sessions.remove(&d);
         }
     }
     telemetry::connections_open(-1.0);
 }
 
-/// Makes this connection the device's session; a previous one is told to close with 4104.
-fn register(shared: &Shared, id: u64, device: DeviceId) -> oneshot::Receiver<CloseCode> {
+/// Makes this connection the device's session of chain `family`; a previous one is told
+/// to close with 4104. Called with the store locked, in the same critical section as the
+/// `Ready` that authenticated it: a revocation or a token reuse stored after that finds the
+/// session here, and one stored before it refused the `Ready` (REQ-3.3-3).
+fn register(
+    shared: &Shared,
+    id: u64,
+    device: DeviceId,
+    family: [u8; 16],
+) -> oneshot::Receiver<CloseCode> {
     let (tx, rx) = oneshot::channel();
     if let Ok(mut sessions) = shared.sessions.lock() {
-        if let Some((_, older)) = sessions.insert(device, (id, tx)) {
-            let _ = older.send(CloseCode::SessionSuperseded);
+        let session = LiveSession {
+            connection: id,
+            family,
+            close: tx,
+        };
+        if let Some(older) = sessions.insert(device, session) {
+            let _ = older.close.send(CloseCode::SessionSuperseded);
         }
     }
     rx
@@ -1093,6 +1128,8 @@ async fn run_connection(
     outbox: &mut Outbox,
 ) -> Option<CloseCode> {
     let mut kicked: Option<oneshot::Receiver<CloseCode>> = None;
+    // When the device's certificate expires, the session ends (REQ-5.5-11).
+    let mut expires: Option<tokio::time::Instant> = None;
     let mut conn = Connection::new();
     let mut following = Followed(&shared.hub, Following::new(id));
     let presence_events = Arc::new(Notify::new());
@@ -1109,22 +1146,24 @@ async fn run_connection(
         } else {
             last_frame + heartbeat_timeout
         };
-        if registered.is_none() {
-            if let Some(device) = conn.device() {
-                *registered = Some(device);
-                kicked = Some(register(shared, id, device));
-            }
-        }
         let code = tokio::select! {
             biased;
             () = shared.shutdown.stopped() => Some(CloseCode::ServerRestart),
             Ok(code) = async { match kicked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
-                if code == CloseCode::DeviceRevoked {
-                    let frame =
-                        ServerFrame::Error(ErrorFrame::new(ErrorCode::AuthCertificateRevoked));
-                    let _ = outbox.frame(&frame);
+                let cause = match code {
+                    CloseCode::DeviceRevoked => Some(ErrorCode::AuthCertificateRevoked),
+                    CloseCode::AuthFailed => Some(ErrorCode::ResumeTokenReused),
+                    _ => None,
+                };
+                if let Some(cause) = cause {
+                    let _ = outbox.frame(&ServerFrame::Error(ErrorFrame::new(cause)));
                 }
                 Some(code)
+            }
+            () = async { match expires { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                let frame = ServerFrame::Error(ErrorFrame::new(ErrorCode::AuthCertificateExpired));
+                let _ = outbox.frame(&frame);
+                Some(CloseCode::AuthFailed)
             }
             _ = tokio::time::sleep_until(deadline) => Some(if conn.device().is_none() {
                 CloseCode::AuthTimeout
@@ -1135,7 +1174,24 @@ async fn run_connection(
                 Some(Ok(Message::Binary(bytes))) => {
                     last_frame = tokio::time::Instant::now();
                     let actions = match shared.store.lock() {
-                        Ok(mut store) => conn.handle(&shared.config, &mut *store, &shared.limiters, &mut EnvEntropy(&shared.entropy), (shared.clock)(), &bytes),
+                        Ok(mut store) => {
+                            let now = (shared.clock)();
+                            let actions = conn.handle(&shared.config, &mut *store, &shared.limiters, &mut EnvEntropy(&shared.entropy), now, &bytes);
+                            // Registered before the store is released (see `register`).
+                            if let (None, Some(device), Some((family, not_after))) =
+                                (*registered, conn.device(), conn.session())
+                            {
+                                *registered = Some(device);
+                                kicked = Some(register(shared, id, device, family));
+                                if !shared.config.faults.session_outlives_certificate {
+                                    expires = Some(
+                                        tokio::time::Instant::now()
+                                            + Duration::from_millis(not_after.0.saturating_sub(now.0)),
+                                    );
+                                }
+                            }
+                            actions
+                        }
                         Err(_) => vec![Action::Close(CloseCode::Overloaded)],
                     };
                     let code = apply(shared, id, outbox, actions);

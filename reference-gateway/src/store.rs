@@ -325,6 +325,15 @@ pub trait Store: Send {
         from_seq: u64,
     ) -> Result<Option<u64>, StoreError>;
 
+    /// The seq of the Commit that most recently added `device` to `conversation`, if a
+    /// Commit did (the creator was not added by one): the device reads nothing below it
+    /// (REQ-7.6-4).
+    fn arrival(
+        &self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+    ) -> Result<Option<u64>, StoreError>;
+
     /// `user`'s presence status (SPEC.md 9.1); the default for a key never seen.
     fn presence_status(&self, user: &SystemKey) -> Result<PresenceStatus, StoreError>;
 
@@ -472,8 +481,14 @@ pub struct IssuedToken {
 pub enum Redeemed {
     /// Valid and now used.
     Valid(IssuedToken),
-    /// Already used: the whole family is now revoked (`resume_token_reused`).
-    Reused,
+    /// Already used: the whole family is now revoked (`resume_token_reused`), and the
+    /// session that descends from it must end (REQ-5.5-10).
+    Reused {
+        /// The device the token was bound to.
+        device: DeviceId,
+        /// Its chain.
+        family: [u8; 16],
+    },
     /// Unknown, expired or revoked (`resume_token_invalid`).
     Invalid,
 }

@@ -11,7 +11,11 @@ use std::time::Duration;
 fn get(port: u16, path: &str) -> Option<(String, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
@@ -41,7 +45,10 @@ fn metrics_listen_takes_metrics_off_the_public_listener() {
         if let Some(answer) = get(port, "/metrics") {
             break answer;
         }
-        assert!(std::time::Instant::now() < deadline, "the gateway did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     // One WebSocket connection, so that the gateway has recorded a metric.

@@ -1528,7 +1528,11 @@ fn store_failures_do_not_leak_their_text() {
         panic!("an Error for the failed send: {out:?}");
     };
     assert_eq!(e.code, ErrorCode::InternalError);
-    let detail = e.detail.as_ref().map(|d| d.as_str().to_owned()).unwrap_or_default();
+    let detail = e
+        .detail
+        .as_ref()
+        .map(|d| d.as_str().to_owned())
+        .unwrap_or_default();
     assert!(
         !detail.contains("entries") && !detail.contains("table") && !detail.contains("gw.db"),
         "detail {detail:?}"

@@ -407,6 +407,9 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                                 .expect("a free leaf");
                             m.roster.insert(leaf, *d);
                             m.inbox.entry(*d).or_default().0.push((seq, step as u64));
+                            // Its cursor starts at the Commit that added it (REQ-7.6-4).
+                            let c = m.cursors.entry(*d).or_insert(0);
+                            *c = (*c).max(seq);
                             m.next_device += 1;
                         }
                     }

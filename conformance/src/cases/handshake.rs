@@ -47,6 +47,13 @@ pub fn cases() -> Vec<Case> {
             welcome_verified
         ),
         case!(
+            "7.6-4.joiner-reads-from-its-commit",
+            "REQ-7.6-4",
+            Must,
+            "a device added after two messages cannot subscribe from seq 1 (not_member); without from_seq its subscription starts after the Commit that added it",
+            joiner_reads_from_its_commit
+        ),
+        case!(
             "7.7-1.state-follows-commits",
             "REQ-7.7-1",
             Must,
@@ -358,6 +365,59 @@ async fn welcome_verified(cx: &mut Ctx) -> CaseResult {
         send_mls(&mut p.a, 4, c, MsgId(random()), commit, Some(welcome)).await?,
         "the same Commit with its own Welcome",
     )?;
+    Ok(())
+}
+
+async fn joiner_reads_from_its_commit(cx: &mut Ctx) -> CaseResult {
+    use confab_spec::frame::Subscribe;
+    use confab_spec::ids::{Seq, StreamId};
+    let mut p = Pair::new(cx).await?;
+    let c = p.conversation;
+    for i in 0..2u8 {
+        let message = mls_write::private_message(&c.0, 0, &[i; 32]);
+        accepted(
+            send_mls(
+                &mut p.a,
+                10 + u64::from(i),
+                c,
+                MsgId(random()),
+                bytes(message)?,
+                None,
+            )
+            .await?,
+            "a message before B is added",
+        )?;
+    }
+    let (commit_seq, _) = p.add_b(20).await?;
+    p.b.send(&ClientFrame::Subscribe(Subscribe {
+        rid: 30,
+        stream: StreamId::Conversation(c),
+        from_seq: Seq::new(1),
+    }))
+    .await?;
+    p.b.expect_error(ErrorCode::NotMember, Some(30)).await?;
+    p.b.send(&ClientFrame::Subscribe(Subscribe {
+        rid: 31,
+        stream: StreamId::Conversation(c),
+        from_seq: None,
+    }))
+    .await?;
+    let subscribed =
+        p.b.expect("Subscribed", |f| match f {
+            ServerFrame::Subscribed(s) if s.rid == 31 => Some(s.clone()),
+            _ => None,
+        })
+        .await?;
+    if subscribed.from_seq.get() != commit_seq + 1 {
+        return Err(Failure::new(
+            format!(
+                "a subscription from seq {} (after the adding Commit)",
+                commit_seq + 1
+            ),
+            format!("from seq {}", subscribed.from_seq.get()),
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! session per device, revocation; and section 11's limit on upgrades per address.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
@@ -183,6 +184,20 @@ pub fn cases() -> Vec<Case> {
             Must,
             "a resume is Ready with resumed true and a new token",
             token_rotates
+        ),
+        case!(
+            "5.5-10.reuse-ends-chain-session",
+            "REQ-5.5-10",
+            Must,
+            "when a used token comes back, the session resumed from it is closed with 209 and 4103",
+            reuse_ends_chain_session
+        ),
+        case!(
+            "5.5-11.session-ends-at-certificate-expiry",
+            "REQ-5.5-11",
+            Must,
+            "a session whose certificate expires two seconds after Ready is closed with 201 and 4103",
+            session_ends_at_certificate_expiry
         ),
         case!(
             "5.5-3.token-reuse",
@@ -484,6 +499,80 @@ async fn token_reuse(cx: &mut Ctx) -> CaseResult {
         )
         .into()),
     }
+}
+
+async fn reuse_ends_chain_session(cx: &mut Ctx) -> CaseResult {
+    let device = Device::fresh();
+    let (a, first) = cx.ready("a", &device).await?;
+    drop(a);
+    // The resumed session, open; then the first token comes back on another connection.
+    let (mut b, answer) = resume(cx, "b", first.resume_token.clone()).await?;
+    if !matches!(answer, ServerFrame::Ready(_)) {
+        return Err(Failure::new("Ready for a valid token", format!("{answer:?}")).into());
+    }
+    let (_c, answer) = resume(cx, "c", first.resume_token).await?;
+    if !matches!(&answer, ServerFrame::Error(e) if e.code == ErrorCode::ResumeTokenReused) {
+        return Err(Failure::new("Error 209 resume_token_reused", format!("{answer:?}")).into());
+    }
+    b.expect_error(ErrorCode::ResumeTokenReused, None).await?;
+    b.expect_close(4103).await
+}
+
+async fn session_ends_at_certificate_expiry(cx: &mut Ctx) -> CaseResult {
+    const LIFETIME_MS: u64 = 2_000;
+    let device = Device::fresh();
+    let mut a = cx.open("a").await?;
+    let challenge = a.challenge().await?;
+    let now = challenge.server_time_ms;
+    let certificate = device.certificate_between(
+        UnixMs(now.0.saturating_sub(60_000)),
+        now.plus_ms(LIFETIME_MS),
+    );
+    a.send(&ClientFrame::Auth(device.auth(
+        certificate,
+        &cx.origin,
+        challenge.nonce,
+        now,
+    )))
+    .await?;
+    a.expect("Ready", |f| {
+        matches!(f, ServerFrame::Ready(_)).then_some(())
+    })
+    .await?;
+    // Heartbeats keep the session alive meanwhile (it must end for its certificate, not
+    // for silence).
+    let started = tokio::time::Instant::now();
+    let mut nonce = 0;
+    let error = loop {
+        nonce += 1;
+        a.send(&ClientFrame::Heartbeat(Heartbeat { nonce })).await?;
+        match a.next(Duration::from_millis(500)).await {
+            Observed::Frame(ServerFrame::Error(e)) => break e,
+            Observed::Frame(_) | Observed::Silence => {}
+            other => {
+                return Err(Failure::new(
+                    "Error 201 auth_certificate_expired, then close 4103",
+                    format!("{other:?}"),
+                )
+                .into());
+            }
+        }
+        if started.elapsed() > Duration::from_millis(LIFETIME_MS + 5_000) {
+            return Err(Failure::new(
+                format!("the session closed when its certificate expired ({LIFETIME_MS} ms)"),
+                "still open 5 s later",
+            )
+            .into());
+        }
+    };
+    if error.code != ErrorCode::AuthCertificateExpired {
+        return Err(Failure::new(
+            "Error 201 auth_certificate_expired",
+            crate::context::describe_error(&error),
+        )
+        .into());
+    }
+    a.expect_close(4103).await
 }
 
 async fn unknown_token(cx: &mut Ctx) -> CaseResult {

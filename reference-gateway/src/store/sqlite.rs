@@ -191,6 +191,12 @@ CREATE TABLE IF NOT EXISTS share_lists (
     peer BLOB NOT NULL,
     PRIMARY KEY (user, peer, list)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS arrivals (
+    conversation BLOB NOT NULL,
+    device BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (conversation, device)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_states (
     conversation BLOB PRIMARY KEY,
     snapshot BLOB NOT NULL
@@ -991,6 +997,28 @@ impl Store for SqliteStore {
             }
             // The tracked state and the roster move with the entry (REQ-7.7-1).
             put_group(&tx, &conv, next, self.faults.stale_group_state)?;
+            // An added device reads from its Commit on (REQ-7.6-4); its cursor starts there,
+            // so the entries before it wait for nobody's ack (SPEC.md 6.7).
+            for (_, device) in &change.added {
+                tx.prepare_cached(
+                    "INSERT INTO arrivals (conversation, device, seq) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (conversation, device) DO UPDATE SET seq = excluded.seq",
+                )
+                .map_err(db)?
+                .execute(params![
+                    conv.0.as_slice(),
+                    device.to_bytes().as_slice(),
+                    seq
+                ])
+                .map_err(db)?;
+                tx.prepare_cached(
+                    "INSERT INTO cursors (stream, device, seq) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (stream, device) DO UPDATE SET seq = max(seq, excluded.seq)",
+                )
+                .map_err(db)?
+                .execute(params![stream, device.to_bytes().as_slice(), seq])
+                .map_err(db)?;
+            }
             // The Welcome reaches each added device with its Commit (REQ-7.5-1).
             if let Some(welcome) = welcome {
                 for (_, device) in &change.added {
@@ -1185,7 +1213,13 @@ impl Store for SqliteStore {
                 .map_err(db)?
                 .execute([&family])
                 .map_err(db)?;
-            Redeemed::Reused
+            Redeemed::Reused {
+                device: device_of(&device)?,
+                family: family
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("token family".into()))?,
+            }
         } else {
             tx.prepare_cached("UPDATE resume_tokens SET used = 1 WHERE hash = ?1")
                 .map_err(db)?
@@ -1452,6 +1486,24 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
         Ok(v.map(|v| v as u64))
+    }
+
+    fn arrival(
+        &self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+    ) -> Result<Option<u64>, StoreError> {
+        let seq: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT seq FROM arrivals WHERE conversation = ?1 AND device = ?2")
+            .map_err(db)?
+            .query_row(
+                params![conversation.0.as_slice(), device.to_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(seq.map(|s| s.max(0) as u64))
     }
 
     fn presence_status(&self, user: &SystemKey) -> Result<PresenceStatus, StoreError> {
