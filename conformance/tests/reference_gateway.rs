@@ -178,6 +178,11 @@ async fn every_broken_behaviour_fails_a_case() {
         ("reuse_keeps_sessions", "REQ-5.5-10"),
         ("session_outlives_certificate", "REQ-5.5-11"),
         ("joiner_reads_history", "REQ-7.6-4"),
+        ("no_invite_consent", "REQ-10-9"),
+        ("refused_claim_consumes", "REQ-8-13"),
+        ("disallow_ignored", "REQ-8-11"),
+        ("invite_list_unbounded", "REQ-8-12"),
+        ("invites_count_toward_rooms", "REQ-10-8"),
         // Seen only by killing the server: the suite is given control of it.
         ("ack_before_durable", "REQ-6.3-1"),
     ];

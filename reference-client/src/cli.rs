@@ -17,6 +17,9 @@
 //!   presence online | invisible | offline
 //!   presence share NAME.. | unshare NAME.. | block NAME.. | unblock NAME.. | lists
 //!   watch-presence [NAME..]    print contacts' presence and its changes
+//!   invites show | everyone | allowed | allow NAME.. | disallow NAME..
+//!   requests                   invitations from users you never talked with
+//!   accept ID | decline ID     join an invitation, or forget it (nobody is told)
 //! ```
 
 use std::ffi::OsString;
@@ -30,7 +33,7 @@ use crate::home::{Home, HomeError, Settings};
 use crate::store::Message;
 use clap::{Parser, Subcommand};
 use confab_spec::error::ErrorCode;
-use confab_spec::frame::{ConversationKind, PresenceMode, PresenceState};
+use confab_spec::frame::{ConversationKind, InvitePolicy, PresenceMode, PresenceState};
 use confab_spec::identity::SystemKeyPair;
 use confab_spec::ids::{ConversationId, DeviceId, ProcessId, Seq, SystemKey};
 use confab_spec::rooms::Role;
@@ -119,6 +122,39 @@ enum Command {
         /// Contacts (names or user keys).
         names: Vec<String>,
     },
+    /// Who may start a DM with you or add you to a room (kept by the gateway).
+    Invites {
+        #[command(subcommand)]
+        action: InvitesAction,
+    },
+    /// Invitations from users you never talked with, waiting for `accept` or `decline`.
+    Requests,
+    /// Join the conversation of an invitation request.
+    Accept {
+        /// The conversation id from `confab requests` (hex, or its start).
+        id: String,
+    },
+    /// Forget an invitation request; nobody is told, not even the gateway.
+    Decline {
+        /// The conversation id from `confab requests` (hex, or its start).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum InvitesAction {
+    /// Show the policy and the allow list.
+    Show,
+    /// Anyone you do not block may invite you (the default); strangers' invitations wait
+    /// in `confab requests`.
+    Everyone,
+    /// Only the users on your allow list may invite you; to anyone else you look like a
+    /// key nobody holds.
+    Allowed,
+    /// Put users (contact names or user keys) on the allow list.
+    Allow { names: Vec<String> },
+    /// Take users off the allow list.
+    Disallow { names: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -342,9 +378,11 @@ async fn keep_presence(home: &Home, client: &mut Client) -> Result<(), CliError>
     Ok(())
 }
 
-/// Connects within 10 s, or says the gateway is unreachable.
+/// Connects within 10 s, or says the gateway is unreachable. Invitations from users never
+/// talked with are held as requests (`confab requests`).
 async fn connect(home: &Home, server: Option<&str>) -> Result<Client, CliError> {
     let mut client = home.client(server)?;
+    client.set_hold_requests(true);
     let url = server
         .map(str::to_owned)
         .or_else(|| home.settings().ok().map(|s| s.server))
@@ -405,6 +443,72 @@ fn conversation(client: &Client, name: &str) -> Result<ConversationId, CliError>
             ))
         })?;
     Ok(ConversationId(bytes))
+}
+
+/// The invitation request whose conversation id is `id` or starts with it.
+fn request_of(client: &Client, id: &str) -> Result<ConversationId, CliError> {
+    let lower = id.trim().to_ascii_lowercase();
+    if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CliError::Usage(format!(
+            "{id:?} is not a conversation id (hex, or its start)"
+        )));
+    }
+    let matches: Vec<ConversationId> = client
+        .requests()?
+        .into_iter()
+        .map(|r| r.conversation)
+        .filter(|c| hex::encode(c.0).starts_with(&lower))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(CliError::Usage(format!(
+            "no invitation request starts with {id}: see `confab requests`"
+        ))),
+        _ => Err(CliError::Usage(format!(
+            "several invitation requests start with {id}: give more of the id"
+        ))),
+    }
+}
+
+/// Tells the user (on stderr, in text mode) how many invitation requests wait, when there
+/// are more than `before`; returns how many wait.
+fn note_requests(client: &Client, before: usize, json: bool) -> Result<usize, CliError> {
+    let n = client.requests()?.len();
+    if n > before && !json {
+        eprintln!(
+            "{n} invitation request{} from users you never talked with: `confab requests`",
+            if n == 1 { "" } else { "s" }
+        );
+    }
+    Ok(n)
+}
+
+/// Prints the invite settings.
+fn print_invites(client: &Client, settings: &confab_spec::frame::InviteSettings, json: bool) {
+    let policy = match settings.policy {
+        InvitePolicy::Everyone => "everyone",
+        InvitePolicy::Allowed => "allowed",
+    };
+    let names: Vec<String> = settings
+        .allowed
+        .iter()
+        .map(|k| name_of(client, k))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"policy": policy, "allowed": names})
+        );
+    } else {
+        let who = match settings.policy {
+            InvitePolicy::Everyone => {
+                "everyone you do not block (strangers wait in `confab requests`)"
+            }
+            InvitePolicy::Allowed => "only the users on your allow list",
+        };
+        println!("who may invite you  {who}");
+        println!("allow list          {}", names.join(", "));
+    }
 }
 
 fn sender_name(client: &Client, m: &Message) -> String {
@@ -708,6 +812,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                     print_fork(&c.id, seq, &reason, cli.json);
                 }
             }
+            note_requests(&client, 0, cli.json)?;
         }
         Command::Watch => {
             let mut client = connect(&home, server).await?;
@@ -717,6 +822,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             // A long-running device commits the leave requests that are its turn (SPEC.md
             // 10.3) every few seconds, as other commands do when they start.
             let mut leaves = tokio::time::interval(Duration::from_secs(5));
+            let mut requests = note_requests(&client, 0, cli.json)?;
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -736,6 +842,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                         }
                     }
                 }
+                requests = note_requests(&client, requests, cli.json)?;
             }
         }
         Command::Presence { action } => {
@@ -801,6 +908,86 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 println!("shared with  {}", names(&lists.shared).join(", "));
                 println!("blocked      {}", names(&lists.blocked).join(", "));
                 println!("invisible    {}", lists.invisible);
+            }
+        }
+        Command::Invites { action } => {
+            let mut client = connect(&home, server).await?;
+            let (policy, allow, disallow) = match action {
+                InvitesAction::Show => (None, vec![], vec![]),
+                InvitesAction::Everyone => (Some(InvitePolicy::Everyone), vec![], vec![]),
+                InvitesAction::Allowed => (Some(InvitePolicy::Allowed), vec![], vec![]),
+                InvitesAction::Allow { names } | InvitesAction::Disallow { names }
+                    if names.is_empty() =>
+                {
+                    return Err(CliError::Usage(
+                        "name at least one user (a contact name or a user key)".into(),
+                    ));
+                }
+                InvitesAction::Allow { names } => (None, users_of(&client, &names)?, vec![]),
+                InvitesAction::Disallow { names } => (None, vec![], users_of(&client, &names)?),
+            };
+            let settings = client
+                .update_invite_settings(policy, allow, disallow)
+                .await?;
+            print_invites(&client, &settings, cli.json);
+        }
+        Command::Requests => {
+            let client = connect(&home, server).await?;
+            let requests = client.requests()?;
+            if requests.is_empty() && !cli.json {
+                println!("no invitation requests");
+            }
+            for r in requests {
+                let id = hex::encode(r.conversation.0);
+                let from = hex_key(&r.inviter.system);
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"conversation": id, "from": from, "received_ms": r.received.0})
+                    );
+                } else {
+                    println!(
+                        "{}  from {}  (`confab accept {}` or `confab decline {}`)",
+                        &id[..8],
+                        from,
+                        &id[..8],
+                        &id[..8]
+                    );
+                }
+            }
+        }
+        Command::Accept { id } => {
+            let mut client = connect(&home, server).await?;
+            let conversation = request_of(&client, &id)?;
+            let record = client.accept_request(&conversation).await?;
+            let kind = match record.kind {
+                ConversationKind::Room => "room",
+                ConversationKind::DirectMessage => "DM",
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(conversation.0), "kind": kind})
+                );
+            } else {
+                println!(
+                    "joined the {kind} {}: `confab read {}` shows it",
+                    &hex::encode(conversation.0)[..8],
+                    &hex::encode(conversation.0)[..8]
+                );
+            }
+        }
+        Command::Decline { id } => {
+            let mut client = home.client(server)?;
+            let conversation = request_of(&client, &id)?;
+            client.decline_request(&conversation)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"declined": hex::encode(conversation.0)})
+                );
+            } else {
+                println!("declined; nobody is told");
             }
         }
         Command::WatchPresence { names } => {

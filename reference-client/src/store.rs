@@ -62,6 +62,25 @@ pub struct ConversationRecord {
     pub removed: bool,
 }
 
+/// An invitation held for its user to accept or decline (SPEC.md 10.5): the Welcome of a
+/// user this device had never talked with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvitationRequest {
+    /// The conversation it invites to.
+    pub conversation: ConversationId,
+    /// The device whose Commit added this one, as the gateway reported it.
+    pub inviter: DeviceId,
+    /// The seq of that Commit in the conversation.
+    pub commit_seq: Seq,
+    /// The Welcome.
+    pub welcome: Vec<u8>,
+    /// When the gateway accepted the Commit.
+    pub received: UnixMs,
+}
+
+/// Most invitation requests kept; a newer one pushes out the oldest.
+pub const REQUESTS_MAX: usize = 100;
+
 /// A message composed here and not yet accepted by the gateway. Its `msg_id` and payload
 /// are fixed when it is composed, so every retry is the same `Send` (SPEC.md REQ-6.3-4).
 #[derive(Clone, PartialEq, Eq)]
@@ -191,7 +210,14 @@ CREATE TABLE IF NOT EXISTS leave_requests (
     device BLOB NOT NULL,
     PRIMARY KEY (conversation, device)
 ) WITHOUT ROWID;
-PRAGMA user_version = 4;
+CREATE TABLE IF NOT EXISTS requests (
+    conversation BLOB PRIMARY KEY,
+    inviter BLOB NOT NULL,
+    commit_seq INTEGER NOT NULL,
+    welcome BLOB NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+PRAGMA user_version = 5;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -540,6 +566,114 @@ impl ClientStore {
         }
         tx.commit()?;
         Ok(true)
+    }
+
+    /// Holds an invitation request (a newer Welcome to the same conversation replaces the
+    /// older), and drops the oldest requests beyond [`REQUESTS_MAX`].
+    pub fn hold_request(&mut self, r: &InvitationRequest) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "INSERT INTO requests (conversation, inviter, commit_seq, welcome, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (conversation) DO UPDATE SET inviter = excluded.inviter,
+                 commit_seq = excluded.commit_seq, welcome = excluded.welcome,
+                 received_ms = excluded.received_ms",
+        )?
+        .execute(params![
+            r.conversation.0.as_slice(),
+            r.inviter.to_bytes().as_slice(),
+            to_i64(r.commit_seq.get()),
+            r.welcome,
+            to_i64(r.received.0)
+        ])?;
+        tx.prepare_cached(
+            "DELETE FROM requests WHERE conversation NOT IN (
+                 SELECT conversation FROM requests ORDER BY received_ms DESC, conversation
+                 LIMIT ?1)",
+        )?
+        .execute([REQUESTS_MAX as i64])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The invitation requests, oldest first.
+    pub fn requests(&self) -> Result<Vec<InvitationRequest>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT conversation, inviter, commit_seq, welcome, received_ms FROM requests
+             ORDER BY received_ms, conversation",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (conversation, inviter, commit_seq, welcome, received) = row?;
+            Ok(InvitationRequest {
+                conversation: ConversationId(array(conversation, "request conversation")?),
+                inviter: DeviceId::from_slice(&inviter)
+                    .map_err(|_| StoreError::Corrupt("request inviter"))?,
+                commit_seq: u64::try_from(commit_seq)
+                    .ok()
+                    .and_then(Seq::new)
+                    .ok_or(StoreError::Corrupt("request commit seq"))?,
+                welcome,
+                received: UnixMs(u64::try_from(received).unwrap_or(0)),
+            })
+        })
+        .collect()
+    }
+
+    /// Forgets an invitation request; `false` if there was none for `conversation`.
+    pub fn drop_request(&mut self, conversation: &ConversationId) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("DELETE FROM requests WHERE conversation = ?1")?
+            .execute([conversation.0.as_slice()])?
+            == 1)
+    }
+
+    /// Records the join of an accepted invitation request, in one transaction: the
+    /// conversation, its cursor moved forward to `from_seq`, and the request gone.
+    pub fn join_requested(
+        &mut self,
+        c: &ConversationRecord,
+        from_seq: Seq,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let kind = match c.kind {
+            ConversationKind::DirectMessage => 1,
+            ConversationKind::Room => 2,
+        };
+        tx.prepare_cached(
+            "INSERT INTO conversations (id, kind, peer, removed) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT (id) DO UPDATE SET removed = 0",
+        )?
+        .execute(params![
+            c.id.0.as_slice(),
+            kind,
+            c.peer.map(|p| p.0.to_vec())
+        ])?;
+        tx.prepare_cached(
+            "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
+             ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+        )?
+        .execute(params![
+            stream_key(&StreamId::Conversation(c.id)),
+            to_i64(from_seq.get())
+        ])?;
+        tx.prepare_cached("DELETE FROM requests WHERE conversation = ?1")?
+            .execute([c.id.0.as_slice()])?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The conversations.

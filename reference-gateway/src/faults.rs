@@ -59,6 +59,18 @@ pub struct Faults {
     pub session_outlives_certificate: bool,
     /// Replay a conversation to a device from before the Commit that added it (REQ-7.6-4).
     pub joiner_reads_history: bool,
+    /// Accept Commits adding users that do not allow the committer (REQ-10-9).
+    pub no_invite_consent: bool,
+    /// Claim a non-allowing target's packages, then answer `no_key_packages` as if
+    /// nothing had happened: the answer looks right, a package is gone (REQ-8-13).
+    pub refused_claim_consumes: bool,
+    /// Parse `UpdateInviteSettings.disallow` and never apply it (REQ-8-11).
+    pub disallow_ignored: bool,
+    /// Let the allow list grow past `presence_list_max` (REQ-8-12).
+    pub invite_list_unbounded: bool,
+    /// Count the rooms a user was added to, joined or not, toward
+    /// `rooms_per_user_max` (REQ-10-8).
+    pub invites_count_toward_rooms: bool,
 }
 
 impl Faults {
@@ -89,6 +101,11 @@ impl Faults {
             "reuse_keeps_sessions" => &mut f.reuse_keeps_sessions,
             "session_outlives_certificate" => &mut f.session_outlives_certificate,
             "joiner_reads_history" => &mut f.joiner_reads_history,
+            "no_invite_consent" => &mut f.no_invite_consent,
+            "refused_claim_consumes" => &mut f.refused_claim_consumes,
+            "disallow_ignored" => &mut f.disallow_ignored,
+            "invite_list_unbounded" => &mut f.invite_list_unbounded,
+            "invites_count_toward_rooms" => &mut f.invites_count_toward_rooms,
             _ => return None,
         };
         *switch = true;
@@ -125,11 +142,17 @@ impl Faults {
             session_outlives_certificate: self.session_outlives_certificate
                 || other.session_outlives_certificate,
             joiner_reads_history: self.joiner_reads_history || other.joiner_reads_history,
+            no_invite_consent: self.no_invite_consent || other.no_invite_consent,
+            refused_claim_consumes: self.refused_claim_consumes || other.refused_claim_consumes,
+            disallow_ignored: self.disallow_ignored || other.disallow_ignored,
+            invite_list_unbounded: self.invite_list_unbounded || other.invite_list_unbounded,
+            invites_count_toward_rooms: self.invites_count_toward_rooms
+                || other.invites_count_toward_rooms,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 28] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -153,5 +176,10 @@ impl Faults {
         "reuse_keeps_sessions",
         "session_outlives_certificate",
         "joiner_reads_history",
+        "no_invite_consent",
+        "refused_claim_consumes",
+        "disallow_ignored",
+        "invite_list_unbounded",
+        "invites_count_toward_rooms",
     ];
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use confab_spec::consent;
 use confab_spec::error::{CloseCode, ErrorCode};
 use confab_spec::frame::{
     self, Accepted, Batch, ClaimedKeyPackage, ClientFrame, ContinuityLost, Created, Deliver,
@@ -23,8 +24,9 @@ use crate::faults::Faults;
 pub use crate::rate::RateLimit;
 use crate::rate::RateLimiters;
 use crate::store::{
-    AppendKind, AppendOutcome, AppendRequest, CreateOutcome, IssuedToken, PoolStatus, Redeemed,
-    RetentionPolicy, RoomLimits, Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
+    AppendKind, AppendOutcome, AppendRequest, CreateOutcome, IssuedToken, JoinOutcome, PoolStatus,
+    Redeemed, RetentionPolicy, RoomLimits, Store, StoreError, StoredKeyPackage, StreamKey,
+    UploadOutcome,
 };
 use crate::telemetry;
 use crate::tracked_group::{self, Revocations, TrackedGroup};
@@ -212,7 +214,7 @@ pub enum Action {
     Presence {
         /// The authenticated device.
         device: DeviceId,
-        /// `SetPresence`, `WatchPresence` or `UpdatePresenceLists`.
+        /// `SetPresence`, `WatchPresence`, `UpdatePresenceLists` or `UpdateInviteSettings`.
         frame: ClientFrame,
     },
 }
@@ -798,9 +800,16 @@ impl Connection {
                     out.push(rate_limited(Some(c.rid), retry_after_ms));
                     return Ok(());
                 }
-                let claimed =
-                    store.claim_key_packages(&c.user, &device, c.devices.as_deref(), now)?;
-                if claimed.is_empty() {
+                // A target that does not allow the claimer is answered as a key nobody
+                // holds, after the same limits and the same lookup (REQ-8-13).
+                let consent = store.consent_of(&c.user, &device.system)?;
+                let allowed = consent::allows(&c.user, &device.system, consent);
+                let claimed = if allowed || config.faults.refused_claim_consumes {
+                    store.claim_key_packages(&c.user, &device, c.devices.as_deref(), now)?
+                } else {
+                    Vec::new()
+                };
+                if claimed.is_empty() || !allowed {
                     out.push(error(ErrorCode::NoKeyPackages, Some(c.rid), None));
                     return Ok(());
                 }
@@ -838,7 +847,8 @@ impl Connection {
             }
             frame @ (ClientFrame::SetPresence(_)
             | ClientFrame::WatchPresence(_)
-            | ClientFrame::UpdatePresenceLists(_)) => {
+            | ClientFrame::UpdatePresenceLists(_)
+            | ClientFrame::UpdateInviteSettings(_)) => {
                 out.push(Action::Presence { device, frame });
             }
             other => out.push(error(
@@ -935,7 +945,8 @@ impl Connection {
         let bytes = (s.payload.as_bytes().len()
             + s.welcome.as_ref().map_or(0, |w| w.as_bytes().len())) as u64;
         let quotas = !config.faults.no_storage_quotas;
-        if quotas && !store.sequenced(&s.conversation, &s.msg_id)? {
+        let sequenced = store.sequenced(&s.conversation, &s.msg_id)?;
+        if quotas && !sequenced {
             if let Err(retry_after_ms) = limiters.bytes_per_user.allows(&device.system, bytes, now)
             {
                 out.push(Action::Send(ServerFrame::Error(ErrorFrame {
@@ -948,6 +959,19 @@ impl Connection {
                 })));
                 return Ok(());
             }
+        }
+        // The first Send of a user's device to a room joins the user, as a Subscribe does
+        // (REQ-10-8); a resend was counted when it was first sent.
+        if !sequenced
+            && store.join(&s.conversation, &device, config.rooms.rooms_per_user_max)?
+                == JoinOutcome::TooManyRooms
+        {
+            out.push(error(
+                ErrorCode::TooManyRooms,
+                rid,
+                Some("this user has joined rooms_per_user_max rooms"),
+            ));
+            return Ok(());
         }
         let kind = match classify(config, store, &s, device, now)? {
             Ok(kind) => kind,
@@ -1112,10 +1136,10 @@ impl Connection {
                 rid,
                 Some("conversation_bytes_max"),
             )),
-            AppendOutcome::TooManyRooms => out.push(error(
-                ErrorCode::TooManyRooms,
+            AppendOutcome::InviteNotAllowed => out.push(error(
+                ErrorCode::InviteNotAllowed,
                 rid,
-                Some("an invitee is in rooms_per_user_max rooms"),
+                Some("rule 8: an invitee does not allow the committer"),
             )),
         }
         Ok(())
@@ -1144,6 +1168,18 @@ impl Connection {
                     ErrorCode::NotMember,
                     Some(s.rid),
                     Some("from_seq is before the Commit that added this device"),
+                ));
+                return Ok(());
+            }
+        }
+        // The first Subscribe of a user's device to a room joins the user (REQ-10-8).
+        if let StreamKey::Conversation(c) = &stream {
+            if store.join(c, &device, config.rooms.rooms_per_user_max)? == JoinOutcome::TooManyRooms
+            {
+                out.push(error(
+                    ErrorCode::TooManyRooms,
+                    Some(s.rid),
+                    Some("this user has joined rooms_per_user_max rooms"),
                 ));
                 return Ok(());
             }

@@ -19,8 +19,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{
-    ErrorFrame, PresenceChanged, PresenceLease, PresenceLists, PresenceMode, PresenceOf,
-    PresenceState, PresenceStates, ServerFrame, SetPresence, UpdatePresenceLists, WatchPresence,
+    ErrorFrame, InviteSettings, PresenceChanged, PresenceLease, PresenceLists, PresenceMode,
+    PresenceOf, PresenceState, PresenceStates, ServerFrame, SetPresence, UpdateInviteSettings,
+    UpdatePresenceLists, WatchPresence,
 };
 use confab_spec::ids::{DeviceId, SystemKey, UnixMs};
 
@@ -577,6 +578,57 @@ impl Presence {
             invisible,
         }));
         Ok(outcome)
+    }
+
+    /// `UpdateInviteSettings` from `device` (SPEC.md 8.1): the user's invite policy and
+    /// allow list, changed and answered at once (REQ-8-11); the list is bounded by
+    /// `presence_list_max` (REQ-8-12). It shares `presence_updates_per_user` with the
+    /// presence settings, queries included.
+    pub fn update_invites(
+        &mut self,
+        store: &mut dyn Store,
+        now: UnixMs,
+        device: DeviceId,
+        request: &UpdateInviteSettings,
+    ) -> Result<Outcome, StoreError> {
+        let key = device.system;
+        if let Some(refusal) = charge(&self.updates_per_user, &key, now, request.rid) {
+            return Ok(refusal);
+        }
+        let before = store.invite_settings(&key)?;
+        let mut settings = before.clone();
+        if let Some(policy) = request.policy {
+            settings.policy = policy;
+        }
+        settings
+            .allowed
+            .extend(request.allow.iter().flatten().copied());
+        if !self.faults.disallow_ignored {
+            for k in request.disallow.iter().flatten() {
+                settings.allowed.remove(k);
+            }
+        }
+        if settings.allowed.len() as u64 > self.config.list_max
+            && !self.faults.invite_list_unbounded
+        {
+            return Ok(refusal(
+                ErrorCode::PresenceListFull,
+                request.rid,
+                None,
+                "presence_list_max",
+            ));
+        }
+        if settings != before {
+            store.put_invite_settings(&key, &settings)?;
+        }
+        Ok(Outcome {
+            answer: Some(ServerFrame::InviteSettings(InviteSettings {
+                rid: request.rid,
+                policy: settings.policy,
+                allowed: settings.allowed.into_iter().collect(),
+            })),
+            wake: BTreeSet::new(),
+        })
     }
 
     /// `target`'s lists are now `lists`: every session watching it learns whether its

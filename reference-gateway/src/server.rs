@@ -606,6 +606,9 @@ fn on_presence(
             ClientFrame::UpdatePresenceLists(f) => {
                 presence.update_lists(&mut *store, now, device, f)
             }
+            ClientFrame::UpdateInviteSettings(f) => {
+                presence.update_invites(&mut *store, now, device, f)
+            }
             _ => return None,
         },
         _ => {

@@ -8,7 +8,8 @@
 
 pub mod sqlite;
 
-use confab_spec::frame::{ConversationKind, Entry};
+use confab_spec::consent::ConsentOf;
+use confab_spec::frame::{ConversationKind, Entry, InvitePolicy};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 use confab_spec::rooms::{RolesError, RoomRoles};
@@ -79,7 +80,7 @@ pub enum AppendKind {
 pub struct RoomLimits {
     /// `room_members_max`: most member devices in one room.
     pub members_max: u64,
-    /// `rooms_per_user_max`: most rooms in which one user has a device.
+    /// `rooms_per_user_max`: most rooms one user has joined.
     pub rooms_per_user_max: u64,
 }
 
@@ -100,7 +101,8 @@ pub enum CreateOutcome {
     Created,
     /// The id is taken (`conversation_exists`).
     Exists,
-    /// A room, and its creator is already in `rooms_per_user_max` rooms (`too_many_rooms`).
+    /// A room, and its creator has joined `rooms_per_user_max` rooms already
+    /// (`too_many_rooms`).
     TooManyRooms,
 }
 
@@ -173,8 +175,9 @@ pub enum AppendOutcome {
     /// The conversation's log would retain more than `conversation_bytes_max`
     /// (`quota_exceeded`).
     ConversationFull,
-    /// A Commit adding a user already in `rooms_per_user_max` rooms (`too_many_rooms`).
-    TooManyRooms,
+    /// A Commit adding a user that does not allow the committer (`invite_not_allowed`,
+    /// SPEC.md 10.2 rule 8).
+    InviteNotAllowed,
     /// No such conversation (`conversation_not_found`).
     NotFound,
 }
@@ -344,6 +347,32 @@ pub trait Store: Send {
         status: &PresenceStatus,
     ) -> Result<(), StoreError>;
 
+    /// `user`'s invite policy and allow list (SPEC.md 8.1); the defaults for a key never
+    /// seen.
+    fn invite_settings(&self, user: &SystemKey) -> Result<InviteSettingsOf, StoreError>;
+
+    /// Replaces `user`'s invite policy and allow list.
+    fn put_invite_settings(
+        &mut self,
+        user: &SystemKey,
+        settings: &InviteSettingsOf,
+    ) -> Result<(), StoreError>;
+
+    /// What `target`'s settings say of `other` (SPEC.md 8.1): one lookup, the same work
+    /// whether or not `target` belongs to anyone (REQ-8-13).
+    fn consent_of(&self, target: &SystemKey, other: &SystemKey) -> Result<ConsentOf, StoreError>;
+
+    /// `device` subscribes or sends to `conversation`: when it is a room, `device` is in
+    /// its roster and its user has not joined it yet, the user joins it unless it has
+    /// joined `rooms_per_user_max` rooms already (SPEC.md 10.4, REQ-10-8). Anything else
+    /// is `Joined` and changes nothing.
+    fn join(
+        &mut self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+        rooms_per_user_max: u64,
+    ) -> Result<JoinOutcome, StoreError>;
+
     /// `user`'s share list and blocklist (SPEC.md 9.3); empty for a key never seen.
     fn share_lists(&self, user: &SystemKey) -> Result<ShareLists, StoreError>;
 
@@ -364,6 +393,24 @@ pub struct PresenceStatus {
     pub invisible: bool,
     /// The published time of the user's last online/offline transition.
     pub last_seen: Option<UnixMs>,
+}
+
+/// A user's invite settings (SPEC.md 8.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InviteSettingsOf {
+    /// Who may claim the user's KeyPackages and add the user.
+    pub policy: InvitePolicy,
+    /// The users the `allowed` policy lets in.
+    pub allowed: std::collections::BTreeSet<SystemKey>,
+}
+
+/// The outcome of [`Store::join`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// The user has joined (now or before), or nothing was to be joined.
+    Joined,
+    /// The user has joined `rooms_per_user_max` rooms already (`too_many_rooms`).
+    TooManyRooms,
 }
 
 /// A user's share list and blocklist (SPEC.md 9.3).

@@ -126,11 +126,13 @@ registry! {
         PayloadTooLarge = 307 => "payload_too_large",
         /// The Commit would make the room hold more than `room_members_max` devices.
         RoomFull = 308 => "room_full",
-        /// A user would be in more than `rooms_per_user_max` rooms.
+        /// A user would have joined more than `rooms_per_user_max` rooms.
         TooManyRooms = 309 => "too_many_rooms",
         /// A `Send` would pass the sender's daily byte quota or its conversation's retained
         /// byte quota (SPEC.md 11).
         QuotaExceeded = 310 => "quota_exceeded",
+        /// A Commit adds a user that does not allow the committer (SPEC.md 8.1, 10.2 rule 8).
+        InviteNotAllowed = 311 => "invite_not_allowed",
         /// The payload is not a parseable MLSMessage.
         MlsMalformed = 400 => "mls_malformed",
         /// The MLS group id is not the conversation id.

@@ -241,6 +241,63 @@ cbor_map! {
     }
 }
 
+cbor_map! {
+    /// `UpdateInviteSettings` (type 14, SPEC.md section 8.1): change who may claim the
+    /// caller's user's KeyPackages and add the user. With no field besides `rid` it is a
+    /// query.
+    pub struct UpdateInviteSettings {
+        /// Request id.
+        1 req rid: u64,
+        /// The new policy.
+        2 opt policy: InvitePolicy,
+        /// Users to put on the allow list.
+        3 opt allow: Vec<SystemKey>,
+        /// Users to take off the allow list (applied after `allow`).
+        4 opt disallow: Vec<SystemKey>,
+    }
+}
+
+/// Who may claim a user's KeyPackages and add the user (SPEC.md section 8.1).
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize, arbitrary::Arbitrary,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum InvitePolicy {
+    /// Any user the user does not block (the default).
+    #[default]
+    Everyone,
+    /// Only the users on the user's allow list (and never a blocked one).
+    Allowed,
+}
+
+impl InvitePolicy {
+    /// The wire value (1 everyone, 2 allowed).
+    pub fn code(self) -> u64 {
+        match self {
+            InvitePolicy::Everyone => 1,
+            InvitePolicy::Allowed => 2,
+        }
+    }
+
+    /// The policy of a wire value, if it is one.
+    pub fn from_code(code: u64) -> Option<Self> {
+        match code {
+            1 => Some(InvitePolicy::Everyone),
+            2 => Some(InvitePolicy::Allowed),
+            _ => None,
+        }
+    }
+}
+
+impl Cbor for InvitePolicy {
+    fn encode(&self, w: &mut Writer) {
+        w.uint(self.code());
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        InvitePolicy::from_code(r.uint()?).ok_or(DecodeError::Malformed("unknown invite policy"))
+    }
+}
+
 /// What a device asks its presence to be (SPEC.md section 9.1).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize, arbitrary::Arbitrary)]
 #[serde(rename_all = "snake_case")]
@@ -794,6 +851,19 @@ cbor_map! {
 }
 
 cbor_map! {
+    /// `InviteSettings` (type 79, SPEC.md section 8.1): the caller's user's invite settings
+    /// after an `UpdateInviteSettings`.
+    pub struct InviteSettings {
+        /// Request id.
+        1 req rid: u64,
+        /// The policy in force.
+        2 req policy: InvitePolicy,
+        /// The allow list, strictly ascending.
+        3 req allowed: Vec<SystemKey>,
+    }
+}
+
+cbor_map! {
     /// `KeyPackagesClaimed` (type 77, SPEC.md section 8).
     pub struct KeyPackagesClaimed {
         /// Request id.
@@ -948,6 +1018,7 @@ frame_enum! {
         11 => UploadKeyPackages(UploadKeyPackages),
         12 => ClaimKeyPackages(ClaimKeyPackages),
         13 => ListDevices(ListDevices),
+        14 => UpdateInviteSettings(UpdateInviteSettings),
         20 => SetPresence(SetPresence),
         21 => WatchPresence(WatchPresence),
         22 => UpdatePresenceLists(UpdatePresenceLists),
@@ -972,6 +1043,7 @@ frame_enum! {
         76 => KeyPackagesStored(KeyPackagesStored),
         77 => KeyPackagesClaimed(KeyPackagesClaimed),
         78 => Devices(Devices),
+        79 => InviteSettings(InviteSettings),
         90 => PresenceLease(PresenceLease),
         91 => PresenceStates(PresenceStates),
         92 => PresenceChanged(PresenceChanged),
@@ -993,6 +1065,7 @@ impl ServerFrame {
             ServerFrame::KeyPackagesStored(f) => Some(f.rid),
             ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
             ServerFrame::Devices(f) => Some(f.rid),
+            ServerFrame::InviteSettings(f) => Some(f.rid),
             ServerFrame::PresenceLease(f) => Some(f.rid),
             ServerFrame::PresenceStates(f) => Some(f.rid),
             ServerFrame::PresenceLists(f) => Some(f.rid),
@@ -1018,6 +1091,7 @@ impl ClientFrame {
             ClientFrame::UploadKeyPackages(f) => Some(f.rid),
             ClientFrame::ClaimKeyPackages(f) => Some(f.rid),
             ClientFrame::ListDevices(f) => Some(f.rid),
+            ClientFrame::UpdateInviteSettings(f) => Some(f.rid),
             ClientFrame::SetPresence(f) => Some(f.rid),
             ClientFrame::WatchPresence(f) => Some(f.rid),
             ClientFrame::UpdatePresenceLists(f) => Some(f.rid),

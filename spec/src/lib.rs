@@ -15,6 +15,7 @@
 //! - Appendix A (frames): [`frame`];
 //! - section 7.2 (what the gateway reads of MLS): [`mls_framing`], and writers of MLS
 //!   messages for tests and hostile peers: [`mls_write`];
+//! - section 8.1 (consent): [`consent`];
 //! - section 10 (rooms and governance): [`rooms`];
 //! - sections 5.7 and 12 (close and error codes): [`error`];
 //! - sections 5 and 6.8 (client behaviour): [`session`];
@@ -22,6 +23,7 @@
 //! - Appendix B (requirement index): [`requirements`].
 
 pub mod cbor;
+pub mod consent;
 pub mod error;
 pub mod frame;
 pub mod identity;

@@ -24,7 +24,7 @@ pub const ROOM_REQUIRED_CAPABILITIES: [u8; 5] = [0x02, 0xF0, 0xC0, 0x00, 0x00];
 /// Default `room_members_max`: most member devices (leaves) in one room (SPEC.md 10.4).
 pub const ROOM_MEMBERS_MAX_DEFAULT: u64 = 2_000;
 
-/// Default `rooms_per_user_max`: most rooms in which one user has a device (SPEC.md 10.4).
+/// Default `rooms_per_user_max`: most rooms one user has joined (SPEC.md 10.4).
 pub const ROOMS_PER_USER_MAX_DEFAULT: u64 = 500;
 
 /// Most admins a roles extension may list: a room cannot have more admins than devices.

@@ -348,6 +348,24 @@ pub fn sample_frames() -> SampleFrames {
             }),
         ),
         (
+            "update-invite-settings",
+            ClientFrame::UpdateInviteSettings(UpdateInviteSettings {
+                rid: 20,
+                policy: Some(InvitePolicy::Allowed),
+                allow: Some(vec![SystemKey([0x77; 32])]),
+                disallow: Some(vec![SystemKey([0x66; 32])]),
+            }),
+        ),
+        (
+            "update-invite-settings-query",
+            ClientFrame::UpdateInviteSettings(UpdateInviteSettings {
+                rid: 21,
+                policy: None,
+                allow: None,
+                disallow: None,
+            }),
+        ),
+        (
             "update-presence-lists-query",
             ClientFrame::UpdatePresenceLists(UpdatePresenceLists {
                 rid: 19,
@@ -564,6 +582,14 @@ pub fn sample_frames() -> SampleFrames {
             ServerFrame::PresenceChanged(PresenceChanged {
                 target: system.public(),
                 state: PresenceState::WithinHour,
+            }),
+        ),
+        (
+            "invite-settings",
+            ServerFrame::InviteSettings(InviteSettings {
+                rid: 20,
+                policy: InvitePolicy::Allowed,
+                allowed: vec![SystemKey([0x77; 32])],
             }),
         ),
         (

@@ -113,14 +113,19 @@ pub fn cases() -> Vec<Case> {
 }
 
 /// A ready session for a new member on `kind`.
-async fn member(cx: &Ctx, name: &str, device: Device, kind: usize) -> Result<(Peer, Member), Stop> {
+pub(super) async fn member(
+    cx: &Ctx,
+    name: &str,
+    device: Device,
+    kind: usize,
+) -> Result<(Peer, Member), Stop> {
     let (peer, ready) = cx.ready(name, &device).await?;
     let member = Member::new(device, PAIR[kind % 2], ready.server_time_ms)?;
     Ok((peer, member))
 }
 
 /// Uploads; the answer (stored status or error code).
-async fn upload(
+pub(super) async fn upload(
     peer: &mut Peer,
     rid: u64,
     key_packages: Vec<MlsBytes>,
@@ -141,7 +146,7 @@ async fn upload(
 }
 
 /// Claims; the packages (or the error code).
-async fn claim(
+pub(super) async fn claim(
     peer: &mut Peer,
     rid: u64,
     user: SystemKey,
@@ -161,7 +166,9 @@ async fn claim(
     .await
 }
 
-fn stored(answer: Result<KeyPackagesStored, ErrorCode>) -> Result<KeyPackagesStored, Stop> {
+pub(super) fn stored(
+    answer: Result<KeyPackagesStored, ErrorCode>,
+) -> Result<KeyPackagesStored, Stop> {
     answer
         .map_err(|code| Failure::new("KeyPackagesStored", format!("Error {}", code.name())).into())
 }

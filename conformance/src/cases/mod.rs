@@ -1,6 +1,7 @@
 //! Every case, by SPEC.md section.
 
 mod client;
+pub mod consent;
 mod directory;
 mod framing;
 mod groups;
@@ -26,6 +27,7 @@ pub fn all() -> Vec<Case> {
     all.extend(log::cases());
     all.extend(retention::cases());
     all.extend(directory::cases());
+    all.extend(consent::cases());
     all.extend(groups::cases());
     all.extend(handshake::cases());
     all.extend(hygiene::cases());

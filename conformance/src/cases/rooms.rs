@@ -4,8 +4,8 @@
 
 use confab_spec::ErrorCode;
 use confab_spec::ServerFrame;
-use confab_spec::frame::{ClientFrame, ConversationKind, UpdatePresenceLists};
-use confab_spec::ids::{ConversationId, DeviceId, MsgId};
+use confab_spec::frame::{ClientFrame, ConversationKind, InvitePolicy, UpdatePresenceLists};
+use confab_spec::ids::{ConversationId, DeviceId, MsgId, SystemKey};
 use confab_spec::rooms::{Role, RoomRoles};
 
 use crate::case;
@@ -85,8 +85,29 @@ pub fn cases() -> Vec<Case> {
             "10-8.too-many-rooms",
             "REQ-10-8",
             Must,
-            "creating a room, or being added to one, beyond rooms_per_user_max is too_many_rooms (309)",
+            "creating a room, or joining one by a Subscribe, beyond rooms_per_user_max is too_many_rooms (309); the invitation itself is accepted",
             too_many_rooms
+        ),
+        case!(
+            "10-8.invitations-cost-nothing",
+            "REQ-10-8",
+            Must,
+            "a user invited to rooms_per_user_max rooms it never opened can still create a room and join another",
+            invitations_cost_nothing
+        ),
+        case!(
+            "10-9.invite-not-allowed",
+            "REQ-10-9",
+            Must,
+            "adding a user whose policy is allowed and whose allow list lacks the committer is invite_not_allowed (311); once allowed, accepted",
+            invite_not_allowed
+        ),
+        case!(
+            "10-9.dm-invite-not-allowed",
+            "REQ-10-9",
+            Must,
+            "a direct message adding a user that does not allow its creator is invite_not_allowed (311)",
+            dm_invite_not_allowed
         ),
     ]
 }
@@ -235,6 +256,64 @@ impl Room {
             }
         }
         Ok(Ok(seq))
+    }
+
+    /// The owner creates another conversation of the same kind with the same seats; the
+    /// room's id becomes the new one's and only the owner is in it.
+    async fn renew(&mut self, kind: ConversationKind) -> Result<(), Stop> {
+        self.id = ConversationId(random());
+        self.rid += 1;
+        let rid = self.rid;
+        let owner = &mut self.seats[0];
+        let extensions = match kind {
+            ConversationKind::Room => {
+                RoomRoles::new(owner.member.device.id().system).context_extensions()
+            }
+            _ => Vec::new(),
+        };
+        let frame = owner.member.create_frame(rid, self.id, kind, &extensions)?;
+        owner.peer.send(&frame).await?;
+        owner
+            .peer
+            .expect("Created", |f| match f {
+                ServerFrame::Created(c) if c.rid == rid => Some(Ok(())),
+                ServerFrame::Error(e) if e.rid == Some(rid) => Some(Err(e.code)),
+                _ => None,
+            })
+            .await?
+            .map_err(|code| Failure::new("Created", format!("Error {}", code.name())))?;
+        self.joined = vec![false; self.seats.len()];
+        self.joined[0] = true;
+        Ok(())
+    }
+
+    /// Seat `seat` subscribes to the room: `Ok` for `Subscribed`, else the error code.
+    async fn subscribe(&mut self, seat: usize) -> Result<Result<(), ErrorCode>, Stop> {
+        self.rid += 1;
+        let rid = self.rid;
+        let peer = &mut self.seats[seat].peer;
+        peer.send(&crate::cases::log::subscribe(rid, self.id, None))
+            .await?;
+        peer.expect("Subscribed or Error", |f| match f {
+            ServerFrame::Subscribed(s) if s.rid == rid => Some(Ok(())),
+            ServerFrame::Error(e) if e.rid == Some(rid) => Some(Err(e.code)),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Seat `seat` sets its user's invite settings (SPEC.md 8.1).
+    async fn invite_settings(
+        &mut self,
+        seat: usize,
+        policy: Option<InvitePolicy>,
+        allow: Option<Vec<SystemKey>>,
+    ) -> Result<(), Stop> {
+        self.rid += 1;
+        crate::cases::consent::settings(&mut self.seats[seat].peer, self.rid, policy, allow, None)
+            .await?
+            .map(|_| ())
+            .map_err(|e| Failure::new("InviteSettings", format!("Error {}", e.code.name())).into())
     }
 
     /// A room whose owner added `members` more seats (roles unchanged).
@@ -483,11 +562,93 @@ async fn too_many_rooms(cx: &mut Ctx) -> CaseResult {
             )?,
         }
     }
+    // An invitation costs the invitee nothing: the Add is accepted; joining is refused.
     let roles = RoomRoles::new(room.user(0));
+    room.commit(0, &[1], &[], Some(&roles))
+        .await?
+        .map_err(|code| {
+            accepted_expected("inviting a user who joined rooms_per_user_max rooms", code)
+        })?;
+    let joined = room.subscribe(1).await?;
+    expect_refusal(
+        "subscribing to a room beyond rooms_per_user_max",
+        ErrorCode::TooManyRooms,
+        joined.map(|()| 0),
+    )
+}
+
+async fn invitations_cost_nothing(cx: &mut Ctx) -> CaseResult {
+    let Some(max) = cx.info.limits.rooms_per_user_max else {
+        return Err(Stop::Skipped(
+            "the server does not announce rooms_per_user_max".into(),
+        ));
+    };
+    if max > 8 {
+        return Err(Stop::Skipped(format!(
+            "needs rooms_per_user_max of at most 8 (the conformance profile sets 3); the server announces {max}"
+        )));
+    }
+    // The owner invites seat 1 into `max` rooms; seat 1 never opens them.
+    let mut room = Room::new(cx, ConversationKind::Room, 1).await?;
+    for n in 0..max {
+        if n > 0 {
+            room.renew(ConversationKind::Room).await?;
+        }
+        let roles = RoomRoles::new(room.user(0));
+        room.commit(0, &[1], &[], Some(&roles))
+            .await?
+            .map_err(|code| accepted_expected("an invitation", code))?;
+    }
+    // Seat 1 creates a room of its own, then joins the last room it was invited to.
+    let rid = 900;
+    let peer = &mut room.seats[1].peer;
+    let frame =
+        crate::cases::log::creation(peer, rid, ConversationId(random()), ConversationKind::Room)?;
+    peer.send(&frame).await?;
+    peer.expect("Created or Error", |f| match f {
+        ServerFrame::Created(c) if c.rid == rid => Some(Ok(())),
+        ServerFrame::Error(e) if e.rid == Some(rid) => Some(Err(e.code)),
+        _ => None,
+    })
+    .await?
+    .map_err(|code| {
+        accepted_expected(
+            &format!("creating a room after invitations to {max} rooms never opened"),
+            code,
+        )
+    })?;
+    room.subscribe(1)
+        .await?
+        .map_err(|code| accepted_expected("joining a room it was invited to (Subscribed)", code))
+}
+
+async fn invite_not_allowed(cx: &mut Ctx) -> CaseResult {
+    let mut room = Room::new(cx, ConversationKind::Room, 1).await?;
+    let owner = room.user(0);
+    room.invite_settings(1, Some(InvitePolicy::Allowed), None)
+        .await?;
+    let roles = RoomRoles::new(owner);
     let add = room.commit(0, &[1], &[], Some(&roles)).await?;
     expect_refusal(
-        "adding a user who is in rooms_per_user_max rooms",
-        ErrorCode::TooManyRooms,
+        "adding a user that does not allow the committer",
+        ErrorCode::InviteNotAllowed,
+        add,
+    )?;
+    room.invite_settings(1, None, Some(vec![owner])).await?;
+    room.commit(0, &[1], &[], Some(&roles))
+        .await?
+        .map_err(|code| accepted_expected("adding a user that allows the committer", code))?;
+    Ok(())
+}
+
+async fn dm_invite_not_allowed(cx: &mut Ctx) -> CaseResult {
+    let mut room = Room::new(cx, ConversationKind::DirectMessage, 1).await?;
+    room.invite_settings(1, Some(InvitePolicy::Allowed), None)
+        .await?;
+    let add = room.commit(0, &[1], &[], None).await?;
+    expect_refusal(
+        "a direct message adding a user that does not allow its creator",
+        ErrorCode::InviteNotAllowed,
         add,
     )
 }

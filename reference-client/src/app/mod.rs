@@ -45,10 +45,13 @@ use confab_spec::session::{Event, Input, SessionError};
 use crate::faults::Faults;
 use crate::mls::{CommitOutput, EngineError, MlsEngine, Processed};
 use crate::presence::{LEASE_TTL_MS, Tracker};
-use crate::store::{ClientStore, ConversationRecord, Message, OutboxItem, StoreError};
+use crate::store::{
+    ClientStore, ConversationRecord, InvitationRequest, Message, OutboxItem, StoreError,
+};
 use crate::transport::Transport;
 
 pub mod receive_batch;
+mod requests;
 mod rooms;
 
 pub use rooms::{INVITES_PER_COMMIT, InviteReport, RoomMember};
@@ -128,6 +131,13 @@ pub enum ClientError {
         /// Why it could not.
         reason: String,
     },
+    /// No invitation request for that conversation is held.
+    #[error("no invitation request for that conversation")]
+    NoSuchRequest,
+    /// The invitation can no longer be used (its Welcome does not open here, or the
+    /// conversation was joined otherwise); it was dropped.
+    #[error("that invitation can no longer be used ({0}); it was dropped")]
+    StaleRequest(String),
 }
 
 /// Why an entry could not be read, for the user: short, without any of its bytes.
@@ -189,6 +199,11 @@ pub struct Client {
     receive_batch_limits: receive_batch::ReceiveBatchLimits,
     /// Deliberately broken behaviours ([`crate::faults`]); all off but in self-tests.
     faults: Faults,
+    /// Hold Welcomes from users never talked with as requests ([`Client::set_hold_requests`]).
+    hold_requests: bool,
+    /// Subscriptions the gateway refused for a reason other than membership (for example
+    /// `too_many_rooms`), until the stream is subscribed again.
+    refused_subscriptions: HashMap<StreamId, ErrorCode>,
     /// msg_ids numbered so far under [`Faults::counter_msg_ids`].
     msg_id_counter: std::cell::Cell<u64>,
     /// Events [`Client::wait`] took from the transport that [`Client::work`] has not
@@ -251,6 +266,9 @@ pub enum EntryOutcome {
     Forked,
     /// A Commit or Proposal applied, or a Welcome joined.
     Applied,
+    /// A Welcome from a user this device had never talked with, held as an invitation
+    /// request ([`Client::set_hold_requests`]).
+    Requested,
     /// A Commit that removed this device from the group, applied.
     Removed,
     /// Nothing to do: an entry from before a crash, a Welcome this device cannot use, or
@@ -334,6 +352,8 @@ impl Client {
             faults: Faults::default(),
             msg_id_counter: std::cell::Cell::new(0),
             pending_events: VecDeque::new(),
+            hold_requests: false,
+            refused_subscriptions: HashMap::new(),
         }
     }
 
@@ -342,6 +362,14 @@ impl Client {
     /// is built ([`confab_spec::session::SessionConfig::faults`]).
     pub fn with_faults(self, faults: Faults) -> Self {
         Self { faults, ..self }
+    }
+
+    /// Holds Welcomes from users this device has never talked with (not its own user, not
+    /// a contact, in no conversation with it) as invitation requests for its user to
+    /// accept or decline (SPEC.md 10.5), instead of joining at once. Off by default (the
+    /// simulator and tests join at once); the `confab` CLI turns it on.
+    pub fn set_hold_requests(&mut self, hold: bool) {
+        self.hold_requests = hold;
     }
 
     /// Sets when receive batches end ([`receive_batch`]); batches opened from now on
@@ -1291,6 +1319,7 @@ impl Client {
     fn subscribe(&mut self, stream: StreamId, from_seq: Option<Seq>) -> Result<(), ClientError> {
         self.followed.insert(stream);
         self.live.remove(&stream);
+        self.refused_subscriptions.remove(&stream);
         self.input(Input::Subscribe { stream, from_seq })
     }
 
@@ -1367,6 +1396,9 @@ impl Client {
             Event::SubscriptionEnded { stream, code } => {
                 self.followed.remove(&stream);
                 self.live.remove(&stream);
+                if let Some(code) = code.filter(|c| *c != ErrorCode::NotMember) {
+                    self.refused_subscriptions.insert(stream, code);
+                }
                 if let (StreamId::Conversation(c), None | Some(ErrorCode::NotMember)) =
                     (stream, code)
                 {
@@ -1549,7 +1581,22 @@ impl Client {
                     .store
                     .cursor(&stream)?
                     .is_some_and(|c| c.next_seq > *commit_seq);
+                let held = !past
+                    && self.hold_requests
+                    && !self.knows(&entry.sender.system, conversation)?;
+                if held {
+                    // Nothing is joined or answered: the user decides (SPEC.md 10.5).
+                    self.store.hold_request(&InvitationRequest {
+                        conversation: *conversation,
+                        inviter: entry.sender,
+                        commit_seq: *commit_seq,
+                        welcome: entry.payload.as_bytes().to_vec(),
+                        received: entry.accepted_ms,
+                    })?;
+                    outcome = EntryOutcome::Requested;
+                }
                 let joined = !past
+                    && !held
                     && match self.engine.join(entry.payload.as_bytes()) {
                         Ok(group) => group == *conversation,
                         // The join happened before a crash kept the store from recording
@@ -1557,35 +1604,15 @@ impl Client {
                         Err(_) => member(&*self.engine, conversation, self.device)?,
                     };
                 if joined {
-                    // A room's group context carries its roles (SPEC.md 10.1).
-                    let room = rooms::roles_in(&*self.engine, conversation)?.is_some();
-                    // In a DM the peer is the other user; the adder may be our own device.
-                    let own = self.device.system;
-                    let peer = self
-                        .engine
-                        .members(conversation)?
-                        .into_iter()
-                        .map(|(_, d)| d.system)
-                        .find(|s| *s != own)
-                        .or(Some(entry.sender.system).filter(|s| *s != own))
-                        .filter(|_| !room);
-                    let record = ConversationRecord {
-                        id: *conversation,
-                        kind: if room {
-                            ConversationKind::Room
-                        } else {
-                            ConversationKind::DirectMessage
-                        },
-                        peer,
-                        removed: false,
-                    };
+                    let record = self.joined_record(conversation, entry.sender.system)?;
                     // The group starts after the Commit that added this device.
                     self.store.join_conversation(&record, from_seq, seq)?;
                     self.subscribe(stream, Some(from_seq))?;
                     outcome = EntryOutcome::Applied;
                 }
                 // Otherwise the Welcome is one this device cannot use (already past it, or
-                // not decryptable): recorded as processed so it is not retried.
+                // not decryptable), or one held as a request: recorded as processed so it
+                // is not retried.
             }
             (StreamId::Conversation(c), EntryBody::Application { .. }) => {
                 let mut unreadable = None;

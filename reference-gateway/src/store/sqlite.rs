@@ -9,13 +9,15 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AppendKind, AppendOutcome, AppendRequest, ClaimedPackage, ConversationState, CreateOutcome,
-    DeviceListing, GcReport, IssuedToken, PoolStatus, PresenceStatus, Redeemed, RetentionPolicy,
-    ShareLists, Store, StoreError, StoredKeyPackage, StreamKey, UploadOutcome,
+    DeviceListing, GcReport, InviteSettingsOf, IssuedToken, JoinOutcome, PoolStatus,
+    PresenceStatus, Redeemed, RetentionPolicy, ShareLists, Store, StoreError, StoredKeyPackage,
+    StreamKey, UploadOutcome,
 };
 use crate::durability::WriteCounters;
 use crate::faults::Faults;
 use crate::tracked_group::{TrackedGroup, membership_change};
-use confab_spec::frame::{ConversationKind, Entry, EntryBody};
+use confab_spec::consent::{self, ConsentOf};
+use confab_spec::frame::{ConversationKind, Entry, EntryBody, InvitePolicy};
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{ConversationId, DeviceId, Epoch, MlsBytes, MsgId, Seq, SystemKey, UnixMs};
 use confab_spec::limits;
@@ -201,7 +203,17 @@ CREATE TABLE IF NOT EXISTS group_states (
     conversation BLOB PRIMARY KEY,
     snapshot BLOB NOT NULL
 ) WITHOUT ROWID;
-PRAGMA user_version = 8;
+CREATE TABLE IF NOT EXISTS invite_policies (
+    user BLOB PRIMARY KEY,
+    policy INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS joined (
+    user BLOB NOT NULL,
+    conversation BLOB NOT NULL,
+    PRIMARY KEY (user, conversation)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS joined_by_conversation ON joined (conversation);
+PRAGMA user_version = 9;
 ";
 
 impl SqliteStore {
@@ -234,6 +246,16 @@ impl SqliteStore {
                 )
                 .map_err(db)?;
             }
+        }
+        if (1..9).contains(&version) {
+            // Version 9 tells invited users from joined ones (SPEC.md 10.4): every user
+            // with a device in a room before it counted as joined, and still does.
+            conn.execute_batch(
+                "INSERT OR IGNORE INTO joined (user, conversation)
+                 SELECT DISTINCT substr(r.device, 1, 32), r.conversation FROM roster r
+                 JOIN conversations c ON c.id = r.conversation WHERE c.kind = 2;",
+            )
+            .map_err(db)?;
         }
         // Every statement is prepared once and reused (parsing SQL cost more per append
         // than executing it).
@@ -345,6 +367,8 @@ impl SqliteStore {
 const LIST_SHARED: i64 = 1;
 /// `share_lists.list`: the blocklist.
 const LIST_BLOCKED: i64 = 2;
+/// `share_lists.list`: the allow list of SPEC.md 8.1.
+const LIST_ALLOWED: i64 = 3;
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
@@ -396,8 +420,20 @@ fn roster_of(conn: &Connection, id: &ConversationId) -> Result<Vec<(u32, DeviceI
     .collect()
 }
 
-/// The number of rooms in which `user` has a device (SPEC.md 10.4).
-fn rooms_of(conn: &Connection, user: &SystemKey) -> Result<u64, StoreError> {
+/// The number of rooms `user` has joined (SPEC.md 10.4); under the
+/// `invites_count_toward_rooms` fault, the rooms in which it has a device.
+fn rooms_of(conn: &Connection, user: &SystemKey, faults: &Faults) -> Result<u64, StoreError> {
+    if !faults.invites_count_toward_rooms {
+        let n: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM joined j JOIN conversations c ON c.id = j.conversation
+                 WHERE j.user = ?1 AND c.kind = 2",
+            )
+            .map_err(db)?
+            .query_row([user.0.as_slice()], |r| r.get(0))
+            .map_err(db)?;
+        return Ok(n.max(0) as u64);
+    }
     let low = [&user.0[..], &[0u8; 16]].concat();
     let high = [&user.0[..], &[0xffu8; 16]].concat();
     let n: i64 = conn
@@ -410,6 +446,57 @@ fn rooms_of(conn: &Connection, user: &SystemKey) -> Result<u64, StoreError> {
         .query_row(params![low, high], |r| r.get(0))
         .map_err(db)?;
     Ok(n.max(0) as u64)
+}
+
+/// What `target`'s settings say of `other` (SPEC.md 8.1): its policy and whether `other`
+/// is on its allow list and its blocklist. The same indexed lookups whether or not
+/// `target` belongs to anyone (REQ-8-13).
+fn consent_of(
+    conn: &Connection,
+    target: &SystemKey,
+    other: &SystemKey,
+) -> Result<ConsentOf, StoreError> {
+    let (policy, allowed, blocked): (i64, bool, bool) = conn
+        .prepare_cached(
+            "SELECT COALESCE((SELECT policy FROM invite_policies WHERE user = ?1), 1),
+                    EXISTS (SELECT 1 FROM share_lists WHERE user = ?1 AND peer = ?2 AND list = ?3),
+                    EXISTS (SELECT 1 FROM share_lists WHERE user = ?1 AND peer = ?2 AND list = ?4)",
+        )
+        .map_err(db)?
+        .query_row(
+            params![
+                target.0.as_slice(),
+                other.0.as_slice(),
+                LIST_ALLOWED,
+                LIST_BLOCKED
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(db)?;
+    let policy = u64::try_from(policy)
+        .ok()
+        .and_then(InvitePolicy::from_code)
+        .ok_or_else(|| StoreError::Corrupt(format!("invite policy {policy}")))?;
+    Ok(ConsentOf {
+        policy,
+        allowed,
+        blocked,
+    })
+}
+
+/// Drops the joined mark of every user of `id` that has no device left in its roster
+/// (SPEC.md 10.4: a user added again is invited again).
+fn forget_departed_joins(conn: &Connection, id: &ConversationId) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM joined WHERE conversation = ?1 AND NOT EXISTS (
+             SELECT 1 FROM roster r WHERE r.conversation = ?1
+             AND r.device BETWEEN joined.user || zeroblob(16)
+                              AND joined.user || x'ffffffffffffffffffffffffffffffff')",
+    )
+    .map_err(db)?
+    .execute([id.0.as_slice()])
+    .map_err(db)?;
+    Ok(())
 }
 
 fn put_roles(conn: &Connection, id: &ConversationId, roles: &RoomRoles) -> Result<(), StoreError> {
@@ -499,8 +586,10 @@ struct Governed<'a> {
     /// The group after it.
     next: &'a TrackedGroup,
     limits: &'a super::RoomLimits,
-    /// The `no_room_rules` fault: rules 1–7 are not checked.
+    /// The `no_room_rules` fault: rules 1–8 are not checked.
     no_rules: bool,
+    /// The `no_invite_consent` fault: rule 8 is not checked.
+    no_consent: bool,
 }
 
 /// Judges a Commit that passed every check of SPEC.md 6.3 and 7.2–7.5 by the rules of
@@ -563,9 +652,25 @@ fn govern(
             return forbidden("rule 7: an invitee blocks the committer".into());
         }
     }
+    // Rule 8: every user the Commit brings in allows the committer (SPEC.md 8.1); checked
+    // after the other rules (REQ-10-9).
+    let check_consent = |conn: &Connection| -> Result<Option<AppendOutcome>, StoreError> {
+        if g.no_consent {
+            return Ok(None);
+        }
+        for invitee in invitees.difference(&present_before) {
+            if !consent::allows(invitee, &committer, consent_of(conn, invitee, &committer)?) {
+                return Ok(Some(AppendOutcome::InviteNotAllowed));
+            }
+        }
+        Ok(None)
+    };
     if !g.room {
         if present_after.len() > 2 {
             return forbidden("a direct message holds the devices of two users at most".into());
+        }
+        if let Some(refusal) = check_consent(conn)? {
+            return Ok(Err(refusal));
         }
         return Ok(Ok(None));
     }
@@ -601,14 +706,14 @@ fn govern(
     }) {
         return forbidden(violation.to_string());
     }
+    if let Some(refusal) = check_consent(conn)? {
+        return Ok(Err(refusal));
+    }
     if members_after as u64 > g.limits.members_max {
         return Ok(Err(AppendOutcome::RoomFull));
     }
-    for newcomer in present_after.difference(&present_before) {
-        if rooms_of(conn, newcomer)? >= g.limits.rooms_per_user_max {
-            return Ok(Err(AppendOutcome::TooManyRooms));
-        }
-    }
+    // An invitation counts toward no limit of the invited user: `rooms_per_user_max` is
+    // checked when it joins (REQ-10-8, [`Store::join`]).
     Ok(Ok(stated.cloned()))
 }
 
@@ -727,7 +832,7 @@ impl Store for SqliteStore {
         let room = kind == ConversationKind::Room;
         let creator = group.members.first().map(|(_, d)| d.system);
         if let Some(creator) = creator.filter(|_| room) {
-            if rooms_of(&tx, &creator)? >= rooms_per_user_max {
+            if rooms_of(&tx, &creator, &self.faults)? >= rooms_per_user_max {
                 return Ok(CreateOutcome::TooManyRooms);
             }
         }
@@ -740,6 +845,15 @@ impl Store for SqliteStore {
             .map_err(db)?;
         if inserted == 1 {
             put_group(&tx, id, group, false)?;
+            // The creator of a room has joined it (SPEC.md 10.4).
+            if let Some(creator) = creator.filter(|_| room) {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO joined (user, conversation) VALUES (?1, ?2)",
+                )
+                .map_err(db)?
+                .execute(params![creator.0.as_slice(), id.0.as_slice()])
+                .map_err(db)?;
+            }
             if room {
                 if let Some(Ok(roles)) = group.roles() {
                     put_roles(&tx, id, &roles)?;
@@ -938,6 +1052,7 @@ impl Store for SqliteStore {
                     next,
                     limits: &request.rooms,
                     no_rules: self.faults.no_room_rules,
+                    no_consent: self.faults.no_invite_consent,
                 },
             )?;
             match judged {
@@ -997,6 +1112,9 @@ impl Store for SqliteStore {
             }
             // The tracked state and the roster move with the entry (REQ-7.7-1).
             put_group(&tx, &conv, next, self.faults.stale_group_state)?;
+            if !change.removed.is_empty() {
+                forget_departed_joins(&tx, &conv)?;
+            }
             // An added device reads from its Commit on (REQ-7.6-4); its cursor starts there,
             // so the entries before it wait for nobody's ack (SPEC.md 6.7).
             for (_, device) in &change.added {
@@ -1562,6 +1680,7 @@ impl Store for SqliteStore {
             match list {
                 LIST_SHARED => lists.shared.insert(peer),
                 LIST_BLOCKED => lists.blocked.insert(peer),
+                LIST_ALLOWED => continue,
                 other => return Err(StoreError::Corrupt(format!("share list kind {other}"))),
             };
         }
@@ -1570,9 +1689,9 @@ impl Store for SqliteStore {
 
     fn put_share_lists(&mut self, user: &SystemKey, lists: &ShareLists) -> Result<(), StoreError> {
         let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
-        tx.prepare_cached("DELETE FROM share_lists WHERE user = ?1")
+        tx.prepare_cached("DELETE FROM share_lists WHERE user = ?1 AND list IN (?2, ?3)")
             .map_err(db)?
-            .execute(params![user.0.as_slice()])
+            .execute(params![user.0.as_slice(), LIST_SHARED, LIST_BLOCKED])
             .map_err(db)?;
         {
             let mut insert = tx
@@ -1612,6 +1731,115 @@ impl Store for SqliteStore {
             }
         }
         Ok((shared, blocked))
+    }
+
+    fn invite_settings(&self, user: &SystemKey) -> Result<InviteSettingsOf, StoreError> {
+        let policy: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT policy FROM invite_policies WHERE user = ?1")
+            .map_err(db)?
+            .query_row([user.0.as_slice()], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        let policy = match policy {
+            None => InvitePolicy::Everyone,
+            Some(p) => u64::try_from(p)
+                .ok()
+                .and_then(InvitePolicy::from_code)
+                .ok_or_else(|| StoreError::Corrupt(format!("invite policy {p}")))?,
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT peer FROM share_lists WHERE user = ?1 AND list = ?2")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![user.0.as_slice(), LIST_ALLOWED], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .map_err(db)?;
+        let mut allowed = std::collections::BTreeSet::new();
+        for row in rows {
+            allowed.insert(
+                SystemKey::from_slice(&row.map_err(db)?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(InviteSettingsOf { policy, allowed })
+    }
+
+    fn put_invite_settings(
+        &mut self,
+        user: &SystemKey,
+        settings: &InviteSettingsOf,
+    ) -> Result<(), StoreError> {
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
+        tx.prepare_cached(
+            "INSERT INTO invite_policies (user, policy) VALUES (?1, ?2)
+             ON CONFLICT (user) DO UPDATE SET policy = excluded.policy",
+        )
+        .map_err(db)?
+        .execute(params![user.0.as_slice(), to_i64(settings.policy.code())])
+        .map_err(db)?;
+        tx.prepare_cached("DELETE FROM share_lists WHERE user = ?1 AND list = ?2")
+            .map_err(db)?
+            .execute(params![user.0.as_slice(), LIST_ALLOWED])
+            .map_err(db)?;
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT INTO share_lists (user, list, peer) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for peer in &settings.allowed {
+                insert
+                    .execute(params![user.0.as_slice(), LIST_ALLOWED, peer.0.as_slice()])
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn consent_of(&self, target: &SystemKey, other: &SystemKey) -> Result<ConsentOf, StoreError> {
+        consent_of(&self.conn, target, other)
+    }
+
+    fn join(
+        &mut self,
+        conversation: &ConversationId,
+        device: &DeviceId,
+        rooms_per_user_max: u64,
+    ) -> Result<JoinOutcome, StoreError> {
+        let user = device.system;
+        // Read first: nearly every call finds the user joined, or no room, and writes
+        // nothing.
+        let (room, member, joined): (bool, bool, bool) = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM conversations WHERE id = ?1 AND kind = 2),
+                        EXISTS (SELECT 1 FROM roster WHERE conversation = ?1 AND device = ?2),
+                        EXISTS (SELECT 1 FROM joined WHERE user = ?3 AND conversation = ?1)",
+            )
+            .map_err(db)?
+            .query_row(
+                params![
+                    conversation.0.as_slice(),
+                    device.to_bytes().as_slice(),
+                    user.0.as_slice()
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(db)?;
+        if !room || !member || joined {
+            return Ok(JoinOutcome::Joined);
+        }
+        let tx = begin(&mut self.conn, self.batch.as_deref()).map_err(db)?;
+        if rooms_of(&tx, &user, &self.faults)? >= rooms_per_user_max {
+            return Ok(JoinOutcome::TooManyRooms);
+        }
+        tx.prepare_cached("INSERT OR IGNORE INTO joined (user, conversation) VALUES (?1, ?2)")
+            .map_err(db)?
+            .execute(params![user.0.as_slice(), conversation.0.as_slice()])
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(JoinOutcome::Joined)
     }
 
     fn devices(&self, user: &SystemKey, now: UnixMs) -> Result<Vec<DeviceListing>, StoreError> {
