@@ -245,10 +245,79 @@ fn version_1_databases_are_migrated() {
         store.forked(&id).expect("forked"),
         Some((seq, "a reason".to_owned()))
     );
+    // Version 5's table: invitation requests, none yet, and one can be held.
+    assert!(store.requests().expect("requests").is_empty());
+    let request = confab_client::store::InvitationRequest {
+        conversation: confab_spec::ids::ConversationId([9; 32]),
+        inviter: conversations[0].peer.map_or(
+            confab_spec::ids::DeviceId {
+                system: confab_spec::ids::SystemKey([3; 32]),
+                process: confab_spec::ids::ProcessId([4; 16]),
+            },
+            |system| confab_spec::ids::DeviceId {
+                system,
+                process: confab_spec::ids::ProcessId([4; 16]),
+            },
+        ),
+        commit_seq: seq,
+        welcome: vec![1, 2, 3],
+        received: confab_spec::ids::UnixMs(5),
+    };
+    store.hold_request(&request).expect("hold");
+    assert_eq!(store.requests().expect("requests"), vec![request]);
     drop(store);
     let conn = rusqlite::Connection::open(&path).expect("open");
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Invitation requests are bounded: whatever arrives, at most `REQUESTS_MAX` are kept,
+    /// the newest, one per conversation (a newer Welcome to the same conversation replaces
+    /// the older), and a dropped or declined one is gone.
+    #[test]
+    fn requests_are_bounded_and_keep_the_newest(
+        arrivals in prop::collection::vec((0u8..160, 0u64..1_000_000), 1..260),
+        declined in prop::collection::vec(0u8..160, 0..10),
+    ) {
+        use confab_client::store::{InvitationRequest, REQUESTS_MAX};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = ClientStore::open(&dir.path().join("confab.db")).expect("open");
+        let mut model: BTreeMap<u8, u64> = BTreeMap::new();
+        for (i, (conversation, received)) in arrivals.iter().enumerate() {
+            store
+                .hold_request(&InvitationRequest {
+                    conversation: ConversationId([*conversation; 32]),
+                    inviter: sender(),
+                    commit_seq: Seq::new(i as u64 + 1).expect("seq"),
+                    welcome: vec![*conversation],
+                    received: UnixMs(*received),
+                })
+                .expect("hold");
+            model.insert(*conversation, *received);
+            // The model keeps the newest REQUESTS_MAX by (received desc, conversation asc).
+            let mut by_age: Vec<(u64, u8)> = model.iter().map(|(c, r)| (*r, *c)).collect();
+            by_age.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (_, c) in by_age.into_iter().skip(REQUESTS_MAX) {
+                model.remove(&c);
+            }
+        }
+        for c in &declined {
+            let had = model.remove(c).is_some();
+            prop_assert_eq!(store.drop_request(&ConversationId([*c; 32])).expect("drop"), had);
+        }
+        let held = store.requests().expect("requests");
+        prop_assert!(held.len() <= REQUESTS_MAX);
+        let got: BTreeMap<u8, u64> = held
+            .iter()
+            .map(|r| (r.conversation.0[0], r.received.0))
+            .collect();
+        prop_assert_eq!(got, model);
+        // Oldest first.
+        prop_assert!(held.windows(2).all(|w| w[0].received <= w[1].received));
+    }
 }

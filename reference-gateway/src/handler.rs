@@ -801,14 +801,17 @@ impl Connection {
                     return Ok(());
                 }
                 // A target that does not allow the claimer is answered as a key nobody
-                // holds, after the same limits and the same lookup (REQ-8-13).
+                // holds, after the same limits, the same lookups and the same claim
+                // transaction, which then considers no device and consumes nothing
+                // (REQ-8-13).
                 let consent = store.consent_of(&c.user, &device.system)?;
                 let allowed = consent::allows(&c.user, &device.system, consent);
-                let claimed = if allowed || config.faults.refused_claim_consumes {
-                    store.claim_key_packages(&c.user, &device, c.devices.as_deref(), now)?
+                let only = if allowed || config.faults.refused_claim_consumes {
+                    c.devices.as_deref()
                 } else {
-                    Vec::new()
+                    Some(&[][..])
                 };
+                let claimed = store.claim_key_packages(&c.user, &device, only, now)?;
                 if claimed.is_empty() || !allowed {
                     out.push(error(ErrorCode::NoKeyPackages, Some(c.rid), None));
                     return Ok(());

@@ -489,6 +489,13 @@ impl Client {
         self.end_receive_batch()
     }
 
+    /// Why the gateway refused to let this device follow `stream`, if it did for a reason
+    /// other than membership (for example `too_many_rooms`, SPEC.md 10.4), until the
+    /// stream is subscribed again.
+    pub fn subscription_refusal(&self, stream: &StreamId) -> Option<ErrorCode> {
+        self.refused_subscriptions.get(stream).copied()
+    }
+
     /// Whether the session is connected and authenticated.
     pub fn is_ready(&self) -> bool {
         self.ready
