@@ -4,7 +4,9 @@
 //! order with no duplicates. Alice adds a second device from her backup string, it reads
 //! what is sent after it joined, and once revoked it is refused. User errors print a
 //! sentence, not a backtrace. Presence: one user shares with the other, who watches from a
-//! long-running `watch-presence` and sees her come online, lapse, and block him.
+//! long-running `watch-presence` and sees her come online, lapse, and block him. Consent:
+//! a stranger's DM waits as a request until accepted or declined, and a user who lets only
+//! its allow list in looks to anyone else like a key nobody holds.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -420,6 +422,99 @@ fn a_room_with_three_people_from_the_command_line() {
     ok(&bob, &server, &["send", short, "bye carol"]);
     assert_eq!(texts(&carol), vec!["chapter one?", "loved it"]);
     assert_eq!(texts(&alice), vec!["chapter one?", "loved it", "bye carol"]);
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+}
+
+/// README, "Who may invite you": Bob never added Alice, so her DM waits as a request:
+/// `read` shows nothing of it and says a request waits; `accept` joins and shows what she
+/// sent meanwhile. With `invites allowed`, Carol (not on his list) cannot start a DM at
+/// all; once allowed she can, and Bob declines her request, which leaves nothing.
+#[test]
+fn strangers_invitations_wait_as_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let server = format!("ws://{addr}/v1/ws");
+    let (stop, thread) = gateway(&dir.path().join("gateway.db"), addr);
+    let (alice, bob, carol) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("carol"),
+    );
+    ok(&alice, &server, &["init"]);
+    ok(&bob, &server, &["--engine", "mls-rs", "init"]);
+    ok(&carol, &server, &["init"]);
+    let (ka, kb, kc) = (
+        user_key(&alice, &server),
+        user_key(&bob, &server),
+        user_key(&carol, &server),
+    );
+    ok(&alice, &server, &["contacts", "add", "bob", &kb]);
+    ok(&carol, &server, &["contacts", "add", "bob", &kb]);
+    let dm = ok(&alice, &server, &["dm", "bob"]).trim().to_owned();
+    ok(&alice, &server, &["send", "bob", "hello stranger"]);
+
+    // Nothing joined: the read shows nothing and says a request waits.
+    let before = confab(&bob, &server, &["read"]);
+    assert!(before.ok, "{}{}", before.stdout, before.stderr);
+    assert!(
+        !before.stdout.contains("hello stranger"),
+        "{}",
+        before.stdout
+    );
+    assert!(
+        before.stderr.contains("1 invitation request"),
+        "{}",
+        before.stderr
+    );
+    let listed: Vec<serde_json::Value> = ok(&bob, &server, &["--json", "requests"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["conversation"], dm.as_str());
+    assert_eq!(listed[0]["from"], ka.as_str());
+    let accepted = ok(&bob, &server, &["accept", &dm[..10]]);
+    assert!(accepted.contains("joined the DM"), "{accepted}");
+    let texts: Vec<String> = read(&bob, &server).into_iter().map(|m| m.2).collect();
+    assert_eq!(texts, vec!["hello stranger".to_owned()]);
+    assert!(ok(&bob, &server, &["requests"]).contains("no invitation requests"));
+
+    // Only the allow list may invite Bob; Carol is off it and sees no KeyPackages.
+    let settings = ok(&bob, &server, &["--json", "invites", "allowed"]);
+    assert!(settings.contains("\"policy\":\"allowed\""), "{settings}");
+    let refused = confab(&carol, &server, &["dm", "bob"]);
+    assert!(!refused.ok);
+    assert!(
+        refused.stderr.contains("no KeyPackages"),
+        "{}",
+        refused.stderr
+    );
+    ok(&bob, &server, &["invites", "allow", &kc]);
+    let shown = ok(&bob, &server, &["--json", "invites", "show"]);
+    assert!(shown.contains(&kc[..12]), "{shown}");
+    let carols = ok(&carol, &server, &["dm", "bob"]).trim().to_owned();
+    ok(&carol, &server, &["send", "bob", "hi from carol"]);
+    ok(&bob, &server, &["read"]);
+    let declined = ok(&bob, &server, &["decline", &carols[..10]]);
+    assert!(declined.contains("nobody is told"), "{declined}");
+    assert!(ok(&bob, &server, &["requests"]).contains("no invitation requests"));
+    let after = confab(&bob, &server, &["read"]);
+    assert!(!after.stdout.contains("hi from carol"), "{}", after.stdout);
+    assert!(
+        !after.stderr.contains("invitation request"),
+        "{}",
+        after.stderr
+    );
+    let usage = confab(&bob, &server, &["accept", &carols[..10]]);
+    assert!(!usage.ok);
+    assert!(
+        usage.stderr.contains("no invitation request"),
+        "{}",
+        usage.stderr
+    );
     let _ = stop.send(());
     thread.join().expect("gateway thread");
 }
