@@ -863,3 +863,44 @@ fn stream_bytes_are_recomputed_for_older_databases() {
     ));
     assert_eq!(append(&mut store, 11), AppendOutcome::ConversationFull);
 }
+
+/// A database of schema 8 (before invited and joined users were told apart) is migrated:
+/// every user with a device in a room counted as joined before and still does, so
+/// `rooms_per_user_max` holds across the upgrade (SPEC.md 10.4).
+#[test]
+fn room_members_count_as_joined_after_the_upgrade() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.db");
+    let creator = device(0);
+    let mut room = new_group(&creator);
+    room.extensions = confab_spec::rooms::RoomRoles::new(creator.system).context_extensions();
+    {
+        let mut store = SqliteStore::open(&path).expect("open");
+        let created = store
+            .create_conversation(&CONV, ConversationKind::Room, &room, 1, UnixMs(1))
+            .expect("create");
+        assert_eq!(created, confab_gateway::store::CreateOutcome::Created);
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).expect("raw");
+        conn.execute_batch(
+            "DROP TABLE joined; DROP TABLE invite_policies; PRAGMA user_version = 8;",
+        )
+        .expect("back to schema 8");
+    }
+    let mut store = SqliteStore::open(&path).expect("migrates");
+    let another = store
+        .create_conversation(
+            &ConversationId([0x55; 32]),
+            ConversationKind::Room,
+            &room,
+            1,
+            UnixMs(2),
+        )
+        .expect("create");
+    assert_eq!(
+        another,
+        confab_gateway::store::CreateOutcome::TooManyRooms,
+        "the creator's room counts as joined after the upgrade"
+    );
+}
