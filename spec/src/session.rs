@@ -466,6 +466,9 @@ struct StreamState {
     acked: u64,
     wanted: bool,
     sub: Sub,
+    /// The rid of the latest `Subscribe` of the stream: an `Unsubscribed` the gateway
+    /// sends on its own ends only the subscription it names (REQ-7.6-3), never a newer one.
+    sub_rid: Option<u64>,
     recent_order: VecDeque<MsgId>,
     recent: HashMap<MsgId, Seq>,
 }
@@ -485,6 +488,7 @@ impl StreamState {
             acked: 0,
             wanted: false,
             sub: Sub::Off,
+            sub_rid: None,
             recent_order: VecDeque::new(),
             recent: HashMap::new(),
         }
@@ -933,6 +937,7 @@ impl ClientSession {
             return;
         };
         s.sub = Sub::Requested { rid };
+        s.sub_rid = Some(rid);
         let from_seq = Some(s.next_seq);
         self.transmit(
             now,
@@ -1180,6 +1185,13 @@ impl ClientSession {
             ServerFrame::Unsubscribed(u) => {
                 let requested = self.requests.remove(&u.rid).is_some();
                 if let Some(st) = self.streams.get_mut(&u.stream) {
+                    if !requested && st.sub_rid != Some(u.rid) {
+                        // The end of a subscription this session already replaced with a
+                        // newer `Subscribe` (a device removed and added again, whose
+                        // Welcome was read before its old replay ended): frames of an
+                        // abandoned subscription may still arrive, and end nothing.
+                        return;
+                    }
                     st.sub = Sub::Off;
                     if !requested && st.wanted {
                         // The gateway ended it (REQ-7.6-3): do not follow it again.
@@ -1247,6 +1259,13 @@ impl ClientSession {
             }
             Some(Request::Subscribe(stream)) => {
                 if let Some(st) = self.streams.get_mut(&stream) {
+                    if st.sub_rid != Some(rid) {
+                        // The refusal of a `Subscribe` this session already replaced with a
+                        // newer one (a device removed and added again: its old cursor is
+                        // refused `not_member` while its Welcome's subscription is on its
+                        // way): it ends nothing.
+                        return;
+                    }
                     st.sub = Sub::Off;
                     st.wanted = transient;
                 }

@@ -617,3 +617,160 @@ fn requests_carry_the_assigned_rid_to_their_answer() {
         ]
     );
 }
+
+/// A ready session on connection `conn`, its outputs drained.
+fn ready_session(seed: u64) -> (confab_spec::session::ClientSession, ConnId) {
+    let (_, _, cert) = fixture();
+    let mut s = fixture_session(seed);
+    s.handle(T0, Input::Start).expect("start");
+    let Some(Output::Connect { conn }) = s.poll_output() else {
+        panic!("connect expected")
+    };
+    s.handle(T0, Input::Connected { conn }).expect("connected");
+    let challenge = ServerFrame::Challenge(Challenge {
+        version: 1,
+        nonce: Nonce([5; 32]),
+        server_time_ms: T0,
+    });
+    for frame in [challenge, ready(&cert, false)] {
+        s.handle(T0, Input::Frame { conn, frame })
+            .expect("handshake");
+    }
+    while s.poll_output().is_some() {}
+    assert!(s.is_ready());
+    (s, conn)
+}
+
+/// Hands `frame` to the session; the events it led to.
+fn events_of(
+    s: &mut confab_spec::session::ClientSession,
+    conn: ConnId,
+    frame: ServerFrame,
+) -> Vec<Event> {
+    s.handle(T0, Input::Frame { conn, frame }).expect("frame");
+    let mut events = Vec::new();
+    while let Some(out) = s.poll_output() {
+        if let Output::Event(e) = out {
+            events.push(e);
+        }
+    }
+    events
+}
+
+/// Subscribes to `STREAM` from `from`; the rid of the one `Subscribe` sent.
+fn subscribe_from(s: &mut confab_spec::session::ClientSession, from: u64) -> u64 {
+    s.handle(
+        T0,
+        Input::Subscribe {
+            stream: STREAM,
+            from_seq: Seq::new(from),
+        },
+    )
+    .expect("subscribe");
+    let mut rids = Vec::new();
+    while let Some(out) = s.poll_output() {
+        if let Output::Transmit {
+            frame: ClientFrame::Subscribe(sub),
+            ..
+        } = out
+        {
+            rids.push(sub.rid);
+        }
+    }
+    assert_eq!(rids.len(), 1, "one Subscribe sent");
+    rids[0]
+}
+
+fn subscribed_frame(rid: u64, from: u64) -> ServerFrame {
+    ServerFrame::Subscribed(Subscribed {
+        rid,
+        stream: STREAM,
+        from_seq: Seq::new(from).expect("seq"),
+        head_seq: 10,
+        ack_cursor: 0,
+        oldest_seq: 1,
+    })
+}
+
+fn ended(events: &[Event]) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, Event::SubscriptionEnded { stream, .. } if *stream == STREAM))
+}
+
+fn subscribed(events: &[Event]) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, Event::Subscribed { stream, .. } if *stream == STREAM))
+}
+
+/// REQ-7.6-3 ends the subscription the `Unsubscribed` names. A device removed while
+/// offline and added again may read its new Welcome (and subscribe anew) before the old
+/// replay, which ends with its removal, has finished: the old subscription's
+/// `Unsubscribed` then arrives after the new `Subscribe` and must end nothing, or the
+/// device would never read the conversation again. The newest subscription's
+/// `Unsubscribed` still ends it.
+#[test]
+fn the_end_of_a_replaced_subscription_ends_nothing() {
+    let (mut s, conn) = ready_session(3);
+    let old = subscribe_from(&mut s, 1);
+    events_of(&mut s, conn, subscribed_frame(old, 1));
+    // The Welcome of the re-add is read: the stream is subscribed again from after it.
+    let new = subscribe_from(&mut s, 8);
+    assert_ne!(old, new);
+    let unsubscribed = |rid| {
+        ServerFrame::Unsubscribed(Unsubscribed {
+            rid,
+            stream: STREAM,
+        })
+    };
+    let events = events_of(&mut s, conn, unsubscribed(old));
+    assert!(
+        !ended(&events),
+        "a stale Unsubscribed ended the stream: {events:?}"
+    );
+    let events = events_of(&mut s, conn, subscribed_frame(new, 8));
+    assert!(
+        subscribed(&events),
+        "the new subscription goes on: {events:?}"
+    );
+    let events = events_of(&mut s, conn, unsubscribed(new));
+    assert!(ended(&events), "the current subscription's end: {events:?}");
+}
+
+/// The same with a refusal: the old cursor of a device removed and added again falls
+/// between its removal and its new arrival, and is refused `not_member` (REQ-7.6-4) after
+/// the Welcome's `Subscribe` left. The refusal names the old request and ends nothing (the
+/// simulator's `multi-device-churn` seed 434855367 stalled this way: the device never read
+/// the conversation again); a refusal of the newest `Subscribe` still ends the stream.
+#[test]
+fn the_refusal_of_a_replaced_subscribe_ends_nothing() {
+    use confab_spec::error::ErrorCode;
+    let (mut s, conn) = ready_session(4);
+    let old = subscribe_from(&mut s, 435);
+    let new = subscribe_from(&mut s, 457);
+    assert_ne!(old, new);
+    let refusal = |rid| {
+        ServerFrame::Error(ErrorFrame {
+            code: ErrorCode::NotMember,
+            rid: Some(rid),
+            retry_after_ms: None,
+            epoch: None,
+            seq: None,
+            detail: None,
+        })
+    };
+    let events = events_of(&mut s, conn, refusal(old));
+    assert!(
+        !ended(&events),
+        "a stale refusal ended the stream: {events:?}"
+    );
+    let events = events_of(&mut s, conn, subscribed_frame(new, 457));
+    assert!(
+        subscribed(&events),
+        "the new subscription goes on: {events:?}"
+    );
+    let newest = subscribe_from(&mut s, 460);
+    let events = events_of(&mut s, conn, refusal(newest));
+    assert!(ended(&events), "the newest Subscribe's refusal: {events:?}");
+}
