@@ -567,7 +567,11 @@ fn print_message(client: &Client, m: &Message, json: bool) {
             })
         );
     } else {
-        println!("[{}] {from}: {text}", m.seq.get());
+        // The text is someone else's: it may not forge lines or reach the terminal raw.
+        println!(
+            "{}",
+            crate::display::message(&format!("[{}] {from}: ", m.seq.get()), &text)
+        );
     }
 }
 

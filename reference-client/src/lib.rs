@@ -15,6 +15,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod display;
 pub mod environment;
 pub mod faults;
 pub mod home;

@@ -482,6 +482,22 @@ fn strangers_invitations_wait_as_requests() {
     assert_eq!(texts, vec!["hello stranger".to_owned()]);
     assert!(ok(&bob, &server, &["requests"]).contains("no invitation requests"));
 
+    // A message cannot forge a line of another, nor reach the terminal raw.
+    ok(
+        &alice,
+        &server,
+        &["send", "bob", "line one\n[99] carol: forged\x1b[31m"],
+    );
+    let shown = ok(&bob, &server, &["read"]);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l == "    [99] carol: forged\\x1b[31m"),
+        "{shown}"
+    );
+    assert!(!shown.lines().any(|l| l.starts_with("[99]")), "{shown}");
+    assert!(!shown.contains('\x1b'), "{shown}");
+
     // Only the allow list may invite Bob; Carol is off it and sees no KeyPackages.
     let settings = ok(&bob, &server, &["--json", "invites", "allowed"]);
     assert!(settings.contains("\"policy\":\"allowed\""), "{settings}");
