@@ -291,11 +291,7 @@ fn deliver_in(
         tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
             .execute([m.msg_id.0.as_slice()])?;
     }
-    tx.prepare_cached(
-        "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
-         ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-    )?
-    .execute(params![key, to_i64(seq.get() + 1)])?;
+    advance_cursor(tx, &key, seq.get() + 1)?;
     Ok(!shown_before)
 }
 
@@ -317,6 +313,44 @@ fn add_column_if_missing(
         ))?;
     }
     Ok(())
+}
+
+/// The `conversations.kind` code of `kind`.
+fn kind_code(kind: ConversationKind) -> i64 {
+    match kind {
+        ConversationKind::DirectMessage => 1,
+        ConversationKind::Room => 2,
+    }
+}
+
+/// Moves `stream`'s cursor forward to `next_seq` (never back), inside the open transaction.
+fn advance_cursor(tx: &Connection, stream: &[u8], next_seq: u64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
+         ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+    )?
+    .execute(params![stream, to_i64(next_seq)])?;
+    Ok(())
+}
+
+/// Records `c` as a conversation this device is in (a member again if it was removed) and
+/// moves its cursor forward to `from_seq`, inside the open transaction: a join from a
+/// Welcome, read at once or accepted later.
+fn member_again(tx: &Connection, c: &ConversationRecord, from_seq: Seq) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO conversations (id, kind, peer, removed) VALUES (?1, ?2, ?3, 0)
+         ON CONFLICT (id) DO UPDATE SET removed = 0",
+    )?
+    .execute(params![
+        c.id.0.as_slice(),
+        kind_code(c.kind),
+        c.peer.map(|p| p.0.to_vec())
+    ])?;
+    advance_cursor(
+        tx,
+        &stream_key(&StreamId::Conversation(c.id)),
+        from_seq.get(),
+    )
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -455,10 +489,7 @@ impl ClientStore {
 
     /// Records a conversation; `false` if it was known.
     pub fn add_conversation(&mut self, c: &ConversationRecord) -> Result<bool, StoreError> {
-        let kind = match c.kind {
-            ConversationKind::DirectMessage => 1,
-            ConversationKind::Room => 2,
-        };
+        let kind = kind_code(c.kind);
         Ok(self
             .conn
             .prepare_cached(
@@ -541,29 +572,8 @@ impl ClientStore {
         if processed(&tx, &inbox, inbox_seq)? {
             return Ok(false);
         }
-        let kind = match c.kind {
-            ConversationKind::DirectMessage => 1,
-            ConversationKind::Room => 2,
-        };
-        tx.prepare_cached(
-            "INSERT INTO conversations (id, kind, peer, removed) VALUES (?1, ?2, ?3, 0)
-             ON CONFLICT (id) DO UPDATE SET removed = 0",
-        )?
-        .execute(params![
-            c.id.0.as_slice(),
-            kind,
-            c.peer.map(|p| p.0.to_vec())
-        ])?;
-        for (stream, next_seq) in [
-            (stream_key(&StreamId::Conversation(c.id)), from_seq.get()),
-            (inbox, inbox_seq.get() + 1),
-        ] {
-            tx.prepare_cached(
-                "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
-                 ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-            )?
-            .execute(params![stream, to_i64(next_seq)])?;
-        }
+        member_again(&tx, c, from_seq)?;
+        advance_cursor(&tx, &inbox, inbox_seq.get() + 1)?;
         tx.commit()?;
         Ok(true)
     }
@@ -649,27 +659,7 @@ impl ClientStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let kind = match c.kind {
-            ConversationKind::DirectMessage => 1,
-            ConversationKind::Room => 2,
-        };
-        tx.prepare_cached(
-            "INSERT INTO conversations (id, kind, peer, removed) VALUES (?1, ?2, ?3, 0)
-             ON CONFLICT (id) DO UPDATE SET removed = 0",
-        )?
-        .execute(params![
-            c.id.0.as_slice(),
-            kind,
-            c.peer.map(|p| p.0.to_vec())
-        ])?;
-        tx.prepare_cached(
-            "INSERT INTO cursors (stream, next_seq, acked) VALUES (?1, ?2, 0)
-             ON CONFLICT (stream) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
-        )?
-        .execute(params![
-            stream_key(&StreamId::Conversation(c.id)),
-            to_i64(from_seq.get())
-        ])?;
+        member_again(&tx, c, from_seq)?;
         tx.prepare_cached("DELETE FROM requests WHERE conversation = ?1")?
             .execute([c.id.0.as_slice()])?;
         tx.commit()?;
