@@ -288,9 +288,16 @@ async fn refused_claim_like_unknown_key(cx: &mut Ctx) -> CaseResult {
     )
     .await?;
     let (mut c, _) = cx.ready("claimer", &Device::fresh()).await?;
-    let refused = refusal_of(&mut c, 10, user, "a claim the target does not allow").await?;
+    like_unknown_key(&mut c, &mut t, user, "a claim the target does not allow").await
+}
+
+/// `c`'s claim of `user` (`what`) is answered exactly as its claim of a key nobody holds,
+/// `no_key_packages`, and the target `t` (which uploaded two packages) still has both
+/// (REQ-8-13).
+async fn like_unknown_key(c: &mut Peer, t: &mut Peer, user: SystemKey, what: &str) -> CaseResult {
+    let refused = refusal_of(c, 10, user, what).await?;
     let nobody = refusal_of(
-        &mut c,
+        c,
         11,
         Device::fresh().system.public(),
         "a claim of a key nobody holds",
@@ -306,7 +313,7 @@ async fn refused_claim_like_unknown_key(cx: &mut Ctx) -> CaseResult {
     if refused.code != ErrorCode::NoKeyPackages {
         return Err(Failure::new("Error 501 no_key_packages", format!("{refused:?}")).into());
     }
-    let left = pool_count(&mut t, 3).await?;
+    let left = pool_count(t, 90).await?;
     if left != 2 {
         return Err(Failure::new(
             "the target's pool untouched (2 packages)",
@@ -348,28 +355,5 @@ async fn blocked_claimer(cx: &mut Ctx) -> CaseResult {
     })
     .await?
     .map_err(|code| Failure::new("PresenceLists", format!("Error {}", code.name())))?;
-    let refused = refusal_of(&mut c, 10, user, "a claim by a blocked user").await?;
-    let nobody = refusal_of(
-        &mut c,
-        11,
-        Device::fresh().system.public(),
-        "a claim of a key nobody holds",
-    )
-    .await?;
-    if refused != nobody || refused.code != ErrorCode::NoKeyPackages {
-        return Err(Failure::new(
-            format!("the same Error as for a key nobody holds: {nobody:?}"),
-            format!("{refused:?}"),
-        )
-        .into());
-    }
-    let left = pool_count(&mut t, 4).await?;
-    if left != 2 {
-        return Err(Failure::new(
-            "the target's pool untouched (2 packages)",
-            format!("{left} packages"),
-        )
-        .into());
-    }
-    Ok(())
+    like_unknown_key(&mut c, &mut t, user, "a claim by a blocked user").await
 }

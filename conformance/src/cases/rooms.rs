@@ -140,33 +140,15 @@ impl Room {
             let member = Member::new(device, PAIR[i % 2], now)?;
             seats.push(Seat { peer, member });
         }
-        let id = ConversationId(random());
-        let owner = &mut seats[0];
-        let extensions = match kind {
-            ConversationKind::Room => {
-                RoomRoles::new(owner.member.device.id().system).context_extensions()
-            }
-            _ => Vec::new(),
-        };
-        let frame = owner.member.create_frame(1, id, kind, &extensions)?;
-        owner.peer.send(&frame).await?;
-        owner
-            .peer
-            .expect("Created", |f| match f {
-                ServerFrame::Created(c) if c.rid == 1 => Some(Ok(())),
-                ServerFrame::Error(e) if e.rid == Some(1) => Some(Err(e.code)),
-                _ => None,
-            })
-            .await?
-            .map_err(|code| Failure::new("Created", format!("Error {}", code.name())))?;
-        let mut joined = vec![false; seats.len()];
-        joined[0] = true;
-        Ok(Self {
-            id,
+        let mut room = Self {
+            id: ConversationId([0; 32]),
+            joined: vec![false; seats.len()],
             seats,
-            joined,
-            rid: 10,
-        })
+            rid: 0,
+        };
+        room.renew(kind).await?;
+        room.rid = 10;
+        Ok(room)
     }
 
     fn device(&self, seat: usize) -> DeviceId {
@@ -258,8 +240,8 @@ impl Room {
         Ok(Ok(seq))
     }
 
-    /// The owner creates another conversation of the same kind with the same seats; the
-    /// room's id becomes the new one's and only the owner is in it.
+    /// The owner creates a conversation of `kind` (another one, after the first) with the
+    /// same seats; the room's id becomes the new one's and only the owner is in it.
     async fn renew(&mut self, kind: ConversationKind) -> Result<(), Stop> {
         self.id = ConversationId(random());
         self.rid += 1;
