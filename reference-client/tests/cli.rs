@@ -335,6 +335,41 @@ fn presence_from_the_command_line() {
     thread.join().expect("gateway thread");
 }
 
+/// A gateway on a free port with three identities initialised against it in `dir`.
+struct ThreePeople {
+    server: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+    /// Alice (openmls), Bob (mls-rs) and Carol (openmls).
+    homes: (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf),
+    /// Their user keys.
+    keys: (String, String, String),
+}
+
+fn three_people(dir: &Path) -> ThreePeople {
+    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let server = format!("ws://{addr}/v1/ws");
+    let (stop, thread) = gateway(&dir.join("gateway.db"), addr);
+    let (alice, bob, carol) = (dir.join("alice"), dir.join("bob"), dir.join("carol"));
+    ok(&alice, &server, &["init"]);
+    ok(&bob, &server, &["--engine", "mls-rs", "init"]);
+    ok(&carol, &server, &["init"]);
+    let keys = (
+        user_key(&alice, &server),
+        user_key(&bob, &server),
+        user_key(&carol, &server),
+    );
+    ThreePeople {
+        server,
+        stop,
+        thread,
+        homes: (alice, bob, carol),
+        keys,
+    }
+}
+
 /// README, "A room with three people": Alice (openmls) creates a room, invites Bob
 /// (mls-rs), makes him an admin, he invites Carol (openmls); all three read each other;
 /// Carol leaves (Alice's next command commits it) and reads nothing after; a plain member
@@ -342,24 +377,13 @@ fn presence_from_the_command_line() {
 #[test]
 fn a_room_with_three_people_from_the_command_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
-    let server = format!("ws://{addr}/v1/ws");
-    let (stop, thread) = gateway(&dir.path().join("gateway.db"), addr);
-    let (alice, bob, carol) = (
-        dir.path().join("alice"),
-        dir.path().join("bob"),
-        dir.path().join("carol"),
-    );
-    ok(&alice, &server, &["init"]);
-    ok(&bob, &server, &["--engine", "mls-rs", "init"]);
-    ok(&carol, &server, &["init"]);
-    let (ka, kb, kc) = (
-        user_key(&alice, &server),
-        user_key(&bob, &server),
-        user_key(&carol, &server),
-    );
+    let ThreePeople {
+        server,
+        stop,
+        thread,
+        homes: (alice, bob, carol),
+        keys: (ka, kb, kc),
+    } = three_people(dir.path());
     for (home, contacts) in [
         (&alice, [("bob", &kb), ("carol", &kc)]),
         (&bob, [("alice", &ka), ("carol", &kc)]),
@@ -433,24 +457,13 @@ fn a_room_with_three_people_from_the_command_line() {
 #[test]
 fn strangers_invitations_wait_as_requests() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
-    let server = format!("ws://{addr}/v1/ws");
-    let (stop, thread) = gateway(&dir.path().join("gateway.db"), addr);
-    let (alice, bob, carol) = (
-        dir.path().join("alice"),
-        dir.path().join("bob"),
-        dir.path().join("carol"),
-    );
-    ok(&alice, &server, &["init"]);
-    ok(&bob, &server, &["--engine", "mls-rs", "init"]);
-    ok(&carol, &server, &["init"]);
-    let (ka, kb, kc) = (
-        user_key(&alice, &server),
-        user_key(&bob, &server),
-        user_key(&carol, &server),
-    );
+    let ThreePeople {
+        server,
+        stop,
+        thread,
+        homes: (alice, bob, carol),
+        keys: (ka, kb, kc),
+    } = three_people(dir.path());
     ok(&alice, &server, &["contacts", "add", "bob", &kb]);
     ok(&carol, &server, &["contacts", "add", "bob", &kb]);
     let dm = ok(&alice, &server, &["dm", "bob"]).trim().to_owned();
