@@ -512,15 +512,35 @@ fn print_invites(client: &Client, settings: &confab_spec::frame::InviteSettings,
 }
 
 fn sender_name(client: &Client, m: &Message) -> String {
-    if m.sender.system == client.device().system {
+    device_name(client, &m.sender)
+}
+
+/// A device's user as the user knows it: "me", a contact's name, or the start of the key.
+fn device_name(client: &Client, device: &DeviceId) -> String {
+    if device.system == client.device().system {
         return "me".into();
     }
     client
         .store()
         .contacts()
         .ok()
-        .and_then(|c| c.into_iter().find(|(_, k)| *k == m.sender.system))
-        .map_or_else(|| hex_key(&m.sender.system)[..12].to_owned(), |(n, _)| n)
+        .and_then(|c| c.into_iter().find(|(_, k)| *k == device.system))
+        .map_or_else(|| hex_key(&device.system)[..12].to_owned(), |(n, _)| n)
+}
+
+/// Why a message's header is flagged, when the gateway named another sender than MLS
+/// authenticated (SPEC.md 7.8): the message is shown as its author's, with the label.
+fn relabel_note(client: &Client, m: &Message) -> Option<String> {
+    let said = m.gateway_sender?;
+    let name = device_name(client, &said);
+    Some(if said.system == m.sender.system {
+        format!(
+            "the gateway said it came from {name}'s device {}…",
+            hex::encode(&said.process.0[..2])
+        )
+    } else {
+        format!("the gateway said it came from {name}")
+    })
 }
 
 fn print_message(client: &Client, m: &Message, json: bool) {
@@ -555,23 +575,27 @@ fn print_message(client: &Client, m: &Message, json: bool) {
         return;
     }
     let text = String::from_utf8_lossy(&m.body);
+    let relabelled = relabel_note(client, m);
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "conversation": hex::encode(m.conversation.0),
-                "seq": m.seq.get(),
-                "from": from,
-                "accepted_ms": m.accepted.0,
-                "text": text,
-            })
-        );
+        let mut line = serde_json::json!({
+            "conversation": hex::encode(m.conversation.0),
+            "seq": m.seq.get(),
+            "from": from,
+            "accepted_ms": m.accepted.0,
+            "text": text,
+        });
+        if let Some(said) = &m.gateway_sender {
+            line["gateway_said_from"] = serde_json::json!(device_name(client, said));
+            line["gateway_said_device"] = serde_json::json!(hex::encode(said.process.0));
+        }
+        println!("{line}");
     } else {
         // The text is someone else's: it may not forge lines or reach the terminal raw.
-        println!(
-            "{}",
-            crate::display::message(&format!("[{}] {from}: ", m.seq.get()), &text)
-        );
+        let header = match &relabelled {
+            Some(note) => format!("[{}] {from} (! {note}): ", m.seq.get()),
+            None => format!("[{}] {from}: ", m.seq.get()),
+        };
+        println!("{}", crate::display::message(&header, &text));
     }
 }
 
@@ -1031,11 +1055,14 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             let pool = client.top_up_key_packages(POOL_TARGET).await?;
             let outbox = client.store().outbox()?.len();
             let conversations = client.store().conversations()?.len();
+            let suspicions = client.store().suspicions()?;
             if cli.json {
                 println!(
                     "{}",
                     serde_json::json!({"connected": client.is_ready(), "key_packages": pool.pool_count,
-                        "uploaded": pool.uploaded, "outbox": outbox, "conversations": conversations})
+                        "uploaded": pool.uploaded, "outbox": outbox, "conversations": conversations,
+                        "relabelled": suspicions.relabelled, "unreadable": suspicions.unreadable,
+                        "forked": suspicions.forked})
                 );
             } else {
                 println!("connected      {}", client.is_ready());
@@ -1045,6 +1072,11 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 );
                 println!("outbox         {outbox} pending");
                 println!("conversations  {conversations}");
+                // What the gateway got wrong, as far as this device can tell (SPEC.md 7.8).
+                println!(
+                    "suspect        {} mislabelled, {} unreadable, {} forked",
+                    suspicions.relabelled, suspicions.unreadable, suspicions.forked
+                );
             }
         }
     }

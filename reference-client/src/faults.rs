@@ -23,6 +23,14 @@ pub struct Faults {
     pub stop_at_unreadable: bool,
     /// Keep sending into a conversation whose Commit it could not apply (REQ-7.7-5).
     pub send_after_fork: bool,
+    /// Show a message as from the sender the gateway names, not the one MLS
+    /// authenticated (REQ-7.8-1).
+    pub trust_gateway_sender: bool,
+    /// Act on a proposal as the gateway labels it, without MLS verifying it (REQ-7.8-2).
+    pub trust_gateway_proposals: bool,
+    /// Judge a room Commit on the committer the gateway names, and merge one that breaks
+    /// the room's rules with nothing but a note (REQ-7.8-3).
+    pub accept_rule_breaking_commits: bool,
 }
 
 impl Faults {
@@ -39,6 +47,9 @@ impl Faults {
         "merge_before_accepted",
         "stop_at_unreadable",
         "send_after_fork",
+        "trust_gateway_sender",
+        "trust_gateway_proposals",
+        "accept_rule_breaking_commits",
     ];
 
     /// One switch on, by its name (the field's name); `None` for an unknown name.
@@ -56,6 +67,9 @@ impl Faults {
             "merge_before_accepted" => &mut f.merge_before_accepted,
             "stop_at_unreadable" => &mut f.stop_at_unreadable,
             "send_after_fork" => &mut f.send_after_fork,
+            "trust_gateway_sender" => &mut f.trust_gateway_sender,
+            "trust_gateway_proposals" => &mut f.trust_gateway_proposals,
+            "accept_rule_breaking_commits" => &mut f.accept_rule_breaking_commits,
             _ => return None,
         };
         *switch = true;

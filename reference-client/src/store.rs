@@ -111,6 +111,17 @@ impl std::fmt::Debug for OutboxItem {
     }
 }
 
+/// Counts of what a device could not trust ([`ClientStore::suspicions`]), for `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Suspicions {
+    /// Messages whose sender the gateway named wrongly (SPEC.md 7.8).
+    pub relabelled: u64,
+    /// Entries that could not be read (SPEC.md 6.8), kept messages only.
+    pub unreadable: u64,
+    /// Conversations that forked (SPEC.md 7.7, 7.8).
+    pub forked: u64,
+}
+
 /// A message shown to the user.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
@@ -129,6 +140,9 @@ pub struct Message {
     /// Why the entry could not be read, when it could not (a message that fails MLS, or a
     /// Commit this device could not apply): shown in its place, never lost silently.
     pub unreadable: Option<String>,
+    /// The sender the gateway named in the entry, when MLS authenticated another one as
+    /// `sender` (SPEC.md 7.8): the message is shown as `sender`'s and flagged.
+    pub gateway_sender: Option<DeviceId>,
 }
 
 impl std::fmt::Debug for Message {
@@ -199,6 +213,7 @@ CREATE TABLE IF NOT EXISTS messages (
     accepted_ms INTEGER NOT NULL,
     body BLOB NOT NULL,
     unreadable TEXT,
+    gateway_sender BLOB,
     PRIMARY KEY (conversation, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS room_names (
@@ -217,7 +232,7 @@ CREATE TABLE IF NOT EXISTS requests (
     welcome BLOB NOT NULL,
     received_ms INTEGER NOT NULL
 );
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -275,8 +290,9 @@ fn deliver_in(
             == tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO messages
-                 (conversation, seq, sender, msg_id, accepted_ms, body, unreadable)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 (conversation, seq, sender, msg_id, accepted_ms, body, unreadable,
+                  gateway_sender)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?
                 .execute(params![
                     m.conversation.0.as_slice(),
@@ -286,6 +302,7 @@ fn deliver_in(
                     to_i64(m.accepted.0),
                     m.body,
                     m.unreadable,
+                    m.gateway_sender.map(|d| d.to_bytes().to_vec()),
                 ])?;
         // One's own message is no longer waiting.
         tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
@@ -388,6 +405,11 @@ impl ClientStore {
             ] {
                 add_column_if_missing(&conn, table, column, declaration)?;
             }
+        }
+        if !fresh && version < 6 {
+            // Version 6 keeps the sender the gateway named for a message MLS authenticated
+            // as another's.
+            add_column_if_missing(&conn, "messages", "gateway_sender", "BLOB")?;
         }
         // Every statement is prepared once per connection (parsing cost more than running
         // them on the per-entry path).
@@ -795,6 +817,17 @@ impl ClientStore {
             == 1)
     }
 
+    /// Whether the outbox holds a message with this `msg_id` and exactly this payload: the
+    /// entry is this device's own, whoever the gateway says sent it (SPEC.md 7.8).
+    pub fn outbox_holds(&self, msg_id: &MsgId, payload: &[u8]) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM outbox WHERE msg_id = ?1 AND payload = ?2")?
+            .query_row(params![msg_id.0.as_slice(), payload], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     /// The plaintext kept with an outbox message, if it is still there and has one.
     pub fn outbox_plaintext(&self, msg_id: &MsgId) -> Result<Option<Vec<u8>>, StoreError> {
         let row: Option<Option<Vec<u8>>> = self
@@ -941,6 +974,19 @@ impl ClientStore {
         Ok(())
     }
 
+    /// What this device noticed that it could not trust, over every conversation.
+    pub fn suspicions(&self) -> Result<Suspicions, StoreError> {
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            let n: i64 = self.conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        Ok(Suspicions {
+            relabelled: count("SELECT count(*) FROM messages WHERE gateway_sender IS NOT NULL")?,
+            unreadable: count("SELECT count(*) FROM messages WHERE unreadable IS NOT NULL")?,
+            forked: count("SELECT count(*) FROM conversations WHERE forked_seq IS NOT NULL")?,
+        })
+    }
+
     /// Messages of `conversation` with seq above `after`, oldest first, at most `limit`.
     pub fn messages(
         &self,
@@ -949,7 +995,8 @@ impl ClientStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, sender, msg_id, accepted_ms, body, unreadable FROM messages
+            "SELECT seq, sender, msg_id, accepted_ms, body, unreadable, gateway_sender
+             FROM messages
              WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
         let rows = stmt.query_map(
@@ -966,11 +1013,12 @@ impl ClientStore {
                     r.get::<_, i64>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
                     r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<Vec<u8>>>(6)?,
                 ))
             },
         )?;
         rows.map(|row| {
-            let (seq, sender, msg_id, accepted, body, unreadable) = row?;
+            let (seq, sender, msg_id, accepted, body, unreadable, gateway_sender) = row?;
             Ok(Message {
                 conversation: *conversation,
                 seq: u64::try_from(seq)
@@ -982,6 +1030,10 @@ impl ClientStore {
                 accepted: UnixMs(accepted as u64),
                 body,
                 unreadable,
+                gateway_sender: gateway_sender
+                    .map(|d| DeviceId::from_slice(&d))
+                    .transpose()
+                    .map_err(|_| StoreError::Corrupt("gateway_sender"))?,
             })
         })
         .collect()

@@ -53,6 +53,11 @@ fn message(seq: u8) -> Message {
         accepted: UnixMs(1_000 + u64::from(seq)),
         body: if unreadable { Vec::new() } else { vec![seq; 3] },
         unreadable: unreadable.then(|| format!("reason {seq}")),
+        // Every seventh names another sender, as a relabelling gateway would.
+        gateway_sender: (seq % 7 == 0).then_some(DeviceId {
+            system: SystemKey([seq; 32]),
+            process: ProcessId([seq; 16]),
+        }),
     }
 }
 
@@ -270,7 +275,53 @@ fn version_1_databases_are_migrated() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
+}
+
+/// A version 5 database (messages without `gateway_sender`) keeps its messages, and a
+/// relabelled message recorded after the migration keeps the gateway's label.
+#[test]
+fn version_5_messages_gain_the_gateway_label() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("confab.db");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE conversations (id BLOB PRIMARY KEY, kind INTEGER NOT NULL, peer BLOB,
+                 removed INTEGER NOT NULL DEFAULT 0, forked_seq INTEGER, forked_reason TEXT);
+             CREATE TABLE messages (conversation BLOB NOT NULL, seq INTEGER NOT NULL,
+                 sender BLOB NOT NULL, msg_id BLOB NOT NULL, accepted_ms INTEGER NOT NULL,
+                 body BLOB NOT NULL, unreadable TEXT, PRIMARY KEY (conversation, seq)) WITHOUT ROWID;
+             PRAGMA user_version = 5;",
+        )
+        .expect("v5");
+        let old = message(1);
+        conn.execute(
+            "INSERT INTO messages VALUES (?1, 1, ?2, ?3, 1001, ?4, NULL)",
+            rusqlite::params![
+                CONV.0.as_slice(),
+                old.sender.to_bytes().as_slice(),
+                old.msg_id.0.as_slice(),
+                old.body
+            ],
+        )
+        .expect("a v5 message");
+    }
+    let mut store = ClientStore::open(&path).expect("migrates");
+    let relabelled = message(7);
+    assert!(relabelled.gateway_sender.is_some());
+    store
+        .deliver(
+            &StreamId::Conversation(CONV),
+            relabelled.seq,
+            Some(&relabelled),
+        )
+        .expect("deliver");
+    drop(store);
+    let store = ClientStore::open(&path).expect("reopens");
+    let kept = store.messages(&CONV, 0, 10).expect("messages");
+    assert_eq!(kept, vec![message(1), relabelled]);
+    assert_eq!(store.suspicions().expect("suspicions").relabelled, 1);
 }
 
 proptest! {

@@ -180,6 +180,9 @@ async fn every_broken_client_behaviour_fails_its_case() {
         ("merge_before_accepted", "REQ-7.4-1"),
         ("stop_at_unreadable", "REQ-6.8-5"),
         ("send_after_fork", "REQ-7.7-5"),
+        ("trust_gateway_sender", "REQ-7.8-1"),
+        ("trust_gateway_proposals", "REQ-7.8-2"),
+        ("accept_rule_breaking_commits", "REQ-7.8-3"),
     ];
     assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
     let example = faulty_cli();

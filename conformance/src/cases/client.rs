@@ -239,7 +239,7 @@ pub(super) fn cases() -> Vec<Case> {
 const TIMER_SLACK: Duration = Duration::from_millis(600);
 
 /// The frames the client sent, with when and on which connection.
-fn sent(events: &[Event]) -> impl Iterator<Item = (Instant, usize, &ClientFrame)> {
+pub(super) fn sent(events: &[Event]) -> impl Iterator<Item = (Instant, usize, &ClientFrame)> {
     events.iter().filter_map(|e| match &e.what {
         What::FromClient(Some(f), _) => Some((e.at, e.conn, f)),
         _ => None,
@@ -247,7 +247,9 @@ fn sent(events: &[Event]) -> impl Iterator<Item = (Instant, usize, &ClientFrame)
 }
 
 /// The certificate of the client's first `Auth`.
-fn authenticated_as(events: &[Event]) -> Option<confab_spec::identity::DeviceCertificate> {
+pub(super) fn authenticated_as(
+    events: &[Event],
+) -> Option<confab_spec::identity::DeviceCertificate> {
     sent(events).find_map(|(_, _, f)| match f {
         ClientFrame::Auth(a) => Some(a.certificate.clone()),
         _ => None,
@@ -1151,7 +1153,7 @@ async fn unknown_error_codes(cx: &mut Ctx) -> CaseResult {
     }
 }
 
-fn is_commit(send: &Send) -> bool {
+pub(super) fn is_commit(send: &Send) -> bool {
     matches!(
         mls_framing::peek(send.payload.as_bytes()),
         Ok(Peek::Framed(f)) if f.content_type == ContentType::Commit
@@ -1183,7 +1185,7 @@ async fn invitee(cx: &Ctx) -> Result<confab_spec::ids::SystemKey, crate::case::S
 }
 
 /// [`invitee`], with its connection and MLS state.
-async fn invitee_member(
+pub(super) async fn invitee_member(
     cx: &Ctx,
 ) -> Result<(crate::context::Peer, crate::mls::Member), crate::case::Stop> {
     let device = crate::context::Device::fresh();
@@ -1948,7 +1950,7 @@ async fn resumes_with_newest_token(cx: &mut Ctx) -> CaseResult {
 
 /// The suite's invitee subscribes to its inbox (request `rid`) and joins the first Welcome
 /// there; the room it joined.
-async fn join_welcome(
+pub(super) async fn join_welcome(
     peer: &mut crate::context::Peer,
     member: &mut crate::mls::Member,
     rid: u64,

@@ -6,6 +6,7 @@ mod directory;
 mod framing;
 mod groups;
 mod handshake;
+mod hostile;
 mod hygiene;
 mod leaks;
 pub mod log;
@@ -36,6 +37,7 @@ pub fn all() -> Vec<Case> {
     all.extend(leaks::cases());
     all.extend(restart::cases());
     all.extend(client::cases());
+    all.extend(hostile::cases());
     all.push(case!(
         "13.2-1.info",
         "REQ-13.2-1",

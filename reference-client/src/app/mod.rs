@@ -191,6 +191,10 @@ pub struct Client {
     connections: u64,
     /// Outbox messages of an earlier process sent again, whose answer nobody waits for.
     resent: HashSet<MsgId>,
+    /// This device's Commits the gateway accepted whose echo has not been applied yet, by
+    /// msg_id, with their bytes: the echo is recognised as this device's own by them, not
+    /// by the gateway's label (SPEC.md 7.8). At most one per conversation.
+    accepted_commits: HashMap<MsgId, Vec<u8>>,
     observer: Option<Observer>,
     presence: Tracker,
     /// The receive batch open now, if any.
@@ -249,6 +253,9 @@ pub struct Observed {
     /// Room Commits the gateway accepted that break the room rules as this device sees
     /// them (SPEC.md 10.5: a faulty gateway), with the rule each broke.
     pub governance_faults: Vec<String>,
+    /// Messages whose gateway label named another sender than MLS authenticated
+    /// (REQ-7.8-1).
+    pub relabelled: u64,
 }
 
 /// A shared view of a client's [`Observed`].
@@ -345,6 +352,7 @@ impl Client {
             in_flight: HashSet::new(),
             connections: 0,
             resent: HashSet::new(),
+            accepted_commits: HashMap::new(),
             observer: None,
             presence: Tracker::default(),
             receive_batch: None,
@@ -1147,6 +1155,9 @@ impl Client {
             }
             self.pump().await?;
         }
+        // Merged by its echo, or without one: nothing of it is left to recognise.
+        self.accepted_commits
+            .retain(|_, payload| !is_commit_of(payload, &conversation));
         Ok(())
     }
 
@@ -1216,6 +1227,11 @@ impl Client {
         plaintext: Option<Vec<u8>>,
     ) -> Result<Seq, ClientError> {
         let has_plaintext = plaintext.is_some();
+        let payload_kept = if has_plaintext {
+            Vec::new()
+        } else {
+            payload.clone()
+        };
         self.store.outbox_put(&OutboxItem {
             msg_id,
             conversation,
@@ -1241,6 +1257,10 @@ impl Client {
                 // message waits in the outbox for its echo (its plaintext is shown then).
                 if result.is_err() || !has_plaintext {
                     self.store.outbox_remove(&msg_id)?;
+                }
+                if result.is_ok() && !has_plaintext {
+                    // Its echo merges it (apply_own_commit).
+                    self.accepted_commits.insert(msg_id, payload_kept);
                 }
                 return result;
             }
@@ -1623,9 +1643,19 @@ impl Client {
             }
             (StreamId::Conversation(c), EntryBody::Application { .. }) => {
                 let mut unreadable = None;
-                let body = if entry.sender == self.device {
-                    // One's own message: the plaintext kept in the outbox.
-                    self.store.outbox_plaintext(&entry.msg_id)?
+                // Who sent it is what MLS says, not the gateway's label (SPEC.md 7.8).
+                let mut author = entry.sender;
+                let own = self.is_own(&entry)?;
+                let body = if own {
+                    // One's own message, recognised by its msg_id and its very bytes: the
+                    // plaintext kept in the outbox.
+                    author = self.device;
+                    let plaintext = self.store.outbox_plaintext(&entry.msg_id)?;
+                    if plaintext.is_none() {
+                        unreadable =
+                            Some("this device's own Commit, delivered as a message".to_owned());
+                    }
+                    plaintext
                 } else {
                     // Journaled by the engine until the store below holds it, so a crash in
                     // between does not lose it (its key is gone once it is decrypted).
@@ -1634,7 +1664,10 @@ impl Client {
                         .engine
                         .process_entry(&c, seq.get(), entry.payload.as_bytes())
                     {
-                        Ok(Processed::Application { plaintext, .. }) => Some(plaintext),
+                        Ok(Processed::Application { plaintext, sender }) => {
+                            author = sender;
+                            Some(plaintext)
+                        }
                         Ok(_) => {
                             unreadable = Some("not an application message".to_owned());
                             None
@@ -1651,20 +1684,30 @@ impl Client {
                         }
                     }
                 };
+                if self.faults.trust_gateway_sender {
+                    author = entry.sender;
+                }
                 if body.is_some() {
                     outcome = EntryOutcome::Shown;
                 } else if unreadable.is_some() {
                     outcome = EntryOutcome::Undecryptable;
                 }
+                // A label that disagrees with MLS is the gateway's fault: the message is
+                // shown as its author's and flagged with the label (REQ-7.8-1).
+                let relabelled = (body.is_some() && author != entry.sender).then_some(entry.sender);
+                if relabelled.is_some() {
+                    self.observed(|o| o.relabelled += 1);
+                }
                 message = match (body, unreadable) {
                     (Some(body), _) => Some(Message {
                         conversation: c,
                         seq,
-                        sender: entry.sender,
+                        sender: author,
                         msg_id: entry.msg_id,
                         accepted: entry.accepted_ms,
                         body,
                         unreadable: None,
+                        gateway_sender: relabelled,
                     }),
                     (None, Some(reason)) => Some(Message {
                         conversation: c,
@@ -1674,29 +1717,59 @@ impl Client {
                         accepted: entry.accepted_ms,
                         body: Vec::new(),
                         unreadable: Some(reason),
+                        gateway_sender: None,
                     }),
                     (None, None) => None,
                 };
             }
             (StreamId::Conversation(c), EntryBody::Proposal { .. }) => {
-                // Proposals are not handed to the MLS engine: Commits carry every proposal
-                // by value (REQ-7.3-3), and a stored one would be committed by reference.
-                // A Remove of a device of the proposer's own user is a leave request
-                // (SPEC.md 10.3), kept until a Commit removes that device.
-                if let Ok((_, CommitProposal::Remove { leaf })) =
-                    mls_framing::proposal_contents(entry.payload.as_bytes())
-                {
-                    let target = self
-                        .engine
-                        .members(&c)?
-                        .into_iter()
-                        .find(|(l, _)| *l == leaf)
-                        .map(|(_, d)| d);
-                    if let Some(device) = target.filter(|d| d.system == entry.sender.system) {
-                        self.store.add_leave_request(&c, &device)?;
+                // A proposal is verified by MLS (signature, membership tag, a member's)
+                // and not kept: Commits carry every proposal by value (REQ-7.3-3). A Remove
+                // of a device of the proposer's own user is a leave request (SPEC.md 10.3),
+                // kept until a Commit removes that device; the proposer is the one MLS
+                // authenticated, never the gateway's label (REQ-7.8-2).
+                outcome = EntryOutcome::Applied;
+                let proposer = if self.faults.trust_gateway_proposals {
+                    Ok(Some(entry.sender))
+                } else {
+                    self.engine.verify_proposal(&c, entry.payload.as_bytes())
+                };
+                match proposer {
+                    Ok(proposer) => {
+                        if let (Some(proposer), Ok((_, CommitProposal::Remove { leaf }))) = (
+                            proposer,
+                            mls_framing::proposal_contents(entry.payload.as_bytes()),
+                        ) {
+                            let target = self
+                                .engine
+                                .members(&c)?
+                                .into_iter()
+                                .find(|(l, _)| *l == leaf)
+                                .map(|(_, d)| d);
+                            if let Some(device) = target.filter(|d| d.system == proposer.system) {
+                                self.store.add_leave_request(&c, &device)?;
+                            }
+                        }
+                    }
+                    Err(e @ EngineError::Storage(_)) => return Err(e.into()),
+                    Err(e) => {
+                        // Nothing is done on it; the user is told (SPEC.md 6.8).
+                        outcome = EntryOutcome::Undecryptable;
+                        message = Some(Message {
+                            conversation: c,
+                            seq,
+                            sender: entry.sender,
+                            msg_id: entry.msg_id,
+                            accepted: entry.accepted_ms,
+                            body: Vec::new(),
+                            unreadable: Some(format!(
+                                "a request to change the group that MLS does not confirm ({}); ignored",
+                                unreadable_reason(&e)
+                            )),
+                            gateway_sender: None,
+                        });
                     }
                 }
-                outcome = EntryOutcome::Applied;
             }
             (StreamId::Conversation(c), EntryBody::Commit { epoch })
                 if epoch.0 < self.engine.epoch(&c)? =>
@@ -1707,7 +1780,11 @@ impl Client {
             }
             (StreamId::Conversation(c), EntryBody::Commit { .. }) => {
                 outcome = EntryOutcome::Applied;
-                if entry.sender == self.device {
+                // One's own Commit is the one the outbox holds, byte for byte; any other
+                // goes through MLS, whoever the gateway says made it (SPEC.md 7.8).
+                let own = self.is_own(&entry)?;
+                if own {
+                    self.accepted_commits.remove(&entry.msg_id);
                     // Applied when the gateway accepted it; after a crash in between, now.
                     if self.engine.has_pending_commit(&c)? {
                         self.engine.merge_pending_commit(&c)?;
@@ -1749,12 +1826,14 @@ impl Client {
                                     "a change to the group could not be applied ({reason}); \
                                      this conversation has forked"
                                 )),
+                                gateway_sender: None,
                             });
                             outcome = EntryOutcome::Forked;
                             None
                         }
                     };
                     if let Some(Processed::Commit {
+                        sender,
                         self_removed,
                         added,
                         removed,
@@ -1762,15 +1841,50 @@ impl Client {
                     }) = &processed
                     {
                         if let (Some(before), false) = (&before, *self_removed) {
-                            let change = rooms::Change {
-                                committer: entry.sender.system,
-                                before,
-                                added,
-                                removed,
-                                leaving: &leaving,
+                            // The committer is the member MLS authenticated (REQ-7.8-3).
+                            let committer = if self.faults.accept_rule_breaking_commits {
+                                Some(entry.sender)
+                            } else {
+                                *sender
                             };
-                            if let Err(rule) = rooms::check_processed(&*self.engine, &c, &change)? {
-                                self.observed(|o| o.governance_faults.push(rule));
+                            let verdict = match committer {
+                                Some(committer) => rooms::check_processed(
+                                    &*self.engine,
+                                    &c,
+                                    &rooms::Change {
+                                        committer: committer.system,
+                                        before,
+                                        added,
+                                        removed,
+                                        leaving: &leaving,
+                                    },
+                                )?,
+                                None => Err("a Commit by a non-member".to_owned()),
+                            };
+                            if let Err(rule) = verdict {
+                                self.observed(|o| o.governance_faults.push(rule.clone()));
+                                if !self.faults.accept_rule_breaking_commits {
+                                    // The gateway sequenced what it must refuse: the
+                                    // members that check, and those that do not, no
+                                    // longer agree on the room. A fork (REQ-7.8-3).
+                                    let reason = format!(
+                                        "a change to the room that breaks its rules ({rule}), which the gateway should have refused"
+                                    );
+                                    self.store.set_forked(&c, seq, &reason)?;
+                                    message = Some(Message {
+                                        conversation: c,
+                                        seq,
+                                        sender: committer.unwrap_or(entry.sender),
+                                        msg_id: entry.msg_id,
+                                        accepted: entry.accepted_ms,
+                                        body: Vec::new(),
+                                        unreadable: Some(format!(
+                                            "{reason}; this conversation has forked"
+                                        )),
+                                        gateway_sender: None,
+                                    });
+                                    outcome = EntryOutcome::Forked;
+                                }
                             }
                         }
                         if *self_removed {
@@ -1836,6 +1950,21 @@ impl Client {
             self.engine.release_processed(&c, seq.get())?;
         }
         self.acknowledge(stream, seq)
+    }
+
+    /// Whether `entry` is this device's own message: one it holds in its outbox, or a Commit
+    /// the gateway accepted, with the same msg_id and the very same bytes. The gateway's
+    /// label plays no part (REQ-7.8-1).
+    fn is_own(&self, entry: &Entry) -> Result<bool, ClientError> {
+        if self.faults.trust_gateway_sender {
+            return Ok(entry.sender == self.device);
+        }
+        let payload = entry.payload.as_bytes();
+        Ok(self
+            .accepted_commits
+            .get(&entry.msg_id)
+            .is_some_and(|p| p.as_slice() == payload)
+            || self.store.outbox_holds(&entry.msg_id, payload)?)
     }
 
     /// Shows a recorded entry's message if it is `new`, and reports the entry.
@@ -1918,6 +2047,14 @@ fn member(
         Err(EngineError::GroupNotFound | EngineError::Removed) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Whether `payload` is a PublicMessage of `group` (by its group id).
+fn is_commit_of(payload: &[u8], group: &ConversationId) -> bool {
+    matches!(
+        confab_spec::mls_framing::peek(payload),
+        Ok(confab_spec::mls_framing::Peek::Framed(f)) if f.group_id == group.0
+    )
 }
 
 /// Whether an outbox payload is a Commit (a PublicMessage of content type commit).

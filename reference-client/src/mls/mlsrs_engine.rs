@@ -810,6 +810,26 @@ where
         self.mutate(group, |g, now| process_in(g, own, now, message))
     }
 
+    fn verify_proposal(
+        &mut self,
+        group: &ConversationId,
+        message: &[u8],
+    ) -> Result<Option<DeviceId>, EngineError> {
+        super::require_public_proposal(message)?;
+        let message = parse(message)?;
+        let own = self.device;
+        self.mutate(group, |g, now| {
+            let processed = process_in(g, own, now, message);
+            // mls-rs caches a received proposal for a Commit by reference; Confab's never
+            // carry one, so it goes before the state is written.
+            g.clear_proposal_cache();
+            match processed? {
+                Processed::Proposal { sender } => Ok(sender),
+                _ => Err(EngineError::Malformed("not a member's proposal".into())),
+            }
+        })
+    }
+
     fn process_entry(
         &mut self,
         group: &ConversationId,

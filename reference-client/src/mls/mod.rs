@@ -129,6 +129,23 @@ pub enum ExtraProposal {
     GroupContextExtensions(Vec<(u16, Vec<u8>)>),
 }
 
+/// Refuses, unread, anything but a PublicMessage proposal (for
+/// [`MlsEngine::verify_proposal`]).
+pub(crate) fn require_public_proposal(message: &[u8]) -> Result<(), EngineError> {
+    use confab_spec::mls_framing::{ContentType, Peek, WireFormat, peek};
+    match peek(message) {
+        Ok(Peek::Framed(f))
+            if f.wire_format == WireFormat::PublicMessage
+                && f.content_type == ContentType::Proposal =>
+        {
+            Ok(())
+        }
+        _ => Err(EngineError::Malformed(
+            "not a PublicMessage proposal".into(),
+        )),
+    }
+}
+
 /// What processing an incoming message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed {
@@ -387,6 +404,18 @@ pub trait MlsEngine: Send {
     /// stores its proposal.
     fn process(&mut self, group: &ConversationId, message: &[u8])
     -> Result<Processed, EngineError>;
+
+    /// Verifies a standalone proposal of another member (a PublicMessage: its signature and
+    /// membership tag in the group's current epoch, its sender a member) and returns its
+    /// sender, without keeping the proposal: Confab's Commits carry every proposal by value
+    /// (REQ-7.3-3), so none may wait in the group to be committed by reference. Anything
+    /// but a PublicMessage proposal is refused unread ([`EngineError::Malformed`]), so no
+    /// application message's secret is consumed here.
+    fn verify_proposal(
+        &mut self,
+        group: &ConversationId,
+        message: &[u8],
+    ) -> Result<Option<DeviceId>, EngineError>;
 
     /// [`MlsEngine::process`] for the entry at `seq` of the group's stream, with the
     /// decryption journal ([`journal`]): an application message's outcome is durable no

@@ -1002,6 +1002,34 @@ impl MlsEngine for OpenMlsEngine {
         self.with_tx(Some(group), |ctx| process_in(ctx, group, message))
     }
 
+    fn verify_proposal(
+        &mut self,
+        group: &ConversationId,
+        message: &[u8],
+    ) -> Result<Option<DeviceId>, EngineError> {
+        super::require_public_proposal(message)?;
+        self.with_tx(Some(group), |ctx| {
+            let provider = ctx.provider;
+            let protocol = parse(message)?
+                .try_into_protocol_message()
+                .map_err(|e| EngineError::Malformed(e.to_string()))?;
+            let g = ctx.group(group)?;
+            if !g.is_active() {
+                return Err(EngineError::Removed);
+            }
+            // Verifying a PublicMessage changes nothing in the group; the proposal is not
+            // stored (no `store_pending_proposal`).
+            let processed = g
+                .process_message(provider, protocol)
+                .map_err(map_process_error)?;
+            let sender = device_of(&identity_of(processed.credential())?).ok();
+            match processed.into_content() {
+                ProcessedMessageContent::ProposalMessage(_) => Ok(sender),
+                _ => Err(EngineError::Malformed("not a member's proposal".into())),
+            }
+        })
+    }
+
     fn process_entry(
         &mut self,
         group: &ConversationId,

@@ -1,0 +1,397 @@
+//! Client mode against a hostile gateway (SPEC.md 7.8): the suite's proxy stands where the
+//! gateway is and lies the way a gateway can. It holds no member's keys, so everything it
+//! makes up is the gateway's word only: a relabelled sender, a proposal with no valid
+//! signature, a Commit the real gateway refused. The client must believe MLS instead.
+//!
+//! Each case sets up a room the client owns (`room create`, `room invite`) with the suite's
+//! members in it, lets a member send a message through the real gateway, and has the proxy
+//! rewrite that entry on its way to the client's `read`.
+
+use confab_spec::frame::{ClientFrame, Entry, EntryBody, ServerFrame};
+use confab_spec::ids::{DeviceId, MsgId};
+use confab_spec::mls_framing::{self, CommitProposal};
+use confab_spec::rooms::{ROLES_EXTENSION_TYPE, RoomRoles};
+
+use super::client::{authenticated_as, invitee_member, is_commit, join_welcome, sent};
+use super::log::{random, send_mls};
+use crate::case::{Case, CaseResult, Failure, Stop};
+use crate::client::{ClientUnderTest, PassThrough, Script, Verdict, home};
+use crate::client_case;
+use crate::context::{Ctx, Peer, describe_error};
+use crate::mls::{Member, broken, bytes};
+
+pub(super) fn cases() -> Vec<Case> {
+    vec![
+        client_case!(
+            "7.8-1.client-authenticated-sender",
+            "REQ-7.8-1",
+            Must,
+            "a member's message the gateway labels as another member's, or as the client's own, is shown as the member's",
+            authenticated_sender
+        ),
+        client_case!(
+            "7.8-2.client-verifies-proposals",
+            "REQ-7.8-2",
+            Must,
+            "a leave request the gateway forged (no valid signature) is not committed",
+            verifies_proposals
+        ),
+        client_case!(
+            "7.8-3.client-rule-breaking-commit",
+            "REQ-7.8-3",
+            Must,
+            "a room Commit that breaks the room rules, delivered as if accepted, forks the room: nothing more is sent into it",
+            rule_breaking_commit
+        ),
+    ]
+}
+
+/// The room's name on the client.
+const ROOM: &str = "hostile";
+
+/// Rewrites, on its way to the client, the entry of the conversation stream whose msg_id
+/// is the target's (in a replay `Batch` or a live `Deliver`).
+struct RewriteEntry {
+    target: MsgId,
+    rewrite: Box<dyn Fn(&mut Entry) + Send>,
+}
+
+impl Script for RewriteEntry {
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        let entries: Vec<&mut Entry> = match frame {
+            ServerFrame::Batch(b) => b.entries.iter_mut().collect(),
+            ServerFrame::Deliver(d) => vec![&mut d.entry],
+            _ => Vec::new(),
+        };
+        for entry in entries {
+            if entry.msg_id == self.target {
+                (self.rewrite)(entry);
+            }
+        }
+        Verdict::Forward
+    }
+}
+
+/// A room the client created and owns, with `count` suite members it invited and that
+/// joined; the client has not read anything since.
+struct HostileRoom {
+    room: confab_spec::ids::ConversationId,
+    client_device: DeviceId,
+    members: Vec<(Peer, Member)>,
+    home: tempfile::TempDir,
+}
+
+async fn client_room_with_members(cx: &Ctx, count: usize) -> Result<HostileRoom, Stop> {
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    client.run_ok(home.path(), &["init"]).await?;
+    let client_device = authenticated_as(&client.proxy.events())
+        .map(|c| DeviceId {
+            system: c.system,
+            process: c.process,
+        })
+        .ok_or_else(|| Failure::new("init to authenticate", "no Auth"))?;
+    client
+        .run_ok(home.path(), &["room", "create", ROOM])
+        .await?;
+    let mut members = Vec::new();
+    let mut room = None;
+    for _ in 0..count {
+        let (mut peer, mut member) = invitee_member(cx).await?;
+        let key = hex::encode(member.device.system.public().0);
+        let client = cx.client(Box::new(PassThrough))?;
+        client
+            .run_ok(home.path(), &["room", "invite", ROOM, &key])
+            .await?;
+        let joined = join_welcome(&mut peer, &mut member, 20).await?;
+        if room.is_some_and(|r| r != joined) {
+            return Err(broken("join the client's room", "two rooms"));
+        }
+        room = Some(joined);
+        members.push((peer, member));
+    }
+    // The members added after the first catch up on the Commits that added the others.
+    let room = room.ok_or_else(|| broken("join the client's room", "no member"))?;
+    Ok(HostileRoom {
+        room,
+        client_device,
+        members,
+        home,
+    })
+}
+
+/// A member sends `text` into the room (request `rid`); its msg_id.
+async fn member_says(
+    peer: &mut Peer,
+    member: &mut Member,
+    room: confab_spec::ids::ConversationId,
+    rid: u64,
+    text: &str,
+) -> Result<MsgId, Stop> {
+    let payload = member
+        .engine
+        .encrypt(&room, text.as_bytes())
+        .map_err(|e| broken("encrypt", e))?;
+    let msg_id = MsgId(random());
+    send_mls(peer, rid, room, msg_id, bytes(payload)?, None)
+        .await?
+        .map_err(|e| broken("send a message", describe_error(&e)))?;
+    Ok(msg_id)
+}
+
+/// The start of a user's system key in hex, as the client-mode contract names an unnamed
+/// sender (at least 8 digits).
+fn key_prefix(device: &DeviceId) -> String {
+    hex::encode(device.system.0)[..8].to_owned()
+}
+
+/// The line of `output` that shows `text`, if any.
+fn line_of<'a>(output: &'a str, text: &str) -> Option<&'a str> {
+    output.lines().find(|l| l.contains(text))
+}
+
+/// Whether `line` names `author` before (or instead of) `other`.
+fn names_first(line: &str, author: &str, other: &str) -> bool {
+    match (line.find(author), line.find(other)) {
+        (Some(a), Some(o)) => a < o,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+async fn authenticated_sender(cx: &mut Ctx) -> CaseResult {
+    let mut setup = client_room_with_members(cx, 2).await?;
+    let room = setup.room;
+    let (author, other) = {
+        let (a, b) = setup.members.split_at_mut(1);
+        (&mut a[0], &b[0])
+    };
+    let author_device = author.1.device.id();
+    let other_device = other.1.device.id();
+    let as_other = format!("relabelled as another {}", hex::encode(random::<8>()));
+    let as_client = format!("relabelled as yours {}", hex::encode(random::<8>()));
+    let first = member_says(&mut author.0, &mut author.1, room, 30, &as_other).await?;
+    let second = member_says(&mut author.0, &mut author.1, room, 31, &as_client).await?;
+    let client_device = setup.client_device;
+    let client = cx.client(Box::new(RewriteBoth {
+        first: (first, other_device),
+        second: (second, client_device),
+    }))?;
+    let out = read_room(client, setup.home.path()).await?;
+    let author_key = key_prefix(&author_device);
+    let other_key = key_prefix(&other_device);
+    let client_key = key_prefix(&client_device);
+    match line_of(&out, &as_other) {
+        Some(line) if names_first(line, &author_key, &other_key) => {}
+        Some(line) => {
+            return Err(Failure::new(
+                format!(
+                    "the message the gateway labelled as {other_key}…'s shown as its author {author_key}…'s (or not at all)"
+                ),
+                format!("{line:?}"),
+            )
+            .into());
+        }
+        None => {}
+    }
+    // A message labelled as the client's own is not the client's: it is the author's, and
+    // shown (the client knows what it sent itself).
+    match line_of(&out, &as_client) {
+        Some(line) if names_first(line, &author_key, &client_key) => Ok(()),
+        Some(line) => Err(Failure::new(
+            format!(
+                "the message the gateway labelled as the client's own shown as {author_key}…'s"
+            ),
+            format!("{line:?}"),
+        )
+        .into()),
+        None => Err(Failure::new(
+            format!(
+                "the message the gateway labelled as the client's own shown as {author_key}…'s"
+            ),
+            "not shown",
+        )
+        .into()),
+    }
+}
+
+/// Relabels two entries: each msg_id's entry gets its sender.
+struct RewriteBoth {
+    first: (MsgId, DeviceId),
+    second: (MsgId, DeviceId),
+}
+
+impl Script for RewriteBoth {
+    fn on_server_frame(&mut self, conn: usize, frame: &mut ServerFrame) -> Verdict {
+        for (target, sender) in [self.first, self.second] {
+            RewriteEntry {
+                target,
+                rewrite: Box::new(move |e| e.sender = sender),
+            }
+            .on_server_frame(conn, frame);
+        }
+        Verdict::Forward
+    }
+}
+
+/// Runs `read ROOM` and returns what it printed; it must succeed.
+async fn read_room(client: &ClientUnderTest, home: &std::path::Path) -> Result<String, Stop> {
+    Ok(client.run_ok(home, &["read", ROOM]).await?.stdout)
+}
+
+async fn verifies_proposals(cx: &mut Ctx) -> CaseResult {
+    let mut setup = client_room_with_members(cx, 1).await?;
+    let room = setup.room;
+    let (peer, member) = &mut setup.members[0];
+    let device = member.device.id();
+    let (leaf, epoch) = member_leaf(member, room, device)?;
+    let carrier = member_says(peer, member, room, 30, "carrier").await?;
+    // A Remove of the member's own leaf "from" the member: a leave request as the gateway
+    // could make one up, with a signature and tags of the right sizes and no key behind.
+    let content = confab_spec::mls_write::proposal_content(
+        &room.0,
+        epoch,
+        leaf,
+        &confab_spec::mls_write::WriteProposal::Remove(leaf),
+    );
+    let forged = confab_spec::mls_write::public_message(&content, &[0x5A; 64], false);
+    let forged = bytes(forged)?;
+    let client = cx.client(Box::new(RewriteEntry {
+        target: carrier,
+        rewrite: Box::new(move |e| {
+            e.sender = device;
+            e.body = EntryBody::Proposal {
+                epoch: confab_spec::ids::Epoch(epoch),
+            };
+            e.payload = forged.clone();
+        }),
+    }))?;
+    // `read` catches up (a client commits leave requests it sees when it catches up, as
+    // the reference client does) and a `send` gives it a reason to commit as well.
+    client.run(setup.home.path(), &["read", ROOM]).await?;
+    let mut events = client.proxy.events();
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run(
+            setup.home.path(),
+            &["send", ROOM, "after the forged request"],
+        )
+        .await?;
+    events.extend(client.proxy.events());
+    let removals = sent(&events)
+        .filter_map(|(_, _, f)| match f {
+            ClientFrame::Send(s) if s.conversation == room && is_commit(s) => Some(s),
+            _ => None,
+        })
+        .filter(|s| {
+            mls_framing::commit_contents(s.payload.as_bytes()).is_ok_and(|c| {
+                c.by_value
+                    .iter()
+                    .any(|p| matches!(p, CommitProposal::Remove { leaf: l } if *l == leaf))
+            })
+        })
+        .count();
+    if removals > 0 {
+        return Err(Failure::new(
+            format!("no Commit removing leaf {leaf} on a leave request with no valid signature"),
+            format!("{removals} such Commit(s) sent"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The leaf of `device` in `room` as `member` sees it, and the room's epoch.
+fn member_leaf(
+    member: &Member,
+    room: confab_spec::ids::ConversationId,
+    device: DeviceId,
+) -> Result<(u32, u64), Stop> {
+    let leaf = member
+        .engine
+        .members(&room)
+        .map_err(|e| broken("read the members", e))?
+        .into_iter()
+        .find(|(_, d)| *d == device)
+        .map(|(l, _)| l)
+        .ok_or_else(|| broken("read the members", "the member is not in its own group"))?;
+    let epoch = member
+        .engine
+        .epoch(&room)
+        .map_err(|e| broken("read the epoch", e))?;
+    Ok((leaf, epoch))
+}
+
+async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
+    let mut setup = client_room_with_members(cx, 1).await?;
+    let room = setup.room;
+    let (peer, member) = &mut setup.members[0];
+    let device = member.device.id();
+    // The member, neither owner nor admin, names itself an admin: rule 5 of SPEC.md 10.2.
+    // The gateway would refuse it (REQ-10-4); the proxy delivers it as if accepted.
+    let roles = member
+        .engine
+        .context_extension(&room, ROLES_EXTENSION_TYPE)
+        .map_err(|e| broken("read the roles", e))?
+        .ok_or_else(|| broken("read the roles", "the room has none"))?;
+    let mut roles = RoomRoles::from_extension(&roles).map_err(|e| broken("read the roles", e))?;
+    roles.admins.push(device.system);
+    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+        roles.context_extensions(),
+    )];
+    let epoch = member
+        .engine
+        .epoch(&room)
+        .map_err(|e| broken("read the epoch", e))?;
+    let commit = member
+        .engine
+        .commit(&room, &[], &[], &extra, true)
+        .map_err(|e| broken("commit", e))?;
+    member
+        .engine
+        .discard_pending_commit(&room)
+        .map_err(|e| broken("discard", e))?;
+    let carrier = member_says(peer, member, room, 30, "carrier").await?;
+    let commit = bytes(commit.commit)?;
+    let client = cx.client(Box::new(RewriteEntry {
+        target: carrier,
+        rewrite: Box::new(move |e| {
+            e.sender = device;
+            e.body = EntryBody::Commit {
+                epoch: confab_spec::ids::Epoch(epoch),
+            };
+            e.payload = commit.clone();
+        }),
+    }))?;
+    client.run(setup.home.path(), &["read", ROOM]).await?;
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run(setup.home.path(), &["send", ROOM, "into the broken room"])
+        .await?;
+    let events = client.proxy.events();
+    let into_room = sent(&events)
+        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room))
+        .count();
+    if into_room > 0 {
+        return Err(Failure::new(
+            "nothing sent into the room after a Commit by a plain member naming itself admin",
+            format!("{into_room} Send(s) into it"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_first;
+
+    #[test]
+    fn the_author_must_be_named_first() {
+        assert!(names_first("[4] aaaa: hi", "aaaa", "bbbb"));
+        assert!(names_first("[4] aaaa (! said bbbb): hi", "aaaa", "bbbb"));
+        assert!(!names_first("[4] bbbb: hi", "aaaa", "bbbb"));
+        assert!(!names_first("[4] bbbb (aaaa): hi", "aaaa", "bbbb"));
+        assert!(!names_first("[4] me: hi", "aaaa", "bbbb"));
+    }
+}
