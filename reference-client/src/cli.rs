@@ -6,7 +6,7 @@
 //!   whoami                     your user key (give it to contacts) and this device
 //!   export                     print the identity's backup string (for a new device)
 //!   device list | add DEVICE | remove DEVICE | revoke DEVICE
-//!   contacts add NAME KEY | list | remove NAME
+//!   contacts add NAME KEY | list | remove NAME | verify NAME [--confirm]
 //!   dm NAME                    start a DM with a contact
 //!   room create ROOM | invite ROOM USER.. | remove ROOM USER.. | leave ROOM
 //!        promote ROOM USER | demote ROOM USER | list | members ROOM
@@ -226,6 +226,14 @@ enum ContactsAction {
     List,
     /// Remove a contact.
     Remove { name: String },
+    /// Show the safety number to compare with a contact out of band, and the contact's
+    /// devices; with --confirm, mark the contact verified (the numbers matched).
+    Verify {
+        name: String,
+        /// The numbers matched: remember the contact and its devices as verified.
+        #[arg(long)]
+        confirm: bool,
+    },
 }
 
 /// A user error, printed without a backtrace.
@@ -599,6 +607,88 @@ fn print_message(client: &Client, m: &Message, json: bool) {
     }
 }
 
+/// Prints a contact's safety number, its devices, and what changed since it was verified.
+fn print_verification(
+    name: &str,
+    changes: &crate::app::DeviceChanges,
+    confirmed: bool,
+    json: bool,
+) {
+    let short = |p: &ProcessId| format!("{}…", hex::encode(&p.0[..2]));
+    let list = |set: &std::collections::BTreeSet<ProcessId>| {
+        set.iter().map(short).collect::<Vec<_>>().join(", ")
+    };
+    if json {
+        let hexes = |set: &std::collections::BTreeSet<ProcessId>| {
+            set.iter().map(|p| hex::encode(p.0)).collect::<Vec<_>>()
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": name,
+                "safety_number": changes.safety_number,
+                "verified_ms": changes.verified_at.map(|t| t.0),
+                "devices": hexes(&changes.now),
+                "new_devices": hexes(&changes.added),
+                "gone_devices": hexes(&changes.gone),
+            })
+        );
+        return;
+    }
+    if confirmed {
+        println!(
+            "{name} verified, with {} device(s) seen now",
+            changes.now.len()
+        );
+        return;
+    }
+    println!("safety number with {name}; compare it with {name} in person or on a call:");
+    let groups: Vec<&str> = changes.safety_number.split(' ').collect();
+    for line in groups.chunks(4) {
+        println!("  {}", line.join(" "));
+    }
+    if changes.now.is_empty() {
+        println!("{name}'s devices: none in your conversations yet");
+    } else {
+        println!(
+            "{name}'s devices in your conversations: {}",
+            list(&changes.now)
+        );
+    }
+    match changes.verified_at {
+        None => println!(
+            "not verified: if the numbers match, run `confab contacts verify {name} --confirm`"
+        ),
+        Some(_) => {
+            println!("verified");
+            if !changes.added.is_empty() {
+                println!(
+                    "! new since you verified: {}; ask {name} whether they added it (a device they do not know of means their key is in someone else's hands), then verify again",
+                    list(&changes.added)
+                );
+            }
+            if !changes.gone.is_empty() {
+                println!("gone since you verified: {}", list(&changes.gone));
+            }
+        }
+    }
+}
+
+/// Warns, on standard error, of contacts verified earlier that now have devices the user
+/// did not verify (`contacts list --json` has them for a program).
+fn warn_device_changes(client: &Client) -> Result<(), CliError> {
+    for (name, key) in client.store().contacts()? {
+        let changes = client.device_changes(&key)?;
+        if changes.verified_at.is_some() && !changes.added.is_empty() {
+            eprintln!(
+                "! {name} has {} device(s) you did not verify: `confab contacts verify {name}`",
+                changes.added.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Tells the user a conversation forked here (a Commit this device could not apply).
 fn print_fork(conversation: &ConversationId, seq: Seq, reason: &str, json: bool) {
     if json {
@@ -759,16 +849,41 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                     }
                 }
                 ContactsAction::List => {
+                    let client = home.client(server)?;
                     for (name, key) in store.contacts()? {
+                        let changes = client.device_changes(&key)?;
                         if cli.json {
                             println!(
                                 "{}",
-                                serde_json::json!({"name": name, "user": hex_key(&key)})
+                                serde_json::json!({"name": name, "user": hex_key(&key),
+                                    "verified_ms": changes.verified_at.map(|t| t.0),
+                                    "new_devices": changes.added.len()})
                             );
                         } else {
-                            println!("{name}\t{}", hex_key(&key));
+                            let verified = match (changes.verified_at, changes.added.len()) {
+                                (None, _) => "not verified".to_owned(),
+                                (Some(_), 0) => "verified".to_owned(),
+                                (Some(_), n) => format!(
+                                    "verified, but {n} device{} since: `confab contacts verify {name}`",
+                                    if n == 1 { "" } else { "s" }
+                                ),
+                            };
+                            println!("{name}\t{}\t{verified}", hex_key(&key));
                         }
                     }
+                }
+                ContactsAction::Verify { name, confirm } => {
+                    let key = store
+                        .contacts()?
+                        .into_iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, k)| k)
+                        .ok_or_else(|| CliError::Usage(format!("no contact named {name}")))?;
+                    let mut client = home.client(server)?;
+                    if confirm {
+                        client.mark_verified(&key)?;
+                    }
+                    print_verification(&name, &client.device_changes(&key)?, confirm, cli.json);
                 }
                 ContactsAction::Remove { name } => {
                     if !store.remove_contact(&name)? {
@@ -841,6 +956,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 }
             }
             note_requests(&client, 0, cli.json)?;
+            warn_device_changes(&client)?;
         }
         Command::Watch => {
             let mut client = connect(&home, server).await?;

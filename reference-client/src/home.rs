@@ -21,6 +21,20 @@ use crate::transport::{Transport, system_now};
 /// or less).
 pub const CERTIFICATE_LIFETIME_MS: u64 = 90 * 86_400_000;
 
+/// The files of a home directory.
+pub const HOME_FILES: &[&str] = &[
+    "settings.toml",
+    "confab.db",
+    "confab.db-wal",
+    "confab.db-shm",
+    "mls.db",
+    "mls.db-wal",
+    "mls.db-shm",
+];
+
+/// The databases among [`HOME_FILES`], created empty at mode 0600 before SQLite opens them.
+const DATABASES: &[&str] = &["confab.db", "mls.db"];
+
 /// What `settings.toml` holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
@@ -107,8 +121,60 @@ impl Home {
 
     /// The local store (created if missing).
     pub fn local_store(&self) -> Result<ClientStore, HomeError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
+        self.make_private()?;
         Ok(ClientStore::open(&self.dir.join("confab.db"))?)
+    }
+
+    /// Makes the directory readable by its owner only: created (or tightened) to mode
+    /// 0700, its databases created empty at 0600 before SQLite opens them (SQLite gives its
+    /// `-wal` and `-shm` files the database's mode), and any file of it that a looser
+    /// umask or an older version left readable by others tightened to 0600. The files hold
+    /// the device key, the system key where there is one, and the message history.
+    fn make_private(&self) -> Result<(), HomeError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+            let private = |path: &Path, mode: u32| {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| self.io(path, e))
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(|e| self.io(&self.dir, e))?;
+            private(&self.dir, 0o700)?;
+            for name in HOME_FILES {
+                let path = self.dir.join(name);
+                if DATABASES.contains(name) {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .map_err(|e| self.io(&path, e))?;
+                }
+                match std::fs::metadata(&path) {
+                    Ok(m) if m.permissions().mode() & 0o077 != 0 => private(&path, 0o600)?,
+                    _ => {}
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
+        Ok(())
+    }
+
+    /// Writes `settings.toml`, readable by its owner only.
+    fn write_settings(&self, settings: &Settings) -> Result<(), HomeError> {
+        let path = self.dir.join("settings.toml");
+        let text = toml::to_string(settings).map_err(|e| self.io(&path, e))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&path).map_err(|e| self.io(&path, e))?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| self.io(&path, e))
     }
 
     /// Creates the identity: a new system key, or the one in a Polycentric `backup`, and a
@@ -148,18 +214,15 @@ impl Home {
             device_seed: device.seed(),
             certificate: confab_spec::cbor::to_vec(&certificate),
         };
-        let path = self.dir.join("settings.toml");
-        let text = toml::to_string(settings).map_err(|e| self.io(&path, e))?;
-        std::fs::write(&path, text).map_err(|e| self.io(&path, e))?;
+        self.write_settings(settings)?;
         store.set_identity(&identity)?;
         Ok(identity)
     }
 
     /// Replaces the stored settings.
     pub fn save_settings(&self, settings: &Settings) -> Result<(), HomeError> {
-        let path = self.dir.join("settings.toml");
-        let text = toml::to_string(settings).map_err(|e| self.io(&path, e))?;
-        std::fs::write(&path, text).map_err(|e| self.io(&path, e))
+        self.make_private()?;
+        self.write_settings(settings)
     }
 
     /// The stored settings.
@@ -229,6 +292,62 @@ pub fn origin_of(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    /// Every file of a home, and the directory, are its owner's only: at `init`, after the
+    /// MLS state and the WAL files exist, and after an older version left them open to
+    /// everyone.
+    #[cfg(unix)]
+    #[test]
+    fn a_home_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("home");
+        let home = Home::new(&dir);
+        let settings = Settings {
+            server: "ws://127.0.0.1:1/v1/ws".into(),
+            engine: "mls-rs".into(),
+            ca_file: None,
+            presence: None,
+        };
+        home.init(None, &settings).expect("init");
+        let _client = home.client(None).expect("client");
+        let check = |when: &str| {
+            assert_eq!(mode(&dir), 0o700, "{when}: the directory");
+            let mut files = 0;
+            for entry in std::fs::read_dir(&dir).expect("read_dir") {
+                let path = entry.expect("entry").path();
+                assert_eq!(mode(&path), 0o600, "{when}: {}", path.display());
+                files += 1;
+            }
+            assert!(
+                files >= 4,
+                "{when}: settings, both databases and a WAL: {files}"
+            );
+        };
+        check("after init");
+        // An older version's home: everything readable by everyone.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for name in HOME_FILES {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod");
+            }
+        }
+        drop(_client);
+        let _client = home.client(None).expect("client again");
+        check("after the next use");
+    }
 
     #[test]
     fn origins_drop_the_path() {

@@ -10,7 +10,9 @@
 use std::path::Path;
 
 use confab_spec::frame::ConversationKind;
-use confab_spec::ids::{ConversationId, DeviceId, MsgId, Seq, StreamId, SystemKey, UnixMs};
+use confab_spec::ids::{
+    ConversationId, DeviceId, MsgId, ProcessId, Seq, StreamId, SystemKey, UnixMs,
+};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// Local storage failures.
@@ -109,6 +111,18 @@ impl std::fmt::Debug for OutboxItem {
             .field("payload_len", &self.payload.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Most devices of one user kept with a verification.
+pub const DEVICES_MAX: usize = 64;
+
+/// A user's safety number, compared and found right ([`ClientStore::set_verified`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// When.
+    pub at: UnixMs,
+    /// The user's devices this device saw in shared groups then.
+    pub devices: Vec<ProcessId>,
 }
 
 /// Counts of what a device could not trust ([`ClientStore::suspicions`]), for `status`.
@@ -232,7 +246,12 @@ CREATE TABLE IF NOT EXISTS requests (
     welcome BLOB NOT NULL,
     received_ms INTEGER NOT NULL
 );
-PRAGMA user_version = 6;
+CREATE TABLE IF NOT EXISTS verified_users (
+    system BLOB PRIMARY KEY,
+    verified_ms INTEGER NOT NULL,
+    devices BLOB NOT NULL
+);
+PRAGMA user_version = 7;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -492,6 +511,46 @@ impl ClientStore {
             .conn
             .execute("DELETE FROM contacts WHERE name = ?1", [name])?
             == 1)
+    }
+
+    /// Records that the user compared `system`'s safety number and found it right (SPEC.md
+    /// 3.6), with the devices of that user this device saw then (at most [`DEVICES_MAX`]).
+    pub fn set_verified(
+        &mut self,
+        system: &SystemKey,
+        devices: &[ProcessId],
+        at: UnixMs,
+    ) -> Result<(), StoreError> {
+        let devices: Vec<u8> = devices.iter().take(DEVICES_MAX).flat_map(|p| p.0).collect();
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO verified_users (system, verified_ms, devices)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![system.0.as_slice(), to_i64(at.0), devices])?;
+        Ok(())
+    }
+
+    /// When the user verified `system`, and the devices seen then; `None` if never.
+    pub fn verified(&self, system: &SystemKey) -> Result<Option<Verification>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT verified_ms, devices FROM verified_users WHERE system = ?1")?
+            .query_row([system.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(at, devices)| {
+            if devices.len() % 16 != 0 {
+                return Err(StoreError::Corrupt("verified devices"));
+            }
+            Ok(Verification {
+                at: UnixMs(u64::try_from(at).unwrap_or(0)),
+                devices: devices
+                    .chunks_exact(16)
+                    .map(|c| array(c.to_vec(), "process id").map(ProcessId))
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .transpose()
     }
 
     /// The contacts, by name.

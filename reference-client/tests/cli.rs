@@ -166,6 +166,25 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
     assert_eq!(status["outbox"], 0, "nothing left unsent: {status}");
     assert_eq!(status["connected"], true);
 
+    // README, "Checking who you talk to": both see the same safety number; Bob confirms it.
+    let number = |home: &Path, contact: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(&ok(
+            home,
+            &server,
+            &["--json", "contacts", "verify", contact],
+        ))
+        .expect("json");
+        v["safety_number"].as_str().expect("a number").to_owned()
+    };
+    let shared = number(&alice, "bob");
+    assert_eq!(shared, number(&bob, "alice"));
+    assert_eq!(shared.split(' ').count(), 12, "{shared}");
+    let shown = ok(&bob, &server, &["contacts", "verify", "alice"]);
+    assert!(shown.contains("not verified"), "{shown}");
+    assert!(shown.contains(&shared[..11]), "{shown}");
+    ok(&bob, &server, &["contacts", "verify", "alice", "--confirm"]);
+    assert!(ok(&bob, &server, &["contacts", "list"]).contains("\tverified\n"));
+
     // A second device for Alice: set up from her backup string, added from her first
     // device, it reads what is sent from then on; revoked, it is refused.
     let alice2 = dir.path().join("alice2");
@@ -199,6 +218,28 @@ fn two_homes_chat_through_a_gateway_that_restarts() {
         read(&alice2, &server),
         vec![],
         "nothing from before it joined"
+    );
+    // Bob verified Alice with one device: the new one is pointed out until he verifies again.
+    let warned = confab(&bob, &server, &["read"]);
+    assert!(
+        warned
+            .stderr
+            .contains("alice has 1 device(s) you did not verify"),
+        "{}",
+        warned.stderr
+    );
+    let listed = ok(&bob, &server, &["contacts", "list"]);
+    assert!(listed.contains("verified, but 1 device since"), "{listed}");
+    let verify = ok(&bob, &server, &["contacts", "verify", "alice"]);
+    assert!(
+        verify.contains(&format!("new since you verified: {}…", &device[..4])),
+        "{verify}"
+    );
+    ok(&bob, &server, &["contacts", "verify", "alice", "--confirm"]);
+    assert!(
+        !confab(&bob, &server, &["read"])
+            .stderr
+            .contains("did not verify")
     );
     ok(&bob, &server, &["send", "alice", "to both"]);
     // Contacts are per device; the DM it joined is found by the peer's name.

@@ -9,7 +9,8 @@
 //! the style of `quinn-proto`.
 //!
 //! Map from SPEC.md to modules:
-//! - section 3 (identity) and 5.3 (auth transcript): [`identity`];
+//! - section 3 (identity) and 5.3 (auth transcript): [`identity`]; 3.6 (safety numbers):
+//!   [`safety`];
 //! - section 4.2 (CBOR rules) and 4.4 (limits): [`cbor`], [`limits`];
 //! - section 4.6 (identifiers): [`ids`];
 //! - Appendix A (frames): [`frame`];
@@ -33,6 +34,7 @@ pub mod mls_framing;
 pub mod mls_write;
 pub mod requirements;
 pub mod rooms;
+pub mod safety;
 pub mod session;
 pub mod vectors;
 

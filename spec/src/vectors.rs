@@ -63,6 +63,7 @@ pub fn generate() -> Vec<VectorFile> {
         file("certificates.json", certificates()),
         file("auth.json", auth()),
         file("session.json", session()),
+        file("safety-numbers.json", safety_numbers()),
     ]
 }
 
@@ -680,6 +681,30 @@ fn invalid_frames() -> Value {
         "description": "Bytes a receiver must reject, with the error code it answers (SPEC.md sections 4.2-4.4). `direction` names the sender whose frames the receiver expects.",
         "limits": {"frame_bytes_max": crate::limits::FRAME_BYTES_MAX_DEFAULT, "collection_len_max": crate::limits::COLLECTION_LEN_MAX_DEFAULT, "nesting_depth_max": crate::limits::NESTING_DEPTH_MAX_DEFAULT, "text_bytes_max": crate::limits::TEXT_BYTES_MAX_DEFAULT},
         "vectors": invalid_frame_cases(),
+    })
+}
+
+fn safety_numbers() -> Value {
+    let (system, _, _) = fixture();
+    let keys = [
+        system.public(),
+        SystemKeyPair::from_seed(&[9; 32]).public(),
+        crate::ids::SystemKey([0; 32]),
+        crate::ids::SystemKey([0xFF; 32]),
+    ];
+    let mut vectors = Vec::new();
+    for (i, a) in keys.iter().enumerate() {
+        for b in &keys[i + 1..] {
+            vectors.push(json!({
+                "a": hex::encode(a.0),
+                "b": hex::encode(b.0),
+                "safety_number": crate::safety::safety_number(a, b),
+            }));
+        }
+    }
+    json!({
+        "description": "Safety numbers (SPEC.md 3.6) of pairs of system keys; the same for (b, a).",
+        "vectors": vectors,
     })
 }
 

@@ -247,3 +247,19 @@ fn session_transcripts_replay_exactly() {
         }
     }
 }
+
+#[test]
+fn safety_numbers_hold_in_both_orders() {
+    use confab_spec::ids::SystemKey;
+    use confab_spec::safety::safety_number;
+    let file = load("safety-numbers.json");
+    let vectors = file["vectors"].as_array().expect("vectors");
+    assert!(vectors.len() >= 6);
+    let key = |v: &Value| SystemKey(unhex(v).try_into().expect("32 bytes"));
+    for v in vectors {
+        let (a, b) = (key(&v["a"]), key(&v["b"]));
+        let expected = v["safety_number"].as_str().expect("a number");
+        assert_eq!(safety_number(&a, &b), expected);
+        assert_eq!(safety_number(&b, &a), expected);
+    }
+}

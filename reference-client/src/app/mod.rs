@@ -53,6 +53,8 @@ use crate::transport::Transport;
 pub mod receive_batch;
 mod requests;
 mod rooms;
+mod verify;
+pub use verify::DeviceChanges;
 
 pub use rooms::{INVITES_PER_COMMIT, InviteReport, RoomMember};
 
