@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! confab [--home DIR] [--server URL] [--engine openmls|mls-rs] [--ca-file PEM] [--json] <command>
-//!   init [--import BACKUP]     create an identity (or import a Polycentric one) and this device
+//!   init [--import BACKUP | --link]   create an identity (or import a Polycentric one), or
+//!                              a linked device that never holds the secret user key
+//!   link [CERT]                on a linked device: show its request, or install its certificate
 //!   whoami                     your user key (give it to contacts) and this device
 //!   export                     print the identity's backup string (for a new device)
-//!   device list | add DEVICE | remove DEVICE | revoke DEVICE
+//!   device list | add DEVICE | remove DEVICE | revoke DEVICE | link REQUEST
 //!   contacts add NAME KEY | list | remove NAME | verify NAME [--confirm]
 //!   dm NAME                    start a DM with a contact
 //!   room create ROOM | invite ROOM USER.. | remove ROOM USER.. | leave ROOM
@@ -68,8 +70,18 @@ enum Command {
     /// Create an identity and this device, or import an identity with --import.
     Init {
         /// A Polycentric backup string (polycentric://…).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "link")]
         import: Option<String>,
+        /// Make this a linked device: it gets its certificate from a device that holds
+        /// your identity (`device link`) and never holds your secret user key.
+        #[arg(long)]
+        link: bool,
+    },
+    /// On a device made with `init --link`: with no argument, show its link request; with
+    /// the certificate string `device link` printed, install it (also to renew it).
+    Link {
+        /// The certificate string (confab-cert:…).
+        certificate: Option<String>,
     },
     /// Show your user key (share it with contacts) and this device.
     Whoami,
@@ -210,8 +222,11 @@ enum DeviceAction {
     /// List your devices that the gateway knows (those that published KeyPackages).
     List,
     /// Add a new device to all your conversations. Set it up first with
-    /// `confab --home NEW init --import "$(confab export)"`; DEVICE is the id it prints.
+    /// `confab --home NEW init --link` and `device link`; DEVICE is the id it prints.
     Add { device: String },
+    /// Certify a new device from its link request (what `init --link` printed on it); prints
+    /// the certificate string to give it. Only a device that holds your secret user key can.
+    Link { request: String },
     /// Remove a device from all your conversations (it can be added again).
     Remove { device: String },
     /// Revoke a device for good (lost or stolen) and remove it from all conversations.
@@ -689,6 +704,27 @@ fn warn_device_changes(client: &Client) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Prints a new device's link request.
+fn print_link_request(request: &crate::link::LinkRequest, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"request": request.encode(), "check_code": request.check_code(),
+                "device": hex::encode(request.process.0)})
+        );
+    } else {
+        println!(
+            "on a device that holds your identity, run: confab device link {}",
+            request.encode()
+        );
+        println!(
+            "check code {} (that device shows it too)",
+            request.check_code()
+        );
+        println!("then here: confab link CERT, with the certificate string it prints");
+    }
+}
+
 /// Tells the user a conversation forked here (a Commit this device could not apply).
 fn print_fork(conversation: &ConversationId, seq: Seq, reason: &str, json: bool) {
     if json {
@@ -713,13 +749,18 @@ fn print_fork(conversation: &ConversationId, seq: Seq, reason: &str, json: bool)
 async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
     let server = cli.server.as_deref();
     match cli.command {
-        Command::Init { import } => {
+        Command::Init { import, link } => {
             let settings = Settings {
                 server: server.unwrap_or(DEFAULT_SERVER).to_owned(),
                 engine: cli.engine.unwrap_or_else(|| "openmls".into()),
                 ca_file: cli.ca_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 presence: None,
             };
+            if link {
+                let request = home.init_link(&settings)?;
+                print_link_request(&request, cli.json);
+                return Ok(());
+            }
             let identity = home.init(import.as_deref(), &settings)?;
             let mut client = connect(&home, None).await?;
             let pool = client.top_up_key_packages(POOL_TARGET).await?;
@@ -758,16 +799,61 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 println!("device {}", hex::encode(device.process.0));
             }
         }
+        Command::Link { certificate: None } => {
+            print_link_request(&home.link_request()?, cli.json);
+        }
+        Command::Link {
+            certificate: Some(text),
+        } => {
+            let identity = home.finish_link(&text)?;
+            let mut client = connect(&home, server).await?;
+            let pool = client.top_up_key_packages(POOL_TARGET).await?;
+            let device = hex::encode(client.device().process.0);
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"user": hex_key(&identity.system), "device": device,
+                        "key_packages": pool.pool_count})
+                );
+            } else {
+                println!(
+                    "linked: this device holds a certificate of user {}",
+                    hex_key(&identity.system)
+                );
+                println!("this device: {device}");
+                println!(
+                    "next, on a device already in your conversations: confab device add {device}"
+                );
+            }
+        }
         Command::Export => {
             let (identity, _) = home.identity()?;
-            let seed = identity.system_seed.ok_or_else(|| {
-                CliError::Usage("this device does not hold the user's secret key".into())
-            })?;
+            let seed = identity.system_seed.ok_or(HomeError::NoSystemKey)?;
             let backup = crate::identity::export_backup(&SystemKeyPair::from_seed(&seed));
             if cli.json {
                 println!("{}", serde_json::json!({ "backup": backup }));
             } else {
                 println!("{backup}");
+            }
+        }
+        Command::Device {
+            action: DeviceAction::Link { request },
+        } => {
+            let request = crate::link::LinkRequest::decode(&request).map_err(HomeError::from)?;
+            let certificate = home.issue_link(&request)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"device": hex::encode(request.process.0),
+                        "check_code": request.check_code(), "certificate": certificate})
+                );
+            } else {
+                println!(
+                    "check code {} (the new device shows the same; if not, do not use this)",
+                    request.check_code()
+                );
+                println!("give the new device this, with `confab link CERT`:");
+                println!("{certificate}");
             }
         }
         Command::Device { action } => {
@@ -816,11 +902,10 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                         .remove_device(parse_device(identity.system, &device)?)
                         .await?
                 }
+                DeviceAction::Link { .. } => return Ok(()), // handled above, offline
                 DeviceAction::Revoke { device } => {
                     let device = parse_device(identity.system, &device)?;
-                    let seed = identity.system_seed.ok_or_else(|| {
-                        CliError::Usage("this device does not hold the user's secret key".into())
-                    })?;
+                    let seed = identity.system_seed.ok_or(HomeError::NoSystemKey)?;
                     let now = crate::transport::system_now();
                     let revocation = SystemKeyPair::from_seed(&seed).revoke(device.process, now);
                     client.revoke_device(revocation).await?

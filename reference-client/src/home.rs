@@ -84,6 +84,19 @@ pub enum HomeError {
     /// The stored certificate does not decode.
     #[error("the stored device certificate is unreadable")]
     Certificate,
+    /// The operation needs the user's system key, which this device does not hold.
+    #[error(
+        "this device does not hold the user's secret key; do this on the device where you created or imported the identity"
+    )]
+    NoSystemKey,
+    /// `init --link` was run, and the certificate has not been installed yet.
+    #[error(
+        "{0} waits for its certificate: run `confab device link REQUEST` on a device that holds your identity (`confab link` shows the request), then `confab link CERT` here"
+    )]
+    AwaitingLink(PathBuf),
+    /// A link string was refused.
+    #[error("{0}")]
+    Link(#[from] crate::link::LinkError),
 }
 
 /// A state directory.
@@ -219,6 +232,84 @@ impl Home {
         Ok(identity)
     }
 
+    /// Starts a device that will get its certificate from another of the user's devices
+    /// (device linking, [`crate::link`]): makes its key and process id and returns the
+    /// request to show. Run again before the certificate is installed, it returns the same
+    /// request.
+    pub fn init_link(&self, settings: &Settings) -> Result<crate::link::LinkRequest, HomeError> {
+        EngineKind::parse(&settings.engine)
+            .ok_or_else(|| HomeError::Engine(settings.engine.clone()))?;
+        let mut store = self.local_store()?;
+        if store.identity()?.is_some() {
+            return Err(HomeError::AlreadyInitialised(self.dir.clone()));
+        }
+        if store.pending_device()?.is_none() {
+            let device = DeviceKeyPair::generate(&mut rand_core::OsRng);
+            let mut process = [0u8; 16];
+            rand_core::OsRng.fill_bytes(&mut process);
+            store.set_pending_device(&device.seed(), &ProcessId(process))?;
+            self.write_settings(settings)?;
+        }
+        self.link_request()
+    }
+
+    /// The link request of this device: the pending one, or, for a device that has its
+    /// identity, one for a new certificate of the same key (a renewal).
+    pub fn link_request(&self) -> Result<crate::link::LinkRequest, HomeError> {
+        let store = self.local_store()?;
+        let (seed, process) = match store.identity()? {
+            Some(identity) => (identity.device_seed, self.identity()?.1.certificate.process),
+            None => store
+                .pending_device()?
+                .ok_or_else(|| HomeError::NotInitialised(self.dir.clone()))?,
+        };
+        Ok(crate::link::LinkRequest {
+            process,
+            device_key: DeviceKeyPair::from_seed(&seed).public(),
+        })
+    }
+
+    /// Installs the certificate another device issued for this one's link request (or a
+    /// renewal for the same key and user). The system key is never stored here.
+    pub fn finish_link(&self, text: &str) -> Result<StoredIdentity, HomeError> {
+        let request = self.link_request()?;
+        let certificate = crate::link::accept_certificate(text, &request, system_now())?;
+        let mut store = self.local_store()?;
+        let (system_seed, device_seed) = match store.identity()? {
+            Some(current) if current.system != certificate.system => {
+                return Err(crate::link::LinkError::OtherUser.into());
+            }
+            Some(current) => (current.system_seed, current.device_seed),
+            None => match store.pending_device()? {
+                Some((seed, _)) => (None, seed),
+                None => return Err(HomeError::NotInitialised(self.dir.clone())),
+            },
+        };
+        let identity = StoredIdentity {
+            system_seed,
+            system: certificate.system,
+            device_seed,
+            certificate: confab_spec::cbor::to_vec(&certificate),
+        };
+        store.complete_link(&identity)?;
+        Ok(identity)
+    }
+
+    /// Issues a certificate for another device's link request: only a device that holds
+    /// the system key can. Returns the certificate string to give the new device.
+    pub fn issue_link(&self, request: &crate::link::LinkRequest) -> Result<String, HomeError> {
+        let (identity, _) = self.identity()?;
+        let seed = identity.system_seed.ok_or(HomeError::NoSystemKey)?;
+        let now = system_now();
+        let certificate = SystemKeyPair::from_seed(&seed).issue_certificate(
+            request.process,
+            request.device_key,
+            UnixMs(now.0.saturating_sub(60_000)),
+            now.plus_ms(CERTIFICATE_LIFETIME_MS),
+        );
+        Ok(crate::link::encode_certificate(&certificate))
+    }
+
     /// Replaces the stored settings.
     pub fn save_settings(&self, settings: &Settings) -> Result<(), HomeError> {
         self.make_private()?;
@@ -235,10 +326,14 @@ impl Home {
 
     /// The identity and this device's credentials.
     pub fn identity(&self) -> Result<(StoredIdentity, DeviceCredentials), HomeError> {
-        let identity = self
-            .local_store()?
-            .identity()?
-            .ok_or_else(|| HomeError::NotInitialised(self.dir.clone()))?;
+        let store = self.local_store()?;
+        let identity = match store.identity()? {
+            Some(identity) => identity,
+            None if store.pending_device()?.is_some() => {
+                return Err(HomeError::AwaitingLink(self.dir.clone()));
+            }
+            None => return Err(HomeError::NotInitialised(self.dir.clone())),
+        };
         let certificate: DeviceCertificate = confab_spec::cbor::from_slice(
             &identity.certificate,
             &confab_spec::DecodeLimits::default(),

@@ -21,6 +21,7 @@ pub mod faults;
 pub mod home;
 pub mod identity;
 pub mod interop;
+pub mod link;
 pub mod mls;
 pub mod presence;
 pub mod store;

@@ -251,7 +251,12 @@ CREATE TABLE IF NOT EXISTS verified_users (
     verified_ms INTEGER NOT NULL,
     devices BLOB NOT NULL
 );
-PRAGMA user_version = 7;
+CREATE TABLE IF NOT EXISTS pending_device (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    device_seed BLOB NOT NULL,
+    process BLOB NOT NULL
+);
+PRAGMA user_version = 8;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -329,6 +334,24 @@ fn deliver_in(
     }
     advance_cursor(tx, &key, seq.get() + 1)?;
     Ok(!shown_before)
+}
+
+/// Stores `identity` as the one identity, replacing any.
+fn put_identity(conn: &Connection, identity: &StoredIdentity) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO identity (id, system_seed, system, device_seed, certificate)
+         VALUES (1, ?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET system_seed = excluded.system_seed,
+             system = excluded.system, device_seed = excluded.device_seed,
+             certificate = excluded.certificate",
+    )?
+    .execute(params![
+        identity.system_seed.map(|s| s.to_vec()),
+        identity.system.0.as_slice(),
+        identity.device_seed.as_slice(),
+        identity.certificate,
+    ])?;
+    Ok(())
 }
 
 /// Adds `column` to `table` unless the table has it (a migration).
@@ -469,23 +492,51 @@ impl ClientStore {
         }))
     }
 
-    /// Stores the identity, replacing any (a renewed certificate).
-    pub fn set_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+    /// The device key seed and process id of a device waiting to be linked (`init --link`),
+    /// if any.
+    pub fn pending_device(&self) -> Result<Option<([u8; 32], ProcessId)>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT device_seed, process FROM pending_device WHERE id = 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(seed, process)| {
+            Ok((
+                array(seed, "pending device key")?,
+                ProcessId(array(process, "pending process id")?),
+            ))
+        })
+        .transpose()
+    }
+
+    /// Keeps the key and process id of a device waiting to be linked.
+    pub fn set_pending_device(
+        &mut self,
+        device_seed: &[u8; 32],
+        process: &ProcessId,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO identity (id, system_seed, system, device_seed, certificate)
-             VALUES (1, ?1, ?2, ?3, ?4)
-             ON CONFLICT (id) DO UPDATE SET system_seed = excluded.system_seed,
-                 system = excluded.system, device_seed = excluded.device_seed,
-                 certificate = excluded.certificate",
+                "INSERT OR REPLACE INTO pending_device (id, device_seed, process)
+                 VALUES (1, ?1, ?2)",
             )?
-            .execute(params![
-                identity.system_seed.map(|s| s.to_vec()),
-                identity.system.0.as_slice(),
-                identity.device_seed.as_slice(),
-                identity.certificate,
-            ])?;
+            .execute(params![device_seed.as_slice(), process.0.as_slice()])?;
         Ok(())
+    }
+
+    /// Stores the identity of a linked device and forgets its pending state, in one
+    /// transaction.
+    pub fn complete_link(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        put_identity(&tx, identity)?;
+        tx.execute("DELETE FROM pending_device", [])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores the identity, replacing any (a renewed certificate).
+    pub fn set_identity(&mut self, identity: &StoredIdentity) -> Result<(), StoreError> {
+        put_identity(&self.conn, identity)
     }
 
     /// Adds a contact under a local name.

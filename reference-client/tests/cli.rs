@@ -588,3 +588,121 @@ fn strangers_invitations_wait_as_requests() {
     let _ = stop.send(());
     thread.join().expect("gateway thread");
 }
+
+/// README, "A second device": a linked device gets its certificate from Alice's first
+/// device and never holds her secret user key: it reads and sends in her DM once added,
+/// and cannot export the identity, certify devices or revoke them. A certificate made for
+/// another device's request is refused.
+#[test]
+fn a_linked_device_never_holds_the_system_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ThreePeople {
+        server,
+        stop,
+        thread,
+        homes: (alice, bob, _),
+        keys: (ka, kb, _),
+    } = three_people(dir.path());
+    ok(&alice, &server, &["contacts", "add", "bob", &kb]);
+    ok(&bob, &server, &["contacts", "add", "alice", &ka]);
+    ok(&alice, &server, &["dm", "bob"]);
+    ok(&alice, &server, &["send", "bob", "before the phone"]);
+
+    let phone = dir.path().join("alice-phone");
+    let json = |text: String| -> serde_json::Value { serde_json::from_str(&text).expect("json") };
+    let request = json(ok(
+        &phone,
+        &server,
+        &["--json", "--engine", "mls-rs", "init", "--link"],
+    ));
+    let waiting = confab(&phone, &server, &["whoami"]);
+    assert!(
+        !waiting.ok && waiting.stderr.contains("waits for its certificate"),
+        "{}",
+        waiting.stderr
+    );
+    // Shown again, the same request.
+    assert_eq!(
+        json(ok(&phone, &server, &["--json", "link"]))["request"],
+        request["request"]
+    );
+    let issued = json(ok(
+        &alice,
+        &server,
+        &[
+            "--json",
+            "device",
+            "link",
+            request["request"].as_str().expect("request"),
+        ],
+    ));
+    assert_eq!(
+        issued["check_code"], request["check_code"],
+        "both show one code"
+    );
+    let linked = json(ok(
+        &phone,
+        &server,
+        &[
+            "--json",
+            "link",
+            issued["certificate"].as_str().expect("certificate"),
+        ],
+    ));
+    assert_eq!(linked["user"].as_str(), Some(ka.as_str()));
+    let device = linked["device"].as_str().expect("device").to_owned();
+    assert_eq!(request["device"].as_str(), Some(device.as_str()));
+    ok(&alice, &server, &["device", "add", &device]);
+    ok(
+        &bob,
+        &server,
+        &["send", "alice", "to both of alice's devices"],
+    );
+    ok(&phone, &server, &["contacts", "add", "bob", &kb]);
+    let texts: Vec<String> = read(&phone, &server).into_iter().map(|m| m.2).collect();
+    assert_eq!(texts, vec!["to both of alice's devices".to_owned()]);
+    ok(&phone, &server, &["send", "bob", "from the phone"]);
+    assert!(read(&bob, &server).contains(&(5, "alice".into(), "from the phone".into())));
+
+    // The phone holds no system key: no export, no certificates, no revocations.
+    let conn = rusqlite::Connection::open(phone.join("confab.db")).expect("open");
+    let seedless: bool = conn
+        .query_row("SELECT system_seed IS NULL FROM identity", [], |r| r.get(0))
+        .expect("identity");
+    assert!(seedless, "the linked device stores no system key");
+    let other = dir.path().join("other");
+    let other_request = json(ok(&other, &server, &["--json", "init", "--link"]));
+    let alice_device = json(ok(&alice, &server, &["--json", "whoami"]))["device"]
+        .as_str()
+        .expect("device")
+        .to_owned();
+    for args in [
+        vec!["export"],
+        vec![
+            "device",
+            "link",
+            other_request["request"].as_str().expect("request"),
+        ],
+        vec!["device", "revoke", alice_device.as_str()],
+    ] {
+        let out = confab(&phone, &server, &args);
+        assert!(
+            !out.ok && out.stderr.contains("does not hold the user's secret key"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    // A certificate for the phone's request is not one for another device.
+    let out = confab(
+        &other,
+        &server,
+        &["link", issued["certificate"].as_str().expect("certificate")],
+    );
+    assert!(
+        !out.ok && out.stderr.contains("for another device"),
+        "{}",
+        out.stderr
+    );
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+}

@@ -1652,12 +1652,8 @@ impl Client {
                     // One's own message, recognised by its msg_id and its very bytes: the
                     // plaintext kept in the outbox.
                     author = self.device;
-                    let plaintext = self.store.outbox_plaintext(&entry.msg_id)?;
-                    if plaintext.is_none() {
-                        unreadable =
-                            Some("this device's own Commit, delivered as a message".to_owned());
-                    }
-                    plaintext
+                    // Bytes sent without a plaintext (`send_raw`) have nothing to show.
+                    self.store.outbox_plaintext(&entry.msg_id)?
                 } else {
                     // Journaled by the engine until the store below holds it, so a crash in
                     // between does not lose it (its key is gone once it is decrypted).
