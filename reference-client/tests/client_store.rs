@@ -275,7 +275,7 @@ fn version_1_databases_are_migrated() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 7);
+    assert_eq!(version, 8);
 }
 
 /// A version 5 database (messages without `gateway_sender`) keeps its messages, and a
