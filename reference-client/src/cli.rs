@@ -32,7 +32,7 @@ use std::time::Duration;
 use crate::app::{Client, ClientError};
 use crate::faults::Faults;
 use crate::home::{Home, HomeError, Settings};
-use crate::store::Message;
+use crate::store::{Irregular, Message};
 use clap::{Parser, Subcommand};
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{ConversationKind, InvitePolicy, PresenceMode, PresenceState};
@@ -611,12 +611,29 @@ fn print_message(client: &Client, m: &Message, json: bool) {
             line["gateway_said_from"] = serde_json::json!(device_name(client, said));
             line["gateway_said_device"] = serde_json::json!(hex::encode(said.process.0));
         }
+        match m.irregular {
+            Some(Irregular::Missing(n)) => line["missing_before"] = serde_json::json!(n),
+            Some(Irregular::Stale) => line["out_of_order"] = serde_json::json!(true),
+            None => {}
+        }
         println!("{line}");
     } else {
+        if let Some(Irregular::Missing(n)) = m.irregular {
+            // What the gateway did not deliver is said where it is missing (SPEC.md 7.9).
+            println!(
+                "! {n} earlier message{} from {from} never arrived (held back by the gateway, or unreadable)",
+                if n == 1 { "" } else { "s" }
+            );
+        }
+        let mut notes: Vec<String> = relabelled.into_iter().collect();
+        if m.irregular == Some(Irregular::Stale) {
+            notes.push("out of order, or a copy".into());
+        }
         // The text is someone else's: it may not forge lines or reach the terminal raw.
-        let header = match &relabelled {
-            Some(note) => format!("[{}] {from} (! {note}): ", m.seq.get()),
-            None => format!("[{}] {from}: ", m.seq.get()),
+        let header = if notes.is_empty() {
+            format!("[{}] {from}: ", m.seq.get())
+        } else {
+            format!("[{}] {from} (! {}): ", m.seq.get(), notes.join("; "))
         };
         println!("{}", crate::display::message(&header, &text));
     }
@@ -1263,7 +1280,8 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                     serde_json::json!({"connected": client.is_ready(), "key_packages": pool.pool_count,
                         "uploaded": pool.uploaded, "outbox": outbox, "conversations": conversations,
                         "relabelled": suspicions.relabelled, "unreadable": suspicions.unreadable,
-                        "forked": suspicions.forked})
+                        "forked": suspicions.forked, "missing": suspicions.missing,
+                        "out_of_order": suspicions.out_of_order})
                 );
             } else {
                 println!("connected      {}", client.is_ready());
@@ -1275,8 +1293,12 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 println!("conversations  {conversations}");
                 // What the gateway got wrong, as far as this device can tell (SPEC.md 7.8).
                 println!(
-                    "suspect        {} mislabelled, {} unreadable, {} forked",
-                    suspicions.relabelled, suspicions.unreadable, suspicions.forked
+                    "suspect        {} mislabelled, {} unreadable, {} forked, {} never arrived, {} out of order",
+                    suspicions.relabelled,
+                    suspicions.unreadable,
+                    suspicions.forked,
+                    suspicions.missing,
+                    suspicions.out_of_order
                 );
             }
         }

@@ -31,6 +31,11 @@ pub struct Faults {
     /// Judge a room Commit on the committer the gateway names, and merge one that breaks
     /// the room's rules with nothing but a note (REQ-7.8-3).
     pub accept_rule_breaking_commits: bool,
+    /// Never compare a sender's message numbers, so withheld messages go unnoticed
+    /// (REQ-7.9-2).
+    pub ignore_missing_messages: bool,
+    /// Send the bare text as the plaintext, with no counter (REQ-7.9-1).
+    pub unnumbered_messages: bool,
 }
 
 impl Faults {
@@ -50,6 +55,8 @@ impl Faults {
         "trust_gateway_sender",
         "trust_gateway_proposals",
         "accept_rule_breaking_commits",
+        "ignore_missing_messages",
+        "unnumbered_messages",
     ];
 
     /// One switch on, by its name (the field's name); `None` for an unknown name.
@@ -70,6 +77,8 @@ impl Faults {
             "trust_gateway_sender" => &mut f.trust_gateway_sender,
             "trust_gateway_proposals" => &mut f.trust_gateway_proposals,
             "accept_rule_breaking_commits" => &mut f.accept_rule_breaking_commits,
+            "ignore_missing_messages" => &mut f.ignore_missing_messages,
+            "unnumbered_messages" => &mut f.unnumbered_messages,
             _ => return None,
         };
         *switch = true;

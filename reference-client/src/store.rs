@@ -134,6 +134,10 @@ pub struct Suspicions {
     pub unreadable: u64,
     /// Conversations that forked (SPEC.md 7.7, 7.8).
     pub forked: u64,
+    /// Messages of other members that never arrived, as their numbers show (SPEC.md 7.9).
+    pub missing: u64,
+    /// Messages that came out of their sender's order, or twice (SPEC.md 7.9).
+    pub out_of_order: u64,
 }
 
 /// A message shown to the user.
@@ -157,6 +161,37 @@ pub struct Message {
     /// The sender the gateway named in the entry, when MLS authenticated another one as
     /// `sender` (SPEC.md 7.8): the message is shown as `sender`'s and flagged.
     pub gateway_sender: Option<DeviceId>,
+    /// The sender's number for it (SPEC.md 7.9), when its content carries one.
+    pub counter: Option<u64>,
+    /// What its number says of the sender's messages before it, when that is not "the
+    /// next one".
+    pub irregular: Option<Irregular>,
+}
+
+/// A message whose number (SPEC.md 7.9) is not the one after the sender's last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Irregular {
+    /// This many of the sender's messages before it never arrived or could not be read.
+    Missing(u64),
+    /// Its number is at or below one already read: a copy, or a message held back.
+    Stale,
+}
+
+impl Irregular {
+    fn to_column(self) -> i64 {
+        match self {
+            Self::Missing(n) => to_i64(n),
+            Self::Stale => -1,
+        }
+    }
+
+    fn from_column(v: i64) -> Option<Self> {
+        match v {
+            -1 => Some(Self::Stale),
+            n if n > 0 => Some(Self::Missing(n as u64)),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Message {
@@ -203,7 +238,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     peer BLOB,
     removed INTEGER NOT NULL DEFAULT 0,
     forked_seq INTEGER,
-    forked_reason TEXT
+    forked_reason TEXT,
+    sent_counter INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS cursors (
     stream BLOB PRIMARY KEY,
@@ -228,6 +264,8 @@ CREATE TABLE IF NOT EXISTS messages (
     body BLOB NOT NULL,
     unreadable TEXT,
     gateway_sender BLOB,
+    counter INTEGER,
+    irregular INTEGER,
     PRIMARY KEY (conversation, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS room_names (
@@ -256,7 +294,13 @@ CREATE TABLE IF NOT EXISTS pending_device (
     device_seed BLOB NOT NULL,
     process BLOB NOT NULL
 );
-PRAGMA user_version = 8;
+CREATE TABLE IF NOT EXISTS sender_counters (
+    conversation BLOB NOT NULL,
+    sender BLOB NOT NULL,
+    highest INTEGER NOT NULL,
+    PRIMARY KEY (conversation, sender)
+) WITHOUT ROWID;
+PRAGMA user_version = 9;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -315,8 +359,8 @@ fn deliver_in(
                 .prepare_cached(
                     "INSERT OR IGNORE INTO messages
                  (conversation, seq, sender, msg_id, accepted_ms, body, unreadable,
-                  gateway_sender)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                  gateway_sender, counter, irregular)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
                 .execute(params![
                     m.conversation.0.as_slice(),
@@ -327,7 +371,21 @@ fn deliver_in(
                     m.body,
                     m.unreadable,
                     m.gateway_sender.map(|d| d.to_bytes().to_vec()),
+                    m.counter.map(to_i64),
+                    m.irregular.map(Irregular::to_column),
                 ])?;
+        if let Some(counter) = m.counter {
+            tx.prepare_cached(
+                "INSERT INTO sender_counters (conversation, sender, highest) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation, sender) DO UPDATE SET
+                     highest = max(highest, excluded.highest)",
+            )?
+            .execute(params![
+                m.conversation.0.as_slice(),
+                m.sender.to_bytes().as_slice(),
+                to_i64(counter)
+            ])?;
+        }
         // One's own message is no longer waiting.
         tx.prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")?
             .execute([m.msg_id.0.as_slice()])?;
@@ -452,6 +510,20 @@ impl ClientStore {
             // Version 6 keeps the sender the gateway named for a message MLS authenticated
             // as another's.
             add_column_if_missing(&conn, "messages", "gateway_sender", "BLOB")?;
+        }
+        if !fresh && version < 9 {
+            // Version 9 numbers each sender's messages (SPEC.md 7.9).
+            for (table, column, declaration) in [
+                ("messages", "counter", "INTEGER"),
+                ("messages", "irregular", "INTEGER"),
+                (
+                    "conversations",
+                    "sent_counter",
+                    "INTEGER NOT NULL DEFAULT 0",
+                ),
+            ] {
+                add_column_if_missing(&conn, table, column, declaration)?;
+            }
         }
         // Every statement is prepared once per connection (parsing cost more than running
         // them on the per-entry path).
@@ -1084,6 +1156,40 @@ impl ClientStore {
         Ok(())
     }
 
+    /// The highest number (SPEC.md 7.9) read from `sender` in `conversation`, if any.
+    pub fn sender_counter(
+        &self,
+        conversation: &ConversationId,
+        sender: &DeviceId,
+    ) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT highest FROM sender_counters WHERE conversation = ?1 AND sender = ?2",
+            )?
+            .query_row(
+                params![conversation.0.as_slice(), sender.to_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.and_then(|v| u64::try_from(v).ok()))
+    }
+
+    /// Takes the next number for a message this device sends into `conversation` (1 for
+    /// the first): durable before the message is encrypted, so no number is used twice.
+    pub fn take_sent_counter(&mut self, conversation: &ConversationId) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "UPDATE conversations SET sent_counter = sent_counter + 1 WHERE id = ?1
+                 RETURNING sent_counter",
+            )?
+            .query_row([conversation.0.as_slice()], |r| r.get(0))
+            .optional()?;
+        v.and_then(|v| u64::try_from(v).ok())
+            .ok_or(StoreError::Corrupt("no such conversation"))
+    }
+
     /// What this device noticed that it could not trust, over every conversation.
     pub fn suspicions(&self) -> Result<Suspicions, StoreError> {
         let count = |sql: &str| -> Result<u64, StoreError> {
@@ -1094,6 +1200,11 @@ impl ClientStore {
             relabelled: count("SELECT count(*) FROM messages WHERE gateway_sender IS NOT NULL")?,
             unreadable: count("SELECT count(*) FROM messages WHERE unreadable IS NOT NULL")?,
             forked: count("SELECT count(*) FROM conversations WHERE forked_seq IS NOT NULL")?,
+            missing: count(
+                "SELECT coalesce(sum(CASE WHEN irregular > 0 THEN irregular ELSE 0 END), 0)
+                 FROM messages",
+            )?,
+            out_of_order: count("SELECT count(*) FROM messages WHERE irregular = -1")?,
         })
     }
 
@@ -1105,7 +1216,8 @@ impl ClientStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, sender, msg_id, accepted_ms, body, unreadable, gateway_sender
+            "SELECT seq, sender, msg_id, accepted_ms, body, unreadable, gateway_sender, counter,
+                 irregular
              FROM messages
              WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
@@ -1124,11 +1236,23 @@ impl ClientStore {
                     r.get::<_, Vec<u8>>(4)?,
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<Vec<u8>>>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, Option<i64>>(8)?,
                 ))
             },
         )?;
         rows.map(|row| {
-            let (seq, sender, msg_id, accepted, body, unreadable, gateway_sender) = row?;
+            let (
+                seq,
+                sender,
+                msg_id,
+                accepted,
+                body,
+                unreadable,
+                gateway_sender,
+                counter,
+                irregular,
+            ) = row?;
             Ok(Message {
                 conversation: *conversation,
                 seq: u64::try_from(seq)
@@ -1144,6 +1268,8 @@ impl ClientStore {
                     .map(|d| DeviceId::from_slice(&d))
                     .transpose()
                     .map_err(|_| StoreError::Corrupt("gateway_sender"))?,
+                counter: counter.and_then(|c| u64::try_from(c).ok()),
+                irregular: irregular.and_then(Irregular::from_column),
             })
         })
         .collect()

@@ -58,6 +58,12 @@ fn message(seq: u8) -> Message {
             system: SystemKey([seq; 32]),
             process: ProcessId([seq; 16]),
         }),
+        counter: (seq % 3 != 0).then_some(u64::from(seq)),
+        irregular: match seq % 11 {
+            0 => Some(confab_client::store::Irregular::Stale),
+            4 => Some(confab_client::store::Irregular::Missing(u64::from(seq))),
+            _ => None,
+        },
     }
 }
 
@@ -250,6 +256,9 @@ fn version_1_databases_are_migrated() {
         store.forked(&id).expect("forked"),
         Some((seq, "a reason".to_owned()))
     );
+    // Version 9's message numbers: a conversation from before numbers from 1.
+    assert_eq!(store.take_sent_counter(&id).expect("counter"), 1);
+    assert_eq!(store.take_sent_counter(&id).expect("counter"), 2);
     // Version 5's table: invitation requests, none yet, and one can be held.
     assert!(store.requests().expect("requests").is_empty());
     let request = confab_client::store::InvitationRequest {
@@ -275,7 +284,7 @@ fn version_1_databases_are_migrated() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 8);
+    assert_eq!(version, 9);
 }
 
 /// A version 5 database (messages without `gateway_sender`) keeps its messages, and a
@@ -320,7 +329,11 @@ fn version_5_messages_gain_the_gateway_label() {
     drop(store);
     let store = ClientStore::open(&path).expect("reopens");
     let kept = store.messages(&CONV, 0, 10).expect("messages");
-    assert_eq!(kept, vec![message(1), relabelled]);
+    let old = Message {
+        counter: None,
+        ..message(1)
+    };
+    assert_eq!(kept, vec![old, relabelled]);
     assert_eq!(store.suspicions().expect("suspicions").relabelled, 1);
 }
 

@@ -183,6 +183,8 @@ async fn every_broken_client_behaviour_fails_its_case() {
         ("trust_gateway_sender", "REQ-7.8-1"),
         ("trust_gateway_proposals", "REQ-7.8-2"),
         ("accept_rule_breaking_commits", "REQ-7.8-3"),
+        ("unnumbered_messages", "REQ-7.9-1"),
+        ("ignore_missing_messages", "REQ-7.9-2"),
     ];
     assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
     let example = faulty_cli();

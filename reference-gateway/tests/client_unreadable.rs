@@ -3,6 +3,7 @@
 //! unreadable, with its reason, and every message after it is read; a Commit the gateway
 //! accepted but a member cannot apply (its confirmation tag is broken, which only members
 //! can check) marks the conversation forked there, is shown, and stops sending into it.
+//! And a sender's message numbers (SPEC.md 7.9) show copies and messages that never came.
 
 mod app_support;
 
@@ -153,5 +154,60 @@ async fn a_commit_a_member_cannot_apply_forks_the_conversation_and_stops_its_sen
             other => panic!("{ka}->{kb}: a send into a forked conversation: {other:?}"),
         }
         gateway.stop().await;
+    }
+}
+
+/// SPEC.md 7.9 in every pairing: a member's messages carry the numbers 1, 2, 3 and are
+/// shown as they are; a copy of an old number is shown as out of order, and a number that
+/// skips one says one message never arrived (a member's own bytes stand in for what a
+/// withholding gateway would do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_numbers_show_what_never_arrived() {
+    use confab_client::store::Irregular;
+    use confab_spec::content::AppContent;
+    for (ka, kb) in PAIRINGS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gateway = Gateway::start(dir.path(), |_| {}).await;
+        let (mut alice, mut bob, c) = dm(dir.path(), &gateway.origin, ka, kb).await;
+        for text in [b"one".as_slice(), b"two", b"three"] {
+            alice.send_text(c, text).await.expect("send");
+        }
+        let seen = messages(&mut bob, 3).await;
+        let numbered: Vec<(Option<u64>, Option<Irregular>)> =
+            seen.iter().map(|m| (m.counter, m.irregular)).collect();
+        assert_eq!(
+            numbered,
+            vec![(Some(1), None), (Some(2), None), (Some(3), None)],
+            "{ka}->{kb}"
+        );
+        assert_eq!(seen[2].body, b"three", "{ka}->{kb}: the text, not the map");
+        for (counter, text) in [(2, b"again".as_slice()), (5, b"after a gap")] {
+            let sealed = AppContent {
+                text: text.to_vec(),
+                counter,
+            }
+            .seal();
+            let payload = alice.engine_mut().encrypt(&c, &sealed).expect("encrypt");
+            alice.send_raw(c, payload).await.expect("send");
+        }
+        let flagged: Vec<(Vec<u8>, Option<Irregular>)> = messages(&mut bob, 2)
+            .await
+            .into_iter()
+            .map(|m| (m.body, m.irregular))
+            .collect();
+        assert_eq!(
+            flagged,
+            vec![
+                (b"again".to_vec(), Some(Irregular::Stale)),
+                (b"after a gap".to_vec(), Some(Irregular::Missing(1)))
+            ],
+            "{ka}->{kb}"
+        );
+        let suspicions = bob.store().suspicions().expect("suspicions");
+        assert_eq!(
+            (suspicions.missing, suspicions.out_of_order),
+            (1, 1),
+            "{ka}->{kb}"
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! - Appendix A (frames): [`frame`];
 //! - section 7.2 (what the gateway reads of MLS): [`mls_framing`], and writers of MLS
 //!   messages for tests and hostile peers: [`mls_write`];
+//! - section 7.9 (application content): [`content`];
 //! - section 8.1 (consent): [`consent`];
 //! - section 10 (rooms and governance): [`rooms`];
 //! - sections 5.7 and 12 (close and error codes): [`error`];
@@ -25,6 +26,7 @@
 
 pub mod cbor;
 pub mod consent;
+pub mod content;
 pub mod error;
 pub mod frame;
 pub mod identity;

@@ -43,6 +43,20 @@ pub(super) fn cases() -> Vec<Case> {
             "a room Commit that breaks the room rules, delivered as if accepted, forks the room: nothing more is sent into it",
             rule_breaking_commit
         ),
+        client_case!(
+            "7.9-1.client-numbers-its-messages",
+            "REQ-7.9-1",
+            Must,
+            "the client's first two messages in a room carry the content map with counters 1 and 2",
+            numbers_its_messages
+        ),
+        client_case!(
+            "7.9-2.client-reports-withheld-messages",
+            "REQ-7.9-2",
+            Must,
+            "a member's message left out of the log (the rest renumbered) is reported as never arrived, naming the sender",
+            reports_withheld_messages
+        ),
     ]
 }
 
@@ -380,6 +394,162 @@ async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
         .into());
     }
     Ok(())
+}
+
+async fn numbers_its_messages(cx: &mut Ctx) -> CaseResult {
+    use confab_client::mls::Processed;
+    use confab_spec::content::AppContent;
+
+    let mut setup = client_room_with_members(cx, 1).await?;
+    let room = setup.room;
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run_ok(setup.home.path(), &["send", ROOM, "first"])
+        .await?;
+    let mut events = client.proxy.events();
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run_ok(setup.home.path(), &["send", ROOM, "second"])
+        .await?;
+    events.extend(client.proxy.events());
+    let member = &mut setup.members[0].1;
+    let mut counters = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, _, frame) in sent(&events) {
+        let ClientFrame::Send(send) = frame else {
+            continue;
+        };
+        // A resend carries the same msg_id; the member decrypts each message once.
+        if send.conversation != room || is_commit(send) || !seen.insert(send.msg_id) {
+            continue;
+        }
+        let content = match member.engine.process(&room, send.payload.as_bytes()) {
+            Ok(Processed::Application { plaintext, .. }) => AppContent::open(&plaintext),
+            other => {
+                return Err(Failure::new(
+                    "the client's message, decrypted by the suite's member",
+                    format!("{other:?}"),
+                )
+                .into());
+            }
+        };
+        counters.push(content.map(|c| (String::from_utf8_lossy(&c.text).into_owned(), c.counter)));
+    }
+    let expected = vec![
+        Some(("first".to_owned(), 1)),
+        Some(("second".to_owned(), 2)),
+    ];
+    if counters != expected {
+        return Err(Failure::new(
+            "the contents {1: \"first\", 2: 1} and {1: \"second\", 2: 2} (SPEC.md 7.9)",
+            format!("{counters:?} (None: not a content map)"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Leaves entry `seq` of `stream` out of everything the client is shown, and renumbers
+/// the later entries (and the seqs `Subscribed` reports) so the log still looks whole: a
+/// gateway withholding one message.
+struct Withhold {
+    stream: confab_spec::ids::StreamId,
+    seq: u64,
+}
+
+impl Withhold {
+    fn shift(&self, seq: &mut confab_spec::ids::Seq) {
+        if seq.get() > self.seq {
+            *seq = confab_spec::ids::Seq::new(seq.get() - 1).unwrap_or(*seq);
+        }
+    }
+}
+
+impl Script for Withhold {
+    fn on_server_frame(&mut self, _conn: usize, frame: &mut ServerFrame) -> Verdict {
+        match frame {
+            ServerFrame::Batch(b) if b.stream == self.stream => {
+                b.entries.retain(|e| e.seq.get() != self.seq);
+                for e in &mut b.entries {
+                    self.shift(&mut e.seq);
+                }
+            }
+            ServerFrame::Deliver(d) if d.stream == self.stream => {
+                if d.entry.seq.get() == self.seq {
+                    return Verdict::Drop;
+                }
+                self.shift(&mut d.entry.seq);
+            }
+            ServerFrame::Subscribed(s) if s.stream == self.stream => {
+                self.shift(&mut s.from_seq);
+                for v in [&mut s.head_seq, &mut s.ack_cursor] {
+                    if *v >= self.seq {
+                        *v -= 1;
+                    }
+                }
+                if s.oldest_seq > self.seq {
+                    s.oldest_seq -= 1;
+                }
+            }
+            _ => {}
+        }
+        Verdict::Forward
+    }
+}
+
+async fn reports_withheld_messages(cx: &mut Ctx) -> CaseResult {
+    let mut setup = client_room_with_members(cx, 1).await?;
+    let room = setup.room;
+    let (peer, member) = &mut setup.members[0];
+    let author = key_prefix(&member.device.id());
+    let nonce = hex::encode(random::<8>());
+    let texts: Vec<String> = (1..=3).map(|i| format!("numbered {i} {nonce}")).collect();
+    let mut withheld = None;
+    for (i, text) in texts.iter().enumerate() {
+        let content = confab_spec::content::AppContent {
+            text: text.as_bytes().to_vec(),
+            counter: i as u64 + 1,
+        }
+        .seal();
+        let payload = member
+            .engine
+            .encrypt(&room, &content)
+            .map_err(|e| broken("encrypt", e))?;
+        let (seq, _) = send_mls(
+            peer,
+            30 + i as u64,
+            room,
+            MsgId(random()),
+            bytes(payload)?,
+            None,
+        )
+        .await?
+        .map_err(|e| broken("send a message", describe_error(&e)))?;
+        if i == 1 {
+            withheld = Some(seq);
+        }
+    }
+    let seq = withheld.ok_or_else(|| broken("send", "no second message"))?;
+    let client = cx.client(Box::new(Withhold {
+        stream: confab_spec::ids::StreamId::Conversation(room),
+        seq,
+    }))?;
+    let out = read_room(client, setup.home.path()).await?;
+    let lines: Vec<&str> = out.lines().collect();
+    let third = lines.iter().position(|l| l.contains(&texts[2]));
+    let report = lines
+        .iter()
+        .position(|l| l.contains("never arrived") && l.contains(&author));
+    match (report, third) {
+        (Some(r), Some(t)) if r <= t => Ok(()),
+        _ => Err(Failure::new(
+            format!(
+                "before the third message, a line naming {author}… that says its earlier message never arrived"
+            ),
+            format!("{out:?}"),
+        )
+        .into()),
+    }
 }
 
 #[cfg(test)]

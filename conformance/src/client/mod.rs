@@ -11,7 +11,7 @@
 //! | `room create NAME` | creates a room it owns, named NAME locally |
 //! | `room invite NAME USERKEY` | adds the user (system key in hex) to the room: a Commit |
 //! | `send NAME TEXT` | sends TEXT to the room NAME and exits once the gateway accepted it |
-//! | `read [NAME]` | catches up (joining rooms it was added to) and prints every message of NAME, or of every conversation, with its text; a message's line names its sender before any other user, by a name the user gave it or by the start of the user's system key in hex (at least 8 digits) |
+//! | `read [NAME]` | catches up (joining rooms it was added to) and prints every message of NAME, or of every conversation, with its text; a message's line names its sender before any other user, by a name the user gave it or by the start of the user's system key in hex (at least 8 digits); where a sender's messages are missing (SPEC.md 7.9) it prints, before the next message of that sender, a line naming the sender that says `never arrived` |
 //! | `watch` | stays connected (and reconnects as SPEC.md 5.8 says) until it is killed |
 //!
 //! The template's `{home}` is a fresh directory for each device of a case, `{url}` the

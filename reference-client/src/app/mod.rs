@@ -222,6 +222,7 @@ pub struct Client {
 #[must_use = "a composed text is sent by Client::send_composed"]
 pub struct ComposedText {
     conversation: ConversationId,
+    /// The sealed content (SPEC.md 7.9), kept in the outbox and encrypted again if need be.
     text: Vec<u8>,
     payload: Vec<u8>,
     msg_id: MsgId,
@@ -258,6 +259,9 @@ pub struct Observed {
     /// Messages whose gateway label named another sender than MLS authenticated
     /// (REQ-7.8-1).
     pub relabelled: u64,
+    /// Messages whose number showed earlier ones missing, or that came out of order
+    /// (REQ-7.9-2).
+    pub irregular: u64,
 }
 
 /// A shared view of a client's [`Observed`].
@@ -1080,10 +1084,22 @@ impl Client {
         text: &[u8],
     ) -> Result<ComposedText, ClientError> {
         self.check_not_forked(&conversation)?;
-        let payload = self.encrypt(&conversation, text)?;
+        // Numbered before it is encrypted (REQ-7.9-1): a number is never used twice, and
+        // one taken by a message a crash lost shows as missing, which it is.
+        let counter = self.store.take_sent_counter(&conversation)?;
+        let sealed = if self.faults.unnumbered_messages {
+            text.to_vec()
+        } else {
+            confab_spec::content::AppContent {
+                text: text.to_vec(),
+                counter,
+            }
+            .seal()
+        };
+        let payload = self.encrypt(&conversation, &sealed)?;
         Ok(ComposedText {
             conversation,
-            text: text.to_vec(),
+            text: sealed,
             payload,
             msg_id: self.new_msg_id(),
         })
@@ -1696,6 +1712,23 @@ impl Client {
                 if relabelled.is_some() {
                     self.observed(|o| o.relabelled += 1);
                 }
+                // The content's number tells whether the author's earlier messages all
+                // arrived (SPEC.md 7.9); one's own and a legacy plaintext have none to judge.
+                let content = body
+                    .as_deref()
+                    .and_then(confab_spec::content::AppContent::open);
+                let counter = content.as_ref().map(|c| c.counter);
+                let irregular = match (counter, own || self.faults.ignore_missing_messages) {
+                    (Some(n), false) => self.irregular(&c, &author, n)?,
+                    _ => None,
+                };
+                if irregular.is_some() {
+                    self.observed(|o| o.irregular += 1);
+                }
+                let body = match content {
+                    Some(content) => Some(content.text),
+                    None => body,
+                };
                 message = match (body, unreadable) {
                     (Some(body), _) => Some(Message {
                         conversation: c,
@@ -1706,6 +1739,8 @@ impl Client {
                         body,
                         unreadable: None,
                         gateway_sender: relabelled,
+                        counter,
+                        irregular,
                     }),
                     (None, Some(reason)) => Some(Message {
                         conversation: c,
@@ -1716,6 +1751,8 @@ impl Client {
                         body: Vec::new(),
                         unreadable: Some(reason),
                         gateway_sender: None,
+                        counter: None,
+                        irregular: None,
                     }),
                     (None, None) => None,
                 };
@@ -1765,6 +1802,8 @@ impl Client {
                                 unreadable_reason(&e)
                             )),
                             gateway_sender: None,
+                            counter: None,
+                            irregular: None,
                         });
                     }
                 }
@@ -1825,6 +1864,8 @@ impl Client {
                                      this conversation has forked"
                                 )),
                                 gateway_sender: None,
+                                counter: None,
+                                irregular: None,
                             });
                             outcome = EntryOutcome::Forked;
                             None
@@ -1880,6 +1921,8 @@ impl Client {
                                             "{reason}; this conversation has forked"
                                         )),
                                         gateway_sender: None,
+                                        counter: None,
+                                        irregular: None,
                                     });
                                     outcome = EntryOutcome::Forked;
                                 }
@@ -1948,6 +1991,33 @@ impl Client {
             self.engine.release_processed(&c, seq.get())?;
         }
         self.acknowledge(stream, seq)
+    }
+
+    /// What the number `counter` of a message from `sender` says of the sender's messages
+    /// before it (REQ-7.9-2): against the highest read before, stored or in the open
+    /// receive batch.
+    fn irregular(
+        &self,
+        conversation: &ConversationId,
+        sender: &DeviceId,
+        counter: u64,
+    ) -> Result<Option<crate::store::Irregular>, ClientError> {
+        use confab_spec::content::{CounterCheck, check_counter};
+        let stored = self.store.sender_counter(conversation, sender)?;
+        let batched = self.receive_batch.as_ref().and_then(|b| {
+            b.deliveries
+                .iter()
+                .filter_map(|d| d.message.as_ref())
+                .filter(|m| m.conversation == *conversation && m.sender == *sender)
+                .filter_map(|m| m.counter)
+                .max()
+        });
+        let highest = stored.max(batched);
+        Ok(match check_counter(highest, counter) {
+            CounterCheck::First | CounterCheck::Next => None,
+            CounterCheck::Missing(n) => Some(crate::store::Irregular::Missing(n)),
+            CounterCheck::Stale => Some(crate::store::Irregular::Stale),
+        })
     }
 
     /// Whether `entry` is this device's own message: one it holds in its outbox, or a Commit
