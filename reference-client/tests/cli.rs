@@ -706,3 +706,62 @@ fn a_linked_device_never_holds_the_system_key() {
     let _ = stop.send(());
     thread.join().expect("gateway thread");
 }
+
+/// A copy of a home directory used beside the original (issue "hostile gateway"): both send
+/// from one MLS state, so the second message reuses the first one's key. Nothing is lost
+/// silently: Bob shows the copy's message and the original's as unreadable with the reason,
+/// and the original says a copy of its files is in use.
+#[test]
+fn a_copied_home_is_reported_not_silent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ThreePeople {
+        server,
+        stop,
+        thread,
+        homes: (alice, bob, _),
+        keys: (ka, kb, _),
+    } = three_people(dir.path());
+    ok(&alice, &server, &["contacts", "add", "bob", &kb]);
+    ok(&bob, &server, &["contacts", "add", "alice", &ka]);
+    ok(&alice, &server, &["dm", "bob"]);
+    ok(&alice, &server, &["send", "bob", "before the copy"]);
+    let copy = dir.path().join("alice-copy");
+    std::fs::create_dir(&copy).expect("mkdir");
+    for entry in std::fs::read_dir(&alice).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, copy.join(path.file_name().expect("name"))).expect("copy");
+    }
+    ok(&copy, &server, &["send", "bob", "from the copy"]);
+    ok(&alice, &server, &["send", "bob", "from the original"]);
+    let lines = |home: &Path| -> Vec<serde_json::Value> {
+        ok(home, &server, &["--json", "read"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    };
+    let at_bob = lines(&bob);
+    let texts: Vec<&str> = at_bob.iter().filter_map(|v| v["text"].as_str()).collect();
+    assert_eq!(
+        texts,
+        vec!["before the copy", "from the copy"],
+        "{at_bob:?}"
+    );
+    let unreadable: Vec<&str> = at_bob
+        .iter()
+        .filter_map(|v| v["unreadable"].as_str())
+        .collect();
+    assert_eq!(
+        unreadable.len(),
+        1,
+        "the original's message is shown as unreadable: {at_bob:?}"
+    );
+    let at_alice = lines(&alice);
+    assert!(
+        at_alice.iter().any(|v| v["unreadable"]
+            .as_str()
+            .is_some_and(|r| r.contains("a copy of this device's files is in use"))),
+        "{at_alice:?}"
+    );
+    let _ = stop.send(());
+    thread.join().expect("gateway thread");
+}

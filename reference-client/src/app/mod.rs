@@ -1701,6 +1701,17 @@ impl Client {
                 if self.faults.trust_gateway_sender {
                     author = entry.sender;
                 }
+                if !own && entry.sender == self.device && unreadable.is_some() {
+                    // Sent under this device's name but not from this device's outbox:
+                    // another copy of this device's files sends too (its MLS state is this
+                    // one's old state: what the two send reuses keys), or the gateway made
+                    // it up. Said as such, not as a stranger's garbage.
+                    unreadable = Some(
+                        "sent in this device's name, not by it: a copy of this device's files \
+                         is in use elsewhere (stop using one of them), or the gateway forged it"
+                            .to_owned(),
+                    );
+                }
                 if body.is_some() {
                     outcome = EntryOutcome::Shown;
                 } else if unreadable.is_some() {
