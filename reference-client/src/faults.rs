@@ -36,6 +36,9 @@ pub struct Faults {
     pub ignore_missing_messages: bool,
     /// Send the bare text as the plaintext, with no counter (REQ-7.9-1).
     pub unnumbered_messages: bool,
+    /// Show the plaintext decrypted earlier for a payload that comes again under a new
+    /// seq and msg_id, instead of finding its key used (REQ-6.8-5).
+    pub reuse_decrypted_payloads: bool,
 }
 
 impl Faults {
@@ -57,6 +60,7 @@ impl Faults {
         "accept_rule_breaking_commits",
         "ignore_missing_messages",
         "unnumbered_messages",
+        "reuse_decrypted_payloads",
     ];
 
     /// One switch on, by its name (the field's name); `None` for an unknown name.
@@ -79,6 +83,7 @@ impl Faults {
             "accept_rule_breaking_commits" => &mut f.accept_rule_breaking_commits,
             "ignore_missing_messages" => &mut f.ignore_missing_messages,
             "unnumbered_messages" => &mut f.unnumbered_messages,
+            "reuse_decrypted_payloads" => &mut f.reuse_decrypted_payloads,
             _ => return None,
         };
         *switch = true;

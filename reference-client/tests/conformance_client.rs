@@ -185,6 +185,7 @@ async fn every_broken_client_behaviour_fails_its_case() {
         ("accept_rule_breaking_commits", "REQ-7.8-3"),
         ("unnumbered_messages", "REQ-7.9-1"),
         ("ignore_missing_messages", "REQ-7.9-2"),
+        ("reuse_decrypted_payloads", "REQ-6.8-5"),
     ];
     assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
     let example = faulty_cli();

@@ -1,4 +1,4 @@
-//! Client mode against a hostile gateway (SPEC.md 7.8): the suite's proxy stands where the
+//! Client mode against a hostile gateway (SPEC.md 6.8, 7.8 and 7.9): the suite's proxy stands where the
 //! gateway is and lies the way a gateway can. It holds no member's keys, so everything it
 //! makes up is the gateway's word only: a relabelled sender, a proposal with no valid
 //! signature, a Commit the real gateway refused. The client must believe MLS instead.
@@ -42,6 +42,13 @@ pub(super) fn cases() -> Vec<Case> {
             Must,
             "a room Commit that breaks the room rules, delivered as if accepted, forks the room: nothing more is sent into it",
             rule_breaking_commit
+        ),
+        client_case!(
+            "6.8-5.client-replayed-payload",
+            "REQ-6.8-5",
+            Must,
+            "a member's message the gateway delivers again under a new seq and msg_id is not shown twice",
+            replayed_payload
         ),
         client_case!(
             "7.9-1.client-numbers-its-messages",
@@ -547,6 +554,36 @@ async fn reports_withheld_messages(cx: &mut Ctx) -> CaseResult {
                 "before the third message, a line naming {author}… that says its earlier message never arrived"
             ),
             format!("{out:?}"),
+        )
+        .into()),
+    }
+}
+
+async fn replayed_payload(cx: &mut Ctx) -> CaseResult {
+    let mut setup = client_room_with_members(cx, 1).await?;
+    let room = setup.room;
+    let (peer, member) = &mut setup.members[0];
+    let text = format!("said once {}", hex::encode(random::<8>()));
+    let payload = member
+        .engine
+        .encrypt(&room, text.as_bytes())
+        .map_err(|e| broken("encrypt", e))?;
+    let payload = bytes(payload)?;
+    send_mls(peer, 30, room, MsgId(random()), payload.clone(), None)
+        .await?
+        .map_err(|e| broken("send a message", describe_error(&e)))?;
+    let carrier = member_says(peer, member, room, 31, "carrier").await?;
+    // The carrier's entry, with its own seq and msg_id, carries the first message's bytes.
+    let client = cx.client(Box::new(RewriteEntry {
+        target: carrier,
+        rewrite: Box::new(move |e| e.payload = payload.clone()),
+    }))?;
+    let out = read_room(client, setup.home.path()).await?;
+    match out.matches(&text).count() {
+        1 => Ok(()),
+        n => Err(Failure::new(
+            format!("{text:?} shown once (its copy's key is used up: unreadable)"),
+            format!("shown {n} times: {out:?}"),
         )
         .into()),
     }

@@ -197,6 +197,8 @@ pub struct Client {
     /// msg_id, with their bytes: the echo is recognised as this device's own by them, not
     /// by the gateway's label (SPEC.md 7.8). At most one per conversation.
     accepted_commits: HashMap<MsgId, Vec<u8>>,
+    /// Only with the fault `reuse_decrypted_payloads`: what payloads decrypted to.
+    decrypted: HashMap<Vec<u8>, (DeviceId, Vec<u8>)>,
     observer: Option<Observer>,
     presence: Tracker,
     /// The receive batch open now, if any.
@@ -359,6 +361,7 @@ impl Client {
             connections: 0,
             resent: HashSet::new(),
             accepted_commits: HashMap::new(),
+            decrypted: HashMap::new(),
             observer: None,
             presence: Tracker::default(),
             receive_batch: None,
@@ -1674,11 +1677,23 @@ impl Client {
                     // Journaled by the engine until the store below holds it, so a crash in
                     // between does not lose it (its key is gone once it is decrypted).
                     journaled = Some(c);
-                    match self
-                        .engine
-                        .process_entry(&c, seq.get(), entry.payload.as_bytes())
-                    {
+                    let cached = self.decrypted.get(entry.payload.as_bytes()).cloned();
+                    let processed = match cached {
+                        Some((sender, plaintext)) => {
+                            Ok(Processed::Application { sender, plaintext })
+                        }
+                        None => self
+                            .engine
+                            .process_entry(&c, seq.get(), entry.payload.as_bytes()),
+                    };
+                    match processed {
                         Ok(Processed::Application { plaintext, sender }) => {
+                            if self.faults.reuse_decrypted_payloads {
+                                self.decrypted.insert(
+                                    entry.payload.as_bytes().to_vec(),
+                                    (sender, plaintext.clone()),
+                                );
+                            }
                             author = sender;
                             Some(plaintext)
                         }
