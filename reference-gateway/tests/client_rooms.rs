@@ -165,6 +165,18 @@ async fn a_room_with_three_people_in_mixed_engines() {
                 .collect::<Vec<_>>(),
             vec![(a, Role::Owner), (b, Role::Admin)]
         );
+        // A verified leave request (SPEC.md 7.8) is read as what it is by every member,
+        // the leaver included: nobody shows it as unreadable.
+        for (name, c) in [("alice", &alice), ("bob", &bob), ("carol", &carol)] {
+            let unreadable: Vec<String> = c
+                .store()
+                .messages(&room, 0, 100)
+                .expect("messages")
+                .into_iter()
+                .filter_map(|m| m.unreadable)
+                .collect();
+            assert!(unreadable.is_empty(), "{name}: {unreadable:?}");
+        }
         carol.take_received();
         alice.send_text(room, b"after carol").await.expect("send");
         let mut bob_seen = Vec::new();
