@@ -557,8 +557,13 @@ fn relabel_note(client: &Client, m: &Message) -> Option<String> {
     let said = m.gateway_sender?;
     let name = device_name(client, &said);
     Some(if said.system == m.sender.system {
+        let whose = if name == "me" {
+            "my".to_owned()
+        } else {
+            format!("{name}'s")
+        };
         format!(
-            "the gateway said it came from {name}'s device {}…",
+            "the gateway said it came from {whose} device {}…",
             hex::encode(&said.process.0[..2])
         )
     } else {
