@@ -64,6 +64,7 @@ pub fn generate() -> Vec<VectorFile> {
         file("auth.json", auth()),
         file("session.json", session()),
         file("safety-numbers.json", safety_numbers()),
+        file("content.json", content()),
     ]
 }
 
@@ -681,6 +682,57 @@ fn invalid_frames() -> Value {
         "description": "Bytes a receiver must reject, with the error code it answers (SPEC.md sections 4.2-4.4). `direction` names the sender whose frames the receiver expects.",
         "limits": {"frame_bytes_max": crate::limits::FRAME_BYTES_MAX_DEFAULT, "collection_len_max": crate::limits::COLLECTION_LEN_MAX_DEFAULT, "nesting_depth_max": crate::limits::NESTING_DEPTH_MAX_DEFAULT, "text_bytes_max": crate::limits::TEXT_BYTES_MAX_DEFAULT},
         "vectors": invalid_frame_cases(),
+    })
+}
+
+fn content() -> Value {
+    use crate::content::AppContent;
+    let cases = [
+        (b"hello".to_vec(), 1u64),
+        ("grüße 👋".as_bytes().to_vec(), 24),
+        (Vec::new(), 65_536),
+    ];
+    let vectors: Vec<Value> = cases
+        .into_iter()
+        .map(|(text, counter)| {
+            let sealed = AppContent {
+                text: text.clone(),
+                counter,
+            }
+            .seal();
+            json!({"text": hex::encode(&text), "counter": counter, "plaintext": hex::encode(sealed)})
+        })
+        .collect();
+    let not_content: Vec<Value> = [
+        ("UTF-8 text", b"hello".to_vec()),
+        (
+            "counter 0",
+            AppContent {
+                text: b"x".to_vec(),
+                counter: 0,
+            }
+            .seal(),
+        ),
+        (
+            "keys out of order",
+            hex::decode("a2024101016178").unwrap_or_default(),
+        ),
+        (
+            "an extra key",
+            hex::decode("a301417802010300").unwrap_or_default(),
+        ),
+        (
+            "text as a text string",
+            hex::decode("a2016178020a").unwrap_or_default(),
+        ),
+    ]
+    .into_iter()
+    .map(|(why, bytes)| json!({"why": why, "plaintext": hex::encode(bytes)}))
+    .collect();
+    json!({
+        "description": "The plaintext of application messages (SPEC.md 7.9): the content map of each text and counter, and plaintexts that are not a content map (shown as they are, with no counter).",
+        "vectors": vectors,
+        "not_content": not_content,
     })
 }
 

@@ -263,3 +263,24 @@ fn safety_numbers_hold_in_both_orders() {
         assert_eq!(safety_number(&b, &a), expected);
     }
 }
+
+#[test]
+fn content_maps_open_and_the_rest_does_not() {
+    use confab_spec::content::AppContent;
+    let file = load("content.json");
+    for v in file["vectors"].as_array().expect("vectors") {
+        let content = AppContent::open(&unhex(&v["plaintext"])).expect("a content map");
+        assert_eq!(content.text, unhex(&v["text"]));
+        assert_eq!(Some(content.counter), v["counter"].as_u64());
+    }
+    let refused = file["not_content"].as_array().expect("not_content");
+    assert_eq!(refused.len(), 5);
+    for v in refused {
+        assert_eq!(
+            AppContent::open(&unhex(&v["plaintext"])),
+            None,
+            "{}",
+            v["why"]
+        );
+    }
+}
