@@ -53,7 +53,7 @@ struct Cli {
     /// runs one action of the client, e.g. `confab --home {home} --server {url} {action}`:
     /// `{home}` is the device's state directory, `{url}` the suite's proxy (which forwards
     /// to --url), `{action}` one of `init`, `init --import BACKUP`, `room create NAME`,
-    /// `room invite NAME USERKEY`, `send NAME TEXT`, `read [NAME]` (prints each message's text) and `watch`
+    /// `room invite NAME USERKEY`, `send NAME TEXT`, `read [NAME]` (prints each message with its text and, before any other user, its sender: a name, or the start of the sender's key in hex; and a line naming the sender that says `never arrived` where its messages are missing), `accept CONVERSATION` and `watch`
     /// (stays connected until killed).
     #[arg(long, value_name = "TEMPLATE")]
     client_command: Option<String>,

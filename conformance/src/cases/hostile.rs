@@ -23,6 +23,13 @@ use crate::mls::{Member, broken, bytes};
 pub(super) fn cases() -> Vec<Case> {
     vec![
         client_case!(
+            "7.7-5.client-equivocated-commit",
+            "REQ-7.7-5",
+            Must,
+            "shown another valid Commit of the same member for the epoch than the others applied, the client forks at the others' next Commit and sends nothing more into the room",
+            equivocated_commit
+        ),
+        client_case!(
             "7.8-1.client-authenticated-sender",
             "REQ-7.8-1",
             Must,
@@ -341,6 +348,92 @@ fn member_leaf(
         .epoch(&room)
         .map_err(|e| broken("read the epoch", e))?;
     Ok((leaf, epoch))
+}
+
+/// The member commits its roles again, unchanged (SPEC.md 10.1): a valid Commit of a plain
+/// member. Returns its bytes; the member keeps it pending.
+fn restate_roles(
+    member: &mut Member,
+    room: confab_spec::ids::ConversationId,
+) -> Result<Vec<u8>, Stop> {
+    let roles = member
+        .engine
+        .context_extension(&room, ROLES_EXTENSION_TYPE)
+        .map_err(|e| broken("read the roles", e))?
+        .ok_or_else(|| broken("read the roles", "the room has none"))?;
+    let roles = RoomRoles::from_extension(&roles).map_err(|e| broken("read the roles", e))?;
+    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
+        roles.context_extensions(),
+    )];
+    Ok(member
+        .engine
+        .commit(&room, &[], &[], &extra, true)
+        .map_err(|e| broken("commit", e))?
+        .commit)
+}
+
+async fn equivocated_commit(cx: &mut Ctx) -> CaseResult {
+    let mut setup = client_room_with_members(cx, 1).await?;
+    let room = setup.room;
+    let (peer, member) = &mut setup.members[0];
+    // Two valid Commits of the member for one epoch: the gateway sequences the second, the
+    // proxy shows the client the first in its place.
+    let shown = restate_roles(member, room)?;
+    member
+        .engine
+        .discard_pending_commit(&room)
+        .map_err(|e| broken("discard", e))?;
+    let sequenced = restate_roles(member, room)?;
+    let msg_id = MsgId(random());
+    send_mls(peer, 30, room, msg_id, bytes(sequenced)?, None)
+        .await?
+        .map_err(|e| broken("send the Commit", describe_error(&e)))?;
+    member
+        .engine
+        .merge_pending_commit(&room)
+        .map_err(|e| broken("merge", e))?;
+    // The others go on in their epoch: a message, then another Commit.
+    member_says(
+        peer,
+        member,
+        room,
+        31,
+        "in the epoch the client does not have",
+    )
+    .await?;
+    let next = restate_roles(member, room)?;
+    send_mls(peer, 32, room, MsgId(random()), bytes(next)?, None)
+        .await?
+        .map_err(|e| broken("send the next Commit", describe_error(&e)))?;
+    member
+        .engine
+        .merge_pending_commit(&room)
+        .map_err(|e| broken("merge", e))?;
+    let shown = bytes(shown)?;
+    let client = cx.client(Box::new(RewriteEntry {
+        target: msg_id,
+        rewrite: Box::new(move |e| e.payload = shown.clone()),
+    }))?;
+    client.run(setup.home.path(), &["read", ROOM]).await?;
+    let client = cx.client(Box::new(PassThrough))?;
+    client
+        .run(
+            setup.home.path(),
+            &["send", ROOM, "into one half of the room"],
+        )
+        .await?;
+    let events = client.proxy.events();
+    let into_room = sent(&events)
+        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room))
+        .count();
+    if into_room > 0 {
+        return Err(Failure::new(
+            "nothing sent into the room once the others' next Commit did not apply",
+            format!("{into_room} Send(s) into it"),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
