@@ -128,8 +128,12 @@ pub fn accept_certificate(
     if certificate.process != request.process || certificate.device_key != request.device_key {
         return Err(LinkError::OtherDevice);
     }
+    // The signing device's clock may run ahead of this one's, as a gateway allows
+    // (`clock_skew_max_ms`, SPEC.md 5.4).
     certificate
-        .verify(now, 0, |_| None)
+        .verify(now, confab_spec::limits::CLOCK_SKEW_MAX_MS_DEFAULT, |_| {
+            None
+        })
         .map_err(|e: IdentityError| LinkError::Invalid(e.to_string()))?;
     Ok(certificate)
 }
@@ -177,6 +181,14 @@ mod tests {
             accept_certificate(&text, &mine, NOW.plus_ms(2 * 86_400_000)),
             Err(LinkError::Invalid(_))
         ));
+        // Issued by a device whose clock runs four minutes ahead: taken.
+        let ahead = system.issue_certificate(
+            mine.process,
+            mine.device_key,
+            NOW.plus_ms(240_000),
+            NOW.plus_ms(86_400_000),
+        );
+        assert!(accept_certificate(&encode_certificate(&ahead), &mine, NOW).is_ok());
         assert!(matches!(
             accept_certificate("confab-link:00", &mine, NOW),
             Err(LinkError::Format(..))
