@@ -2561,22 +2561,36 @@ async fn stops_at_fork(cx: &mut Ctx) -> CaseResult {
     // The client reads the Commit, then is asked to send into the room.
     let client = cx.client(Box::new(PassThrough))?;
     client.run(home.path(), &["read", "forked"]).await?;
+    sends_nothing_into(
+        cx,
+        home.path(),
+        ("forked", room),
+        &format!(
+            "nothing sent into the room after the Commit at seq {fork_seq} it could not apply"
+        ),
+    )
+    .await
+}
+
+/// Asks the client (on `home`) to `send` into the room it names `room.0`, whose id is
+/// `room.1`, and fails with `expected` if any `Send` into that room goes out: the client
+/// must refuse to send into a conversation that forked (REQ-7.7-5, REQ-7.8-3).
+pub(super) async fn sends_nothing_into(
+    cx: &Ctx,
+    home: &std::path::Path,
+    room: (&str, confab_spec::ids::ConversationId),
+    expected: &str,
+) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     client
-        .run(home.path(), &["send", "forked", "into the fork"])
+        .run(home, &["send", room.0, "into a forked room"])
         .await?;
     let events = client.proxy.events();
     let into_room = sent(&events)
-        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room))
+        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room.1))
         .count();
     if into_room > 0 {
-        return Err(Failure::new(
-            format!(
-                "nothing sent into the room after the Commit at seq {fork_seq} it could not apply"
-            ),
-            format!("{into_room} Send(s) into it"),
-        )
-        .into());
+        return Err(Failure::new(expected, format!("{into_room} Send(s) into it")).into());
     }
     Ok(())
 }

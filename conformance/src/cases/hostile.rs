@@ -12,7 +12,9 @@ use confab_spec::ids::{DeviceId, MsgId};
 use confab_spec::mls_framing::{self, CommitProposal};
 use confab_spec::rooms::{ROLES_EXTENSION_TYPE, RoomRoles};
 
-use super::client::{authenticated_as, invitee_member, is_commit, join_welcome, sent};
+use super::client::{
+    authenticated_as, invitee_member, is_commit, join_welcome, sends_nothing_into, sent,
+};
 use super::log::{random, send_mls};
 use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::client::{ClientUnderTest, PassThrough, Script, Verdict, home};
@@ -356,12 +358,23 @@ fn restate_roles(
     member: &mut Member,
     room: confab_spec::ids::ConversationId,
 ) -> Result<Vec<u8>, Stop> {
+    commit_roles(member, room, |_| {})
+}
+
+/// The member commits the room's roles as `change` leaves them. Returns the Commit's
+/// bytes; the member keeps it pending.
+fn commit_roles(
+    member: &mut Member,
+    room: confab_spec::ids::ConversationId,
+    change: impl FnOnce(&mut RoomRoles),
+) -> Result<Vec<u8>, Stop> {
     let roles = member
         .engine
         .context_extension(&room, ROLES_EXTENSION_TYPE)
         .map_err(|e| broken("read the roles", e))?
         .ok_or_else(|| broken("read the roles", "the room has none"))?;
-    let roles = RoomRoles::from_extension(&roles).map_err(|e| broken("read the roles", e))?;
+    let mut roles = RoomRoles::from_extension(&roles).map_err(|e| broken("read the roles", e))?;
+    change(&mut roles);
     let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
         roles.context_extensions(),
     )];
@@ -415,25 +428,13 @@ async fn equivocated_commit(cx: &mut Ctx) -> CaseResult {
         rewrite: Box::new(move |e| e.payload = shown.clone()),
     }))?;
     client.run(setup.home.path(), &["read", ROOM]).await?;
-    let client = cx.client(Box::new(PassThrough))?;
-    client
-        .run(
-            setup.home.path(),
-            &["send", ROOM, "into one half of the room"],
-        )
-        .await?;
-    let events = client.proxy.events();
-    let into_room = sent(&events)
-        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room))
-        .count();
-    if into_room > 0 {
-        return Err(Failure::new(
-            "nothing sent into the room once the others' next Commit did not apply",
-            format!("{into_room} Send(s) into it"),
-        )
-        .into());
-    }
-    Ok(())
+    sends_nothing_into(
+        cx,
+        setup.home.path(),
+        (ROOM, room),
+        "nothing sent into the room once the others' next Commit did not apply",
+    )
+    .await
 }
 
 async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
@@ -443,30 +444,17 @@ async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
     let device = member.device.id();
     // The member, neither owner nor admin, names itself an admin: rule 5 of SPEC.md 10.2.
     // The gateway would refuse it (REQ-10-4); the proxy delivers it as if accepted.
-    let roles = member
-        .engine
-        .context_extension(&room, ROLES_EXTENSION_TYPE)
-        .map_err(|e| broken("read the roles", e))?
-        .ok_or_else(|| broken("read the roles", "the room has none"))?;
-    let mut roles = RoomRoles::from_extension(&roles).map_err(|e| broken("read the roles", e))?;
-    roles.admins.push(device.system);
-    let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
-        roles.context_extensions(),
-    )];
     let epoch = member
         .engine
         .epoch(&room)
         .map_err(|e| broken("read the epoch", e))?;
-    let commit = member
-        .engine
-        .commit(&room, &[], &[], &extra, true)
-        .map_err(|e| broken("commit", e))?;
+    let commit = commit_roles(member, room, |roles| roles.admins.push(device.system))?;
     member
         .engine
         .discard_pending_commit(&room)
         .map_err(|e| broken("discard", e))?;
     let carrier = member_says(peer, member, room, 30, "carrier").await?;
-    let commit = bytes(commit.commit)?;
+    let commit = bytes(commit)?;
     let client = cx.client(Box::new(RewriteEntry {
         target: carrier,
         rewrite: Box::new(move |e| {
@@ -478,22 +466,13 @@ async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
         }),
     }))?;
     client.run(setup.home.path(), &["read", ROOM]).await?;
-    let client = cx.client(Box::new(PassThrough))?;
-    client
-        .run(setup.home.path(), &["send", ROOM, "into the broken room"])
-        .await?;
-    let events = client.proxy.events();
-    let into_room = sent(&events)
-        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room))
-        .count();
-    if into_room > 0 {
-        return Err(Failure::new(
-            "nothing sent into the room after a Commit by a plain member naming itself admin",
-            format!("{into_room} Send(s) into it"),
-        )
-        .into());
-    }
-    Ok(())
+    sends_nothing_into(
+        cx,
+        setup.home.path(),
+        (ROOM, room),
+        "nothing sent into the room after a Commit by a plain member naming itself admin",
+    )
+    .await
 }
 
 async fn numbers_its_messages(cx: &mut Ctx) -> CaseResult {

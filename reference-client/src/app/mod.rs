@@ -1768,18 +1768,9 @@ impl Client {
                         counter,
                         irregular,
                     }),
-                    (None, Some(reason)) => Some(Message {
-                        conversation: c,
-                        seq,
-                        sender: entry.sender,
-                        msg_id: entry.msg_id,
-                        accepted: entry.accepted_ms,
-                        body: Vec::new(),
-                        unreadable: Some(reason),
-                        gateway_sender: None,
-                        counter: None,
-                        irregular: None,
-                    }),
+                    (None, Some(reason)) => {
+                        Some(unreadable_message(c, &entry, entry.sender, reason))
+                    }
                     (None, None) => None,
                 };
             }
@@ -1825,21 +1816,15 @@ impl Client {
                     Err(e) => {
                         // Nothing is done on it; the user is told (SPEC.md 6.8).
                         outcome = EntryOutcome::Undecryptable;
-                        message = Some(Message {
-                            conversation: c,
-                            seq,
-                            sender: entry.sender,
-                            msg_id: entry.msg_id,
-                            accepted: entry.accepted_ms,
-                            body: Vec::new(),
-                            unreadable: Some(format!(
+                        message = Some(unreadable_message(
+                            c,
+                            &entry,
+                            entry.sender,
+                            format!(
                                 "a request to change the group that MLS does not confirm ({}); ignored",
                                 unreadable_reason(&e)
-                            )),
-                            gateway_sender: None,
-                            counter: None,
-                            irregular: None,
-                        });
+                            ),
+                        ));
                     }
                 }
             }
@@ -1887,21 +1872,15 @@ impl Client {
                             // on; nothing more is sent into it (SPEC.md 7.7).
                             let reason = unreadable_reason(&e);
                             self.store.set_forked(&c, seq, &reason)?;
-                            message = Some(Message {
-                                conversation: c,
-                                seq,
-                                sender: entry.sender,
-                                msg_id: entry.msg_id,
-                                accepted: entry.accepted_ms,
-                                body: Vec::new(),
-                                unreadable: Some(format!(
+                            message = Some(unreadable_message(
+                                c,
+                                &entry,
+                                entry.sender,
+                                format!(
                                     "a change to the group could not be applied ({reason}); \
                                      this conversation has forked"
-                                )),
-                                gateway_sender: None,
-                                counter: None,
-                                irregular: None,
-                            });
+                                ),
+                            ));
                             outcome = EntryOutcome::Forked;
                             None
                         }
@@ -1945,20 +1924,12 @@ impl Client {
                                         "a change to the room that breaks its rules ({rule}), which the gateway should have refused"
                                     );
                                     self.store.set_forked(&c, seq, &reason)?;
-                                    message = Some(Message {
-                                        conversation: c,
-                                        seq,
-                                        sender: committer.unwrap_or(entry.sender),
-                                        msg_id: entry.msg_id,
-                                        accepted: entry.accepted_ms,
-                                        body: Vec::new(),
-                                        unreadable: Some(format!(
-                                            "{reason}; this conversation has forked"
-                                        )),
-                                        gateway_sender: None,
-                                        counter: None,
-                                        irregular: None,
-                                    });
+                                    message = Some(unreadable_message(
+                                        c,
+                                        &entry,
+                                        committer.unwrap_or(entry.sender),
+                                        format!("{reason}; this conversation has forked"),
+                                    ));
                                     outcome = EntryOutcome::Forked;
                                 }
                             }
@@ -2136,6 +2107,28 @@ impl Client {
             self.acknowledge(stream, seq)?;
         }
         Ok(())
+    }
+}
+
+/// The record of an entry of conversation `c` that could not be read or applied, shown in
+/// its place with `reason` (SPEC.md 6.8); `sender` is whom it is attributed to.
+fn unreadable_message(
+    c: ConversationId,
+    entry: &Entry,
+    sender: DeviceId,
+    reason: String,
+) -> Message {
+    Message {
+        conversation: c,
+        seq: entry.seq,
+        sender,
+        msg_id: entry.msg_id,
+        accepted: entry.accepted_ms,
+        body: Vec::new(),
+        unreadable: Some(reason),
+        gateway_sender: None,
+        counter: None,
+        irregular: None,
     }
 }
 

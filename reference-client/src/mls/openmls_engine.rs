@@ -1009,20 +1009,9 @@ impl MlsEngine for OpenMlsEngine {
     ) -> Result<Option<DeviceId>, EngineError> {
         super::require_public_proposal(message)?;
         self.with_tx(Some(group), |ctx| {
-            let provider = ctx.provider;
-            let protocol = parse(message)?
-                .try_into_protocol_message()
-                .map_err(|e| EngineError::Malformed(e.to_string()))?;
-            let g = ctx.group(group)?;
-            if !g.is_active() {
-                return Err(EngineError::Removed);
-            }
             // Verifying a PublicMessage changes nothing in the group; the proposal is not
             // stored (no `store_pending_proposal`).
-            let processed = g
-                .process_message(provider, protocol)
-                .map_err(map_process_error)?;
-            let sender = device_of(&identity_of(processed.credential())?).ok();
+            let (processed, sender) = process_message_in(ctx, group, message)?;
             match processed.into_content() {
                 ProcessedMessageContent::ProposalMessage(_) => Ok(sender),
                 _ => Err(EngineError::Malformed("not a member's proposal".into())),
@@ -1156,13 +1145,14 @@ impl MlsEngine for OpenMlsEngine {
     }
 }
 
-/// Processes `message` in `group` inside an open transaction.
-fn process_in(
+/// Verifies (and for a PrivateMessage decrypts) `message` in `group` inside an open
+/// transaction: what openmls made of it, and its sender's device when its credential is a
+/// device certificate.
+fn process_message_in(
     ctx: &mut Ctx<'_>,
     group: &ConversationId,
     message: &[u8],
-) -> Result<Processed, EngineError> {
-    let now = ctx.now;
+) -> Result<(ProcessedMessage, Option<DeviceId>), EngineError> {
     let provider = ctx.provider;
     let protocol = parse(message)?
         .try_into_protocol_message()
@@ -1175,6 +1165,19 @@ fn process_in(
         .process_message(provider, protocol)
         .map_err(map_process_error)?;
     let sender = device_of(&identity_of(processed.credential())?).ok();
+    Ok((processed, sender))
+}
+
+/// Processes `message` in `group` inside an open transaction.
+fn process_in(
+    ctx: &mut Ctx<'_>,
+    group: &ConversationId,
+    message: &[u8],
+) -> Result<Processed, EngineError> {
+    let now = ctx.now;
+    let provider = ctx.provider;
+    let (processed, sender) = process_message_in(ctx, group, message)?;
+    let g = ctx.group(group)?;
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => Ok(Processed::Application {
             sender: sender.ok_or_else(|| EngineError::UnknownMember("sender".into()))?,
