@@ -117,6 +117,7 @@ pub fn application_send(
         msg_id: random_msg_id(),
         payload,
         welcome: None,
+        group_info: None,
     })
     .encode())
 }
@@ -142,6 +143,7 @@ pub async fn send_and_wait(
             msg_id: random_msg_id(),
             payload,
             welcome,
+            group_info: None,
         }),
     )
     .await?;

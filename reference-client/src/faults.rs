@@ -39,6 +39,10 @@ pub struct Faults {
     /// Show the plaintext decrypted earlier for a payload that comes again under a new
     /// seq and msg_id, instead of finding its key used (REQ-6.8-5).
     pub reuse_decrypted_payloads: bool,
+    /// Send Commits without the GroupInfo of the epoch they open (REQ-7.10-1).
+    pub no_group_info: bool,
+    /// Stay forked: never rejoin a forked conversation by a resync (REQ-7.10-6).
+    pub no_resync: bool,
 }
 
 impl Faults {
@@ -61,6 +65,8 @@ impl Faults {
         "ignore_missing_messages",
         "unnumbered_messages",
         "reuse_decrypted_payloads",
+        "no_group_info",
+        "no_resync",
     ];
 
     /// One switch on, by its name (the field's name); `None` for an unknown name.
@@ -84,6 +90,8 @@ impl Faults {
             "ignore_missing_messages" => &mut f.ignore_missing_messages,
             "unnumbered_messages" => &mut f.unnumbered_messages,
             "reuse_decrypted_payloads" => &mut f.reuse_decrypted_payloads,
+            "no_group_info" => &mut f.no_group_info,
+            "no_resync" => &mut f.no_resync,
             _ => return None,
         };
         *switch = true;

@@ -95,6 +95,8 @@ pub struct OutboxItem {
     pub payload: Vec<u8>,
     /// The Welcome of a Commit that adds devices.
     pub welcome: Option<Vec<u8>>,
+    /// The GroupInfo a Commit publishes (SPEC.md 7.10).
+    pub group_info: Option<Vec<u8>>,
     /// The plaintext of an application message, kept to show one's own message (a sender
     /// cannot decrypt its own PrivateMessage).
     pub plaintext: Option<Vec<u8>>,
@@ -239,7 +241,10 @@ CREATE TABLE IF NOT EXISTS conversations (
     removed INTEGER NOT NULL DEFAULT 0,
     forked_seq INTEGER,
     forked_reason TEXT,
-    sent_counter INTEGER NOT NULL DEFAULT 0
+    sent_counter INTEGER NOT NULL DEFAULT 0,
+    resyncs INTEGER NOT NULL DEFAULT 0,
+    resync_seq INTEGER,
+    resync_from INTEGER
 );
 CREATE TABLE IF NOT EXISTS cursors (
     stream BLOB PRIMARY KEY,
@@ -253,7 +258,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     welcome BLOB,
     plaintext BLOB,
     composed_ms INTEGER NOT NULL,
-    position INTEGER NOT NULL
+    position INTEGER NOT NULL,
+    group_info BLOB
 );
 CREATE TABLE IF NOT EXISTS messages (
     conversation BLOB NOT NULL,
@@ -300,7 +306,7 @@ CREATE TABLE IF NOT EXISTS sender_counters (
     highest INTEGER NOT NULL,
     PRIMARY KEY (conversation, sender)
 ) WITHOUT ROWID;
-PRAGMA user_version = 9;
+PRAGMA user_version = 10;
 ";
 
 fn stream_key(stream: &StreamId) -> Vec<u8> {
@@ -525,6 +531,18 @@ impl ClientStore {
                 add_column_if_missing(&conn, table, column, declaration)?;
             }
         }
+        if !fresh && version < 10 {
+            // Version 10 keeps a Commit's GroupInfo for its resend, and the resyncs of
+            // each conversation (SPEC.md 7.10).
+            for (table, column, declaration) in [
+                ("outbox", "group_info", "BLOB"),
+                ("conversations", "resyncs", "INTEGER NOT NULL DEFAULT 0"),
+                ("conversations", "resync_seq", "INTEGER"),
+                ("conversations", "resync_from", "INTEGER"),
+            ] {
+                add_column_if_missing(&conn, table, column, declaration)?;
+            }
+        }
         // Every statement is prepared once per connection (parsing cost more than running
         // them on the per-entry path).
         conn.set_prepared_statement_cache_capacity(64);
@@ -735,6 +753,54 @@ impl ClientStore {
                 reason
             ])?;
         Ok(())
+    }
+
+    /// Records that this device got back into `conversation` by a resync accepted at
+    /// `seq` (SPEC.md 7.10): the fork is over, and where it was is kept to tell the user.
+    pub fn set_resynced(&mut self, conversation: &ConversationId, seq: Seq) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE conversations SET resync_from = forked_seq, resync_seq = ?2,
+                     resyncs = resyncs + 1, forked_seq = NULL, forked_reason = NULL
+                 WHERE id = ?1",
+            )?
+            .execute(params![conversation.0.as_slice(), to_i64(seq.get())])?;
+        Ok(())
+    }
+
+    /// How often this device resynced `conversation`, and the last time: (count, the seq
+    /// of the fork it ended, the seq of the resync).
+    pub fn resyncs(
+        &self,
+        conversation: &ConversationId,
+    ) -> Result<(u64, Option<(Seq, Seq)>), StoreError> {
+        let row: Option<(i64, Option<i64>, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT resyncs, resync_from, resync_seq FROM conversations WHERE id = ?1",
+            )?
+            .query_row([conversation.0.as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let seq = |v: i64| u64::try_from(v).ok().and_then(Seq::new);
+        Ok(match row {
+            Some((count, from, at)) => (
+                u64::try_from(count).unwrap_or(0),
+                from.and_then(seq).zip(at.and_then(seq)),
+            ),
+            None => (0, None),
+        })
+    }
+
+    /// The conversations that forked here and this device is still in.
+    pub fn forked_conversations(&self) -> Result<Vec<ConversationId>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM conversations WHERE forked_seq IS NOT NULL AND removed = 0",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|id| Ok(ConversationId(array(id?, "conversation id")?)))
+            .collect()
     }
 
     /// Where and why `conversation` forked, if it did ([`ClientStore::set_forked`]).
@@ -977,14 +1043,15 @@ impl ClientStore {
 
     /// Puts a composed message in the outbox, before its first send.
     pub fn outbox_put(&mut self, item: &OutboxItem) -> Result<(), StoreError> {
-        self.conn.prepare_cached("INSERT OR IGNORE INTO outbox (msg_id, conversation, payload, welcome, plaintext, composed_ms, position)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT coalesce(max(position), 0) + 1 FROM outbox))")?.execute(params![
+        self.conn.prepare_cached("INSERT OR IGNORE INTO outbox (msg_id, conversation, payload, welcome, plaintext, composed_ms, position, group_info)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT coalesce(max(position), 0) + 1 FROM outbox), ?7)")?.execute(params![
                 item.msg_id.0.as_slice(),
                 item.conversation.0.as_slice(),
                 item.payload,
                 item.welcome,
                 item.plaintext,
                 to_i64(item.composed.0),
+                item.group_info,
             ],
         )?;
         Ok(())
@@ -1023,7 +1090,7 @@ impl ClientStore {
     /// The outbox, in the order messages were composed.
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT msg_id, conversation, payload, welcome, plaintext, composed_ms
+            "SELECT msg_id, conversation, payload, welcome, plaintext, composed_ms, group_info
              FROM outbox ORDER BY position",
         )?;
         type Row = (
@@ -1033,6 +1100,7 @@ impl ClientStore {
             Option<Vec<u8>>,
             Option<Vec<u8>>,
             i64,
+            Option<Vec<u8>>,
         );
         let rows = stmt.query_map([], |r| -> rusqlite::Result<Row> {
             Ok((
@@ -1042,15 +1110,17 @@ impl ClientStore {
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
             ))
         })?;
         rows.map(|row| {
-            let (msg_id, conversation, payload, welcome, plaintext, composed) = row?;
+            let (msg_id, conversation, payload, welcome, plaintext, composed, group_info) = row?;
             Ok(OutboxItem {
                 msg_id: MsgId(array(msg_id, "msg_id")?),
                 conversation: ConversationId(array(conversation, "conversation id")?),
                 payload,
                 welcome,
+                group_info,
                 plaintext,
                 composed: UnixMs(composed as u64),
             })

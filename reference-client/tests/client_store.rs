@@ -117,6 +117,8 @@ proptest! {
                         conversation: CONV,
                         payload: vec![id],
                         welcome: None,
+                        // A Commit's GroupInfo is kept for its resend (SPEC.md 7.10).
+                        group_info: (id % 2 == 0).then(|| vec![0x47, id]),
                         plaintext: Some(vec![id]),
                         composed: UnixMs(5),
                     }).expect("put");
@@ -140,8 +142,13 @@ proptest! {
                 .map(|m| (m.seq.get(), m.body))
                 .collect();
             prop_assert_eq!(&stored, &messages);
-            let ids: Vec<u8> = store.outbox().expect("outbox").iter().map(|o| o.msg_id.0[0]).collect();
+            let items = store.outbox().expect("outbox");
+            let ids: Vec<u8> = items.iter().map(|o| o.msg_id.0[0]).collect();
             prop_assert_eq!(&ids, &outbox, "outbox order and removal");
+            for o in &items {
+                let id = o.msg_id.0[0];
+                prop_assert_eq!(&o.group_info, &(id % 2 == 0).then(|| vec![0x47, id]));
+            }
         }
     }
 }

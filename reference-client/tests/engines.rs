@@ -60,10 +60,11 @@ fn two_devices_join_talk_update_and_agree_in_every_pairing() {
                 added,
                 removed,
                 self_removed,
+                external,
             } => {
                 assert_eq!(sender, Some(b.id()));
                 assert_eq!(epoch, 2);
-                assert!(added.is_empty() && removed.is_empty() && !self_removed);
+                assert!(added.is_empty() && removed.is_empty() && !self_removed && !external);
             }
             other => panic!("{ka}->{kb}: unexpected {other:?}"),
         }
@@ -745,5 +746,65 @@ fn messages_up_to_app_epoch_lag_max_epochs_old_are_readable() {
             b.engine().process(&GROUP, &too_old).is_err(),
             "{ka}->{kb}: more than {APP_EPOCH_LAG_MAX} epochs old is gone (secrets deleted)"
         );
+    }
+}
+
+/// A member that missed a Commit (stale, as after a fork) gets back in by a resync from
+/// the GroupInfo of the current epoch (SPEC.md 7.10), in every pairing: every Commit
+/// publishes its epoch's GroupInfo, the resync replaces the member's own leaf, the others
+/// see the same device (neither added nor removed), and all agree and talk again.
+#[test]
+fn a_stale_member_resyncs_and_the_group_agrees_in_every_pairing() {
+    for (ka, kb) in pairings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut a, mut b) = two_member_group(&dir, ka, kb);
+        let update = a.engine().self_update(&GROUP).expect("update");
+        a.engine().merge_pending_commit(&GROUP).expect("merge");
+        let published = update.group_info.as_deref().expect("a Commit publishes its GroupInfo");
+        // B never sees A's update: its state is one epoch behind, as a forked one is.
+        assert_eq!(b.engine().epoch(&GROUP).expect("epoch"), 1);
+        assert_eq!(&published[..4], &[0, 1, 0, 4], "{ka}: an MLSMessage carrying a GroupInfo");
+        // The gateway serves the tree beside a GroupInfo without one; here the GroupInfo
+        // export with the tree stands in for both.
+        let info = a.engine().group_info(&GROUP).expect("group info with tree");
+        let resync = b
+            .engine()
+            .resync(&GROUP, &info, None)
+            .expect("resync");
+        assert!(resync.welcome.is_none());
+        assert!(resync.group_info.is_some(), "{ka}->{kb}: a resync publishes too");
+        match a.engine().process(&GROUP, &resync.commit).expect("process resync") {
+            Processed::Commit {
+                sender,
+                added,
+                removed,
+                self_removed,
+                external,
+                ..
+            } => {
+                assert_eq!(sender, Some(b.id()), "{ka}->{kb}");
+                assert!(external, "{ka}->{kb}");
+                assert!(
+                    added.is_empty() && removed.is_empty() && !self_removed,
+                    "{ka}->{kb}: a resync moves a device, it neither adds nor removes one: \
+                     {added:?} {removed:?}"
+                );
+            }
+            other => panic!("{ka}->{kb}: unexpected {other:?}"),
+        }
+        assert_agree(&[&a, &b], &GROUP);
+        assert_eq!(a.engine().members(&GROUP).expect("members").len(), 2);
+        let ct = b.engine().encrypt(&GROUP, b"back").expect("encrypt");
+        match a.engine().process(&GROUP, &ct).expect("decrypt") {
+            Processed::Application { sender, plaintext } => {
+                assert_eq!((sender, plaintext.as_slice()), (b.id(), b"back".as_slice()));
+            }
+            other => panic!("{ka}->{kb}: unexpected {other:?}"),
+        }
+        let ct = a.engine().encrypt(&GROUP, b"welcome back").expect("encrypt");
+        assert!(matches!(
+            b.engine().process(&GROUP, &ct),
+            Ok(Processed::Application { .. })
+        ));
     }
 }

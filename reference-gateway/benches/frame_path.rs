@@ -165,6 +165,7 @@ fn benches(c: &mut Criterion) {
                 msg_id: MsgId(msg_id),
                 payload: application(n),
                 welcome: None,
+                group_info: None,
             });
             let out = sender.handle(
                 &config,

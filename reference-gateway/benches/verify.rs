@@ -106,8 +106,12 @@ fn build(dir: &tempfile::TempDir) -> Room {
         let add = creator.add_members(&ROOM, &kps).expect("add");
         tracked = tracked_group::verify_commit(
             &tracked.snapshot,
-            &add.commit,
-            add.welcome.as_deref(),
+            &tracked_group::CommitInput {
+                commit: &add.commit,
+                welcome: add.welcome.as_deref(),
+                group_info: add.group_info.as_deref(),
+                resync: None,
+            },
             now(),
             &none,
         )
@@ -148,7 +152,13 @@ fn benches(c: &mut Criterion, room: &mut Room) {
     let commit = room.creator.self_update(&ROOM).expect("commit");
     group.bench_function("gateway", |b| {
         b.iter(|| {
-            tracked_group::verify_commit(&room.tracked.snapshot, &commit.commit, None, now(), &none)
+            let input = tracked_group::CommitInput {
+                commit: &commit.commit,
+                welcome: None,
+                group_info: commit.group_info.as_deref(),
+                resync: None,
+            };
+            tracked_group::verify_commit(&room.tracked.snapshot, &input, now(), &none)
                 .expect("verifies")
         })
     });

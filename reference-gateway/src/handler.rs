@@ -848,6 +848,9 @@ impl Connection {
                     devices,
                 })));
             }
+            ClientFrame::GetGroupInfo(g) => {
+                out.push(group_info_answer(config, store, device, &g)?);
+            }
             frame @ (ClientFrame::SetPresence(_)
             | ClientFrame::WatchPresence(_)
             | ClientFrame::UpdatePresenceLists(_)
@@ -1440,6 +1443,60 @@ fn payload_bytes_max(config: &GatewayConfig) -> usize {
     limits::payload_bytes_max(usize::try_from(config.limits.frame_bytes_max).unwrap_or(usize::MAX))
 }
 
+/// `GetGroupInfo` (SPEC.md 7.10, REQ-7.10-4): the GroupInfo kept for the conversation,
+/// with the tracked tree when it carries none, to member devices only.
+fn group_info_answer(
+    config: &GatewayConfig,
+    store: &dyn Store,
+    device: DeviceId,
+    g: &frame::GetGroupInfo,
+) -> Result<Action, StoreError> {
+    let rid = Some(g.rid);
+    if store.conversation(&g.conversation)?.is_none() {
+        return Ok(error(ErrorCode::ConversationNotFound, rid, None));
+    }
+    if !store
+        .roster(&g.conversation)?
+        .iter()
+        .any(|(_, d)| *d == device)
+    {
+        return Ok(error(ErrorCode::NotMember, rid, None));
+    }
+    let (Some(kept), Some(snapshot)) = (
+        store.group_info(&g.conversation)?,
+        store.group_state(&g.conversation)?,
+    ) else {
+        return Ok(error(
+            ErrorCode::ConversationNotFound,
+            rid,
+            Some("the gateway keeps no GroupInfo for this conversation"),
+        ));
+    };
+    let tree = match tracked_group::tree_to_serve(&snapshot, &kept.group_info) {
+        Ok(tree) => tree,
+        Err(refusal) => return Ok(error(refusal.code, rid, Some(&refusal.detail))),
+    };
+    let size = kept.group_info.len() + tree.as_ref().map_or(0, Vec::len);
+    if size > payload_bytes_max(config) {
+        return Ok(error(
+            ErrorCode::PayloadTooLarge,
+            rid,
+            Some("the GroupInfo and the tree do not fit in one frame"),
+        ));
+    }
+    let bytes = |b: Vec<u8>| {
+        MlsBytes::new(b).map_err(|e| StoreError::Corrupt(format!("group info: {e}")))
+    };
+    Ok(Action::Send(ServerFrame::GroupInfo(frame::GroupInfoFrame {
+        rid: g.rid,
+        conversation: g.conversation,
+        epoch: kept.epoch,
+        seq: kept.seq,
+        group_info: bytes(kept.group_info)?,
+        ratchet_tree: tree.map(bytes).transpose()?,
+    })))
+}
+
 /// The known revocations of `devices`, for credential checks.
 fn revocations_of(
     store: &dyn Store,
@@ -1488,10 +1545,20 @@ fn classify(
             Ok(Ok(AppendKind::Application { epoch }))
         }
         (WireFormat::PublicMessage, ContentType::Proposal | ContentType::Commit) => {
-            // The PublicMessage sender must be the sending device's own leaf (406).
+            // The PublicMessage sender must be the sending device's own leaf (406), but for
+            // an external Commit of a member device: a resync (SPEC.md 7.10).
             let roster = store.roster(&s.conversation)?;
             let own_leaf = roster.iter().find(|(_, d)| *d == device).map(|(l, _)| *l);
-            if own_leaf.is_some() && framing.sender != own_leaf.map(Sender::Member) {
+            let resync = match (own_leaf, framing.sender, framing.content_type) {
+                (Some(leaf), Some(Sender::NewMemberCommit), ContentType::Commit) => {
+                    Some((device, leaf))
+                }
+                _ => None,
+            };
+            if own_leaf.is_some()
+                && resync.is_none()
+                && framing.sender != own_leaf.map(Sender::Member)
+            {
                 return refuse(ErrorCode::MlsSenderMismatch);
             }
             let current = store.conversation(&s.conversation)?.map(|c| c.epoch);
@@ -1504,7 +1571,15 @@ fn classify(
             // epoch unverified, the group as it was.
             let stale =
                 config.faults.two_commits_per_epoch && fresh && current.is_some_and(|c| c > epoch);
-            classify_commit(config, store, s, device, epoch, (verify, stale), now)
+            classify_commit(
+                config,
+                store,
+                s,
+                CommitFrom { device, resync },
+                epoch,
+                (verify, stale),
+                now,
+            )
         }
         _ => refuse(ErrorCode::MlsWireFormatNotAllowed),
     }
@@ -1556,13 +1631,21 @@ fn classify_proposal(
     }
 }
 
-/// A Commit: all proposals by value (REQ-7.3-3), verified with its Welcome when `verify`
-/// (SPEC.md 7.5, 7.7); taken unverified when `stale` (the `two_commits_per_epoch` fault).
+/// Who sent a Commit: the device, and for an external Commit of a member device, the
+/// device with the leaf the gateway maps to it (a resync, SPEC.md 7.10).
+struct CommitFrom {
+    device: DeviceId,
+    resync: Option<(DeviceId, u32)>,
+}
+
+/// A Commit: all proposals by value (REQ-7.3-3), verified with its Welcome and GroupInfo
+/// when `verify` (SPEC.md 7.5, 7.7, 7.10); taken unverified when `stale` (the
+/// `two_commits_per_epoch` fault).
 fn classify_commit(
     config: &GatewayConfig,
     store: &dyn Store,
     s: &frame::Send,
-    device: DeviceId,
+    CommitFrom { device, resync }: CommitFrom,
     epoch: Epoch,
     (verify, stale): (bool, bool),
     now: UnixMs,
@@ -1602,6 +1685,11 @@ fn classify_commit(
             _ => {}
         }
     }
+    if resync.is_some() {
+        // A resync changes no role and cannot carry a roles proposal (SPEC.md 7.10): the
+        // rules judge it with the roles restated.
+        roles = store.room_roles(&s.conversation)?.map(Ok);
+    }
     let commit = |next| {
         Ok(Ok(AppendKind::Commit {
             epoch,
@@ -1622,13 +1710,40 @@ fn classify_commit(
         return Ok(Err(untracked()));
     };
     let revocations = revocations_of(store, adds.into_iter().chain([device]))?;
-    let welcome = s
-        .welcome
-        .as_ref()
-        .map(|w| w.as_bytes())
-        .filter(|_| !config.faults.no_welcome_check);
-    match tracked_group::verify_commit(&snapshot, s.payload.as_bytes(), welcome, now, &revocations)
-    {
+    let input = tracked_group::CommitInput {
+        commit: s.payload.as_bytes(),
+        welcome: s
+            .welcome
+            .as_ref()
+            .map(|w| w.as_bytes())
+            .filter(|_| !config.faults.no_welcome_check),
+        group_info: s.group_info.as_ref().map(|g| g.as_bytes()),
+        resync,
+    };
+    let verified = tracked_group::verify_commit(&snapshot, &input, now, &revocations);
+    // The `no_group_info_check` fault keeps whatever GroupInfo came, unchecked.
+    let verified = match verified {
+        Err(refusal)
+            if config.faults.no_group_info_check
+                && refusal.code == ErrorCode::MlsGroupInfoInvalid =>
+        {
+            tracked_group::verify_commit(
+                &snapshot,
+                &tracked_group::CommitInput {
+                    group_info: None,
+                    ..input
+                },
+                now,
+                &revocations,
+            )
+            .map(|mut next| {
+                next.group_info = input.group_info.map(<[u8]>::to_vec);
+                next
+            })
+        }
+        other => other,
+    };
+    match verified {
         Ok(next) => commit(Some(Box::new(next))),
         Err(refusal)
             if config.faults.no_handshake_verification
@@ -1668,6 +1783,7 @@ fn unverified_next(
         snapshot,
         members: store.roster(&s.conversation)?,
         extensions: roles.map(|r| r.context_extensions()).unwrap_or_default(),
+        group_info: None,
     })
 }
 
@@ -1683,6 +1799,7 @@ fn unverified_new_group(kind: frame::ConversationKind, creator: DeviceId) -> Tra
             }
             _ => Vec::new(),
         },
+        group_info: None,
     }
 }
 

@@ -25,6 +25,17 @@ pub enum StreamKey {
     Inbox(DeviceId),
 }
 
+/// The GroupInfo a gateway keeps for a conversation (SPEC.md 7.10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptGroupInfo {
+    /// The epoch it is the GroupInfo of.
+    pub epoch: Epoch,
+    /// The seq of the Commit that opened that epoch (0: the creation's).
+    pub seq: u64,
+    /// The GroupInfo, an MLSMessage, as it was given.
+    pub group_info: Vec<u8>,
+}
+
 /// What a conversation looks like now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationState {
@@ -210,6 +221,10 @@ pub trait Store: Send {
     /// The tracked MLS group state of a conversation (SPEC.md 7.7): mls-rs's
     /// `ExternalSnapshot` after its latest accepted Commit. `None` for no such conversation.
     fn group_state(&self, id: &ConversationId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The GroupInfo kept for a conversation (SPEC.md 7.10): the latest one a Commit
+    /// carried, or the creation's.
+    fn group_info(&self, id: &ConversationId) -> Result<Option<KeptGroupInfo>, StoreError>;
 
     /// Whether `msg_id` is already sequenced in the conversation (the store's
     /// idempotency record, SPEC.md 6.3).

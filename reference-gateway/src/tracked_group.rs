@@ -74,6 +74,9 @@ pub struct TrackedGroup {
     pub members: Vec<(u32, DeviceId)>,
     /// The group context extensions, as `(type, data)` pairs.
     pub extensions: Vec<(u16, Vec<u8>)>,
+    /// The GroupInfo of this epoch that came with the creation or the Commit, verified
+    /// (SPEC.md 7.10); `None` when the Commit carried none.
+    pub group_info: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TrackedGroup {
@@ -82,6 +85,7 @@ impl std::fmt::Debug for TrackedGroup {
             .field("epoch", &self.epoch)
             .field("snapshot_bytes", &self.snapshot.len())
             .field("members", &self.members.len())
+            .field("group_info", &self.group_info.as_ref().map(Vec::len))
             .finish()
     }
 }
@@ -159,34 +163,49 @@ pub struct VerifiedProposal {
     pub removes: u32,
 }
 
-/// Who changed in a Commit: compares the roster before and after it, by leaf.
+/// Who changed in a Commit: compares the roster before and after it, by device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MembershipChange {
-    /// Leaves whose device left (removed, or replaced by another device).
+    /// Devices that left (leaf, device), in leaf order.
     pub removed: Vec<(u32, DeviceId)>,
-    /// Leaves a device newly holds, in leaf order.
+    /// Devices that joined (leaf, device), in leaf order.
     pub added: Vec<(u32, DeviceId)>,
+    /// Devices that stayed on another leaf (old leaf, new leaf, device): a resync
+    /// (SPEC.md 7.10) moves a device without removing or adding it.
+    pub moved: Vec<(u32, u32, DeviceId)>,
 }
 
-/// Compares two rosters (each by leaf index).
+/// Compares two rosters (each by leaf index): a device is removed or added when it is in
+/// one and not the other, whatever its leaf.
 pub fn membership_change(
     before: &[(u32, DeviceId)],
     after: &[(u32, DeviceId)],
 ) -> MembershipChange {
-    let old: BTreeMap<u32, DeviceId> = before.iter().copied().collect();
-    let new: BTreeMap<u32, DeviceId> = after.iter().copied().collect();
-    MembershipChange {
-        removed: old
+    let old: BTreeMap<DeviceId, u32> = before.iter().map(|(l, d)| (*d, *l)).collect();
+    let new: BTreeMap<DeviceId, u32> = after.iter().map(|(l, d)| (*d, *l)).collect();
+    let mut change = MembershipChange {
+        removed: before
             .iter()
-            .filter(|(leaf, device)| new.get(leaf) != Some(device))
-            .map(|(l, d)| (*l, *d))
+            .filter(|(_, d)| !new.contains_key(d))
+            .copied()
             .collect(),
-        added: new
+        added: after
             .iter()
-            .filter(|(leaf, device)| old.get(leaf) != Some(device))
-            .map(|(l, d)| (*l, *d))
+            .filter(|(_, d)| !old.contains_key(d))
+            .copied()
             .collect(),
-    }
+        moved: old
+            .iter()
+            .filter_map(|(d, from)| {
+                new.get(d)
+                    .filter(|to| *to != from)
+                    .map(|to| (*from, *to, *d))
+            })
+            .collect(),
+    };
+    change.removed.sort_by_key(|(l, _)| *l);
+    change.added.sort_by_key(|(l, _)| *l);
+    change
 }
 
 /// Starts tracking a new conversation from the GroupInfo its creator supplies
@@ -215,7 +234,8 @@ pub fn observe_new_group(
     let group = observer
         .observe_group(message, None, Some(mls_time(now)))
         .map_err(|e| refuse(&format!("does not verify: {e}")))?;
-    let tracked = tracked(&group)?;
+    let mut tracked = tracked(&group)?;
+    tracked.group_info = Some(group_info.to_vec());
     let context = group.group_context();
     if context.group_id.as_slice() != conversation.0.as_slice() {
         return Err(refuse("group id is not the conversation id"));
@@ -249,24 +269,43 @@ pub fn observe_new_group(
     Ok(tracked)
 }
 
+/// A Commit to verify with [`verify_commit`]: the `Send`'s payload, Welcome and GroupInfo.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitInput<'a> {
+    /// The Commit, an MLSMessage.
+    pub commit: &'a [u8],
+    /// `Send.welcome`.
+    pub welcome: Option<&'a [u8]>,
+    /// `Send.group_info` (SPEC.md 7.10).
+    pub group_info: Option<&'a [u8]>,
+    /// For an external Commit: the sending device and the leaf the gateway maps to it,
+    /// which a resync must remove (SPEC.md 7.10).
+    pub resync: Option<(DeviceId, u32)>,
+}
+
 /// Verifies a PublicMessage Commit (already known to be for the tracked epoch, sent by the
-/// member at its sender leaf) against the tracked state in `snapshot`, and its Welcome
-/// (SPEC.md 7.5, 7.7). Returns the group after the Commit.
+/// member at its sender leaf, or an external Commit of a member device) against the
+/// tracked state in `snapshot`, its Welcome and its GroupInfo (SPEC.md 7.5, 7.7, 7.10).
+/// Returns the group after the Commit.
 pub fn verify_commit(
     snapshot: &[u8],
-    commit: &[u8],
-    welcome: Option<&[u8]>,
+    input: &CommitInput<'_>,
     now: UnixMs,
     revocations: &Revocations,
 ) -> Result<TrackedGroup, Refusal> {
-    let message = parse_whole(commit).map_err(|d| Refusal::new(ErrorCode::MlsMalformed, d))?;
+    let message =
+        parse_whole(input.commit).map_err(|d| Refusal::new(ErrorCode::MlsMalformed, d))?;
     let invalid = |detail: String| Refusal::new(ErrorCode::MlsHandshakeInvalid, detail);
     let observer = observer(now, revocations);
+    if let Some((_, leaf)) = input.resync {
+        check_resync_proposals(&message, leaf).map_err(|d| invalid(d.into()))?;
+    }
     let mut added = Vec::new();
     for proposal in message.proposals_by_value() {
         match proposal {
             Proposal::Add(add) => added.push(add.key_package().clone()),
             Proposal::Remove(_) => {}
+            Proposal::ExternalInit(_) if input.resync.is_some() => {}
             Proposal::GroupContextExtensions(extensions) => {
                 let pairs = extension_pairs(extensions);
                 check_context_extensions(&pairs).map_err(invalid)?;
@@ -293,7 +332,7 @@ pub fn verify_commit(
                 )
             })?;
     }
-    if let Some(welcome) = welcome.filter(|_| !added.is_empty()) {
+    if let Some(welcome) = input.welcome.filter(|_| !added.is_empty()) {
         check_welcome(welcome, &added)?;
     }
     let mut group = load(&observer, snapshot)?;
@@ -306,10 +345,111 @@ pub fn verify_commit(
             ),
             other => invalid(describe(&other)),
         })?;
-    if !matches!(outcome, ExternalReceivedMessage::Commit(_)) {
+    let ExternalReceivedMessage::Commit(description) = outcome else {
         return Err(invalid("not a Commit".into()));
+    };
+    let mut next = tracked(&group)?;
+    if let Some((device, _)) = input.resync {
+        // The path's leaf is the sending device's, and the device holds one leaf only.
+        let holds: Vec<u32> = next
+            .members
+            .iter()
+            .filter(|(_, d)| *d == device)
+            .map(|(l, _)| *l)
+            .collect();
+        if holds != [description.committer] {
+            return Err(invalid(
+                "a resync's new leaf must hold the sending device's certificate".into(),
+            ));
+        }
     }
-    tracked(&group)
+    if let Some(info) = input.group_info {
+        check_group_info(&observer, &group, description.committer, info, now)?;
+        next.group_info = Some(info.to_vec());
+    }
+    Ok(next)
+}
+
+/// A resync carries one ExternalInit and one Remove of the sending device's own leaf, and
+/// nothing else (SPEC.md 7.10, REQ-7.10-5).
+fn check_resync_proposals(message: &MlsMessage, own_leaf: u32) -> Result<(), &'static str> {
+    let mut inits = 0;
+    let mut removes = Vec::new();
+    for proposal in message.proposals_by_value() {
+        match proposal {
+            Proposal::ExternalInit(_) => inits += 1,
+            Proposal::Remove(r) => removes.push(r.to_remove()),
+            _ => return Err("an external Commit carries only ExternalInit and one Remove"),
+        }
+    }
+    if inits != 1 {
+        return Err("an external Commit carries exactly one ExternalInit");
+    }
+    if removes != [own_leaf] {
+        return Err("an external Commit must remove the sending device's own leaf, and no other");
+    }
+    Ok(())
+}
+
+/// The GroupInfo a Commit publishes is the one of the epoch it opens (SPEC.md 7.10,
+/// REQ-7.10-2): one MLSMessage carrying a GroupInfo with `external_pub`, signed by the
+/// committer's leaf, whose verified state (group context, tree, interim transcript hash,
+/// so the confirmation tag too) is `after`'s.
+fn check_group_info(
+    observer: &ExternalClient<ObserverConfig>,
+    after: &ExternalGroup<ObserverConfig>,
+    committer: u32,
+    bytes: &[u8],
+    now: UnixMs,
+) -> Result<(), Refusal> {
+    let refuse = |detail: &str| Refusal::new(ErrorCode::MlsGroupInfoInvalid, detail);
+    let message = parse_whole(bytes).map_err(|d| refuse(&d))?;
+    let Some(info) = message.as_group_info() else {
+        return Err(refuse("not an MLSMessage carrying a GroupInfo"));
+    };
+    if info.sender() != committer {
+        return Err(refuse("the GroupInfo is not signed by the committer's leaf"));
+    }
+    if !info.extensions().has_extension(ExtensionType::EXTERNAL_PUB) {
+        return Err(refuse("the GroupInfo has no external_pub extension"));
+    }
+    let observed = observer
+        .observe_group(message, Some(after.exported_tree()), Some(mls_time(now)))
+        .map_err(|e| refuse(&format!("does not verify: {}", describe(&e))))?;
+    if observed.group_context() != after.group_context() {
+        return Err(refuse(
+            "the GroupInfo's group context is not the one the Commit leads to",
+        ));
+    }
+    let state = |g: &ExternalGroup<ObserverConfig>| g.snapshot().to_bytes().ok();
+    if state(&observed) != state(after) {
+        return Err(refuse(
+            "the GroupInfo's confirmation tag is not the Commit's",
+        ));
+    }
+    Ok(())
+}
+
+/// The ratchet tree to serve with a kept GroupInfo (SPEC.md 7.10): the tracked state's,
+/// unless the GroupInfo carries one in its `ratchet_tree` extension.
+pub fn tree_to_serve(snapshot: &[u8], group_info: &[u8]) -> Result<Option<Vec<u8>>, Refusal> {
+    let internal = |what: &str| Refusal::new(ErrorCode::InternalError, what);
+    let has_tree = MlsMessage::from_bytes(group_info)
+        .ok()
+        .and_then(|m| {
+            m.as_group_info()
+                .map(|i| i.extensions().has_extension(ExtensionType::RATCHET_TREE))
+        })
+        .unwrap_or(false);
+    if has_tree {
+        return Ok(None);
+    }
+    let observer = observer(UnixMs(0), &Revocations::new());
+    let group = load(&observer, snapshot)?;
+    group
+        .export_tree()
+        .map(Some)
+        .map_err(|_| internal("the tracked tree does not encode"))
 }
 
 /// Verifies a standalone PublicMessage proposal against the tracked state: its signature
@@ -487,6 +627,7 @@ fn tracked(group: &ExternalGroup<ObserverConfig>) -> Result<TrackedGroup, Refusa
         snapshot,
         members,
         extensions: extension_pairs(&context.extensions),
+        group_info: None,
     })
 }
 

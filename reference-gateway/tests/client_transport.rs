@@ -37,6 +37,7 @@ fn send(t: &mut Transport, n: u8) {
                 msg_id: MsgId([n; 16]),
                 payload: private_message(CONV, &[n; 8]),
                 welcome: None,
+                group_info: None,
             },
         )
         .expect("queued");

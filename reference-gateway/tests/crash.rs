@@ -102,6 +102,7 @@ async fn acknowledged_sends_survive_sigkill() {
                 msg_id: *msg_id,
                 payload: private_message(CONV, &msg_id.0),
                 welcome: None,
+                group_info: None,
             });
             // `sends_per_device` (SPEC.md 11) limits the final burst of resends: wait as
             // told and send again.
@@ -143,6 +144,7 @@ async fn acknowledged_sends_survive_sigkill() {
                     msg_id: *msg_id,
                     payload: private_message(CONV, &msg_id.0),
                     welcome: None,
+                    group_info: None,
                 });
                 let _ = ws.send(Message::Binary(frame.encode().into())).await;
             }

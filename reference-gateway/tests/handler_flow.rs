@@ -205,6 +205,7 @@ fn send_mls(
             msg_id: MsgId([id; 16]),
             payload: MlsBytes::new(payload).expect("payload"),
             welcome: welcome.map(|w| MlsBytes::new(w).expect("welcome")),
+            group_info: None,
         }),
     )
 }

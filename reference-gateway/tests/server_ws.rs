@@ -349,6 +349,7 @@ async fn a_slow_consumer_is_closed_with_4002_and_the_gateway_keeps_serving() {
                 msg_id: MsgId([i as u8; 16]),
                 payload: MlsBytes::new(payload).expect("bytes"),
                 welcome: None,
+                group_info: None,
             });
             if sink
                 .send(Message::Binary(frame.encode().into()))

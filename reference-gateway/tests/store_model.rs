@@ -42,6 +42,7 @@ fn new_group(creator: &DeviceId) -> TrackedGroup {
         snapshot: vec![0x60, 0],
         members: vec![(0, *creator)],
         extensions: RoomRoles::new(creator.system).context_extensions(),
+        group_info: Some(vec![0x47, 0]),
     }
 }
 
@@ -115,6 +116,8 @@ struct Model {
     roster: BTreeMap<u32, DeviceId>,
     /// The tracked group state of the last accepted Commit (SPEC.md 7.7).
     group_state: Vec<u8>,
+    /// The GroupInfo kept: (epoch, seq, bytes).
+    group_info: (u64, u64, Vec<u8>),
     /// Per device: (commit seq, accept time) of each Welcome, and how many were deleted.
     inbox: HashMap<DeviceId, (Vec<(u64, u64)>, usize)>,
     cursors: HashMap<DeviceId, u64>,
@@ -193,6 +196,7 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
     };
     m.roster.insert(0, creator);
     m.group_state = new_group(&creator).snapshot;
+    m.group_info = (0, 0, vec![0x47, 0]);
     for (step, op) in ops.iter().enumerate() {
         if grouped && step % 3 == 2 {
             store.commit_batch().expect("commit the batch");
@@ -326,6 +330,8 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                             snapshot: vec![0x61, step as u8, (step >> 8) as u8],
                             members: after.into_iter().collect(),
                             extensions: RoomRoles::new(USER).context_extensions(),
+                            // Every other Commit publishes a GroupInfo (SPEC.md 7.10).
+                            group_info: (step % 2 == 0).then(|| vec![0x47, step as u8]),
                         };
                         (
                             AppendKind::Commit {
@@ -398,6 +404,9 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
                         m.epoch += 1;
                         m.epoch_seq = seq;
                         m.group_state = vec![0x61, step as u8, (step >> 8) as u8];
+                        if step % 2 == 0 {
+                            m.group_info = (m.epoch, seq, vec![0x47, step as u8]);
+                        }
                         for l in &removed_leaves {
                             m.roster.remove(l);
                         }
@@ -459,6 +468,12 @@ fn run(ops: &[Op], grouped: bool) -> Result<(), TestCaseError> {
         prop_assert_eq!(
             store.group_state(&CONV).expect("group state"),
             Some(m.group_state.clone())
+        );
+        // So does the latest GroupInfo a Commit carried (REQ-7.10-3).
+        let kept = store.group_info(&CONV).expect("group info").expect("kept");
+        prop_assert_eq!(
+            (kept.epoch.0, kept.seq, kept.group_info),
+            m.group_info.clone()
         );
         for (d, (welcomes, gone)) in &m.inbox {
             let seqs: Vec<u64> = welcomes[*gone..].iter().map(|(s, _)| *s).collect();

@@ -57,6 +57,7 @@ fn frames() -> Vec<(&'static str, Vec<u8>, bool)> {
         msg_id: MsgId([1; 16]),
         payload: MlsBytes::new(vec![0xA5; 100]).expect("payload"),
         welcome: None,
+        group_info: None,
     });
     vec![
         ("deliver_100B", deliver.encode(), true),

@@ -154,6 +154,20 @@ cbor_map! {
         4 req payload: MlsBytes,
         /// The Welcome for the members a Commit adds.
         5 opt welcome: MlsBytes,
+        /// With a Commit: the GroupInfo of the epoch it opens, with `external_pub`, so
+        /// that a member that forked can resync (SPEC.md 7.10).
+        6 opt group_info: MlsBytes,
+    }
+}
+
+cbor_map! {
+    /// `GetGroupInfo` (type 15, SPEC.md section 7.10): the public state a member needs to
+    /// resync.
+    pub struct GetGroupInfo {
+        /// Request id.
+        1 req rid: u64,
+        /// The conversation.
+        2 req conversation: ConversationId,
     }
 }
 
@@ -864,6 +878,27 @@ cbor_map! {
 }
 
 cbor_map! {
+    /// `GroupInfo` (type 80, SPEC.md section 7.10): the GroupInfo the gateway keeps for a
+    /// conversation, and the tracked ratchet tree when the GroupInfo holds none.
+    pub struct GroupInfoFrame {
+        /// Request id.
+        1 req rid: u64,
+        /// The conversation.
+        2 req conversation: ConversationId,
+        /// The epoch of the GroupInfo.
+        3 req epoch: Epoch,
+        /// The seq of the Commit that opened that epoch (0 for the creation's, so a plain
+        /// uint rather than a `Seq`).
+        4 req seq: u64,
+        /// The GroupInfo, an MLSMessage, as its committer gave it.
+        5 req group_info: MlsBytes,
+        /// The ratchet tree (the `ratchet_tree` extension's data), when `group_info` holds
+        /// none.
+        6 opt ratchet_tree: MlsBytes,
+    }
+}
+
+cbor_map! {
     /// `KeyPackagesClaimed` (type 77, SPEC.md section 8).
     pub struct KeyPackagesClaimed {
         /// Request id.
@@ -1019,6 +1054,7 @@ frame_enum! {
         12 => ClaimKeyPackages(ClaimKeyPackages),
         13 => ListDevices(ListDevices),
         14 => UpdateInviteSettings(UpdateInviteSettings),
+        15 => GetGroupInfo(GetGroupInfo),
         20 => SetPresence(SetPresence),
         21 => WatchPresence(WatchPresence),
         22 => UpdatePresenceLists(UpdatePresenceLists),
@@ -1044,6 +1080,7 @@ frame_enum! {
         77 => KeyPackagesClaimed(KeyPackagesClaimed),
         78 => Devices(Devices),
         79 => InviteSettings(InviteSettings),
+        80 => GroupInfo(GroupInfoFrame),
         90 => PresenceLease(PresenceLease),
         91 => PresenceStates(PresenceStates),
         92 => PresenceChanged(PresenceChanged),
@@ -1066,6 +1103,7 @@ impl ServerFrame {
             ServerFrame::KeyPackagesClaimed(f) => Some(f.rid),
             ServerFrame::Devices(f) => Some(f.rid),
             ServerFrame::InviteSettings(f) => Some(f.rid),
+            ServerFrame::GroupInfo(f) => Some(f.rid),
             ServerFrame::PresenceLease(f) => Some(f.rid),
             ServerFrame::PresenceStates(f) => Some(f.rid),
             ServerFrame::PresenceLists(f) => Some(f.rid),
@@ -1092,6 +1130,7 @@ impl ClientFrame {
             ClientFrame::ClaimKeyPackages(f) => Some(f.rid),
             ClientFrame::ListDevices(f) => Some(f.rid),
             ClientFrame::UpdateInviteSettings(f) => Some(f.rid),
+            ClientFrame::GetGroupInfo(f) => Some(f.rid),
             ClientFrame::SetPresence(f) => Some(f.rid),
             ClientFrame::WatchPresence(f) => Some(f.rid),
             ClientFrame::UpdatePresenceLists(f) => Some(f.rid),

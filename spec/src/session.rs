@@ -167,6 +167,9 @@ pub enum Input {
         payload: MlsBytes,
         /// The Welcome for a Commit that adds members.
         welcome: Option<MlsBytes>,
+        /// With a Commit, the GroupInfo of the epoch it opens (SPEC.md 7.10).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_info: Option<MlsBytes>,
     },
     /// Create a conversation.
     CreateConversation {
@@ -454,6 +457,7 @@ struct PendingSend {
     msg_id: MsgId,
     payload: MlsBytes,
     welcome: Option<MlsBytes>,
+    group_info: Option<MlsBytes>,
     in_flight: Option<u64>,
     retry_at: Option<UnixMs>,
     /// Whether it went out at least once.
@@ -632,8 +636,9 @@ impl ClientSession {
                 msg_id,
                 payload,
                 welcome,
+                group_info,
             } => {
-                return self.send(now, conversation, msg_id, payload, welcome);
+                return self.send(now, conversation, msg_id, payload, (welcome, group_info));
             }
             Input::CreateConversation {
                 conversation,
@@ -879,14 +884,17 @@ impl ClientSession {
         conversation: ConversationId,
         msg_id: MsgId,
         payload: MlsBytes,
-        welcome: Option<MlsBytes>,
+        (welcome, group_info): (Option<MlsBytes>, Option<MlsBytes>),
     ) -> Result<(), SessionError> {
         if let Some(existing) = self
             .outbox
             .iter()
             .find(|p| p.msg_id == msg_id && p.conversation == conversation)
         {
-            return if existing.payload == payload && existing.welcome == welcome {
+            return if existing.payload == payload
+                && existing.welcome == welcome
+                && existing.group_info == group_info
+            {
                 Ok(())
             } else {
                 Err(SessionError::MsgIdConflict)
@@ -900,6 +908,7 @@ impl ClientSession {
             msg_id,
             payload,
             welcome,
+            group_info,
             in_flight: None,
             retry_at: None,
             transmitted: false,
@@ -927,6 +936,7 @@ impl ClientSession {
             msg_id: p.msg_id,
             payload: p.payload.clone(),
             welcome: p.welcome.clone(),
+            group_info: p.group_info.clone(),
         });
         self.transmit(now, frame);
     }

@@ -219,6 +219,7 @@ pub fn sample_frames() -> SampleFrames {
                 msg_id: MsgId([0x11; 16]),
                 payload: mls(2, 40),
                 welcome: None,
+                group_info: None,
             }),
         ),
         (
@@ -229,6 +230,14 @@ pub fn sample_frames() -> SampleFrames {
                 msg_id: MsgId([0x12; 16]),
                 payload: mls(1, 60),
                 welcome: Some(mls(3, 80)),
+                group_info: Some(mls(4, 48)),
+            }),
+        ),
+        (
+            "get-group-info",
+            ClientFrame::GetGroupInfo(GetGroupInfo {
+                rid: 22,
+                conversation: conv,
             }),
         ),
         (
@@ -584,6 +593,17 @@ pub fn sample_frames() -> SampleFrames {
             ServerFrame::PresenceChanged(PresenceChanged {
                 target: system.public(),
                 state: PresenceState::WithinHour,
+            }),
+        ),
+        (
+            "group-info",
+            ServerFrame::GroupInfo(GroupInfoFrame {
+                rid: 22,
+                conversation: conv,
+                epoch: Epoch(2),
+                seq: 7,
+                group_info: mls(4, 48),
+                ratchet_tree: Some(MlsBytes::new(vec![0x01, 0x01, 0x20, 0xCD]).unwrap_or_else(|_| unreachable!("4 bytes"))),
             }),
         ),
         (
@@ -1092,6 +1112,7 @@ pub fn session_scripts() -> Vec<SessionScript> {
                 msg_id: MsgId([0x77; 16]),
                 payload: mls(2, 8),
                 welcome: None,
+                group_info: None,
             },
         ),
         (
@@ -1239,6 +1260,7 @@ pub fn session_scripts() -> Vec<SessionScript> {
                 msg_id: MsgId([0x77; 16]),
                 payload: mls(2, 8),
                 welcome: None,
+                group_info: None,
             },
         ),
         (
@@ -1325,6 +1347,7 @@ pub fn session_scripts() -> Vec<SessionScript> {
                 msg_id: MsgId([0x21; 16]),
                 payload: mls(1, 8),
                 welcome: None,
+                group_info: None,
             },
         ),
         (
@@ -1348,6 +1371,7 @@ pub fn session_scripts() -> Vec<SessionScript> {
                 msg_id: MsgId([0x22; 16]),
                 payload: mls(2, 8),
                 welcome: None,
+                group_info: None,
             },
         ),
         (

@@ -417,6 +417,7 @@ impl Harness {
                         msg_id,
                         payload,
                         welcome: None,
+                        group_info: None,
                     },
                 );
                 prop_assert!(r.is_ok(), "send refused: {r:?}");

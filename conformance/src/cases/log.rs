@@ -302,6 +302,7 @@ pub fn send_frame(
         msg_id,
         payload,
         welcome: None,
+        group_info: None,
     })
 }
 
@@ -421,6 +422,7 @@ pub async fn send_mls(
         msg_id,
         payload,
         welcome,
+        group_info: None,
     }))
     .await?;
     peer.expect("Accepted or Error for the Send", |f| match f {

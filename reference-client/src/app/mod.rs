@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{
     ClaimKeyPackages, ClaimedKeyPackage, ClientFrame, ConversationKind, DeviceStatus, Entry,
-    EntryBody, KeyPackagesStored, ListDevices, PresenceLease, PresenceLists, PresenceMode,
+    EntryBody, GetGroupInfo, KeyPackagesStored, ListDevices, PresenceLease, PresenceLists, PresenceMode,
     PresenceOf, PresenceState, RevokeDevice, ServerFrame, SetPresence, UpdatePresenceLists,
     UploadKeyPackages, WatchPresence,
 };
@@ -230,6 +230,15 @@ pub struct ComposedText {
     msg_id: MsgId,
 }
 
+/// What a Commit's `Send` carries beside its payload (SPEC.md 7.5, 7.10).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Attached {
+    /// The Welcome for the devices it adds.
+    welcome: Option<Vec<u8>>,
+    /// The GroupInfo of the epoch it opens.
+    group_info: Option<Vec<u8>>,
+}
+
 /// What woke a client in [`Client::wait`], for [`Client::work`] to handle.
 #[derive(Debug)]
 #[must_use = "the events taken are handled by Client::work"]
@@ -264,6 +273,8 @@ pub struct Observed {
     /// Messages whose number showed earlier ones missing, or that came out of order
     /// (REQ-7.9-2).
     pub irregular: u64,
+    /// Resyncs of forked conversations accepted (SPEC.md 7.10).
+    pub resyncs: u64,
 }
 
 /// A shared view of a client's [`Observed`].
@@ -503,7 +514,62 @@ impl Client {
             }
             Err(e) => Err(e),
         }?;
+        self.resync_forked().await?;
         self.end_receive_batch()
+    }
+
+    /// Gets back into every conversation that forked here and this device is still in, by
+    /// a resync (SPEC.md 7.10, REQ-7.10-6). One that cannot be resynced now (a Commit won
+    /// the epoch meanwhile, the GroupInfo is older than the log, the gateway refused)
+    /// stays forked and is tried again at the next sync; the number of resyncs is
+    /// returned.
+    pub async fn resync_forked(&mut self) -> Result<usize, ClientError> {
+        if self.faults.no_resync {
+            return Ok(0);
+        }
+        let mut done = 0;
+        for conversation in self.store.forked_conversations()? {
+            if !self
+                .followed
+                .contains(&StreamId::Conversation(conversation))
+            {
+                continue;
+            }
+            match self.resync(conversation).await {
+                Ok(_) => done += 1,
+                Err(
+                    ClientError::SendRefused { .. }
+                    | ClientError::Refused(_)
+                    | ClientError::RateLimited { .. }
+                    | ClientError::Interrupted
+                    | ClientError::Engine(_),
+                ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// One resync of `conversation`: the gateway's GroupInfo, an external Commit that
+    /// replaces this device's leaf, sent with the new epoch's GroupInfo. Its seq once
+    /// accepted; the fork is then over.
+    async fn resync(&mut self, conversation: ConversationId) -> Result<Seq, ClientError> {
+        let answer = self
+            .request(|rid| ClientFrame::GetGroupInfo(GetGroupInfo { rid, conversation }))
+            .await?;
+        let ServerFrame::GroupInfo(info) = answer else {
+            return Err(ClientError::Unexpected);
+        };
+        self.end_receive_batch()?;
+        let output = self.engine.resync(
+            &conversation,
+            info.group_info.as_bytes(),
+            info.ratchet_tree.as_ref().map(|t| t.as_bytes()),
+        )?;
+        let seq = self.send_commit(conversation, output).await?;
+        self.store.set_resynced(&conversation, seq)?;
+        self.observed(|o| o.resyncs += 1);
+        Ok(seq)
     }
 
     /// Why the gateway refused to let this device follow `stream`, if it did for a reason
@@ -805,7 +871,7 @@ impl Client {
             peer: Some(peer),
             removed: false,
         })?;
-        let sent = self.send(conversation, add.commit, add.welcome, None).await;
+        let sent = self.send_commit(conversation, add).await;
         match sent {
             Ok(_) => self.engine.merge_pending_commit(&conversation)?,
             Err(e) => {
@@ -1016,10 +1082,7 @@ impl Client {
             if self.faults.merge_before_accepted {
                 self.engine.merge_pending_commit(&conversation)?;
             }
-            match self
-                .send(conversation, commit.commit, commit.welcome, None)
-                .await
-            {
+            match self.send_commit(conversation, commit).await {
                 Ok(seq) => {
                     self.apply_own_commit(conversation).await?;
                     return Ok(Some(seq));
@@ -1120,7 +1183,13 @@ impl Client {
         } = composed;
         loop {
             match self
-                .send_as(msg_id, conversation, payload, None, Some(text.clone()))
+                .send_as(
+                    msg_id,
+                    conversation,
+                    payload,
+                    Attached::default(),
+                    Some(text.clone()),
+                )
                 .await
             {
                 // Sent too long after its epoch (the device was cut off while the group
@@ -1218,12 +1287,28 @@ impl Client {
         &mut self,
         conversation: ConversationId,
         payload: Vec<u8>,
-        welcome: Option<Vec<u8>>,
+        attached: Attached,
         plaintext: Option<Vec<u8>>,
     ) -> Result<Seq, ClientError> {
         let msg_id = self.new_msg_id();
-        self.send_as(msg_id, conversation, payload, welcome, plaintext)
+        self.send_as(msg_id, conversation, payload, attached, plaintext)
             .await
+    }
+
+    /// Sends a Commit the engine made, with its Welcome and GroupInfo.
+    async fn send_commit(
+        &mut self,
+        conversation: ConversationId,
+        output: CommitOutput,
+    ) -> Result<Seq, ClientError> {
+        let group_info = output
+            .group_info
+            .filter(|_| !self.faults.no_group_info);
+        let attached = Attached {
+            welcome: output.welcome,
+            group_info,
+        };
+        self.send(conversation, output.commit, attached, None).await
     }
 
     /// Sends `payload` into `conversation` as it is, under a fresh msg_id, and returns its
@@ -1235,7 +1320,8 @@ impl Client {
         conversation: ConversationId,
         payload: Vec<u8>,
     ) -> Result<Seq, ClientError> {
-        self.send(conversation, payload, None, None).await
+        self.send(conversation, payload, Attached::default(), None)
+            .await
     }
 
     /// [`Client::send`] under a given msg_id.
@@ -1244,7 +1330,10 @@ impl Client {
         msg_id: MsgId,
         conversation: ConversationId,
         payload: Vec<u8>,
-        welcome: Option<Vec<u8>>,
+        Attached {
+            welcome,
+            group_info,
+        }: Attached,
         plaintext: Option<Vec<u8>>,
     ) -> Result<Seq, ClientError> {
         let has_plaintext = plaintext.is_some();
@@ -1258,6 +1347,7 @@ impl Client {
             conversation,
             payload: payload.clone(),
             welcome: welcome.clone(),
+            group_info: group_info.clone(),
             plaintext,
             composed: self.now(),
         })?;
@@ -1269,6 +1359,7 @@ impl Client {
             msg_id,
             payload: bytes(payload)?,
             welcome: welcome.map(bytes).transpose()?,
+            group_info: group_info.map(bytes).transpose()?,
         })?;
         self.in_flight.insert(msg_id);
         loop {
@@ -1547,9 +1638,10 @@ impl Client {
                 }
                 commit_in_outbox = true;
             }
-            let (Ok(payload), Ok(welcome)) = (
+            let (Ok(payload), Ok(welcome), Ok(group_info)) = (
                 MlsBytes::new(item.payload),
                 item.welcome.map(MlsBytes::new).transpose(),
+                item.group_info.map(MlsBytes::new).transpose(),
             ) else {
                 self.store.outbox_remove(&item.msg_id)?;
                 continue;
@@ -1559,6 +1651,7 @@ impl Client {
                 msg_id: item.msg_id,
                 payload,
                 welcome,
+                group_info,
             })?;
             self.resent.insert(item.msg_id);
         }
@@ -1596,6 +1689,7 @@ impl Client {
             msg_id,
             payload,
             welcome: None,
+            group_info: None,
         })?;
         self.resent.insert(msg_id);
         Ok(())
@@ -1721,11 +1815,13 @@ impl Client {
                     // another copy of this device's files sends too (its MLS state is this
                     // one's old state: what the two send reuses keys), or the gateway made
                     // it up. Said as such, not as a stranger's garbage.
-                    unreadable = Some(
-                        "sent in this device's name, not by it: a copy of this device's files \
-                         is in use elsewhere (stop using one of them), or the gateway forged it"
-                            .to_owned(),
-                    );
+                    let reason = "sent in this device's name, not by it: a copy of this \
+                                  device's files is in use elsewhere (stop using one of them), \
+                                  or the gateway forged it";
+                    unreadable = Some(reason.to_owned());
+                    // The keys this device sends with are known elsewhere: it stops sending
+                    // until a resync gives it new ones (SPEC.md 7.10).
+                    self.store.set_forked(&c, seq, reason)?;
                 }
                 if body.is_some() {
                     outcome = EntryOutcome::Shown;

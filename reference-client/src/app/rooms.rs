@@ -310,7 +310,8 @@ impl Client {
             } else {
                 self.engine.propose_remove(&room, &device)?
             };
-            self.send(room, proposal, None, None).await?;
+            self.send(room, proposal, super::Attached::default(), None)
+                .await?;
             // Known as leaving from now on, whether or not the echo is read by this process.
             self.store.add_leave_request(&room, &device)?;
         }

@@ -21,10 +21,11 @@ use mls_rs::client_builder::MlsConfig;
 use mls_rs::error::{IntoAnyError, MlsError};
 use mls_rs::extension::ExtensionType;
 use mls_rs::extension::recommended::LastResortKeyPackageExt;
-use mls_rs::group::{ContentType, ReceivedMessage};
+use mls_rs::extension::built_in::RatchetTreeExt;
+use mls_rs::group::{ContentType, ExportedTree, ReceivedMessage};
 use mls_rs::identity::basic::BasicCredential;
 use mls_rs::identity::{CredentialType, SigningIdentity};
-use mls_rs::mls_rules::DefaultMlsRules;
+use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules};
 use mls_rs::time::MlsTime;
 use mls_rs::{
     CipherSuite, Client, ExtensionList, Group, IdentityProvider, MlsMessage, MlsMessageDescription,
@@ -103,7 +104,15 @@ pub fn open(
         .group_state_storage(group_states.clone())
         .key_package_repo(engine.key_package_storage().map_err(storage)?)
         .psk_store(psks.clone())
-        .mls_rules(DefaultMlsRules::default())
+        // Every Commit publishes the GroupInfo of its epoch for resyncs (SPEC.md 7.10),
+        // without the tree: the gateway serves the tree it tracks.
+        .mls_rules(
+            DefaultMlsRules::default().with_commit_options(
+                CommitOptions::default()
+                    .with_allow_external_commit(true)
+                    .with_always_out_of_band_ratchet_tree(true),
+            ),
+        )
         .extension_type(ExtensionType::LAST_RESORT_KEY_PACKAGE)
         // Every leaf can be in a room (SPEC.md REQ-10-1).
         .extension_type(ExtensionType::new(confab_spec::rooms::ROLES_EXTENSION_TYPE))
@@ -426,6 +435,11 @@ fn commit_output(output: mls_rs::group::CommitOutput) -> Result<CommitOutput, En
     Ok(CommitOutput {
         commit: to_bytes(&output.commit_message)?,
         welcome: first_welcome(&output.welcome_messages)?,
+        group_info: output
+            .external_commit_group_info
+            .as_ref()
+            .map(to_bytes)
+            .transpose()?,
     })
 }
 
@@ -607,6 +621,59 @@ where
                 &g.group_info_message_allowing_ext_commit(true)
                     .map_err(map_err)?,
             )
+        })
+    }
+
+    fn resync(
+        &mut self,
+        group: &ConversationId,
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<CommitOutput, EngineError> {
+        self.write_all()?;
+        let info = parse(group_info)?;
+        let tree = match ratchet_tree {
+            Some(bytes) => ExportedTree::from_bytes(bytes).map_err(map_err)?,
+            None => info
+                .as_group_info()
+                .and_then(|i| i.extensions().get_as::<RatchetTreeExt>().ok().flatten())
+                .map(|ext| ext.tree_data)
+                .ok_or_else(|| EngineError::Malformed("no ratchet tree for the GroupInfo".into()))?,
+        };
+        if info.group_id() != Some(group.0.as_slice()) {
+            return Err(EngineError::Malformed("the GroupInfo is of another group".into()));
+        }
+        // The leaf holding this device's certificate is the one the resync replaces.
+        let mut own = None;
+        for member in tree.roster().members_iter() {
+            let Some(basic) = member.signing_identity.credential.as_basic() else {
+                continue;
+            };
+            if device_of(&basic.identifier).ok() == Some(self.device) {
+                own = Some(member.index);
+            }
+        }
+        let own = own.ok_or(EngineError::Removed)?;
+        let (mut g, commit) = self
+            .client
+            .external_commit_builder()
+            .map_err(map_err)?
+            .with_tree_data(tree)
+            .with_removal(own)
+            .build(info)
+            .map_err(map_err)?;
+        let group_info = to_bytes(
+            &g.group_info_message_allowing_ext_commit(false)
+                .map_err(map_err)?,
+        )?;
+        let commit = to_bytes(&commit)?;
+        self.groups.remove(group);
+        g.write_to_storage().map_err(map_err)?;
+        self.adopt(g, Some(group))?;
+        Ok(CommitOutput {
+            commit,
+            welcome: None,
+            group_info: Some(group_info),
         })
     }
 
@@ -985,22 +1052,33 @@ fn process_in<C: MlsConfig>(
         ReceivedMessage::Commit(c) => {
             let self_removed = matches!(c.effect, mls_rs::group::CommitEffect::Removed { .. });
             let after = if self_removed { Vec::new() } else { roster(g)? };
+            // By device: a resync moves a device to a new leaf without adding or removing
+            // it (SPEC.md 7.10).
+            let has = |roster: &[(u32, DeviceId)], d: &DeviceId| roster.iter().any(|(_, m)| m == d);
             let added = after
                 .iter()
-                .filter(|a| !before.contains(a))
+                .filter(|(_, d)| !has(&before, d))
                 .map(|(_, d)| *d)
                 .collect();
             let removed = before
                 .iter()
-                .filter(|b| !after.contains(b) && (!self_removed || b.1 != own))
+                .filter(|(_, d)| !has(&after, d) && (!self_removed || *d != own))
                 .map(|(_, d)| *d)
                 .collect();
+            let sender = if c.is_external {
+                // The committer's leaf is new; the removed copy of this device reads the
+                // certificate from the Commit's leaf (its own group is gone).
+                member(c.committer, &after).or_else(|| self_removed.then_some(own))
+            } else {
+                member(c.committer, &before)
+            };
             Ok(Processed::Commit {
-                sender: member(c.committer, &before),
+                sender,
                 epoch: g.current_epoch(),
                 added,
                 removed,
                 self_removed,
+                external: c.is_external,
             })
         }
         _ => Err(EngineError::Malformed("not a group message".into())),

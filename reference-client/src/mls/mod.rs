@@ -115,6 +115,9 @@ pub struct CommitOutput {
     pub commit: Vec<u8>,
     /// The Welcome for added members, an MLSMessage, when the Commit adds anyone.
     pub welcome: Option<Vec<u8>>,
+    /// The GroupInfo of the epoch the Commit opens, with `external_pub` (an MLSMessage),
+    /// for `Send.group_info` (SPEC.md 7.10).
+    pub group_info: Option<Vec<u8>>,
 }
 
 /// Proposals beyond Add and Remove that the IETF interop scenarios exercise. Confab itself
@@ -156,9 +159,12 @@ pub enum Processed {
         /// The plaintext.
         plaintext: Vec<u8>,
     },
-    /// A Commit by another member, merged: the group is now at `epoch`.
+    /// A Commit by another member, merged: the group is now at `epoch`. `added` and
+    /// `removed` compare the members before and after by device: a resync (an external
+    /// Commit that replaces its sender's own leaf, SPEC.md 7.10) is in neither.
     Commit {
-        /// The committer, when it is a member.
+        /// The committer: the member at its sender leaf, or for an external Commit the
+        /// device of its new leaf.
         sender: Option<DeviceId>,
         /// The new epoch.
         epoch: u64,
@@ -168,6 +174,8 @@ pub enum Processed {
         removed: Vec<DeviceId>,
         /// Whether this device was removed (the group is no longer usable).
         self_removed: bool,
+        /// Whether it is an external Commit (a resync).
+        external: bool,
     },
     /// A proposal, stored for a later Commit.
     Proposal {
@@ -325,6 +333,18 @@ pub trait MlsEngine: Send {
         group: &ConversationId,
         proposal: &ExtraProposal,
     ) -> Result<Vec<u8>, EngineError>;
+
+    /// Rejoins `group` by a resync (SPEC.md 7.10): an external Commit from `group_info`
+    /// (with `ratchet_tree` when the GroupInfo holds none) that removes the leaf holding
+    /// this device's key. The new state replaces the old one at once (the old one is
+    /// forked or lost: it can send nothing anyway); the caller sends nothing else into the
+    /// group until the Commit is accepted. The output's `group_info` is the new epoch's.
+    fn resync(
+        &mut self,
+        group: &ConversationId,
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<CommitOutput, EngineError>;
 
     /// Exports a GroupInfo (MLSMessage) with the ratchet tree and `external_pub`, so that
     /// a device can join by external Commit. Interop scenarios only.

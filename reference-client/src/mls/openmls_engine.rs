@@ -357,10 +357,14 @@ fn other(context: &str, e: impl std::fmt::Display) -> EngineError {
 fn commit_output(
     commit: &MlsMessageOut,
     welcome: Option<MlsMessageOut>,
+    group_info: Option<openmls::messages::group_info::GroupInfo>,
 ) -> Result<CommitOutput, EngineError> {
     Ok(CommitOutput {
         commit: serialize(commit)?,
         welcome: welcome.as_ref().map(serialize).transpose()?,
+        group_info: group_info
+            .map(|g| serialize(&MlsMessageOut::from(g)))
+            .transpose()?,
     })
 }
 
@@ -613,10 +617,10 @@ impl MlsEngine for OpenMlsEngine {
             let provider = ctx.provider;
             let signer = ctx.signer;
             let g = ctx.group_without_pending_commit(group)?;
-            let (commit, welcome, _) = g
+            let (commit, welcome, group_info) = g
                 .add_members(provider, signer, &kps)
                 .map_err(|e| other("add members", e))?;
-            commit_output(&commit, Some(welcome))
+            commit_output(&commit, Some(welcome), group_info)
         })
     }
 
@@ -633,10 +637,10 @@ impl MlsEngine for OpenMlsEngine {
                 .iter()
                 .map(|d| leaf_of(g, d))
                 .collect::<Result<Vec<_>, _>>()?;
-            let (commit, welcome, _) = g
+            let (commit, welcome, group_info) = g
                 .remove_members(provider, signer, &leaves)
                 .map_err(|e| other("remove members", e))?;
-            commit_output(&commit, welcome)
+            commit_output(&commit, welcome, group_info)
         })
     }
 
@@ -648,7 +652,11 @@ impl MlsEngine for OpenMlsEngine {
             let bundle = g
                 .self_update(provider, signer, LeafNodeParameters::default())
                 .map_err(|e| other("self update", e))?;
-            commit_output(bundle.commit(), bundle.to_welcome_msg())
+            commit_output(
+                bundle.commit(),
+                bundle.to_welcome_msg(),
+                bundle.group_info().cloned(),
+            )
         })
     }
 
@@ -754,7 +762,11 @@ impl MlsEngine for OpenMlsEngine {
                 .map_err(|e| other("commit", e))?
                 .stage_commit(provider)
                 .map_err(|e| other("commit", e))?;
-            commit_output(bundle.commit(), bundle.to_welcome_msg())
+            commit_output(
+                bundle.commit(),
+                bundle.to_welcome_msg(),
+                bundle.group_info().cloned(),
+            )
         })
     }
 
@@ -767,6 +779,59 @@ impl MlsEngine for OpenMlsEngine {
                 .export_group_info(provider.crypto(), signer, true)
                 .map_err(|e| other("group info", e))?;
             serialize(&info)
+        })
+    }
+
+    fn resync(
+        &mut self,
+        group: &ConversationId,
+        group_info: &[u8],
+        ratchet_tree: Option<&[u8]>,
+    ) -> Result<CommitOutput, EngineError> {
+        self.with_tx(None, |ctx| {
+            let MlsMessageBodyIn::GroupInfo(info) = parse(group_info)?.extract() else {
+                return Err(EngineError::Malformed("not a GroupInfo".into()));
+            };
+            if info.group_id().as_slice() != group.0.as_slice() {
+                return Err(EngineError::Malformed("the GroupInfo is of another group".into()));
+            }
+            let provider = ctx.provider;
+            let signer = ctx.signer;
+            // The old state is forked or stale: it goes, and the new one takes its place
+            // (openmls removes the leaf holding our credential by itself).
+            if let Ok(old) = ctx.group(group) {
+                old.delete(provider.storage()).map_err(storage)?;
+            }
+            ctx.groups.remove(group);
+            let mut builder = MlsGroup::external_commit_builder().with_config(join_config());
+            if let Some(tree) = ratchet_tree {
+                let tree = RatchetTreeIn::tls_deserialize_exact(tree)
+                    .map_err(|e| EngineError::Malformed(format!("ratchet tree: {e}")))?;
+                builder = builder.with_ratchet_tree(tree);
+            }
+            let (mut g, bundle) = builder
+                .build_group(provider, info, ctx.credential.clone())
+                .map_err(|e| other("resync", e))?
+                .load_psks(provider.storage())
+                .map_err(|e| other("resync", e))?
+                .build(provider.rand(), provider.crypto(), signer, |_| true)
+                .map_err(|e| other("resync", e))?
+                .finalize(provider)
+                .map_err(|e| other("resync", e))?;
+            let commit = serialize(bundle.commit())?;
+            if g.pending_commit().is_some() {
+                g.merge_pending_commit(provider)
+                    .map_err(|e| other("merge resync", e))?;
+            }
+            let info = g
+                .export_group_info(provider.crypto(), signer, false)
+                .map_err(|e| other("group info", e))?;
+            ctx.adopt(g)?;
+            Ok(CommitOutput {
+                commit,
+                welcome: None,
+                group_info: Some(serialize(&info)?),
+            })
         })
     }
 
@@ -1177,6 +1242,7 @@ fn process_in(
     let now = ctx.now;
     let provider = ctx.provider;
     let (processed, sender) = process_message_in(ctx, group, message)?;
+    let external = matches!(processed.sender(), Sender::NewMemberCommit);
     let g = ctx.group(group)?;
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => Ok(Processed::Application {
@@ -1205,7 +1271,7 @@ fn process_in(
                 check_leaf(leaf, now)?;
             }
             let members = member_devices(g)?;
-            let removed = staged
+            let mut removed: Vec<DeviceId> = staged
                 .remove_proposals()
                 .filter_map(|r| {
                     let leaf = r.remove_proposal().removed().u32();
@@ -1215,12 +1281,19 @@ fn process_in(
             let self_removed = staged.self_removed();
             g.merge_staged_commit(provider, *staged)
                 .map_err(|e| other("merge commit", e))?;
+            if !self_removed {
+                // By device: a resync's Remove replaces its sender's own leaf, and the
+                // device stays (SPEC.md 7.10).
+                let after = member_devices(g)?;
+                removed.retain(|d| !after.iter().any(|(_, m)| m == d));
+            }
             Ok(Processed::Commit {
                 sender,
                 epoch: g.epoch().as_u64(),
                 added,
                 removed,
                 self_removed,
+                external,
             })
         }
     }

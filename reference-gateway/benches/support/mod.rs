@@ -112,5 +112,6 @@ pub fn new_room(
         snapshot: Vec::new(),
         members: vec![(0, *creator)],
         extensions: confab_spec::rooms::RoomRoles::new(creator.system).context_extensions(),
+        group_info: None,
     }
 }

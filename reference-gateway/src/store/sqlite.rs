@@ -15,6 +15,7 @@ use super::{
 };
 use crate::durability::WriteCounters;
 use crate::faults::Faults;
+use crate::store::KeptGroupInfo;
 use crate::tracked_group::{TrackedGroup, membership_change};
 use confab_spec::consent::{self, ConsentOf};
 use confab_spec::frame::{ConversationKind, Entry, EntryBody, InvitePolicy};
@@ -202,6 +203,12 @@ CREATE TABLE IF NOT EXISTS arrivals (
 CREATE TABLE IF NOT EXISTS group_states (
     conversation BLOB PRIMARY KEY,
     snapshot BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_infos (
+    conversation BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    group_info BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS invite_policies (
     user BLOB PRIMARY KEY,
@@ -510,15 +517,31 @@ fn put_roles(conn: &Connection, id: &ConversationId, roles: &RoomRoles) -> Resul
     Ok(())
 }
 
-/// Stores the tracked group after a creation or an accepted Commit: its state (unless
-/// `roster_only`, the `stale_group_state` fault), and its roster in place of the
-/// conversation's (SPEC.md 7.6: membership follows MLS).
+/// Stores the tracked group after a creation (`seq` 0) or an accepted Commit at `seq`: its
+/// state (unless `roster_only`, the `stale_group_state` fault), its GroupInfo when it came
+/// with one (SPEC.md 7.10), and its roster in place of the conversation's (SPEC.md 7.6:
+/// membership follows MLS).
 fn put_group(
     conn: &Connection,
     id: &ConversationId,
     group: &TrackedGroup,
-    roster_only: bool,
+    (seq, roster_only): (i64, bool),
 ) -> Result<(), StoreError> {
+    if let Some(info) = &group.group_info {
+        conn.prepare_cached(
+            "INSERT INTO group_infos (conversation, epoch, seq, group_info) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (conversation) DO UPDATE SET epoch = excluded.epoch,
+                 seq = excluded.seq, group_info = excluded.group_info",
+        )
+        .map_err(db)?
+        .execute(params![
+            id.0.as_slice(),
+            to_i64(group.epoch.0),
+            seq,
+            info.as_slice()
+        ])
+        .map_err(db)?;
+    }
     if !roster_only {
         conn.prepare_cached(
             "INSERT INTO group_states (conversation, snapshot) VALUES (?1, ?2)
@@ -844,7 +867,7 @@ impl Store for SqliteStore {
             )
             .map_err(db)?;
         if inserted == 1 {
-            put_group(&tx, id, group, false)?;
+            put_group(&tx, id, group, (0, false))?;
             // The creator of a room has joined it (SPEC.md 10.4).
             if let Some(creator) = creator.filter(|_| room) {
                 tx.prepare_cached(
@@ -875,6 +898,29 @@ impl Store for SqliteStore {
             .query_row([id.0.as_slice()], |r| r.get(0))
             .optional()
             .map_err(db)
+    }
+
+    fn group_info(&self, id: &ConversationId) -> Result<Option<KeptGroupInfo>, StoreError> {
+        let row: Option<(i64, i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT epoch, seq, group_info FROM group_infos WHERE conversation = ?1",
+            )
+            .map_err(db)?
+            .query_row([id.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .map_err(db)?;
+        row.map(|(epoch, seq, group_info)| {
+            let number = |v: i64| {
+                u64::try_from(v).map_err(|_| StoreError::Corrupt("negative group info seq".into()))
+            };
+            Ok(KeptGroupInfo {
+                epoch: Epoch(number(epoch)?),
+                seq: number(seq)?,
+                group_info,
+            })
+        })
+        .transpose()
     }
 
     fn sequenced(&self, id: &ConversationId, msg_id: &MsgId) -> Result<bool, StoreError> {
@@ -1110,8 +1156,17 @@ impl Store for SqliteStore {
                 .execute(params![conv.0.as_slice(), device.to_bytes().as_slice(), seq])
                 .map_err(db)?;
             }
+            // A resynced device's leave request follows it to its new leaf (SPEC.md 7.10).
+            for (from, to, _) in &change.moved {
+                tx.prepare_cached(
+                    "UPDATE leaving SET leaf = ?3 WHERE conversation = ?1 AND leaf = ?2",
+                )
+                .map_err(db)?
+                .execute(params![conv.0.as_slice(), i64::from(*from), i64::from(*to)])
+                .map_err(db)?;
+            }
             // The tracked state and the roster move with the entry (REQ-7.7-1).
-            put_group(&tx, &conv, next, self.faults.stale_group_state)?;
+            put_group(&tx, &conv, next, (seq, self.faults.stale_group_state))?;
             if !change.removed.is_empty() {
                 forget_departed_joins(&tx, &conv)?;
             }
