@@ -757,7 +757,11 @@ impl ClientStore {
 
     /// Records that this device got back into `conversation` by a resync accepted at
     /// `seq` (SPEC.md 7.10): the fork is over, and where it was is kept to tell the user.
-    pub fn set_resynced(&mut self, conversation: &ConversationId, seq: Seq) -> Result<(), StoreError> {
+    pub fn set_resynced(
+        &mut self,
+        conversation: &ConversationId,
+        seq: Seq,
+    ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
                 "UPDATE conversations SET resync_from = forked_seq, resync_seq = ?2,
@@ -1055,6 +1059,24 @@ impl ClientStore {
             ],
         )?;
         Ok(())
+    }
+
+    /// Whether a message with `msg_id` is recorded in `conversation` (a replay of an entry
+    /// already processed, after a crash rewound the cursor).
+    pub fn holds_message(
+        &self,
+        conversation: &ConversationId,
+        msg_id: &MsgId,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE conversation = ?1 AND msg_id = ?2")?
+            .query_row(
+                params![conversation.0.as_slice(), msg_id.0.as_slice()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// Removes a message from the outbox (accepted, or given up); `false` if absent.

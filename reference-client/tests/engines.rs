@@ -760,20 +760,31 @@ fn a_stale_member_resyncs_and_the_group_agrees_in_every_pairing() {
         let (mut a, mut b) = two_member_group(&dir, ka, kb);
         let update = a.engine().self_update(&GROUP).expect("update");
         a.engine().merge_pending_commit(&GROUP).expect("merge");
-        let published = update.group_info.as_deref().expect("a Commit publishes its GroupInfo");
+        let published = update
+            .group_info
+            .as_deref()
+            .expect("a Commit publishes its GroupInfo");
         // B never sees A's update: its state is one epoch behind, as a forked one is.
         assert_eq!(b.engine().epoch(&GROUP).expect("epoch"), 1);
-        assert_eq!(&published[..4], &[0, 1, 0, 4], "{ka}: an MLSMessage carrying a GroupInfo");
+        assert_eq!(
+            &published[..4],
+            &[0, 1, 0, 4],
+            "{ka}: an MLSMessage carrying a GroupInfo"
+        );
         // The gateway serves the tree beside a GroupInfo without one; here the GroupInfo
         // export with the tree stands in for both.
         let info = a.engine().group_info(&GROUP).expect("group info with tree");
-        let resync = b
-            .engine()
-            .resync(&GROUP, &info, None)
-            .expect("resync");
+        let resync = b.engine().resync(&GROUP, &info, None).expect("resync");
         assert!(resync.welcome.is_none());
-        assert!(resync.group_info.is_some(), "{ka}->{kb}: a resync publishes too");
-        match a.engine().process(&GROUP, &resync.commit).expect("process resync") {
+        assert!(
+            resync.group_info.is_some(),
+            "{ka}->{kb}: a resync publishes too"
+        );
+        match a
+            .engine()
+            .process(&GROUP, &resync.commit)
+            .expect("process resync")
+        {
             Processed::Commit {
                 sender,
                 added,
@@ -801,7 +812,10 @@ fn a_stale_member_resyncs_and_the_group_agrees_in_every_pairing() {
             }
             other => panic!("{ka}->{kb}: unexpected {other:?}"),
         }
-        let ct = a.engine().encrypt(&GROUP, b"welcome back").expect("encrypt");
+        let ct = a
+            .engine()
+            .encrypt(&GROUP, b"welcome back")
+            .expect("encrypt");
         assert!(matches!(
             b.engine().process(&GROUP, &ct),
             Ok(Processed::Application { .. })

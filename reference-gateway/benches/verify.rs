@@ -110,6 +110,7 @@ fn build(dir: &tempfile::TempDir) -> Room {
                 commit: &add.commit,
                 welcome: add.welcome.as_deref(),
                 group_info: add.group_info.as_deref(),
+                check_group_info: true,
                 resync: None,
             },
             now(),
@@ -156,6 +157,7 @@ fn benches(c: &mut Criterion, room: &mut Room) {
                 commit: &commit.commit,
                 welcome: None,
                 group_info: commit.group_info.as_deref(),
+                check_group_info: true,
                 resync: None,
             };
             tracked_group::verify_commit(&room.tracked.snapshot, &input, now(), &none)

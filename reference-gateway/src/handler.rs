@@ -1484,17 +1484,18 @@ fn group_info_answer(
             Some("the GroupInfo and the tree do not fit in one frame"),
         ));
     }
-    let bytes = |b: Vec<u8>| {
-        MlsBytes::new(b).map_err(|e| StoreError::Corrupt(format!("group info: {e}")))
-    };
-    Ok(Action::Send(ServerFrame::GroupInfo(frame::GroupInfoFrame {
-        rid: g.rid,
-        conversation: g.conversation,
-        epoch: kept.epoch,
-        seq: kept.seq,
-        group_info: bytes(kept.group_info)?,
-        ratchet_tree: tree.map(bytes).transpose()?,
-    })))
+    let bytes =
+        |b: Vec<u8>| MlsBytes::new(b).map_err(|e| StoreError::Corrupt(format!("group info: {e}")));
+    Ok(Action::Send(ServerFrame::GroupInfo(
+        frame::GroupInfoFrame {
+            rid: g.rid,
+            conversation: g.conversation,
+            epoch: kept.epoch,
+            seq: kept.seq,
+            group_info: bytes(kept.group_info)?,
+            ratchet_tree: tree.map(bytes).transpose()?,
+        },
+    )))
 }
 
 /// The known revocations of `devices`, for credential checks.
@@ -1718,31 +1719,10 @@ fn classify_commit(
             .map(|w| w.as_bytes())
             .filter(|_| !config.faults.no_welcome_check),
         group_info: s.group_info.as_ref().map(|g| g.as_bytes()),
+        check_group_info: !config.faults.no_group_info_check,
         resync,
     };
     let verified = tracked_group::verify_commit(&snapshot, &input, now, &revocations);
-    // The `no_group_info_check` fault keeps whatever GroupInfo came, unchecked.
-    let verified = match verified {
-        Err(refusal)
-            if config.faults.no_group_info_check
-                && refusal.code == ErrorCode::MlsGroupInfoInvalid =>
-        {
-            tracked_group::verify_commit(
-                &snapshot,
-                &tracked_group::CommitInput {
-                    group_info: None,
-                    ..input
-                },
-                now,
-                &revocations,
-            )
-            .map(|mut next| {
-                next.group_info = input.group_info.map(<[u8]>::to_vec);
-                next
-            })
-        }
-        other => other,
-    };
     match verified {
         Ok(next) => commit(Some(Box::new(next))),
         Err(refusal)

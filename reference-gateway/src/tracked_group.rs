@@ -276,8 +276,11 @@ pub struct CommitInput<'a> {
     pub commit: &'a [u8],
     /// `Send.welcome`.
     pub welcome: Option<&'a [u8]>,
-    /// `Send.group_info` (SPEC.md 7.10).
+    /// `Send.group_info` (SPEC.md 7.10), which every Commit must carry.
     pub group_info: Option<&'a [u8]>,
+    /// Whether to check it (off only under the `no_group_info_check` fault: whatever
+    /// came, or nothing, is kept unchecked).
+    pub check_group_info: bool,
     /// For an external Commit: the sending device and the leaf the gateway maps to it,
     /// which a resync must remove (SPEC.md 7.10).
     pub resync: Option<(DeviceId, u32)>,
@@ -363,10 +366,16 @@ pub fn verify_commit(
             ));
         }
     }
-    if let Some(info) = input.group_info {
+    if input.check_group_info {
+        let Some(info) = input.group_info else {
+            return Err(Refusal::new(
+                ErrorCode::MlsGroupInfoInvalid,
+                "a Commit must carry the GroupInfo of the epoch it opens (Send.group_info)",
+            ));
+        };
         check_group_info(&observer, &group, description.committer, info, now)?;
-        next.group_info = Some(info.to_vec());
     }
+    next.group_info = input.group_info.map(<[u8]>::to_vec);
     Ok(next)
 }
 
@@ -408,7 +417,9 @@ fn check_group_info(
         return Err(refuse("not an MLSMessage carrying a GroupInfo"));
     };
     if info.sender() != committer {
-        return Err(refuse("the GroupInfo is not signed by the committer's leaf"));
+        return Err(refuse(
+            "the GroupInfo is not signed by the committer's leaf",
+        ));
     }
     if !info.extensions().has_extension(ExtensionType::EXTERNAL_PUB) {
         return Err(refuse("the GroupInfo has no external_pub extension"));

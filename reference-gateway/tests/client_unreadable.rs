@@ -9,12 +9,12 @@ mod app_support;
 
 use std::time::Duration;
 
-use app_support::{Gateway, device, user};
+use app_support::{Gateway, device, device_key, pump_until, user};
 use confab_client::app::{Client, ClientError};
-use confab_client::mls::EngineKind;
+use confab_client::mls::{CommitOutput, EngineKind};
 use confab_client::store::Message;
 use confab_spec::ids::ConversationId;
-use confab_spec::mls_framing::public_message_parts;
+use confab_spec::mls_framing::{group_info_parts, public_message_parts};
 use confab_spec::mls_write;
 
 const PAIRINGS: [(EngineKind, EngineKind); 4] = [
@@ -129,12 +129,9 @@ async fn a_commit_a_member_cannot_apply_forks_the_conversation_and_stops_its_sen
             .engine_mut()
             .discard_pending_commit(&c)
             .expect("discard");
-        let mut parts = public_message_parts(&update.commit).expect("parts");
-        if let Some(tag) = parts.confirmation_tag.as_mut().and_then(|t| t.first_mut()) {
-            *tag ^= 0x01;
-        }
+        let (commit, group_info) = broken_tag(&update, 10);
         let fork_seq = alice
-            .send_raw(c, parts.to_message())
+            .send_raw_commit(c, commit, group_info)
             .await
             .expect("the gateway cannot see the tag");
         let seen = messages(&mut bob, 1).await;
@@ -153,6 +150,133 @@ async fn a_commit_a_member_cannot_apply_forks_the_conversation_and_stops_its_sen
             Err(ClientError::Forked { seq, .. }) => assert_eq!(seq, fork_seq),
             other => panic!("{ka}->{kb}: a send into a forked conversation: {other:?}"),
         }
+        gateway.stop().await;
+    }
+}
+
+/// Syncs `c` (SPEC.md 7.10: a forked conversation resyncs there); panics after 20 s.
+async fn sync(c: &mut Client) {
+    tokio::time::timeout(Duration::from_secs(20), c.sync())
+        .await
+        .expect("timely")
+        .expect("sync");
+}
+
+/// Pumps `c` until it has read a message with `text`; panics after 20 s.
+async fn read_text(c: &mut Client, text: &[u8], pairing: (EngineKind, EngineKind)) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        for m in c.take_received() {
+            if m.unreadable.is_none() && m.body == text {
+                return;
+            }
+            seen.push(m);
+        }
+        tokio::time::timeout_at(deadline, c.pump())
+            .await
+            .unwrap_or_else(|_| panic!("{pairing:?}: never read {text:?}; saw {seen:?}"))
+            .expect("pump");
+    }
+}
+
+/// `update` (a Commit of device `process`) with its confirmation tag broken, and the
+/// GroupInfo it leads to, with the same tag, signed again: what a hostile member sends so
+/// that the gateway sequences a Commit nobody can apply (the gateway cannot check tags).
+fn broken_tag(update: &CommitOutput, process: u8) -> (Vec<u8>, Vec<u8>) {
+    let mut parts = public_message_parts(&update.commit).expect("parts");
+    if let Some(tag) = parts.confirmation_tag.as_mut().and_then(|t| t.first_mut()) {
+        *tag ^= 0x01;
+    }
+    let info = update
+        .group_info
+        .as_deref()
+        .expect("a Commit publishes its GroupInfo");
+    let mut info_parts = group_info_parts(info).expect("GroupInfo parts");
+    assert_eq!(
+        info_parts.to_message(),
+        info,
+        "a GroupInfo cut into parts is the same GroupInfo"
+    );
+    info_parts.confirmation_tag = parts.confirmation_tag.clone().expect("a Commit's tag");
+    let info = mls_write::group_info(&info_parts, &device_key(process));
+    (parts.to_message(), info)
+}
+
+/// A Commit nobody can apply no longer kills a conversation (SPEC.md 7.10), in every
+/// pairing: Alice sequences an update whose confirmation tag is broken, with the GroupInfo
+/// it leads to. Bob cannot apply it and forks; at his next sync he resyncs from that
+/// GroupInfo (a new epoch from his own secrets). Alice, whose own state never took her
+/// broken Commit, cannot apply Bob's resync, forks there, and resyncs from Bob's GroupInfo.
+/// Then both agree on the group, nobody is forked, and they talk both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_resync_after_a_commit_nobody_can_apply() {
+    for (ka, kb) in PAIRINGS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gateway = Gateway::start(dir.path(), |_| {}).await;
+        let (mut alice, mut bob, c) = dm(dir.path(), &gateway.origin, ka, kb).await;
+        alice.send_text(c, b"before").await.expect("send");
+        let update = alice.engine_mut().self_update(&c).expect("commit");
+        alice
+            .engine_mut()
+            .discard_pending_commit(&c)
+            .expect("discard");
+        let (commit, group_info) = broken_tag(&update, 10);
+        let fork_seq = alice
+            .send_raw_commit(c, commit, group_info)
+            .await
+            .expect("the gateway cannot see the tag");
+        let seen = messages(&mut bob, 2).await;
+        assert_eq!(seen[1].seq, fork_seq, "{ka}->{kb}: {seen:?}");
+        assert!(
+            bob.store().forked(&c).expect("store").is_some(),
+            "{ka}->{kb}: Bob forked"
+        );
+        sync(&mut bob).await;
+        assert!(
+            bob.store().forked(&c).expect("store").is_none(),
+            "{ka}->{kb}: Bob resynced"
+        );
+        let (count, last) = bob.store().resyncs(&c).expect("store");
+        assert_eq!(count, 1, "{ka}->{kb}");
+        let (from, at) = last.expect("the resync is recorded");
+        assert_eq!(
+            from, fork_seq,
+            "{ka}->{kb}: it ended the fork at the broken Commit"
+        );
+        assert!(at > fork_seq);
+        // Alice's state never took her broken Commit: Bob's resync is a fork to her.
+        pump_until(&mut alice, "Alice forks at Bob's resync", |a| {
+            a.store().forked(&c).expect("store").is_some()
+        })
+        .await;
+        let observer = alice.observe();
+        sync(&mut alice).await;
+        assert!(
+            alice.store().forked(&c).expect("store").is_none(),
+            "{ka}->{kb}: Alice resynced: {:?}",
+            observer.lock().expect("observer").resync_failures
+        );
+        assert_eq!(alice.store().resyncs(&c).expect("store").0, 1, "{ka}->{kb}");
+        let epoch = alice.engine().epoch(&c).expect("epoch");
+        pump_until(&mut bob, "Bob takes Alice's resync", |b| {
+            b.engine().epoch(&c).expect("epoch") == epoch
+        })
+        .await;
+        assert_eq!(
+            alice.engine().epoch_authenticator(&c).expect("auth"),
+            bob.engine().epoch_authenticator(&c).expect("auth"),
+            "{ka}->{kb}: one group again"
+        );
+        bob.send_text(c, b"from bob, after")
+            .await
+            .expect("bob sends again");
+        alice
+            .send_text(c, b"from alice, after")
+            .await
+            .expect("alice sends again");
+        read_text(&mut alice, b"from bob, after", (ka, kb)).await;
+        read_text(&mut bob, b"from alice, after", (ka, kb)).await;
         gateway.stop().await;
     }
 }

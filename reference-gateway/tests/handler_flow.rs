@@ -6,7 +6,7 @@
 
 mod support;
 
-use confab_client::mls::{EngineKind, MlsEngine, open_engine, system_clock};
+use confab_client::mls::{CommitOutput, EngineKind, MlsEngine, open_engine, system_clock};
 use confab_gateway::handler::{Action, Connection, Entropy, GatewayConfig};
 use confab_gateway::rate::RateLimiters;
 use confab_gateway::store::sqlite::SqliteStore;
@@ -195,17 +195,34 @@ fn send_mls(
     payload: Vec<u8>,
     welcome: Option<Vec<u8>>,
 ) -> Vec<Action> {
+    send_with(w, c, id, payload, (welcome, None))
+}
+
+/// Sends a Commit an engine made, with its Welcome and GroupInfo (SPEC.md 7.10).
+fn send_commit(w: &mut World, c: &mut Client, id: u8, out: &CommitOutput) -> Vec<Action> {
+    let attached = (out.welcome.clone(), out.group_info.clone());
+    send_with(w, c, id, out.commit.clone(), attached)
+}
+
+fn send_with(
+    w: &mut World,
+    c: &mut Client,
+    id: u8,
+    payload: Vec<u8>,
+    (welcome, group_info): (Option<Vec<u8>>, Option<Vec<u8>>),
+) -> Vec<Action> {
     let rid = c.next_rid;
     c.next_rid += 1;
+    let wrap = |b: Vec<u8>| MlsBytes::new(b).expect("bytes");
     w.send(
         c,
         ClientFrame::Send(Send {
             rid,
             conversation: CONV,
             msg_id: MsgId([id; 16]),
-            payload: MlsBytes::new(payload).expect("payload"),
-            welcome: welcome.map(|w| MlsBytes::new(w).expect("welcome")),
-            group_info: None,
+            payload: wrap(payload),
+            welcome: welcome.map(wrap),
+            group_info: group_info.map(wrap),
         }),
     )
 }
@@ -241,10 +258,10 @@ fn dm_flow_in_every_engine_pairing() {
             // A adds B: the Commit is sequenced and the Welcome lands in B's inbox.
             let kp = b.engine.key_packages(1, false).expect("kp");
             let add = a.engine.add_members(&CONV, &kp).expect("add");
-            let out = send_mls(&mut w, &mut a, 1, add.commit.clone(), add.welcome.clone());
+            let out = send_commit(&mut w, &mut a, 1, &add);
             assert_eq!(accepted_seq(&out), Some((1, false)), "{ka}->{kb}: {out:?}");
             a.engine.merge_pending_commit(&CONV).expect("merge on echo");
-            let dup = send_mls(&mut w, &mut a, 1, add.commit.clone(), add.welcome.clone());
+            let dup = send_commit(&mut w, &mut a, 1, &add);
             assert_eq!(
                 accepted_seq(&dup),
                 Some((1, true)),
@@ -304,9 +321,9 @@ fn dm_flow_in_every_engine_pairing() {
             // Commit race: both update in epoch 1; A's wins, B learns the winner's seq.
             let wa = a.engine.self_update(&CONV).expect("a commits");
             let wb = b.engine.self_update(&CONV).expect("b commits");
-            let out = send_mls(&mut w, &mut a, 3, wa.commit.clone(), None);
+            let out = send_commit(&mut w, &mut a, 3, &wa);
             assert_eq!(accepted_seq(&out), Some((3, false)));
-            let out = send_mls(&mut w, &mut b, 4, wb.commit.clone(), None);
+            let out = send_commit(&mut w, &mut b, 4, &wb);
             let stale = frames(&out)
                 .into_iter()
                 .find_map(|f| {
@@ -360,7 +377,7 @@ fn dm_flow_in_every_engine_pairing() {
             // ends (REQ-7.6-2, REQ-7.6-3); nothing after it reaches B.
             let removed = b.creds.certificate.device_id();
             let rm = a.engine.remove_members(&CONV, &[removed]).expect("remove");
-            let out = send_mls(&mut w, &mut a, 11, rm.commit.clone(), None);
+            let out = send_commit(&mut w, &mut a, 11, &rm);
             assert_eq!(accepted_seq(&out), Some((4, false)));
             a.engine.merge_pending_commit(&CONV).expect("merge");
             let delivered = w.fan_out(&out, &mut [&mut a, &mut b]);

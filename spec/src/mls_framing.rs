@@ -575,6 +575,71 @@ pub fn group_info_context(bytes: &[u8]) -> Result<&[u8], PeekError> {
     Ok(&bytes[start..r.pos])
 }
 
+/// A GroupInfo MLSMessage cut into its fields (RFC 9420 section 12.4.3), so that a test
+/// or a conformance case can change one and sign again ([`crate::mls_write::group_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfoParts {
+    /// The encoded `GroupContext`.
+    pub group_context: Vec<u8>,
+    /// The encoded GroupInfo extensions (the whole vector, its length included).
+    pub extensions: Vec<u8>,
+    /// The confirmation tag.
+    pub confirmation_tag: Vec<u8>,
+    /// The signer's leaf index.
+    pub signer: u32,
+    /// The signature over `GroupInfoTBS`.
+    pub signature: Vec<u8>,
+}
+
+impl GroupInfoParts {
+    /// The `GroupInfoTBS` the signature covers: everything but the signature.
+    pub fn to_be_signed(&self) -> Vec<u8> {
+        let mut tbs = Vec::with_capacity(
+            self.group_context.len() + self.extensions.len() + self.confirmation_tag.len() + 8,
+        );
+        tbs.extend_from_slice(&self.group_context);
+        tbs.extend_from_slice(&self.extensions);
+        push_vector(&mut tbs, &self.confirmation_tag);
+        tbs.extend_from_slice(&self.signer.to_be_bytes());
+        tbs
+    }
+
+    /// The MLSMessage of these parts (the inverse of [`group_info_parts`]).
+    pub fn to_message(&self) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&MLS_VERSION_1_0.to_be_bytes());
+        m.extend_from_slice(&4u16.to_be_bytes());
+        m.extend_from_slice(&self.to_be_signed());
+        push_vector(&mut m, &self.signature);
+        m
+    }
+}
+
+/// Cuts a GroupInfo MLSMessage into its parts; the bytes must hold exactly one.
+pub fn group_info_parts(bytes: &[u8]) -> Result<GroupInfoParts, PeekError> {
+    let context = group_info_context(bytes)?;
+    let mut r = Cursor {
+        bytes,
+        pos: 4 + context.len(),
+    };
+    let start = r.pos;
+    r.vector()?;
+    let extensions = bytes[start..r.pos].to_vec();
+    let confirmation_tag = r.vector()?.to_vec();
+    let signer = r.u32()?;
+    let signature = r.vector()?.to_vec();
+    if r.pos != bytes.len() {
+        return Err(PeekError::Invalid("trailing bytes after the GroupInfo"));
+    }
+    Ok(GroupInfoParts {
+        group_context: context.to_vec(),
+        extensions,
+        confirmation_tag,
+        signer,
+        signature,
+    })
+}
+
 /// Appends an MLS variable-length vector holding `data` (at most 2^30 - 1 bytes).
 pub(crate) fn push_vector(out: &mut Vec<u8>, data: &[u8]) {
     let len = data.len();

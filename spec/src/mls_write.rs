@@ -123,6 +123,15 @@ pub fn private_message(group_id: &[u8], epoch: u64, ciphertext: &[u8]) -> Vec<u8
     m
 }
 
+/// The GroupInfo MLSMessage of `parts`, signed anew by `key` (`SignWithLabel(key,
+/// "GroupInfoTBS", GroupInfoTBS)`, RFC 9420 section 12.4.3): a changed GroupInfo its
+/// signer would have made.
+pub fn group_info(parts: &crate::mls_framing::GroupInfoParts, key: &DeviceKeyPair) -> Vec<u8> {
+    let mut parts = parts.clone();
+    parts.signature = sign_with_label(key, "GroupInfoTBS", &parts.to_be_signed());
+    parts.to_message()
+}
+
 /// The `GroupContext` inside an MLSMessage carrying a GroupInfo (RFC 9420 section 12.4.3):
 /// the context of the epoch the GroupInfo was exported in.
 pub fn group_context_of(group_info: &[u8]) -> Result<Vec<u8>, PeekError> {

@@ -603,7 +603,10 @@ pub fn sample_frames() -> SampleFrames {
                 epoch: Epoch(2),
                 seq: 7,
                 group_info: mls(4, 48),
-                ratchet_tree: Some(MlsBytes::new(vec![0x01, 0x01, 0x20, 0xCD]).unwrap_or_else(|_| unreachable!("4 bytes"))),
+                ratchet_tree: Some(
+                    MlsBytes::new(vec![0x01, 0x01, 0x20, 0xCD])
+                        .unwrap_or_else(|_| unreachable!("4 bytes")),
+                ),
             }),
         ),
         (

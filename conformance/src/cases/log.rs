@@ -408,6 +408,7 @@ async fn send_one(
 }
 
 /// Sends `payload` (with `welcome`); the `Accepted` as `(seq, duplicate)`, or the `Error`.
+/// A Commit goes with [`send_commit`], which adds its GroupInfo (SPEC.md 7.10).
 pub async fn send_mls(
     peer: &mut Peer,
     rid: u64,
@@ -416,13 +417,63 @@ pub async fn send_mls(
     payload: MlsBytes,
     welcome: Option<MlsBytes>,
 ) -> Result<Result<(u64, bool), ErrorFrame>, Stop> {
+    let attached = Attached {
+        welcome,
+        group_info: None,
+    };
+    send_with(peer, rid, (conversation, msg_id), payload, attached).await
+}
+
+/// What a `Send` of a Commit carries beside it (SPEC.md 7.5, 7.10).
+#[derive(Debug, Clone, Default)]
+pub struct Attached {
+    /// `Send.welcome`.
+    pub welcome: Option<MlsBytes>,
+    /// `Send.group_info`.
+    pub group_info: Option<MlsBytes>,
+}
+
+impl Attached {
+    /// The Welcome and GroupInfo an engine made with a Commit.
+    pub fn of(output: &confab_client::mls::CommitOutput) -> Result<Self, Stop> {
+        let wrap = |b: &Option<Vec<u8>>| b.clone().map(crate::mls::bytes).transpose();
+        Ok(Self {
+            welcome: wrap(&output.welcome)?,
+            group_info: wrap(&output.group_info)?,
+        })
+    }
+}
+
+/// Sends a Commit an engine made, with its Welcome and GroupInfo; the `Accepted` as
+/// `(seq, duplicate)`, or the `Error`.
+pub async fn send_commit(
+    peer: &mut Peer,
+    rid: u64,
+    conversation: ConversationId,
+    msg_id: MsgId,
+    output: &confab_client::mls::CommitOutput,
+) -> Result<Result<(u64, bool), ErrorFrame>, Stop> {
+    let payload = crate::mls::bytes(output.commit.clone())?;
+    let attached = Attached::of(output)?;
+    send_with(peer, rid, (conversation, msg_id), payload, attached).await
+}
+
+/// Sends `payload` with what is `attached`; the `Accepted` as `(seq, duplicate)`, or the
+/// `Error`.
+pub async fn send_with(
+    peer: &mut Peer,
+    rid: u64,
+    (conversation, msg_id): (ConversationId, MsgId),
+    payload: MlsBytes,
+    attached: Attached,
+) -> Result<Result<(u64, bool), ErrorFrame>, Stop> {
     peer.send(&ClientFrame::Send(Send {
         rid,
         conversation,
         msg_id,
         payload,
-        welcome,
-        group_info: None,
+        welcome: attached.welcome,
+        group_info: attached.group_info,
     }))
     .await?;
     peer.expect("Accepted or Error for the Send", |f| match f {

@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use confab_spec::error::ErrorCode;
 use confab_spec::frame::{
     ClaimKeyPackages, ClaimedKeyPackage, ClientFrame, ConversationKind, DeviceStatus, Entry,
-    EntryBody, GetGroupInfo, KeyPackagesStored, ListDevices, PresenceLease, PresenceLists, PresenceMode,
-    PresenceOf, PresenceState, RevokeDevice, ServerFrame, SetPresence, UpdatePresenceLists,
-    UploadKeyPackages, WatchPresence,
+    EntryBody, GetGroupInfo, KeyPackagesStored, ListDevices, PresenceLease, PresenceLists,
+    PresenceMode, PresenceOf, PresenceState, RevokeDevice, ServerFrame, SetPresence,
+    UpdatePresenceLists, UploadKeyPackages, WatchPresence,
 };
 use confab_spec::identity::Revocation;
 use confab_spec::ids::{
@@ -275,6 +275,8 @@ pub struct Observed {
     pub irregular: u64,
     /// Resyncs of forked conversations accepted (SPEC.md 7.10).
     pub resyncs: u64,
+    /// Why resyncs failed (the conversation stayed forked, to be tried again).
+    pub resync_failures: Vec<String>,
 }
 
 /// A shared view of a client's [`Observed`].
@@ -538,12 +540,14 @@ impl Client {
             match self.resync(conversation).await {
                 Ok(_) => done += 1,
                 Err(
-                    ClientError::SendRefused { .. }
+                    e @ (ClientError::SendRefused { .. }
                     | ClientError::Refused(_)
                     | ClientError::RateLimited { .. }
                     | ClientError::Interrupted
-                    | ClientError::Engine(_),
-                ) => {}
+                    | ClientError::Engine(_)),
+                ) => {
+                    self.observed(|o| o.resync_failures.push(e.to_string()));
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -554,22 +558,35 @@ impl Client {
     /// replaces this device's leaf, sent with the new epoch's GroupInfo. Its seq once
     /// accepted; the fork is then over.
     async fn resync(&mut self, conversation: ConversationId) -> Result<Seq, ClientError> {
-        let answer = self
-            .request(|rid| ClientFrame::GetGroupInfo(GetGroupInfo { rid, conversation }))
-            .await?;
-        let ServerFrame::GroupInfo(info) = answer else {
-            return Err(ClientError::Unexpected);
-        };
-        self.end_receive_batch()?;
-        let output = self.engine.resync(
-            &conversation,
-            info.group_info.as_bytes(),
-            info.ratchet_tree.as_ref().map(|t| t.as_bytes()),
-        )?;
-        let seq = self.send_commit(conversation, output).await?;
-        self.store.set_resynced(&conversation, seq)?;
-        self.observed(|o| o.resyncs += 1);
-        Ok(seq)
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let answer = self
+                .request(|rid| ClientFrame::GetGroupInfo(GetGroupInfo { rid, conversation }))
+                .await?;
+            let ServerFrame::GroupInfo(info) = answer else {
+                return Err(ClientError::Unexpected);
+            };
+            self.end_receive_batch()?;
+            let output = self.engine.resync(
+                &conversation,
+                info.group_info.as_bytes(),
+                info.ratchet_tree.as_ref().map(|t| t.as_bytes()),
+            )?;
+            match self.send_commit(conversation, output).await {
+                Ok(seq) => {
+                    self.store.set_resynced(&conversation, seq)?;
+                    self.observed(|o| o.resyncs += 1);
+                    return Ok(seq);
+                }
+                // Another Commit won the epoch: its GroupInfo is the one to use now.
+                Err(ClientError::SendRefused {
+                    code: ErrorCode::StaleCommit,
+                    ..
+                }) if attempts < COMMIT_ATTEMPTS => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Why the gateway refused to let this device follow `stream`, if it did for a reason
@@ -1301,9 +1318,7 @@ impl Client {
         conversation: ConversationId,
         output: CommitOutput,
     ) -> Result<Seq, ClientError> {
-        let group_info = output
-            .group_info
-            .filter(|_| !self.faults.no_group_info);
+        let group_info = output.group_info.filter(|_| !self.faults.no_group_info);
         let attached = Attached {
             welcome: output.welcome,
             group_info,
@@ -1322,6 +1337,21 @@ impl Client {
     ) -> Result<Seq, ClientError> {
         self.send(conversation, payload, Attached::default(), None)
             .await
+    }
+
+    /// [`Client::send_raw`] for a Commit: `commit` with `group_info` as they are (a
+    /// hostile member's Commit that no member can apply, and the GroupInfo it leads to).
+    pub async fn send_raw_commit(
+        &mut self,
+        conversation: ConversationId,
+        commit: Vec<u8>,
+        group_info: Vec<u8>,
+    ) -> Result<Seq, ClientError> {
+        let attached = Attached {
+            welcome: None,
+            group_info: Some(group_info),
+        };
+        self.send(conversation, commit, attached, None).await
     }
 
     /// [`Client::send`] under a given msg_id.
@@ -1810,7 +1840,11 @@ impl Client {
                 if self.faults.trust_gateway_sender {
                     author = entry.sender;
                 }
-                if !own && entry.sender == self.device && unreadable.is_some() {
+                if !own
+                    && entry.sender == self.device
+                    && unreadable.is_some()
+                    && !self.store.holds_message(&c, &entry.msg_id)?
+                {
                     // Sent under this device's name but not from this device's outbox:
                     // another copy of this device's files sends too (its MLS state is this
                     // one's old state: what the two send reuses keys), or the gateway made

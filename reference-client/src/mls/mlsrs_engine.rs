@@ -20,8 +20,8 @@ use std::time::Duration;
 use mls_rs::client_builder::MlsConfig;
 use mls_rs::error::{IntoAnyError, MlsError};
 use mls_rs::extension::ExtensionType;
-use mls_rs::extension::recommended::LastResortKeyPackageExt;
 use mls_rs::extension::built_in::RatchetTreeExt;
+use mls_rs::extension::recommended::LastResortKeyPackageExt;
 use mls_rs::group::{ContentType, ExportedTree, ReceivedMessage};
 use mls_rs::identity::basic::BasicCredential;
 use mls_rs::identity::{CredentialType, SigningIdentity};
@@ -638,10 +638,14 @@ where
                 .as_group_info()
                 .and_then(|i| i.extensions().get_as::<RatchetTreeExt>().ok().flatten())
                 .map(|ext| ext.tree_data)
-                .ok_or_else(|| EngineError::Malformed("no ratchet tree for the GroupInfo".into()))?,
+                .ok_or_else(|| {
+                    EngineError::Malformed("no ratchet tree for the GroupInfo".into())
+                })?,
         };
         if info.group_id() != Some(group.0.as_slice()) {
-            return Err(EngineError::Malformed("the GroupInfo is of another group".into()));
+            return Err(EngineError::Malformed(
+                "the GroupInfo is of another group".into(),
+            ));
         }
         // The leaf holding this device's certificate is the one the resync replaces.
         let mut own = None;
@@ -654,6 +658,11 @@ where
             }
         }
         let own = own.ok_or(EngineError::Removed)?;
+        // The old state's epochs go first: the new group numbers its own from the
+        // GroupInfo's, and mls-rs refuses a prior epoch that does not follow the stored
+        // ones. The old state is forked or stale: nothing is lost that could still send.
+        self.groups.remove(group);
+        self.group_states.delete_group(&group.0).map_err(storage)?;
         let (mut g, commit) = self
             .client
             .external_commit_builder()
@@ -667,8 +676,6 @@ where
                 .map_err(map_err)?,
         )?;
         let commit = to_bytes(&commit)?;
-        self.groups.remove(group);
-        g.write_to_storage().map_err(map_err)?;
         self.adopt(g, Some(group))?;
         Ok(CommitOutput {
             commit,

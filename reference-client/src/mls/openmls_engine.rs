@@ -793,7 +793,9 @@ impl MlsEngine for OpenMlsEngine {
                 return Err(EngineError::Malformed("not a GroupInfo".into()));
             };
             if info.group_id().as_slice() != group.0.as_slice() {
-                return Err(EngineError::Malformed("the GroupInfo is of another group".into()));
+                return Err(EngineError::Malformed(
+                    "the GroupInfo is of another group".into(),
+                ));
             }
             let provider = ctx.provider;
             let signer = ctx.signer;

@@ -82,7 +82,7 @@ pub fn device_with(
     configure: impl FnOnce(&mut Transport),
 ) -> Client {
     let system = self::user(user);
-    let key = DeviceKeyPair::from_seed(&[process.wrapping_add(1); 32]);
+    let key = device_key(process);
     let now = system_now();
     let certificate = system.issue_certificate(
         ProcessId([process; 16]),
@@ -103,6 +103,11 @@ pub fn device_with(
     let mut transport = Transport::new(session, format!("{origin}/v1/ws"));
     configure(&mut transport);
     Client::new(transport, engine, store)
+}
+
+/// The device key of device `process` ([`device`]).
+pub fn device_key(process: u8) -> DeviceKeyPair {
+    DeviceKeyPair::from_seed(&[process.wrapping_add(1); 32])
 }
 
 /// Pumps `c` until `done(c)` holds; panics after 20 s, naming `what`.
