@@ -121,3 +121,42 @@ pub fn bytes(v: Vec<u8>) -> Result<MlsBytes, Stop> {
 
 /// The two engines, for the two members of a case: mixed.
 pub const PAIR: [EngineKind; 2] = [EngineKind::OpenMls, EngineKind::MlsRs];
+
+/// The GroupInfo `sent` (a Commit built from `real`'s content, with other bytes where only
+/// members could tell) leads to: `real`'s GroupInfo with `sent`'s confirmation tag, signed
+/// again by `key` (SPEC.md 7.10). What a member that sends a Commit by hand publishes.
+pub fn group_info_for(
+    real: &confab_client::mls::CommitOutput,
+    sent: &[u8],
+    key: &DeviceKeyPair,
+) -> Result<MlsBytes, Stop> {
+    let info = real
+        .group_info
+        .as_deref()
+        .ok_or_else(|| broken("publish a GroupInfo", "the engine made none"))?;
+    let mut parts = confab_spec::mls_framing::group_info_parts(info)
+        .map_err(|e| broken("read a GroupInfo", e))?;
+    let tag = confab_spec::mls_framing::public_message_parts(sent)
+        .map_err(|e| broken("read a Commit", e))?
+        .confirmation_tag
+        .ok_or_else(|| broken("read a Commit", "no confirmation tag"))?;
+    parts.confirmation_tag = tag;
+    bytes(confab_spec::mls_write::group_info(&parts, key))
+}
+
+/// `real` (a Commit of the member whose device key is `key`) with its confirmation tag
+/// broken, and the GroupInfo it leads to: a Commit the gateway must sequence (it cannot
+/// check tags) and no member can apply.
+pub fn with_broken_tag(
+    real: &confab_client::mls::CommitOutput,
+    key: &DeviceKeyPair,
+) -> Result<(MlsBytes, MlsBytes), Stop> {
+    let mut parts = confab_spec::mls_framing::public_message_parts(&real.commit)
+        .map_err(|e| broken("read a Commit", e))?;
+    if let Some(byte) = parts.confirmation_tag.as_mut().and_then(|t| t.first_mut()) {
+        *byte ^= 0x01;
+    }
+    let commit = parts.to_message();
+    let group_info = group_info_for(real, &commit, key)?;
+    Ok((bytes(commit)?, group_info))
+}

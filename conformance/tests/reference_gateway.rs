@@ -183,6 +183,10 @@ async fn every_broken_behaviour_fails_a_case() {
         ("disallow_ignored", "REQ-8-11"),
         ("invite_list_unbounded", "REQ-8-12"),
         ("invites_count_toward_rooms", "REQ-10-8"),
+        ("no_commit_group_info_check", "REQ-7.10-2"),
+        ("group_info_not_kept", "REQ-7.10-3"),
+        ("group_info_to_anyone", "REQ-7.10-4"),
+        ("refuse_resyncs", "REQ-7.10-5"),
         // Seen only by killing the server: the suite is given control of it.
         ("ack_before_durable", "REQ-6.3-1"),
     ];

@@ -122,19 +122,24 @@ pub fn application_send(
     .encode())
 }
 
-/// Sends `payload` (and `welcome`) and waits for its `Accepted`.
+/// Sends `payload` (a Commit with its Welcome and GroupInfo, SPEC.md 7.10) and waits for
+/// its `Accepted`.
 pub async fn send_and_wait(
     ws: &mut Ws,
     rid: u64,
     conversation: ConversationId,
     payload: Vec<u8>,
-    welcome: Option<Vec<u8>>,
+    (welcome, group_info): (Option<Vec<u8>>, Option<Vec<u8>>),
 ) -> Result<Accepted, LoadError> {
     let payload = MlsBytes::new(payload).or_else(|e| fail("a payload", e))?;
     let welcome = welcome
         .map(MlsBytes::new)
         .transpose()
         .or_else(|e| fail("a Welcome", e))?;
+    let group_info = group_info
+        .map(MlsBytes::new)
+        .transpose()
+        .or_else(|e| fail("a GroupInfo", e))?;
     wire::send(
         ws,
         &ClientFrame::Send(Send {
@@ -143,7 +148,7 @@ pub async fn send_and_wait(
             msg_id: random_msg_id(),
             payload,
             welcome,
-            group_info: None,
+            group_info,
         }),
     )
     .await?;
@@ -220,7 +225,7 @@ pub async fn conversation(
             rid,
             conversation,
             commit.commit,
-            commit.welcome,
+            (commit.welcome, commit.group_info),
         )
         .await?;
         head = accepted.seq.get();

@@ -768,6 +768,29 @@ fn print_fork(conversation: &ConversationId, seq: Seq, reason: &str, json: bool)
     }
 }
 
+/// Tells the user this device got back into a conversation that had forked here, by a
+/// resync at `at` (SPEC.md 7.10): what came between could not be read.
+fn print_resync(conversation: &ConversationId, (from, at): (Seq, Seq), json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "conversation": hex::encode(conversation.0),
+                "resynced_at": at.get(),
+                "fork_ended": from.get(),
+            })
+        );
+    } else {
+        println!(
+            "! conversation {} had forked at [{}]; this device got back in at [{}] with new \
+             keys, and what came between could not be read",
+            &hex::encode(conversation.0)[..8],
+            from.get(),
+            at.get()
+        );
+    }
+}
+
 async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
     let server = cli.server.as_deref();
     match cli.command {
@@ -1055,8 +1078,16 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                 if wanted.is_some_and(|w| w != c.id) {
                     continue;
                 }
+                let resynced = client.store().resyncs(&c.id)?.1;
                 for m in client.store().messages(&c.id, 0, usize::MAX)? {
                     print_message(&client, &m, cli.json);
+                    if let Some(resync) = resynced.filter(|(_, at)| m.seq < *at) {
+                        // Said once, after the last message before the resync.
+                        let next = client.store().messages(&c.id, m.seq.get(), 1)?;
+                        if next.first().is_none_or(|n| n.seq > resync.1) {
+                            print_resync(&c.id, resync, cli.json);
+                        }
+                    }
                 }
                 if let Some((seq, reason)) = client.store().forked(&c.id)? {
                     print_fork(&c.id, seq, &reason, cli.json);
@@ -1077,10 +1108,23 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => return Ok(()),
-                    _ = leaves.tick() => match client.commit_leave_requests().await {
-                        Ok(_) | Err(ClientError::SendRefused { .. } | ClientError::RateLimited { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    },
+                    _ = leaves.tick() => {
+                        match client.commit_leave_requests().await {
+                            Ok(_) | Err(ClientError::SendRefused { .. } | ClientError::RateLimited { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        // And gets back into conversations that forked (SPEC.md 7.10).
+                        let forked = client.store().forked_conversations()?;
+                        if client.resync_forked().await? > 0 {
+                            for c in forked {
+                                if let (_, Some(resync)) = client.store().resyncs(&c)? {
+                                    if client.store().forked(&c)?.is_none() {
+                                        print_resync(&c, resync, cli.json);
+                                    }
+                                }
+                            }
+                        }
+                    }
                     result = client.pump() => result?,
                 }
                 for m in client.take_received() {
@@ -1286,7 +1330,7 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                         "uploaded": pool.uploaded, "outbox": outbox, "conversations": conversations,
                         "relabelled": suspicions.relabelled, "unreadable": suspicions.unreadable,
                         "forked": suspicions.forked, "missing": suspicions.missing,
-                        "out_of_order": suspicions.out_of_order})
+                        "out_of_order": suspicions.out_of_order, "resynced": suspicions.resynced})
                 );
             } else {
                 println!("connected      {}", client.is_ready());
@@ -1304,6 +1348,10 @@ async fn run(cli: Cli, home: Home) -> Result<(), CliError> {
                     suspicions.forked,
                     suspicions.missing,
                     suspicions.out_of_order
+                );
+                println!(
+                    "resynced       {} (forks this device got back from)",
+                    suspicions.resynced
                 );
             }
         }

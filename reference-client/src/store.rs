@@ -140,6 +140,8 @@ pub struct Suspicions {
     pub missing: u64,
     /// Messages that came out of their sender's order, or twice (SPEC.md 7.9).
     pub out_of_order: u64,
+    /// Times this device got back into a forked conversation (SPEC.md 7.10).
+    pub resynced: u64,
 }
 
 /// A message shown to the user.
@@ -1297,6 +1299,7 @@ impl ClientStore {
                  FROM messages",
             )?,
             out_of_order: count("SELECT count(*) FROM messages WHERE irregular = -1")?,
+            resynced: count("SELECT coalesce(sum(resyncs), 0) FROM conversations")?,
         })
     }
 

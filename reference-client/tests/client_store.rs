@@ -263,6 +263,17 @@ fn version_1_databases_are_migrated() {
         store.forked(&id).expect("forked"),
         Some((seq, "a reason".to_owned()))
     );
+    assert_eq!(store.forked_conversations().expect("forked"), vec![id]);
+    // Version 10's resyncs: one ends the fork and is counted, where it ended it too.
+    let resync = confab_spec::ids::Seq::new(9).expect("seq");
+    store.set_resynced(&id, resync).expect("resynced");
+    assert_eq!(store.forked(&id).expect("forked"), None);
+    assert_eq!(
+        store.resyncs(&id).expect("resyncs"),
+        (1, Some((seq, resync)))
+    );
+    assert!(store.forked_conversations().expect("forked").is_empty());
+    store.set_forked(&id, seq, "a reason").expect("fork again");
     // Version 9's message numbers: a conversation from before numbers from 1.
     assert_eq!(store.take_sent_counter(&id).expect("counter"), 1);
     assert_eq!(store.take_sent_counter(&id).expect("counter"), 2);
@@ -291,7 +302,7 @@ fn version_1_databases_are_migrated() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 9);
+    assert_eq!(version, 10);
 }
 
 /// A version 5 database (messages without `gateway_sender`) keeps its messages, and a

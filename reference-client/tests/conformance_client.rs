@@ -186,6 +186,8 @@ async fn every_broken_client_behaviour_fails_its_case() {
         ("unnumbered_messages", "REQ-7.9-1"),
         ("ignore_missing_messages", "REQ-7.9-2"),
         ("reuse_decrypted_payloads", "REQ-6.8-5"),
+        ("no_group_info", "REQ-7.10-1"),
+        ("no_resync", "REQ-7.10-6"),
     ];
     assert_eq!(broken.len(), Faults::NAMES.len(), "every switch is tried");
     let example = faulty_cli();

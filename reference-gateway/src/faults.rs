@@ -71,6 +71,14 @@ pub struct Faults {
     /// Count the rooms a user was added to, joined or not, toward
     /// `rooms_per_user_max` (REQ-10-8).
     pub invites_count_toward_rooms: bool,
+    /// Sequence a Commit whatever its GroupInfo, or without one (REQ-7.10-2).
+    pub no_commit_group_info_check: bool,
+    /// Keep the GroupInfo of a conversation's creation only: Commits' GroupInfos are checked and dropped (REQ-7.10-3).
+    pub group_info_not_kept: bool,
+    /// Serve a conversation's GroupInfo to any device that asks (REQ-7.10-4).
+    pub group_info_to_anyone: bool,
+    /// Refuse every external Commit as a sender mismatch, as before resyncs (REQ-7.10-5).
+    pub refuse_resyncs: bool,
 }
 
 impl Faults {
@@ -106,6 +114,10 @@ impl Faults {
             "disallow_ignored" => &mut f.disallow_ignored,
             "invite_list_unbounded" => &mut f.invite_list_unbounded,
             "invites_count_toward_rooms" => &mut f.invites_count_toward_rooms,
+            "no_commit_group_info_check" => &mut f.no_commit_group_info_check,
+            "group_info_not_kept" => &mut f.group_info_not_kept,
+            "group_info_to_anyone" => &mut f.group_info_to_anyone,
+            "refuse_resyncs" => &mut f.refuse_resyncs,
             _ => return None,
         };
         *switch = true;
@@ -148,11 +160,16 @@ impl Faults {
             invite_list_unbounded: self.invite_list_unbounded || other.invite_list_unbounded,
             invites_count_toward_rooms: self.invites_count_toward_rooms
                 || other.invites_count_toward_rooms,
+            no_commit_group_info_check: self.no_commit_group_info_check
+                || other.no_commit_group_info_check,
+            group_info_not_kept: self.group_info_not_kept || other.group_info_not_kept,
+            group_info_to_anyone: self.group_info_to_anyone || other.group_info_to_anyone,
+            refuse_resyncs: self.refuse_resyncs || other.refuse_resyncs,
         }
     }
 
     /// Every switch's name.
-    pub const NAMES: [&'static str; 28] = [
+    pub const NAMES: [&'static str; 32] = [
         "no_msg_id_dedup",
         "skip_seq_on_replay",
         "two_commits_per_epoch",
@@ -181,5 +198,9 @@ impl Faults {
         "disallow_ignored",
         "invite_list_unbounded",
         "invites_count_toward_rooms",
+        "no_commit_group_info_check",
+        "group_info_not_kept",
+        "group_info_to_anyone",
+        "refuse_resyncs",
     ];
 }

@@ -1455,10 +1455,11 @@ fn group_info_answer(
     if store.conversation(&g.conversation)?.is_none() {
         return Ok(error(ErrorCode::ConversationNotFound, rid, None));
     }
-    if !store
-        .roster(&g.conversation)?
-        .iter()
-        .any(|(_, d)| *d == device)
+    if !config.faults.group_info_to_anyone
+        && !store
+            .roster(&g.conversation)?
+            .iter()
+            .any(|(_, d)| *d == device)
     {
         return Ok(error(ErrorCode::NotMember, rid, None));
     }
@@ -1551,7 +1552,9 @@ fn classify(
             let roster = store.roster(&s.conversation)?;
             let own_leaf = roster.iter().find(|(_, d)| *d == device).map(|(l, _)| *l);
             let resync = match (own_leaf, framing.sender, framing.content_type) {
-                (Some(leaf), Some(Sender::NewMemberCommit), ContentType::Commit) => {
+                (Some(leaf), Some(Sender::NewMemberCommit), ContentType::Commit)
+                    if !config.faults.refuse_resyncs =>
+                {
                     Some((device, leaf))
                 }
                 _ => None,
@@ -1719,7 +1722,7 @@ fn classify_commit(
             .map(|w| w.as_bytes())
             .filter(|_| !config.faults.no_welcome_check),
         group_info: s.group_info.as_ref().map(|g| g.as_bytes()),
-        check_group_info: !config.faults.no_group_info_check,
+        check_group_info: !config.faults.no_commit_group_info_check,
         resync,
     };
     let verified = tracked_group::verify_commit(&snapshot, &input, now, &revocations);

@@ -301,7 +301,7 @@ async fn watch_for(
 }
 
 /// Sets up a device with a room named `room` under pass-through.
-async fn device_with_room(
+pub(super) async fn device_with_room(
     client: &ClientUnderTest,
     home: &std::path::Path,
     room: &str,
@@ -1322,8 +1322,8 @@ impl Delivered {
     /// them, SPEC.md 10.1), and merges it once accepted: the group moves one epoch on.
     /// Returns the Commit's seq.
     async fn commit_roles(&mut self) -> Result<u64, crate::case::Stop> {
-        use crate::cases::log::{random, send_mls};
-        use crate::mls::{broken, bytes};
+        use crate::cases::log::{random, send_commit};
+        use crate::mls::broken;
 
         let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
             self.roles.context_extensions(),
@@ -1334,16 +1334,10 @@ impl Delivered {
             .commit(&self.room, &[], &[], &extra, true)
             .map_err(|e| broken("commit", e))?;
         self.rid += 1;
-        let (seq, _) = send_mls(
-            &mut self.peer,
-            self.rid,
-            self.room,
-            confab_spec::ids::MsgId(random()),
-            bytes(commit.commit)?,
-            None,
-        )
-        .await?
-        .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
+        let msg_id = confab_spec::ids::MsgId(random());
+        let (seq, _) = send_commit(&mut self.peer, self.rid, self.room, msg_id, &commit)
+            .await?
+            .map_err(|e| broken("commit", crate::context::describe_error(&e)))?;
         self.owner
             .engine
             .merge_pending_commit(&self.room)
@@ -1417,22 +1411,14 @@ async fn suite_room_with_client(
         .engine
         .commit(&id, &packages, &[], &extra, true)
         .map_err(|e| broken("commit", e))?;
-    let welcome = out.welcome.clone().map(bytes).transpose()?;
-    send_mls(
-        &mut peer,
-        3,
-        id,
-        MsgId(random()),
-        bytes(out.commit)?,
-        welcome,
-    )
-    .await?
-    .map_err(|e| {
-        broken(
-            "add the client to a room",
-            crate::context::describe_error(&e),
-        )
-    })?;
+    crate::cases::log::send_commit(&mut peer, 3, id, MsgId(random()), &out)
+        .await?
+        .map_err(|e| {
+            broken(
+                "add the client to a room",
+                crate::context::describe_error(&e),
+            )
+        })?;
     owner
         .engine
         .merge_pending_commit(&id)
@@ -2511,8 +2497,8 @@ async fn reads_past_unreadable(cx: &mut Ctx) -> CaseResult {
 }
 
 async fn stops_at_fork(cx: &mut Ctx) -> CaseResult {
-    use crate::cases::log::{random, send_mls};
-    use crate::mls::{broken, bytes};
+    use crate::cases::log::{random, send_with};
+    use crate::mls::broken;
 
     let (mut peer, mut member) = invitee_member(cx).await?;
     let invited = hex::encode(member.device.system.public().0);
@@ -2543,56 +2529,72 @@ async fn stops_at_fork(cx: &mut Ctx) -> CaseResult {
         .engine
         .discard_pending_commit(&room)
         .map_err(|e| broken("discard", e))?;
-    let mut parts = mls_framing::public_message_parts(&commit.commit)
-        .map_err(|e| broken("read a Commit", e))?;
-    if let Some(byte) = parts.confirmation_tag.as_mut().and_then(|t| t.first_mut()) {
-        *byte ^= 0x01;
-    }
-    let (fork_seq, _) = send_mls(
-        &mut peer,
-        21,
-        room,
-        confab_spec::ids::MsgId(random()),
-        bytes(parts.to_message())?,
-        None,
-    )
-    .await?
-    .map_err(|e| broken("send the Commit", crate::context::describe_error(&e)))?;
+    let (commit, group_info) = crate::mls::with_broken_tag(&commit, &member.device.key)?;
+    let attached = crate::cases::log::Attached {
+        welcome: None,
+        group_info: Some(group_info),
+    };
+    let msg_id = confab_spec::ids::MsgId(random());
+    let (fork_seq, _) = send_with(&mut peer, 21, (room, msg_id), commit, attached)
+        .await?
+        .map_err(|e| broken("send the Commit", crate::context::describe_error(&e)))?;
     // The client reads the Commit, then is asked to send into the room.
     let client = cx.client(Box::new(PassThrough))?;
     client.run(home.path(), &["read", "forked"]).await?;
-    sends_nothing_into(
+    let earlier = client.proxy.events();
+    resyncs_before_sending_into(
         cx,
         home.path(),
         ("forked", room),
+        &earlier,
         &format!(
-            "nothing sent into the room after the Commit at seq {fork_seq} it could not apply"
+            "nothing but a resync sent into the room first after the Commit at seq {fork_seq} it could not apply"
         ),
     )
     .await
 }
 
+/// Whether `payload` is a resync: an external Commit (SPEC.md 7.10).
+pub(super) fn is_resync(payload: &[u8]) -> bool {
+    matches!(
+        mls_framing::peek(payload),
+        Ok(mls_framing::Peek::Framed(f))
+            if f.content_type == mls_framing::ContentType::Commit
+                && f.sender == Some(mls_framing::Sender::NewMemberCommit)
+    )
+}
+
 /// Asks the client (on `home`) to `send` into the room it names `room.0`, whose id is
-/// `room.1`, and fails with `expected` if any `Send` into that room goes out: the client
-/// must refuse to send into a conversation that forked (REQ-7.7-5, REQ-7.8-3).
-pub(super) async fn sends_nothing_into(
+/// `room.1`, after it saw it fork (the proxy's `earlier` events), and fails with
+/// `expected` if the first `Send` into that room is anything but a resync: a client sends
+/// nothing into a conversation that forked (REQ-7.7-5, REQ-7.8-3) until it is back in by
+/// a resync (SPEC.md 7.10), if it gets back in at all.
+pub(super) async fn resyncs_before_sending_into(
     cx: &Ctx,
     home: &std::path::Path,
     room: (&str, confab_spec::ids::ConversationId),
+    earlier: &[crate::client::Event],
     expected: &str,
 ) -> CaseResult {
     let client = cx.client(Box::new(PassThrough))?;
     client
         .run(home, &["send", room.0, "into a forked room"])
         .await?;
-    let events = client.proxy.events();
-    let into_room = sent(&events)
-        .filter(|(_, _, f)| matches!(f, ClientFrame::Send(s) if s.conversation == room.1))
-        .count();
-    if into_room > 0 {
-        return Err(Failure::new(expected, format!("{into_room} Send(s) into it")).into());
+    let later = client.proxy.events();
+    let first = sent(earlier)
+        .chain(sent(&later))
+        .find_map(|(_, _, f)| match f {
+            ClientFrame::Send(s) if s.conversation == room.1 => Some(s.payload.as_bytes()),
+            _ => None,
+        });
+    match first {
+        Some(payload) if !is_resync(payload) => Err(Failure::new(
+            expected,
+            "a Send into it that is not a resync (an external Commit)",
+        )
+        .into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

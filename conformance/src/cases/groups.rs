@@ -8,9 +8,12 @@ use confab_spec::ids::{ConversationId, MlsBytes, MsgId, StreamId};
 
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
-use crate::cases::log::{random, send_mls, subscribe, subscribed};
+use crate::cases::log::{
+    Attached, random, send_commit, send_mls, send_with, subscribe, subscribed,
+};
 use crate::context::{Ctx, Device, Peer};
 use crate::mls::{Member, PAIR, broken, bytes};
+use confab_client::mls::CommitOutput;
 
 /// The cases of sections 7.2–7.6 that need a group.
 pub fn cases() -> Vec<Case> {
@@ -102,6 +105,8 @@ pub(crate) struct Pair {
     pub(crate) b: Peer,
     pub(crate) bm: Member,
     pub(crate) conversation: ConversationId,
+    /// The GroupInfo A's `CreateConversation` carried.
+    pub(crate) created_group_info: MlsBytes,
 }
 
 impl Pair {
@@ -111,8 +116,12 @@ impl Pair {
         let now = ready.server_time_ms;
         let mut am = Member::new(da, PAIR[0], now)?;
         let conversation = ConversationId(random());
-        a.send(&am.create_frame(1, conversation, ConversationKind::DirectMessage, &[])?)
-            .await?;
+        let create = am.create_frame(1, conversation, ConversationKind::DirectMessage, &[])?;
+        let ClientFrame::CreateConversation(created) = &create else {
+            return Err(broken("create a conversation", "not a CreateConversation"));
+        };
+        let created_group_info = created.group_info.clone();
+        a.send(&create).await?;
         a.expect("Created", |f| {
             matches!(f, ServerFrame::Created(c) if c.rid == 1).then_some(())
         })
@@ -126,6 +135,7 @@ impl Pair {
             b,
             bm,
             conversation,
+            created_group_info,
         })
     }
 
@@ -140,17 +150,11 @@ impl Pair {
             .map_err(|e| broken("add a member", e))?;
         let welcome = bytes(
             add.welcome
+                .clone()
                 .ok_or_else(|| broken("add a member", "no Welcome"))?,
         )?;
-        let answer = send_mls(
-            &mut self.a,
-            rid,
-            self.conversation,
-            MsgId(random()),
-            bytes(add.commit)?,
-            Some(welcome.clone()),
-        )
-        .await?;
+        let answer =
+            send_commit(&mut self.a, rid, self.conversation, MsgId(random()), &add).await?;
         let (seq, _) = answer.map_err(|e| {
             Failure::new(
                 "the adding Commit Accepted",
@@ -176,13 +180,11 @@ impl Pair {
     }
 }
 
-/// A self-update Commit of `m`, pending.
-pub(crate) fn update(m: &mut Member, conversation: &ConversationId) -> Result<MlsBytes, Stop> {
-    let c = m
-        .engine
+/// A self-update Commit of `m`, pending, with its GroupInfo.
+pub(crate) fn update(m: &mut Member, conversation: &ConversationId) -> Result<CommitOutput, Stop> {
+    m.engine
         .self_update(conversation)
-        .map_err(|e| broken("commit", e))?;
-    bytes(c.commit)
+        .map_err(|e| broken("commit", e))
 }
 
 async fn old_epoch_application(cx: &mut Ctx) -> CaseResult {
@@ -194,7 +196,7 @@ async fn old_epoch_application(cx: &mut Ctx) -> CaseResult {
             .map_err(|e| broken("encrypt", e))?,
     )?;
     let commit = update(&mut p.am, &c)?;
-    send_mls(&mut p.a, 3, c, MsgId(random()), commit, None)
+    send_commit(&mut p.a, 3, c, MsgId(random()), &commit)
         .await?
         .map_err(|e| Failure::new("the update Accepted", format!("Error {}", e.code.name())))?;
     let answer = send_mls(&mut p.b, 4, c, MsgId(random()), old, None).await?;
@@ -220,14 +222,14 @@ async fn epoch_too_old(cx: &mut Ctx) -> CaseResult {
     let mut rid = 3;
     for round in 0..5 {
         let commit = update(&mut p.am, &c)?;
-        send_mls(&mut p.a, rid, c, MsgId(random()), commit.clone(), None)
+        send_commit(&mut p.a, rid, c, MsgId(random()), &commit)
             .await?
             .map_err(|e| Failure::new("the update Accepted", format!("Error {}", e.code.name())))?;
         p.am.engine
             .merge_pending_commit(&c)
             .map_err(|e| broken("merge", e))?;
         p.bm.engine
-            .process(&c, commit.as_bytes())
+            .process(&c, &commit.commit)
             .map_err(|e| broken("process", e))?;
         rid += 1;
         if round == 0 {
@@ -267,7 +269,7 @@ async fn race(
     let c = p.conversation;
     let first = update(&mut p.am, &c)?;
     let second = update(&mut p.bm, &c)?;
-    send_mls(&mut p.a, 3, c, MsgId(random()), first, None)
+    send_commit(&mut p.a, 3, c, MsgId(random()), &first)
         .await?
         .map_err(|e| {
             Failure::new(
@@ -275,7 +277,7 @@ async fn race(
                 format!("Error {}", e.code.name()),
             )
         })?;
-    let answer = send_mls(&mut p.b, 4, c, MsgId(random()), second, None).await?;
+    let answer = send_commit(&mut p.b, 4, c, MsgId(random()), &second).await?;
     Ok((answer, p))
 }
 
@@ -413,13 +415,18 @@ async fn add_without_welcome(cx: &mut Ctx) -> CaseResult {
         p.am.engine
             .add_members(&p.conversation, &kp)
             .map_err(|e| broken("add", e))?;
-    let answer = send_mls(
+    // With its GroupInfo and without its Welcome: only the Welcome is missing.
+    let attached = Attached {
+        welcome: None,
+        group_info: Attached::of(&add)?.group_info,
+    };
+    let payload = bytes(add.commit)?;
+    let answer = send_with(
         &mut p.a,
         2,
-        p.conversation,
-        MsgId(random()),
-        bytes(add.commit)?,
-        None,
+        (p.conversation, MsgId(random())),
+        payload,
+        attached,
     )
     .await?;
     match answer {
@@ -433,7 +440,12 @@ async fn welcome_without_add(cx: &mut Ctx) -> CaseResult {
     let c = p.conversation;
     let commit = update(&mut p.am, &c)?;
     let stray = bytes(vec![0x00, 0x01, 0x00, 0x03, 0x00, 0x01])?;
-    let answer = send_mls(&mut p.a, 3, c, MsgId(random()), commit, Some(stray)).await?;
+    let attached = Attached {
+        welcome: Some(stray),
+        group_info: Attached::of(&commit)?.group_info,
+    };
+    let payload = bytes(commit.commit)?;
+    let answer = send_with(&mut p.a, 3, (c, MsgId(random())), payload, attached).await?;
     match answer {
         Err(e) if e.code == ErrorCode::WelcomeMismatch => Ok(()),
         other => Err(Failure::new("Error 405 welcome_mismatch", format!("{other:?}")).into()),
@@ -465,7 +477,7 @@ async fn remove_b(p: &mut Pair) -> Result<(u64, Vec<ServerFrame>), Stop> {
         p.am.engine
             .remove_members(&c, &[removed])
             .map_err(|e| broken("remove", e))?;
-    let (seq, _) = send_mls(&mut p.a, 3, c, MsgId(random()), bytes(rm.commit)?, None)
+    let (seq, _) = send_commit(&mut p.a, 3, c, MsgId(random()), &rm)
         .await?
         .map_err(|e| {
             Failure::new(

@@ -18,7 +18,7 @@ use confab_spec::session::DeviceCredentials;
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::cases::groups::{Pair, update};
-use crate::cases::log::{random, send_mls};
+use crate::cases::log::{Attached, random, send_commit, send_mls, send_with};
 use crate::context::{Ctx, Device, Peer};
 use crate::mls::{Member, broken, bytes};
 
@@ -294,18 +294,10 @@ async fn removed_member_commit(cx: &mut Ctx) -> CaseResult {
             .remove_members(&c, &[p.bm.device.id()])
             .map_err(|e| broken("remove a member", e))?;
     accepted(
-        send_mls(
-            &mut p.a,
-            3,
-            c,
-            MsgId(random()),
-            bytes(removal.commit)?,
-            None,
-        )
-        .await?,
+        send_commit(&mut p.a, 3, c, MsgId(random()), &removal).await?,
         "A's Commit removing B",
     )?;
-    let answer = send_mls(&mut p.b, 4, c, MsgId(random()), theirs, None).await?;
+    let answer = send_commit(&mut p.b, 4, c, MsgId(random()), &theirs).await?;
     refused(answer, ErrorCode::NotMember, "a Commit of the removed B")
 }
 
@@ -320,7 +312,8 @@ async fn welcome_verified(cx: &mut Ctx) -> CaseResult {
         p.am.engine
             .add_members(&c, &[first.as_bytes().to_vec()])
             .map_err(|e| broken("add a member", e))?;
-    let commit = bytes(add.commit)?;
+    let commit = bytes(add.commit.clone())?;
+    let group_info = Attached::of(&add)?.group_info;
     // The KeyPackage itself as the Welcome.
     let answer = send_mls(
         &mut p.a,
@@ -361,8 +354,12 @@ async fn welcome_verified(cx: &mut Ctx) -> CaseResult {
         add.welcome
             .ok_or_else(|| broken("add a member", "no Welcome"))?,
     )?;
+    let attached = Attached {
+        welcome: Some(welcome),
+        group_info,
+    };
     accepted(
-        send_mls(&mut p.a, 4, c, MsgId(random()), commit, Some(welcome)).await?,
+        send_with(&mut p.a, 4, (c, MsgId(random())), commit, attached).await?,
         "the same Commit with its own Welcome",
     )?;
     Ok(())
@@ -426,18 +423,18 @@ async fn state_follows_commits(cx: &mut Ctx) -> CaseResult {
     let c = p.conversation;
     let theirs = update(&mut p.bm, &c)?;
     accepted(
-        send_mls(&mut p.b, 3, c, MsgId(random()), theirs.clone(), None).await?,
+        send_commit(&mut p.b, 3, c, MsgId(random()), &theirs).await?,
         "a Commit of B, added by the previous Commit",
     )?;
     p.bm.engine
         .merge_pending_commit(&c)
         .map_err(|e| broken("merge", e))?;
     p.am.engine
-        .process(&c, theirs.as_bytes())
+        .process(&c, &theirs.commit)
         .map_err(|e| broken("process", e))?;
     let ours = update(&mut p.am, &c)?;
     accepted(
-        send_mls(&mut p.a, 4, c, MsgId(random()), ours, None).await?,
+        send_commit(&mut p.a, 4, c, MsgId(random()), &ours).await?,
         "a Commit of A on top of B's",
     )?;
     Ok(())
@@ -483,7 +480,7 @@ async fn unsigned_commit(cx: &mut Ctx) -> CaseResult {
     // The group lives on: a real Commit takes the epoch.
     let commit = update(&mut p.am, &c)?;
     accepted(
-        send_mls(&mut p.a, 5, c, MsgId(random()), commit, None).await?,
+        send_commit(&mut p.a, 5, c, MsgId(random()), &commit).await?,
         "A's real Commit after the refused ones",
     )?;
     Ok(())
@@ -508,10 +505,23 @@ async fn commit_signed_by_another_member(cx: &mut Ctx) -> CaseResult {
         "A's Commit signed with B's key",
     )?;
     // Signed with A's own key the same content is accepted: only the signature differed.
+    // (Its confirmation tag is a stand-in, so its GroupInfo states that tag, signed by A.)
     let signature = mls_write::sign_content(&p.am.device.key, &parts.content, &context);
     let resigned = mls_write::public_message(&parts.content, &signature, true);
+    let group_info = crate::mls::group_info_for(&real, &resigned, &p.am.device.key)?;
+    let attached = Attached {
+        welcome: None,
+        group_info: Some(group_info),
+    };
     accepted(
-        send_mls(&mut p.a, 4, c, MsgId(random()), bytes(resigned)?, None).await?,
+        send_with(
+            &mut p.a,
+            4,
+            (c, MsgId(random())),
+            bytes(resigned)?,
+            attached,
+        )
+        .await?,
         "the same Commit signed with A's key",
     )?;
     Ok(())
@@ -610,8 +620,7 @@ async fn add_expired_or_revoked_certificate(cx: &mut Ctx) -> CaseResult {
         p.am.engine
             .add_members(&c, &[kp.as_bytes().to_vec()])
             .map_err(|e| broken("add a member", e))?;
-    let welcome = add.welcome.map(bytes).transpose()?;
-    let answer = send_mls(&mut p.a, 4, c, MsgId(random()), bytes(add.commit)?, welcome).await?;
+    let answer = send_commit(&mut p.a, 4, c, MsgId(random()), &add).await?;
     refused(
         answer,
         ErrorCode::MlsKeyPackageInvalid,

@@ -13,14 +13,16 @@ use confab_spec::mls_framing::{self, CommitProposal};
 use confab_spec::rooms::{ROLES_EXTENSION_TYPE, RoomRoles};
 
 use super::client::{
-    authenticated_as, invitee_member, is_commit, join_welcome, sends_nothing_into, sent,
+    authenticated_as, device_with_room, invitee_member, is_commit, join_welcome,
+    resyncs_before_sending_into, sent,
 };
-use super::log::{random, send_mls};
+use super::log::{random, send_commit, send_mls};
 use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::client::{ClientUnderTest, PassThrough, Script, Verdict, home};
 use crate::client_case;
 use crate::context::{Ctx, Peer, describe_error};
 use crate::mls::{Member, broken, bytes};
+use confab_client::mls::CommitOutput;
 
 pub(super) fn cases() -> Vec<Case> {
     vec![
@@ -65,6 +67,20 @@ pub(super) fn cases() -> Vec<Case> {
             Must,
             "the client's first two messages in a room carry the content map with counters 1 and 2",
             numbers_its_messages
+        ),
+        client_case!(
+            "7.10-1.client-publishes-group-info",
+            "REQ-7.10-1",
+            Must,
+            "every Commit the client sends carries the GroupInfo of the epoch it opens",
+            publishes_group_info
+        ),
+        client_case!(
+            "7.10-6.client-resyncs",
+            "REQ-7.10-6",
+            Must,
+            "after a Commit it cannot apply, the client's first Send into the room is a resync, which the others apply, and its message after it is readable",
+            resyncs_after_fork
         ),
         client_case!(
             "7.9-2.client-reports-withheld-messages",
@@ -353,21 +369,21 @@ fn member_leaf(
 }
 
 /// The member commits its roles again, unchanged (SPEC.md 10.1): a valid Commit of a plain
-/// member. Returns its bytes; the member keeps it pending.
+/// member, with its GroupInfo; the member keeps it pending.
 fn restate_roles(
     member: &mut Member,
     room: confab_spec::ids::ConversationId,
-) -> Result<Vec<u8>, Stop> {
+) -> Result<CommitOutput, Stop> {
     commit_roles(member, room, |_| {})
 }
 
-/// The member commits the room's roles as `change` leaves them. Returns the Commit's
-/// bytes; the member keeps it pending.
+/// The member commits the room's roles as `change` leaves them, with its GroupInfo; the
+/// member keeps it pending.
 fn commit_roles(
     member: &mut Member,
     room: confab_spec::ids::ConversationId,
     change: impl FnOnce(&mut RoomRoles),
-) -> Result<Vec<u8>, Stop> {
+) -> Result<CommitOutput, Stop> {
     let roles = member
         .engine
         .context_extension(&room, ROLES_EXTENSION_TYPE)
@@ -378,11 +394,10 @@ fn commit_roles(
     let extra = [confab_client::mls::ExtraProposal::GroupContextExtensions(
         roles.context_extensions(),
     )];
-    Ok(member
+    member
         .engine
         .commit(&room, &[], &[], &extra, true)
-        .map_err(|e| broken("commit", e))?
-        .commit)
+        .map_err(|e| broken("commit", e))
 }
 
 async fn equivocated_commit(cx: &mut Ctx) -> CaseResult {
@@ -398,7 +413,7 @@ async fn equivocated_commit(cx: &mut Ctx) -> CaseResult {
         .map_err(|e| broken("discard", e))?;
     let sequenced = restate_roles(member, room)?;
     let msg_id = MsgId(random());
-    send_mls(peer, 30, room, msg_id, bytes(sequenced)?, None)
+    send_commit(peer, 30, room, msg_id, &sequenced)
         .await?
         .map_err(|e| broken("send the Commit", describe_error(&e)))?;
     member
@@ -415,24 +430,26 @@ async fn equivocated_commit(cx: &mut Ctx) -> CaseResult {
     )
     .await?;
     let next = restate_roles(member, room)?;
-    send_mls(peer, 32, room, MsgId(random()), bytes(next)?, None)
+    send_commit(peer, 32, room, MsgId(random()), &next)
         .await?
         .map_err(|e| broken("send the next Commit", describe_error(&e)))?;
     member
         .engine
         .merge_pending_commit(&room)
         .map_err(|e| broken("merge", e))?;
-    let shown = bytes(shown)?;
+    let shown = bytes(shown.commit)?;
     let client = cx.client(Box::new(RewriteEntry {
         target: msg_id,
         rewrite: Box::new(move |e| e.payload = shown.clone()),
     }))?;
     client.run(setup.home.path(), &["read", ROOM]).await?;
-    sends_nothing_into(
+    let earlier = client.proxy.events();
+    resyncs_before_sending_into(
         cx,
         setup.home.path(),
         (ROOM, room),
-        "nothing sent into the room once the others' next Commit did not apply",
+        &earlier,
+        "nothing but a resync sent into the room first once the others' next Commit did not apply",
     )
     .await
 }
@@ -454,7 +471,7 @@ async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
         .discard_pending_commit(&room)
         .map_err(|e| broken("discard", e))?;
     let carrier = member_says(peer, member, room, 30, "carrier").await?;
-    let commit = bytes(commit)?;
+    let commit = bytes(commit.commit)?;
     let client = cx.client(Box::new(RewriteEntry {
         target: carrier,
         rewrite: Box::new(move |e| {
@@ -466,11 +483,13 @@ async fn rule_breaking_commit(cx: &mut Ctx) -> CaseResult {
         }),
     }))?;
     client.run(setup.home.path(), &["read", ROOM]).await?;
-    sends_nothing_into(
+    let earlier = client.proxy.events();
+    resyncs_before_sending_into(
         cx,
         setup.home.path(),
         (ROOM, room),
-        "nothing sent into the room after a Commit by a plain member naming itself admin",
+        &earlier,
+        "nothing but a resync sent into the room first after a Commit by a plain member naming itself admin",
     )
     .await
 }
@@ -659,6 +678,177 @@ async fn replayed_payload(cx: &mut Ctx) -> CaseResult {
         )
         .into()),
     }
+}
+
+/// The epoch of the GroupContext inside an MLSMessage carrying a GroupInfo.
+fn group_info_epoch(group_info: &[u8]) -> Option<u64> {
+    let context = mls_framing::group_info_context(group_info).ok()?;
+    // version, cipher suite, then the group id (a variable-length vector), then the epoch.
+    let rest = context.get(4..)?;
+    let first = *rest.first()?;
+    let prefix = 1usize << (first >> 6);
+    let mut len = usize::from(first & 0x3f);
+    for b in rest.get(1..prefix)? {
+        len = (len << 8) | usize::from(*b);
+    }
+    let epoch = rest.get(prefix + len..prefix + len + 8)?;
+    Some(u64::from_be_bytes(epoch.try_into().ok()?))
+}
+
+async fn publishes_group_info(cx: &mut Ctx) -> CaseResult {
+    let (mut peer, mut member) = invitee_member(cx).await?;
+    let invited = hex::encode(member.device.system.public().0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "published").await?;
+    client
+        .run(home.path(), &["room", "invite", "published", &invited])
+        .await?;
+    let events = client.proxy.events();
+    let commits: Vec<&confab_spec::frame::Send> = sent(&events)
+        .filter_map(|(_, _, f)| match f {
+            ClientFrame::Send(s) if is_commit(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    if commits.is_empty() {
+        return Err(Failure::new("the invitation sent as a Commit", "no Commit").into());
+    }
+    for s in commits {
+        let epoch = match mls_framing::peek(s.payload.as_bytes()) {
+            Ok(mls_framing::Peek::Framed(f)) => f.epoch,
+            _ => return Err(broken("read the client's Commit", "not a Commit")),
+        };
+        let published = s
+            .group_info
+            .as_ref()
+            .and_then(|g| group_info_epoch(g.as_bytes()));
+        if published != Some(epoch + 1) {
+            return Err(Failure::new(
+                format!(
+                    "a Commit of epoch {epoch} with the GroupInfo of epoch {}",
+                    epoch + 1
+                ),
+                match (&s.group_info, published) {
+                    (None, _) => "no group_info".to_owned(),
+                    (Some(_), None) => "a group_info that is not a GroupInfo".to_owned(),
+                    (Some(_), Some(e)) => format!("the GroupInfo of epoch {e}"),
+                },
+            )
+            .into());
+        }
+    }
+    // The member joined from the Welcome of a Commit with a GroupInfo: the room works.
+    join_welcome(&mut peer, &mut member, 20).await?;
+    Ok(())
+}
+
+async fn resyncs_after_fork(cx: &mut Ctx) -> CaseResult {
+    use super::log::{Attached, replay, send_with, subscribe, subscribed};
+    use confab_client::mls::Processed;
+    use confab_spec::frame::{GetGroupInfo, GroupInfoFrame};
+
+    let (mut peer, mut member) = invitee_member(cx).await?;
+    let invited = hex::encode(member.device.system.public().0);
+    let client = cx.client(Box::new(PassThrough))?;
+    let home = home()?;
+    device_with_room(client, home.path(), "back").await?;
+    client
+        .run_ok(home.path(), &["room", "invite", "back", &invited])
+        .await?;
+    let room = join_welcome(&mut peer, &mut member, 20).await?;
+    // The member's Commit with a broken confirmation tag, and the GroupInfo it leads to:
+    // the gateway sequences it, nobody can apply it.
+    let real = restate_roles(&mut member, room)?;
+    member
+        .engine
+        .discard_pending_commit(&room)
+        .map_err(|e| broken("discard", e))?;
+    let (commit, group_info) = crate::mls::with_broken_tag(&real, &member.device.key)?;
+    let attached = Attached {
+        welcome: None,
+        group_info: Some(group_info),
+    };
+    let (fork_seq, _) = send_with(&mut peer, 21, (room, MsgId(random())), commit, attached)
+        .await?
+        .map_err(|e| broken("send the Commit", describe_error(&e)))?;
+    // The member gets back in first, from that GroupInfo: its resync publishes a GroupInfo
+    // the client can use.
+    peer.send(&ClientFrame::GetGroupInfo(GetGroupInfo {
+        rid: 22,
+        conversation: room,
+    }))
+    .await?;
+    let info: GroupInfoFrame = peer
+        .expect("the GroupInfo", |f| match f {
+            ServerFrame::GroupInfo(g) if g.rid == 22 => Some(g.clone()),
+            _ => None,
+        })
+        .await?;
+    let resync = member
+        .engine
+        .resync(
+            &room,
+            info.group_info.as_bytes(),
+            info.ratchet_tree.as_ref().map(|t| t.as_bytes()),
+        )
+        .map_err(|e| broken("resync", e))?;
+    super::log::send_commit(&mut peer, 23, room, MsgId(random()), &resync)
+        .await?
+        .map_err(|e| broken("send the resync", describe_error(&e)))?;
+    let text = format!("back after the fork {}", hex::encode(random::<8>()));
+    let client = cx.client(Box::new(PassThrough))?;
+    client.run(home.path(), &["send", "back", &text]).await?;
+    let events = client.proxy.events();
+    let first = sent(&events).find_map(|(_, _, f)| match f {
+        ClientFrame::Send(s) if s.conversation == room => Some(s.payload.as_bytes()),
+        _ => None,
+    });
+    match first {
+        Some(p) if super::client::is_resync(p) => {}
+        Some(_) => {
+            return Err(Failure::new(
+                format!("a resync first into the room that forked at seq {fork_seq}"),
+                "a Send that is not a resync",
+            )
+            .into());
+        }
+        None => {
+            return Err(Failure::new(
+                format!("a resync into the room that forked at seq {fork_seq}"),
+                "nothing sent into it",
+            )
+            .into());
+        }
+    }
+    // The member reads what came after its own resync: the client's resync applies, and
+    // the client's message decrypts to its text.
+    peer.send(&subscribe(24, room, Some(fork_seq + 2))).await?;
+    subscribed(&mut peer, 24).await?;
+    let (entries, _) = replay(&mut peer, room).await?;
+    let mut resynced = false;
+    for e in &entries {
+        match member.engine.process(&room, e.payload.as_bytes()) {
+            Ok(Processed::Commit { external: true, .. }) => resynced = true,
+            Ok(Processed::Application { plaintext, .. }) if resynced => {
+                let shown = confab_spec::content::AppContent::open(&plaintext)
+                    .map_or(plaintext.clone(), |c| c.text);
+                if shown == text.as_bytes() {
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(Failure::new(
+        "the client's resync applied by the member, then its message readable",
+        if resynced {
+            "the resync applied, the message not found or unreadable"
+        } else {
+            "no resync the member could apply"
+        },
+    )
+    .into())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod leaks;
 pub mod log;
 mod presence;
 mod restart;
+mod resync;
 mod retention;
 mod rooms;
 mod session;
@@ -31,6 +32,7 @@ pub fn all() -> Vec<Case> {
     all.extend(consent::cases());
     all.extend(groups::cases());
     all.extend(handshake::cases());
+    all.extend(resync::cases());
     all.extend(hygiene::cases());
     all.extend(presence::cases());
     all.extend(rooms::cases());

@@ -10,7 +10,7 @@ use confab_spec::rooms::{Role, RoomRoles};
 
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
-use crate::cases::log::{random, send_mls};
+use crate::cases::log::{random, send_commit, send_mls};
 use crate::context::{Ctx, Device, Peer};
 use crate::mls::{Member, PAIR, broken, bytes};
 use confab_client::mls::ExtraProposal;
@@ -186,18 +186,9 @@ impl Room {
             .engine
             .commit(&id, &packages, &removed, &extra, roles.is_some())
             .map_err(|e| broken("commit", e))?;
-        let welcome = out.welcome.clone().map(bytes).transpose()?;
         self.rid += 1;
         let rid = self.rid;
-        let answer = send_mls(
-            &mut self.seats[by].peer,
-            rid,
-            id,
-            MsgId(random()),
-            bytes(out.commit.clone())?,
-            welcome,
-        )
-        .await?;
+        let answer = send_commit(&mut self.seats[by].peer, rid, id, MsgId(random()), &out).await?;
         let engine = &mut self.seats[by].member.engine;
         let seq = match answer {
             Ok((seq, _)) => {

@@ -526,7 +526,9 @@ impl Client {
     /// stays forked and is tried again at the next sync; the number of resyncs is
     /// returned.
     pub async fn resync_forked(&mut self) -> Result<usize, ClientError> {
-        if self.faults.no_resync {
+        // A client that sends into a fork (the `send_after_fork` fault) does not know it
+        // is one, so it does not resync either.
+        if self.faults.no_resync || self.faults.send_after_fork {
             return Ok(0);
         }
         let mut done = 0;

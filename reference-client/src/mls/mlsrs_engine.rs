@@ -663,7 +663,7 @@ where
         // ones. The old state is forked or stale: nothing is lost that could still send.
         self.groups.remove(group);
         self.group_states.delete_group(&group.0).map_err(storage)?;
-        let (mut g, commit) = self
+        let (g, commit) = self
             .client
             .external_commit_builder()
             .map_err(map_err)?

@@ -811,9 +811,14 @@ impl MlsEngine for OpenMlsEngine {
                     .map_err(|e| EngineError::Malformed(format!("ratchet tree: {e}")))?;
                 builder = builder.with_ratchet_tree(tree);
             }
+            // The new leaf can be in a room, as every leaf (REQ-10-1).
+            let leaf = LeafNodeParameters::builder()
+                .with_capabilities(capabilities(false))
+                .build();
             let (mut g, bundle) = builder
                 .build_group(provider, info, ctx.credential.clone())
                 .map_err(|e| other("resync", e))?
+                .leaf_node_parameters(leaf)
                 .load_psks(provider.storage())
                 .map_err(|e| other("resync", e))?
                 .build(provider.rand(), provider.crypto(), signer, |_| true)

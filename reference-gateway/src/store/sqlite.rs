@@ -1166,7 +1166,15 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             }
             // The tracked state and the roster move with the entry (REQ-7.7-1).
-            put_group(&tx, &conv, next, (seq, self.faults.stale_group_state))?;
+            // The `group_info_not_kept` fault drops a Commit's GroupInfo.
+            let next = match self.faults.group_info_not_kept {
+                true => std::borrow::Cow::Owned(TrackedGroup {
+                    group_info: None,
+                    ..(**next).clone()
+                }),
+                false => std::borrow::Cow::Borrowed(&**next),
+            };
+            put_group(&tx, &conv, &next, (seq, self.faults.stale_group_state))?;
             if !change.removed.is_empty() {
                 forget_departed_joins(&tx, &conv)?;
             }
