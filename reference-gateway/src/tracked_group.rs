@@ -373,7 +373,8 @@ pub fn verify_commit(
                 "a Commit must carry the GroupInfo of the epoch it opens (Send.group_info)",
             ));
         };
-        check_group_info(&observer, &group, description.committer, info, now)?;
+        let after = (&group, next.snapshot.as_slice());
+        check_group_info(&observer, after, description.committer, info, now)?;
     }
     next.group_info = input.group_info.map(<[u8]>::to_vec);
     Ok(next)
@@ -406,7 +407,7 @@ fn check_resync_proposals(message: &MlsMessage, own_leaf: u32) -> Result<(), &'s
 /// so the confirmation tag too) is `after`'s.
 fn check_group_info(
     observer: &ExternalClient<ObserverConfig>,
-    after: &ExternalGroup<ObserverConfig>,
+    (after, after_state): (&ExternalGroup<ObserverConfig>, &[u8]),
     committer: u32,
     bytes: &[u8],
     now: UnixMs,
@@ -432,8 +433,8 @@ fn check_group_info(
             "the GroupInfo's group context is not the one the Commit leads to",
         ));
     }
-    let state = |g: &ExternalGroup<ObserverConfig>| g.snapshot().to_bytes().ok();
-    if state(&observed) != state(after) {
+    // `after_state` is the snapshot the Commit leads to, encoded once already.
+    if observed.snapshot().to_bytes().ok().as_deref() != Some(after_state) {
         return Err(refuse(
             "the GroupInfo's confirmation tag is not the Commit's",
         ));

@@ -13,7 +13,7 @@ use app_support::{Gateway, device, device_key, pump_until, user};
 use confab_client::app::{Client, ClientError};
 use confab_client::mls::{CommitOutput, EngineKind};
 use confab_client::store::Message;
-use confab_spec::ids::ConversationId;
+use confab_spec::ids::{ConversationId, Seq};
 use confab_spec::mls_framing::{group_info_parts, public_message_parts};
 use confab_spec::mls_write;
 
@@ -122,18 +122,7 @@ async fn a_commit_a_member_cannot_apply_forks_the_conversation_and_stops_its_sen
         let (mut alice, mut bob, c) = dm(dir.path(), &gateway.origin, ka, kb).await;
         alice.send_text(c, b"before").await.expect("send");
         assert_eq!(messages(&mut bob, 1).await[0].body, b"before");
-        // Alice's real update Commit with its confirmation tag broken: its signature and
-        // path verify, so the gateway sequences it; Bob's engine refuses it.
-        let update = alice.engine_mut().self_update(&c).expect("commit");
-        alice
-            .engine_mut()
-            .discard_pending_commit(&c)
-            .expect("discard");
-        let (commit, group_info) = broken_tag(&update, 10);
-        let fork_seq = alice
-            .send_raw_commit(c, commit, group_info)
-            .await
-            .expect("the gateway cannot see the tag");
+        let fork_seq = unappliable_commit(&mut alice, c).await;
         let seen = messages(&mut bob, 1).await;
         assert_eq!(seen[0].seq, fork_seq, "{ka}->{kb}");
         assert!(
@@ -180,6 +169,22 @@ async fn read_text(c: &mut Client, text: &[u8], pairing: (EngineKind, EngineKind
     }
 }
 
+/// Alice (device 10) sends her real update Commit with its confirmation tag broken, and
+/// the GroupInfo it leads to: its signature and path verify, so the gateway sequences it;
+/// no member's engine can apply it. Alice's own state never takes it. Its seq.
+async fn unappliable_commit(alice: &mut Client, c: ConversationId) -> Seq {
+    let update = alice.engine_mut().self_update(&c).expect("commit");
+    alice
+        .engine_mut()
+        .discard_pending_commit(&c)
+        .expect("discard");
+    let (commit, group_info) = broken_tag(&update, 10);
+    alice
+        .send_raw_commit(c, commit, group_info)
+        .await
+        .expect("the gateway cannot see the tag")
+}
+
 /// `update` (a Commit of device `process`) with its confirmation tag broken, and the
 /// GroupInfo it leads to, with the same tag, signed again: what a hostile member sends so
 /// that the gateway sequences a Commit nobody can apply (the gateway cannot check tags).
@@ -216,16 +221,7 @@ async fn members_resync_after_a_commit_nobody_can_apply() {
         let gateway = Gateway::start(dir.path(), |_| {}).await;
         let (mut alice, mut bob, c) = dm(dir.path(), &gateway.origin, ka, kb).await;
         alice.send_text(c, b"before").await.expect("send");
-        let update = alice.engine_mut().self_update(&c).expect("commit");
-        alice
-            .engine_mut()
-            .discard_pending_commit(&c)
-            .expect("discard");
-        let (commit, group_info) = broken_tag(&update, 10);
-        let fork_seq = alice
-            .send_raw_commit(c, commit, group_info)
-            .await
-            .expect("the gateway cannot see the tag");
+        let fork_seq = unappliable_commit(&mut alice, c).await;
         let seen = messages(&mut bob, 2).await;
         assert_eq!(seen[1].seq, fork_seq, "{ka}->{kb}: {seen:?}");
         assert!(

@@ -604,6 +604,40 @@ impl GroupInfoParts {
         tbs
     }
 
+    /// The epoch of the group context: the epoch the GroupInfo is of.
+    pub fn epoch(&self) -> Result<u64, PeekError> {
+        let mut r = Cursor {
+            bytes: &self.group_context,
+            pos: 0,
+        };
+        r.u16()?; // version
+        r.u16()?; // cipher suite
+        r.vector()?; // group id
+        r.u64()
+    }
+
+    /// Whether the GroupInfo's extensions hold one of `extension_type` (for example 2,
+    /// `ratchet_tree`).
+    pub fn has_extension(&self, extension_type: u16) -> Result<bool, PeekError> {
+        let list = Cursor {
+            bytes: &self.extensions,
+            pos: 0,
+        }
+        .vector()?;
+        let mut r = Cursor {
+            bytes: list,
+            pos: 0,
+        };
+        while r.pos < list.len() {
+            let kind = r.u16()?;
+            r.vector()?;
+            if kind == extension_type {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The MLSMessage of these parts (the inverse of [`group_info_parts`]).
     pub fn to_message(&self) -> Vec<u8> {
         let mut m = Vec::new();
@@ -729,6 +763,31 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_a_group_infos_epoch_and_extensions() {
+        let mut group_context = vec![0, 1, 0, 1, 2, 0xAA, 0xBB];
+        group_context.extend_from_slice(&7u64.to_be_bytes());
+        let parts = GroupInfoParts {
+            group_context,
+            // One extension: type 2 (ratchet_tree) with one byte of data.
+            extensions: vec![4, 0, 2, 1, 0x01],
+            confirmation_tag: vec![0xC7; 32],
+            signer: 0,
+            signature: vec![0x55; 64],
+        };
+        assert_eq!(parts.epoch(), Ok(7));
+        assert_eq!(parts.has_extension(2), Ok(true));
+        assert_eq!(parts.has_extension(5), Ok(false));
+        let cut = GroupInfoParts {
+            extensions: vec![4, 0, 2, 3, 0x01],
+            ..parts
+        };
+        assert!(
+            cut.has_extension(5).is_err(),
+            "a length past the list's end"
+        );
+    }
 
     #[test]
     fn reads_a_private_message_header() {

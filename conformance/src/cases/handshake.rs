@@ -129,8 +129,8 @@ fn epoch_of(m: &Member, conversation: &ConversationId) -> Result<u64, Stop> {
 }
 
 /// The answer to a `Send` must be the Error `code`.
-fn refused(
-    answer: Result<(u64, bool), ErrorFrame>,
+pub(crate) fn refused<T: Answer>(
+    answer: Result<T, ErrorFrame>,
     code: ErrorCode,
     what: &str,
 ) -> Result<(), Stop> {
@@ -141,16 +141,35 @@ fn refused(
             format!("Error {} {}", e.code.value(), e.code.name()),
         )
         .into()),
-        Ok((seq, _)) => Err(Failure::new(
+        Ok(answer) => Err(Failure::new(
             format!("{what}: Error {} {}", code.value(), code.name()),
-            format!("Accepted at seq {seq}"),
+            answer.describe(),
         )
         .into()),
     }
 }
 
+/// A request's answer other than an `Error`, as a failure names it.
+pub(crate) trait Answer {
+    /// What the server answered.
+    fn describe(&self) -> String;
+}
+
+/// A `Send`'s `Accepted`: `(seq, duplicate)`.
+impl Answer for (u64, bool) {
+    fn describe(&self) -> String {
+        format!("Accepted at seq {}", self.0)
+    }
+}
+
+impl Answer for confab_spec::frame::GroupInfoFrame {
+    fn describe(&self) -> String {
+        format!("a GroupInfo (epoch {}, seq {})", self.epoch.0, self.seq)
+    }
+}
+
 /// The answer to a `Send` must be `Accepted`.
-fn accepted(answer: Result<(u64, bool), ErrorFrame>, what: &str) -> Result<u64, Stop> {
+pub(crate) fn accepted(answer: Result<(u64, bool), ErrorFrame>, what: &str) -> Result<u64, Stop> {
     answer.map(|(seq, _)| seq).map_err(|e| {
         Failure::new(
             format!("{what}: Accepted"),

@@ -682,17 +682,9 @@ async fn replayed_payload(cx: &mut Ctx) -> CaseResult {
 
 /// The epoch of the GroupContext inside an MLSMessage carrying a GroupInfo.
 fn group_info_epoch(group_info: &[u8]) -> Option<u64> {
-    let context = mls_framing::group_info_context(group_info).ok()?;
-    // version, cipher suite, then the group id (a variable-length vector), then the epoch.
-    let rest = context.get(4..)?;
-    let first = *rest.first()?;
-    let prefix = 1usize << (first >> 6);
-    let mut len = usize::from(first & 0x3f);
-    for b in rest.get(1..prefix)? {
-        len = (len << 8) | usize::from(*b);
-    }
-    let epoch = rest.get(prefix + len..prefix + len + 8)?;
-    Some(u64::from_be_bytes(epoch.try_into().ok()?))
+    mls_framing::group_info_parts(group_info)
+        .and_then(|p| p.epoch())
+        .ok()
 }
 
 async fn publishes_group_info(cx: &mut Ctx) -> CaseResult {
@@ -746,7 +738,6 @@ async fn publishes_group_info(cx: &mut Ctx) -> CaseResult {
 async fn resyncs_after_fork(cx: &mut Ctx) -> CaseResult {
     use super::log::{Attached, replay, send_with, subscribe, subscribed};
     use confab_client::mls::Processed;
-    use confab_spec::frame::{GetGroupInfo, GroupInfoFrame};
 
     let (mut peer, mut member) = invitee_member(cx).await?;
     let invited = hex::encode(member.device.system.public().0);
@@ -774,17 +765,7 @@ async fn resyncs_after_fork(cx: &mut Ctx) -> CaseResult {
         .map_err(|e| broken("send the Commit", describe_error(&e)))?;
     // The member gets back in first, from that GroupInfo: its resync publishes a GroupInfo
     // the client can use.
-    peer.send(&ClientFrame::GetGroupInfo(GetGroupInfo {
-        rid: 22,
-        conversation: room,
-    }))
-    .await?;
-    let info: GroupInfoFrame = peer
-        .expect("the GroupInfo", |f| match f {
-            ServerFrame::GroupInfo(g) if g.rid == 22 => Some(g.clone()),
-            _ => None,
-        })
-        .await?;
+    let info = super::resync::group_info_of(&mut peer, 22, room, "the member").await?;
     let resync = member
         .engine
         .resync(

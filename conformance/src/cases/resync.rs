@@ -12,6 +12,7 @@ use confab_spec::mls_framing::{group_info_parts, public_message_parts};
 use crate::case;
 use crate::case::{Case, CaseResult, Failure, Stop};
 use crate::cases::groups::{Pair, update};
+use crate::cases::handshake::{accepted, refused};
 use crate::cases::log::{Attached, random, send_commit, send_with};
 use crate::context::{Ctx, Device, Peer};
 use crate::mls::{Member, broken, bytes};
@@ -49,6 +50,22 @@ pub(super) fn cases() -> Vec<Case> {
     ]
 }
 
+/// The conversation's GroupInfo, which `who` must be given.
+pub(super) async fn group_info_of(
+    peer: &mut Peer,
+    rid: u64,
+    conversation: ConversationId,
+    who: &str,
+) -> Result<GroupInfoFrame, Stop> {
+    get_group_info(peer, rid, conversation).await?.map_err(|e| {
+        Failure::new(
+            format!("{who}'s GetGroupInfo answered"),
+            format!("Error {}", e.code.name()),
+        )
+        .into()
+    })
+}
+
 /// Asks for the conversation's GroupInfo.
 async fn get_group_info(
     peer: &mut Peer,
@@ -66,36 +83,6 @@ async fn get_group_info(
         _ => None,
     })
     .await
-}
-
-fn accepted(answer: Result<(u64, bool), ErrorFrame>, what: &str) -> Result<u64, Stop> {
-    answer.map(|(seq, _)| seq).map_err(|e| {
-        Failure::new(
-            format!("{what} Accepted"),
-            format!("Error {}", e.code.name()),
-        )
-        .into()
-    })
-}
-
-fn refused<T: std::fmt::Debug>(
-    answer: Result<T, ErrorFrame>,
-    code: ErrorCode,
-    what: &str,
-) -> CaseResult {
-    match answer {
-        Err(e) if e.code == code => Ok(()),
-        Err(e) => Err(Failure::new(
-            format!("{what}: Error {} {}", code.value(), code.name()),
-            format!("Error {} {}", e.code.value(), e.code.name()),
-        )
-        .into()),
-        Ok(v) => Err(Failure::new(
-            format!("{what}: Error {} {}", code.value(), code.name()),
-            format!("{v:?}"),
-        )
-        .into()),
-    }
 }
 
 async fn commit_group_info_verified(cx: &mut Ctx) -> CaseResult {
@@ -232,36 +219,9 @@ async fn group_info_kept(cx: &mut Ctx) -> CaseResult {
 
 /// Whether an MLSMessage carrying a GroupInfo holds the `ratchet_tree` extension (type 2).
 fn holds_tree(group_info: &[u8]) -> Result<bool, Stop> {
-    let parts = group_info_parts(group_info).map_err(|e| broken("read a GroupInfo", e))?;
-    let mut rest = parts.extensions.as_slice();
-    let varint = |r: &mut &[u8]| -> Option<usize> {
-        let first = *r.first()?;
-        let len = 1usize << (first >> 6);
-        if r.len() < len || len > 4 {
-            return None;
-        }
-        let mut v = usize::from(first & 0x3f);
-        for b in &r[1..len] {
-            v = (v << 8) | usize::from(*b);
-        }
-        *r = &r[len..];
-        Some(v)
-    };
-    let bad = || broken("read a GroupInfo's extensions", "malformed");
-    varint(&mut rest).ok_or_else(bad)?;
-    while rest.len() >= 2 {
-        let kind = u16::from_be_bytes([rest[0], rest[1]]);
-        rest = &rest[2..];
-        let len = varint(&mut rest).ok_or_else(bad)?;
-        if rest.len() < len {
-            return Err(bad());
-        }
-        if kind == 2 {
-            return Ok(true);
-        }
-        rest = &rest[len..];
-    }
-    Ok(false)
+    group_info_parts(group_info)
+        .and_then(|p| p.has_extension(2))
+        .map_err(|e| broken("read a GroupInfo", e))
 }
 
 async fn group_info_members_only(cx: &mut Ctx) -> CaseResult {
@@ -281,12 +241,7 @@ async fn group_info_members_only(cx: &mut Ctx) -> CaseResult {
         ErrorCode::ConversationNotFound,
         "GetGroupInfo of an unknown conversation",
     )?;
-    let info = get_group_info(&mut p.b, 10, c).await?.map_err(|e| {
-        Failure::new(
-            "B's GetGroupInfo answered",
-            format!("Error {}", e.code.name()),
-        )
-    })?;
+    let info = group_info_of(&mut p.b, 10, c, "B").await?;
     if !holds_tree(info.group_info.as_bytes())? && info.ratchet_tree.is_none() {
         return Err(Failure::new(
             "the ratchet tree beside a GroupInfo that holds none",
@@ -375,12 +330,7 @@ async fn resync_accepted(cx: &mut Ctx) -> CaseResult {
         "an external Commit of a device outside the conversation",
     )?;
     // B's resync from the GroupInfo the server keeps: accepted, and A applies it.
-    let info = get_group_info(&mut p.b, 10, c).await?.map_err(|e| {
-        Failure::new(
-            "B's GetGroupInfo answered",
-            format!("Error {}", e.code.name()),
-        )
-    })?;
+    let info = group_info_of(&mut p.b, 10, c, "B").await?;
     let resync =
         p.bm.engine
             .resync(
